@@ -1,0 +1,1 @@
+"""zapkeep: a WhatsApp bot daemon whose session survives every redeploy."""

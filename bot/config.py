@@ -1,0 +1,116 @@
+"""Configuration from the environment: parsed once at boot into a frozen dataclass.
+
+Every variable name here is a contract with operators (see DESIGN.md); add, never rename.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.errors import ConfigError
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,100}")
+PHONE_PATTERN = re.compile(r"\d{10,15}")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SHIPPED_REPLIES = Path(__file__).with_name("replies.pt-BR.toml")
+
+
+def is_valid_session_id(value: str) -> bool:
+    """A session id names a directory, so only a safe alphabet is accepted."""
+    return SESSION_ID_PATTERN.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str | None
+    session_id: str
+    data_dir: Path
+    port: int
+    api_token: str | None
+    backup_interval_seconds: int
+    session_encryption_key: str | None
+    pair_phone: str | None
+    bot_replies: Path
+    log_level: str
+
+    @property
+    def session_dir(self) -> Path:
+        return self.data_dir / "sessions" / self.session_id
+
+    @property
+    def store_path(self) -> Path:
+        return self.session_dir / "whatsmeow.sqlite3"
+
+    @property
+    def embedded_database_path(self) -> Path:
+        return self.data_dir / "zapkeep.sqlite3"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        """Read and check every variable; the first bad one raises ConfigError naming it."""
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        database_url = get("DATABASE_URL")
+        if database_url is not None and not database_url.startswith(("postgres://", "postgresql://")):
+            raise ConfigError("DATABASE_URL must be a postgresql:// URL (or unset for the embedded SQLite database)")
+
+        session_id = get("SESSION_ID") or "default"
+        if not is_valid_session_id(session_id):
+            raise ConfigError("SESSION_ID must be 1-100 letters, digits, '-' or '_'")
+
+        pair_phone = get("PAIR_PHONE")
+        if pair_phone is not None:
+            pair_phone = re.sub(r"[\s()+-]", "", pair_phone)
+            if not PHONE_PATTERN.fullmatch(pair_phone):
+                raise ConfigError("PAIR_PHONE must be a phone number with country code, 10-15 digits")
+
+        if get("SESSION_ENCRYPTION_KEY") is not None:
+            # Refusing is safer than silently storing credentials in clear text.
+            raise ConfigError("SESSION_ENCRYPTION_KEY is not supported by this version yet; unset it")
+
+        log_level = (get("LOG_LEVEL") or "INFO").upper()
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+
+        api_token = get("API_TOKEN")
+        if api_token is not None and len(api_token) < 16:
+            raise ConfigError("API_TOKEN must be at least 16 characters long")
+
+        bot_replies = Path(get("BOT_REPLIES") or SHIPPED_REPLIES)
+
+        return cls(
+            database_url=database_url,
+            session_id=session_id,
+            data_dir=Path(get("DATA_DIR") or "./data"),
+            port=_int_in_range(get("PORT"), "PORT", default=8080, low=1, high=65535),
+            api_token=api_token,
+            backup_interval_seconds=_int_in_range(
+                get("BACKUP_INTERVAL_SECONDS"), "BACKUP_INTERVAL_SECONDS", default=120, low=5, high=86400
+            ),
+            session_encryption_key=None,
+            pair_phone=pair_phone,
+            bot_replies=bot_replies,
+            log_level=log_level,
+        )
+
+    def python_log_level(self) -> int:
+        return logging.getLevelName(self.log_level)
+
+
+def _int_in_range(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value

@@ -1,0 +1,21 @@
+"""The project's error hierarchy: the message says what went wrong, and what to do about it."""
+
+
+class ZapkeepError(Exception):
+    """Base of every error zapkeep raises on purpose."""
+
+
+class ConfigError(ZapkeepError):
+    """A configuration variable is missing or malformed (the message names it)."""
+
+
+class SessionDocumentError(ZapkeepError):
+    """A session document is malformed, corrupt or of an unknown format; nothing was changed."""
+
+
+class SnapshotError(ZapkeepError):
+    """The local whatsmeow store could not be read into a session document."""
+
+
+class RestoreError(ZapkeepError):
+    """A session document could not be written over the local store; the old store is untouched."""

@@ -1,0 +1,346 @@
+"""The session document: a whatsmeow SQLite store <-> a versioned, checksummed JSON document.
+
+Everything here that opens a store file with Python's ``sqlite3`` must run in a process
+where neonize is NOT loaded (neonize's Go library carries its own SQLite and the two
+corrupt each other within one process; see NEONIZE.md). The daemon therefore calls these
+through ``bot.store_worker``, which runs them in a child process.
+
+Document format (``format_version`` 1), documented for operators in the README:
+
+    {"format": "zapkeep.session", "format_version": 1, "checksum": "sha256:<hex>",
+     "metadata": {...plain facts for humans...},
+     "tables": [{"name", "sql", "indexes", "columns", "rows", "row_count", "checksum"}, ...]}
+
+Cell values: JSON null, integers and strings as themselves; ``{"b64": ...}`` for blobs;
+``{"real": "<repr>"}`` for floats (JSONB would turn 1e100 into an integer);
+``{"t64": ...}`` for text holding a NUL character (JSONB refuses ``\\u0000``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bot.errors import RestoreError, SessionDocumentError, SnapshotError
+
+FORMAT = "zapkeep.session"
+FORMAT_VERSION = 1
+# The credential tables without which a document cannot log in again.
+REQUIRED_TABLES = (
+    "whatsmeow_version",
+    "whatsmeow_device",
+    "whatsmeow_identity_keys",
+    "whatsmeow_pre_keys",
+    "whatsmeow_sessions",
+)
+STORE_SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
+BUSY_TIMEOUT_SECONDS = 4.0  # below go-sqlite3's 5 s, so whatsmeow's own writes never time out on us
+
+_TABLE_NAME = re.compile(r"whatsmeow_[a-z0-9_]{1,64}")
+_CREATE_TABLE = re.compile(r"CREATE TABLE (?P<name>whatsmeow_[a-z0-9_]{1,64}) \(", re.IGNORECASE)
+_CREATE_INDEX = re.compile(
+    r"CREATE (UNIQUE )?INDEX [a-z0-9_]{1,100}\s+ON (?P<table>whatsmeow_[a-z0-9_]{1,64}) ?\(", re.IGNORECASE
+)
+_FORBIDDEN_IN_DDL = re.compile(r";|\b(ATTACH|PRAGMA|TRIGGER|VIEW|SELECT|load_extension)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    sql: str
+    indexes: list[str]
+    columns: list[str]
+    rows: list[list[Any]]  # decoded: bytes, int, float, str, None
+
+
+@dataclass(frozen=True)
+class DecodedSession:
+    checksum: str
+    tables: list[Table]
+    metadata: dict[str, Any]
+
+    @property
+    def row_count(self) -> int:
+        return sum(len(table.rows) for table in self.tables)
+
+
+# --- canonical encoding -------------------------------------------------------------------
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _sha256(value: Any) -> str:
+    return "sha256:" + hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def encode_cell(value: Any) -> Any:
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, bytes):
+        return {"b64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, float):
+        return {"real": repr(value)}
+    if isinstance(value, str):
+        if "\x00" in value:
+            return {"t64": base64.b64encode(value.encode()).decode("ascii")}
+        return value
+    raise SnapshotError(f"unsupported SQLite value of type {type(value).__name__}")
+
+
+def decode_cell(value: Any) -> Any:
+    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        (tag, payload), = value.items()
+        if isinstance(payload, str):
+            if tag == "b64":
+                return base64.b64decode(payload, validate=True)
+            if tag == "t64":
+                return base64.b64decode(payload, validate=True).decode()
+            if tag == "real":
+                return float(payload)
+    raise ValueError("not a cell value")
+
+
+def table_checksum(name: str, sql: str, indexes: list[str], columns: list[str], encoded_rows: list[Any]) -> str:
+    return _sha256({"name": name, "sql": sql, "indexes": indexes, "columns": columns, "rows": encoded_rows})
+
+
+def document_checksum(table_checksums: list[tuple[str, str]]) -> str:
+    return _sha256({"format_version": FORMAT_VERSION, "tables": table_checksums})
+
+
+# --- snapshot -------------------------------------------------------------------------------
+
+
+def take_snapshot(store_path: Path) -> dict[str, Any]:
+    """One consistent read of the store: copied with SQLite's backup API, then encoded."""
+    started = time.perf_counter()
+    if not store_path.is_file():
+        raise SnapshotError(f"no local store at {store_path}")
+    memory = sqlite3.connect(":memory:")
+    try:
+        try:
+            source = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_SECONDS)
+            try:
+                source.backup(memory)  # one step: a single read transaction, so never torn
+            finally:
+                source.close()
+        except sqlite3.Error as exc:
+            raise SnapshotError(f"cannot read the local store {store_path}: {exc}") from exc
+        return _encode_store(memory, started)
+    finally:
+        memory.close()
+
+
+def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
+    objects = conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master "
+        "WHERE tbl_name LIKE 'whatsmeow\\_%' ESCAPE '\\' AND sql IS NOT NULL ORDER BY rowid"
+    ).fetchall()
+    tables = []
+    for kind, name, _, sql in objects:
+        if kind != "table":
+            continue
+        indexes = [index_sql for k, _, tbl, index_sql in objects if k == "index" and tbl == name]
+        columns = [row[1] for row in conn.execute(f'PRAGMA table_info("{name}")')]
+        order = ", ".join(str(i + 1) for i in range(len(columns)))
+        # Ordered by content, so equal stores give equal checksums whatever their history.
+        rows = [[encode_cell(v) for v in row] for row in conn.execute(f'SELECT * FROM "{name}" ORDER BY {order}')]
+        tables.append({
+            "name": name,
+            "sql": sql,
+            "indexes": indexes,
+            "columns": columns,
+            "rows": rows,
+            "row_count": len(rows),
+            "checksum": table_checksum(name, sql, indexes, columns, rows),
+        })
+    if not tables:
+        raise SnapshotError("the local store holds no whatsmeow tables")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "checksum": document_checksum([(t["name"], t["checksum"]) for t in tables]),
+        "metadata": _metadata(conn, tables, started),
+        "tables": tables,
+    }
+
+
+def _metadata(conn: sqlite3.Connection, tables: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    names = {t["name"] for t in tables}
+    device = None
+    if "whatsmeow_device" in names:
+        device = conn.execute("SELECT jid, push_name, platform, business_name FROM whatsmeow_device LIMIT 1").fetchone()
+    version = None
+    if "whatsmeow_version" in names:
+        version = conn.execute("SELECT version, compat FROM whatsmeow_version LIMIT 1").fetchone()
+    return {
+        "device_jid": device[0] if device else None,
+        "push_name": device[1] if device else None,
+        "platform": device[2] if device else None,
+        "business_name": device[3] if device else None,
+        "whatsmeow_schema_version": version[0] if version else None,
+        "whatsmeow_schema_compat": version[1] if version else None,
+        "row_counts": {t["name"]: t["row_count"] for t in tables},
+        "total_rows": sum(t["row_count"] for t in tables),
+        "taken_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "snapshot_ms": round((time.perf_counter() - started) * 1000, 1),
+    }
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def parse_document(text: str | bytes) -> dict[str, Any]:
+    if not text or not text.strip():
+        raise SessionDocumentError("the session document is empty")
+    try:
+        document = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SessionDocumentError(f"the session document is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(document, dict):
+        raise SessionDocumentError("the session document must be a JSON object")
+    return document
+
+
+def validate_document(document: Any) -> DecodedSession:
+    """Check everything and decode every cell; raise SessionDocumentError naming the first problem."""
+    if not isinstance(document, dict):
+        raise SessionDocumentError("the session document must be a JSON object")
+    if document.get("format") != FORMAT:
+        raise SessionDocumentError(f"not a zapkeep session document (format must be {FORMAT!r})")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SessionDocumentError(
+            f"session document format version {version!r} is not supported (this zapkeep reads {FORMAT_VERSION})"
+        )
+    raw_tables = document.get("tables")
+    if not isinstance(raw_tables, list) or not raw_tables:
+        raise SessionDocumentError("the session document has no tables")
+    tables = [_validate_table(raw, index) for index, raw in enumerate(raw_tables)]
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise SessionDocumentError("the session document lists a table twice")
+    missing = [name for name in REQUIRED_TABLES if name not in names]
+    if missing:
+        raise SessionDocumentError(f"the session document lacks required tables: {', '.join(missing)}")
+    expected = document_checksum([(t["name"], t["checksum"]) for t in raw_tables])
+    if document.get("checksum") != expected:
+        raise SessionDocumentError("the session document's checksum does not match its content")
+    metadata = document.get("metadata")
+    return DecodedSession(checksum=expected, tables=tables, metadata=metadata if isinstance(metadata, dict) else {})
+
+
+def _validate_table(raw: Any, index: int) -> Table:
+    if not isinstance(raw, dict):
+        raise SessionDocumentError(f"table #{index} is not an object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _TABLE_NAME.fullmatch(name):
+        raise SessionDocumentError(f"table #{index} has an invalid name")
+    sql, indexes, columns, rows = raw.get("sql"), raw.get("indexes"), raw.get("columns"), raw.get("rows")
+    match = _CREATE_TABLE.match(sql) if isinstance(sql, str) else None
+    if match is None or match["name"] != name or _FORBIDDEN_IN_DDL.search(sql):
+        raise SessionDocumentError(f"table {name}: its CREATE statement is missing or not a plain CREATE TABLE")
+    if not isinstance(indexes, list) or not all(_is_index_of(s, name) for s in indexes):
+        raise SessionDocumentError(f"table {name}: an index definition is invalid")
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
+        raise SessionDocumentError(f"table {name}: invalid column list")
+    if not isinstance(rows, list) or raw.get("row_count") != len(rows):
+        raise SessionDocumentError(f"table {name}: rows are missing or their count does not match")
+    if raw.get("checksum") != table_checksum(name, sql, indexes, columns, rows):
+        raise SessionDocumentError(f"table {name}: checksum mismatch (the document was altered or truncated)")
+    decoded = []
+    for number, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise SessionDocumentError(f"table {name}: row {number} does not have {len(columns)} values")
+        try:
+            decoded.append([decode_cell(value) for value in row])
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise SessionDocumentError(f"table {name}: row {number} holds undecodable data") from None
+    return Table(name=name, sql=sql, indexes=indexes, columns=columns, rows=decoded)
+
+
+def _is_index_of(sql: Any, table: str) -> bool:
+    if not isinstance(sql, str):
+        return False
+    match = _CREATE_INDEX.match(sql)
+    return match is not None and match["table"] == table and not _FORBIDDEN_IN_DDL.search(sql)
+
+
+# --- restore --------------------------------------------------------------------------------------
+
+
+def restore_snapshot(document: dict[str, Any], store_path: Path) -> DecodedSession:
+    """Rebuild the store from a document: built aside, checked, then renamed into place.
+
+    The caller guarantees nothing has the store open. On any failure the existing store is
+    left exactly as it was.
+    """
+    session = validate_document(document)
+    _make_private_dirs(store_path.parent)
+    temporary = store_path.with_name(f".{store_path.name}.restore-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        _build_store(session, temporary)
+        for suffix in STORE_SIBLING_SUFFIXES:
+            # Left behind, SQLite would replay the old journal into the new file.
+            Path(f"{store_path}{suffix}").unlink(missing_ok=True)
+        os.replace(temporary, store_path)
+        _fsync_directory(store_path.parent)
+    except (OSError, sqlite3.Error) as exc:
+        raise RestoreError(f"cannot write the local store {store_path}: {exc}") from exc
+    finally:
+        for leftover in (temporary, *(Path(f"{temporary}{s}") for s in STORE_SIBLING_SUFFIXES)):
+            leftover.unlink(missing_ok=True)
+    return session
+
+
+def _build_store(session: DecodedSession, path: Path) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        for table in session.tables:
+            conn.execute(table.sql)
+            for index_sql in table.indexes:
+                conn.execute(index_sql)
+            placeholders = ", ".join("?" * len(table.columns))
+            column_list = ", ".join(f'"{column}"' for column in table.columns)
+            conn.executemany(f'INSERT INTO "{table.name}" ({column_list}) VALUES ({placeholders})', table.rows)
+        conn.execute("COMMIT")
+        problems = conn.execute("PRAGMA integrity_check").fetchall()
+        if problems != [("ok",)]:
+            raise RestoreError(f"the rebuilt store failed SQLite's integrity check: {problems[0][0]}")
+        # WAL persists in the file: later snapshots then never block whatsmeow's writes.
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _make_private_dirs(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.chmod(0o700)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,1 @@
+"""The admin HTTP API (Flask blueprint and app factory)."""

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from database import Database, PostgresDatabase, SqliteDatabase
+from tests.pg_cluster import PostgresCluster
+
+# Any real neonize client started by a test (or its children) dials a closed loopback port.
+os.environ["HTTPS_PROXY"] = "http://127.0.0.1:9"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def database_url(pg_cluster: PostgresCluster) -> str:
+    return pg_cluster.create_database()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """The same tests run against both back-ends."""
+    if request.param == "postgresql":
+        database: Database = PostgresDatabase(request.getfixturevalue("database_url"))
+    else:
+        database = SqliteDatabase(tmp_path / "zapkeep.sqlite3")
+    database.open()
+    try:
+        yield database
+    finally:
+        database.close()

@@ -1,0 +1,79 @@
+"""A throw-away PostgreSQL cluster for tests and benchmarks, built from the machine's binaries.
+
+Listens on 127.0.0.1 only, on a free port; as root it runs the server as the unprivileged
+``postgres`` user (PostgreSQL refuses to run as root).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+
+def find_bindir() -> Path:
+    candidates = [os.environ.get("PG_BINDIR", "")]
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        candidates.append(str(Path(on_path).resolve().parent))
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "initdb").exists() and (Path(candidate) / "pg_ctl").exists():
+            return Path(candidate)
+    raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found; install postgresql-15")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PostgresCluster:
+    def __init__(self) -> None:
+        self.bindir = find_bindir()
+        self.base = Path(tempfile.mkdtemp(prefix="zapkeep-pg-"))
+        self.datadir = self.base / "data"
+        self.port = _free_port()
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.base, user.pw_uid, user.pw_gid)
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as_user, *args], check=True, capture_output=True, cwd=self.base)
+
+    def start(self) -> PostgresCluster:
+        self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
+                  "--auth=trust", "--encoding=UTF8", "--no-sync")
+        options = (
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-o", options,
+                  "-l", str(self.base / "server.log"), "-w", "-t", "60", "start")
+        return self
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def create_database(self) -> str:
+        """A fresh, empty database; returns its URL."""
+        import psycopg
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')  # name is ours, not user input
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run([*self._as_user, str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"],
+                       capture_output=True, cwd=self.base, check=False)
+        shutil.rmtree(self.base, ignore_errors=True)
