@@ -239,6 +239,7 @@ class Database:
 
     # --- sessions ---
 
+    SELECT_STORED_CHECKSUM = "SELECT checksum, version FROM whatsapp_sessions WHERE session_id = %s"
     NEXT_HISTORY_VERSION = (
         "SELECT COALESCE(MAX(version), 0) + 1 FROM whatsapp_session_history WHERE session_id = %s"
     )
@@ -268,6 +269,10 @@ class Database:
         """Store a snapshot unless the stored one has the same checksum; keep the last few in history."""
         now = _utcnow()
         with self.transaction() as tx:
+            stored = tx.execute(self.SELECT_STORED_CHECKSUM, (write.session_id,)).fetchone()
+            if stored is not None and stored["checksum"] == write.checksum:
+                # Unchanged: decided before shipping megabytes of JSON just to compare a checksum.
+                return SaveResult(written=False, version=stored["version"])
             version = tx.scalar(self.NEXT_HISTORY_VERSION, (write.session_id,))
             data = self.json_param(write.document_text)
             written = tx.scalar(
@@ -275,9 +280,8 @@ class Database:
                 (write.session_id, data, version, write.checksum, write.size_bytes,
                  write.device_jid, write.push_name, now, now),
             )
-            if written is None:
-                current = tx.scalar(self.SELECT_SESSION_VERSION, (write.session_id,))
-                return SaveResult(written=False, version=current)
+            if written is None:  # a concurrent writer stored this very checksum first
+                return SaveResult(written=False, version=tx.scalar(self.SELECT_SESSION_VERSION, (write.session_id,)))
             tx.execute(
                 self.INSERT_HISTORY,
                 (write.session_id, version, data, write.checksum, write.size_bytes, write.device_jid, now),

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bot import session_store
 from bot.errors import SessionDocumentError
 from bot.store_worker import Snapshot, restore_store, snapshot_store
 from database import Database, SessionRecord, SessionWrite
@@ -116,6 +117,24 @@ def backup_session(db: Database, session_id: str, store_path: Path) -> BackupRes
     else:
         log.debug("session %s unchanged (checksum %s): no write", session_id, snapshot.checksum[7:19])
     return result
+
+
+def import_document(db: Database, session_id: str, document_text: str) -> int:
+    """Store a document an admin supplies, after validating all of it; returns its version."""
+    document = session_store.parse_document(document_text)
+    session = session_store.validate_document(document)
+    if session.device_field("jid") is None:
+        raise SessionDocumentError("the session document holds no paired device")
+    text = session_store.canonical_json(document).decode()
+    saved = db.save_session(SessionWrite(
+        session_id=session_id,
+        document_text=text,
+        checksum=session.checksum,
+        device_jid=session.device_field("jid"),
+        push_name=session.device_field("push_name"),
+    ))
+    log.info("imported session %s version %d: %d bytes, %d rows", session_id, saved.version, len(text), session.row_count)
+    return saved.version
 
 
 def _ms_since(started: float) -> float:

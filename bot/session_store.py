@@ -74,6 +74,13 @@ class DecodedSession:
     def row_count(self) -> int:
         return sum(len(table.rows) for table in self.tables)
 
+    def device_field(self, column: str) -> Any:
+        """A column of the device row, read from the checksummed tables (not the free-form metadata)."""
+        for table in self.tables:
+            if table.name == "whatsmeow_device" and table.rows and column in table.columns:
+                return table.rows[0][table.columns.index(column)]
+        return None
+
 
 # --- canonical encoding -------------------------------------------------------------------
 
@@ -261,8 +268,6 @@ def _validate_table(raw: Any, index: int) -> Table:
         raise SessionDocumentError(f"table {name}: invalid column list")
     if not isinstance(rows, list) or raw.get("row_count") != len(rows):
         raise SessionDocumentError(f"table {name}: rows are missing or their count does not match")
-    if raw.get("checksum") != table_checksum(name, sql, indexes, columns, rows):
-        raise SessionDocumentError(f"table {name}: checksum mismatch (the document was altered or truncated)")
     decoded = []
     for number, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != len(columns):
@@ -271,6 +276,8 @@ def _validate_table(raw: Any, index: int) -> Table:
             decoded.append([decode_cell(value) for value in row])
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise SessionDocumentError(f"table {name}: row {number} holds undecodable data") from None
+    if raw.get("checksum") != table_checksum(name, sql, indexes, columns, rows):
+        raise SessionDocumentError(f"table {name}: checksum mismatch (the document was altered or truncated)")
     return Table(name=name, sql=sql, indexes=indexes, columns=columns, rows=decoded)
 
 

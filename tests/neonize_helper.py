@@ -3,7 +3,9 @@ store files with Python's sqlite3: the two SQLites must not share a process).
 
     python tests/neonize_helper.py create STORE           let whatsmeow create its schema
     python tests/neonize_helper.py devices STORE          print the devices whatsmeow sees (JSON)
-    python tests/neonize_helper.py write-contacts STORE N  make Go write N contact rows, print failures
+    python tests/neonize_helper.py write-contacts STORE N [PAUSE_S]
+                                                          make Go write N contact rows, 25 per
+                                                          transaction, print the failures
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ def main(command: str, store: str, *args: str) -> int:
         print(json.dumps([{"jid": f"{d.JID.User}@{d.JID.Server}", "push_name": d.PushName} for d in devices]))
         return 0
     if command == "write-contacts":
-        return write_contacts(store, int(args[0]))
+        return write_contacts(store, int(args[0]), float(args[1]) if len(args) > 1 else 0.0)
     raise SystemExit(f"unknown command {command}")
 
 
-def write_contacts(store: str, count: int) -> int:
+def write_contacts(store: str, count: int, pause: float) -> int:
     import threading
+    import time
 
     from neonize.client import NewClient
     from neonize.proto.Neonize_pb2 import ContactEntry
@@ -53,6 +56,7 @@ def write_contacts(store: str, count: int) -> int:
         except Exception as exc:  # report, the test asserts none
             failures += 1
             print(f"write failed: {exc}", file=sys.stderr)
+        time.sleep(pause)
     print(json.dumps({"written": count, "failures": failures}))
     sys.stdout.flush()
     os._exit(0)  # Go's worker thread is not a daemon; don't wait for it

@@ -1,0 +1,66 @@
+"""Snapshot -> restore -> snapshot is the identity, for any table contents."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bot.session_store import restore_snapshot, take_snapshot
+from tests.synthetic import create_paired_store, table_rows
+
+# The test process never loads neonize, so it may open stores with sqlite3 directly.
+
+cells = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(),
+    st.binary(max_size=300),
+)
+contact_keys = st.text(min_size=1, max_size=40)
+contacts = st.lists(
+    st.tuples(contact_keys, st.text(), cells, cells),
+    max_size=30,
+    unique_by=lambda row: row[0],
+)
+extra_rows = st.lists(st.tuples(cells, cells, cells), max_size=30)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "whatsmeow.sqlite3"
+    create_paired_store(path)
+    return path
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(contact_rows=contacts, extra=extra_rows)
+def test_snapshot_restore_snapshot_keeps_checksum_and_rows(template: Path, contact_rows, extra) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "source.sqlite3"
+        shutil.copyfile(template, source)
+        conn = sqlite3.connect(source)
+        with conn:
+            jid = conn.execute("SELECT jid FROM whatsmeow_device").fetchone()[0]
+            conn.executemany(
+                "INSERT INTO whatsmeow_contacts (our_jid, their_jid, first_name, full_name, push_name) VALUES (?,?,?,?,?)",
+                [(jid, f"x{key}", first, full, push) for key, first, full, push in contact_rows],
+            )
+            conn.execute("CREATE TABLE whatsmeow_zz_untyped (a, b, c)")
+            conn.executemany("INSERT INTO whatsmeow_zz_untyped VALUES (?,?,?)", extra)
+        conn.close()
+
+        first = take_snapshot(source)
+        restored = Path(scratch) / "restored" / "whatsmeow.sqlite3"
+        restore_snapshot(first, restored)
+        second = take_snapshot(restored)
+
+        assert second["checksum"] == first["checksum"]
+        assert second["tables"] == first["tables"]
+        assert table_rows(restored) == table_rows(source)
