@@ -315,6 +315,22 @@ def restore_snapshot(document: dict[str, Any], store_path: Path) -> DecodedSessi
     return session
 
 
+def prepare_store_file(store_path: Path) -> None:
+    """Before neonize opens the store: private file and directory, WAL mode (created empty if absent)."""
+    _make_private_dirs(store_path.parent)
+    if not store_path.exists():
+        os.close(os.open(store_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    store_path.chmod(0o600)
+    try:
+        conn = sqlite3.connect(store_path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise RestoreError(f"cannot prepare the local store {store_path}: {exc}") from exc
+
+
 def _build_store(session: DecodedSession, path: Path) -> None:
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(path, isolation_level=None)

@@ -79,6 +79,11 @@ def restore_store(document_text: str, store_path: Path, *, timeout: float = DEFA
     )
 
 
+def prepare_store(store_path: Path, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+    """Make the store file private and WAL-mode (creating it empty) before neonize opens it."""
+    _run("prepare", store_path, stdin="", timeout=timeout, error=RestoreError)
+
+
 def _run(command: str, store_path: Path, *, stdin: str, timeout: float, error: type[ZapkeepError]) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     try:
@@ -101,17 +106,20 @@ def _run(command: str, store_path: Path, *, stdin: str, timeout: float, error: t
 
 
 def main(argv: list[str]) -> int:
-    """Child side: ``snapshot PATH`` writes the document to stdout; ``restore PATH`` reads it from stdin."""
+    """Child side: ``snapshot PATH`` writes the document to stdout; ``restore PATH`` reads it
+    from stdin; ``prepare PATH`` readies the file for neonize."""
     from bot import session_store
 
-    if len(argv) != 2 or argv[0] not in ("snapshot", "restore"):
-        print("usage: python -m bot.store_worker snapshot|restore STORE_PATH", file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in ("snapshot", "restore", "prepare"):
+        print("usage: python -m bot.store_worker snapshot|restore|prepare STORE_PATH", file=sys.stderr)
         return _EXIT_FAILED
     command, store_path = argv[0], Path(argv[1])
     try:
         if command == "snapshot":
             document = session_store.take_snapshot(store_path)
             sys.stdout.buffer.write(session_store.canonical_json(document))
+        elif command == "prepare":
+            session_store.prepare_store_file(store_path)
         else:
             document = session_store.parse_document(sys.stdin.buffer.read())
             session = session_store.restore_snapshot(document, store_path)

@@ -39,3 +39,20 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
         yield database
     finally:
         database.close()
+
+
+@pytest.fixture(scope="session")
+def whatsmeow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpaired store whose schema the real neonize library created."""
+    from tests.synthetic import neonize
+
+    path = tmp_path_factory.mktemp("whatsmeow-template") / "whatsmeow.sqlite3"
+    neonize("create", path)
+    return path
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # This process opens store files with sqlite3; neonize's own SQLite must never join it.
+    import sys
+
+    assert "neonize" not in sys.modules, "the test process imported neonize; run it in a child process"

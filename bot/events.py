@@ -1,0 +1,110 @@
+"""The project's own small event types and the client interface the runtime drives.
+
+``bot.whatsapp`` translates neonize's events into these; the test suite's fake client emits
+the same ones. Nothing here imports neonize.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class QrCode:
+    code: str  # the raw "2@...,...,...,..." string; rotates every ~20 s
+
+
+@dataclass(frozen=True)
+class PairingCode:
+    code: str  # typed on the phone instead of scanning a QR (PAIR_PHONE)
+
+
+@dataclass(frozen=True)
+class Paired:
+    jid: str
+    platform: str = ""
+
+
+@dataclass(frozen=True)
+class Connected:
+    pass
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    pass  # whatsmeow reconnects by itself after this
+
+
+@dataclass(frozen=True)
+class LoggedOut:
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StreamReplaced:
+    pass
+
+
+@dataclass(frozen=True)
+class TemporaryBan:
+    code: str
+    expires_in_seconds: int
+
+
+@dataclass(frozen=True)
+class ConnectFailure:
+    reason: str
+
+
+@dataclass(frozen=True)
+class KeepAliveTimeout:
+    error_count: int
+
+
+@dataclass(frozen=True)
+class KeepAliveRestored:
+    pass
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    message_id: str
+    chat: str  # JID string, e.g. 5511999999999@s.whatsapp.net
+    sender: str
+    push_name: str
+    text: str
+    from_me: bool
+    is_group: bool
+    timestamp: int  # unix seconds
+
+
+ClientEvent = (
+    QrCode | PairingCode | Paired | Connected | Disconnected | LoggedOut | StreamReplaced
+    | TemporaryBan | ConnectFailure | KeepAliveTimeout | KeepAliveRestored | IncomingMessage
+)
+EventSink = Callable[[ClientEvent], None]
+
+
+class WhatsAppClient(Protocol):
+    """One connection attempt's client. Handlers call the sink from the library's own thread."""
+
+    def run(self) -> str | None:
+        """Connect and block until the client stops; return the error that ended it, if any."""
+
+    def stop(self) -> None:
+        """Make ``run`` return. Safe from any thread, and more than once."""
+
+    def send_text(self, to_jid: str, text: str) -> str:
+        """Send a text; return its message id."""
+
+    def logout(self) -> None:
+        """Unlink this device from the phone."""
+
+    def request_pairing_code(self, phone: str) -> str:
+        """Ask for a code to type on the phone (only while ``run`` is waiting for a QR scan)."""
+
+
+ClientFactory = Callable[[Path, EventSink], WhatsAppClient]

@@ -1,0 +1,505 @@
+"""The daemon's runtime for one session: connection supervisor, state, backups, pairing.
+
+Threads, each with one job:
+- ``supervisor`` runs one client round after another (``client.run()`` blocks), applies
+  what must happen while no client has the store open (restore, wipe) and waits out the
+  reconnect backoff between rounds;
+- ``events`` takes the client's events off a queue (handlers run on Go's thread and must
+  return at once) and updates the state;
+- the APScheduler threads run the backups and the store watcher.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import segno
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from bot import events
+from bot.config import Config
+from bot.errors import SessionDocumentError, ZapkeepError
+from bot.persistence import BackupResult, BackupStatus, BootOutcome, backup_session, prepare_local_store
+from bot.session_store import STORE_SIBLING_SUFFIXES
+from bot.store_worker import prepare_store
+from database import Database
+
+log = logging.getLogger(__name__)
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    STANDBY = "standby"
+    CONNECTING = "connecting"
+    QR = "qr"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    LOGGED_OUT = "logged_out"
+    REPLACED = "replaced"
+    STOPPED = "stopped"
+
+
+# States in which the local store holds this process's live session, worth backing up.
+BACKUP_STATES = frozenset({State.CONNECTING, State.QR, State.CONNECTED, State.RECONNECTING})
+
+
+class _Pending(enum.Enum):
+    """Why the supervisor stopped the current client; applied before the next round."""
+
+    NEW_ROUND = "new_round"
+    LOGGED_OUT = "logged_out"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential with "equal jitter": each delay is in [ceiling/2, ceiling], ceiling capped."""
+
+    base_seconds: float = 1.0
+    cap_seconds: float = 60.0
+
+    def delay(self, attempt: int, jitter: float) -> float:
+        ceiling = min(self.cap_seconds, self.base_seconds * 2 ** max(0, attempt - 1))
+        return ceiling / 2 + ceiling / 2 * jitter
+
+
+@dataclass(frozen=True)
+class Timing:
+    debounce_seconds: float = 1.0
+    debounce_max_seconds: float = 10.0  # a store that never stops changing is still backed up
+    after_connect_seconds: float = 5.0
+    after_pair_seconds: float = 1.0
+    watch_interval_seconds: float = 0.5
+    qr_round_seconds: float = 90.0  # no new QR for this long: whatsmeow gave up, start a new round
+    qr_check_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class SessionStatus:
+    session_id: str
+    state: str
+    connected: bool
+    jid: str | None
+    phone: str | None
+    push_name: str | None
+    last_error: str | None
+    reconnect_count: int
+    connected_since: datetime | None
+    started_at: datetime
+    uptime_seconds: float
+    last_backup_at: datetime | None
+    last_backup_size: int | None
+    last_backup_checksum: str | None
+    last_backup_version: int | None
+    last_backup_error: str | None
+    qr_available: bool
+    pairing_code: str | None
+    next_retry_in_seconds: float | None
+
+
+MessageHandler = Callable[[events.IncomingMessage], None]
+Waiter = Callable[[float], None]
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        client_factory: events.ClientFactory,
+        *,
+        backoff: Backoff = Backoff(),
+        timing: Timing = Timing(),
+        wait: Waiter | None = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self._client_factory = client_factory
+        self._backoff = backoff
+        self._timing = timing
+        self._wait = wait or self._wait_for_wake
+        self._jitter = jitter
+        self.message_handlers: list[MessageHandler] = []
+
+        self._lock = threading.RLock()
+        self._backup_lock = threading.Lock()
+        self._events: queue.Queue[events.ClientEvent | None] = queue.Queue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._started = False
+        self._stopped = False
+        self._client: events.WhatsAppClient | None = None
+        self._pending: _Pending | None = None
+        self._failures = 0
+        self._qr_at = 0.0
+        self._pairing_requested = False
+        self._store_signature: tuple[int, ...] | None = None
+        self._change_pending_since: float | None = None
+        self._status = SessionStatus(
+            session_id=config.session_id, state=State.STARTING.value, connected=False, jid=None, phone=None,
+            push_name=None, last_error=None, reconnect_count=0, connected_since=None, started_at=_now(),
+            uptime_seconds=0.0, last_backup_at=None, last_backup_size=None, last_backup_checksum=None,
+            last_backup_version=None, last_backup_error=None, qr_available=False, pairing_code=None,
+            next_retry_in_seconds=None,
+        )
+        self._qr: str | None = None
+        self._next_retry_at: float | None = None
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
+        )
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._event_thread = threading.Thread(target=self._consume_events, name="events", daemon=True)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Boot rule, then connect. Returns once the threads run; safe to call twice."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self._boot()
+        self._scheduler.add_job(self._backup_job, "interval", seconds=self.config.backup_interval_seconds,
+                                id="backup-interval", args=["interval"], replace_existing=True)
+        self._scheduler.add_job(self._watch_store, "interval", seconds=self._timing.watch_interval_seconds,
+                                id="store-watch", replace_existing=True)
+        self._scheduler.add_job(self._watch_qr, "interval", seconds=self._timing.qr_check_seconds, id="qr-watch", replace_existing=True)
+        self._scheduler.start()
+        self._event_thread.start()
+        self._supervisor.start()
+
+    def stop(self) -> None:
+        """Scheduler, final backup, client; idempotent. Never raises."""
+        with self._lock:
+            if self._stopped or not self._started:
+                self._stopped = True
+                return
+            self._stopped = True
+        log.info("stopping session %s", self.config.session_id)
+        try:
+            self._scheduler.shutdown(wait=True)  # lets a running backup finish
+        except Exception:
+            log.exception("scheduler shutdown failed")
+        self._run_backup("shutdown")
+        self._stopping.set()
+        self._wake.set()
+        self._stop_client()
+        self._supervisor.join(timeout=15)
+        self._events.put(None)
+        self._event_thread.join(timeout=5)
+        self._set(state=State.STOPPED, connected=False)
+
+    def _boot(self) -> None:
+        self._set(state=State.STARTING)
+        try:
+            result = prepare_local_store(self.db, self.config.session_id, self.config.store_path)
+        except SessionDocumentError as exc:
+            # Nothing stored can be restored; the local store was left as it was.
+            log.error("session %s: %s", self.config.session_id, exc)
+            self._set(last_error=str(exc).splitlines()[0])
+            return
+        log.info("session %s boot: %s", self.config.session_id, result.outcome.value)
+        if result.outcome is not BootOutcome.PAIRING_NEEDED:
+            self._set(jid=result.device_jid, phone=_phone(result.device_jid))
+        record = self.db.load_session(self.config.session_id)
+        if record is not None:
+            self._set(last_backup_at=record.updated_at.replace(tzinfo=UTC), last_backup_size=record.size_bytes,
+                      last_backup_checksum=record.checksum, last_backup_version=record.version,
+                      push_name=record.push_name)
+
+    # --- status ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return State(self._status.state)
+
+    def status(self) -> SessionStatus:
+        with self._lock:
+            retry = None if self._next_retry_at is None else max(0.0, self._next_retry_at - time.monotonic())
+            return replace(
+                self._status,
+                uptime_seconds=round((_now() - self._status.started_at).total_seconds(), 1),
+                qr_available=self._qr is not None,
+                next_retry_in_seconds=None if retry is None else round(retry, 1),
+            )
+
+    def qr_code(self) -> str | None:
+        with self._lock:
+            return self._qr
+
+    def _set(self, **changes: object) -> None:
+        with self._lock:
+            if "state" in changes and isinstance(changes["state"], State):
+                new_state = changes["state"]
+                if new_state.value != self._status.state:
+                    log.info("session %s: %s -> %s", self.config.session_id, self._status.state, new_state.value)
+                changes["state"] = new_state.value
+                changes.setdefault("connected", new_state is State.CONNECTED)
+            self._status = replace(self._status, **changes)
+
+    # --- the connection supervisor -----------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        store_prepared = False
+        while not self._stopping.is_set():
+            if not store_prepared or not self.config.store_path.exists():
+                store_prepared = self._prepare_store()
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._pending = None
+                self._pairing_requested = False
+                self._qr_at = time.monotonic()
+                self._client = self._client_factory(self.config.store_path, self._events.put)
+                client = self._client
+            if self.state not in (State.RECONNECTING,):
+                self._set(state=State.CONNECTING)
+            try:
+                error = client.run()
+            except Exception as exc:  # a broken client must not end the supervisor
+                log.exception("session %s: client crashed", self.config.session_id)
+                error = f"client crashed: {exc.__class__.__name__}"
+            with self._lock:
+                self._client = None
+                self._qr = None
+                pending = self._pending
+            if self._stopping.is_set() or pending is _Pending.REPLACED:
+                return
+            if pending is _Pending.LOGGED_OUT:
+                self._wipe_session()
+                continue
+            if pending is _Pending.NEW_ROUND:
+                continue
+            self._retry_later(error or "the connection closed")
+
+    def _prepare_store(self) -> bool:
+        try:
+            prepare_store(self.config.store_path)
+        except ZapkeepError as exc:
+            log.error("session %s: cannot prepare the local store: %s", self.config.session_id, exc)
+            return False
+        return True
+
+    def _retry_later(self, error: str) -> None:
+        with self._lock:
+            self._failures += 1
+            delay = self._backoff.delay(self._failures, self._jitter())
+            self._next_retry_at = time.monotonic() + delay
+            self._set(state=State.RECONNECTING, last_error=error, reconnect_count=self._status.reconnect_count + 1)
+        log.warning("session %s: %s; retrying in %.1f s (attempt %d)",
+                    self.config.session_id, error, delay, self._failures)
+        self._wait(delay)
+        with self._lock:
+            self._next_retry_at = None
+
+    def _wait_for_wake(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _stop_client(self, pending: _Pending | None = None) -> None:
+        with self._lock:
+            if pending is not None:
+                self._pending = pending
+            client = self._client
+        if client is not None:
+            client.stop()
+
+    def _wipe_session(self) -> None:
+        """After an unlink: forget the credentials locally and in the DB (history stays)."""
+        with self._backup_lock:
+            for path in (self.config.store_path, *(Path(f"{self.config.store_path}{s}") for s in STORE_SIBLING_SUFFIXES)):
+                path.unlink(missing_ok=True)
+            try:
+                self.db.delete_session(self.config.session_id, keep_history=True)
+            except Exception as exc:
+                log.error("session %s: could not delete the stored session: %s", self.config.session_id, exc)
+            self._store_signature = None
+        self._failures = 0
+        self._set(jid=None, phone=None, push_name=None, connected_since=None, pairing_code=None)
+        log.warning("session %s: device unlinked; local store and stored session wiped, pairing again",
+                    self.config.session_id)
+
+    # --- events from the client -------------------------------------------------------------------
+
+    def _consume_events(self) -> None:
+        while (event := self._events.get()) is not None:
+            try:
+                self._handle(event)
+            except Exception:
+                log.exception("session %s: handling %s failed", self.config.session_id, type(event).__name__)
+
+    def _handle(self, event: events.ClientEvent) -> None:
+        match event:
+            case events.QrCode(code=code):
+                self._on_qr(code)
+            case events.PairingCode(code=code):
+                self._set(pairing_code=code)
+            case events.Paired(jid=jid):
+                log.info("session %s: paired as %s", self.config.session_id, jid)
+                self._set(jid=jid, phone=_phone(jid), pairing_code=None)
+                with self._lock:
+                    self._qr = None
+                self._schedule_backup("after-pair", self._timing.after_pair_seconds)
+            case events.Connected():
+                with self._lock:
+                    self._failures = 0
+                    self._qr = None
+                    self._set(state=State.CONNECTED, connected_since=_now(), last_error=None, pairing_code=None)
+                self._schedule_backup("after-connect", self._timing.after_connect_seconds)
+            case events.Disconnected():
+                with self._lock:
+                    if self.state is State.CONNECTED:  # whatsmeow reconnects by itself from here
+                        self._set(state=State.RECONNECTING, connected_since=None,
+                                  reconnect_count=self._status.reconnect_count + 1)
+            case events.LoggedOut(reason=reason):
+                self._set(state=State.LOGGED_OUT, last_error=f"logged out from the phone ({reason or 'no reason'})",
+                          connected_since=None)
+                self._stop_client(_Pending.LOGGED_OUT)
+            case events.StreamReplaced():
+                log.error("session %s: another client took over this session's stream; stopping, not reconnecting",
+                          self.config.session_id)
+                self._set(state=State.REPLACED, connected_since=None,
+                          last_error="stream replaced: another instance or device is using this session")
+                self._stop_client(_Pending.REPLACED)
+            case events.TemporaryBan(code=code, expires_in_seconds=seconds):
+                log.error("session %s: temporarily banned (%s) for %d s", self.config.session_id, code, seconds)
+                self._set(last_error=f"temporarily banned ({code}), expires in {seconds} s")
+            case events.ConnectFailure(reason=reason):
+                self._set(last_error=f"connect failure: {reason}")
+            case events.KeepAliveTimeout(error_count=count):
+                self._set(last_error=f"keep-alive timeout ({count} missed)")
+            case events.KeepAliveRestored():
+                log.info("session %s: keep-alive restored", self.config.session_id)
+            case events.IncomingMessage() as message:
+                for handler in self.message_handlers:
+                    handler(message)
+
+    def _on_qr(self, code: str) -> None:
+        with self._lock:
+            if self._pending is not None:
+                return
+            self._qr = code
+            self._qr_at = time.monotonic()
+            request_code = self.config.pair_phone is not None and not self._pairing_requested
+            self._pairing_requested = True
+            client = self._client
+        self._set(state=State.QR)
+        if request_code and client is not None:
+            self._request_pairing_code(client)
+        elif self.config.pair_phone is None:
+            log.info("session %s: scan this QR code in WhatsApp > Linked devices (or GET /api/session/qr):\n%s",
+                     self.config.session_id, qr_terminal_art(code))
+
+    def _request_pairing_code(self, client: events.WhatsAppClient) -> None:
+        assert self.config.pair_phone is not None
+        try:
+            code = client.request_pairing_code(self.config.pair_phone)
+        except Exception as exc:
+            log.error("session %s: pairing code request failed: %s", self.config.session_id, exc)
+            self._set(last_error=f"pairing code request failed: {exc}")
+            return
+        self._set(pairing_code=code)
+        log.warning("session %s: pairing code for %s: %s  (WhatsApp > Linked devices > Link with phone number)",
+                    self.config.session_id, self.config.pair_phone, code)
+
+    def _watch_qr(self) -> None:
+        """whatsmeow's QR codes run out (~60 s, then 20 s each) and it gives up: start a fresh round."""
+        with self._lock:
+            expired = self.state is State.QR and time.monotonic() - self._qr_at > self._timing.qr_round_seconds
+        if expired:
+            log.info("session %s: QR codes expired; starting a new pairing round", self.config.session_id)
+            self._stop_client(_Pending.NEW_ROUND)
+
+    # --- backups ----------------------------------------------------------------------------------------
+
+    def backup_now(self, reason: str = "api") -> BackupResult | None:
+        return self._run_backup(reason)
+
+    def _backup_job(self, reason: str) -> None:
+        if reason == "on-change":
+            with self._lock:
+                self._change_pending_since = None
+        self._run_backup(reason)
+
+    def _run_backup(self, reason: str) -> BackupResult | None:
+        """One backup at a time; skipped when this process does not hold a live session."""
+        with self._backup_lock:
+            if self.state not in BACKUP_STATES or not self.config.store_path.is_file():
+                return None
+            try:
+                result = backup_session(self.db, self.config.session_id, self.config.store_path)
+            except Exception as exc:
+                log.error("session %s: %s backup failed: %s", self.config.session_id, reason, exc)
+                self._set(last_backup_error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                return None
+        if result.status is BackupStatus.WRITTEN:
+            log.info("session %s: %s backup stored as version %s", self.config.session_id, reason, result.version)
+        if result.status is not BackupStatus.NOT_PAIRED:
+            self._set(last_backup_at=_now(), last_backup_size=result.snapshot.size_bytes,
+                      last_backup_checksum=result.snapshot.checksum, last_backup_version=result.version,
+                      last_backup_error=None, push_name=result.snapshot.push_name or self._status.push_name)
+        return result
+
+    def _schedule_backup(self, kind: str, delay: float) -> None:
+        if self._scheduler.running:
+            self._scheduler.add_job(self._backup_job, "date", run_date=_now() + timedelta(seconds=delay),
+                                    id=f"backup-{kind}", args=[kind], replace_existing=True)
+
+    def _watch_store(self) -> None:
+        """Change detection by os.stat only: the live store is never opened in this process."""
+        signature = _store_signature(self.config.store_path)
+        now = time.monotonic()
+        with self._lock:
+            if signature == self._store_signature:
+                return
+            first_sight = self._store_signature is None
+            self._store_signature = signature
+            if first_sight or signature is None:
+                return
+            if self._change_pending_since is None:
+                self._change_pending_since = now
+            overdue = now - self._change_pending_since > self._timing.debounce_max_seconds
+        if not overdue:  # debounce: each change pushes the backup back, up to the max wait
+            self._schedule_backup("on-change", self._timing.debounce_seconds)
+
+
+def _store_signature(store_path: Path) -> tuple[int, ...] | None:
+    parts: list[int] = []
+    for path in (store_path, Path(f"{store_path}-wal")):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            if path == store_path:
+                return None
+            parts += [0, 0]
+            continue
+        parts += [stat.st_size, stat.st_mtime_ns]
+    return tuple(parts)
+
+
+def qr_terminal_art(code: str) -> str:
+    buffer = io.StringIO()
+    segno.make_qr(code).terminal(out=buffer, compact=True)
+    return buffer.getvalue()
+
+
+def _phone(jid: str | None) -> str | None:
+    if not jid:
+        return None
+    return jid.split("@", 1)[0].split(":", 1)[0].split(".", 1)[0]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

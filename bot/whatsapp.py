@@ -1,0 +1,123 @@
+"""The only module that imports neonize: a thin client that speaks in ``bot.events`` types.
+
+Import it only after logging is configured: ``import neonize`` calls ``logging.basicConfig``
+(a no-op once the root logger has handlers). Handlers run one at a time on Go's thread, so
+each one only translates the event and hands it to the sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from neonize.client import NewClient
+from neonize.events import (
+    ConnectedEv,
+    ConnectFailureEv,
+    DisconnectedEv,
+    KeepAliveRestoredEv,
+    KeepAliveTimeoutEv,
+    LoggedOutEv,
+    MessageEv,
+    PairStatusEv,
+    StreamReplacedEv,
+    TemporaryBanEv,
+)
+from neonize.utils import extract_text
+from neonize.utils.enum import ClientName
+from neonize.utils.jid import Jid2String, build_jid
+
+from bot import events
+
+log = logging.getLogger(__name__)
+
+
+def configure_library_logging(level: int) -> None:
+    """Go's log level follows this logger; left unset, Go would send DEBUG lines too."""
+    logging.getLogger("neonize.utils.log").setLevel(level)
+    logging.getLogger("neonize.utils.ffmpeg").setLevel(logging.ERROR)  # media is not used
+
+
+class NeonizeClient:
+    """One neonize client over the local store file; build a new one for each connection round."""
+
+    def __init__(self, store_path: Path, sink: events.EventSink) -> None:
+        self._client = NewClient(str(store_path))
+        self._sink = sink
+        self._register_handlers()
+
+    def run(self) -> str | None:
+        try:
+            self._client.connect()
+        except Exception as exc:  # NeonizeError and friends: the reason the round ended
+            return str(exc) or exc.__class__.__name__
+        return None
+
+    def stop(self) -> None:
+        try:
+            self._client.stop()
+        except Exception as exc:
+            log.debug("stopping the client: %s", exc)
+
+    def send_text(self, to_jid: str, text: str) -> str:
+        user, _, server = to_jid.partition("@")
+        response = self._client.send_message(build_jid(user, server or "s.whatsapp.net"), text)
+        return str(response.ID)
+
+    def logout(self) -> None:
+        self._client.logout()
+
+    def request_pairing_code(self, phone: str) -> str:
+        return self._client.PairPhone(phone, True, ClientName.LINUX)
+
+    def _register_handlers(self) -> None:
+        client, sink = self._client, self._sink
+        # Plain closures: neonize holds bound methods only weakly.
+        client.event.qr(lambda _, data: sink(events.QrCode(data.decode(errors="replace"))))
+        # Replaces neonize's print() of a bare integer on every login-status change.
+        client._NewClient__onLoginStatus = lambda uuid, status: log.debug("login status %s", status)
+
+        @client.event(PairStatusEv)
+        def on_pair(_: NewClient, ev: PairStatusEv) -> None:
+            if ev.Error:
+                sink(events.ConnectFailure(f"pairing failed: {ev.Error}"))
+            else:
+                sink(events.Paired(jid=Jid2String(ev.ID), platform=ev.Platform))
+
+        client.event(ConnectedEv)(lambda _, ev: sink(events.Connected()))
+        client.event(DisconnectedEv)(lambda _, ev: sink(events.Disconnected()))
+        client.event(LoggedOutEv)(lambda _, ev: sink(events.LoggedOut(reason=str(ev.Reason))))
+        client.event(StreamReplacedEv)(lambda _, ev: sink(events.StreamReplaced()))
+        client.event(TemporaryBanEv)(
+            lambda _, ev: sink(events.TemporaryBan(code=str(ev.Code), expires_in_seconds=int(ev.Expire)))
+        )
+        client.event(ConnectFailureEv)(
+            lambda _, ev: sink(events.ConnectFailure(reason=f"{ev.Reason}: {ev.Message}".strip(": ")))
+        )
+        client.event(KeepAliveTimeoutEv)(lambda _, ev: sink(events.KeepAliveTimeout(error_count=ev.ErrorCount)))
+        client.event(KeepAliveRestoredEv)(lambda _, ev: sink(events.KeepAliveRestored()))
+
+        @client.event(MessageEv)
+        def on_message(_: NewClient, ev: MessageEv) -> None:
+            source = ev.Info.MessageSource
+            sink(events.IncomingMessage(
+                message_id=ev.Info.ID,
+                chat=Jid2String(source.Chat),
+                sender=Jid2String(source.Sender),
+                push_name=ev.Info.Pushname,
+                text=extract_text(ev.Message) or "",
+                from_me=source.IsFromMe,
+                is_group=source.IsGroup,
+                timestamp=_unix_seconds(ev.Info.Timestamp),
+            ))
+
+
+def _unix_seconds(value: int) -> int:
+    if not value:
+        return int(time.time())
+    return value // 1000 if value > 10**12 else value  # neonize builds differ: seconds or milliseconds
+
+
+def neonize_client_factory(store_path: Path, sink: events.EventSink) -> events.WhatsAppClient:
+    return NeonizeClient(store_path, sink)

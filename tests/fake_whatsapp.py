@@ -1,0 +1,179 @@
+"""A stand-in for WhatsApp's servers, speaking through a client with neonize's behaviour.
+
+Only the network is fake: the client works on the real store file the runtime gave it,
+creates whatsmeow's schema there as neonize does, writes the device row when "the phone"
+scans the QR, deletes it on an unlink (as whatsmeow does), and delivers events one at a
+time from its own thread, the way Go calls neonize's handlers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot import events
+from tests.synthetic import DEVICE_JID, SMALL, fill_store
+
+
+@dataclass
+class SentMessage:
+    to: str
+    text: str
+    message_id: str
+
+
+@dataclass
+class FakeWhatsApp:
+    schema_template: Path
+    clients: list[FakeClient] = field(default_factory=list)
+    connect_errors: list[str] = field(default_factory=list)
+    sent: list[SentMessage] = field(default_factory=list)
+    connected: bool = True  # the servers answer; set False to make every connect fail
+    offline_error: str = "failed to dial whatsapp web websocket: proxyconnect tcp: connection refused"
+
+    def factory(self, store_path: Path, sink: events.EventSink) -> FakeClient:
+        client = FakeClient(self, store_path, sink)
+        self.clients.append(client)
+        return client
+
+    def current(self, timeout: float = 10.0) -> FakeClient:
+        """The client of the round now running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            running = [c for c in self.clients if c.running.is_set() and not c.stopped.is_set()]
+            if running:
+                return running[-1]
+            time.sleep(0.01)
+        raise AssertionError("no client is running")
+
+
+class FakeClient:
+    QR_PREFIX = "2@fakeqr"
+    _ids = itertools.count(1)
+
+    def __init__(self, network: FakeWhatsApp, store_path: Path, sink: events.EventSink) -> None:
+        self.network = network
+        self.store_path = store_path
+        self._sink = sink
+        self.running = threading.Event()
+        self.stopped = threading.Event()
+        self._outbox: queue.Queue[events.ClientEvent | None] = queue.Queue()
+        self._go_thread = threading.Thread(target=self._deliver, name="fake-go", daemon=True)
+        self.qr_codes: list[str] = []
+
+    # --- the client interface -----------------------------------------------------------
+
+    def run(self) -> str | None:
+        if self.network.connect_errors:
+            return self.network.connect_errors.pop(0)
+        if not self.network.connected:
+            return self.network.offline_error
+        self._create_schema()
+        self._go_thread.start()
+        self.running.set()
+        if self.device_jid() is None:
+            self.rotate_qr()
+        else:
+            self.emit(events.Connected())
+        self.stopped.wait()
+        self._outbox.put(None)
+        return None
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def send_text(self, to_jid: str, text: str) -> str:
+        if not self.running.is_set() or self.stopped.is_set():
+            raise RuntimeError("client is nil")
+        message_id = f"3EB0{next(self._ids):016X}"
+        self.network.sent.append(SentMessage(to_jid, text, message_id))
+        return message_id
+
+    def logout(self) -> None:
+        self.unlink()
+
+    def request_pairing_code(self, phone: str) -> str:
+        if not self.qr_codes:
+            raise RuntimeError("client is nil")
+        return "ABCD-EFGH"
+
+    # --- what the phone and the servers do --------------------------------------------------
+
+    def emit(self, event: events.ClientEvent) -> None:
+        self._outbox.put(event)
+
+    def rotate_qr(self) -> str:
+        code = f"{self.QR_PREFIX}{len(self.qr_codes)},bm9pc2Uta2V5,aWRlbnRpdHk=,YWR2LXNlY3JldA=="
+        self.qr_codes.append(code)
+        self.emit(events.QrCode(code))
+        return code
+
+    def scan_qr(self) -> None:
+        """The phone scanned the code: whatsmeow stores the device, then pairs and connects."""
+        fill_store(self.store_path, SMALL)
+        self.emit(events.Paired(jid=DEVICE_JID, platform="android"))
+        self.emit(events.Connected())
+
+    def write_store(self, rows: int = 5) -> None:
+        """whatsmeow saving something (here: contacts) while connected."""
+        conn = sqlite3.connect(self.store_path)
+        with conn:
+            start = conn.execute("SELECT COUNT(*) FROM whatsmeow_contacts").fetchone()[0]
+            conn.executemany(
+                "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
+                [(DEVICE_JID, f"55319{n:08d}@s.whatsapp.net", f"Contato {n}") for n in range(start, start + rows)],
+            )
+        conn.close()
+
+    def unlink(self) -> None:
+        """Unlinked from the phone: whatsmeow deletes the device (cascading to its keys)."""
+        conn = sqlite3.connect(self.store_path)
+        conn.execute("PRAGMA foreign_keys = ON")
+        with conn:
+            conn.execute("DELETE FROM whatsmeow_device")
+        conn.close()
+        self.emit(events.LoggedOut(reason="401"))
+
+    def device_jid(self) -> str | None:
+        conn = sqlite3.connect(self.store_path)
+        try:
+            row = conn.execute("SELECT jid FROM whatsmeow_device").fetchone()
+        finally:
+            conn.close()
+        return row[0] if row else None
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _create_schema(self) -> None:
+        """Like whatsmeow's upgrade on open: the schema appears in an empty store."""
+        template = sqlite3.connect(self.network.schema_template)
+        ddl = [sql for (sql,) in template.execute(
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid")]
+        version = template.execute("SELECT version, compat FROM whatsmeow_version").fetchone()
+        template.close()
+        conn = sqlite3.connect(self.store_path)
+        with conn:
+            if conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'whatsmeow_version'").fetchone()[0] == 0:
+                for sql in ddl:
+                    conn.execute(sql)
+                conn.execute("INSERT INTO whatsmeow_version VALUES (?, ?)", version)
+        conn.close()
+
+    def _deliver(self) -> None:
+        while (event := self._outbox.get()) is not None:
+            self._sink(event)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {message}")
