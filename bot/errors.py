@@ -19,3 +19,11 @@ class SnapshotError(ZapkeepError):
 
 class RestoreError(ZapkeepError):
     """A session document could not be written over the local store; the old store is untouched."""
+
+
+class NotFoundError(ZapkeepError):
+    """No such session, snapshot or QR code."""
+
+
+class StateConflictError(ZapkeepError):
+    """The session is not in a state that allows this (not connected, replaced, not owned...)."""

@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,11 +29,19 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from bot import events
 from bot.config import Config
-from bot.errors import SessionDocumentError, ZapkeepError
-from bot.persistence import BackupResult, BackupStatus, BootOutcome, backup_session, prepare_local_store
+from bot import session_store
+from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, ZapkeepError
+from bot.persistence import (
+    BackupResult,
+    BackupStatus,
+    BootOutcome,
+    backup_session,
+    prepare_local_store,
+    restore_record,
+)
 from bot.session_store import STORE_SIBLING_SUFFIXES
 from bot.store_worker import prepare_store
-from database import Database
+from database import Database, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +62,29 @@ class State(str, enum.Enum):
 BACKUP_STATES = frozenset({State.CONNECTING, State.QR, State.CONNECTED, State.RECONNECTING})
 
 
-class _Pending(enum.Enum):
-    """Why the supervisor stopped the current client; applied before the next round."""
+class _Pending(enum.IntEnum):
+    """Why the supervisor stopped the current client, applied before the next round.
+    A more important reason is never overridden by a lesser one."""
 
-    NEW_ROUND = "new_round"
-    LOGGED_OUT = "logged_out"
-    REPLACED = "replaced"
+    NEW_ROUND = 1
+    RESTORE = 2
+    LOGGED_OUT = 3
+    REPLACED = 4
+
+
+@dataclass
+class _RestoreRequest:
+    record: SessionRecord
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class RestoreOutcome:
+    session_id: str
+    version: int
+    checksum: str
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -142,6 +167,7 @@ class Runtime:
         self._stopped = False
         self._client: events.WhatsAppClient | None = None
         self._pending: _Pending | None = None
+        self._restore_request: _RestoreRequest | None = None
         self._failures = 0
         self._qr_at = 0.0
         self._pairing_requested = False
@@ -254,17 +280,25 @@ class Runtime:
     def _supervise(self) -> None:
         store_prepared = False
         while not self._stopping.is_set():
+            with self._lock:
+                pending, self._pending = self._pending, None
+            if pending is _Pending.REPLACED:
+                return
+            if pending is _Pending.LOGGED_OUT:
+                self._wipe_session()
+                store_prepared = False
+            if pending is _Pending.RESTORE:
+                self._apply_restore()
             if not store_prepared or not self.config.store_path.exists():
                 store_prepared = self._prepare_store()
             with self._lock:
-                if self._stopping.is_set():
-                    return
-                self._pending = None
+                if self._stopping.is_set() or self._pending is not None:
+                    continue
                 self._pairing_requested = False
                 self._qr_at = time.monotonic()
                 self._client = self._client_factory(self.config.store_path, self._events.put)
                 client = self._client
-            if self.state not in (State.RECONNECTING,):
+            if self.state is not State.RECONNECTING:
                 self._set(state=State.CONNECTING)
             try:
                 error = client.run()
@@ -274,14 +308,8 @@ class Runtime:
             with self._lock:
                 self._client = None
                 self._qr = None
-                pending = self._pending
-            if self._stopping.is_set() or pending is _Pending.REPLACED:
-                return
-            if pending is _Pending.LOGGED_OUT:
-                self._wipe_session()
-                continue
-            if pending is _Pending.NEW_ROUND:
-                continue
+                if self._stopping.is_set() or self._pending is not None:
+                    continue
             self._retry_later(error or "the connection closed")
 
     def _prepare_store(self) -> bool:
@@ -308,11 +336,30 @@ class Runtime:
         self._wake.wait(seconds)
         self._wake.clear()
 
+    def _apply_restore(self) -> None:
+        with self._lock:
+            request, self._restore_request = self._restore_request, None
+        if request is None:
+            return
+        try:
+            with self._backup_lock:
+                restore_record(request.record, self.config.store_path)
+                self._store_signature = None
+            self._failures = 0
+            self._set(jid=request.record.device_jid, phone=_phone(request.record.device_jid),
+                      push_name=request.record.push_name, state=State.CONNECTING)
+        except Exception as exc:
+            log.error("session %s: restore failed, the local store is unchanged: %s", self.config.session_id, exc)
+            request.error = exc
+        finally:
+            request.done.set()
+
     def _stop_client(self, pending: _Pending | None = None) -> None:
         with self._lock:
-            if pending is not None:
+            if pending is not None and (self._pending is None or pending > self._pending):
                 self._pending = pending
             client = self._client
+        self._wake.set()  # cut a backoff wait short: the supervisor has work
         if client is not None:
             client.stop()
 
@@ -330,6 +377,57 @@ class Runtime:
         self._set(jid=None, phone=None, push_name=None, connected_since=None, pairing_code=None)
         log.warning("session %s: device unlinked; local store and stored session wiped, pairing again",
                     self.config.session_id)
+
+    # --- operations for the admin API and CLI --------------------------------------------------------
+
+    def restore(self, version: int | None = None, *, timeout: float = 120.0) -> RestoreOutcome:
+        """Stop the client, rewrite the local store from the stored (or a historical) snapshot, reconnect."""
+        session_id = self.config.session_id
+        if self.state in (State.REPLACED, State.STOPPED, State.STANDBY, State.STARTING):
+            raise StateConflictError(f"session {session_id} is {self.state.value}; it cannot be restored here")
+        if version is None:
+            record = self.db.load_session(session_id)
+        else:
+            record = self.db.load_history_version(session_id, version)
+        if record is None:
+            raise NotFoundError(f"no stored snapshot of session {session_id}"
+                                + ("" if version is None else f" with version {version}"))
+        # Check the document before stopping a live client for it.
+        session_store.validate_document(session_store.parse_document(record.session_data))
+        self._run_backup("before-restore")  # the state being replaced stays in history
+        request = _RestoreRequest(record)
+        with self._lock:
+            self._restore_request = request
+        self._stop_client(_Pending.RESTORE)
+        if not request.done.wait(timeout):
+            raise StateConflictError(f"session {session_id}: the restore did not finish within {timeout:.0f} s")
+        if request.error is not None:
+            raise request.error
+        return RestoreOutcome(session_id, record.version, record.checksum, record.size_bytes)
+
+    def logout(self) -> bool:
+        """Unlink the device (when the servers can be reached), wipe, pair again. True: unlinked remotely."""
+        if self.state in (State.REPLACED, State.STOPPED, State.STANDBY, State.STARTING):
+            raise StateConflictError(f"session {self.config.session_id} is {self.state.value}; cannot log out")
+        with self._lock:
+            client = self._client if self.state is State.CONNECTED else None
+        unlinked = False
+        if client is not None:
+            try:
+                client.logout()
+                unlinked = True
+            except Exception as exc:
+                log.warning("session %s: logout request failed (%s); wiping locally", self.config.session_id, exc)
+        self._set(state=State.LOGGED_OUT, connected_since=None, last_error="logged out by an admin")
+        self._stop_client(_Pending.LOGGED_OUT)
+        return unlinked
+
+    def send_text(self, to_jid: str, text: str) -> str:
+        with self._lock:
+            client = self._client if self.state is State.CONNECTED else None
+        if client is None:
+            raise StateConflictError(f"session {self.config.session_id} is not connected ({self.state.value})")
+        return client.send_text(to_jid, text)
 
     # --- events from the client -------------------------------------------------------------------
 

@@ -1,1 +1,53 @@
-"""The admin HTTP API (Flask blueprint and app factory)."""
+"""The admin HTTP API: ``create_app(runtime, db)`` builds the Flask app around the live runtime."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from bot.runtime import Runtime
+from database import Database
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a large store's document is a few MB; anything beyond is a mistake
+
+
+def create_app(runtime: Runtime, db: Database) -> Flask:
+    from session_api.openapi import openapi_document
+    from session_api.routes import bp
+
+    token = runtime.config.api_token
+    if not token:
+        raise ValueError("the admin API needs an API token; it is never served open")
+    app = Flask(__name__)
+    app.config.update(API_TOKEN=token, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in their declared order
+    app.extensions["zapkeep.runtime"] = runtime
+    app.extensions["zapkeep.db"] = db
+    app.register_blueprint(bp)
+
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        return jsonify(success=True, status="ok", state=runtime.state.value), 200
+
+    @app.get("/api/openapi.json")
+    def openapi() -> Response:
+        return jsonify(openapi_document())
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        response = jsonify(success=False, message=exc.description)
+        if exc.code == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="zapkeep"'
+        return response, exc.code or 500
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        # Class name only: messages of lower layers may quote data, and data may be credentials.
+        log.error("API request failed: %s", exc.__class__.__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+        return jsonify(success=False, message="internal error; see the daemon's log"), 500
+
+    return app

@@ -1,0 +1,190 @@
+"""Entry point: ``python -m bot`` runs the daemon; the other commands serve operators.
+
+    python -m bot [run]            the daemon: WhatsApp session + chatbot + admin API
+    python -m bot status           stored sessions and their history (JSON)
+    python -m bot backup           snapshot the local store into the database
+    python -m bot restore [-v N]   rewrite the local store from the database (daemon stopped)
+    python -m bot delete [--purge] delete the stored session (--purge: its history too)
+    python -m bot export FILE      write the stored document to FILE ('-': stdout)
+    python -m bot import FILE      validate FILE and store it as the session
+
+This is the one place that loads .env, opens the pool, starts threads and installs signal
+handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import FrameType
+
+from dotenv import load_dotenv
+
+from bot.config import Config
+from bot.errors import ConfigError, ZapkeepError
+from database import Database, DatabaseError, open_database
+
+log = logging.getLogger("bot")
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    load_dotenv(override=False)
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"zapkeep: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _configure_logging(config)
+    try:
+        if args.command == "run":
+            return run_daemon(config)
+        return run_command(config, args)
+    except (ZapkeepError, DatabaseError) as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bot", description="zapkeep WhatsApp bot daemon")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("run", help="run the daemon (default)")
+    commands.add_parser("status", help="stored sessions and their history, as JSON")
+    commands.add_parser("backup", help="snapshot the local store into the database")
+    restore = commands.add_parser("restore", help="rewrite the local store from the database (daemon stopped)")
+    restore.add_argument("-v", "--version", type=int, help="a historical version instead of the latest")
+    delete = commands.add_parser("delete", help="delete the stored session")
+    delete.add_argument("--purge", action="store_true", help="delete its history too")
+    export = commands.add_parser("export", help="write the stored document to FILE ('-' for stdout)")
+    export.add_argument("file")
+    import_ = commands.add_parser("import", help="validate FILE and store it as the session")
+    import_.add_argument("file")
+    parser.set_defaults(command="run")
+    return parser
+
+
+def _configure_logging(config: Config) -> None:
+    # Before neonize is imported: its import calls basicConfig, a no-op once this has run.
+    logging.basicConfig(level=config.python_log_level(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+def _open(config: Config) -> Database:
+    return open_database(config.database_url, config.embedded_database_path)
+
+
+# --- the daemon ----------------------------------------------------------------------------------
+
+
+def run_daemon(config: Config) -> int:
+    from bot import whatsapp
+    from bot.runtime import Runtime
+    from session_api import create_app
+    from session_api.server import ApiServer
+
+    whatsapp.configure_library_logging(config.python_log_level())
+    if config.api_token is None:
+        config = replace(config, api_token=secrets.token_urlsafe(32))
+        log.warning("API_TOKEN is not set; generated one for this run only: %s", config.api_token)
+
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    db = _open(config)
+    log.info("database: %s; session %s; store %s", db.backend, config.session_id, config.store_path)
+    runtime = Runtime(config, db, whatsapp.neonize_client_factory)
+    server = ApiServer(create_app(runtime, db), "0.0.0.0", config.port)
+    try:
+        server.start()  # first, so the platform's health check passes while the session boots
+        runtime.start()
+        stop.wait()
+        log.info("shutting down")
+    finally:
+        server.stop()
+        runtime.stop()
+        db.close()
+    log.info("stopped cleanly")
+    logging.shutdown()
+    # neonize leaves non-daemon Go worker threads behind; everything is flushed, so leave now.
+    os._exit(0)
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handle(signum: int, _: FrameType | None) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)  # a second signal: no more waiting
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+# --- operator commands -----------------------------------------------------------------------------
+
+
+def run_command(config: Config, args: argparse.Namespace) -> int:
+    from bot import persistence
+
+    db = _open(config)
+    try:
+        session_id = config.session_id
+        if args.command == "status":
+            sessions = [
+                {**asdict(summary), "history": [asdict(h) for h in db.list_history(summary.session_id)]}
+                for summary in db.list_sessions()
+            ]
+            print(json.dumps({"database": db.backend, "sessions": sessions}, indent=2, default=str))
+        elif args.command == "backup":
+            result = persistence.backup_session(db, session_id, config.store_path)
+            print(f"{result.status.value}: session {session_id} version {result.version}, "
+                  f"{result.snapshot.size_bytes} bytes, {result.snapshot.total_rows} rows")
+            return 0 if result.status is not persistence.BackupStatus.NOT_PAIRED else EXIT_FAILURE
+        elif args.command == "restore":
+            record = db.load_session(session_id) if args.version is None else db.load_history_version(
+                session_id, args.version)
+            if record is None:
+                raise ZapkeepError(f"no stored snapshot of session {session_id}")
+            persistence.restore_record(record, config.store_path)
+            print(f"restored session {session_id} version {record.version} to {config.store_path}")
+        elif args.command == "delete":
+            if not db.delete_session(session_id, keep_history=not args.purge):
+                raise ZapkeepError(f"no stored session {session_id}")
+            print(f"deleted session {session_id}" + (" and its history" if args.purge else ""))
+        elif args.command == "export":
+            record = db.load_session(session_id)
+            if record is None:
+                raise ZapkeepError(f"no stored session {session_id}")
+            _write_private(args.file, record.session_data)
+        elif args.command == "import":
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            version = persistence.import_document(db, session_id, text)
+            print(f"imported session {session_id} as version {version}")
+        return 0
+    finally:
+        db.close()
+
+
+def _write_private(target: str, text: str) -> None:
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds credentials
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,240 @@
+"""The ``session_api`` blueprint: every route needs ``Authorization: Bearer <API_TOKEN>``."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import json
+import re
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+import segno
+from flask import Blueprint, Response, abort, current_app, jsonify, request
+
+from bot.config import is_valid_session_id
+from bot.errors import NotFoundError, SessionDocumentError, StateConflictError
+from bot.persistence import BackupStatus, import_document
+from bot.runtime import Runtime
+from database import Database
+
+bp = Blueprint("session_api", __name__)
+
+PHONE = re.compile(r"\d{10,15}")
+JID = re.compile(r"[0-9A-Za-z.:_-]{1,64}@(s\.whatsapp\.net|g\.us|lid)")
+MAX_MESSAGE_CHARS = 4096
+
+
+def runtime() -> Runtime:
+    return current_app.extensions["zapkeep.runtime"]
+
+
+def db() -> Database:
+    return current_app.extensions["zapkeep.db"]
+
+
+@bp.before_request
+def require_token() -> None:
+    expected = current_app.config["API_TOKEN"].encode()
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        abort(401, "missing or wrong bearer token")
+
+
+def ok(status: int = 200, **payload: Any) -> tuple[Response, int]:
+    return jsonify(success=True, **payload), status
+
+
+def json_body(required: bool = False) -> dict[str, Any]:
+    if not request.get_data(cache=True):
+        if required:
+            abort(400, "a JSON object body is required")
+        return {}
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, "the body must be a JSON object")
+    return body
+
+
+def session_id_from(source: dict[str, Any] | None = None) -> str:
+    value = (source or {}).get("session_id") or request.args.get("session_id") or runtime().config.session_id
+    if not isinstance(value, str) or not is_valid_session_id(value):
+        abort(400, "session_id must be 1-100 letters, digits, '-' or '_'")
+    return value
+
+
+def require_own_session(session_id: str) -> None:
+    if session_id != runtime().config.session_id:
+        abort(409, f"this daemon runs session {runtime().config.session_id}, not {session_id}")
+
+
+@bp.post("/api/session/backup")
+def backup() -> tuple[Response, int]:
+    body = json_body()
+    session_id = session_id_from(body)
+    if "session_data" in body:
+        data = body["session_data"]
+        text = data if isinstance(data, str) else json.dumps(data)
+        try:
+            version = import_document(db(), session_id, text)
+        except SessionDocumentError as exc:
+            abort(400, f"session_data refused: {exc}")
+        return ok(201, session_id=session_id, imported=True, version=version)
+    require_own_session(session_id)
+    result = runtime().backup_now("api")
+    if result is None or result.status is BackupStatus.NOT_PAIRED:
+        abort(409, f"no paired live session to back up (state {runtime().state.value})")
+    return ok(
+        session_id=session_id,
+        written=result.status is BackupStatus.WRITTEN,
+        version=result.version,
+        checksum=result.snapshot.checksum,
+        size_bytes=result.snapshot.size_bytes,
+        rows=result.snapshot.total_rows,
+        duration_ms=round(result.duration_ms, 1),
+    )
+
+
+@bp.get("/api/session/restore")
+def export() -> Response:
+    session_id = session_id_from()
+    version = _version_arg(request.args.get("version"))
+    record = db().load_session(session_id) if version is None else db().load_history_version(session_id, version)
+    if record is None:
+        abort(404, f"no stored session {session_id}" + ("" if version is None else f" version {version}"))
+    head = json.dumps({
+        "success": True,
+        "session_id": record.session_id,
+        "version": record.version,
+        "checksum": record.checksum,
+        "size_bytes": record.size_bytes,
+        "updated_at": _iso(record.updated_at),
+    })
+    # The stored document is already JSON: splice it in rather than parse and re-encode megabytes.
+    return Response(head[:-1] + ', "session_data": ' + record.session_data + "}", mimetype="application/json")
+
+
+@bp.post("/api/session/restore")
+def restore() -> tuple[Response, int]:
+    body = json_body()
+    session_id = session_id_from(body)
+    require_own_session(session_id)
+    version = _version_arg(body.get("version"))
+    try:
+        outcome = runtime().restore(version)
+    except NotFoundError as exc:
+        abort(404, str(exc))
+    except (StateConflictError, SessionDocumentError) as exc:
+        abort(409, str(exc).splitlines()[0])
+    return ok(**asdict(outcome), state=runtime().state.value)
+
+
+@bp.get("/api/session/status")
+def status() -> tuple[Response, int]:
+    wanted = request.args.get("session_id")
+    if wanted is not None:
+        session_id_from()  # validates
+    live = runtime().status()
+    stored = {s.session_id: s for s in db().list_sessions()}
+    ids = sorted(set(stored) | {live.session_id})
+    sessions = []
+    for session_id in ids:
+        entry: dict[str, Any] = {"session_id": session_id}
+        if session_id == live.session_id:
+            entry.update(_jsonable(asdict(live)))
+            entry["history"] = [_jsonable(asdict(h)) for h in db().list_history(session_id)]
+        else:
+            entry.update(state="not_running", connected=False)
+        summary = stored.get(session_id)
+        entry["stored"] = None if summary is None else _jsonable(asdict(summary))
+        sessions.append(entry)
+    if wanted is not None:
+        match = [s for s in sessions if s["session_id"] == wanted]
+        if not match:
+            abort(404, f"no session {wanted}")
+        return ok(session=match[0])
+    return ok(sessions=sessions)
+
+
+@bp.delete("/api/session/delete")
+def delete() -> tuple[Response, int]:
+    session_id = session_id_from()
+    purge = request.args.get("purge", "").lower() in ("1", "true", "yes")
+    if not db().delete_session(session_id, keep_history=not purge):
+        abort(404, f"no stored session {session_id}")
+    note = None
+    if session_id == runtime().config.session_id and runtime().status().connected:
+        note = "this daemon is still connected and will store the session again; POST /api/session/logout to unlink"
+    return ok(session_id=session_id, deleted=True, history_purged=purge, note=note)
+
+
+@bp.get("/api/session/qr")
+def qr() -> Response | tuple[Response, int]:
+    session_id = session_id_from()
+    require_own_session(session_id)
+    code = runtime().qr_code()
+    if code is None:
+        abort(404, f"no QR code pending (state {runtime().state.value})")
+    png = io.BytesIO()
+    segno.make_qr(code).save(png, kind="png", scale=8, border=4)
+    if request.accept_mimetypes.best_match(["application/json", "image/png"]) == "image/png":
+        return Response(png.getvalue(), mimetype="image/png", headers={"Cache-Control": "no-store"})
+    image = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    return ok(session_id=session_id, qr=code, image=image, state=runtime().state.value)
+
+
+@bp.post("/api/session/logout")
+def logout() -> tuple[Response, int]:
+    session_id = session_id_from(json_body())
+    require_own_session(session_id)
+    try:
+        unlinked = runtime().logout()
+    except StateConflictError as exc:
+        abort(409, str(exc))
+    return ok(session_id=session_id, unlinked_remotely=unlinked, state=runtime().state.value)
+
+
+@bp.post("/api/messages/send")
+def send() -> tuple[Response, int]:
+    body = json_body(required=True)
+    to, text = body.get("to"), body.get("message")
+    if not isinstance(to, str) or not (jid := normalise_recipient(to)):
+        abort(400, "to must be a phone number with country code (10-15 digits) or a WhatsApp JID")
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_MESSAGE_CHARS:
+        abort(400, f"message must be a non-empty text of at most {MAX_MESSAGE_CHARS} characters")
+    try:
+        message_id = runtime().send_text(jid, text)
+    except StateConflictError as exc:
+        abort(409, str(exc))
+    return ok(to=jid, message_id=message_id)
+
+
+def normalise_recipient(value: str) -> str | None:
+    value = value.strip()
+    if JID.fullmatch(value):
+        return value
+    digits = re.sub(r"[\s()+.-]", "", value)
+    return f"{digits}@s.whatsapp.net" if PHONE.fullmatch(digits) else None
+
+
+def _version_arg(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        version = int(value)
+    except (TypeError, ValueError):
+        abort(400, "version must be a positive whole number")
+    if isinstance(value, bool) or version < 1:
+        abort(400, "version must be a positive whole number")
+    return version
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat() if value.tzinfo else value.isoformat() + "Z"
+
+
+def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+    return {key: _iso(value) if isinstance(value, datetime) else value for key, value in fields.items()}
