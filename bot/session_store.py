@@ -356,10 +356,11 @@ def _build_store(session: DecodedSession, path: Path) -> None:
 
 
 def _make_private_dirs(directory: Path) -> None:
-    """The session's directory and the sessions/ directory above it: owner only."""
+    """The session's directory, and the ``sessions/`` directory above it: owner only."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for path in (directory, directory.parent):
-        path.chmod(0o700)
+    directory.chmod(0o700)
+    if directory.parent.name == "sessions":
+        directory.parent.chmod(0o700)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -16,7 +16,6 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # a large store's document is a few MB; anyth
 
 
 def create_app(runtime: Runtime, db: Database) -> Flask:
-    from session_api.openapi import openapi_document
     from session_api.routes import bp
 
     token = runtime.config.api_token
@@ -32,10 +31,6 @@ def create_app(runtime: Runtime, db: Database) -> Flask:
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
         return jsonify(success=True, status="ok", state=runtime.state.value), 200
-
-    @app.get("/api/openapi.json")
-    def openapi() -> Response:
-        return jsonify(openapi_document())
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:

@@ -19,6 +19,7 @@ from bot.errors import NotFoundError, SessionDocumentError, StateConflictError
 from bot.persistence import BackupStatus, import_document
 from bot.runtime import Runtime
 from database import Database
+from session_api.openapi import openapi_document
 
 bp = Blueprint("session_api", __name__)
 
@@ -210,6 +211,11 @@ def send() -> tuple[Response, int]:
     except StateConflictError as exc:
         abort(409, str(exc))
     return ok(to=jid, message_id=message_id)
+
+
+@bp.get("/api/openapi.json")
+def openapi() -> Response:
+    return jsonify(openapi_document())
 
 
 def normalise_recipient(value: str) -> str | None:

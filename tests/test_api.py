@@ -1,0 +1,282 @@
+"""The admin API, through a real waitress server on loopback, over the runtime and a fake WhatsApp."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import Config
+from bot.runtime import Runtime, State
+from database import Database
+from session_api import create_app
+from session_api.server import ApiServer
+from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.synthetic import DEVICE_JID
+from tests.test_runtime import FAST
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Api:
+    port: int
+    runtime: Runtime
+    db: Database
+    network: FakeWhatsApp
+    bodies: list[bytes]
+
+    def call(self, method: str, path: str, *, token: str | None = TOKEN, body: Any = None,
+             raw: bytes | None = None, headers: dict[str, str] | None = None) -> Reply:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if data is not None:
+            sent.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=sent)
+        response = conn.getresponse()
+        reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        conn.close()
+        self.bodies.append(reply.body)
+        return reply
+
+    def pair(self) -> None:
+        wait_until(lambda: self.runtime.state is State.QR, message="qr")
+        self.network.current().scan_qr()
+        wait_until(lambda: self.runtime.state is State.CONNECTED, message="connected")
+        wait_until(lambda: self.db.load_session("default") is not None, message="first backup")
+
+
+@pytest.fixture
+def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]:
+    config = Config.from_env({"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600"})
+    network = FakeWhatsApp(schema_template=whatsmeow_template)
+    runtime = Runtime(config, db, network.factory, timing=FAST)
+    server = ApiServer(create_app(runtime, db), "127.0.0.1", 0, threads=4)
+    server.start()
+    runtime.start()
+    try:
+        yield Api(server.port, runtime, db, network, [])
+    finally:
+        server.stop()
+        runtime.stop()
+
+
+PROTECTED = [
+    ("POST", "/api/session/backup"),
+    ("GET", "/api/session/restore"),
+    ("POST", "/api/session/restore"),
+    ("GET", "/api/session/status"),
+    ("DELETE", "/api/session/delete"),
+    ("GET", "/api/session/qr"),
+    ("POST", "/api/session/logout"),
+    ("POST", "/api/messages/send"),
+    ("GET", "/api/openapi.json"),
+]
+
+
+def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
+    almost = TOKEN[:-1] + ("0" if TOKEN[-1] != "0" else "1")
+    attempts: list[dict[str, str] | None] = [
+        None, {"Authorization": ""}, {"Authorization": "Bearer "}, {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Bearer {almost}"}, {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN},
+    ]
+    for method, path in PROTECTED:
+        for headers in attempts:
+            reply = api.call(method, path, token=None, headers=headers, body={})
+            assert reply.status == 401, (method, path, headers)
+            assert reply.json() == {"success": False, "message": "missing or wrong bearer token"}
+    assert api.db.list_sessions() == []  # nothing happened behind a refused call
+    health = api.call("GET", "/healthz", token=None)
+    assert health.status == 200 and health.json()["success"] is True
+
+
+def test_backup_status_export_and_delete(api: Api) -> None:
+    assert api.call("POST", "/api/session/backup").status == 409  # not paired yet
+    api.pair()
+
+    backup = api.call("POST", "/api/session/backup")
+    assert backup.status == 200 and backup.json()["written"] is False  # the pairing backup is current
+
+    status = api.call("GET", "/api/session/status").json()
+    (session,) = status["sessions"]
+    assert session["state"] == "connected" and session["jid"] == DEVICE_JID and session["phone"] == "5511987654321"
+    assert session["stored"]["checksum"] == backup.json()["checksum"] == session["last_backup_checksum"]
+    one = api.call("GET", "/api/session/status?session_id=default")
+    assert one.json()["session"]["session_id"] == "default"
+    assert api.call("GET", "/api/session/status?session_id=nobody").status == 404
+    assert api.call("GET", "/api/session/status?session_id=../etc").status == 400
+
+    exported = api.call("GET", "/api/session/restore?session_id=default")
+    assert exported.status == 200
+    document = exported.json()["session_data"]
+    assert document["checksum"] == backup.json()["checksum"]
+    assert api.call("GET", "/api/session/restore?session_id=other").status == 404
+    assert api.call("GET", "/api/session/restore?version=abc").status == 400
+
+    deleted = api.call("DELETE", "/api/session/delete?session_id=default")
+    assert deleted.status == 200 and api.db.load_session("default") is None
+    assert api.call("DELETE", "/api/session/delete?session_id=default").status == 404
+
+
+def test_import_validates_and_a_corrupt_document_changes_nothing(api: Api) -> None:
+    api.pair()
+    document = api.call("GET", "/api/session/restore").json()["session_data"]
+    with api.db.transaction() as tx:
+        before = tx.execute("SELECT CAST(session_data AS TEXT) AS d, version, checksum FROM whatsapp_sessions").fetchall()
+
+    corrupt = json.loads(json.dumps(document))
+    corrupt["tables"][1]["rows"][0][2] = {"b64": "!!notbase64"}
+    for bad in (corrupt, "not json at all", {"format": "other"}, ""):
+        reply = api.call("POST", "/api/session/backup", body={"session_id": "default", "session_data": bad})
+        assert reply.status == 400, bad
+        assert reply.json()["success"] is False
+    with api.db.transaction() as tx:
+        after = tx.execute("SELECT CAST(session_data AS TEXT) AS d, version, checksum FROM whatsapp_sessions").fetchall()
+    assert after == before
+
+    imported = api.call("POST", "/api/session/backup", body={"session_id": "copy", "session_data": document})
+    assert imported.status == 201 and imported.json()["imported"] is True
+    assert api.db.load_session("copy").checksum == document["checksum"]
+
+
+def test_restore_rolls_the_running_client_back_to_a_historical_version(api: Api) -> None:
+    api.pair()
+    first_version = api.db.load_session("default").version
+    client = api.network.current()
+    client.write_store(rows=9)
+    api.call("POST", "/api/session/backup")
+    assert api.db.load_session("default").version > first_version
+
+    reply = api.call("POST", "/api/session/restore", body={"version": first_version})
+
+    assert reply.status == 200, reply.body
+    assert reply.json()["version"] == first_version
+    assert client.stopped.is_set()
+    wait_until(lambda: api.runtime.state is State.CONNECTED, message="reconnected after restore")
+    assert api.network.current() is not client
+    contacts = api.network.current().store_path
+    import sqlite3
+    conn = sqlite3.connect(contacts)
+    assert conn.execute("SELECT COUNT(*) FROM whatsmeow_contacts").fetchone()[0] == 10  # the 9 are gone
+    conn.close()
+    assert api.call("POST", "/api/session/restore", body={"version": 999}).status == 404
+    assert api.call("POST", "/api/session/restore", body={"version": "x"}).status == 400
+    assert api.call("POST", "/api/session/restore", body={"session_id": "other"}).status == 409
+
+
+def test_qr_as_json_and_png_decodes_to_the_same_text(api: Api) -> None:
+    import zxingcpp
+    from PIL import Image
+
+    wait_until(lambda: api.runtime.state is State.QR)
+    reply = api.call("GET", "/api/session/qr")
+    assert reply.status == 200
+    payload = reply.json()
+    assert payload["qr"] == api.runtime.qr_code()
+    prefix = "data:image/png;base64,"
+    assert payload["image"].startswith(prefix)
+    from_json = Image.open(io.BytesIO(base64.b64decode(payload["image"][len(prefix):])))
+    png = api.call("GET", "/api/session/qr", headers={"Accept": "image/png"})
+    assert png.status == 200 and png.headers["content-type"] == "image/png"
+    for image in (from_json, Image.open(io.BytesIO(png.body))):
+        assert [r.text for r in zxingcpp.read_barcodes(image)] == [payload["qr"]]
+
+    api.network.current().scan_qr()
+    wait_until(lambda: api.runtime.state is State.CONNECTED)
+    assert api.call("GET", "/api/session/qr").status == 404
+
+
+def test_send_and_logout(api: Api) -> None:
+    assert api.call("POST", "/api/messages/send", body={"to": "5511999999999", "message": "oi"}).status == 409
+    api.pair()
+    for bad in ({"to": "123", "message": "oi"}, {"to": "5511999999999", "message": ""}, {"to": 5511, "message": "x"},
+                {"message": "x"}, {"to": "5511999999999", "message": "x" * 5000}):
+        assert api.call("POST", "/api/messages/send", body=bad).status == 400, bad
+    assert api.call("POST", "/api/messages/send", raw=b"{not json").status == 400
+
+    sent = api.call("POST", "/api/messages/send", body={"to": "+55 (11) 99999-9999", "message": "Olá!"})
+    assert sent.status == 200 and sent.json()["to"] == "5511999999999@s.whatsapp.net"
+    assert api.network.sent[-1].text == "Olá!"
+
+    logout = api.call("POST", "/api/session/logout")
+    assert logout.status == 200 and logout.json()["unlinked_remotely"] is True
+    wait_until(lambda: api.runtime.state is State.QR, message="pairing again")
+    assert api.db.load_session("default") is None
+
+
+def test_errors_are_json_with_the_right_codes(api: Api) -> None:
+    assert api.call("GET", "/api/session/backup").status == 405
+    assert api.call("GET", "/api/session/backup").json()["success"] is False
+    assert api.call("GET", "/api/nothing-here").status == 404
+    assert api.call("POST", "/api/session/backup", raw=b"[1,2]").status == 400
+    too_big = api.call("POST", "/api/session/backup", raw=b"{" + b" " * (65 * 1024 * 1024) + b"}")
+    assert too_big.status == 413 and too_big.json()["success"] is False
+
+
+def test_openapi_document_lists_exactly_the_served_routes(api: Api) -> None:
+    spec = api.call("GET", "/api/openapi.json").json()
+    documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
+    app = create_app(api.runtime, api.db)
+    served = {
+        (method, rule.rule) for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert documented == served
+    assert spec["openapi"].startswith("3.")
+
+
+def test_no_key_material_in_any_response_or_log(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    api.pair()
+    document = json.loads(api.db.load_session("default").session_data)
+    secrets = {cell["b64"] for table in document["tables"] for row in table["rows"] for cell in row
+               if isinstance(cell, dict) and "b64" in cell and len(cell["b64"]) >= 16}
+    assert len(secrets) > 50
+
+    api.bodies.clear()
+    for method, path, body in [
+        ("POST", "/api/session/backup", None), ("GET", "/api/session/status", None),
+        ("POST", "/api/session/backup", {"session_data": {"format": "zapkeep.session", "format_version": 1,
+                                                          "tables": document["tables"][:2]}}),
+        ("POST", "/api/session/restore", {}), ("GET", "/api/session/qr", None),
+        ("POST", "/api/messages/send", {"to": "5511999999999", "message": "oi"}),
+        ("POST", "/api/session/logout", None),
+    ]:
+        api.call(method, path, body=body)
+    wait_until(lambda: api.runtime.state is State.QR)
+
+    seen = b"\n".join(api.bodies).decode() + "\n" + caplog.text
+    leaked = [s for s in secrets if s in seen or s[:24] in seen]
+    assert leaked == []
+    assert not re.search(r"[A-Za-z0-9+/]{40,}={0,2}", caplog.text.replace(DEVICE_JID, ""))
+
+
+def test_create_app_refuses_to_serve_without_a_token(db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
+    config = Config.from_env({"DATA_DIR": str(tmp_path)})
+    runtime = Runtime(config, db, FakeWhatsApp(schema_template=whatsmeow_template).factory)
+    with pytest.raises(ValueError, match="API token"):
+        create_app(runtime, db)
+

@@ -1,0 +1,143 @@
+"""The daemon with the real neonize library, offline (connect() fails at a closed loopback proxy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.persistence import backup_session
+from database import PostgresDatabase
+from tests.fake_whatsapp import wait_until
+from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, neonize, table_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+OFFLINE_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "PYTHONPATH": str(ROOT)}
+
+
+def test_restored_paired_store_reconnects_with_capped_backoff_and_never_shows_a_qr(
+        database_url: str, tmp_path: Path) -> None:
+    seed = tmp_path / "seed" / "whatsmeow.sqlite3"
+    create_paired_store(seed)
+    db = PostgresDatabase(database_url)
+    db.open()
+    backup_session(db, "default", seed)
+    db.close()
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "offline_runtime.py"), str(tmp_path / "data"), database_url, "600"],
+        capture_output=True, text=True, timeout=180, env={**os.environ, **OFFLINE_ENV}, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert report["finished"] and report["simulated_seconds"] >= 600
+    assert report["states"] == ["reconnecting"] and not report["qr_seen"]
+    assert report["jid"] == DEVICE_JID  # restored from the database before neonize opened the store
+    delays = report["delays"]
+    assert all(later >= earlier / 2 for earlier, later in zip(delays, delays[1:]))  # jitter never undoes growth
+    assert max(delays) <= 60 and min(delays[8:]) >= 30  # capped at 60 s, jitter at most halves it
+    assert delays[0] <= 1.0 and delays[5] > delays[0] * 4
+    assert report["reconnect_count"] == len(delays)
+    assert "proxyconnect tcp: dial tcp 127.0.0.1:9" in report["last_error"]
+    assert report["supervisor_alive"]
+
+
+def _start_daemon(data_dir: Path, database_url: str, port: int) -> subprocess.Popen[str]:
+    env = {**os.environ, **OFFLINE_ENV, "DATA_DIR": str(data_dir), "DATABASE_URL": database_url,
+           "PORT": str(port), "API_TOKEN": "daemon-test-token-123456"}
+    return subprocess.Popen([sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _stop(process: subprocess.Popen[str]) -> tuple[int, str]:
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=20)
+    return process.returncode, output
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
+        database_url: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    store = data_dir / "sessions" / "default" / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    original = table_rows(store)
+    db = PostgresDatabase(database_url)
+    db.open()
+    try:
+        daemon = _start_daemon(data_dir, database_url, _free_port())
+        started = time.monotonic()
+        wait_until(lambda: db.load_session("default") is not None, timeout=20, message="the session in the DB")
+        appeared_after = time.monotonic() - started
+        code, output = _stop(daemon)
+        assert code == 0, output[-3000:]
+        assert "stopped cleanly" in output
+        assert appeared_after < 10
+
+        import shutil
+        shutil.rmtree(data_dir)
+        daemon = _start_daemon(data_dir, database_url, _free_port())
+        wait_until(store.exists, timeout=20, message="the store rebuilt")
+        wait_until(lambda: "restored session default" in (daemon.stdout.readline() or ""), timeout=20,
+                   message="the restore log line")
+        code, output = _stop(daemon)
+        assert code == 0, output[-3000:]
+    finally:
+        db.close()
+
+    assert table_rows(store) == original
+    assert neonize("devices", store) == [{"jid": DEVICE_JID, "push_name": PUSH_NAME}]
+    assert store.stat().st_mode & 0o777 == 0o600
+
+
+def test_bad_configuration_fails_at_boot_with_one_line_naming_the_variable(tmp_path: Path) -> None:
+    for variable, value in [("SESSION_ID", "../../etc"), ("PORT", "http"), ("BACKUP_INTERVAL_SECONDS", "0"),
+                            ("DATABASE_URL", "mysql://x"), ("LOG_LEVEL", "LOUD"), ("PAIR_PHONE", "12ab")]:
+        env = {**os.environ, **OFFLINE_ENV, "DATA_DIR": str(tmp_path), variable: value}
+        result = subprocess.run([sys.executable, "-m", "bot"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=30, check=False)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and variable in lines[0], result.stderr
+    assert not (tmp_path / "sessions").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_the_daemon_within_seconds(tmp_path: Path, signum: int) -> None:
+    port = _free_port()
+    env = {**os.environ, **OFFLINE_ENV, "DATA_DIR": str(tmp_path), "PORT": str(port)}
+    env.pop("DATABASE_URL", None)
+    daemon = subprocess.Popen([sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_until(lambda: _healthy(port), timeout=20, message="healthz")
+    started = time.monotonic()
+    daemon.send_signal(signum)
+    output, _ = daemon.communicate(timeout=20)
+    assert daemon.returncode == 0, output[-2000:]
+    assert time.monotonic() - started < 5
+    assert "API_TOKEN is not set; generated one" in output  # never an open API
+
+
+def _healthy(port: int) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False
