@@ -197,6 +197,7 @@ class Runtime:
                 return
             self._started = True
         self._boot()
+        self._set(state=State.CONNECTING)
         self._scheduler.add_job(self._backup_job, "interval", seconds=self.config.backup_interval_seconds,
                                 id="backup-interval", args=["interval"], replace_existing=True)
         self._scheduler.add_job(self._watch_store, "interval", seconds=self._timing.watch_interval_seconds,

@@ -17,7 +17,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request
 from bot.config import is_valid_session_id
 from bot.errors import NotFoundError, SessionDocumentError, StateConflictError
 from bot.persistence import BackupStatus, import_document
-from bot.runtime import Runtime
+from bot.runtime import Runtime, State
 from database import Database
 from session_api.openapi import openapi_document
 
@@ -68,8 +68,11 @@ def session_id_from(source: dict[str, Any] | None = None) -> str:
 
 
 def require_own_session(session_id: str) -> None:
+    """Operations on the live client: this daemon's session only, and only once it has booted."""
     if session_id != runtime().config.session_id:
         abort(409, f"this daemon runs session {runtime().config.session_id}, not {session_id}")
+    if runtime().state is State.STARTING:
+        abort(503, "the session is starting; try again in a few seconds")
 
 
 @bp.post("/api/session/backup")
@@ -206,6 +209,7 @@ def send() -> tuple[Response, int]:
         abort(400, "to must be a phone number with country code (10-15 digits) or a WhatsApp JID")
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_MESSAGE_CHARS:
         abort(400, f"message must be a non-empty text of at most {MAX_MESSAGE_CHARS} characters")
+    require_own_session(runtime().config.session_id)
     try:
         message_id = runtime().send_text(jid, text)
     except StateConflictError as exc:

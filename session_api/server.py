@@ -6,15 +6,19 @@ import logging
 import threading
 
 from flask import Flask
+from waitress import wasyncore
 from waitress.server import create_server
 
 log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25  # how quickly the loop notices a stop request
 
 
 class ApiServer:
     def __init__(self, app: Flask, host: str, port: int, *, threads: int = 8) -> None:
         self._server = create_server(app, host=host, port=port, threads=threads, ident="zapkeep",
                                      clear_untrusted_proxy_headers=True)
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -24,13 +28,22 @@ class ApiServer:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the API server is already running")
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
         self._thread.start()
         log.info("admin API listening on %s:%s", self._server.effective_host, self.port)
+
+    def _serve(self) -> None:
+        # waitress's own run() loops until its sockets are closed, and closing them from another
+        # thread races its poll(); so the loop runs in short turns and the sockets are closed here.
+        server = self._server
+        while not self._stopping.is_set():
+            wasyncore.loop(timeout=POLL_SECONDS, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)
+        server.task_dispatcher.shutdown()
+        wasyncore.close_all(server._map, ignore_all=True)
 
     def stop(self) -> None:
         if self._thread is None:
             return
-        self._server.close()
-        self._thread.join(timeout=5)
+        self._stopping.set()
+        self._thread.join(timeout=10)
         self._thread = None
