@@ -1,0 +1,57 @@
+"""The operator commands, as an operator runs them: python -m bot <command>, against PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bot(database_url: str, data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url, "DATA_DIR": str(data_dir), "HTTPS_PROXY": "http://127.0.0.1:9"}
+    return subprocess.run([sys.executable, "-m", "bot", *args], cwd=ROOT, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_operator_commands_round_trip(database_url: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = data / "sessions" / "default" / "whatsmeow.sqlite3"
+    assert bot(database_url, data, "backup").returncode == 1  # no local store yet: a clear failure
+    create_paired_store(store)
+    original = table_rows(store)
+
+    backed_up = bot(database_url, data, "backup")
+    assert backed_up.returncode == 0 and backed_up.stdout.startswith("written: session default version 1")
+    assert bot(database_url, data, "backup").stdout.startswith("unchanged")
+
+    status = json.loads(bot(database_url, data, "status").stdout)
+    assert status["database"] == "postgresql"
+    (session,) = status["sessions"]
+    assert session["device_jid"] == DEVICE_JID and [h["version"] for h in session["history"]] == [1]
+
+    export = tmp_path / "export.json"
+    assert bot(database_url, data, "export", str(export)).returncode == 0
+    assert export.stat().st_mode & 0o777 == 0o600
+    assert json.loads(export.read_text())["metadata"]["device_jid"] == DEVICE_JID
+
+    store.unlink()
+    restored = bot(database_url, data, "restore")
+    assert restored.returncode == 0, restored.stderr
+    assert table_rows(store) == original
+
+    assert bot(database_url, data, "delete").returncode == 0
+    assert bot(database_url, data, "delete").returncode == 1
+    assert json.loads(bot(database_url, data, "status").stdout)["sessions"] == []
+
+    corrupt = {**json.loads(export.read_text()), "format_version": 9}
+    refused = bot(database_url, data, "import", "-", stdin=json.dumps(corrupt))
+    assert refused.returncode == 1 and "format version 9 is not supported" in refused.stderr
+    imported = bot(database_url, data, "import", str(export))
+    assert imported.returncode == 0 and "imported session default as version 2" in imported.stdout
+    assert bot(database_url, data, "restore", "--version", "1").returncode == 0
