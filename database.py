@@ -32,6 +32,10 @@ class SchemaTooNewError(DatabaseError):
     """The database was migrated by a newer zapkeep than this one."""
 
 
+class FencedOut(DatabaseError):
+    """A write carried a fencing token that is no longer the session's: another owner took over."""
+
+
 @dataclass(frozen=True)
 class SessionWrite:
     """One snapshot of a session, ready to store."""
@@ -45,6 +49,23 @@ class SessionWrite:
     @property
     def size_bytes(self) -> int:
         return len(self.document_text.encode())
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Proof of ownership: every write of a session made under a lease carries it."""
+
+    session_id: str
+    owner_id: str
+    token: int
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    session_id: str
+    owner_id: str | None  # None: released
+    fencing_token: int
+    expires_in_seconds: float  # by the database's clock; <= 0: expired
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,14 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
             taken_at TIMESTAMP NOT NULL,
             UNIQUE (session_id, version)
         )""",
+        """CREATE TABLE whatsapp_session_leases (
+            session_id VARCHAR(100) PRIMARY KEY,
+            owner_id TEXT,
+            fencing_token BIGINT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            acquired_at DOUBLE PRECISION NOT NULL,
+            renewed_at DOUBLE PRECISION NOT NULL
+        )""",
     ],
 ]
 
@@ -144,6 +173,14 @@ SQLITE_MIGRATIONS: list[list[str]] = [
             device_jid TEXT,
             taken_at TIMESTAMP NOT NULL,
             UNIQUE (session_id, version)
+        )""",
+        """CREATE TABLE whatsapp_session_leases (
+            session_id VARCHAR(100) PRIMARY KEY,
+            owner_id TEXT,
+            fencing_token BIGINT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            acquired_at DOUBLE PRECISION NOT NULL,
+            renewed_at DOUBLE PRECISION NOT NULL
         )""",
     ],
 ]
@@ -188,6 +225,7 @@ class Database:
 
     backend = "abstract"
     migrations: list[list[str]] = []
+    NOW = ""  # the database's clock in unix seconds; leases never trust a host's clock
 
     def open(self) -> None:
         """Connect and bring the schema up to date (idempotent)."""
@@ -243,10 +281,14 @@ class Database:
     NEXT_HISTORY_VERSION = (
         "SELECT COALESCE(MAX(version), 0) + 1 FROM whatsapp_session_history WHERE session_id = %s"
     )
-    UPSERT_SESSION_IF_CHANGED = """
+    # "%s OR EXISTS (...)": the first parameter is True for an unfenced (admin) write.
+    FENCE_HOLDS = """(%s OR EXISTS (SELECT 1 FROM whatsapp_session_leases
+        WHERE session_id = %s AND owner_id = %s AND fencing_token = %s AND expires_at > %s))"""
+    UPSERT_SESSION_IF_CHANGED = f"""
         INSERT INTO whatsapp_sessions
             (session_id, session_data, version, checksum, size_bytes, device_jid, push_name, created_at, updated_at)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+        SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s
+        WHERE {FENCE_HOLDS}
         ON CONFLICT (session_id) DO UPDATE SET
             session_data = excluded.session_data,
             version = excluded.version,
@@ -255,7 +297,7 @@ class Database:
             device_jid = excluded.device_jid,
             push_name = excluded.push_name,
             updated_at = excluded.updated_at
-        WHERE whatsapp_sessions.checksum <> excluded.checksum
+        WHERE whatsapp_sessions.checksum <> excluded.checksum AND {FENCE_HOLDS}
         RETURNING version
     """
     INSERT_HISTORY = """
@@ -264,11 +306,34 @@ class Database:
         VALUES (%s, %s, %s, %s, %s, %s, %s)
     """
     PRUNE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s AND version <= %s"
+    SELECT_STORED_CHECKSUM = "SELECT checksum, version FROM whatsapp_sessions WHERE session_id = %s"
+    # Touching the lease row locks it: a take-over waits until this write has committed.
+    LOCK_LEASE = """
+        UPDATE whatsapp_session_leases SET renewed_at = renewed_at
+        WHERE session_id = %s AND owner_id = %s AND fencing_token = %s AND expires_at > %s
+    """
 
-    def save_session(self, write: SessionWrite) -> SaveResult:
-        """Store a snapshot unless the stored one has the same checksum; keep the last few in history."""
+    def _fence_params(self, tx: Transaction, session_id: str, fence: Fence | None) -> tuple[Any, ...]:
+        """Check and lock the lease for a fenced write; the parameters of FENCE_HOLDS."""
+        if fence is None:
+            return (True, session_id, "", 0, 0.0)
+        if fence.session_id != session_id:
+            raise FencedOut(f"a fence for session {fence.session_id} cannot write session {session_id}")
+        now = tx.scalar(self.NOW)
+        if tx.execute(self.LOCK_LEASE, (session_id, fence.owner_id, fence.token, now)).rowcount != 1:
+            raise FencedOut(f"session {session_id}: fencing token {fence.token} is no longer valid; "
+                            "another instance owns the session")
+        return (False, session_id, fence.owner_id, fence.token, now)
+
+    def save_session(self, write: SessionWrite, fence: Fence | None = None) -> SaveResult:
+        """Store a snapshot unless the stored one has the same checksum; keep the last few in history.
+
+        With a fence, the write happens only while that lease is the session's, checked in the
+        same statement; otherwise FencedOut is raised and nothing is written.
+        """
         now = _utcnow()
         with self.transaction() as tx:
+            fence_params = self._fence_params(tx, write.session_id, fence)
             stored = tx.execute(self.SELECT_STORED_CHECKSUM, (write.session_id,)).fetchone()
             if stored is not None and stored["checksum"] == write.checksum:
                 # Unchanged: decided before shipping megabytes of JSON just to compare a checksum.
@@ -278,7 +343,7 @@ class Database:
             written = tx.scalar(
                 self.UPSERT_SESSION_IF_CHANGED,
                 (write.session_id, data, version, write.checksum, write.size_bytes,
-                 write.device_jid, write.push_name, now, now),
+                 write.device_jid, write.push_name, now, now, *fence_params, *fence_params),
             )
             if written is None:  # a concurrent writer stored this very checksum first
                 return SaveResult(written=False, version=tx.scalar(self.SELECT_SESSION_VERSION, (write.session_id,)))
@@ -321,13 +386,14 @@ class Database:
         with self.transaction() as tx:
             return tx.all(HistoryEntry, self.SELECT_HISTORY, (session_id,))
 
-    DELETE_SESSION = "DELETE FROM whatsapp_sessions WHERE session_id = %s"
+    DELETE_SESSION = f"DELETE FROM whatsapp_sessions WHERE session_id = %s AND {FENCE_HOLDS}"
     DELETE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s"
 
-    def delete_session(self, session_id: str, *, keep_history: bool = True) -> bool:
+    def delete_session(self, session_id: str, *, keep_history: bool = True, fence: Fence | None = None) -> bool:
         """Delete the stored session; its history stays unless asked, so an admin can roll back."""
         with self.transaction() as tx:
-            deleted = tx.execute(self.DELETE_SESSION, (session_id,)).rowcount > 0
+            fence_params = self._fence_params(tx, session_id, fence)
+            deleted = tx.execute(self.DELETE_SESSION, (session_id, *fence_params)).rowcount > 0
             if not keep_history:
                 deleted = tx.execute(self.DELETE_HISTORY, (session_id,)).rowcount > 0 or deleted
         return deleted
@@ -341,10 +407,66 @@ class Database:
         with self.transaction() as tx:
             return tx.all(SessionSummary, self.SELECT_SESSIONS)
 
+    # --- ownership leases ---
+
+    ACQUIRE_LEASE = """
+        INSERT INTO whatsapp_session_leases (session_id, owner_id, fencing_token, expires_at, acquired_at, renewed_at)
+        VALUES (%s, %s, 1, %s, %s, %s)
+        ON CONFLICT (session_id) DO UPDATE SET
+            owner_id = excluded.owner_id,
+            fencing_token = whatsapp_session_leases.fencing_token + 1,
+            expires_at = excluded.expires_at,
+            acquired_at = excluded.acquired_at,
+            renewed_at = excluded.renewed_at
+        WHERE whatsapp_session_leases.owner_id IS NULL OR whatsapp_session_leases.expires_at <= excluded.acquired_at
+        RETURNING fencing_token
+    """
+
+    def acquire_lease(self, session_id: str, owner_id: str, ttl_seconds: float) -> Fence | None:
+        """Take the session if nobody holds it (or the holder let it expire); each take-over gets a
+        larger fencing token. None: a live owner holds it."""
+        with self.transaction() as tx:
+            now = tx.scalar(self.NOW)
+            token = tx.scalar(self.ACQUIRE_LEASE, (session_id, owner_id, now + ttl_seconds, now, now))
+        return None if token is None else Fence(session_id, owner_id, token)
+
+    RENEW_LEASE = """
+        UPDATE whatsapp_session_leases SET expires_at = %s, renewed_at = %s
+        WHERE session_id = %s AND owner_id = %s AND fencing_token = %s AND expires_at > %s
+    """
+
+    def renew_lease(self, fence: Fence, ttl_seconds: float) -> bool:
+        """Extend a lease still held; False once it expired or was taken (never revived: re-acquire)."""
+        with self.transaction() as tx:
+            now = tx.scalar(self.NOW)
+            params = (now + ttl_seconds, now, fence.session_id, fence.owner_id, fence.token, now)
+            return tx.execute(self.RENEW_LEASE, params).rowcount == 1
+
+    RELEASE_LEASE = """
+        UPDATE whatsapp_session_leases SET owner_id = NULL, expires_at = %s
+        WHERE session_id = %s AND owner_id = %s AND fencing_token = %s
+    """
+
+    def release_lease(self, fence: Fence) -> bool:
+        """Hand the session over at once (graceful shutdown); False if it was no longer ours."""
+        with self.transaction() as tx:
+            now = tx.scalar(self.NOW)
+            return tx.execute(self.RELEASE_LEASE, (now, fence.session_id, fence.owner_id, fence.token)).rowcount == 1
+
+    SELECT_LEASE = """
+        SELECT session_id, owner_id, fencing_token, expires_at - %s AS expires_in_seconds
+        FROM whatsapp_session_leases WHERE session_id = %s
+    """
+
+    def lease(self, session_id: str) -> LeaseInfo | None:
+        with self.transaction() as tx:
+            return tx.one(LeaseInfo, self.SELECT_LEASE, (tx.scalar(self.NOW), session_id))
+
 
 class PostgresDatabase(Database):
     backend = "postgresql"
     migrations = POSTGRES_MIGRATIONS
+    NOW = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
     def __init__(self, url: str, *, max_size: int = 8, connect_timeout: float = 10.0) -> None:
         from psycopg_pool import ConnectionPool
@@ -399,6 +521,7 @@ class SqliteDatabase(Database):
 
     backend = "sqlite"
     migrations = SQLITE_MIGRATIONS
+    NOW = "SELECT (julianday('now') - 2440587.5) * 86400.0"
 
     def __init__(self, path: Path) -> None:
         self.path = path

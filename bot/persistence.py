@@ -15,7 +15,7 @@ from pathlib import Path
 from bot import session_store
 from bot.errors import SessionDocumentError
 from bot.store_worker import Snapshot, restore_store, snapshot_store
-from database import Database, SessionRecord, SessionWrite
+from database import Database, Fence, SessionRecord, SessionWrite
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,13 @@ def snapshot_to_write(session_id: str, snapshot: Snapshot) -> SessionWrite:
     )
 
 
-def prepare_local_store(db: Database, session_id: str, store_path: Path) -> BootResult:
+def prepare_local_store(db: Database, session_id: str, store_path: Path, fence: Fence | None = None) -> BootResult:
     """The boot rule: restore from the DB, else migrate a paired local store up, else pair."""
     record = db.load_session(session_id)
     if record is not None:
         return _restore_newest_valid(db, record, store_path)
     if store_path.is_file():
-        result = backup_session(db, session_id, store_path)
+        result = backup_session(db, session_id, store_path, fence)
         if result.status is not BackupStatus.NOT_PAIRED:
             log.info("session %s: no stored session, backed up the paired local store", session_id)
             return BootResult(BootOutcome.MIGRATED, version=result.version, device_jid=result.snapshot.device_jid)
@@ -99,13 +99,13 @@ def restore_record(record: SessionRecord, store_path: Path) -> None:
     )
 
 
-def backup_session(db: Database, session_id: str, store_path: Path) -> BackupResult:
+def backup_session(db: Database, session_id: str, store_path: Path, fence: Fence | None = None) -> BackupResult:
     """Snapshot the local store (in a child process) and store it unless unchanged."""
     started = time.perf_counter()
     snapshot = snapshot_store(store_path)
     if not snapshot.paired:
         return BackupResult(BackupStatus.NOT_PAIRED, snapshot, None, _ms_since(started))
-    saved = db.save_session(snapshot_to_write(session_id, snapshot))
+    saved = db.save_session(snapshot_to_write(session_id, snapshot), fence)
     status = BackupStatus.WRITTEN if saved.written else BackupStatus.UNCHANGED
     result = BackupResult(status, snapshot, saved.version, _ms_since(started))
     if saved.written:
@@ -119,7 +119,7 @@ def backup_session(db: Database, session_id: str, store_path: Path) -> BackupRes
     return result
 
 
-def import_document(db: Database, session_id: str, document_text: str) -> int:
+def import_document(db: Database, session_id: str, document_text: str, fence: Fence | None = None) -> int:
     """Store a document an admin supplies, after validating all of it; returns its version."""
     document = session_store.parse_document(document_text)
     session = session_store.validate_document(document)
@@ -132,7 +132,7 @@ def import_document(db: Database, session_id: str, document_text: str) -> int:
         checksum=session.checksum,
         device_jid=session.device_field("jid"),
         push_name=session.device_field("push_name"),
-    ))
+    ), fence)
     log.info("imported session %s version %d: %d bytes, %d rows", session_id, saved.version, len(text), session.row_count)
     return saved.version
 
