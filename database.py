@@ -468,7 +468,8 @@ class PostgresDatabase(Database):
     migrations = POSTGRES_MIGRATIONS
     NOW = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
-    def __init__(self, url: str, *, max_size: int = 8, connect_timeout: float = 10.0) -> None:
+    def __init__(self, url: str, *, max_size: int = 8, connect_timeout: float = 10.0,
+                 wait_timeout: float = 10.0) -> None:
         from psycopg_pool import ConnectionPool
 
         self._url = url
@@ -479,6 +480,7 @@ class PostgresDatabase(Database):
             min_size=1,
             max_size=max_size,
             check=ConnectionPool.check_connection,
+            timeout=wait_timeout,  # a caller waits this long for a connection, not psycopg's 30 s
             kwargs={"connect_timeout": max(1, int(connect_timeout))},
             name="zapkeep",
         )

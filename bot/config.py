@@ -36,6 +36,8 @@ class Config:
     pair_phone: str | None
     bot_replies: Path
     log_level: str
+    lease_ttl_seconds: int = 30
+    lease_renew_seconds: int = 10
 
     @property
     def session_dir(self) -> Path:
@@ -85,6 +87,11 @@ class Config:
 
         bot_replies = Path(get("BOT_REPLIES") or SHIPPED_REPLIES)
 
+        lease_ttl = _int_in_range(get("LEASE_TTL_SECONDS"), "LEASE_TTL_SECONDS", default=30, low=3, high=3600)
+        lease_renew = _int_in_range(get("LEASE_RENEW_SECONDS"), "LEASE_RENEW_SECONDS", default=10, low=1, high=1200)
+        if lease_renew * 2 >= lease_ttl:
+            raise ConfigError("LEASE_RENEW_SECONDS must be less than half of LEASE_TTL_SECONDS")
+
         return cls(
             database_url=database_url,
             session_id=session_id,
@@ -98,6 +105,8 @@ class Config:
             pair_phone=pair_phone,
             bot_replies=bot_replies,
             log_level=log_level,
+            lease_ttl_seconds=lease_ttl,
+            lease_renew_seconds=lease_renew,
         )
 
     def python_log_level(self) -> int:

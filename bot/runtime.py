@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from bot.persistence import (
 )
 from bot.session_store import STORE_SIBLING_SUFFIXES
 from bot.store_worker import prepare_store
-from database import Database, SessionRecord
+from database import Database, DatabaseError, Fence, FencedOut, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,13 @@ class _Pending(enum.IntEnum):
     RESTORE = 2
     LOGGED_OUT = 3
     REPLACED = 4
+    DEMOTED = 5  # the lease is gone: this process must not talk to WhatsApp any more
+
+
+def default_owner_id() -> str:
+    """Who holds a lease, for humans: host, deployment (on Railway) and process."""
+    deployment = os.environ.get("RAILWAY_DEPLOYMENT_ID", "-")[:12]
+    return f"{socket.gethostname()}/{deployment}/{os.getpid()}"
 
 
 @dataclass
@@ -108,6 +116,7 @@ class Timing:
     watch_interval_seconds: float = 0.5
     qr_round_seconds: float = 90.0  # no new QR for this long: whatsmeow gave up, start a new round
     qr_check_seconds: float = 5.0
+    standby_poll_seconds: float = 2.0  # how often a standby daemon tries to take the lease
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,10 @@ class SessionStatus:
     qr_available: bool
     pairing_code: str | None
     next_retry_in_seconds: float | None
+    owner_id: str
+    owns_session: bool
+    fencing_token: int | None
+    handover_seconds: float | None  # how long this daemon waited in standby before it took over
 
 
 MessageHandler = Callable[[events.IncomingMessage], None]
@@ -148,6 +161,7 @@ class Runtime:
         timing: Timing = Timing(),
         wait: Waiter | None = None,
         jitter: Callable[[], float] = random.random,
+        owner_id: str | None = None,
     ) -> None:
         self.config = config
         self.db = db
@@ -178,60 +192,192 @@ class Runtime:
             push_name=None, last_error=None, reconnect_count=0, connected_since=None, started_at=_now(),
             uptime_seconds=0.0, last_backup_at=None, last_backup_size=None, last_backup_checksum=None,
             last_backup_version=None, last_backup_error=None, qr_available=False, pairing_code=None,
-            next_retry_in_seconds=None,
+            next_retry_in_seconds=None, owner_id="", owns_session=False, fencing_token=None, handover_seconds=None,
         )
         self._qr: str | None = None
         self._next_retry_at: float | None = None
+        self.owner_id = owner_id or default_owner_id()
+        self._fence: Fence | None = None
+        self._lease_ok_at = 0.0  # monotonic time of the last successful acquire or renewal
+        self._standby_since: float | None = None
+        self._lease_wake = threading.Event()
         self._scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
-        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor: threading.Thread | None = None
         self._event_thread = threading.Thread(target=self._consume_events, name="events", daemon=True)
+        self._lease_thread = threading.Thread(target=self._keep_lease, name="lease", daemon=True)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Boot rule, then connect. Returns once the threads run; safe to call twice."""
+        """Take the lease (else stand by), boot, connect. Returns once the threads run; idempotent."""
         with self._lock:
             if self._started:
                 return
             self._started = True
-        self._boot()
-        self._set(state=State.CONNECTING)
+            self._set(owner_id=self.owner_id)
         self._scheduler.add_job(self._backup_job, "interval", seconds=self.config.backup_interval_seconds,
                                 id="backup-interval", args=["interval"], replace_existing=True)
         self._scheduler.add_job(self._watch_store, "interval", seconds=self._timing.watch_interval_seconds,
                                 id="store-watch", replace_existing=True)
-        self._scheduler.add_job(self._watch_qr, "interval", seconds=self._timing.qr_check_seconds, id="qr-watch", replace_existing=True)
+        self._scheduler.add_job(self._watch_qr, "interval", seconds=self._timing.qr_check_seconds,
+                                id="qr-watch", replace_existing=True)
+        self._scheduler.add_job(self._watch_lease, "interval", seconds=0.25, id="lease-watch",
+                                replace_existing=True)
         self._scheduler.start()
         self._event_thread.start()
-        self._supervisor.start()
+        self._try_take_over()  # the common case boots before start() returns
+        self._lease_thread.start()
 
     def stop(self) -> None:
-        """Scheduler, final backup, client; idempotent. Never raises."""
+        """Scheduler, final backup, client, lease; idempotent. Never raises."""
         with self._lock:
             if self._stopped or not self._started:
                 self._stopped = True
                 return
             self._stopped = True
         log.info("stopping session %s", self.config.session_id)
+        self._stopping.set()
+        self._lease_wake.set()
+        self._lease_thread.join(timeout=15)  # no renewal races the hand-over below
         try:
             self._scheduler.shutdown(wait=True)  # lets a running backup finish
         except Exception:
             log.exception("scheduler shutdown failed")
         self._run_backup("shutdown")
-        self._stopping.set()
         self._wake.set()
         self._stop_client()
-        self._supervisor.join(timeout=15)
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=15)
+        self._release_lease()
         self._events.put(None)
         self._event_thread.join(timeout=5)
         self._set(state=State.STOPPED, connected=False)
 
+    # --- ownership -----------------------------------------------------------------------------
+
+    @property
+    def fence(self) -> Fence | None:
+        return self._fence
+
+    def _lease_fresh(self) -> bool:
+        """Renewed recently enough that the lease cannot have expired in the database yet."""
+        limit = self.config.lease_ttl_seconds - self.config.lease_renew_seconds
+        return self._fence is not None and time.monotonic() - self._lease_ok_at < limit
+
+    def _keep_lease(self) -> None:
+        while not self._stopping.is_set():
+            if self._fence is None:
+                if not self._try_take_over():
+                    self._lease_wake.wait(self._timing.standby_poll_seconds)
+                continue
+            self._lease_wake.wait(self.config.lease_renew_seconds if self._lease_fresh() else 1.0)
+            if self._stopping.is_set() or self._fence is None:
+                continue
+            self._renew()
+
+    def _renew(self) -> None:
+        fence = self._fence
+        assert fence is not None
+        try:
+            renewed = self.db.renew_lease(fence, self.config.lease_ttl_seconds)
+        except Exception as exc:
+            log.warning("session %s: lease renewal failed: %s", self.config.session_id, _first_line(exc))
+            return  # _watch_lease disconnects in time if this goes on
+        if self._fence != fence:
+            return  # demoted while the call was under way: the old lease just runs out
+        if renewed:
+            self._lease_ok_at = time.monotonic()
+        else:
+            self._demote("lease lost: another instance owns the session now")
+
+    def _watch_lease(self) -> None:
+        """Independent of renewals, which may hang on an unreachable database: no fresh lease, no WhatsApp."""
+        if self._fence is not None and not self._lease_fresh():
+            self._demote("cannot renew the lease (database unreachable); disconnected so that no "
+                         "other instance ever overlaps with this one")
+
+    def _try_take_over(self) -> bool:
+        """Acquire the lease if it is free; then restore the latest snapshot and connect."""
+        try:
+            fence = self.db.acquire_lease(self.config.session_id, self.owner_id, self.config.lease_ttl_seconds)
+        except Exception as exc:
+            log.warning("session %s: cannot reach the database for the lease: %s",
+                        self.config.session_id, _first_line(exc))
+            fence = None
+        if fence is None:
+            self._enter_standby()
+            return False
+        with self._lock:
+            self._fence = fence
+            self._lease_ok_at = time.monotonic()
+            waited = None if self._standby_since is None else time.monotonic() - self._standby_since
+            self._standby_since = None
+        if waited is not None:
+            log.info("session %s: took over after %.1f s in standby (fencing token %d)",
+                     self.config.session_id, waited, fence.token)
+        self._set(owns_session=True, fencing_token=fence.token, handover_seconds=waited)
+        try:
+            self._boot()
+        except Exception as exc:
+            log.error("session %s: boot failed: %s", self.config.session_id, _first_line(exc))
+            self._demote(f"boot failed: {_first_line(exc)}")
+            return False
+        self._set(state=State.CONNECTING)
+        previous = self._supervisor
+        if previous is not None:
+            previous.join(timeout=15)  # a demoted round's supervisor is on its way out
+        with self._lock:
+            if self._stopping.is_set():
+                return True
+            self._pending = None
+            self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+            self._supervisor.start()
+        return True
+
+    def _enter_standby(self) -> None:
+        with self._lock:
+            if self._standby_since is None:
+                self._standby_since = time.monotonic()
+                lease = None
+                try:
+                    lease = self.db.lease(self.config.session_id)
+                except Exception:
+                    pass
+                log.info("session %s: owned by %s; standing by", self.config.session_id,
+                         lease.owner_id if lease else "another instance")
+            self._set(state=State.STANDBY, owns_session=False, fencing_token=None)
+
+    def _demote(self, reason: str) -> None:
+        """Stop talking to WhatsApp and stop writing: the session may belong to someone else now."""
+        with self._lock:
+            if self._fence is None:
+                return
+            self._fence = None
+        log.error("session %s: %s", self.config.session_id, reason)
+        self._set(state=State.STANDBY, owns_session=False, fencing_token=None, connected_since=None,
+                  last_error=reason)
+        self._stop_client(_Pending.DEMOTED)
+        self._lease_wake.set()
+
+    def _release_lease(self) -> None:
+        with self._lock:
+            fence, self._fence = self._fence, None
+        if fence is None:
+            return
+        try:
+            if self.db.release_lease(fence):
+                log.info("session %s: lease released", self.config.session_id)
+        except Exception as exc:
+            log.warning("session %s: could not release the lease (it expires by itself): %s",
+                        self.config.session_id, _first_line(exc))
+        self._set(owns_session=False, fencing_token=None)
+
     def _boot(self) -> None:
         self._set(state=State.STARTING)
         try:
-            result = prepare_local_store(self.db, self.config.session_id, self.config.store_path)
+            result = prepare_local_store(self.db, self.config.session_id, self.config.store_path, self._fence)
         except SessionDocumentError as exc:
             # Nothing stored can be restored; the local store was left as it was.
             log.error("session %s: %s", self.config.session_id, exc)
@@ -283,8 +429,8 @@ class Runtime:
         while not self._stopping.is_set():
             with self._lock:
                 pending, self._pending = self._pending, None
-            if pending is _Pending.REPLACED:
-                return
+            if pending in (_Pending.REPLACED, _Pending.DEMOTED) or not self._lease_fresh():
+                return  # never (re)connect without a lease that is surely still ours
             if pending is _Pending.LOGGED_OUT:
                 self._wipe_session()
                 store_prepared = False
@@ -370,7 +516,9 @@ class Runtime:
             for path in (self.config.store_path, *(Path(f"{self.config.store_path}{s}") for s in STORE_SIBLING_SUFFIXES)):
                 path.unlink(missing_ok=True)
             try:
-                self.db.delete_session(self.config.session_id, keep_history=True)
+                self.db.delete_session(self.config.session_id, keep_history=True, fence=self._fence)
+            except FencedOut as exc:
+                self._demote(str(exc))
             except Exception as exc:
                 log.error("session %s: could not delete the stored session: %s", self.config.session_id, exc)
             self._store_signature = None
@@ -535,10 +683,14 @@ class Runtime:
     def _run_backup(self, reason: str) -> BackupResult | None:
         """One backup at a time; skipped when this process does not hold a live session."""
         with self._backup_lock:
-            if self.state not in BACKUP_STATES or not self.config.store_path.is_file():
+            fence = self._fence
+            if fence is None or self.state not in BACKUP_STATES or not self.config.store_path.is_file():
                 return None
             try:
-                result = backup_session(self.db, self.config.session_id, self.config.store_path)
+                result = backup_session(self.db, self.config.session_id, self.config.store_path, fence)
+            except FencedOut as exc:
+                self._demote(str(exc))
+                return None
             except Exception as exc:
                 log.error("session %s: %s backup failed: %s", self.config.session_id, reason, exc)
                 self._set(last_backup_error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -592,6 +744,11 @@ def qr_terminal_art(code: str) -> str:
     buffer = io.StringIO()
     segno.make_qr(code).terminal(out=buffer, compact=True)
     return buffer.getvalue()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 def _phone(jid: str | None) -> str | None:

@@ -53,13 +53,20 @@ class PostgresCluster:
     def start(self) -> PostgresCluster:
         self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
                   "--auth=trust", "--encoding=UTF8", "--no-sync")
+        self.start_server()
+        return self
+
+    def start_server(self) -> None:
         options = (
             f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-o", options,
                   "-l", str(self.base / "server.log"), "-w", "-t", "60", "start")
-        return self
+
+    def stop_server(self) -> None:
+        """An outage: the server goes away (its clients' connections break), the data stays."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"

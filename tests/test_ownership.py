@@ -1,0 +1,138 @@
+"""Only one process talks to WhatsApp for a session; stale owners neither connect nor write."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bot.runtime import Runtime, State
+from database import Database, PostgresDatabase
+from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.pg_cluster import PostgresCluster
+from tests.synthetic import table_rows
+from tests.test_runtime import FAST, make_config
+
+QUICK_LEASE = {"LEASE_TTL_SECONDS": "3", "LEASE_RENEW_SECONDS": "1"}
+TIMING = replace(FAST, standby_poll_seconds=0.2)
+
+
+def owner(db: Database, template: Path, data_dir: Path, name: str) -> tuple[Runtime, FakeWhatsApp]:
+    network = FakeWhatsApp(schema_template=template)
+    runtime = Runtime(make_config(data_dir, **QUICK_LEASE), db, network.factory, timing=TIMING, owner_id=name)
+    return runtime, network
+
+
+def paired(runtime: Runtime, network: FakeWhatsApp, db: Database) -> None:
+    runtime.start()
+    wait_until(lambda: runtime.state is State.QR, message=f"{runtime.owner_id} qr")
+    network.current().scan_qr()
+    wait_until(lambda: runtime.state is State.CONNECTED, message=f"{runtime.owner_id} connected")
+    wait_until(lambda: db.load_session("default") is not None, message="first backup")
+
+
+def test_second_daemon_stands_by_then_takes_over_on_graceful_shutdown(
+        db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
+    a, network_a = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
+    b, network_b = owner(db, whatsmeow_template, tmp_path / "b", "host-b")
+    try:
+        paired(a, network_a, db)
+        network_a.current().write_store(rows=3)
+
+        b.start()
+        time.sleep(1.0)
+        assert b.state is State.STANDBY and not b.status().owns_session
+        assert network_b.clients == []  # never built a client
+        assert not b.config.store_path.exists()
+
+        a.stop()  # final backup, then release
+        assert a.state is State.STOPPED and db.lease("default").owner_id is None
+
+        wait_until(lambda: b.state is State.CONNECTED, timeout=10, message="b took over")
+        status = b.status()
+        assert status.owns_session and status.fencing_token == 2 and status.handover_seconds is not None
+        assert table_rows(b.config.store_path) == table_rows(a.config.store_path)  # incl. the last 3 rows
+        assert all(not c.qr_codes for c in network_b.clients)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_crashed_owner_is_replaced_after_its_lease_expires(
+        db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
+    a, network_a = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
+    b, network_b = owner(db, whatsmeow_template, tmp_path / "b", "host-b")
+    try:
+        paired(a, network_a, db)
+        b.start()
+        wait_until(lambda: b.state is State.STANDBY)
+        _freeze(a)  # a "crash": no renewals, no shutdown, no release
+        started = time.monotonic()
+        wait_until(lambda: b.state is State.CONNECTED, timeout=15, message="b took over after expiry")
+        assert time.monotonic() - started >= 1.0  # waited for the lease to run out
+        assert b.status().fencing_token == 2
+    finally:
+        b.stop()
+
+
+def test_a_stale_owner_is_fenced_out_and_demotes_itself(db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
+    a, network = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
+    try:
+        paired(a, network, db)
+        wait_until(lambda: a.backup_now("settle") is not None and a.backup_now().status.value == "unchanged")
+        row = db.load_session("default")
+        with db.transaction() as tx:  # the lease runs out while the owner is paused...
+            tx.execute("UPDATE whatsapp_session_leases SET expires_at = 0")
+        intruder = db.acquire_lease("default", "host-b", ttl_seconds=60)  # ...and someone else takes it
+        assert intruder is not None
+        client = network.current()
+        client.write_store(rows=4)
+
+        assert a.backup_now("stale") is None
+
+        assert db.load_session("default") == row
+        assert a.state is State.STANDBY and not a.status().owns_session
+        assert "no longer valid" in a.status().last_error
+        wait_until(client.stopped.is_set, message="client stopped")
+        time.sleep(1.0)
+        assert len(network.clients) == 1  # and it does not reconnect
+    finally:
+        a.stop()
+    assert db.lease("default").owner_id == "host-b"  # stopping did not release someone else's lease
+
+
+def test_owner_disconnects_before_its_lease_can_expire_when_the_database_is_gone(
+        whatsmeow_template: Path, tmp_path: Path) -> None:
+    cluster = PostgresCluster().start()
+    db = PostgresDatabase(cluster.create_database(), connect_timeout=2)
+    db.open()
+    a, network = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
+    try:
+        paired(a, network, db)
+        client = network.current()
+        cluster.stop_server()
+        lost_at = time.monotonic()
+
+        wait_until(client.stopped.is_set, timeout=10, message="disconnect while the DB is unreachable")
+        assert time.monotonic() - lost_at < 3  # the lease TTL: nobody else could have taken it yet
+        assert a.state is State.STANDBY
+        time.sleep(1.5)
+        assert len(network.clients) == 1  # no reconnect without a lease
+
+        cluster.start_server()
+        wait_until(lambda: a.state is State.CONNECTED, timeout=20, message="re-acquired and reconnected")
+        assert a.status().fencing_token == 2  # a new lease, never the old token
+        assert len(network.clients) == 2
+    finally:
+        a.stop()
+        db.close()
+        cluster.stop()
+
+
+def _freeze(runtime: Runtime) -> None:
+    """Stop a runtime's lease renewals and backups as a SIGKILL would, leaving its lease to expire."""
+    runtime._stopping.set()
+    runtime._lease_wake.set()
+    runtime._lease_thread.join(timeout=5)
+    runtime._scheduler.shutdown(wait=False)
+    runtime._stop_client()
