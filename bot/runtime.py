@@ -116,7 +116,7 @@ class Timing:
     watch_interval_seconds: float = 0.5
     qr_round_seconds: float = 90.0  # no new QR for this long: whatsmeow gave up, start a new round
     qr_check_seconds: float = 5.0
-    standby_poll_seconds: float = 2.0  # how often a standby daemon tries to take the lease
+    standby_poll_seconds: float = 1.0  # how often a standby daemon tries to take the lease
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from tests.redeploy import LEASE, crash_takeover, overlapping_redeploys
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_overlapping_redeploys_hand_the_session_over_without_overlap(database_url: str, tmp_path: Path) -> None:
+    report = overlapping_redeploys(database_url, tmp_path, iterations=3)
+    assert len(report.handover_seconds) == 3
+    assert max(report.handover_seconds) < 10
+
+
+def test_a_crashed_owner_is_taken_over_after_its_lease_expires(database_url: str, tmp_path: Path) -> None:
+    waited = crash_takeover(database_url, tmp_path)
+    ttl = float(LEASE["LEASE_TTL_SECONDS"])
+    assert ttl - 2.5 <= waited <= ttl + 10  # not before the lease could have expired
+
+
+def test_railway_config_names_the_health_check_the_app_serves() -> None:
+    config = tomllib.loads((ROOT / "railway.toml").read_text())
+    deploy = config["deploy"]
+    assert deploy["healthcheckPath"] == "/healthz"
+    assert deploy["startCommand"] == "python -m bot"
+    assert deploy["restartPolicyType"] == "ON_FAILURE" and deploy["restartPolicyMaxRetries"] >= 1
+    assert deploy["drainingSeconds"] >= 15 and deploy["overlapSeconds"] >= 10  # time for the final backup
+    assert (ROOT / "Procfile").read_text().strip() == "web: python -m bot"
+
+
+
+def test_the_daemons_app_serves_the_health_check_railway_probes(whatsmeow_template: Path, tmp_path: Path) -> None:
+    from bot.config import Config
+    from bot.runtime import Runtime
+    from database import SqliteDatabase
+    from session_api import create_app
+    from tests.fake_whatsapp import FakeWhatsApp
+
+    path = tomllib.loads((ROOT / "railway.toml").read_text())["deploy"]["healthcheckPath"]
+    db = SqliteDatabase(tmp_path / "zapkeep.sqlite3")
+    db.open()
+    config = Config.from_env({"DATA_DIR": str(tmp_path), "API_TOKEN": "x" * 20})
+    runtime = Runtime(config, db, FakeWhatsApp(schema_template=whatsmeow_template).factory)
+    response = create_app(runtime, db).test_client().get(path)  # no token: the platform has none
+    assert response.status_code == 200 and response.get_json()["success"] is True
