@@ -10,9 +10,9 @@ that a multi-megabyte document is never encoded twice.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -108,6 +108,70 @@ class HistoryEntry:
     taken_at: datetime
 
 
+@dataclass(frozen=True)
+class ChatState:
+    chat_jid: str
+    last_incoming_at: datetime | None
+    paused_until: datetime | None
+    pause_reason: str | None
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A customer's message, as it is logged."""
+
+    session_id: str
+    chat_jid: str
+    sender: str
+    message_id: str
+    text: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class InboundOutcome:
+    """What the chatbot decided for one inbound message; stored with it in one transaction."""
+
+    status: str  # replied | paused | ignored
+    reason: str
+    reply_text: str | None = None
+    reply_expires_at: datetime | None = None
+    paused_until: datetime | None = None
+    pause_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class InboundResult:
+    duplicate: bool  # this message id was recorded before: nothing was done again
+    reply_id: int | None
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    id: int
+    chat_jid: str
+    text: str
+    attempts: int
+    next_attempt_at: datetime | None
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LoggedMessage:
+    id: int
+    chat_jid: str
+    sender: str | None
+    message_id: str | None
+    direction: str
+    text: str
+    status: str
+    reason: str | None
+    created_at: datetime
+    sent_at: datetime | None
+    attempts: int
+    last_error: str | None
+
+
 # --- schema ---------------------------------------------------------------------------
 # Each list is ordered: entry N brings the schema from version N to N+1. The first entry
 # creates the whole current schema on a fresh database (and, on PostgreSQL, adopts the
@@ -146,6 +210,35 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
             acquired_at DOUBLE PRECISION NOT NULL,
             renewed_at DOUBLE PRECISION NOT NULL
         )""",
+        """CREATE TABLE whatsapp_messages (
+            id SERIAL PRIMARY KEY,
+            session_id VARCHAR(100) NOT NULL,
+            chat_jid TEXT NOT NULL,
+            sender TEXT,
+            message_id TEXT,
+            dedupe_key TEXT,
+            direction VARCHAR(3) NOT NULL,
+            text TEXT NOT NULL,
+            status VARCHAR(16) NOT NULL,
+            reason TEXT,
+            created_at TIMESTAMP NOT NULL,
+            sent_at TIMESTAMP,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TIMESTAMP,
+            expires_at TIMESTAMP,
+            last_error TEXT,
+            UNIQUE (session_id, dedupe_key)
+        )""",
+        "CREATE INDEX whatsapp_messages_by_status ON whatsapp_messages (session_id, status, id)",
+        "CREATE INDEX whatsapp_messages_by_chat ON whatsapp_messages (session_id, chat_jid, id)",
+        """CREATE TABLE whatsapp_chats (
+            session_id VARCHAR(100) NOT NULL,
+            chat_jid TEXT NOT NULL,
+            last_incoming_at TIMESTAMP,
+            paused_until TIMESTAMP,
+            pause_reason TEXT,
+            PRIMARY KEY (session_id, chat_jid)
+        )""",
     ],
 ]
 
@@ -181,6 +274,35 @@ SQLITE_MIGRATIONS: list[list[str]] = [
             expires_at DOUBLE PRECISION NOT NULL,
             acquired_at DOUBLE PRECISION NOT NULL,
             renewed_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE whatsapp_messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id VARCHAR(100) NOT NULL,
+            chat_jid TEXT NOT NULL,
+            sender TEXT,
+            message_id TEXT,
+            dedupe_key TEXT,
+            direction VARCHAR(3) NOT NULL,
+            text TEXT NOT NULL,
+            status VARCHAR(16) NOT NULL,
+            reason TEXT,
+            created_at TIMESTAMP NOT NULL,
+            sent_at TIMESTAMP,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TIMESTAMP,
+            expires_at TIMESTAMP,
+            last_error TEXT,
+            UNIQUE (session_id, dedupe_key)
+        )""",
+        "CREATE INDEX whatsapp_messages_by_status ON whatsapp_messages (session_id, status, id)",
+        "CREATE INDEX whatsapp_messages_by_chat ON whatsapp_messages (session_id, chat_jid, id)",
+        """CREATE TABLE whatsapp_chats (
+            session_id VARCHAR(100) NOT NULL,
+            chat_jid TEXT NOT NULL,
+            last_incoming_at TIMESTAMP,
+            paused_until TIMESTAMP,
+            pause_reason TEXT,
+            PRIMARY KEY (session_id, chat_jid)
         )""",
     ],
 ]
@@ -407,6 +529,146 @@ class Database:
         with self.transaction() as tx:
             return tx.all(SessionSummary, self.SELECT_SESSIONS)
 
+    # --- message log, chat state and outbox ---
+
+    INSERT_MESSAGE = """
+        INSERT INTO whatsapp_messages (session_id, chat_jid, sender, message_id, dedupe_key, direction, text,
+                                       status, reason, created_at, sent_at, next_attempt_at, expires_at)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (session_id, dedupe_key) DO NOTHING
+        RETURNING id
+    """
+    SELECT_CHAT = """
+        SELECT chat_jid, last_incoming_at, paused_until, pause_reason FROM whatsapp_chats
+        WHERE session_id = %s AND chat_jid = %s
+    """
+    UPSERT_CHAT = """
+        INSERT INTO whatsapp_chats (session_id, chat_jid, last_incoming_at, paused_until, pause_reason)
+        VALUES (%s, %s, %s, %s, %s)
+        ON CONFLICT (session_id, chat_jid) DO UPDATE SET
+            last_incoming_at = COALESCE(excluded.last_incoming_at, whatsapp_chats.last_incoming_at),
+            paused_until = excluded.paused_until,
+            pause_reason = excluded.pause_reason
+    """
+    SET_MESSAGE_STATUS = "UPDATE whatsapp_messages SET status = %s, reason = %s WHERE id = %s"
+
+    def record_inbound(self, message: Inbound, decide: Callable[[ChatState | None], InboundOutcome]) -> InboundResult:
+        """Log the message and act on it exactly once: the id is recorded first, and the decision,
+        the chat's new state and the queued reply commit with it or not at all."""
+        received = _naive(message.received_at)
+        with self.transaction() as tx:
+            inbound_id = tx.scalar(self.INSERT_MESSAGE, (
+                message.session_id, message.chat_jid, message.sender, message.message_id,
+                f"in:{message.message_id}", "in", message.text, "received", None, received, None, None, None))
+            if inbound_id is None:
+                return InboundResult(duplicate=True, reply_id=None)
+            chat = tx.one(ChatState, self.SELECT_CHAT, (message.session_id, message.chat_jid))
+            outcome = decide(None if chat is None else _aware_chat(chat))
+            tx.execute(self.SET_MESSAGE_STATUS, (outcome.status, outcome.reason, inbound_id))
+            tx.execute(self.UPSERT_CHAT, (
+                message.session_id, message.chat_jid, received, _naive(outcome.paused_until), outcome.pause_reason))
+            reply_id = None
+            if outcome.reply_text is not None:
+                reply_id = tx.scalar(self.INSERT_MESSAGE, (
+                    message.session_id, message.chat_jid, None, None, f"reply:{message.message_id}", "out",
+                    outcome.reply_text, "queued", outcome.reason, received, None, received,
+                    _naive(outcome.reply_expires_at)))
+        return InboundResult(duplicate=False, reply_id=reply_id)
+
+    def record_operator_message(self, message: Inbound, paused_until: datetime) -> bool:
+        """An answer typed on the phone: logged as outgoing, and the bot steps back in that chat."""
+        with self.transaction() as tx:
+            logged = tx.scalar(self.INSERT_MESSAGE, (
+                message.session_id, message.chat_jid, message.sender, message.message_id,
+                f"op:{message.message_id}", "out", message.text, "sent", "operator",
+                _naive(message.received_at), _naive(message.received_at), None, None))
+            if logged is None:
+                return False
+            tx.execute(self.UPSERT_CHAT, (message.session_id, message.chat_jid, None, _naive(paused_until), "operator"))
+        return True
+
+    def enqueue_outgoing(self, session_id: str, chat_jid: str, text: str, *, reason: str,
+                         expires_at: datetime | None, now: datetime) -> int:
+        with self.transaction() as tx:
+            return tx.scalar(self.INSERT_MESSAGE, (
+                session_id, chat_jid, None, None, None, "out", text, "queued", reason,
+                _naive(now), None, _naive(now), _naive(expires_at)))
+
+    SELECT_QUEUED = """
+        SELECT id, chat_jid, text, attempts, next_attempt_at, expires_at FROM whatsapp_messages
+        WHERE session_id = %s AND status = 'queued' ORDER BY id LIMIT %s
+    """
+
+    def queued_outgoing(self, session_id: str, limit: int = 200) -> list[OutgoingMessage]:
+        """Queued messages, oldest first (the caller keeps each chat in order)."""
+        with self.transaction() as tx:
+            rows = tx.all(OutgoingMessage, self.SELECT_QUEUED, (session_id, limit))
+        return [replace(r, next_attempt_at=_aware(r.next_attempt_at), expires_at=_aware(r.expires_at)) for r in rows]
+
+    CLAIM_OUTGOING = "UPDATE whatsapp_messages SET status = 'sending', attempts = attempts + 1 WHERE id = %s AND status = 'queued'"
+    MARK_SENT = "UPDATE whatsapp_messages SET status = 'sent', message_id = %s, sent_at = %s, last_error = NULL WHERE id = %s"
+    MARK_RETRY = "UPDATE whatsapp_messages SET status = 'queued', last_error = %s, next_attempt_at = %s WHERE id = %s"
+    MARK_UNSENT = "UPDATE whatsapp_messages SET status = 'queued', attempts = attempts - 1 WHERE id = %s"
+    MARK_FAILED = "UPDATE whatsapp_messages SET status = 'failed', last_error = %s WHERE id = %s"
+
+    def claim_outgoing(self, message_id: int) -> bool:
+        """Mark a message as being sent; a crash from here on never sends it twice."""
+        with self.transaction() as tx:
+            return tx.execute(self.CLAIM_OUTGOING, (message_id,)).rowcount == 1
+
+    def mark_sent(self, message_id: int, whatsapp_id: str, at: datetime) -> None:
+        with self.transaction() as tx:
+            tx.execute(self.MARK_SENT, (whatsapp_id, _naive(at), message_id))
+
+    def mark_retry(self, message_id: int, error: str, next_attempt_at: datetime) -> None:
+        with self.transaction() as tx:
+            tx.execute(self.MARK_RETRY, (error, _naive(next_attempt_at), message_id))
+
+    def mark_unsent(self, message_id: int) -> None:
+        """Back to the queue without counting an attempt (nothing reached WhatsApp)."""
+        with self.transaction() as tx:
+            tx.execute(self.MARK_UNSENT, (message_id,))
+
+    def mark_failed(self, message_id: int, error: str) -> None:
+        with self.transaction() as tx:
+            tx.execute(self.MARK_FAILED, (error, message_id))
+
+    FAIL_EXPIRED = """
+        UPDATE whatsapp_messages SET status = 'failed', last_error = 'expired before it could be sent'
+        WHERE session_id = %s AND status = 'queued' AND expires_at IS NOT NULL AND expires_at <= %s
+    """
+    FAIL_INTERRUPTED = """
+        UPDATE whatsapp_messages SET status = 'failed',
+            last_error = 'interrupted while sending; not retried, so that it is never sent twice'
+        WHERE session_id = %s AND status = 'sending'
+    """
+
+    def fail_expired(self, session_id: str, now: datetime) -> int:
+        with self.transaction() as tx:
+            return tx.execute(self.FAIL_EXPIRED, (session_id, _naive(now))).rowcount
+
+    def fail_interrupted(self, session_id: str) -> int:
+        with self.transaction() as tx:
+            return tx.execute(self.FAIL_INTERRUPTED, (session_id,)).rowcount
+
+    SELECT_OWN_MESSAGE = """
+        SELECT 1 FROM whatsapp_messages WHERE session_id = %s AND direction = 'out' AND message_id = %s
+    """
+
+    def is_own_message(self, session_id: str, whatsapp_id: str) -> bool:
+        with self.transaction() as tx:
+            return tx.scalar(self.SELECT_OWN_MESSAGE, (session_id, whatsapp_id)) is not None
+
+    SELECT_MESSAGES = """
+        SELECT id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,
+               attempts, last_error
+        FROM whatsapp_messages WHERE session_id = %s AND (%s OR chat_jid = %s) ORDER BY id
+    """
+
+    def list_messages(self, session_id: str, chat_jid: str | None = None) -> list[LoggedMessage]:
+        with self.transaction() as tx:
+            return tx.all(LoggedMessage, self.SELECT_MESSAGES, (session_id, chat_jid is None, chat_jid or ""))
+
     # --- ownership leases ---
 
     ACQUIRE_LEASE = """
@@ -575,6 +837,19 @@ def _already_json(text: str) -> str:
 def _utcnow() -> datetime:
     # Stored naive, in UTC, to fit the seed's TIMESTAMP columns on both back-ends.
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _naive(value: datetime | None) -> datetime | None:
+    """Aware -> naive UTC, the form every TIMESTAMP column holds."""
+    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _aware_chat(chat: ChatState) -> ChatState:
+    return replace(chat, last_incoming_at=_aware(chat.last_incoming_at), paused_until=_aware(chat.paused_until))
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:

@@ -7,6 +7,7 @@
     python -m bot delete [--purge] delete the stored session (--purge: its history too)
     python -m bot export FILE      write the stored document to FILE ('-': stdout)
     python -m bot import FILE      validate FILE and store it as the session
+    python -m bot console          chat with the rules in the terminal (no WhatsApp)
 
 This is the one place that loads .env, opens the pool, starts threads and installs signal
 handlers.
@@ -50,7 +51,14 @@ def main(argv: list[str]) -> int:
     try:
         if args.command == "run":
             return run_daemon(config)
+        if args.command == "console":
+            from bot.console import run_console
+
+            return run_console(config, name=args.name)
         return run_command(config, args)
+    except ConfigError as exc:  # found after the environment, e.g. in the rules file
+        print(f"zapkeep: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except (ZapkeepError, DatabaseError) as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
@@ -70,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("file")
     import_ = commands.add_parser("import", help="validate FILE and store it as the session")
     import_.add_argument("file")
+    console = commands.add_parser("console", help="chat with the rules in the terminal, no WhatsApp")
+    console.add_argument("--name", default="Cliente", help="your WhatsApp name in the conversation")
     parser.set_defaults(command="run")
     return parser
 
@@ -91,10 +101,14 @@ def _open(config: Config) -> Database:
 
 def run_daemon(config: Config) -> int:
     from bot import whatsapp
+    from bot.chatbot import load_rules
+    from bot.messaging import Chatbot
+    from bot.outbox import Channel, Outbox
     from bot.runtime import Runtime
     from session_api import create_app
     from session_api.server import ApiServer
 
+    rules = load_rules(config.bot_replies)  # a bad rules file stops the boot, naming the line or rule
     whatsapp.configure_library_logging(config.python_log_level())
     if config.api_token is None:
         config = replace(config, api_token=secrets.token_urlsafe(32))
@@ -105,14 +119,21 @@ def run_daemon(config: Config) -> int:
     db = _open(config)
     log.info("database: %s; session %s; store %s", db.backend, config.session_id, config.store_path)
     runtime = Runtime(config, db, whatsapp.neonize_client_factory)
-    server = ApiServer(create_app(runtime, db), "0.0.0.0", config.port)
+    outbox = Outbox(db, config.session_id, Channel(runtime.send_text, runtime.is_connected, runtime.show_typing),
+                    typing_seconds=rules.typing_seconds)
+    chatbot = Chatbot(db, config.session_id, rules, outbox, mark_read=runtime.mark_read)
+    runtime.message_handlers.append(chatbot.handle)
+    runtime.connected_listeners.append(outbox.notify)
+    server = ApiServer(create_app(runtime, db, outbox=outbox, reply_expiry=rules.reply_expiry), "0.0.0.0", config.port)
     try:
         server.start()  # first, so the platform's health check passes while the session boots
+        outbox.start()
         runtime.start()
         stop.wait()
         log.info("shutting down")
     finally:
         server.stop()
+        outbox.stop()
         runtime.stop()
         db.close()
     log.info("stopped cleanly")

@@ -106,5 +106,11 @@ class WhatsAppClient(Protocol):
     def request_pairing_code(self, phone: str) -> str:
         """Ask for a code to type on the phone (only while ``run`` is waiting for a QR scan)."""
 
+    def mark_read(self, chat_jid: str, sender_jid: str, message_id: str) -> None:
+        """Blue ticks for a received message."""
+
+    def set_typing(self, chat_jid: str, typing: bool) -> None:
+        """Show (or stop showing) "typing…" in a chat."""
+
 
 ClientFactory = Callable[[Path, EventSink], WhatsAppClient]

@@ -171,6 +171,7 @@ class Runtime:
         self._wait = wait or self._wait_for_wake
         self._jitter = jitter
         self.message_handlers: list[MessageHandler] = []
+        self.connected_listeners: list[Callable[[], None]] = []  # e.g. the outbox: send what waited
 
         self._lock = threading.RLock()
         self._backup_lock = threading.Lock()
@@ -572,11 +573,34 @@ class Runtime:
         return unlinked
 
     def send_text(self, to_jid: str, text: str) -> str:
+        return self._connected_client().send_text(to_jid, text)
+
+    def is_connected(self) -> bool:
+        return self.state is State.CONNECTED
+
+    def mark_read(self, message: events.IncomingMessage) -> None:
+        self._connected_client().mark_read(message.chat, message.sender, message.message_id)
+
+    def show_typing(self, chat_jid: str, seconds: float) -> None:
+        """'typing…' for a moment before a reply; best effort, never delays by more than asked."""
+        try:
+            client = self._connected_client()
+            client.set_typing(chat_jid, True)
+        except Exception as exc:
+            log.debug("typing indicator failed: %s", exc)
+            return
+        self._stopping.wait(seconds)
+        try:
+            client.set_typing(chat_jid, False)
+        except Exception as exc:
+            log.debug("typing indicator failed: %s", exc)
+
+    def _connected_client(self) -> events.WhatsAppClient:
         with self._lock:
             client = self._client if self.state is State.CONNECTED else None
         if client is None:
             raise StateConflictError(f"session {self.config.session_id} is not connected ({self.state.value})")
-        return client.send_text(to_jid, text)
+        return client
 
     # --- events from the client -------------------------------------------------------------------
 
@@ -605,6 +629,8 @@ class Runtime:
                     self._qr = None
                     self._set(state=State.CONNECTED, connected_since=_now(), last_error=None, pairing_code=None)
                 self._schedule_backup("after-connect", self._timing.after_connect_seconds)
+                for listener in self.connected_listeners:
+                    listener()
             case events.Disconnected():
                 with self._lock:
                     if self.state is State.CONNECTED:  # whatsmeow reconnects by itself from here

@@ -25,8 +25,9 @@ from neonize.events import (
     TemporaryBanEv,
 )
 from neonize.utils import extract_text
-from neonize.utils.enum import ClientName
-from neonize.utils.jid import Jid2String, build_jid
+from neonize.proto.Neonize_pb2 import JID
+from neonize.utils.enum import ChatPresence, ChatPresenceMedia, ClientName, ReceiptType
+from neonize.utils.jid import Jid2String
 
 from bot import events
 
@@ -61,8 +62,7 @@ class NeonizeClient:
             log.debug("stopping the client: %s", exc)
 
     def send_text(self, to_jid: str, text: str) -> str:
-        user, _, server = to_jid.partition("@")
-        response = self._client.send_message(build_jid(user, server or "s.whatsapp.net"), text)
+        response = self._client.send_message(parse_jid(to_jid), text)
         return str(response.ID)
 
     def logout(self) -> None:
@@ -70,6 +70,14 @@ class NeonizeClient:
 
     def request_pairing_code(self, phone: str) -> str:
         return self._client.PairPhone(phone, True, ClientName.LINUX)
+
+    def mark_read(self, chat_jid: str, sender_jid: str, message_id: str) -> None:
+        self._client.mark_read(message_id, chat=parse_jid(chat_jid), sender=parse_jid(sender_jid),
+                               receipt=ReceiptType.READ)
+
+    def set_typing(self, chat_jid: str, typing: bool) -> None:
+        state = ChatPresence.CHAT_PRESENCE_COMPOSING if typing else ChatPresence.CHAT_PRESENCE_PAUSED
+        self._client.send_chat_presence(parse_jid(chat_jid), state, ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT)
 
     def _register_handlers(self) -> None:
         client, sink = self._client, self._sink
@@ -111,6 +119,15 @@ class NeonizeClient:
                 is_group=source.IsGroup,
                 timestamp=_unix_seconds(ev.Info.Timestamp),
             ))
+
+
+def parse_jid(text: str) -> JID:
+    """'5511999999999:12@s.whatsapp.net' -> neonize's JID (device kept; the inverse of Jid2String)."""
+    user, _, server = text.partition("@")
+    user, _, device = user.partition(":")
+    user, _, agent = user.partition(".")
+    return JID(User=user, Server=server or "s.whatsapp.net", Device=int(device or 0), RawAgent=int(agent or 0),
+               Integrator=0, IsEmpty=False)
 
 
 def _unix_seconds(value: int) -> int:

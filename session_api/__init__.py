@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from bot.outbox import Outbox
 from bot.runtime import Runtime
 from database import Database
 
@@ -15,7 +17,10 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a large store's document is a few MB; anything beyond is a mistake
 
 
-def create_app(runtime: Runtime, db: Database) -> Flask:
+def create_app(runtime: Runtime, db: Database, *, outbox: Outbox | None = None,
+               reply_expiry: timedelta = timedelta(hours=24)) -> Flask:
+    """With an outbox, /api/messages/send queues (and the message waits out a disconnection);
+    without one it sends at once or answers 409."""
     from session_api.routes import bp
 
     token = runtime.config.api_token
@@ -26,6 +31,8 @@ def create_app(runtime: Runtime, db: Database) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in their declared order
     app.extensions["zapkeep.runtime"] = runtime
     app.extensions["zapkeep.db"] = db
+    app.extensions["zapkeep.outbox"] = outbox
+    app.config["REPLY_EXPIRY"] = reply_expiry
     app.register_blueprint(bp)
 
     @app.get("/healthz")

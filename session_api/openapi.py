@@ -114,8 +114,9 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Send a text message",
                 "requestBody": _body({"to": {"type": "string", "description": "Phone with country code, or a JID"},
                                       "message": {"type": "string", "maxLength": 4096}}, ["to", "message"]),
-                "responses": {"200": _ok("Sent", {"message_id": {"type": "string"}}), "400": BAD_REQUEST,
-                              "401": UNAUTHORIZED, "409": _error("Not connected")},
+                "responses": {"200": _ok("Sent at once (daemon without an outbox)", {"message_id": {"type": "string"}}),
+                              "202": _ok("Queued in the outbox; sent now or on reconnect", {"id": {"type": "integer"}}),
+                              "400": BAD_REQUEST, "401": UNAUTHORIZED, "409": _error("Not paired (or not connected)")},
             }},
         },
     }

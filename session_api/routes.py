@@ -16,6 +16,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request
 
 from bot.config import is_valid_session_id
 from bot.errors import NotFoundError, SessionDocumentError, StateConflictError
+from bot.outbox import Outbox
 from bot.persistence import BackupStatus, import_document
 from bot.runtime import Runtime, State
 from database import Database
@@ -210,11 +211,18 @@ def send() -> tuple[Response, int]:
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_MESSAGE_CHARS:
         abort(400, f"message must be a non-empty text of at most {MAX_MESSAGE_CHARS} characters")
     require_own_session(runtime().config.session_id)
-    try:
-        message_id = runtime().send_text(jid, text)
-    except StateConflictError as exc:
-        abort(409, str(exc))
-    return ok(to=jid, message_id=message_id)
+    outbox: Outbox | None = current_app.extensions["zapkeep.outbox"]
+    if outbox is None:
+        try:
+            message_id = runtime().send_text(jid, text)
+        except StateConflictError as exc:
+            abort(409, str(exc))
+        return ok(to=jid, message_id=message_id, status="sent")
+    if runtime().status().jid is None:
+        abort(409, f"session {runtime().config.session_id} is not paired ({runtime().state.value}); "
+                   "nothing could deliver the message")
+    queued = outbox.enqueue(jid, text, reason="api", expires_in=current_app.config["REPLY_EXPIRY"])
+    return ok(202, to=jid, id=queued, status="queued", connected=runtime().is_connected())
 
 
 @bp.get("/api/openapi.json")

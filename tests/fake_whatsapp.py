@@ -34,6 +34,9 @@ class FakeWhatsApp:
     clients: list[FakeClient] = field(default_factory=list)
     connect_errors: list[str] = field(default_factory=list)
     sent: list[SentMessage] = field(default_factory=list)
+    read: list[str] = field(default_factory=list)  # message ids marked read
+    typing: list[tuple[str, bool]] = field(default_factory=list)
+    send_failures: list[str] = field(default_factory=list)  # errors for the next sends
     connected: bool = True  # the servers answer; set False to make every connect fail
     offline_error: str = "failed to dial whatsapp web websocket: proxyconnect tcp: connection refused"
 
@@ -91,12 +94,20 @@ class FakeClient:
     def send_text(self, to_jid: str, text: str) -> str:
         if not self.running.is_set() or self.stopped.is_set():
             raise RuntimeError("client is nil")
+        if self.network.send_failures:
+            raise RuntimeError(self.network.send_failures.pop(0))
         message_id = f"3EB0{next(self._ids):016X}"
         self.network.sent.append(SentMessage(to_jid, text, message_id))
         return message_id
 
     def logout(self) -> None:
         self.unlink()
+
+    def mark_read(self, chat_jid: str, sender_jid: str, message_id: str) -> None:
+        self.network.read.append(message_id)
+
+    def set_typing(self, chat_jid: str, typing: bool) -> None:
+        self.network.typing.append((chat_jid, typing))
 
     def request_pairing_code(self, phone: str) -> str:
         if not self.qr_codes:

@@ -1,0 +1,97 @@
+"""Customer messages in: filtered, logged, decided once, the reply queued in the outbox."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from bot import chatbot, events
+from bot.outbox import Outbox
+from database import ChatState, Database, Inbound, InboundOutcome
+
+log = logging.getLogger(__name__)
+
+# Servers of chats the bot never answers.
+IGNORED_SERVERS = {"g.us": "group", "broadcast": "broadcast", "newsletter": "newsletter"}
+
+
+@dataclass(frozen=True)
+class Handled:
+    outcome: str  # replied | paused | ignored:<why> | duplicate | operator | own
+    reply_id: int | None = None
+
+
+def ignore_reason(message: events.IncomingMessage) -> str | None:
+    server = message.chat.rpartition("@")[2]
+    if message.is_group or server == "g.us":
+        return "group"
+    return IGNORED_SERVERS.get(server)
+
+
+class Chatbot:
+    def __init__(self, db: Database, session_id: str, rules: chatbot.Rules, outbox: Outbox, *,
+                 mark_read: Callable[[events.IncomingMessage], None] | None = None,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.db = db
+        self.session_id = session_id
+        self.rules = rules
+        self.outbox = outbox
+        self._mark_read = mark_read
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    def handle(self, message: events.IncomingMessage) -> Handled:
+        now = self._clock()
+        inbound = Inbound(self.session_id, message.chat, message.sender, message.message_id, message.text, now)
+        reason = ignore_reason(message)
+        if reason is not None:
+            result = self.db.record_inbound(inbound, lambda _: InboundOutcome("ignored", reason))
+            return Handled("duplicate" if result.duplicate else f"ignored:{reason}")
+        if message.from_me:
+            return self._own_message(inbound, now)
+
+        def decide(chat: ChatState | None) -> InboundOutcome:
+            context = chatbot.ChatContext(
+                last_incoming_at=None if chat is None else chat.last_incoming_at,
+                paused_until=None if chat is None else chat.paused_until,
+            )
+            decision = chatbot.decide(self.rules, message.text, message.push_name, context, now)
+            if decision.reason == "paused":  # still paused: the pause stays as it was
+                paused_until, pause_reason = context.paused_until, None if chat is None else chat.pause_reason
+            else:
+                paused_until, pause_reason = decision.pause_until, "handoff" if decision.pause_until else None
+            return InboundOutcome(
+                status="paused" if decision.reply is None else "replied",
+                reason=decision.reason,
+                reply_text=decision.reply,
+                reply_expires_at=now + self.rules.reply_expiry,
+                paused_until=paused_until,
+                pause_reason=pause_reason,
+            )
+
+        result = self.db.record_inbound(inbound, decide)
+        if result.duplicate:
+            log.info("message %s in %s: already handled (redelivered); no second reply", message.message_id,
+                     message.chat)
+            return Handled("duplicate")
+        log.info("message %s from %s: %d chars, %s", message.message_id, message.chat, len(message.text),
+                 "reply queued" if result.reply_id else "no reply (paused)")
+        if self.rules.mark_read and self._mark_read is not None:
+            try:
+                self._mark_read(message)
+            except Exception as exc:
+                log.debug("mark read failed: %s", exc)
+        if result.reply_id is None:
+            return Handled("paused")
+        self.outbox.notify()
+        return Handled("replied", result.reply_id)
+
+    def _own_message(self, inbound: Inbound, now: datetime) -> Handled:
+        """Sent by this account: our own reply coming back, or an operator answering from the phone."""
+        if self.db.is_own_message(self.session_id, inbound.message_id):
+            return Handled("own")
+        if self.db.record_operator_message(inbound, now + self.rules.operator_pause):
+            log.info("operator answered in %s from the phone; the bot steps back there", inbound.chat_jid)
+            return Handled("operator")
+        return Handled("duplicate")

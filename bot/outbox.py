@@ -1,0 +1,138 @@
+"""The durable outbox: every reply and API message is a database row first, sent by one worker.
+
+Rows go queued -> sending -> sent, or back to queued with a delay after an error, or failed
+(too many attempts, expired, or interrupted mid-send). A row found "sending" at start-up is
+failed, never retried: a reply goes out at most once. While the client is not connected
+nothing is attempted and nothing expires early; queued rows go out, in order per chat, once
+it reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from bot.errors import StateConflictError
+from database import Database
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS = (timedelta(seconds=5), timedelta(seconds=30), timedelta(minutes=2), timedelta(minutes=10))
+MAX_ATTEMPTS = len(RETRY_DELAYS) + 1
+TYPING_ONLY_BELOW = 5  # with a longer queue, skip "typing…" so that the backlog drains fast
+
+
+@dataclass(frozen=True)
+class Channel:
+    """What the outbox needs of the WhatsApp side."""
+
+    send_text: Callable[[str, str], str]  # (chat jid, text) -> message id; StateConflictError when offline
+    is_connected: Callable[[], bool]
+    show_typing: Callable[[str, float], None]  # (chat jid, seconds): may sleep that long
+
+
+class Outbox:
+    def __init__(self, db: Database, session_id: str, channel: Channel, *, typing_seconds: float = 0.0,
+                 clock: Callable[[], datetime] | None = None, poll_seconds: float = 1.0) -> None:
+        self.db = db
+        self.session_id = session_id
+        self.channel = channel
+        self.typing_seconds = typing_seconds
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._poll_seconds = poll_seconds
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._flush_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        interrupted = self.db.fail_interrupted(self.session_id)
+        if interrupted:
+            log.warning("outbox: %d message(s) were interrupted mid-send by the last shutdown; marked failed",
+                        interrupted)
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+            self._thread = None
+
+    def notify(self) -> None:
+        """Something was queued, or the client connected: look now rather than at the next poll."""
+        self._wake.set()
+
+    def enqueue(self, chat_jid: str, text: str, *, reason: str, expires_in: timedelta | None) -> int:
+        now = self._clock()
+        message_id = self.db.enqueue_outgoing(self.session_id, chat_jid, text, reason=reason,
+                                              expires_at=None if expires_in is None else now + expires_in, now=now)
+        self.notify()
+        return message_id
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self._poll_seconds)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self.flush()
+            except Exception:
+                log.exception("outbox: flush failed; retrying shortly")
+
+    def flush(self) -> int:
+        """Send every message that is due, oldest first and in order within each chat; returns how many."""
+        with self._flush_lock:
+            if not self.channel.is_connected():
+                return 0
+            now = self._clock()
+            expired = self.db.fail_expired(self.session_id, now)
+            if expired:
+                log.warning("outbox: %d message(s) expired before they could be sent", expired)
+            queued = self.db.queued_outgoing(self.session_id)
+            held: set[str] = set()  # chats whose oldest message waits for a retry: keep their order
+            sent = 0
+            for message in queued:
+                if message.chat_jid in held:
+                    continue
+                if message.next_attempt_at is not None and message.next_attempt_at > now:
+                    held.add(message.chat_jid)
+                    continue
+                if not self._send(message.id, message.chat_jid, message.text, message.attempts,
+                                  typing=len(queued) < TYPING_ONLY_BELOW):
+                    if not self.channel.is_connected():
+                        return sent  # wait for the reconnect; the rest stays queued in order
+                    held.add(message.chat_jid)
+                    continue
+                sent += 1
+            return sent
+
+    def _send(self, row_id: int, chat_jid: str, text: str, attempts: int, *, typing: bool) -> bool:
+        if not self.db.claim_outgoing(row_id):
+            return False  # someone else took it
+        try:
+            if typing and self.typing_seconds > 0:
+                self.channel.show_typing(chat_jid, self.typing_seconds)
+            whatsapp_id = self.channel.send_text(chat_jid, text)
+        except StateConflictError:
+            self.db.mark_unsent(row_id)  # never reached WhatsApp: not an attempt
+            return False
+        except Exception as exc:
+            error = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            if attempts + 1 >= MAX_ATTEMPTS:
+                self.db.mark_failed(row_id, f"gave up after {attempts + 1} attempts: {error}")
+                log.error("outbox: message %d to %s failed for good: %s", row_id, chat_jid, error)
+            else:
+                self.db.mark_retry(row_id, error, self._clock() + RETRY_DELAYS[attempts])
+                log.warning("outbox: message %d to %s failed (%s); retrying", row_id, chat_jid, error)
+            return False
+        self.db.mark_sent(row_id, whatsapp_id, self._clock())
+        log.info("outbox: sent message %d to %s (%d chars)", row_id, chat_jid, len(text))
+        return True
