@@ -102,9 +102,7 @@ def _open(config: Config) -> Database:
 def run_daemon(config: Config) -> int:
     from bot import whatsapp
     from bot.chatbot import load_rules
-    from bot.messaging import Chatbot
-    from bot.outbox import Channel, Outbox
-    from bot.runtime import Runtime
+    from bot.services import build_services
     from session_api import create_app
     from session_api.server import ApiServer
 
@@ -118,23 +116,17 @@ def run_daemon(config: Config) -> int:
     _install_signal_handlers(stop)
     db = _open(config)
     log.info("database: %s; session %s; store %s", db.backend, config.session_id, config.store_path)
-    runtime = Runtime(config, db, whatsapp.neonize_client_factory)
-    outbox = Outbox(db, config.session_id, Channel(runtime.send_text, runtime.is_connected, runtime.show_typing),
-                    typing_seconds=rules.typing_seconds)
-    chatbot = Chatbot(db, config.session_id, rules, outbox, mark_read=runtime.mark_read)
-    runtime.message_handlers.append(chatbot.handle)
-    runtime.connected_listeners.append(outbox.notify)
-    server = ApiServer(create_app(runtime, db, outbox=outbox, reply_expiry=rules.reply_expiry), "0.0.0.0", config.port)
+    services = build_services(config, db, whatsapp.neonize_client_factory, rules)
+    app = create_app(services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry)
+    server = ApiServer(app, "0.0.0.0", config.port)
     try:
         server.start()  # first, so the platform's health check passes while the session boots
-        outbox.start()
-        runtime.start()
+        services.start()
         stop.wait()
         log.info("shutting down")
     finally:
         server.stop()
-        outbox.stop()
-        runtime.stop()
+        services.stop()
         db.close()
     log.info("stopped cleanly")
     logging.shutdown()

@@ -46,8 +46,8 @@ def require_token() -> None:
         abort(401, "missing or wrong bearer token")
 
 
-def ok(status: int = 200, **payload: Any) -> tuple[Response, int]:
-    return jsonify(success=True, **payload), status
+def ok(http_status: int = 200, /, **payload: Any) -> tuple[Response, int]:
+    return jsonify(success=True, **payload), http_status
 
 
 def json_body(required: bool = False) -> dict[str, Any]:

@@ -8,14 +8,18 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bot.config import Config
+from bot import events
+from bot.chatbot import load_rules
+from bot.config import SHIPPED_REPLIES, Config
+from bot.services import build_services
 from bot.runtime import Runtime, State
 from database import Database
 from session_api import create_app
@@ -70,17 +74,19 @@ class Api:
 
 @pytest.fixture
 def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]:
+    """The daemon's own assembly (runtime, chatbot, outbox) behind a real waitress server."""
     config = Config.from_env({"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600"})
     network = FakeWhatsApp(schema_template=whatsmeow_template)
-    runtime = Runtime(config, db, network.factory, timing=FAST)
-    server = ApiServer(create_app(runtime, db), "127.0.0.1", 0, threads=4)
+    rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
+    services = build_services(config, db, network.factory, rules, timing=FAST)
+    server = ApiServer(create_app(services.runtime, db, outbox=services.outbox), "127.0.0.1", 0, threads=4)
     server.start()
-    runtime.start()
+    services.start()
     try:
-        yield Api(server.port, runtime, db, network, [])
+        yield Api(server.port, services.runtime, db, network, [])
     finally:
         server.stop()
-        runtime.stop()
+        services.stop()
 
 
 PROTECTED = [
@@ -209,7 +215,7 @@ def test_qr_as_json_and_png_decodes_to_the_same_text(api: Api) -> None:
     assert api.call("GET", "/api/session/qr").status == 404
 
 
-def test_send_and_logout(api: Api) -> None:
+def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: Api) -> None:
     assert api.call("POST", "/api/messages/send", body={"to": "5511999999999", "message": "oi"}).status == 409
     api.pair()
     for bad in ({"to": "123", "message": "oi"}, {"to": "5511999999999", "message": ""}, {"to": 5511, "message": "x"},
@@ -218,13 +224,48 @@ def test_send_and_logout(api: Api) -> None:
     assert api.call("POST", "/api/messages/send", raw=b"{not json").status == 400
 
     sent = api.call("POST", "/api/messages/send", body={"to": "+55 (11) 99999-9999", "message": "Olá!"})
-    assert sent.status == 200 and sent.json()["to"] == "5511999999999@s.whatsapp.net"
-    assert api.network.sent[-1].text == "Olá!"
+    assert sent.status == 202 and sent.json()["to"] == "5511999999999@s.whatsapp.net"
+    assert sent.json()["status"] == "queued"
+    wait_until(lambda: [m.text for m in api.network.sent] == ["Olá!"], message="delivery")
 
+    api.network.current().emit(events.Disconnected())
+    wait_until(lambda: api.runtime.state is State.RECONNECTING)
+    later = api.call("POST", "/api/messages/send", body={"to": "5511999999999", "message": "Seu pedido saiu"})
+    assert later.status == 202 and later.json()["connected"] is False
+    time.sleep(0.3)
+    assert len(api.network.sent) == 1
+    api.network.current().emit(events.Connected())
+    wait_until(lambda: [m.text for m in api.network.sent] == ["Olá!", "Seu pedido saiu"], message="on reconnect")
+    (row,) = [m for m in api.db.list_messages("default") if m.id == later.json()["id"]]
+    assert row.status == "sent" and row.reason == "api"
+
+
+def test_logout_unlinks_and_pairs_again(api: Api) -> None:
+    api.pair()
     logout = api.call("POST", "/api/session/logout")
     assert logout.status == 200 and logout.json()["unlinked_remotely"] is True
     wait_until(lambda: api.runtime.state is State.QR, message="pairing again")
     assert api.db.load_session("default") is None
+    assert api.call("POST", "/api/session/logout", body={"session_id": "other"}).status == 409
+
+
+def test_without_an_outbox_send_goes_out_at_once_or_409(db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
+    config = Config.from_env({"DATA_DIR": str(tmp_path), "API_TOKEN": TOKEN})
+    network = FakeWhatsApp(schema_template=whatsmeow_template)
+    runtime = Runtime(config, db, network.factory, timing=FAST)
+    client = create_app(runtime, db).test_client()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    runtime.start()
+    try:
+        wait_until(lambda: runtime.state is State.QR)
+        body = {"to": "5511999999999", "message": "oi"}
+        assert client.post("/api/messages/send", json=body, headers=headers).status_code == 409
+        network.current().scan_qr()
+        wait_until(lambda: runtime.state is State.CONNECTED)
+        reply = client.post("/api/messages/send", json=body, headers=headers)
+        assert reply.status_code == 200 and reply.get_json()["message_id"] == network.sent[0].message_id
+    finally:
+        runtime.stop()
 
 
 def test_errors_are_json_with_the_right_codes(api: Api) -> None:

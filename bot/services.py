@@ -1,0 +1,41 @@
+"""Wiring of one session's services: the runtime, the chatbot and its outbox, started and
+stopped in a fixed order. The daemon and the tests build them the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bot import events
+from bot.chatbot import Rules
+from bot.config import Config
+from bot.messaging import Chatbot
+from bot.outbox import Channel, Outbox
+from bot.runtime import Runtime
+from database import Database
+
+
+@dataclass
+class Services:
+    runtime: Runtime
+    outbox: Outbox
+    chatbot: Chatbot
+
+    def start(self) -> None:
+        self.outbox.start()
+        self.runtime.start()
+
+    def stop(self) -> None:
+        """The outbox first (no send races the final backup), then the runtime."""
+        self.outbox.stop()
+        self.runtime.stop()
+
+
+def build_services(config: Config, db: Database, client_factory: events.ClientFactory, rules: Rules,
+                   **runtime_options: object) -> Services:
+    runtime = Runtime(config, db, client_factory, **runtime_options)  # type: ignore[arg-type]
+    outbox = Outbox(db, config.session_id, Channel(runtime.send_text, runtime.is_connected, runtime.show_typing),
+                    typing_seconds=rules.typing_seconds)
+    chatbot = Chatbot(db, config.session_id, rules, outbox, mark_read=runtime.mark_read)
+    runtime.message_handlers.append(chatbot.handle)
+    runtime.connected_listeners.append(outbox.notify)
+    return Services(runtime, outbox, chatbot)

@@ -1,0 +1,187 @@
+"""Customers' messages through the whole daemon (runtime, chatbot, outbox) with a fake WhatsApp."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bot import events
+from bot.chatbot import load_rules
+from bot.config import SHIPPED_REPLIES
+from bot.runtime import State
+from bot.services import Services, build_services
+from database import Database
+from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.test_runtime import FAST, make_config
+
+CUSTOMER = "5511912345678@s.whatsapp.net"
+RULES = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0.05)
+_ids = itertools.count(1)
+
+
+def incoming(text: str, *, chat: str = CUSTOMER, message_id: str | None = None, from_me: bool = False,
+             is_group: bool = False) -> events.IncomingMessage:
+    return events.IncomingMessage(message_id=message_id or f"WAMSG{next(_ids):08d}", chat=chat, sender=chat,
+                                  push_name="Ana", text=text, from_me=from_me, is_group=is_group,
+                                  timestamp=int(time.time()))
+
+
+class Daemon:
+    """Builds and rebuilds (a "restart") the services over one database and one fake WhatsApp."""
+
+    def __init__(self, db: Database, network: FakeWhatsApp, data_dir: Path) -> None:
+        self.db, self.network, self.data_dir = db, network, data_dir
+        self.services: Services | None = None
+
+    def start(self) -> Services:
+        config = make_config(self.data_dir)
+        self.services = build_services(config, self.db, self.network.factory, RULES, timing=FAST)
+        self.services.start()
+        return self.services
+
+    def stop(self) -> None:
+        if self.services is not None:
+            self.services.stop()
+
+    def paired(self) -> Services:
+        services = self.start()
+        wait_until(lambda: services.runtime.state is State.QR, message="qr")
+        self.network.current().scan_qr()
+        wait_until(lambda: services.runtime.state is State.CONNECTED, message="connected")
+        return services
+
+    def deliver(self, message: events.IncomingMessage) -> None:
+        self.network.current().emit(message)
+
+
+@pytest.fixture
+def daemon(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
+    running = Daemon(db, FakeWhatsApp(schema_template=whatsmeow_template), tmp_path / "data")
+    yield running
+    running.stop()
+
+
+def replies_to(network: FakeWhatsApp, chat: str = CUSTOMER) -> list[str]:
+    return [m.text for m in network.sent if m.to == chat]
+
+
+def test_a_customer_gets_a_greeting_then_menu_answers(daemon: Daemon) -> None:
+    daemon.paired()
+    first = incoming("Oi, bom dia!")
+    daemon.deliver(first)
+    wait_until(lambda: len(replies_to(daemon.network)) == 1, message="greeting")
+    daemon.deliver(incoming("2"))
+    wait_until(lambda: len(replies_to(daemon.network)) == 2, message="menu answer")
+
+    greeting, address = replies_to(daemon.network)
+    assert greeting.startswith("Olá, Ana!") and "Rua das Flores" in address
+    assert first.message_id in daemon.network.read  # blue ticks
+    assert (CUSTOMER, True) in daemon.network.typing and (CUSTOMER, False) in daemon.network.typing
+    log = daemon.db.list_messages("default", CUSTOMER)
+    assert [(m.direction, m.status) for m in log] == [("in", "replied"), ("out", "sent")] * 2
+    assert log[1].message_id == daemon.network.sent[0].message_id and log[1].reason in ("greeting", "after_hours")
+
+
+def test_a_redelivered_message_is_answered_once_also_after_a_restart(daemon: Daemon) -> None:
+    daemon.paired()
+    message = incoming("Qual o preço?")
+    daemon.deliver(message)
+    daemon.deliver(message)  # whatsmeow redelivers
+    wait_until(lambda: len(replies_to(daemon.network)) == 1)
+    time.sleep(0.5)
+
+    daemon.stop()  # a restart (or a restore) of the runtime...
+    services = daemon.start()
+    wait_until(lambda: services.runtime.state is State.CONNECTED, message="reconnected")
+    daemon.deliver(message)  # ...after which whatsmeow delivers it again
+    daemon.deliver(incoming("obrigado"))
+    wait_until(lambda: len(replies_to(daemon.network)) == 2)
+    time.sleep(0.5)
+
+    assert len(replies_to(daemon.network)) == 2
+    logged = [m for m in daemon.db.list_messages("default") if m.message_id == message.message_id]
+    assert len(logged) == 1
+
+
+def test_messages_queued_while_offline_go_out_in_order_after_reconnecting(daemon: Daemon) -> None:
+    services = daemon.paired()
+    daemon.network.current().emit(events.Disconnected())
+    wait_until(lambda: services.runtime.state is State.RECONNECTING)
+    for n in range(5):
+        services.outbox.enqueue(CUSTOMER, f"aviso {n}", reason="api", expires_in=None)
+    time.sleep(0.5)
+    assert daemon.network.sent == []
+
+    daemon.network.current().emit(events.Connected())  # whatsmeow reconnected by itself
+
+    wait_until(lambda: len(daemon.network.sent) == 5, message="the backlog")
+    assert [m.text for m in daemon.network.sent] == [f"aviso {n}" for n in range(5)]
+
+
+def test_a_restart_while_offline_loses_no_queued_message(daemon: Daemon) -> None:
+    services = daemon.paired()
+    daemon.network.connected = False
+    daemon.network.current().emit(events.Disconnected())
+    wait_until(lambda: services.runtime.state is State.RECONNECTING)
+    daemon.deliver(incoming("oi"))  # a reply queued while offline
+    wait_until(lambda: [m.status for m in daemon.db.list_messages("default")] == ["replied", "queued"])
+    for n in range(3):
+        services.outbox.enqueue(CUSTOMER, f"pedido {n} pronto", reason="api", expires_in=None)
+    wait_until(lambda: len([m for m in daemon.db.list_messages("default") if m.status == "queued"]) == 4)
+
+    daemon.stop()
+    daemon.network.connected = True
+    daemon.start()
+
+    wait_until(lambda: len(daemon.network.sent) == 4, message="everything after the restart")
+    texts = [m.text for m in daemon.network.sent]
+    assert texts[0].startswith("Olá, Ana!") and texts[1:] == [f"pedido {n} pronto" for n in range(3)]
+    assert {m.status for m in daemon.db.list_messages("default") if m.direction == "out"} == {"sent"}
+
+
+def test_groups_broadcasts_newsletters_and_own_messages_get_no_reply(daemon: Daemon) -> None:
+    daemon.paired()
+    daemon.deliver(incoming("oi grupo", chat="120363025246125888@g.us", is_group=True))
+    daemon.deliver(incoming("status", chat="status@broadcast"))
+    daemon.deliver(incoming("news", chat="120363144038483540@newsletter"))
+    customer = incoming("oi")
+    daemon.deliver(customer)
+    wait_until(lambda: len(daemon.network.sent) == 1)
+    own = daemon.network.sent[0].message_id
+    daemon.deliver(incoming("echo of our reply", message_id=own, from_me=True))
+    time.sleep(0.8)
+
+    assert len(daemon.network.sent) == 1
+    statuses = {m.text: (m.status, m.reason) for m in daemon.db.list_messages("default") if m.direction == "in"}
+    assert statuses["oi grupo"] == ("ignored", "group")
+    assert statuses["status"] == ("ignored", "broadcast")
+    assert statuses["news"] == ("ignored", "newsletter")
+    assert daemon.network.read == [customer.message_id]  # ignored chats are not even marked read
+    assert "echo of our reply" not in {m.text for m in daemon.db.list_messages("default")}
+
+
+def test_an_operator_answering_from_the_phone_pauses_the_bot_in_that_chat(daemon: Daemon) -> None:
+    daemon.paired()
+    daemon.deliver(incoming("oi"))
+    wait_until(lambda: len(replies_to(daemon.network)) == 1)
+    daemon.deliver(incoming("Oi Ana, aqui é a Maria!", from_me=True))  # typed on the phone
+    daemon.deliver(incoming("oi Maria, quero um bolo"))
+    time.sleep(0.8)
+    assert len(replies_to(daemon.network)) == 1  # the bot stays quiet while a person talks
+    log = daemon.db.list_messages("default", CUSTOMER)
+    assert [(m.direction, m.status, m.reason) for m in log][-2:] == [
+        ("out", "sent", "operator"), ("in", "paused", "paused")]
+
+
+def test_a_failing_send_is_retried_then_given_up(daemon: Daemon) -> None:
+    services = daemon.paired()
+    daemon.network.send_failures.extend(["websocket not connected"] * 10)
+    message_id = services.outbox.enqueue(CUSTOMER, "olá", reason="api", expires_in=None)
+    wait_until(lambda: daemon.network.send_failures.count("websocket not connected") == 9, message="one attempt")
+    (row,) = [m for m in daemon.db.list_messages("default") if m.id == message_id]
+    assert row.status == "queued" and row.attempts == 1 and row.last_error == "websocket not connected"
