@@ -291,7 +291,7 @@ class Runtime:
         if renewed:
             self._lease_ok_at = time.monotonic()
         else:
-            self._demote("lease lost: another instance owns the session now")
+            self._demote("lease lost: another instance owns the session now", fence)
 
     def _watch_lease(self) -> None:
         """Independent of renewals, which may hang on an unreachable database: no fresh lease, no WhatsApp."""
@@ -350,10 +350,12 @@ class Runtime:
                          lease.owner_id if lease else "another instance")
             self._set(state=State.STANDBY, owns_session=False, fencing_token=None)
 
-    def _demote(self, reason: str) -> None:
-        """Stop talking to WhatsApp and stop writing: the session may belong to someone else now."""
+    def _demote(self, reason: str, fence: Fence | None = None) -> None:
+        """Stop talking to WhatsApp and stop writing: the session may belong to someone else now.
+        With ``fence``: only if that lease is still the current one (a late failure of an older
+        lease's write says nothing about a newer lease)."""
         with self._lock:
-            if self._fence is None:
+            if self._fence is None or (fence is not None and fence != self._fence):
                 return
             self._fence = None
         log.error("session %s: %s", self.config.session_id, reason)
@@ -516,10 +518,12 @@ class Runtime:
         with self._backup_lock:
             for path in (self.config.store_path, *(Path(f"{self.config.store_path}{s}") for s in STORE_SIBLING_SUFFIXES)):
                 path.unlink(missing_ok=True)
+            fence = self._fence
             try:
-                self.db.delete_session(self.config.session_id, keep_history=True, fence=self._fence)
+                if fence is not None:  # never an unfenced delete from a process that lost the session
+                    self.db.delete_session(self.config.session_id, keep_history=True, fence=fence)
             except FencedOut as exc:
-                self._demote(str(exc))
+                self._demote(str(exc), fence)
             except Exception as exc:
                 log.error("session %s: could not delete the stored session: %s", self.config.session_id, exc)
             self._store_signature = None
@@ -715,7 +719,7 @@ class Runtime:
             try:
                 result = backup_session(self.db, self.config.session_id, self.config.store_path, fence)
             except FencedOut as exc:
-                self._demote(str(exc))
+                self._demote(str(exc), fence)
                 return None
             except Exception as exc:
                 log.error("session %s: %s backup failed: %s", self.config.session_id, reason, exc)

@@ -19,7 +19,7 @@ from bot.errors import NotFoundError, SessionDocumentError, StateConflictError
 from bot.outbox import Outbox
 from bot.persistence import BackupStatus, import_document
 from bot.runtime import Runtime, State
-from database import Database
+from database import Database, Fence, FencedOut
 from session_api.openapi import openapi_document
 
 bp = Blueprint("session_api", __name__)
@@ -68,6 +68,18 @@ def session_id_from(source: dict[str, Any] | None = None) -> str:
     return value
 
 
+def fence_for(session_id: str) -> Fence | None:
+    """Writes of this daemon's own session carry its lease; a standby daemon may not write it.
+    Other sessions are written as an admin's (unfenced) operation."""
+    if session_id != runtime().config.session_id:
+        return None
+    fence = runtime().fence
+    if fence is None:
+        abort(409, f"this daemon does not own session {session_id} right now ({runtime().state.value}); "
+                   "use the owner's API")
+    return fence
+
+
 def require_own_session(session_id: str) -> None:
     """Operations on the live client: this daemon's session only, and only once it has booted."""
     if session_id != runtime().config.session_id:
@@ -84,9 +96,11 @@ def backup() -> tuple[Response, int]:
         data = body["session_data"]
         text = data if isinstance(data, str) else json.dumps(data)
         try:
-            version = import_document(db(), session_id, text)
+            version = import_document(db(), session_id, text, fence_for(session_id))
         except SessionDocumentError as exc:
             abort(400, f"session_data refused: {exc}")
+        except FencedOut as exc:
+            abort(409, str(exc))
         return ok(201, session_id=session_id, imported=True, version=version)
     require_own_session(session_id)
     result = runtime().backup_now("api")
@@ -168,7 +182,11 @@ def status() -> tuple[Response, int]:
 def delete() -> tuple[Response, int]:
     session_id = session_id_from()
     purge = request.args.get("purge", "").lower() in ("1", "true", "yes")
-    if not db().delete_session(session_id, keep_history=not purge):
+    try:
+        deleted = db().delete_session(session_id, keep_history=not purge, fence=fence_for(session_id))
+    except FencedOut as exc:
+        abort(409, str(exc))
+    if not deleted:
         abort(404, f"no stored session {session_id}")
     note = None
     if session_id == runtime().config.session_id and runtime().status().connected:
