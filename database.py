@@ -173,6 +173,61 @@ class LoggedMessage:
 
 
 # --- schema ---------------------------------------------------------------------------
+
+def _tables_beside_sessions(serial_key: str) -> list[str]:
+    """History, leases, messages, chats: the same on both back-ends but for the serial key."""
+    return [
+        f"""CREATE TABLE whatsapp_session_history (
+            id {serial_key},
+            session_id VARCHAR(100) NOT NULL,
+            version INTEGER NOT NULL,
+            session_data JSONB NOT NULL,
+            checksum TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            device_jid TEXT,
+            taken_at TIMESTAMP NOT NULL,
+            UNIQUE (session_id, version)
+        )""",
+        """CREATE TABLE whatsapp_session_leases (
+            session_id VARCHAR(100) PRIMARY KEY,
+            owner_id TEXT,
+            fencing_token BIGINT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            acquired_at DOUBLE PRECISION NOT NULL,
+            renewed_at DOUBLE PRECISION NOT NULL
+        )""",
+        f"""CREATE TABLE whatsapp_messages (
+            id {serial_key},
+            session_id VARCHAR(100) NOT NULL,
+            chat_jid TEXT NOT NULL,
+            sender TEXT,
+            message_id TEXT,
+            dedupe_key TEXT,
+            direction VARCHAR(3) NOT NULL,
+            text TEXT NOT NULL,
+            status VARCHAR(16) NOT NULL,
+            reason TEXT,
+            created_at TIMESTAMP NOT NULL,
+            sent_at TIMESTAMP,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TIMESTAMP,
+            expires_at TIMESTAMP,
+            last_error TEXT,
+            UNIQUE (session_id, dedupe_key)
+        )""",
+        "CREATE INDEX whatsapp_messages_by_status ON whatsapp_messages (session_id, status, id)",
+        "CREATE INDEX whatsapp_messages_by_chat ON whatsapp_messages (session_id, chat_jid, id)",
+        """CREATE TABLE whatsapp_chats (
+            session_id VARCHAR(100) NOT NULL,
+            chat_jid TEXT NOT NULL,
+            last_incoming_at TIMESTAMP,
+            paused_until TIMESTAMP,
+            pause_reason TEXT,
+            PRIMARY KEY (session_id, chat_jid)
+        )""",
+    ]
+
+
 # Each list is ordered: entry N brings the schema from version N to N+1. The first entry
 # creates the whole current schema on a fresh database (and, on PostgreSQL, adopts the
 # seed's pre-existing whatsapp_sessions table by adding the columns it lacks).
@@ -191,54 +246,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         "ALTER TABLE whatsapp_sessions ADD COLUMN IF NOT EXISTS size_bytes INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE whatsapp_sessions ADD COLUMN IF NOT EXISTS device_jid TEXT",
         "ALTER TABLE whatsapp_sessions ADD COLUMN IF NOT EXISTS push_name TEXT",
-        """CREATE TABLE whatsapp_session_history (
-            id SERIAL PRIMARY KEY,
-            session_id VARCHAR(100) NOT NULL,
-            version INTEGER NOT NULL,
-            session_data JSONB NOT NULL,
-            checksum TEXT NOT NULL,
-            size_bytes INTEGER NOT NULL,
-            device_jid TEXT,
-            taken_at TIMESTAMP NOT NULL,
-            UNIQUE (session_id, version)
-        )""",
-        """CREATE TABLE whatsapp_session_leases (
-            session_id VARCHAR(100) PRIMARY KEY,
-            owner_id TEXT,
-            fencing_token BIGINT NOT NULL,
-            expires_at DOUBLE PRECISION NOT NULL,
-            acquired_at DOUBLE PRECISION NOT NULL,
-            renewed_at DOUBLE PRECISION NOT NULL
-        )""",
-        """CREATE TABLE whatsapp_messages (
-            id SERIAL PRIMARY KEY,
-            session_id VARCHAR(100) NOT NULL,
-            chat_jid TEXT NOT NULL,
-            sender TEXT,
-            message_id TEXT,
-            dedupe_key TEXT,
-            direction VARCHAR(3) NOT NULL,
-            text TEXT NOT NULL,
-            status VARCHAR(16) NOT NULL,
-            reason TEXT,
-            created_at TIMESTAMP NOT NULL,
-            sent_at TIMESTAMP,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at TIMESTAMP,
-            expires_at TIMESTAMP,
-            last_error TEXT,
-            UNIQUE (session_id, dedupe_key)
-        )""",
-        "CREATE INDEX whatsapp_messages_by_status ON whatsapp_messages (session_id, status, id)",
-        "CREATE INDEX whatsapp_messages_by_chat ON whatsapp_messages (session_id, chat_jid, id)",
-        """CREATE TABLE whatsapp_chats (
-            session_id VARCHAR(100) NOT NULL,
-            chat_jid TEXT NOT NULL,
-            last_incoming_at TIMESTAMP,
-            paused_until TIMESTAMP,
-            pause_reason TEXT,
-            PRIMARY KEY (session_id, chat_jid)
-        )""",
+        *_tables_beside_sessions("SERIAL PRIMARY KEY"),
     ],
 ]
 
@@ -256,54 +264,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
             device_jid TEXT,
             push_name TEXT
         )""",
-        """CREATE TABLE whatsapp_session_history (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            session_id VARCHAR(100) NOT NULL,
-            version INTEGER NOT NULL,
-            session_data JSONB NOT NULL,
-            checksum TEXT NOT NULL,
-            size_bytes INTEGER NOT NULL,
-            device_jid TEXT,
-            taken_at TIMESTAMP NOT NULL,
-            UNIQUE (session_id, version)
-        )""",
-        """CREATE TABLE whatsapp_session_leases (
-            session_id VARCHAR(100) PRIMARY KEY,
-            owner_id TEXT,
-            fencing_token BIGINT NOT NULL,
-            expires_at DOUBLE PRECISION NOT NULL,
-            acquired_at DOUBLE PRECISION NOT NULL,
-            renewed_at DOUBLE PRECISION NOT NULL
-        )""",
-        """CREATE TABLE whatsapp_messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            session_id VARCHAR(100) NOT NULL,
-            chat_jid TEXT NOT NULL,
-            sender TEXT,
-            message_id TEXT,
-            dedupe_key TEXT,
-            direction VARCHAR(3) NOT NULL,
-            text TEXT NOT NULL,
-            status VARCHAR(16) NOT NULL,
-            reason TEXT,
-            created_at TIMESTAMP NOT NULL,
-            sent_at TIMESTAMP,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at TIMESTAMP,
-            expires_at TIMESTAMP,
-            last_error TEXT,
-            UNIQUE (session_id, dedupe_key)
-        )""",
-        "CREATE INDEX whatsapp_messages_by_status ON whatsapp_messages (session_id, status, id)",
-        "CREATE INDEX whatsapp_messages_by_chat ON whatsapp_messages (session_id, chat_jid, id)",
-        """CREATE TABLE whatsapp_chats (
-            session_id VARCHAR(100) NOT NULL,
-            chat_jid TEXT NOT NULL,
-            last_incoming_at TIMESTAMP,
-            paused_until TIMESTAMP,
-            pause_reason TEXT,
-            PRIMARY KEY (session_id, chat_jid)
-        )""",
+        *_tables_beside_sessions("INTEGER PRIMARY KEY AUTOINCREMENT"),
     ],
 ]
 

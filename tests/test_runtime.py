@@ -13,7 +13,7 @@ from bot import events
 from bot.config import Config
 from bot.runtime import Backoff, Runtime, State, Timing
 from database import Database
-from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.fake_whatsapp import FakeClient, FakeWhatsApp, wait_until
 from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
 
 FAST = Timing(debounce_seconds=0.4, debounce_max_seconds=5, after_connect_seconds=0.2, after_pair_seconds=0.1,
@@ -49,6 +49,17 @@ def versions(db: Database) -> list[int]:
     return [h.version for h in db.list_history("default")]
 
 
+def start_paired(runtime: Runtime, network: FakeWhatsApp, db: Database) -> FakeClient:
+    """Start from nothing, scan the QR, wait until connected and the backups are done."""
+    runtime.start()
+    wait_until(lambda: runtime.state is State.QR, message="qr state")
+    client = network.current()
+    client.scan_qr()
+    wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
+    settle(runtime, db)
+    return client
+
+
 def settle(runtime: Runtime, db: Database, seconds: float = 1.0) -> None:
     """Wait until no backup has been written for a while."""
     last = versions(db)
@@ -78,12 +89,7 @@ def test_pairing_from_an_empty_start_is_backed_up(runtime_factory, db: Database,
 
 def test_a_burst_of_store_changes_gives_exactly_one_backup(runtime_factory, db: Database, network) -> None:
     runtime = runtime_factory()
-    runtime.start()
-    wait_until(lambda: runtime.state is State.QR)
-    client = network.current()
-    client.scan_qr()
-    wait_until(lambda: runtime.state is State.CONNECTED)
-    settle(runtime, db)
+    client = start_paired(runtime, network, db)
     before = versions(db)
 
     for _ in range(4):  # four writes inside the debounce window
@@ -99,11 +105,7 @@ def test_a_burst_of_store_changes_gives_exactly_one_backup(runtime_factory, db: 
 
 def test_an_unchanged_store_is_never_written_again(runtime_factory, db: Database, network) -> None:
     runtime = runtime_factory()
-    runtime.start()
-    wait_until(lambda: runtime.state is State.QR)
-    network.current().scan_qr()
-    wait_until(lambda: runtime.state is State.CONNECTED)
-    settle(runtime, db)
+    start_paired(runtime, network, db)
     row = db.load_session("default")
 
     results = [runtime.backup_now("test") for _ in range(3)]
@@ -114,12 +116,7 @@ def test_an_unchanged_store_is_never_written_again(runtime_factory, db: Database
 
 def test_logout_wipes_local_and_stored_session_and_pairs_again(runtime_factory, db: Database, network, tmp_path):
     runtime = runtime_factory()
-    runtime.start()
-    wait_until(lambda: runtime.state is State.QR)
-    first = network.current()
-    first.scan_qr()
-    wait_until(lambda: db.load_session("default") is not None)
-    wait_until(lambda: runtime.state is State.CONNECTED)
+    first = start_paired(runtime, network, db)
     history = versions(db)
 
     first.unlink()
@@ -136,12 +133,7 @@ def test_logout_wipes_local_and_stored_session_and_pairs_again(runtime_factory, 
 
 def test_stream_replaced_stops_without_reconnecting_or_writing(runtime_factory, db: Database, network) -> None:
     runtime = runtime_factory()
-    runtime.start()
-    wait_until(lambda: runtime.state is State.QR)
-    client = network.current()
-    client.scan_qr()
-    wait_until(lambda: runtime.state is State.CONNECTED)
-    settle(runtime, db)
+    client = start_paired(runtime, network, db)
     row = db.load_session("default")
 
     client.emit(events.StreamReplaced())
@@ -211,12 +203,7 @@ def test_expired_qr_round_starts_a_fresh_one(runtime_factory, network) -> None:
 def test_shutdown_takes_a_final_backup(runtime_factory, db: Database, network) -> None:
     runtime = runtime_factory(timing=Timing(debounce_seconds=30, after_connect_seconds=0.1, after_pair_seconds=0.1,
                                             watch_interval_seconds=0.05))
-    runtime.start()
-    wait_until(lambda: runtime.state is State.QR)
-    client = network.current()
-    client.scan_qr()
-    wait_until(lambda: runtime.state is State.CONNECTED)
-    settle(runtime, db)
+    client = start_paired(runtime, network, db)
     client.write_store(rows=7)
 
     runtime.stop()

@@ -44,3 +44,25 @@ def test_sessions_are_independent(db: Database) -> None:
     assert [s.session_id for s in db.list_sessions()] == ["b"]
     assert db.list_history("a") == []
     assert len(db.list_history("b")) == 1
+
+
+def test_the_seeds_existing_table_is_adopted_without_losing_rows(database_url: str) -> None:
+    import psycopg
+
+    from database import PostgresDatabase
+
+    with psycopg.connect(database_url, autocommit=True) as conn:  # the seed's schema, before zapkeep
+        conn.execute("""CREATE TABLE whatsapp_sessions (
+            id SERIAL PRIMARY KEY, session_id VARCHAR(100) DEFAULT 'default' UNIQUE,
+            session_data JSONB NOT NULL, created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+            updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)""")
+        conn.execute("""INSERT INTO whatsapp_sessions (session_id, session_data) VALUES ('old', '{"creds": 1}')""")
+    db = PostgresDatabase(database_url)
+    db.open()
+    try:
+        assert db.schema_version() == SCHEMA_VERSION
+        (old,) = db.list_sessions()
+        assert old.session_id == "old" and old.checksum == ""  # kept, with the new columns' defaults
+        assert db.save_session(_write("default", 1)).written
+    finally:
+        db.close()
