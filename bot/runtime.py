@@ -339,16 +339,16 @@ class Runtime:
 
     def _enter_standby(self) -> None:
         with self._lock:
-            if self._standby_since is None:
+            first_time = self._standby_since is None
+            if first_time:
                 self._standby_since = time.monotonic()
-                lease = None
-                try:
-                    lease = self.db.lease(self.config.session_id)
-                except Exception:
-                    pass
-                log.info("session %s: owned by %s; standing by", self.config.session_id,
-                         lease.owner_id if lease else "another instance")
             self._set(state=State.STANDBY, owns_session=False, fencing_token=None)
+        if first_time:
+            try:
+                holder = getattr(self.db.lease(self.config.session_id), "owner_id", None)
+            except Exception:
+                holder = None
+            log.info("session %s: owned by %s; standing by", self.config.session_id, holder or "another instance")
 
     def _demote(self, reason: str, fence: Fence | None = None) -> None:
         """Stop talking to WhatsApp and stop writing: the session may belong to someone else now.
@@ -432,7 +432,9 @@ class Runtime:
         while not self._stopping.is_set():
             with self._lock:
                 pending, self._pending = self._pending, None
+                self._wake.clear()  # whatever woke us is being handled now
             if pending in (_Pending.REPLACED, _Pending.DEMOTED) or not self._lease_fresh():
+                self._fail_restore_request("the session was handed over before the restore could run")
                 return  # never (re)connect without a lease that is surely still ours
             if pending is _Pending.LOGGED_OUT:
                 self._wipe_session()
@@ -502,6 +504,13 @@ class Runtime:
             log.error("session %s: restore failed, the local store is unchanged: %s", self.config.session_id, exc)
             request.error = exc
         finally:
+            request.done.set()
+
+    def _fail_restore_request(self, reason: str) -> None:
+        with self._lock:
+            request, self._restore_request = self._restore_request, None
+        if request is not None:
+            request.error = StateConflictError(reason)
             request.done.set()
 
     def _stop_client(self, pending: _Pending | None = None) -> None:

@@ -29,6 +29,16 @@ def find_bindir() -> Path:
     raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found; install postgresql-15")
 
 
+def _unprivileged_user() -> pwd.struct_passwd:
+    """PostgreSQL refuses to run as root: the Debian package's user, else nobody."""
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError("running as root, and neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -43,9 +53,9 @@ class PostgresCluster:
         self.port = _free_port()
         self._as_user: list[str] = []
         if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
+            user = _unprivileged_user()
             os.chown(self.base, user.pw_uid, user.pw_gid)
-            self._as_user = ["runuser", "-u", "postgres", "--"]
+            self._as_user = ["runuser", "-u", user.pw_name, "--"]
 
     def _run(self, *args: str) -> None:
         subprocess.run([*self._as_user, *args], check=True, capture_output=True, cwd=self.base)
