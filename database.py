@@ -390,23 +390,24 @@ class Database:
     """
     PRUNE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s AND version <= %s"
     SELECT_STORED_CHECKSUM = "SELECT checksum, version FROM whatsapp_sessions WHERE session_id = %s"
-    # Touching the lease row locks it: a take-over waits until this write has committed.
-    LOCK_LEASE = """
-        UPDATE whatsapp_session_leases SET renewed_at = renewed_at
-        WHERE session_id = %s AND owner_id = %s AND fencing_token = %s AND expires_at > %s
-    """
+    # Touching the lease row locks it: a take-over waits until this write has committed, so the
+    # token that FENCE_HOLDS checks cannot change under the write.
+    LOCK_LEASE = "UPDATE whatsapp_session_leases SET renewed_at = renewed_at WHERE session_id = %s"
+    SELECT_FENCE_HOLDS = f"SELECT {FENCE_HOLDS} AS holds"
 
     def _fence_params(self, tx: Transaction, session_id: str, fence: Fence | None) -> tuple[Any, ...]:
-        """Check and lock the lease for a fenced write; the parameters of FENCE_HOLDS."""
+        """Lock the lease for a fenced write; the parameters of FENCE_HOLDS."""
         if fence is None:
             return (True, session_id, "", 0, 0.0)
         if fence.session_id != session_id:
             raise FencedOut(f"a fence for session {fence.session_id} cannot write session {session_id}")
-        now = tx.scalar(self.NOW)
-        if tx.execute(self.LOCK_LEASE, (session_id, fence.owner_id, fence.token, now)).rowcount != 1:
-            raise FencedOut(f"session {session_id}: fencing token {fence.token} is no longer valid; "
-                            "another instance owns the session")
-        return (False, session_id, fence.owner_id, fence.token, now)
+        tx.execute(self.LOCK_LEASE, (session_id,))
+        return (False, session_id, fence.owner_id, fence.token, tx.scalar(self.NOW))
+
+    @staticmethod
+    def _fenced_out(fence: Fence) -> FencedOut:
+        return FencedOut(f"session {fence.session_id}: fencing token {fence.token} is no longer valid; "
+                         "another instance owns the session")
 
     def save_session(self, write: SessionWrite, fence: Fence | None = None) -> SaveResult:
         """Store a snapshot unless the stored one has the same checksum; keep the last few in history.
@@ -428,7 +429,10 @@ class Database:
                 (write.session_id, data, version, write.checksum, write.size_bytes,
                  write.device_jid, write.push_name, now, now, *fence_params, *fence_params),
             )
-            if written is None:  # a concurrent writer stored this very checksum first
+            if written is None:
+                if fence is not None:  # the checksum differs and the lease is locked: the fence failed
+                    raise self._fenced_out(fence)
+                # Unfenced: a concurrent writer stored this very checksum first.
                 return SaveResult(written=False, version=tx.scalar(self.SELECT_SESSION_VERSION, (write.session_id,)))
             tx.execute(
                 self.INSERT_HISTORY,
@@ -477,6 +481,8 @@ class Database:
         with self.transaction() as tx:
             fence_params = self._fence_params(tx, session_id, fence)
             deleted = tx.execute(self.DELETE_SESSION, (session_id, *fence_params)).rowcount > 0
+            if not deleted and fence is not None and not tx.scalar(self.SELECT_FENCE_HOLDS, fence_params):
+                raise self._fenced_out(fence)
             if not keep_history:
                 deleted = tx.execute(self.DELETE_HISTORY, (session_id,)).rowcount > 0 or deleted
         return deleted
