@@ -56,3 +56,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import sys
 
     assert "neonize" not in sys.modules, "the test process imported neonize; run it in a child process"
+
+
+@pytest.fixture
+def processes() -> Iterator[list]:
+    """Child processes a test starts; any still running at the end (a failed test) are killed."""
+    started: list = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

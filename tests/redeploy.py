@@ -79,6 +79,12 @@ class Daemon:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=30)
 
+    def stop_if_running(self) -> None:
+        """Clean-up after a test, passed or failed: no daemon outlives it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
     def kill(self) -> None:
         assert self.process is not None
         self.process.kill()
@@ -97,12 +103,15 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
     first = Daemon(workdir / "deploy-0", database_url)
     create_paired_store(first.store)
     original = table_rows(first.store)
+    started = [first]
     owner = first.start()
-    wait_until(lambda: owner.status()["owns_session"], timeout=20, message="the first owner")
     handovers = []
     try:
+        wait_until(lambda: owner.status()["owns_session"], timeout=20, message="the first owner")
         for n in range(1, iterations + 1):
-            new = Daemon(workdir / f"deploy-{n}", database_url).start()
+            new = Daemon(workdir / f"deploy-{n}", database_url)
+            started.append(new)
+            new.start()
             wait_until(lambda: new.status()["state"] != "starting", timeout=10, message="the new daemon booted")
             time.sleep(0.5)  # time enough to misbehave, if it would
             status = new.status()
@@ -123,20 +132,21 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
             owner = new
         assert neonize("devices", owner.store) == [{"jid": DEVICE_JID, "push_name": PUSH_NAME}]
     finally:
-        if owner.process and owner.process.poll() is None:
-            owner.terminate()
+        for daemon in started:
+            daemon.stop_if_running()
     return HandoverReport(iterations, handovers)
 
 
 def crash_takeover(database_url: str, workdir: Path) -> float:
     """kill -9 the owner: a standby takes over once the lease expires, from the last complete snapshot."""
     owner = Daemon(workdir / "crash-a", database_url)
+    standby = Daemon(workdir / "crash-b", database_url)
     create_paired_store(owner.store)
     original = table_rows(owner.store)
-    owner.start()
-    wait_until(lambda: owner.status()["owns_session"], timeout=20, message="owner")
-    standby = Daemon(workdir / "crash-b", database_url).start()
     try:
+        owner.start()
+        wait_until(lambda: owner.status()["owns_session"], timeout=20, message="owner")
+        standby.start()
         wait_until(lambda: standby.status()["state"] == "standby", timeout=10, message="standby")
         owner.kill()
         killed_at = time.monotonic()
@@ -146,5 +156,6 @@ def crash_takeover(database_url: str, workdir: Path) -> float:
         assert table_rows(standby.store) == original
         assert standby.status()["handover_seconds"] is not None
     finally:
-        standby.terminate()
+        owner.stop_if_running()
+        standby.stop_if_running()
     return waited

@@ -71,7 +71,7 @@ def _free_port() -> int:
 
 
 def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
-        database_url: str, tmp_path: Path) -> None:
+        database_url: str, tmp_path: Path, processes: list) -> None:
     data_dir = tmp_path / "data"
     store = data_dir / "sessions" / "default" / "whatsmeow.sqlite3"
     create_paired_store(store)
@@ -80,6 +80,7 @@ def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
     db.open()
     try:
         daemon = _start_daemon(data_dir, database_url, _free_port())
+        processes.append(daemon)
         started = time.monotonic()
         wait_until(lambda: db.load_session("default") is not None, timeout=20, message="the session in the DB")
         appeared_after = time.monotonic() - started
@@ -91,6 +92,7 @@ def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
         import shutil
         shutil.rmtree(data_dir)
         daemon = _start_daemon(data_dir, database_url, _free_port())
+        processes.append(daemon)
         wait_until(store.exists, timeout=20, message="the store rebuilt")
         wait_until(lambda: "restored session default" in (daemon.stdout.readline() or ""), timeout=20,
                    message="the restore log line")
@@ -117,12 +119,13 @@ def test_bad_configuration_fails_at_boot_with_one_line_naming_the_variable(tmp_p
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signals_stop_the_daemon_within_seconds(tmp_path: Path, signum: int) -> None:
+def test_signals_stop_the_daemon_within_seconds(tmp_path: Path, signum: int, processes: list) -> None:
     port = _free_port()
     env = {**os.environ, **OFFLINE_ENV, "DATA_DIR": str(tmp_path), "PORT": str(port)}
     env.pop("DATABASE_URL", None)
     daemon = subprocess.Popen([sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    processes.append(daemon)
     wait_until(lambda: _healthy(port), timeout=20, message="healthz")
     started = time.monotonic()
     daemon.send_signal(signum)
