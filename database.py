@@ -174,6 +174,7 @@ class LoggedMessage:
 
 # --- schema ---------------------------------------------------------------------------
 
+
 def _tables_beside_sessions(serial_key: str) -> list[str]:
     """History, leases, messages, chats: the same on both back-ends but for the serial key."""
     return [
@@ -361,9 +362,7 @@ class Database:
     # --- sessions ---
 
     SELECT_STORED_CHECKSUM = "SELECT checksum, version FROM whatsapp_sessions WHERE session_id = %s"
-    NEXT_HISTORY_VERSION = (
-        "SELECT COALESCE(MAX(version), 0) + 1 FROM whatsapp_session_history WHERE session_id = %s"
-    )
+    NEXT_HISTORY_VERSION = "SELECT COALESCE(MAX(version), 0) + 1 FROM whatsapp_session_history WHERE session_id = %s"
     # "%s OR EXISTS (...)": the first parameter is True for an unfenced (admin) write.
     FENCE_HOLDS = """(%s OR EXISTS (SELECT 1 FROM whatsapp_session_leases
         WHERE session_id = %s AND owner_id = %s AND fencing_token = %s AND expires_at > %s))"""
@@ -406,8 +405,10 @@ class Database:
 
     @staticmethod
     def _fenced_out(fence: Fence) -> FencedOut:
-        return FencedOut(f"session {fence.session_id}: fencing token {fence.token} is no longer valid; "
-                         "another instance owns the session")
+        return FencedOut(
+            f"session {fence.session_id}: fencing token {fence.token} is no longer valid; "
+            "another instance owns the session"
+        )
 
     def save_session(self, write: SessionWrite, fence: Fence | None = None) -> SaveResult:
         """Store a snapshot unless the stored one has the same checksum; keep the last few in history.
@@ -426,8 +427,19 @@ class Database:
             data = self.json_param(write.document_text)
             written = tx.scalar(
                 self.UPSERT_SESSION_IF_CHANGED,
-                (write.session_id, data, version, write.checksum, write.size_bytes,
-                 write.device_jid, write.push_name, now, now, *fence_params, *fence_params),
+                (
+                    write.session_id,
+                    data,
+                    version,
+                    write.checksum,
+                    write.size_bytes,
+                    write.device_jid,
+                    write.push_name,
+                    now,
+                    now,
+                    *fence_params,
+                    *fence_params,
+                ),
             )
             if written is None:
                 if fence is not None:  # the checksum differs and the lease is locked: the fence failed
@@ -524,42 +536,103 @@ class Database:
         the chat's new state and the queued reply commit with it or not at all."""
         received = _naive(message.received_at)
         with self.transaction() as tx:
-            inbound_id = tx.scalar(self.INSERT_MESSAGE, (
-                message.session_id, message.chat_jid, message.sender, message.message_id,
-                f"in:{message.message_id}", "in", message.text, "received", None, received, None, None, None))
+            inbound_id = tx.scalar(
+                self.INSERT_MESSAGE,
+                (
+                    message.session_id,
+                    message.chat_jid,
+                    message.sender,
+                    message.message_id,
+                    f"in:{message.message_id}",
+                    "in",
+                    message.text,
+                    "received",
+                    None,
+                    received,
+                    None,
+                    None,
+                    None,
+                ),
+            )
             if inbound_id is None:
                 return InboundResult(duplicate=True, reply_id=None)
             chat = tx.one(ChatState, self.SELECT_CHAT, (message.session_id, message.chat_jid))
             outcome = decide(None if chat is None else _aware_chat(chat))
             tx.execute(self.SET_MESSAGE_STATUS, (outcome.status, outcome.reason, inbound_id))
-            tx.execute(self.UPSERT_CHAT, (
-                message.session_id, message.chat_jid, received, _naive(outcome.paused_until), outcome.pause_reason))
+            tx.execute(
+                self.UPSERT_CHAT,
+                (message.session_id, message.chat_jid, received, _naive(outcome.paused_until), outcome.pause_reason),
+            )
             reply_id = None
             if outcome.reply_text is not None:
-                reply_id = tx.scalar(self.INSERT_MESSAGE, (
-                    message.session_id, message.chat_jid, None, None, f"reply:{message.message_id}", "out",
-                    outcome.reply_text, "queued", outcome.reason, received, None, received,
-                    _naive(outcome.reply_expires_at)))
+                reply_id = tx.scalar(
+                    self.INSERT_MESSAGE,
+                    (
+                        message.session_id,
+                        message.chat_jid,
+                        None,
+                        None,
+                        f"reply:{message.message_id}",
+                        "out",
+                        outcome.reply_text,
+                        "queued",
+                        outcome.reason,
+                        received,
+                        None,
+                        received,
+                        _naive(outcome.reply_expires_at),
+                    ),
+                )
         return InboundResult(duplicate=False, reply_id=reply_id)
 
     def record_operator_message(self, message: Inbound, paused_until: datetime) -> bool:
         """An answer typed on the phone: logged as outgoing, and the bot steps back in that chat."""
         with self.transaction() as tx:
-            logged = tx.scalar(self.INSERT_MESSAGE, (
-                message.session_id, message.chat_jid, message.sender, message.message_id,
-                f"op:{message.message_id}", "out", message.text, "sent", "operator",
-                _naive(message.received_at), _naive(message.received_at), None, None))
+            logged = tx.scalar(
+                self.INSERT_MESSAGE,
+                (
+                    message.session_id,
+                    message.chat_jid,
+                    message.sender,
+                    message.message_id,
+                    f"op:{message.message_id}",
+                    "out",
+                    message.text,
+                    "sent",
+                    "operator",
+                    _naive(message.received_at),
+                    _naive(message.received_at),
+                    None,
+                    None,
+                ),
+            )
             if logged is None:
                 return False
             tx.execute(self.UPSERT_CHAT, (message.session_id, message.chat_jid, None, _naive(paused_until), "operator"))
         return True
 
-    def enqueue_outgoing(self, session_id: str, chat_jid: str, text: str, *, reason: str,
-                         expires_at: datetime | None, now: datetime) -> int:
+    def enqueue_outgoing(
+        self, session_id: str, chat_jid: str, text: str, *, reason: str, expires_at: datetime | None, now: datetime
+    ) -> int:
         with self.transaction() as tx:
-            return tx.scalar(self.INSERT_MESSAGE, (
-                session_id, chat_jid, None, None, None, "out", text, "queued", reason,
-                _naive(now), None, _naive(now), _naive(expires_at)))
+            return tx.scalar(
+                self.INSERT_MESSAGE,
+                (
+                    session_id,
+                    chat_jid,
+                    None,
+                    None,
+                    None,
+                    "out",
+                    text,
+                    "queued",
+                    reason,
+                    _naive(now),
+                    None,
+                    _naive(now),
+                    _naive(expires_at),
+                ),
+            )
 
     SELECT_QUEUED = """
         SELECT id, chat_jid, text, attempts, next_attempt_at, expires_at FROM whatsapp_messages
@@ -572,8 +645,12 @@ class Database:
             rows = tx.all(OutgoingMessage, self.SELECT_QUEUED, (session_id, limit))
         return [replace(r, next_attempt_at=_aware(r.next_attempt_at), expires_at=_aware(r.expires_at)) for r in rows]
 
-    CLAIM_OUTGOING = "UPDATE whatsapp_messages SET status = 'sending', attempts = attempts + 1 WHERE id = %s AND status = 'queued'"
-    MARK_SENT = "UPDATE whatsapp_messages SET status = 'sent', message_id = %s, sent_at = %s, last_error = NULL WHERE id = %s"
+    CLAIM_OUTGOING = (
+        "UPDATE whatsapp_messages SET status = 'sending', attempts = attempts + 1 WHERE id = %s AND status = 'queued'"
+    )
+    MARK_SENT = (
+        "UPDATE whatsapp_messages SET status = 'sent', message_id = %s, sent_at = %s, last_error = NULL WHERE id = %s"
+    )
     MARK_RETRY = "UPDATE whatsapp_messages SET status = 'queued', last_error = %s, next_attempt_at = %s WHERE id = %s"
     MARK_UNSENT = "UPDATE whatsapp_messages SET status = 'queued', attempts = attempts - 1 WHERE id = %s"
     MARK_FAILED = "UPDATE whatsapp_messages SET status = 'failed', last_error = %s WHERE id = %s"
@@ -697,8 +774,9 @@ class PostgresDatabase(Database):
     migrations = POSTGRES_MIGRATIONS
     NOW = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
-    def __init__(self, url: str, *, max_size: int = 8, connect_timeout: float = 10.0,
-                 wait_timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, max_size: int = 8, connect_timeout: float = 10.0, wait_timeout: float = 10.0
+    ) -> None:
         from psycopg_pool import ConnectionPool
 
         self._url = url

@@ -73,8 +73,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as scratch:
             results = {}
-            for name, db in (("postgresql", PostgresDatabase(cluster.create_database())),
-                             ("sqlite", SqliteDatabase(Path(scratch) / "bench.sqlite3"))):
+            for name, db in (
+                ("postgresql", PostgresDatabase(cluster.create_database())),
+                ("sqlite", SqliteDatabase(Path(scratch) / "bench.sqlite3")),
+            ):
                 db.open()
                 results[name] = run(db, args.messages, args.chats)
                 db.close()

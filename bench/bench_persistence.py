@@ -57,10 +57,13 @@ def bench_store(label: str, size: StoreSize, databases: dict[str, Database], wor
             db.save_session(write.__class__(**{**write.__dict__, "checksum": f"{write.checksum}-{next(counter)}"}))
 
         rows.append(f"{label:9} save to {name:10}              {median_ms(save_changed, rounds):10.1f} ms")
-        rows.append(f"{label:9} save unchanged {name:10}       "
-                    f"{median_ms(lambda: db.save_session(snapshot_to_write(label, snapshot)), rounds):10.1f} ms")
-        rows.append(f"{label:9} load from {name:10}            "
-                    f"{median_ms(lambda: db.load_session(label), rounds):10.1f} ms")
+        rows.append(
+            f"{label:9} save unchanged {name:10}       "
+            f"{median_ms(lambda: db.save_session(snapshot_to_write(label, snapshot)), rounds):10.1f} ms"
+        )
+        rows.append(
+            f"{label:9} load from {name:10}            {median_ms(lambda: db.load_session(label), rounds):10.1f} ms"
+        )
     return rows
 
 

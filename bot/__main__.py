@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _configure_logging(config: Config) -> None:
     # Before neonize is imported: its import calls basicConfig, a no-op once this has run.
-    logging.basicConfig(level=config.python_log_level(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.python_log_level(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
@@ -162,12 +163,17 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
             print(json.dumps({"database": db.backend, "sessions": sessions}, indent=2, default=str))
         elif args.command == "backup":
             result = persistence.backup_session(db, session_id, config.store_path)
-            print(f"{result.status.value}: session {session_id} version {result.version}, "
-                  f"{result.snapshot.size_bytes} bytes, {result.snapshot.total_rows} rows")
+            print(
+                f"{result.status.value}: session {session_id} version {result.version}, "
+                f"{result.snapshot.size_bytes} bytes, {result.snapshot.total_rows} rows"
+            )
             return 0 if result.status is not persistence.BackupStatus.NOT_PAIRED else EXIT_FAILURE
         elif args.command == "restore":
-            record = db.load_session(session_id) if args.version is None else db.load_history_version(
-                session_id, args.version)
+            record = (
+                db.load_session(session_id)
+                if args.version is None
+                else db.load_history_version(session_id, args.version)
+            )
             if record is None:
                 raise ZapkeepError(f"no stored snapshot of session {session_id}")
             persistence.restore_record(record, config.store_path)

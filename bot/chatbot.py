@@ -107,8 +107,12 @@ def decide(rules: Rules, text: str, push_name: str, chat: ChatContext, now: date
     """The reply (if any) to one customer message."""
     if chat.paused_until is not None and chat.paused_until > now:
         return Decision(None, "paused", chat.paused_until)
-    values = {"business": rules.business, "name": push_name.strip() or "cliente",
-              "menu": rules.menu_text(), "hours": rules.hours_text()}
+    values = {
+        "business": rules.business,
+        "name": push_name.strip() or "cliente",
+        "menu": rules.menu_text(),
+        "hours": rules.hours_text(),
+    }
     is_open = rules.is_open(now)
     silent_long = chat.last_incoming_at is None or now - chat.last_incoming_at >= rules.greeting_after_silence
     words = normalise(text)
@@ -255,8 +259,10 @@ def _template(table: dict[str, Any], key: str, where: str) -> str:
     value = _text(table, key, where)
     unknown = {name for name in re.findall(r"\{(\w*)\}", value)} - _PLACEHOLDERS
     if unknown:
-        raise _RuleError(f"{where}: {key} uses unknown placeholder {{{sorted(unknown)[0]}}} "
-                         f"(known: {', '.join('{' + p + '}' for p in sorted(_PLACEHOLDERS))})")
+        raise _RuleError(
+            f"{where}: {key} uses unknown placeholder {{{sorted(unknown)[0]}}} "
+            f"(known: {', '.join('{' + p + '}' for p in sorted(_PLACEHOLDERS))})"
+        )
     try:
         value.format_map(dict.fromkeys(_PLACEHOLDERS, ""))
     except (ValueError, IndexError) as exc:
@@ -283,12 +289,12 @@ def _number(table: dict[str, Any], key: str, where: str, default: float, *, low:
 def _day(hours: dict[str, Any], day: str) -> tuple[tuple[time, time], ...]:
     value = hours.get(day, "")
     if not isinstance(value, str):
-        raise _RuleError(f"[hours] {day} must be a text like \"08:00-18:00\"")
+        raise _RuleError(f'[hours] {day} must be a text like "08:00-18:00"')
     ranges = []
     for part in filter(None, (p.strip() for p in value.split(","))):
         match = _RANGE.fullmatch(part)
         if match is None:
-            raise _RuleError(f"[hours] {day}: {part!r} is not a range like \"08:00-18:00\"")
+            raise _RuleError(f'[hours] {day}: {part!r} is not a range like "08:00-18:00"')
         h1, m1, h2, m2 = (int(g) for g in match.groups())
         if not (h1 < 24 and h2 <= 24 and m1 < 60 and m2 < 60):
             raise _RuleError(f"[hours] {day}: {part!r} is not a valid time range")

@@ -64,9 +64,18 @@ def run_console(config: Config, *, name: str, stdin: TextIO = sys.stdin, stdout:
                 if not _command(text, rules, clock, bot, next(ids), stdout):
                     return 0
                 continue
-            bot.handle(events.IncomingMessage(
-                message_id=next(ids), chat=CHAT, sender=CHAT, push_name=name, text=text,
-                from_me=False, is_group=False, timestamp=int(clock().timestamp())))
+            bot.handle(
+                events.IncomingMessage(
+                    message_id=next(ids),
+                    chat=CHAT,
+                    sender=CHAT,
+                    push_name=name,
+                    text=text,
+                    from_me=False,
+                    is_group=False,
+                    timestamp=int(clock().timestamp()),
+                )
+            )
             if outbox.flush() == 0:
                 stdout.write("bot> (no reply: the bot is paused in this chat)\n\n")
                 stdout.flush()
@@ -83,12 +92,23 @@ def _command(text: str, rules: Rules, clock: _Clock, bot: Chatbot, message_id: s
             stdout.write("usage: /clock HH:MM or /clock YYYY-MM-DD HH:MM\n\n")
             return True
         local = clock.fixed.astimezone(rules.timezone)
-        stdout.write(f"(clock set to {local:%Y-%m-%d %H:%M} {rules.timezone.key}; "
-                     f"{'open' if rules.is_open(clock.fixed) else 'closed'})\n\n")
+        stdout.write(
+            f"(clock set to {local:%Y-%m-%d %H:%M} {rules.timezone.key}; "
+            f"{'open' if rules.is_open(clock.fixed) else 'closed'})\n\n"
+        )
     elif command == "/operator":
-        bot.handle(events.IncomingMessage(
-            message_id=message_id, chat=CHAT, sender=CHAT, push_name="", text=argument,
-            from_me=True, is_group=False, timestamp=int(clock().timestamp())))
+        bot.handle(
+            events.IncomingMessage(
+                message_id=message_id,
+                chat=CHAT,
+                sender=CHAT,
+                push_name="",
+                text=argument,
+                from_me=True,
+                is_group=False,
+                timestamp=int(clock().timestamp()),
+            )
+        )
         stdout.write("(an operator answered from the phone: the bot steps back in this chat)\n\n")
     else:
         stdout.write(HELP + "\n\n")

@@ -82,8 +82,18 @@ class IncomingMessage:
 
 
 ClientEvent = (
-    QrCode | PairingCode | Paired | Connected | Disconnected | LoggedOut | StreamReplaced
-    | TemporaryBan | ConnectFailure | KeepAliveTimeout | KeepAliveRestored | IncomingMessage
+    QrCode
+    | PairingCode
+    | Paired
+    | Connected
+    | Disconnected
+    | LoggedOut
+    | StreamReplaced
+    | TemporaryBan
+    | ConnectFailure
+    | KeepAliveTimeout
+    | KeepAliveRestored
+    | IncomingMessage
 )
 EventSink = Callable[[ClientEvent], None]
 

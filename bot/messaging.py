@@ -31,9 +31,16 @@ def ignore_reason(message: events.IncomingMessage) -> str | None:
 
 
 class Chatbot:
-    def __init__(self, db: Database, session_id: str, rules: chatbot.Rules, outbox: Outbox, *,
-                 mark_read: Callable[[events.IncomingMessage], None] | None = None,
-                 clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        session_id: str,
+        rules: chatbot.Rules,
+        outbox: Outbox,
+        *,
+        mark_read: Callable[[events.IncomingMessage], None] | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.db = db
         self.session_id = session_id
         self.rules = rules
@@ -72,11 +79,17 @@ class Chatbot:
 
         result = self.db.record_inbound(inbound, decide)
         if result.duplicate:
-            log.info("message %s in %s: already handled (redelivered); no second reply", message.message_id,
-                     message.chat)
+            log.info(
+                "message %s in %s: already handled (redelivered); no second reply", message.message_id, message.chat
+            )
             return Handled("duplicate")
-        log.info("message %s from %s: %d chars, %s", message.message_id, message.chat, len(message.text),
-                 "reply queued" if result.reply_id else "no reply (paused)")
+        log.info(
+            "message %s from %s: %d chars, %s",
+            message.message_id,
+            message.chat,
+            len(message.text),
+            "reply queued" if result.reply_id else "no reply (paused)",
+        )
         if self.rules.mark_read and self._mark_read is not None:
             try:
                 self._mark_read(message)

@@ -35,8 +35,16 @@ class Channel:
 
 
 class Outbox:
-    def __init__(self, db: Database, session_id: str, channel: Channel, *, typing_seconds: float = 0.0,
-                 clock: Callable[[], datetime] | None = None, poll_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        session_id: str,
+        channel: Channel,
+        *,
+        typing_seconds: float = 0.0,
+        clock: Callable[[], datetime] | None = None,
+        poll_seconds: float = 1.0,
+    ) -> None:
         self.db = db
         self.session_id = session_id
         self.channel = channel
@@ -53,8 +61,9 @@ class Outbox:
             return
         interrupted = self.db.fail_interrupted(self.session_id)
         if interrupted:
-            log.warning("outbox: %d message(s) were interrupted mid-send by the last shutdown; marked failed",
-                        interrupted)
+            log.warning(
+                "outbox: %d message(s) were interrupted mid-send by the last shutdown; marked failed", interrupted
+            )
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._thread.start()
 
@@ -71,8 +80,14 @@ class Outbox:
 
     def enqueue(self, chat_jid: str, text: str, *, reason: str, expires_in: timedelta | None) -> int:
         now = self._clock()
-        message_id = self.db.enqueue_outgoing(self.session_id, chat_jid, text, reason=reason,
-                                              expires_at=None if expires_in is None else now + expires_in, now=now)
+        message_id = self.db.enqueue_outgoing(
+            self.session_id,
+            chat_jid,
+            text,
+            reason=reason,
+            expires_at=None if expires_in is None else now + expires_in,
+            now=now,
+        )
         self.notify()
         return message_id
 
@@ -105,8 +120,9 @@ class Outbox:
                 if message.next_attempt_at is not None and message.next_attempt_at > now:
                     held.add(message.chat_jid)
                     continue
-                if not self._send(message.id, message.chat_jid, message.text, message.attempts,
-                                  typing=len(queued) < TYPING_ONLY_BELOW):
+                if not self._send(
+                    message.id, message.chat_jid, message.text, message.attempts, typing=len(queued) < TYPING_ONLY_BELOW
+                ):
                     if not self.channel.is_connected():
                         return sent  # wait for the reconnect; the rest stays queued in order
                     held.add(message.chat_jid)

@@ -95,7 +95,12 @@ def restore_record(record: SessionRecord, store_path: Path) -> None:
     summary = restore_store(record.session_data, store_path)
     log.info(
         "restored session %s version %d: %d tables, %d rows, %d bytes in %.0f ms",
-        record.session_id, record.version, summary.tables, summary.rows, record.size_bytes, summary.duration_ms,
+        record.session_id,
+        record.version,
+        summary.tables,
+        summary.rows,
+        record.size_bytes,
+        summary.duration_ms,
     )
 
 
@@ -111,8 +116,13 @@ def backup_session(db: Database, session_id: str, store_path: Path, fence: Fence
     if saved.written:
         log.info(
             "backed up session %s version %d: %d bytes, %d rows, checksum %s, snapshot %.0f ms, total %.0f ms",
-            session_id, saved.version, snapshot.size_bytes, snapshot.total_rows,
-            snapshot.checksum[7:19], snapshot.duration_ms, result.duration_ms,
+            session_id,
+            saved.version,
+            snapshot.size_bytes,
+            snapshot.total_rows,
+            snapshot.checksum[7:19],
+            snapshot.duration_ms,
+            result.duration_ms,
         )
     else:
         log.debug("session %s unchanged (checksum %s): no write", session_id, snapshot.checksum[7:19])
@@ -126,14 +136,19 @@ def import_document(db: Database, session_id: str, document_text: str, fence: Fe
     if session.device_field("jid") is None:
         raise SessionDocumentError("the session document holds no paired device")
     text = session_store.canonical_json(document).decode()
-    saved = db.save_session(SessionWrite(
-        session_id=session_id,
-        document_text=text,
-        checksum=session.checksum,
-        device_jid=session.device_field("jid"),
-        push_name=session.device_field("push_name"),
-    ), fence)
-    log.info("imported session %s version %d: %d bytes, %d rows", session_id, saved.version, len(text), session.row_count)
+    saved = db.save_session(
+        SessionWrite(
+            session_id=session_id,
+            document_text=text,
+            checksum=session.checksum,
+            device_jid=session.device_field("jid"),
+            push_name=session.device_field("push_name"),
+        ),
+        fence,
+    )
+    log.info(
+        "imported session %s version %d: %d bytes, %d rows", session_id, saved.version, len(text), session.row_count
+    )
     return saved.version
 
 

@@ -42,7 +42,7 @@ from bot.persistence import (
 )
 from bot.session_store import STORE_SIBLING_SUFFIXES
 from bot.store_worker import prepare_store
-from database import Database, DatabaseError, Fence, FencedOut, SessionRecord
+from database import Database, Fence, FencedOut, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +189,29 @@ class Runtime:
         self._store_signature: tuple[int, ...] | None = None
         self._change_pending_since: float | None = None
         self._status = SessionStatus(
-            session_id=config.session_id, state=State.STARTING.value, connected=False, jid=None, phone=None,
-            push_name=None, last_error=None, reconnect_count=0, connected_since=None, started_at=_now(),
-            uptime_seconds=0.0, last_backup_at=None, last_backup_size=None, last_backup_checksum=None,
-            last_backup_version=None, last_backup_error=None, qr_available=False, pairing_code=None,
-            next_retry_in_seconds=None, owner_id="", owns_session=False, fencing_token=None, handover_seconds=None,
+            session_id=config.session_id,
+            state=State.STARTING.value,
+            connected=False,
+            jid=None,
+            phone=None,
+            push_name=None,
+            last_error=None,
+            reconnect_count=0,
+            connected_since=None,
+            started_at=_now(),
+            uptime_seconds=0.0,
+            last_backup_at=None,
+            last_backup_size=None,
+            last_backup_checksum=None,
+            last_backup_version=None,
+            last_backup_error=None,
+            qr_available=False,
+            pairing_code=None,
+            next_retry_in_seconds=None,
+            owner_id="",
+            owns_session=False,
+            fencing_token=None,
+            handover_seconds=None,
         )
         self._qr: str | None = None
         self._next_retry_at: float | None = None
@@ -218,14 +236,25 @@ class Runtime:
                 return
             self._started = True
             self._set(owner_id=self.owner_id)
-        self._scheduler.add_job(self._backup_job, "interval", seconds=self.config.backup_interval_seconds,
-                                id="backup-interval", args=["interval"], replace_existing=True)
-        self._scheduler.add_job(self._watch_store, "interval", seconds=self._timing.watch_interval_seconds,
-                                id="store-watch", replace_existing=True)
-        self._scheduler.add_job(self._watch_qr, "interval", seconds=self._timing.qr_check_seconds,
-                                id="qr-watch", replace_existing=True)
-        self._scheduler.add_job(self._watch_lease, "interval", seconds=0.25, id="lease-watch",
-                                replace_existing=True)
+        self._scheduler.add_job(
+            self._backup_job,
+            "interval",
+            seconds=self.config.backup_interval_seconds,
+            id="backup-interval",
+            args=["interval"],
+            replace_existing=True,
+        )
+        self._scheduler.add_job(
+            self._watch_store,
+            "interval",
+            seconds=self._timing.watch_interval_seconds,
+            id="store-watch",
+            replace_existing=True,
+        )
+        self._scheduler.add_job(
+            self._watch_qr, "interval", seconds=self._timing.qr_check_seconds, id="qr-watch", replace_existing=True
+        )
+        self._scheduler.add_job(self._watch_lease, "interval", seconds=0.25, id="lease-watch", replace_existing=True)
         self._scheduler.start()
         self._event_thread.start()
         self._try_take_over()  # the common case boots before start() returns
@@ -296,16 +325,19 @@ class Runtime:
     def _watch_lease(self) -> None:
         """Independent of renewals, which may hang on an unreachable database: no fresh lease, no WhatsApp."""
         if self._fence is not None and not self._lease_fresh():
-            self._demote("cannot renew the lease (database unreachable); disconnected so that no "
-                         "other instance ever overlaps with this one")
+            self._demote(
+                "cannot renew the lease (database unreachable); disconnected so that no "
+                "other instance ever overlaps with this one"
+            )
 
     def _try_take_over(self) -> bool:
         """Acquire the lease if it is free; then restore the latest snapshot and connect."""
         try:
             fence = self.db.acquire_lease(self.config.session_id, self.owner_id, self.config.lease_ttl_seconds)
         except Exception as exc:
-            log.warning("session %s: cannot reach the database for the lease: %s",
-                        self.config.session_id, _first_line(exc))
+            log.warning(
+                "session %s: cannot reach the database for the lease: %s", self.config.session_id, _first_line(exc)
+            )
             fence = None
         if fence is None:
             self._enter_standby()
@@ -316,8 +348,12 @@ class Runtime:
             waited = None if self._standby_since is None else time.monotonic() - self._standby_since
             self._standby_since = None
         if waited is not None:
-            log.info("session %s: took over after %.1f s in standby (fencing token %d)",
-                     self.config.session_id, waited, fence.token)
+            log.info(
+                "session %s: took over after %.1f s in standby (fencing token %d)",
+                self.config.session_id,
+                waited,
+                fence.token,
+            )
         self._set(owns_session=True, fencing_token=fence.token, handover_seconds=waited)
         try:
             self._boot()
@@ -359,8 +395,7 @@ class Runtime:
                 return
             self._fence = None
         log.error("session %s: %s", self.config.session_id, reason)
-        self._set(state=State.STANDBY, owns_session=False, fencing_token=None, connected_since=None,
-                  last_error=reason)
+        self._set(state=State.STANDBY, owns_session=False, fencing_token=None, connected_since=None, last_error=reason)
         self._stop_client(_Pending.DEMOTED)
         self._lease_wake.set()
 
@@ -373,8 +408,11 @@ class Runtime:
             if self.db.release_lease(fence):
                 log.info("session %s: lease released", self.config.session_id)
         except Exception as exc:
-            log.warning("session %s: could not release the lease (it expires by itself): %s",
-                        self.config.session_id, _first_line(exc))
+            log.warning(
+                "session %s: could not release the lease (it expires by itself): %s",
+                self.config.session_id,
+                _first_line(exc),
+            )
         self._set(owns_session=False, fencing_token=None)
 
     def _boot(self) -> None:
@@ -391,9 +429,13 @@ class Runtime:
             self._set(jid=result.device_jid, phone=_phone(result.device_jid))
         record = self.db.load_session(self.config.session_id)
         if record is not None:
-            self._set(last_backup_at=record.updated_at.replace(tzinfo=UTC), last_backup_size=record.size_bytes,
-                      last_backup_checksum=record.checksum, last_backup_version=record.version,
-                      push_name=record.push_name)
+            self._set(
+                last_backup_at=record.updated_at.replace(tzinfo=UTC),
+                last_backup_size=record.size_bytes,
+                last_backup_checksum=record.checksum,
+                last_backup_version=record.version,
+                push_name=record.push_name,
+            )
 
     # --- status ---------------------------------------------------------------------------------
 
@@ -478,8 +520,9 @@ class Runtime:
             delay = self._backoff.delay(self._failures, self._jitter())
             self._next_retry_at = time.monotonic() + delay
             self._set(state=State.RECONNECTING, last_error=error, reconnect_count=self._status.reconnect_count + 1)
-        log.warning("session %s: %s; retrying in %.1f s (attempt %d)",
-                    self.config.session_id, error, delay, self._failures)
+        log.warning(
+            "session %s: %s; retrying in %.1f s (attempt %d)", self.config.session_id, error, delay, self._failures
+        )
         self._wait(delay)
         with self._lock:
             self._next_retry_at = None
@@ -498,8 +541,12 @@ class Runtime:
                 restore_record(request.record, self.config.store_path)
                 self._store_signature = None
             self._failures = 0
-            self._set(jid=request.record.device_jid, phone=_phone(request.record.device_jid),
-                      push_name=request.record.push_name, state=State.CONNECTING)
+            self._set(
+                jid=request.record.device_jid,
+                phone=_phone(request.record.device_jid),
+                push_name=request.record.push_name,
+                state=State.CONNECTING,
+            )
         except Exception as exc:
             log.error("session %s: restore failed, the local store is unchanged: %s", self.config.session_id, exc)
             request.error = exc
@@ -525,7 +572,10 @@ class Runtime:
     def _wipe_session(self) -> None:
         """After an unlink: forget the credentials locally and in the DB (history stays)."""
         with self._backup_lock:
-            for path in (self.config.store_path, *(Path(f"{self.config.store_path}{s}") for s in STORE_SIBLING_SUFFIXES)):
+            for path in (
+                self.config.store_path,
+                *(Path(f"{self.config.store_path}{s}") for s in STORE_SIBLING_SUFFIXES),
+            ):
                 path.unlink(missing_ok=True)
             fence = self._fence
             try:
@@ -538,8 +588,9 @@ class Runtime:
             self._store_signature = None
         self._failures = 0
         self._set(jid=None, phone=None, push_name=None, connected_since=None, pairing_code=None)
-        log.warning("session %s: device unlinked; local store and stored session wiped, pairing again",
-                    self.config.session_id)
+        log.warning(
+            "session %s: device unlinked; local store and stored session wiped, pairing again", self.config.session_id
+        )
 
     # --- operations for the admin API and CLI --------------------------------------------------------
 
@@ -553,8 +604,9 @@ class Runtime:
         else:
             record = self.db.load_history_version(session_id, version)
         if record is None:
-            raise NotFoundError(f"no stored snapshot of session {session_id}"
-                                + ("" if version is None else f" with version {version}"))
+            raise NotFoundError(
+                f"no stored snapshot of session {session_id}" + ("" if version is None else f" with version {version}")
+            )
         # Check the document before stopping a live client for it.
         session_store.validate_document(session_store.parse_document(record.session_data))
         self._run_backup("before-restore")  # the state being replaced stays in history
@@ -647,17 +699,28 @@ class Runtime:
             case events.Disconnected():
                 with self._lock:
                     if self.state is State.CONNECTED:  # whatsmeow reconnects by itself from here
-                        self._set(state=State.RECONNECTING, connected_since=None,
-                                  reconnect_count=self._status.reconnect_count + 1)
+                        self._set(
+                            state=State.RECONNECTING,
+                            connected_since=None,
+                            reconnect_count=self._status.reconnect_count + 1,
+                        )
             case events.LoggedOut(reason=reason):
-                self._set(state=State.LOGGED_OUT, last_error=f"logged out from the phone ({reason or 'no reason'})",
-                          connected_since=None)
+                self._set(
+                    state=State.LOGGED_OUT,
+                    last_error=f"logged out from the phone ({reason or 'no reason'})",
+                    connected_since=None,
+                )
                 self._stop_client(_Pending.LOGGED_OUT)
             case events.StreamReplaced():
-                log.error("session %s: another client took over this session's stream; stopping, not reconnecting",
-                          self.config.session_id)
-                self._set(state=State.REPLACED, connected_since=None,
-                          last_error="stream replaced: another instance or device is using this session")
+                log.error(
+                    "session %s: another client took over this session's stream; stopping, not reconnecting",
+                    self.config.session_id,
+                )
+                self._set(
+                    state=State.REPLACED,
+                    connected_since=None,
+                    last_error="stream replaced: another instance or device is using this session",
+                )
                 self._stop_client(_Pending.REPLACED)
             case events.TemporaryBan(code=code, expires_in_seconds=seconds):
                 log.error("session %s: temporarily banned (%s) for %d s", self.config.session_id, code, seconds)
@@ -685,8 +748,11 @@ class Runtime:
         if request_code and client is not None:
             self._request_pairing_code(client)
         elif self.config.pair_phone is None:
-            log.info("session %s: scan this QR code in WhatsApp > Linked devices (or GET /api/session/qr):\n%s",
-                     self.config.session_id, qr_terminal_art(code))
+            log.info(
+                "session %s: scan this QR code in WhatsApp > Linked devices (or GET /api/session/qr):\n%s",
+                self.config.session_id,
+                qr_terminal_art(code),
+            )
 
     def _request_pairing_code(self, client: events.WhatsAppClient) -> None:
         assert self.config.pair_phone is not None
@@ -697,8 +763,12 @@ class Runtime:
             self._set(last_error=f"pairing code request failed: {exc}")
             return
         self._set(pairing_code=code)
-        log.warning("session %s: pairing code for %s: %s  (WhatsApp > Linked devices > Link with phone number)",
-                    self.config.session_id, self.config.pair_phone, code)
+        log.warning(
+            "session %s: pairing code for %s: %s  (WhatsApp > Linked devices > Link with phone number)",
+            self.config.session_id,
+            self.config.pair_phone,
+            code,
+        )
 
     def _watch_qr(self) -> None:
         """whatsmeow's QR codes run out (~60 s, then 20 s each) and it gives up: start a fresh round."""
@@ -737,15 +807,26 @@ class Runtime:
         if result.status is BackupStatus.WRITTEN:
             log.info("session %s: %s backup stored as version %s", self.config.session_id, reason, result.version)
         if result.status is not BackupStatus.NOT_PAIRED:
-            self._set(last_backup_at=_now(), last_backup_size=result.snapshot.size_bytes,
-                      last_backup_checksum=result.snapshot.checksum, last_backup_version=result.version,
-                      last_backup_error=None, push_name=result.snapshot.push_name or self._status.push_name)
+            self._set(
+                last_backup_at=_now(),
+                last_backup_size=result.snapshot.size_bytes,
+                last_backup_checksum=result.snapshot.checksum,
+                last_backup_version=result.version,
+                last_backup_error=None,
+                push_name=result.snapshot.push_name or self._status.push_name,
+            )
         return result
 
     def _schedule_backup(self, kind: str, delay: float) -> None:
         if self._scheduler.running:
-            self._scheduler.add_job(self._backup_job, "date", run_date=_now() + timedelta(seconds=delay),
-                                    id=f"backup-{kind}", args=[kind], replace_existing=True)
+            self._scheduler.add_job(
+                self._backup_job,
+                "date",
+                run_date=_now() + timedelta(seconds=delay),
+                id=f"backup-{kind}",
+                args=[kind],
+                replace_existing=True,
+            )
 
     def _watch_store(self) -> None:
         """Change detection by os.stat only: the live store is never opened in this process."""

@@ -30,11 +30,16 @@ class Services:
         self.runtime.stop()
 
 
-def build_services(config: Config, db: Database, client_factory: events.ClientFactory, rules: Rules,
-                   **runtime_options: object) -> Services:
+def build_services(
+    config: Config, db: Database, client_factory: events.ClientFactory, rules: Rules, **runtime_options: object
+) -> Services:
     runtime = Runtime(config, db, client_factory, **runtime_options)  # type: ignore[arg-type]
-    outbox = Outbox(db, config.session_id, Channel(runtime.send_text, runtime.is_connected, runtime.show_typing),
-                    typing_seconds=rules.typing_seconds)
+    outbox = Outbox(
+        db,
+        config.session_id,
+        Channel(runtime.send_text, runtime.is_connected, runtime.show_typing),
+        typing_seconds=rules.typing_seconds,
+    )
     chatbot = Chatbot(db, config.session_id, rules, outbox, mark_read=runtime.mark_read)
     runtime.message_handlers.append(chatbot.handle)
     runtime.connected_listeners.append(outbox.notify)

@@ -111,7 +111,7 @@ def decode_cell(value: Any) -> Any:
     if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
         return value
     if isinstance(value, dict) and len(value) == 1:
-        (tag, payload), = value.items()
+        ((tag, payload),) = value.items()
         if isinstance(payload, str):
             if tag == "b64":
                 return base64.b64decode(payload, validate=True)
@@ -167,15 +167,17 @@ def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
         order = ", ".join(str(i + 1) for i in range(len(columns)))
         # Ordered by content, so equal stores give equal checksums whatever their history.
         rows = [[encode_cell(v) for v in row] for row in conn.execute(f'SELECT * FROM "{name}" ORDER BY {order}')]
-        tables.append({
-            "name": name,
-            "sql": sql,
-            "indexes": indexes,
-            "columns": columns,
-            "rows": rows,
-            "row_count": len(rows),
-            "checksum": table_checksum(name, sql, indexes, columns, rows),
-        })
+        tables.append(
+            {
+                "name": name,
+                "sql": sql,
+                "indexes": indexes,
+                "columns": columns,
+                "rows": rows,
+                "row_count": len(rows),
+                "checksum": table_checksum(name, sql, indexes, columns, rows),
+            }
+        )
     if not tables:
         raise SnapshotError("the local store holds no whatsmeow tables")
     return {
@@ -369,4 +371,3 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

@@ -85,7 +85,10 @@ def prepare_store(store_path: Path, *, timeout: float = DEFAULT_TIMEOUT_SECONDS)
 
 
 def _run(command: str, store_path: Path, *, stdin: str, timeout: float, error: type[ZapkeepError]) -> str:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     try:
         result = subprocess.run(
             [sys.executable, "-m", "bot.store_worker", command, str(store_path)],

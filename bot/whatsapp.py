@@ -72,8 +72,9 @@ class NeonizeClient:
         return self._client.PairPhone(phone, True, ClientName.LINUX)
 
     def mark_read(self, chat_jid: str, sender_jid: str, message_id: str) -> None:
-        self._client.mark_read(message_id, chat=parse_jid(chat_jid), sender=parse_jid(sender_jid),
-                               receipt=ReceiptType.READ)
+        self._client.mark_read(
+            message_id, chat=parse_jid(chat_jid), sender=parse_jid(sender_jid), receipt=ReceiptType.READ
+        )
 
     def set_typing(self, chat_jid: str, typing: bool) -> None:
         state = ChatPresence.CHAT_PRESENCE_COMPOSING if typing else ChatPresence.CHAT_PRESENCE_PAUSED
@@ -109,16 +110,18 @@ class NeonizeClient:
         @client.event(MessageEv)
         def on_message(_: NewClient, ev: MessageEv) -> None:
             source = ev.Info.MessageSource
-            sink(events.IncomingMessage(
-                message_id=ev.Info.ID,
-                chat=Jid2String(source.Chat),
-                sender=Jid2String(source.Sender),
-                push_name=ev.Info.Pushname,
-                text=extract_text(ev.Message) or "",
-                from_me=source.IsFromMe,
-                is_group=source.IsGroup,
-                timestamp=_unix_seconds(ev.Info.Timestamp),
-            ))
+            sink(
+                events.IncomingMessage(
+                    message_id=ev.Info.ID,
+                    chat=Jid2String(source.Chat),
+                    sender=Jid2String(source.Sender),
+                    push_name=ev.Info.Pushname,
+                    text=extract_text(ev.Message) or "",
+                    from_me=source.IsFromMe,
+                    is_group=source.IsGroup,
+                    timestamp=_unix_seconds(ev.Info.Timestamp),
+                )
+            )
 
 
 def parse_jid(text: str) -> JID:
@@ -126,8 +129,14 @@ def parse_jid(text: str) -> JID:
     user, _, server = text.partition("@")
     user, _, device = user.partition(":")
     user, _, agent = user.partition(".")
-    return JID(User=user, Server=server or "s.whatsapp.net", Device=int(device or 0), RawAgent=int(agent or 0),
-               Integrator=0, IsEmpty=False)
+    return JID(
+        User=user,
+        Server=server or "s.whatsapp.net",
+        Device=int(device or 0),
+        RawAgent=int(agent or 0),
+        Integrator=0,
+        IsEmpty=False,
+    )
 
 
 def _unix_seconds(value: int) -> int:

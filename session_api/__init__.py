@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a large store's document is a few MB; anything beyond is a mistake
 
 
-def create_app(runtime: Runtime, db: Database, *, outbox: Outbox | None = None,
-               reply_expiry: timedelta = timedelta(hours=24)) -> Flask:
+def create_app(
+    runtime: Runtime, db: Database, *, outbox: Outbox | None = None, reply_expiry: timedelta = timedelta(hours=24)
+) -> Flask:
     """With an outbox, /api/messages/send queues (and the message waits out a disconnection);
     without one it sends at once or answers 409."""
     from session_api.routes import bp

@@ -5,19 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 SESSION_ID = {
-    "name": "session_id", "in": "query", "required": False,
+    "name": "session_id",
+    "in": "query",
+    "required": False,
     "description": "Session id (1-100 of letters, digits, '-', '_'); defaults to the daemon's SESSION_ID.",
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,100}$"},
 }
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
 
 
 def _ok(description: str, properties: dict[str, Any] | None = None) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "object", "required": ["success"],
-                              "properties": {"success": {"type": "boolean", "enum": [True]}, **(properties or {})}}
+    schema: dict[str, Any] = {
+        "type": "object",
+        "required": ["success"],
+        "properties": {"success": {"type": "boolean", "enum": [True]}, **(properties or {})},
+    }
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
@@ -35,88 +43,171 @@ BAD_REQUEST = _error("Malformed JSON or fields")
 def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
-        "info": {"title": "zapkeep admin API", "version": "1.0.0",
-                 "description": "Inspect and manage the WhatsApp session of a zapkeep daemon."},
+        "info": {
+            "title": "zapkeep admin API",
+            "version": "1.0.0",
+            "description": "Inspect and manage the WhatsApp session of a zapkeep daemon.",
+        },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
-                "Error": {"type": "object", "required": ["success", "message"],
-                          "properties": {"success": {"type": "boolean", "enum": [False]}, "message": {"type": "string"}}},
+                "Error": {
+                    "type": "object",
+                    "required": ["success", "message"],
+                    "properties": {"success": {"type": "boolean", "enum": [False]}, "message": {"type": "string"}},
+                },
             },
         },
         "security": [{"bearer": []}],
         "paths": {
-            "/healthz": {"get": {
-                "summary": "Liveness (no authentication)", "security": [],
-                "responses": {"200": _ok("The process is serving", {"status": {"type": "string"}, "state": {"type": "string"}})},
-            }},
-            "/api/openapi.json": {"get": {
-                "summary": "This document",
-                "responses": {"200": {"description": "OpenAPI 3 document"}, "401": UNAUTHORIZED},
-            }},
-            "/api/session/backup": {"post": {
-                "summary": "Back up the live session now, or import a posted session document",
-                "requestBody": {**_body({"session_id": {"type": "string"},
-                                         "session_data": {"description": "A zapkeep session document (object or JSON text)"}}),
-                                "required": False},
-                "responses": {
-                    "200": _ok("Backed up (written false: unchanged, nothing written)"),
-                    "201": _ok("Imported", {"version": {"type": "integer"}}),
-                    "400": _error("Malformed body, or a corrupt or foreign session document"),
-                    "401": UNAUTHORIZED, "409": _error("No paired live session, or another session"),
-                    "413": _error("Body too large"),
-                },
-            }},
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness (no authentication)",
+                    "security": [],
+                    "responses": {
+                        "200": _ok(
+                            "The process is serving", {"status": {"type": "string"}, "state": {"type": "string"}}
+                        )
+                    },
+                }
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3 document"}, "401": UNAUTHORIZED},
+                }
+            },
+            "/api/session/backup": {
+                "post": {
+                    "summary": "Back up the live session now, or import a posted session document",
+                    "requestBody": {
+                        **_body(
+                            {
+                                "session_id": {"type": "string"},
+                                "session_data": {"description": "A zapkeep session document (object or JSON text)"},
+                            }
+                        ),
+                        "required": False,
+                    },
+                    "responses": {
+                        "200": _ok("Backed up (written false: unchanged, nothing written)"),
+                        "201": _ok("Imported", {"version": {"type": "integer"}}),
+                        "400": _error("Malformed body, or a corrupt or foreign session document"),
+                        "401": UNAUTHORIZED,
+                        "409": _error("No paired live session, or another session"),
+                        "413": _error("Body too large"),
+                    },
+                }
+            },
             "/api/session/restore": {
                 "get": {
                     "summary": "Export the stored session document (or a historical version)",
-                    "parameters": [SESSION_ID, {"name": "version", "in": "query", "required": False,
-                                                "schema": {"type": "integer", "minimum": 1}}],
-                    "responses": {"200": _ok("The document", {"session_data": {"type": "object"}}),
-                                  "400": BAD_REQUEST, "401": UNAUTHORIZED, "404": _error("No such session or version")},
+                    "parameters": [
+                        SESSION_ID,
+                        {
+                            "name": "version",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1},
+                        },
+                    ],
+                    "responses": {
+                        "200": _ok("The document", {"session_data": {"type": "object"}}),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                        "404": _error("No such session or version"),
+                    },
                 },
                 "post": {
                     "summary": "Apply the stored (or a historical) snapshot: stop, rewrite the local store, reconnect",
-                    "requestBody": {**_body({"session_id": {"type": "string"}, "version": {"type": "integer", "minimum": 1}}),
-                                    "required": False},
-                    "responses": {"200": _ok("Restored"), "400": BAD_REQUEST, "401": UNAUTHORIZED,
-                                  "404": _error("No such session or version"),
-                                  "409": _error("Not this daemon's session, a state that forbids it, or a corrupt snapshot")},
+                    "requestBody": {
+                        **_body({"session_id": {"type": "string"}, "version": {"type": "integer", "minimum": 1}}),
+                        "required": False,
+                    },
+                    "responses": {
+                        "200": _ok("Restored"),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                        "404": _error("No such session or version"),
+                        "409": _error("Not this daemon's session, a state that forbids it, or a corrupt snapshot"),
+                    },
                 },
             },
-            "/api/session/status": {"get": {
-                "summary": "Every session's state, or one with ?session_id=",
-                "parameters": [SESSION_ID],
-                "responses": {"200": _ok("Status"), "400": BAD_REQUEST, "401": UNAUTHORIZED, "404": _error("No such session")},
-            }},
-            "/api/session/delete": {"delete": {
-                "summary": "Delete the stored session (history kept unless purge=true)",
-                "parameters": [SESSION_ID, {"name": "purge", "in": "query", "required": False, "schema": {"type": "boolean"}}],
-                "responses": {"200": _ok("Deleted"), "400": BAD_REQUEST, "401": UNAUTHORIZED, "404": _error("No stored session")},
-            }},
-            "/api/session/qr": {"get": {
-                "summary": "The pending QR code: JSON with the text and a PNG data URI, or the PNG with Accept: image/png",
-                "parameters": [SESSION_ID],
-                "responses": {
-                    "200": {"description": "The QR code",
-                            "content": {"application/json": {"schema": {"type": "object"}},
-                                        "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-                    "401": UNAUTHORIZED, "404": _error("No QR pending (connected, or none yet)"), "409": _error("Another session"),
-                },
-            }},
-            "/api/session/logout": {"post": {
-                "summary": "Unlink the device, wipe the session, start pairing again",
-                "requestBody": {**_body({"session_id": {"type": "string"}}), "required": False},
-                "responses": {"200": _ok("Logged out"), "400": BAD_REQUEST, "401": UNAUTHORIZED,
-                              "409": _error("Another session, or a state that forbids it")},
-            }},
-            "/api/messages/send": {"post": {
-                "summary": "Send a text message",
-                "requestBody": _body({"to": {"type": "string", "description": "Phone with country code, or a JID"},
-                                      "message": {"type": "string", "maxLength": 4096}}, ["to", "message"]),
-                "responses": {"200": _ok("Sent at once (daemon without an outbox)", {"message_id": {"type": "string"}}),
-                              "202": _ok("Queued in the outbox; sent now or on reconnect", {"id": {"type": "integer"}}),
-                              "400": BAD_REQUEST, "401": UNAUTHORIZED, "409": _error("Not paired (or not connected)")},
-            }},
+            "/api/session/status": {
+                "get": {
+                    "summary": "Every session's state, or one with ?session_id=",
+                    "parameters": [SESSION_ID],
+                    "responses": {
+                        "200": _ok("Status"),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                        "404": _error("No such session"),
+                    },
+                }
+            },
+            "/api/session/delete": {
+                "delete": {
+                    "summary": "Delete the stored session (history kept unless purge=true)",
+                    "parameters": [
+                        SESSION_ID,
+                        {"name": "purge", "in": "query", "required": False, "schema": {"type": "boolean"}},
+                    ],
+                    "responses": {
+                        "200": _ok("Deleted"),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                        "404": _error("No stored session"),
+                    },
+                }
+            },
+            "/api/session/qr": {
+                "get": {
+                    "summary": "The pending QR code: JSON with the text and a PNG data URI, or the PNG with Accept: image/png",
+                    "parameters": [SESSION_ID],
+                    "responses": {
+                        "200": {
+                            "description": "The QR code",
+                            "content": {
+                                "application/json": {"schema": {"type": "object"}},
+                                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                            },
+                        },
+                        "401": UNAUTHORIZED,
+                        "404": _error("No QR pending (connected, or none yet)"),
+                        "409": _error("Another session"),
+                    },
+                }
+            },
+            "/api/session/logout": {
+                "post": {
+                    "summary": "Unlink the device, wipe the session, start pairing again",
+                    "requestBody": {**_body({"session_id": {"type": "string"}}), "required": False},
+                    "responses": {
+                        "200": _ok("Logged out"),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                        "409": _error("Another session, or a state that forbids it"),
+                    },
+                }
+            },
+            "/api/messages/send": {
+                "post": {
+                    "summary": "Send a text message",
+                    "requestBody": _body(
+                        {
+                            "to": {"type": "string", "description": "Phone with country code, or a JID"},
+                            "message": {"type": "string", "maxLength": 4096},
+                        },
+                        ["to", "message"],
+                    ),
+                    "responses": {
+                        "200": _ok("Sent at once (daemon without an outbox)", {"message_id": {"type": "string"}}),
+                        "202": _ok("Queued in the outbox; sent now or on reconnect", {"id": {"type": "integer"}}),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                        "409": _error("Not paired (or not connected)"),
+                    },
+                }
+            },
         },
     }

@@ -75,8 +75,10 @@ def fence_for(session_id: str) -> Fence | None:
         return None
     fence = runtime().fence
     if fence is None:
-        abort(409, f"this daemon does not own session {session_id} right now ({runtime().state.value}); "
-                   "use the owner's API")
+        abort(
+            409,
+            f"this daemon does not own session {session_id} right now ({runtime().state.value}); use the owner's API",
+        )
     return fence
 
 
@@ -124,14 +126,16 @@ def export() -> Response:
     record = db().load_session(session_id) if version is None else db().load_history_version(session_id, version)
     if record is None:
         abort(404, f"no stored session {session_id}" + ("" if version is None else f" version {version}"))
-    head = json.dumps({
-        "success": True,
-        "session_id": record.session_id,
-        "version": record.version,
-        "checksum": record.checksum,
-        "size_bytes": record.size_bytes,
-        "updated_at": _iso(record.updated_at),
-    })
+    head = json.dumps(
+        {
+            "success": True,
+            "session_id": record.session_id,
+            "version": record.version,
+            "checksum": record.checksum,
+            "size_bytes": record.size_bytes,
+            "updated_at": _iso(record.updated_at),
+        }
+    )
     # The stored document is already JSON: splice it in rather than parse and re-encode megabytes.
     return Response(head[:-1] + ', "session_data": ' + record.session_data + "}", mimetype="application/json")
 
@@ -237,8 +241,11 @@ def send() -> tuple[Response, int]:
             abort(409, str(exc))
         return ok(to=jid, message_id=message_id, status="sent")
     if runtime().status().jid is None:
-        abort(409, f"session {runtime().config.session_id} is not paired ({runtime().state.value}); "
-                   "nothing could deliver the message")
+        abort(
+            409,
+            f"session {runtime().config.session_id} is not paired ({runtime().state.value}); "
+            "nothing could deliver the message",
+        )
     queued = outbox.enqueue(jid, text, reason="api", expires_in=current_app.config["REPLY_EXPIRY"])
     return ok(202, to=jid, id=queued, status="queued", connected=runtime().is_connected())
 

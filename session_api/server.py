@@ -16,8 +16,9 @@ POLL_SECONDS = 0.25  # how quickly the loop notices a stop request
 
 class ApiServer:
     def __init__(self, app: Flask, host: str, port: int, *, threads: int = 8) -> None:
-        self._server = create_server(app, host=host, port=port, threads=threads, ident="zapkeep",
-                                     clear_untrusted_proxy_headers=True)
+        self._server = create_server(
+            app, host=host, port=port, threads=threads, ident="zapkeep", clear_untrusted_proxy_headers=True
+        )
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -1,6 +1,6 @@
 """Back up a changing store in a loop until killed: the victim of the kill -9 tests.
 
-    python tests/backup_loop.py STORE DATABASE_URL
+python tests/backup_loop.py STORE DATABASE_URL
 """
 
 from __future__ import annotations

@@ -164,8 +164,7 @@ class FakeClient:
     def _create_schema(self) -> None:
         """Like whatsmeow's upgrade on open: the schema appears in an empty store."""
         template = sqlite3.connect(self.network.schema_template)
-        ddl = [sql for (sql,) in template.execute(
-            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid")]
+        ddl = [sql for (sql,) in template.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid")]
         version = template.execute("SELECT version, compat FROM whatsmeow_version").fetchone()
         template.close()
         conn = sqlite3.connect(self.store_path)

@@ -33,8 +33,12 @@ def kill_during_backups(store: Path, database_url: str, scratch: Path, iteration
     rows = 0
     try:
         for iteration in range(iterations):
-            victim = subprocess.Popen([sys.executable, str(ROOT / "tests" / "backup_loop.py"), str(store), database_url],
-                                      stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            victim = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "backup_loop.py"), str(store), database_url],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
             first = victim.stdout.readline()  # at least one backup finished: the kill lands mid-loop
             assert first.strip(), "the backup loop produced nothing"
             time.sleep(rng.uniform(0.0, 0.6))

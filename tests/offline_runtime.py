@@ -48,18 +48,22 @@ def main(data_dir: str, database_url: str, simulated_seconds: float) -> None:
     runtime.start()
     finished = done.wait(120)
     status = runtime.status()
-    print(json.dumps({
-        "finished": finished,
-        "simulated_seconds": elapsed,
-        "delays": delays,
-        "states": sorted(set(states)),
-        "qr_seen": status.qr_available or any(s == State.QR.value for s in states),
-        "state": status.state,
-        "last_error": status.last_error,
-        "reconnect_count": status.reconnect_count,
-        "jid": status.jid,
-        "supervisor_alive": any(t.name == "supervisor" for t in threading.enumerate()),
-    }))
+    print(
+        json.dumps(
+            {
+                "finished": finished,
+                "simulated_seconds": elapsed,
+                "delays": delays,
+                "states": sorted(set(states)),
+                "qr_seen": status.qr_available or any(s == State.QR.value for s in states),
+                "state": status.state,
+                "last_error": status.last_error,
+                "reconnect_count": status.reconnect_count,
+                "jid": status.jid,
+                "supervisor_alive": any(t.name == "supervisor" for t in threading.enumerate()),
+            }
+        )
+    )
     sys.stdout.flush()
     os._exit(0)
 

@@ -61,8 +61,16 @@ class PostgresCluster:
         subprocess.run([*self._as_user, *args], check=True, capture_output=True, cwd=self.base)
 
     def start(self) -> PostgresCluster:
-        self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
-                  "--auth=trust", "--encoding=UTF8", "--no-sync")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.datadir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-sync",
+        )
         self.start_server()
         return self
 
@@ -71,8 +79,19 @@ class PostgresCluster:
             f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-o", options,
-                  "-l", str(self.base / "server.log"), "-w", "-t", "60", "start")
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-o",
+            options,
+            "-l",
+            str(self.base / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop_server(self) -> None:
         """An outage: the server goes away (its clients' connections break), the data stays."""
@@ -91,6 +110,10 @@ class PostgresCluster:
         return self.url(name)
 
     def stop(self) -> None:
-        subprocess.run([*self._as_user, str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"],
-                       capture_output=True, cwd=self.base, check=False)
+        subprocess.run(
+            [*self._as_user, str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"],
+            capture_output=True,
+            cwd=self.base,
+            check=False,
+        )
         shutil.rmtree(self.base, ignore_errors=True)

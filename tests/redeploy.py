@@ -49,11 +49,19 @@ class Daemon:
     def start(self) -> Daemon:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
-        env = {**os.environ, **LEASE, "HTTPS_PROXY": "http://127.0.0.1:9", "DATA_DIR": str(self.data_dir),
-               "DATABASE_URL": self.database_url, "PORT": str(self.port), "API_TOKEN": TOKEN}
+        env = {
+            **os.environ,
+            **LEASE,
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+            "DATA_DIR": str(self.data_dir),
+            "DATABASE_URL": self.database_url,
+            "PORT": str(self.port),
+            "API_TOKEN": TOKEN,
+        }
         log = open(self.log_path, "w")  # noqa: SIM115 - the child writes it until it exits
-        self.process = subprocess.Popen([sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True,
-                                        stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         wait_until(self.healthy, timeout=30, message=f"daemon on port {self.port} healthy")
         return self
@@ -66,8 +74,10 @@ class Daemon:
             return False
 
     def status(self) -> dict[str, Any]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/session/status?session_id=default",
-                                         headers={"Authorization": f"Bearer {TOKEN}"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/api/session/status?session_id=default",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())["session"]
 
@@ -123,8 +133,9 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
             code = owner.terminate()
             assert code == 0, owner.log()[-3000:]
             assert "lease released" in owner.log()
-            wait_until(lambda: new.status()["state"] in ("connecting", "reconnecting"), timeout=15,
-                       message=f"take-over #{n}")
+            wait_until(
+                lambda: new.status()["state"] in ("connecting", "reconnecting"), timeout=15, message=f"take-over #{n}"
+            )
             handovers.append(time.monotonic() - stopped_at)
             status = new.status()
             assert status["owns_session"] and status["fencing_token"] == n + 1, status
@@ -150,8 +161,11 @@ def crash_takeover(database_url: str, workdir: Path) -> float:
         wait_until(lambda: standby.status()["state"] == "standby", timeout=10, message="standby")
         owner.kill()
         killed_at = time.monotonic()
-        wait_until(lambda: standby.status()["state"] in ("connecting", "reconnecting"), timeout=30,
-                   message="take-over after the crash")
+        wait_until(
+            lambda: standby.status()["state"] in ("connecting", "reconnecting"),
+            timeout=30,
+            message="take-over after the crash",
+        )
         waited = time.monotonic() - killed_at
         assert table_rows(standby.store) == original
         assert standby.status()["handover_seconds"] is not None

@@ -36,7 +36,11 @@ def neonize(command: str, store: Path, *args: str, timeout: float = 120) -> obje
     env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9"}
     result = subprocess.run(
         [sys.executable, str(HELPER), command, str(store), *args],
-        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"neonize helper {command} failed: {result.stderr[-2000:]}")
@@ -62,8 +66,22 @@ def fill_store(path: Path, size: StoreSize, *, seed: int = 1) -> None:
             "INSERT INTO whatsmeow_device (jid, registration_id, noise_key, identity_key, signed_pre_key,"
             " signed_pre_key_id, signed_pre_key_sig, adv_key, adv_details, adv_account_sig, adv_account_sig_key,"
             " adv_device_sig, platform, push_name) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (DEVICE_JID, rng.randrange(2**32), key(32), key(32), key(32), 1, key(64), key(32), key(180),
-             key(64), key(32), key(64), "android", PUSH_NAME),
+            (
+                DEVICE_JID,
+                rng.randrange(2**32),
+                key(32),
+                key(32),
+                key(32),
+                1,
+                key(64),
+                key(32),
+                key(180),
+                key(64),
+                key(32),
+                key(64),
+                "android",
+                PUSH_NAME,
+            ),
         )
         conn.executemany(
             "INSERT INTO whatsmeow_pre_keys (jid, key_id, key, uploaded) VALUES (?,?,?,?)",
@@ -80,13 +98,17 @@ def fill_store(path: Path, size: StoreSize, *, seed: int = 1) -> None:
         )
         conn.executemany(
             "INSERT INTO whatsmeow_contacts (our_jid, their_jid, first_name, full_name, push_name) VALUES (?,?,?,?,?)",
-            [(DEVICE_JID, f"55218{n:08d}@s.whatsapp.net", f"Cliente {n}", f"Cliente Número {n}", f"Cliente {n} ☕")
-             for n in range(size.contacts)],
+            [
+                (DEVICE_JID, f"55218{n:08d}@s.whatsapp.net", f"Cliente {n}", f"Cliente Número {n}", f"Cliente {n} ☕")
+                for n in range(size.contacts)
+            ],
         )
         conn.executemany(
             "INSERT INTO whatsmeow_sender_keys (our_jid, chat_id, sender_id, sender_key) VALUES (?,?,?,?)",
-            [(DEVICE_JID, f"1203630{n:011d}@g.us", f"{peers[n % len(peers)]}.0", key(180))
-             for n in range(size.sender_keys)],
+            [
+                (DEVICE_JID, f"1203630{n:011d}@g.us", f"{peers[n % len(peers)]}.0", key(180))
+                for n in range(size.sender_keys)
+            ],
         )
         conn.executemany(
             "INSERT INTO whatsmeow_app_state_sync_keys (jid, key_id, key_data, timestamp, fingerprint) VALUES (?,?,?,?,?)",
@@ -112,8 +134,12 @@ def table_rows(path: Path) -> dict[str, list[tuple]]:
     """Every whatsmeow table's rows, sorted, for comparing two stores."""
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        names = [r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'whatsmeow%' ORDER BY name")]
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'whatsmeow%' ORDER BY name"
+            )
+        ]
         return {name: sorted(conn.execute(f'SELECT * FROM "{name}"').fetchall(), key=repr) for name in names}
     finally:
         conn.close()

@@ -49,8 +49,16 @@ class Api:
     network: FakeWhatsApp
     bodies: list[bytes]
 
-    def call(self, method: str, path: str, *, token: str | None = TOKEN, body: Any = None,
-             raw: bytes | None = None, headers: dict[str, str] | None = None) -> Reply:
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = TOKEN,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         sent = dict(headers or {})
         if token is not None:
@@ -75,7 +83,9 @@ class Api:
 @pytest.fixture
 def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]:
     """The daemon's own assembly (runtime, chatbot, outbox) behind a real waitress server."""
-    config = Config.from_env({"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600"})
+    config = Config.from_env(
+        {"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600"}
+    )
     network = FakeWhatsApp(schema_template=whatsmeow_template)
     rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
     services = build_services(config, db, network.factory, rules, timing=FAST)
@@ -105,9 +115,14 @@ PROTECTED = [
 def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
     almost = TOKEN[:-1] + ("0" if TOKEN[-1] != "0" else "1")
     attempts: list[dict[str, str] | None] = [
-        None, {"Authorization": ""}, {"Authorization": "Bearer "}, {"Authorization": "Bearer wrong"},
-        {"Authorization": f"Bearer {almost}"}, {"Authorization": f"Bearer {TOKEN}x"},
-        {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN},
+        None,
+        {"Authorization": ""},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Bearer {almost}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
     ]
     for method, path in PROTECTED:
         for headers in attempts:
@@ -151,7 +166,9 @@ def test_import_validates_and_a_corrupt_document_changes_nothing(api: Api) -> No
     api.pair()
     document = api.call("GET", "/api/session/restore").json()["session_data"]
     with api.db.transaction() as tx:
-        before = tx.execute("SELECT CAST(session_data AS TEXT) AS d, version, checksum FROM whatsapp_sessions").fetchall()
+        before = tx.execute(
+            "SELECT CAST(session_data AS TEXT) AS d, version, checksum FROM whatsapp_sessions"
+        ).fetchall()
 
     corrupt = json.loads(json.dumps(document))
     corrupt["tables"][1]["rows"][0][2] = {"b64": "!!notbase64"}
@@ -160,7 +177,9 @@ def test_import_validates_and_a_corrupt_document_changes_nothing(api: Api) -> No
         assert reply.status == 400, bad
         assert reply.json()["success"] is False
     with api.db.transaction() as tx:
-        after = tx.execute("SELECT CAST(session_data AS TEXT) AS d, version, checksum FROM whatsapp_sessions").fetchall()
+        after = tx.execute(
+            "SELECT CAST(session_data AS TEXT) AS d, version, checksum FROM whatsapp_sessions"
+        ).fetchall()
     assert after == before
 
     imported = api.call("POST", "/api/session/backup", body={"session_id": "copy", "session_data": document})
@@ -185,6 +204,7 @@ def test_restore_rolls_the_running_client_back_to_a_historical_version(api: Api)
     assert api.network.current() is not client
     contacts = api.network.current().store_path
     import sqlite3
+
     conn = sqlite3.connect(contacts)
     assert conn.execute("SELECT COUNT(*) FROM whatsmeow_contacts").fetchone()[0] == 10  # the 9 are gone
     conn.close()
@@ -204,7 +224,7 @@ def test_qr_as_json_and_png_decodes_to_the_same_text(api: Api) -> None:
     assert payload["qr"] == api.runtime.qr_code()
     prefix = "data:image/png;base64,"
     assert payload["image"].startswith(prefix)
-    from_json = Image.open(io.BytesIO(base64.b64decode(payload["image"][len(prefix):])))
+    from_json = Image.open(io.BytesIO(base64.b64decode(payload["image"][len(prefix) :])))
     png = api.call("GET", "/api/session/qr", headers={"Accept": "image/png"})
     assert png.status == 200 and png.headers["content-type"] == "image/png"
     for image in (from_json, Image.open(io.BytesIO(png.body))):
@@ -218,8 +238,13 @@ def test_qr_as_json_and_png_decodes_to_the_same_text(api: Api) -> None:
 def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: Api) -> None:
     assert api.call("POST", "/api/messages/send", body={"to": "5511999999999", "message": "oi"}).status == 409
     api.pair()
-    for bad in ({"to": "123", "message": "oi"}, {"to": "5511999999999", "message": ""}, {"to": 5511, "message": "x"},
-                {"message": "x"}, {"to": "5511999999999", "message": "x" * 5000}):
+    for bad in (
+        {"to": "123", "message": "oi"},
+        {"to": "5511999999999", "message": ""},
+        {"to": 5511, "message": "x"},
+        {"message": "x"},
+        {"to": "5511999999999", "message": "x" * 5000},
+    ):
         assert api.call("POST", "/api/messages/send", body=bad).status == 400, bad
     assert api.call("POST", "/api/messages/send", raw=b"{not json").status == 400
 
@@ -282,7 +307,9 @@ def test_openapi_document_lists_exactly_the_served_routes(api: Api) -> None:
     documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
     app = create_app(api.runtime, api.db)
     served = {
-        (method, rule.rule) for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+        (method, rule.rule)
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint != "static"
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
     assert documented == served
@@ -293,16 +320,26 @@ def test_no_key_material_in_any_response_or_log(api: Api, caplog: pytest.LogCapt
     caplog.set_level(logging.DEBUG)
     api.pair()
     document = json.loads(api.db.load_session("default").session_data)
-    secrets = {cell["b64"] for table in document["tables"] for row in table["rows"] for cell in row
-               if isinstance(cell, dict) and "b64" in cell and len(cell["b64"]) >= 16}
+    secrets = {
+        cell["b64"]
+        for table in document["tables"]
+        for row in table["rows"]
+        for cell in row
+        if isinstance(cell, dict) and "b64" in cell and len(cell["b64"]) >= 16
+    }
     assert len(secrets) > 50
 
     api.bodies.clear()
     for method, path, body in [
-        ("POST", "/api/session/backup", None), ("GET", "/api/session/status", None),
-        ("POST", "/api/session/backup", {"session_data": {"format": "zapkeep.session", "format_version": 1,
-                                                          "tables": document["tables"][:2]}}),
-        ("POST", "/api/session/restore", {}), ("GET", "/api/session/qr", None),
+        ("POST", "/api/session/backup", None),
+        ("GET", "/api/session/status", None),
+        (
+            "POST",
+            "/api/session/backup",
+            {"session_data": {"format": "zapkeep.session", "format_version": 1, "tables": document["tables"][:2]}},
+        ),
+        ("POST", "/api/session/restore", {}),
+        ("GET", "/api/session/qr", None),
         ("POST", "/api/messages/send", {"to": "5511999999999", "message": "oi"}),
         ("POST", "/api/session/logout", None),
     ]:
@@ -320,4 +357,3 @@ def test_create_app_refuses_to_serve_without_a_token(db: Database, whatsmeow_tem
     runtime = Runtime(config, db, FakeWhatsApp(schema_template=whatsmeow_template).factory)
     with pytest.raises(ValueError, match="API token"):
         create_app(runtime, db)
-

@@ -21,33 +21,42 @@ RECENT = ChatContext(last_incoming_at=MONDAY_10H - timedelta(minutes=5), paused_
 NEW = ChatContext(last_incoming_at=None, paused_until=None)
 
 
-@pytest.mark.parametrize(("text", "chat", "now", "reason", "contains"), [
-    ("oi", NEW, MONDAY_10H, "greeting", "Olá, Ana! 👋 Bem-vindo(a) à Padaria Pão de Cada Dia"),
-    ("bom dia", ChatContext(MONDAY_10H - timedelta(hours=13), None), MONDAY_10H, "greeting", "1. Horário de funcionamento"),
-    ("oi", NEW, MONDAY_22H, "after_hours", "No momento estamos fechados"),
-    ("oi", NEW, SUNDAY_10H, "after_hours", "seg a sex 7h-19h, sáb 7h-13h"),
-    ("oi", NEW, SATURDAY_12H, "greeting", "Bem-vindo(a)"),
-    ("1", RECENT, MONDAY_10H, "menu_item", "🕐 Nosso horário: seg a sex 7h-19h, sáb 7h-13h."),
-    ("2", RECENT, MONDAY_10H, "menu_item", "Rua das Flores, 123"),
-    (" 3. ", RECENT, MONDAY_10H, "menu_item", "Croissant: R$ 7,50"),
-    ("4)", RECENT, MONDAY_10H, "menu_item", "o dia e o horário de retirada"),
-    ("5", RECENT, MONDAY_10H, "handoff", "Já chamei um atendente"),
-    ("6", RECENT, MONDAY_10H, "fallback", "não entendi"),
-    ("MENU", RECENT, MONDAY_10H, "menu", "5. Falar com um atendente"),
-    ("Opcoes", RECENT, MONDAY_10H, "menu", "Digite o número"),
-    ("Qual o PREÇO do bolo?", RECENT, MONDAY_10H, "rule:precos", "Bolos: a partir de R$ 45,00"),
-    ("qual o preco", RECENT, MONDAY_10H, "rule:precos", "Pão francês"),
-    ("Aceita CARTAO?", RECENT, MONDAY_10H, "rule:pagamento", "Aceitamos Pix"),
-    ("pixel", RECENT, MONDAY_10H, "fallback", "não entendi"),  # whole words only
-    ("Cadê o meu pedido???", RECENT, MONDAY_10H, "rule:pedido-em-andamento", "Vou verificar o seu pedido"),
-    ("onde esta minha encomenda", RECENT, MONDAY_10H, "rule:pedido-em-andamento", "Vou verificar"),
-    ("Muito obrigada!", RECENT, MONDAY_10H, "rule:agradecimento", "Por nada, Ana!"),
-    ("quero falar com um HUMANO", RECENT, MONDAY_10H, "handoff", "Já chamei um atendente"),
-    ("Falar com alguem", RECENT, MONDAY_10H, "handoff", "atendente"),
-    ("xyz", RECENT, MONDAY_10H, "fallback", "Desculpe, Ana, não entendi"),
-    ("xyz", ChatContext(MONDAY_22H - timedelta(minutes=5), None), MONDAY_22H, "after_hours", "estamos fechados"),
-    ("2", ChatContext(MONDAY_22H - timedelta(minutes=5), None), MONDAY_22H, "menu_item", "Rua das Flores"),
-])
+@pytest.mark.parametrize(
+    ("text", "chat", "now", "reason", "contains"),
+    [
+        ("oi", NEW, MONDAY_10H, "greeting", "Olá, Ana! 👋 Bem-vindo(a) à Padaria Pão de Cada Dia"),
+        (
+            "bom dia",
+            ChatContext(MONDAY_10H - timedelta(hours=13), None),
+            MONDAY_10H,
+            "greeting",
+            "1. Horário de funcionamento",
+        ),
+        ("oi", NEW, MONDAY_22H, "after_hours", "No momento estamos fechados"),
+        ("oi", NEW, SUNDAY_10H, "after_hours", "seg a sex 7h-19h, sáb 7h-13h"),
+        ("oi", NEW, SATURDAY_12H, "greeting", "Bem-vindo(a)"),
+        ("1", RECENT, MONDAY_10H, "menu_item", "🕐 Nosso horário: seg a sex 7h-19h, sáb 7h-13h."),
+        ("2", RECENT, MONDAY_10H, "menu_item", "Rua das Flores, 123"),
+        (" 3. ", RECENT, MONDAY_10H, "menu_item", "Croissant: R$ 7,50"),
+        ("4)", RECENT, MONDAY_10H, "menu_item", "o dia e o horário de retirada"),
+        ("5", RECENT, MONDAY_10H, "handoff", "Já chamei um atendente"),
+        ("6", RECENT, MONDAY_10H, "fallback", "não entendi"),
+        ("MENU", RECENT, MONDAY_10H, "menu", "5. Falar com um atendente"),
+        ("Opcoes", RECENT, MONDAY_10H, "menu", "Digite o número"),
+        ("Qual o PREÇO do bolo?", RECENT, MONDAY_10H, "rule:precos", "Bolos: a partir de R$ 45,00"),
+        ("qual o preco", RECENT, MONDAY_10H, "rule:precos", "Pão francês"),
+        ("Aceita CARTAO?", RECENT, MONDAY_10H, "rule:pagamento", "Aceitamos Pix"),
+        ("pixel", RECENT, MONDAY_10H, "fallback", "não entendi"),  # whole words only
+        ("Cadê o meu pedido???", RECENT, MONDAY_10H, "rule:pedido-em-andamento", "Vou verificar o seu pedido"),
+        ("onde esta minha encomenda", RECENT, MONDAY_10H, "rule:pedido-em-andamento", "Vou verificar"),
+        ("Muito obrigada!", RECENT, MONDAY_10H, "rule:agradecimento", "Por nada, Ana!"),
+        ("quero falar com um HUMANO", RECENT, MONDAY_10H, "handoff", "Já chamei um atendente"),
+        ("Falar com alguem", RECENT, MONDAY_10H, "handoff", "atendente"),
+        ("xyz", RECENT, MONDAY_10H, "fallback", "Desculpe, Ana, não entendi"),
+        ("xyz", ChatContext(MONDAY_22H - timedelta(minutes=5), None), MONDAY_22H, "after_hours", "estamos fechados"),
+        ("2", ChatContext(MONDAY_22H - timedelta(minutes=5), None), MONDAY_22H, "menu_item", "Rua das Flores"),
+    ],
+)
 def test_shipped_rules(text: str, chat: ChatContext, now: datetime, reason: str, contains: str) -> None:
     decision = decide(RULES, text, "Ana", chat, now.astimezone(UTC))
     assert decision.reason == reason
@@ -72,18 +81,29 @@ def test_normalise_ignores_case_and_accents() -> None:
     assert normalise("  PREÇO Ação Pão ") == normalise("preco acao pao") == "preco acao pao"
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda t: t.replace('business = "Padaria', 'business = 3 #'), "business must be a non-empty text"),
-    (lambda t: t.replace('regex = "(cad', 'regex = "((cad'), "[[rules]] #4 ('pedido-em-andamento'): regex does not compile"),
-    (lambda t: t.replace('timezone = "America/Sao_Paulo"', 'timezone = "Mars/Olympus"'), "not a known time zone"),
-    (lambda t: t.replace('saturday = "07:00-13:00"', 'saturday = "7-13"'), "[hours] saturday: '7-13' is not a range"),
-    (lambda t: t.replace("Por nada, {name}!", "Por nada, {nome}!"), "unknown placeholder {nome}"),
-    (lambda t: t.replace('[fallback]', '[fallback_typo]'), "missing table [fallback]"),
-    (lambda t: t.replace('keywords = ["obrigado", "obrigada", "valeu", "agradeço"]', 'keywords = "obrigado"'),
-     "[[rules]] #3 ('agradecimento'): keywords must be a list"),
-    (lambda t: t.replace('pause_minutes = 60', 'pause_minutes = "sessenta"'), "pause_minutes must be a number"),
-    (lambda t: t + "\n[broken\n", "line"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('business = "Padaria', "business = 3 #"), "business must be a non-empty text"),
+        (
+            lambda t: t.replace('regex = "(cad', 'regex = "((cad'),
+            "[[rules]] #4 ('pedido-em-andamento'): regex does not compile",
+        ),
+        (lambda t: t.replace('timezone = "America/Sao_Paulo"', 'timezone = "Mars/Olympus"'), "not a known time zone"),
+        (
+            lambda t: t.replace('saturday = "07:00-13:00"', 'saturday = "7-13"'),
+            "[hours] saturday: '7-13' is not a range",
+        ),
+        (lambda t: t.replace("Por nada, {name}!", "Por nada, {nome}!"), "unknown placeholder {nome}"),
+        (lambda t: t.replace("[fallback]", "[fallback_typo]"), "missing table [fallback]"),
+        (
+            lambda t: t.replace('keywords = ["obrigado", "obrigada", "valeu", "agradeço"]', 'keywords = "obrigado"'),
+            "[[rules]] #3 ('agradecimento'): keywords must be a list",
+        ),
+        (lambda t: t.replace("pause_minutes = 60", 'pause_minutes = "sessenta"'), "pause_minutes must be a number"),
+        (lambda t: t + "\n[broken\n", "line"),
+    ],
+)
 def test_a_bad_rules_file_is_refused_naming_the_rule_or_line(tmp_path: Path, edit, message: str) -> None:
     path = tmp_path / "rules.toml"
     original = SHIPPED_REPLIES.read_text(encoding="utf-8")

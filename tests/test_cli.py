@@ -15,8 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def bot(database_url: str, data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": database_url, "DATA_DIR": str(data_dir), "HTTPS_PROXY": "http://127.0.0.1:9"}
-    return subprocess.run([sys.executable, "-m", "bot", *args], cwd=ROOT, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_operator_commands_round_trip(database_url: str, tmp_path: Path) -> None:

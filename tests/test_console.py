@@ -26,8 +26,16 @@ this line is never read
 def run_console(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "DATA_DIR": str(tmp_path), **env}
     environment.pop("DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "bot", "console", "--name", "Ana"], cwd=ROOT, env=environment,
-                          input=script, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "console", "--name", "Ana"],
+        cwd=ROOT,
+        env=environment,
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_console_answers_a_scripted_conversation(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -22,7 +23,8 @@ OFFLINE_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "PYTHONPATH": str(ROOT)}
 
 
 def test_restored_paired_store_reconnects_with_capped_backoff_and_never_shows_a_qr(
-        database_url: str, tmp_path: Path) -> None:
+    database_url: str, tmp_path: Path
+) -> None:
     seed = tmp_path / "seed" / "whatsmeow.sqlite3"
     create_paired_store(seed)
     db = PostgresDatabase(database_url)
@@ -32,7 +34,11 @@ def test_restored_paired_store_reconnects_with_capped_backoff_and_never_shows_a_
 
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "offline_runtime.py"), str(tmp_path / "data"), database_url, "600"],
-        capture_output=True, text=True, timeout=180, env={**os.environ, **OFFLINE_ENV}, check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **OFFLINE_ENV},
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -41,7 +47,7 @@ def test_restored_paired_store_reconnects_with_capped_backoff_and_never_shows_a_
     assert report["states"] == ["reconnecting"] and not report["qr_seen"]
     assert report["jid"] == DEVICE_JID  # restored from the database before neonize opened the store
     delays = report["delays"]
-    assert all(later >= earlier / 2 for earlier, later in zip(delays, delays[1:]))  # jitter never undoes growth
+    assert all(later >= earlier / 2 for earlier, later in itertools.pairwise(delays))  # jitter never undoes growth
     assert max(delays) <= 60 and min(delays[8:]) >= 30  # capped at 60 s, jitter at most halves it
     assert delays[0] <= 1.0 and delays[5] > delays[0] * 4
     assert report["reconnect_count"] == len(delays)
@@ -50,10 +56,17 @@ def test_restored_paired_store_reconnects_with_capped_backoff_and_never_shows_a_
 
 
 def _start_daemon(data_dir: Path, database_url: str, port: int) -> subprocess.Popen[str]:
-    env = {**os.environ, **OFFLINE_ENV, "DATA_DIR": str(data_dir), "DATABASE_URL": database_url,
-           "PORT": str(port), "API_TOKEN": "daemon-test-token-123456"}
-    return subprocess.Popen([sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "DATA_DIR": str(data_dir),
+        "DATABASE_URL": database_url,
+        "PORT": str(port),
+        "API_TOKEN": "daemon-test-token-123456",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def _stop(process: subprocess.Popen[str]) -> tuple[int, str]:
@@ -71,7 +84,8 @@ def _free_port() -> int:
 
 
 def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
-        database_url: str, tmp_path: Path, processes: list) -> None:
+    database_url: str, tmp_path: Path, processes: list
+) -> None:
     data_dir = tmp_path / "data"
     store = data_dir / "sessions" / "default" / "whatsmeow.sqlite3"
     create_paired_store(store)
@@ -90,12 +104,16 @@ def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
         assert appeared_after < 10
 
         import shutil
+
         shutil.rmtree(data_dir)
         daemon = _start_daemon(data_dir, database_url, _free_port())
         processes.append(daemon)
         wait_until(store.exists, timeout=20, message="the store rebuilt")
-        wait_until(lambda: "restored session default" in (daemon.stdout.readline() or ""), timeout=20,
-                   message="the restore log line")
+        wait_until(
+            lambda: "restored session default" in (daemon.stdout.readline() or ""),
+            timeout=20,
+            message="the restore log line",
+        )
         code, output = _stop(daemon)
         assert code == 0, output[-3000:]
     finally:
@@ -107,11 +125,18 @@ def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
 
 
 def test_bad_configuration_fails_at_boot_with_one_line_naming_the_variable(tmp_path: Path) -> None:
-    for variable, value in [("SESSION_ID", "../../etc"), ("PORT", "http"), ("BACKUP_INTERVAL_SECONDS", "0"),
-                            ("DATABASE_URL", "mysql://x"), ("LOG_LEVEL", "LOUD"), ("PAIR_PHONE", "12ab")]:
+    for variable, value in [
+        ("SESSION_ID", "../../etc"),
+        ("PORT", "http"),
+        ("BACKUP_INTERVAL_SECONDS", "0"),
+        ("DATABASE_URL", "mysql://x"),
+        ("LOG_LEVEL", "LOUD"),
+        ("PAIR_PHONE", "12ab"),
+    ]:
         env = {**os.environ, **OFFLINE_ENV, "DATA_DIR": str(tmp_path), variable: value}
-        result = subprocess.run([sys.executable, "-m", "bot"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=30, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "bot"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False
+        )
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and variable in lines[0], result.stderr
@@ -123,8 +148,9 @@ def test_signals_stop_the_daemon_within_seconds(tmp_path: Path, signum: int, pro
     port = _free_port()
     env = {**os.environ, **OFFLINE_ENV, "DATA_DIR": str(tmp_path), "PORT": str(port)}
     env.pop("DATABASE_URL", None)
-    daemon = subprocess.Popen([sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     processes.append(daemon)
     wait_until(lambda: _healthy(port), timeout=20, message="healthz")
     started = time.monotonic()

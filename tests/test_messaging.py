@@ -24,11 +24,19 @@ RULES = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0.05)
 _ids = itertools.count(1)
 
 
-def incoming(text: str, *, chat: str = CUSTOMER, message_id: str | None = None, from_me: bool = False,
-             is_group: bool = False) -> events.IncomingMessage:
-    return events.IncomingMessage(message_id=message_id or f"WAMSG{next(_ids):08d}", chat=chat, sender=chat,
-                                  push_name="Ana", text=text, from_me=from_me, is_group=is_group,
-                                  timestamp=int(time.time()))
+def incoming(
+    text: str, *, chat: str = CUSTOMER, message_id: str | None = None, from_me: bool = False, is_group: bool = False
+) -> events.IncomingMessage:
+    return events.IncomingMessage(
+        message_id=message_id or f"WAMSG{next(_ids):08d}",
+        chat=chat,
+        sender=chat,
+        push_name="Ana",
+        text=text,
+        from_me=from_me,
+        is_group=is_group,
+        timestamp=int(time.time()),
+    )
 
 
 class Daemon:
@@ -175,7 +183,9 @@ def test_an_operator_answering_from_the_phone_pauses_the_bot_in_that_chat(daemon
     assert len(replies_to(daemon.network)) == 1  # the bot stays quiet while a person talks
     log = daemon.db.list_messages("default", CUSTOMER)
     assert [(m.direction, m.status, m.reason) for m in log][-2:] == [
-        ("out", "sent", "operator"), ("in", "paused", "paused")]
+        ("out", "sent", "operator"),
+        ("in", "paused", "paused"),
+    ]
 
 
 def test_a_failing_send_is_retried_then_given_up(daemon: Daemon) -> None:

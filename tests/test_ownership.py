@@ -32,7 +32,8 @@ def paired(runtime: Runtime, network: FakeWhatsApp, db: Database) -> None:
 
 
 def test_second_daemon_stands_by_then_takes_over_on_graceful_shutdown(
-        db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
+    db: Database, whatsmeow_template: Path, tmp_path: Path
+) -> None:
     a, network_a = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
     b, network_b = owner(db, whatsmeow_template, tmp_path / "b", "host-b")
     try:
@@ -59,7 +60,8 @@ def test_second_daemon_stands_by_then_takes_over_on_graceful_shutdown(
 
 
 def test_a_crashed_owner_is_replaced_after_its_lease_expires(
-        db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
+    db: Database, whatsmeow_template: Path, tmp_path: Path
+) -> None:
     a, network_a = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
     b, network_b = owner(db, whatsmeow_template, tmp_path / "b", "host-b")
     try:
@@ -71,6 +73,7 @@ def test_a_crashed_owner_is_replaced_after_its_lease_expires(
         wait_until(lambda: b.state is State.CONNECTED, timeout=15, message="b took over after expiry")
         assert time.monotonic() - started >= 1.0  # waited for the lease to run out
         assert b.status().fencing_token == 2
+        assert network_b.clients and all(not c.qr_codes for c in network_b.clients)  # restored, no QR
     finally:
         b.stop()
 
@@ -102,7 +105,8 @@ def test_a_stale_owner_is_fenced_out_and_demotes_itself(db: Database, whatsmeow_
 
 
 def test_owner_disconnects_before_its_lease_can_expire_when_the_database_is_gone(
-        whatsmeow_template: Path, tmp_path: Path) -> None:
+    whatsmeow_template: Path, tmp_path: Path
+) -> None:
     cluster = PostgresCluster().start()
     db = PostgresDatabase(cluster.create_database(), connect_timeout=2)
     db.open()
@@ -163,4 +167,3 @@ def test_a_standby_daemons_api_cannot_write_the_session(db: Database, whatsmeow_
     finally:
         a.stop()
         b.stop()
-

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
-import pytest
 
-from bot import session_store
-from bot.errors import SessionDocumentError
 from bot.persistence import BackupStatus, BootOutcome, backup_session, prepare_local_store
-from bot.store_worker import restore_store, snapshot_store
 from database import Database
 from tests.synthetic import DEVICE_JID, PUSH_NAME, REALISTIC, create_paired_store, neonize, table_rows
 

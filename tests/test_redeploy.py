@@ -30,7 +30,6 @@ def test_railway_config_names_the_health_check_the_app_serves() -> None:
     assert (ROOT / "Procfile").read_text().strip() == "web: python -m bot"
 
 
-
 def test_the_daemons_app_serves_the_health_check_railway_probes(whatsmeow_template: Path, tmp_path: Path) -> None:
     from bot.config import Config
     from bot.runtime import Runtime

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,15 @@ from database import Database
 from tests.fake_whatsapp import FakeClient, FakeWhatsApp, wait_until
 from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
 
-FAST = Timing(debounce_seconds=0.4, debounce_max_seconds=5, after_connect_seconds=0.2, after_pair_seconds=0.1,
-              watch_interval_seconds=0.05, qr_round_seconds=1.0, qr_check_seconds=0.2)
+FAST = Timing(
+    debounce_seconds=0.4,
+    debounce_max_seconds=5,
+    after_connect_seconds=0.2,
+    after_pair_seconds=0.1,
+    watch_interval_seconds=0.05,
+    qr_round_seconds=1.0,
+    qr_check_seconds=0.2,
+)
 
 
 def make_config(tmp_path: Path, **overrides: str) -> Config:
@@ -168,8 +174,7 @@ def test_restores_from_the_database_at_boot_and_connects_without_qr(runtime_fact
 def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db, network) -> None:
     network.connected = False
     delays: list[float] = []
-    runtime = runtime_factory(backoff=Backoff(base_seconds=1, cap_seconds=60), wait=delays.append,
-                              jitter=lambda: 1.0)
+    runtime = runtime_factory(backoff=Backoff(base_seconds=1, cap_seconds=60), wait=delays.append, jitter=lambda: 1.0)
     runtime.start()
     wait_until(lambda: len(delays) >= 10, message="ten retries")
     network.connected = True
@@ -201,8 +206,11 @@ def test_expired_qr_round_starts_a_fresh_one(runtime_factory, network) -> None:
 
 
 def test_shutdown_takes_a_final_backup(runtime_factory, db: Database, network) -> None:
-    runtime = runtime_factory(timing=Timing(debounce_seconds=30, after_connect_seconds=0.1, after_pair_seconds=0.1,
-                                            watch_interval_seconds=0.05))
+    runtime = runtime_factory(
+        timing=Timing(
+            debounce_seconds=30, after_connect_seconds=0.1, after_pair_seconds=0.1, watch_interval_seconds=0.05
+        )
+    )
     client = start_paired(runtime, network, db)
     client.write_store(rows=7)
 

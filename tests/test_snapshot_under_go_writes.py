@@ -33,7 +33,9 @@ def test_snapshots_while_go_writes_are_consistent(tmp_path: Path, journal_mode: 
 
     writer = subprocess.Popen(
         [sys.executable, str(HELPER), "write-contacts", str(store), str(WRITES), str(PAUSE_SECONDS)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9"},
     )
     seen: list[int] = []
