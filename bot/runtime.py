@@ -32,6 +32,7 @@ from bot import events
 from bot.config import Config
 from bot import session_store
 from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, ZapkeepError
+from bot.lease import LeaseKeeper
 from bot.persistence import (
     BackupResult,
     BackupStatus,
@@ -216,16 +217,22 @@ class Runtime:
         self._qr: str | None = None
         self._next_retry_at: float | None = None
         self.owner_id = owner_id or default_owner_id()
-        self._fence: Fence | None = None
-        self._lease_ok_at = 0.0  # monotonic time of the last successful acquire or renewal
-        self._standby_since: float | None = None
-        self._lease_wake = threading.Event()
+        self._lease = LeaseKeeper(
+            db,
+            config.session_id,
+            self.owner_id,
+            ttl_seconds=config.lease_ttl_seconds,
+            renew_seconds=config.lease_renew_seconds,
+            poll_seconds=timing.standby_poll_seconds,
+            on_acquired=self._take_over,
+            on_lost=self._demote,
+            on_standby=self._enter_standby,
+        )
         self._scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
         self._supervisor: threading.Thread | None = None
         self._event_thread = threading.Thread(target=self._consume_events, name="events", daemon=True)
-        self._lease_thread = threading.Thread(target=self._keep_lease, name="lease", daemon=True)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -254,11 +261,11 @@ class Runtime:
         self._scheduler.add_job(
             self._watch_qr, "interval", seconds=self._timing.qr_check_seconds, id="qr-watch", replace_existing=True
         )
-        self._scheduler.add_job(self._watch_lease, "interval", seconds=0.25, id="lease-watch", replace_existing=True)
+        self._scheduler.add_job(self._lease.check, "interval", seconds=0.25, id="lease-watch", replace_existing=True)
         self._scheduler.start()
         self._event_thread.start()
-        self._try_take_over()  # the common case boots before start() returns
-        self._lease_thread.start()
+        self._lease.try_acquire()  # the common case boots before start() returns
+        self._lease.start()
 
     def stop(self) -> None:
         """Scheduler, final backup, client, lease; idempotent. Never raises."""
@@ -269,8 +276,7 @@ class Runtime:
             self._stopped = True
         log.info("stopping session %s", self.config.session_id)
         self._stopping.set()
-        self._lease_wake.set()
-        self._lease_thread.join(timeout=15)  # no renewal races the hand-over below
+        self._lease.stop()  # no renewal races the hand-over below
         try:
             self._scheduler.shutdown(wait=True)  # lets a running backup finish
         except Exception:
@@ -280,7 +286,8 @@ class Runtime:
         self._stop_client()
         if self._supervisor is not None:
             self._supervisor.join(timeout=15)
-        self._release_lease()
+        self._lease.release()
+        self._set(owns_session=False, fencing_token=None)
         self._events.put(None)
         self._event_thread.join(timeout=5)
         self._set(state=State.STOPPED, connected=False)
@@ -289,136 +296,35 @@ class Runtime:
 
     @property
     def fence(self) -> Fence | None:
-        return self._fence
+        return self._lease.fence
 
-    def _lease_fresh(self) -> bool:
-        """Renewed recently enough that the lease cannot have expired in the database yet."""
-        limit = self.config.lease_ttl_seconds - self.config.lease_renew_seconds
-        return self._fence is not None and time.monotonic() - self._lease_ok_at < limit
-
-    def _keep_lease(self) -> None:
-        while not self._stopping.is_set():
-            if self._fence is None:
-                if not self._try_take_over():
-                    self._lease_wake.wait(self._timing.standby_poll_seconds)
-                continue
-            self._lease_wake.wait(self.config.lease_renew_seconds if self._lease_fresh() else 1.0)
-            if self._stopping.is_set() or self._fence is None:
-                continue
-            self._renew()
-
-    def _renew(self) -> None:
-        fence = self._fence
-        assert fence is not None
-        try:
-            renewed = self.db.renew_lease(fence, self.config.lease_ttl_seconds)
-        except Exception as exc:
-            log.warning("session %s: lease renewal failed: %s", self.config.session_id, _first_line(exc))
-            return  # _watch_lease disconnects in time if this goes on
-        if self._fence != fence:
-            return  # demoted while the call was under way: the old lease just runs out
-        if renewed:
-            self._lease_ok_at = time.monotonic()
-        else:
-            self._demote("lease lost: another instance owns the session now", fence)
-
-    def _watch_lease(self) -> None:
-        """Independent of renewals, which may hang on an unreachable database: no fresh lease, no WhatsApp."""
-        if self._fence is not None and not self._lease_fresh():
-            self._demote(
-                "cannot renew the lease (database unreachable); disconnected so that no "
-                "other instance ever overlaps with this one"
-            )
-
-    def _try_take_over(self) -> bool:
-        """Acquire the lease if it is free; then restore the latest snapshot and connect."""
-        try:
-            fence = self.db.acquire_lease(self.config.session_id, self.owner_id, self.config.lease_ttl_seconds)
-        except Exception as exc:
-            log.warning(
-                "session %s: cannot reach the database for the lease: %s", self.config.session_id, _first_line(exc)
-            )
-            fence = None
-        if fence is None:
-            self._enter_standby()
-            return False
-        with self._lock:
-            self._fence = fence
-            self._lease_ok_at = time.monotonic()
-            waited = None if self._standby_since is None else time.monotonic() - self._standby_since
-            self._standby_since = None
-        if waited is not None:
-            log.info(
-                "session %s: took over after %.1f s in standby (fencing token %d)",
-                self.config.session_id,
-                waited,
-                fence.token,
-            )
+    def _take_over(self, fence: Fence, waited: float | None) -> None:
+        """The lease is ours: restore the latest snapshot, then connect."""
         self._set(owns_session=True, fencing_token=fence.token, handover_seconds=waited)
-        try:
-            self._boot()
-        except Exception as exc:
-            log.error("session %s: boot failed: %s", self.config.session_id, _first_line(exc))
-            self._demote(f"boot failed: {_first_line(exc)}")
-            return False
+        self._boot()
         self._set(state=State.CONNECTING)
         previous = self._supervisor
         if previous is not None:
             previous.join(timeout=15)  # a demoted round's supervisor is on its way out
         with self._lock:
             if self._stopping.is_set():
-                return True
+                return
             self._pending = None
             self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
             self._supervisor.start()
-        return True
 
     def _enter_standby(self) -> None:
-        with self._lock:
-            first_time = self._standby_since is None
-            if first_time:
-                self._standby_since = time.monotonic()
-            self._set(state=State.STANDBY, owns_session=False, fencing_token=None)
-        if first_time:
-            try:
-                holder = getattr(self.db.lease(self.config.session_id), "owner_id", None)
-            except Exception:
-                holder = None
-            log.info("session %s: owned by %s; standing by", self.config.session_id, holder or "another instance")
+        self._set(state=State.STANDBY, owns_session=False, fencing_token=None)
 
-    def _demote(self, reason: str, fence: Fence | None = None) -> None:
-        """Stop talking to WhatsApp and stop writing: the session may belong to someone else now.
-        With ``fence``: only if that lease is still the current one (a late failure of an older
-        lease's write says nothing about a newer lease)."""
-        with self._lock:
-            if self._fence is None or (fence is not None and fence != self._fence):
-                return
-            self._fence = None
-        log.error("session %s: %s", self.config.session_id, reason)
+    def _demote(self, reason: str) -> None:
+        """The lease is gone: stop talking to WhatsApp and stop writing."""
         self._set(state=State.STANDBY, owns_session=False, fencing_token=None, connected_since=None, last_error=reason)
         self._stop_client(_Pending.DEMOTED)
-        self._lease_wake.set()
-
-    def _release_lease(self) -> None:
-        with self._lock:
-            fence, self._fence = self._fence, None
-        if fence is None:
-            return
-        try:
-            if self.db.release_lease(fence):
-                log.info("session %s: lease released", self.config.session_id)
-        except Exception as exc:
-            log.warning(
-                "session %s: could not release the lease (it expires by itself): %s",
-                self.config.session_id,
-                _first_line(exc),
-            )
-        self._set(owns_session=False, fencing_token=None)
 
     def _boot(self) -> None:
         self._set(state=State.STARTING)
         try:
-            result = prepare_local_store(self.db, self.config.session_id, self.config.store_path, self._fence)
+            result = prepare_local_store(self.db, self.config.session_id, self.config.store_path, self.fence)
         except SessionDocumentError as exc:
             # Nothing stored can be restored; the local store was left as it was.
             log.error("session %s: %s", self.config.session_id, exc)
@@ -475,7 +381,7 @@ class Runtime:
             with self._lock:
                 pending, self._pending = self._pending, None
                 self._wake.clear()  # whatever woke us is being handled now
-            if pending in (_Pending.REPLACED, _Pending.DEMOTED) or not self._lease_fresh():
+            if pending in (_Pending.REPLACED, _Pending.DEMOTED) or not self._lease.fresh():
                 self._fail_restore_request("the session was handed over before the restore could run")
                 return  # never (re)connect without a lease that is surely still ours
             if pending is _Pending.LOGGED_OUT:
@@ -577,12 +483,12 @@ class Runtime:
                 *(Path(f"{self.config.store_path}{s}") for s in STORE_SIBLING_SUFFIXES),
             ):
                 path.unlink(missing_ok=True)
-            fence = self._fence
+            fence = self.fence
             try:
                 if fence is not None:  # never an unfenced delete from a process that lost the session
                     self.db.delete_session(self.config.session_id, keep_history=True, fence=fence)
             except FencedOut as exc:
-                self._demote(str(exc), fence)
+                self._lease.lose(str(exc), fence)
             except Exception as exc:
                 log.error("session %s: could not delete the stored session: %s", self.config.session_id, exc)
             self._store_signature = None
@@ -792,13 +698,13 @@ class Runtime:
     def _run_backup(self, reason: str) -> BackupResult | None:
         """One backup at a time; skipped when this process does not hold a live session."""
         with self._backup_lock:
-            fence = self._fence
+            fence = self.fence
             if fence is None or self.state not in BACKUP_STATES or not self.config.store_path.is_file():
                 return None
             try:
                 result = backup_session(self.db, self.config.session_id, self.config.store_path, fence)
             except FencedOut as exc:
-                self._demote(str(exc), fence)
+                self._lease.lose(str(exc), fence)
                 return None
             except Exception as exc:
                 log.error("session %s: %s backup failed: %s", self.config.session_id, reason, exc)
@@ -864,11 +770,6 @@ def qr_terminal_art(code: str) -> str:
     buffer = io.StringIO()
     segno.make_qr(code).terminal(out=buffer, compact=True)
     return buffer.getvalue()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 def _phone(jid: str | None) -> str | None:

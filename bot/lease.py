@@ -1,0 +1,175 @@
+"""This process's ownership lease of one session: taken when free, renewed, given up in time.
+
+Only the lease holder talks to WhatsApp and writes the session. The holder renews every
+``renew_seconds``; if it cannot (the database is unreachable), ``check()`` declares the lease
+lost once ``ttl - renew`` seconds have passed since the last renewal, before the lease can
+expire in the database and another process take it. A lost lease is never renewed: the
+process must acquire a new one, with a new fencing token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from database import Database, Fence
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        db: Database,
+        session_id: str,
+        owner_id: str,
+        *,
+        ttl_seconds: float,
+        renew_seconds: float,
+        poll_seconds: float,
+        on_acquired: Callable[[Fence, float | None], None],
+        on_lost: Callable[[str], None],
+        on_standby: Callable[[], None],
+    ) -> None:
+        self.db = db
+        self.session_id = session_id
+        self.owner_id = owner_id
+        self._ttl = ttl_seconds
+        self._renew_every = renew_seconds
+        self._poll_every = poll_seconds
+        self._on_acquired = on_acquired  # (fence, seconds waited in standby); raising gives the lease up
+        self._on_lost = on_lost
+        self._on_standby = on_standby
+        self._lock = threading.Lock()
+        self._fence: Fence | None = None
+        self._renewed_at = 0.0  # monotonic time of the last successful acquire or renewal
+        self._standby_since: float | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+
+    @property
+    def fence(self) -> Fence | None:
+        return self._fence
+
+    def fresh(self) -> bool:
+        """Held, and renewed recently enough that it cannot have expired in the database yet."""
+        return self._fence is not None and time.monotonic() - self._renewed_at < self._ttl - self._renew_every
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing (the lease stays held until released or expired)."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free (then ``on_acquired`` runs); else report standby."""
+        try:
+            fence = self.db.acquire_lease(self.session_id, self.owner_id, self._ttl)
+        except Exception as exc:
+            log.warning("session %s: cannot reach the database for the lease: %s", self.session_id, _line(exc))
+            fence = None
+        if fence is None:
+            self._standby()
+            return False
+        with self._lock:
+            self._fence = fence
+            self._renewed_at = time.monotonic()
+            waited = None if self._standby_since is None else time.monotonic() - self._standby_since
+            self._standby_since = None
+        if waited is not None:
+            log.info(
+                "session %s: took over after %.1f s in standby (fencing token %d)", self.session_id, waited, fence.token
+            )
+        try:
+            self._on_acquired(fence, waited)
+        except Exception as exc:
+            log.error("session %s: taking over failed: %s", self.session_id, _line(exc))
+            self.lose(f"taking over failed: {_line(exc)}", fence)
+            return False
+        return True
+
+    def lose(self, reason: str, fence: Fence | None = None) -> None:
+        """Give the lease up in this process. With ``fence``, only if that is still the one held: a
+        late failure of an older lease's write says nothing about a newer lease."""
+        with self._lock:
+            if self._fence is None or (fence is not None and fence != self._fence):
+                return
+            self._fence = None
+        log.error("session %s: %s", self.session_id, reason)
+        self._on_lost(reason)
+        self._wake.set()
+
+    def check(self) -> None:
+        """The watchdog, independent of renewals (which may hang on an unreachable database)."""
+        if self._fence is not None and not self.fresh():
+            self.lose(
+                "cannot renew the lease (database unreachable); disconnected so that no "
+                "other instance ever overlaps with this one"
+            )
+
+    def release(self) -> None:
+        """Hand the session over at once (graceful shutdown, after the final backup)."""
+        with self._lock:
+            fence, self._fence = self._fence, None
+        if fence is None:
+            return
+        try:
+            if self.db.release_lease(fence):
+                log.info("session %s: lease released", self.session_id)
+        except Exception as exc:
+            log.warning(
+                "session %s: could not release the lease (it expires by itself): %s", self.session_id, _line(exc)
+            )
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            if self._fence is None:
+                if self.try_acquire():
+                    continue
+                delay = self._poll_every
+            else:
+                delay = self._renew_every if self.fresh() else 1.0  # behind: retry sooner
+            self._wake.wait(delay)
+            self._wake.clear()
+            if not self._stopping.is_set() and self._fence is not None:
+                self._renew()
+
+    def _renew(self) -> None:
+        fence = self._fence
+        assert fence is not None
+        try:
+            renewed = self.db.renew_lease(fence, self._ttl)
+        except Exception as exc:
+            log.warning("session %s: lease renewal failed: %s", self.session_id, _line(exc))
+            return  # check() gives the lease up in time if this goes on
+        if self._fence != fence:
+            return  # lost while the call was under way: the old lease just runs out
+        if renewed:
+            self._renewed_at = time.monotonic()
+        else:
+            self.lose("lease lost: another instance owns the session now", fence)
+
+    def _standby(self) -> None:
+        with self._lock:
+            first_time = self._standby_since is None
+            if first_time:
+                self._standby_since = time.monotonic()
+        self._on_standby()
+        if first_time:
+            try:
+                holder = getattr(self.db.lease(self.session_id), "owner_id", None)
+            except Exception:
+                holder = None
+            log.info("session %s: owned by %s; standing by", self.session_id, holder or "another instance")
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
