@@ -139,3 +139,30 @@ def _freeze(runtime: Runtime) -> None:
     runtime._lease.stop()
     runtime._scheduler.shutdown(wait=False)
     runtime._stop_client()
+
+
+def test_a_standby_daemons_api_cannot_write_the_session(db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
+    from session_api import create_app
+
+    a, network_a = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
+    b, _ = owner(db, whatsmeow_template, tmp_path / "b", "host-b")
+    b_config_token = {"Authorization": "Bearer " + "t" * 20}
+    try:
+        paired(a, network_a, db)
+        b.start()
+        wait_until(lambda: b.state is State.STANDBY)
+        row = db.load_session("default")
+        document = row.session_data
+        api = create_app(b, db).test_client()
+
+        imported = api.post("/api/session/backup", json={"session_data": document}, headers=b_config_token)
+        deleted = api.delete("/api/session/delete", headers=b_config_token)
+        restored = api.post("/api/session/restore", json={}, headers=b_config_token)
+
+        assert (imported.status_code, deleted.status_code, restored.status_code) == (409, 409, 409)
+        assert "does not own" in imported.get_json()["message"]
+        assert db.load_session("default") == row
+        assert api.get("/healthz").status_code == 200
+    finally:
+        a.stop()
+        b.stop()
