@@ -169,8 +169,12 @@ def status() -> tuple[Response, int]:
         if session_id == live.session_id:
             entry.update(_jsonable(asdict(live)))
             entry["history"] = [_jsonable(asdict(h)) for h in db().list_history(session_id)]
-        else:
-            entry.update(state="not_running", connected=False)
+        lease = db().lease(session_id)
+        held = lease is not None and lease.owner_id is not None and lease.expires_in_seconds > 0
+        if session_id != live.session_id:
+            # Another daemon's session: what the database says of it.
+            entry.update(state="running_elsewhere" if held else "not_running", connected=None)
+        entry["lease"] = None if lease is None else {**asdict(lease), "held": held}
         summary = stored.get(session_id)
         entry["stored"] = None if summary is None else _jsonable(asdict(summary))
         sessions.append(entry)

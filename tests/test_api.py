@@ -21,7 +21,7 @@ from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
 from bot.services import build_services
 from bot.runtime import Runtime, State
-from database import Database
+from database import Database, SessionWrite
 from session_api import create_app
 from session_api.server import ApiServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
@@ -99,6 +99,10 @@ def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]
         services.stop()
 
 
+def _document_write(session_id: str) -> SessionWrite:
+    return SessionWrite(session_id, '{"n": 1}', "sha256:" + "1" * 64, None, None)
+
+
 PROTECTED = [
     ("POST", "/api/session/backup"),
     ("GET", "/api/session/restore"),
@@ -145,6 +149,14 @@ def test_backup_status_export_and_delete(api: Api) -> None:
     (session,) = status["sessions"]
     assert session["state"] == "connected" and session["jid"] == DEVICE_JID and session["phone"] == "5511987654321"
     assert session["stored"]["checksum"] == backup.json()["checksum"] == session["last_backup_checksum"]
+    assert session["lease"]["held"] and session["lease"]["owner_id"] == api.runtime.owner_id
+    api.db.acquire_lease("elsewhere", "other-host/1", ttl_seconds=60)
+    api.db.save_session(_document_write("elsewhere"))
+    others = {s["session_id"]: s for s in api.call("GET", "/api/session/status").json()["sessions"]}
+    assert (
+        others["elsewhere"]["state"] == "running_elsewhere"
+        and others["elsewhere"]["lease"]["owner_id"] == "other-host/1"
+    )
     one = api.call("GET", "/api/session/status?session_id=default")
     assert one.json()["session"]["session_id"] == "default"
     assert api.call("GET", "/api/session/status?session_id=nobody").status == 404
