@@ -70,3 +70,28 @@ def _journal_mode(store: Path) -> str:
         return conn.execute("PRAGMA journal_mode").fetchone()[0]
     finally:
         conn.close()
+
+
+def test_a_stale_wal_beside_the_store_is_not_replayed_into_the_restored_one(db: Database, tmp_path: Path) -> None:
+    # The snapshot that will be restored.
+    seed = tmp_path / "seed" / "whatsmeow.sqlite3"
+    create_paired_store(seed)
+    backup_session(db, "default", seed)
+    expected = table_rows(seed)
+    # A store left behind by a crash: its last writes only in its -wal file.
+    store = tmp_path / "data" / "whatsmeow.sqlite3"
+    create_paired_store(store, seed=2)
+    writer = sqlite3.connect(store)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    with writer:
+        writer.execute("DELETE FROM whatsmeow_pre_keys")
+    crashed_wal = Path(f"{store}-wal").read_bytes()
+    writer.close()
+    assert len(crashed_wal) > 0
+    Path(f"{store}-wal").write_bytes(crashed_wal)
+
+    assert prepare_local_store(db, "default", store).outcome is BootOutcome.RESTORED
+
+    assert not Path(f"{store}-wal").exists() or Path(f"{store}-wal").stat().st_size == 0
+    assert table_rows(store) == expected
