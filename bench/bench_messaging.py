@@ -34,13 +34,14 @@ def run(db: Database, messages: int, chats: int) -> dict[str, float]:
     ids = itertools.count(1)
     channel = Channel(lambda chat, text: f"OUT{next(ids)}", lambda: True, lambda chat, seconds: None)
     open_hours = datetime(2026, 11, 23, 14, 0, tzinfo=UTC)
+    sent_at = int(open_hours.timestamp())
     outbox = Outbox(db, "bench", channel, clock=lambda: open_hours)
     bot = Chatbot(db, "bench", rules, outbox, clock=lambda: open_hours)
     latencies = []
     started = time.perf_counter()
     for n in range(messages):
         chat = f"55119{n % chats:08d}@s.whatsapp.net"
-        message = events.IncomingMessage(f"IN{n}", chat, chat, "Cliente", TEXTS[n % len(TEXTS)], False, False, 0)
+        message = events.IncomingMessage(f"IN{n}", chat, chat, "Cliente", TEXTS[n % len(TEXTS)], False, False, sent_at)
         t0 = time.perf_counter()
         bot.handle(message)
         latencies.append((time.perf_counter() - t0) * 1000)
@@ -51,7 +52,7 @@ def run(db: Database, messages: int, chats: int) -> dict[str, float]:
     finished = time.perf_counter()
     t0 = time.perf_counter()
     for n in range(200):  # redeliveries: recognised and dropped
-        bot.handle(events.IncomingMessage(f"IN{n}", "x@s.whatsapp.net", "x", "", "oi", False, False, 0))
+        bot.handle(events.IncomingMessage(f"IN{n}", "x@s.whatsapp.net", "x", "", "oi", False, False, sent_at))
     duplicate_ms = (time.perf_counter() - t0) * 1000 / 200
     latencies.sort()
     return {

@@ -30,6 +30,10 @@ def ignore_reason(message: events.IncomingMessage) -> str | None:
     return IGNORED_SERVERS.get(server)
 
 
+def _sent_at(message: events.IncomingMessage) -> datetime:
+    return datetime.fromtimestamp(message.timestamp, UTC)
+
+
 class Chatbot:
     def __init__(
         self,
@@ -52,6 +56,8 @@ class Chatbot:
         now = self._clock()
         inbound = Inbound(self.session_id, message.chat, message.sender, message.message_id, message.text, now)
         reason = ignore_reason(message)
+        if reason is None and not message.from_me and _sent_at(message) < now - self.rules.reply_expiry:
+            reason = "stale"  # delivered long after it was sent (an outage): a person follows up, not the bot
         if reason is not None:
             result = self.db.record_inbound(inbound, lambda _: InboundOutcome("ignored", reason))
             return Handled("duplicate" if result.duplicate else f"ignored:{reason}")

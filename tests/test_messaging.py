@@ -25,7 +25,13 @@ _ids = itertools.count(1)
 
 
 def incoming(
-    text: str, *, chat: str = CUSTOMER, message_id: str | None = None, from_me: bool = False, is_group: bool = False
+    text: str,
+    *,
+    chat: str = CUSTOMER,
+    message_id: str | None = None,
+    from_me: bool = False,
+    is_group: bool = False,
+    sent: float | None = None,
 ) -> events.IncomingMessage:
     return events.IncomingMessage(
         message_id=message_id or f"WAMSG{next(_ids):08d}",
@@ -35,7 +41,7 @@ def incoming(
         text=text,
         from_me=from_me,
         is_group=is_group,
-        timestamp=int(time.time()),
+        timestamp=int(sent or time.time()),
     )
 
 
@@ -195,3 +201,14 @@ def test_a_failing_send_is_retried_then_given_up(daemon: Daemon) -> None:
     wait_until(lambda: daemon.network.send_failures.count("websocket not connected") == 9, message="one attempt")
     (row,) = [m for m in daemon.db.list_messages("default") if m.id == message_id]
     assert row.status == "queued" and row.attempts == 1 and row.last_error == "websocket not connected"
+
+
+def test_messages_delivered_long_after_they_were_sent_get_no_automatic_reply(daemon: Daemon) -> None:
+    daemon.paired()
+    daemon.deliver(incoming("oi, tem bolo?", sent=time.time() - 3 * 3600))  # sent during a 3-hour outage
+    daemon.deliver(incoming("oi"))
+    wait_until(lambda: len(daemon.network.sent) == 1)
+    time.sleep(0.5)
+    assert len(daemon.network.sent) == 1
+    stale = next(m for m in daemon.db.list_messages("default") if m.text == "oi, tem bolo?")
+    assert (stale.status, stale.reason) == ("ignored", "stale")
