@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import itertools
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,6 +15,8 @@ from bot.outbox import Outbox
 from database import ChatState, Database, Inbound, InboundOutcome
 
 log = logging.getLogger(__name__)
+
+INBOX_RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s: whatsmeow will not deliver it again
 
 # Servers of chats the bot never answers.
 IGNORED_SERVERS = {"g.us": "group", "broadcast": "broadcast", "newsletter": "newsletter"}
@@ -51,6 +56,45 @@ class Chatbot:
         self.outbox = outbox
         self._mark_read = mark_read
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._inbox: queue.Queue[events.IncomingMessage | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the daemon's path: off the events thread, in order, surviving database hiccups ---
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="chatbot", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+            self._thread = None
+        if not self._inbox.empty():
+            log.warning("chatbot: %d received message(s) not yet handled at shutdown", self._inbox.qsize() - 1)
+
+    def submit(self, message: events.IncomingMessage) -> None:
+        """Hand a message over and return at once (called on the client's events thread)."""
+        self._inbox.put(message)
+
+    def _work(self) -> None:
+        while (message := self._inbox.get()) is not None:
+            for delay in itertools.chain(INBOX_RETRY_SECONDS, itertools.repeat(INBOX_RETRY_SECONDS[-1])):
+                try:
+                    self.handle(message)
+                    break
+                except Exception as exc:  # the database is away: keep the message, and the order
+                    log.warning(
+                        "chatbot: message %s not handled yet (%s); retrying in %.0f s",
+                        message.message_id,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                        delay,
+                    )
+                    if self._stopping.wait(delay):
+                        return
 
     def handle(self, message: events.IncomingMessage) -> Handled:
         now = self._clock()

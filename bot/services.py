@@ -22,10 +22,12 @@ class Services:
 
     def start(self) -> None:
         self.outbox.start()
+        self.chatbot.start()
         self.runtime.start()
 
     def stop(self) -> None:
-        """The outbox first (no send races the final backup), then the runtime."""
+        """Chatbot and outbox first (nothing races the final backup), then the runtime."""
+        self.chatbot.stop()
         self.outbox.stop()
         self.runtime.stop()
 
@@ -41,6 +43,6 @@ def build_services(
         typing_seconds=rules.typing_seconds,
     )
     chatbot = Chatbot(db, config.session_id, rules, outbox, mark_read=runtime.mark_read)
-    runtime.message_handlers.append(chatbot.handle)
+    runtime.message_handlers.append(chatbot.submit)
     runtime.connected_listeners.append(outbox.notify)
     return Services(runtime, outbox, chatbot)

@@ -95,7 +95,7 @@ class PostgresCluster:
 
     def stop_server(self) -> None:
         """An outage: the server goes away (its clients' connections break), the data stays."""
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"

@@ -212,3 +212,31 @@ def test_messages_delivered_long_after_they_were_sent_get_no_automatic_reply(dae
     assert len(daemon.network.sent) == 1
     stale = next(m for m in daemon.db.list_messages("default") if m.text == "oi, tem bolo?")
     assert (stale.status, stale.reason) == ("ignored", "stale")
+
+
+def test_a_message_received_while_the_database_is_away_is_answered_when_it_is_back(
+    whatsmeow_template: Path, tmp_path: Path
+) -> None:
+    from database import PostgresDatabase
+    from tests.pg_cluster import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    db = PostgresDatabase(cluster.create_database(), connect_timeout=1, wait_timeout=1)
+    db.open()
+    daemon = Daemon(db, FakeWhatsApp(schema_template=whatsmeow_template), tmp_path / "data")
+    try:
+        daemon.paired()
+        cluster.stop_server()
+        daemon.deliver(incoming("oi"))
+        time.sleep(2.0)
+        assert daemon.network.sent == []  # nowhere to record it yet: kept in memory, not dropped
+
+        cluster.start_server()
+
+        wait_until(lambda: len(daemon.network.sent) == 1, timeout=30, message="the reply after the outage")
+        assert daemon.network.sent[0].text.startswith("Olá, Ana!")
+        assert [m.status for m in db.list_messages("default")] == ["replied", "sent"]
+    finally:
+        daemon.stop()
+        db.close()
+        cluster.stop()
