@@ -67,3 +67,6 @@ def processes() -> Iterator[list]:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()

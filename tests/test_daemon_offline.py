@@ -170,3 +170,30 @@ def _healthy(port: int) -> bool:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError):
         return False
+
+
+def test_a_second_signal_exits_at_once_during_a_slow_shutdown(tmp_path: Path, processes: list) -> None:
+    # The daemon's own signal handlers, in a process whose "shutdown" takes 30 s.
+    script = (
+        "import sys, threading, time\n"
+        "from bot.__main__ import _install_signal_handlers\n"
+        "stop = threading.Event()\n"
+        "_install_signal_handlers(stop)\n"
+        "print('ready', flush=True)\n"
+        "stop.wait()\n"
+        "print('shutting down slowly', flush=True)\n"
+        "time.sleep(30)\n"
+        "sys.exit(0)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, text=True, stdout=subprocess.PIPE, env={**os.environ, **OFFLINE_ENV}
+    )
+    processes.append(child)
+    assert child.stdout.readline().strip() == "ready"
+    child.send_signal(signal.SIGTERM)
+    assert child.stdout.readline().strip() == "shutting down slowly"
+    started = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=5) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 2
+    child.stdout.close()
