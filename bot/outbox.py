@@ -99,8 +99,11 @@ class Outbox:
                 return
             try:
                 self.flush()
-            except Exception:
-                log.exception("outbox: flush failed; retrying shortly")
+            except Exception as exc:  # the database is away, most likely: the rows wait where they are
+                log.warning(
+                    "outbox: cannot send now (%s); retrying shortly",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
 
     def flush(self) -> int:
         """Send every message that is due, oldest first and in order within each chat; returns how many."""
