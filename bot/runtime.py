@@ -42,6 +42,7 @@ from bot.persistence import (
     restore_record,
 )
 from bot.session_store import STORE_SIBLING_SUFFIXES
+from bot.store_watch import StoreWatcher
 from bot.store_worker import prepare_store
 from database import Database, Fence, FencedOut, SessionRecord
 
@@ -187,8 +188,7 @@ class Runtime:
         self._failures = 0
         self._qr_at = 0.0
         self._pairing_requested = False
-        self._store_signature: tuple[int, ...] | None = None
-        self._change_pending_since: float | None = None
+        self._store_watch = StoreWatcher(config.store_path, max_delay=timing.debounce_max_seconds)
         self._status = SessionStatus(
             session_id=config.session_id,
             state=State.STARTING.value,
@@ -445,7 +445,7 @@ class Runtime:
         try:
             with self._backup_lock:
                 restore_record(request.record, self.config.store_path)
-                self._store_signature = None
+                self._store_watch.forget()
             self._failures = 0
             self._set(
                 jid=request.record.device_jid,
@@ -491,7 +491,7 @@ class Runtime:
                 self._lease.lose(str(exc), fence)
             except Exception as exc:
                 log.error("session %s: could not delete the stored session: %s", self.config.session_id, exc)
-            self._store_signature = None
+            self._store_watch.forget()
         self._failures = 0
         self._set(jid=None, phone=None, push_name=None, connected_since=None, pairing_code=None)
         log.warning(
@@ -691,8 +691,7 @@ class Runtime:
 
     def _backup_job(self, reason: str) -> None:
         if reason == "on-change":
-            with self._lock:
-                self._change_pending_since = None
+            self._store_watch.backup_started()
         self._run_backup(reason)
 
     def _run_backup(self, reason: str) -> BackupResult | None:
@@ -735,35 +734,8 @@ class Runtime:
             )
 
     def _watch_store(self) -> None:
-        """Change detection by os.stat only: the live store is never opened in this process."""
-        signature = _store_signature(self.config.store_path)
-        now = time.monotonic()
-        with self._lock:
-            if signature == self._store_signature:
-                return
-            first_sight = self._store_signature is None
-            self._store_signature = signature
-            if first_sight or signature is None:
-                return
-            if self._change_pending_since is None:
-                self._change_pending_since = now
-            overdue = now - self._change_pending_since > self._timing.debounce_max_seconds
-        if not overdue:  # debounce: each change pushes the backup back, up to the max wait
+        if self._store_watch.poll():  # each change pushes the backup back, up to the max wait
             self._schedule_backup("on-change", self._timing.debounce_seconds)
-
-
-def _store_signature(store_path: Path) -> tuple[int, ...] | None:
-    parts: list[int] = []
-    for path in (store_path, Path(f"{store_path}-wal")):
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            if path == store_path:
-                return None
-            parts += [0, 0]
-            continue
-        parts += [stat.st_size, stat.st_mtime_ns]
-    return tuple(parts)
 
 
 def qr_terminal_art(code: str) -> str:
