@@ -531,28 +531,58 @@ class Database:
     """
     SET_MESSAGE_STATUS = "UPDATE whatsapp_messages SET status = %s, reason = %s WHERE id = %s"
 
+    def _insert_message(
+        self,
+        tx: Transaction,
+        *,
+        session_id: str,
+        chat_jid: str,
+        direction: str,
+        text: str,
+        status: str,
+        created_at: datetime | None,
+        dedupe_key: str | None = None,
+        sender: str | None = None,
+        message_id: str | None = None,
+        reason: str | None = None,
+        sent_at: datetime | None = None,
+        next_attempt_at: datetime | None = None,
+        expires_at: datetime | None = None,
+    ) -> int | None:
+        """One row of the message log; None when its dedupe key was recorded before."""
+        params = (
+            session_id,
+            chat_jid,
+            sender,
+            message_id,
+            dedupe_key,
+            direction,
+            text,
+            status,
+            reason,
+            _naive(created_at),
+            _naive(sent_at),
+            _naive(next_attempt_at),
+            _naive(expires_at),
+        )
+        return tx.scalar(self.INSERT_MESSAGE, params)
+
     def record_inbound(self, message: Inbound, decide: Callable[[ChatState | None], InboundOutcome]) -> InboundResult:
         """Log the message and act on it exactly once: the id is recorded first, and the decision,
         the chat's new state and the queued reply commit with it or not at all."""
         received = _naive(message.received_at)
         with self.transaction() as tx:
-            inbound_id = tx.scalar(
-                self.INSERT_MESSAGE,
-                (
-                    message.session_id,
-                    message.chat_jid,
-                    message.sender,
-                    message.message_id,
-                    f"in:{message.message_id}",
-                    "in",
-                    message.text,
-                    "received",
-                    None,
-                    received,
-                    None,
-                    None,
-                    None,
-                ),
+            inbound_id = self._insert_message(
+                tx,
+                session_id=message.session_id,
+                chat_jid=message.chat_jid,
+                sender=message.sender,
+                message_id=message.message_id,
+                dedupe_key=f"in:{message.message_id}",
+                direction="in",
+                text=message.text,
+                status="received",
+                created_at=message.received_at,
             )
             if inbound_id is None:
                 return InboundResult(duplicate=True, reply_id=None)
@@ -565,46 +595,37 @@ class Database:
             )
             reply_id = None
             if outcome.reply_text is not None:
-                reply_id = tx.scalar(
-                    self.INSERT_MESSAGE,
-                    (
-                        message.session_id,
-                        message.chat_jid,
-                        None,
-                        None,
-                        f"reply:{message.message_id}",
-                        "out",
-                        outcome.reply_text,
-                        "queued",
-                        outcome.reason,
-                        received,
-                        None,
-                        received,
-                        _naive(outcome.reply_expires_at),
-                    ),
+                reply_id = self._insert_message(
+                    tx,
+                    session_id=message.session_id,
+                    chat_jid=message.chat_jid,
+                    dedupe_key=f"reply:{message.message_id}",
+                    direction="out",
+                    text=outcome.reply_text,
+                    status="queued",
+                    reason=outcome.reason,
+                    created_at=message.received_at,
+                    next_attempt_at=message.received_at,
+                    expires_at=outcome.reply_expires_at,
                 )
         return InboundResult(duplicate=False, reply_id=reply_id)
 
     def record_operator_message(self, message: Inbound, paused_until: datetime) -> bool:
         """An answer typed on the phone: logged as outgoing, and the bot steps back in that chat."""
         with self.transaction() as tx:
-            logged = tx.scalar(
-                self.INSERT_MESSAGE,
-                (
-                    message.session_id,
-                    message.chat_jid,
-                    message.sender,
-                    message.message_id,
-                    f"op:{message.message_id}",
-                    "out",
-                    message.text,
-                    "sent",
-                    "operator",
-                    _naive(message.received_at),
-                    _naive(message.received_at),
-                    None,
-                    None,
-                ),
+            logged = self._insert_message(
+                tx,
+                session_id=message.session_id,
+                chat_jid=message.chat_jid,
+                sender=message.sender,
+                message_id=message.message_id,
+                dedupe_key=f"op:{message.message_id}",
+                direction="out",
+                text=message.text,
+                status="sent",
+                reason="operator",
+                created_at=message.received_at,
+                sent_at=message.received_at,
             )
             if logged is None:
                 return False
@@ -615,24 +636,20 @@ class Database:
         self, session_id: str, chat_jid: str, text: str, *, reason: str, expires_at: datetime | None, now: datetime
     ) -> int:
         with self.transaction() as tx:
-            return tx.scalar(
-                self.INSERT_MESSAGE,
-                (
-                    session_id,
-                    chat_jid,
-                    None,
-                    None,
-                    None,
-                    "out",
-                    text,
-                    "queued",
-                    reason,
-                    _naive(now),
-                    None,
-                    _naive(now),
-                    _naive(expires_at),
-                ),
+            message_id = self._insert_message(
+                tx,
+                session_id=session_id,
+                chat_jid=chat_jid,
+                direction="out",
+                text=text,
+                status="queued",
+                reason=reason,
+                created_at=now,
+                next_attempt_at=now,
+                expires_at=expires_at,
             )
+        assert message_id is not None  # no dedupe key: never a conflict
+        return message_id
 
     SELECT_QUEUED = """
         SELECT id, chat_jid, text, attempts, next_attempt_at, expires_at FROM whatsapp_messages

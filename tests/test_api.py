@@ -273,8 +273,13 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
     assert len(api.network.sent) == 1
     api.network.current().emit(events.Connected())
     wait_until(lambda: [m.text for m in api.network.sent] == ["Olá!", "Seu pedido saiu"], message="on reconnect")
-    (row,) = [m for m in api.db.list_messages("default") if m.id == later.json()["id"]]
-    assert row.status == "sent" and row.reason == "api"
+    wait_until(
+        lambda: (
+            [(m.status, m.reason) for m in api.db.list_messages("default") if m.id == later.json()["id"]]
+            == [("sent", "api")]
+        ),
+        message="logged as sent",
+    )
 
 
 def test_logout_unlinks_and_pairs_again(api: Api) -> None:

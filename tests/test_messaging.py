@@ -96,8 +96,9 @@ def test_a_customer_gets_a_greeting_then_menu_answers(daemon: Daemon) -> None:
     assert greeting.startswith("Olá, Ana!") and "Rua das Flores" in address
     assert first.message_id in daemon.network.read  # blue ticks
     assert (CUSTOMER, True) in daemon.network.typing and (CUSTOMER, False) in daemon.network.typing
+    expected = [("in", "replied"), ("out", "sent")] * 2
+    wait_until(lambda: [(m.direction, m.status) for m in daemon.db.list_messages("default", CUSTOMER)] == expected)
     log = daemon.db.list_messages("default", CUSTOMER)
-    assert [(m.direction, m.status) for m in log] == [("in", "replied"), ("out", "sent")] * 2
     assert log[1].message_id == daemon.network.sent[0].message_id and log[1].reason in ("greeting", "after_hours")
 
 
@@ -155,7 +156,7 @@ def test_a_restart_while_offline_loses_no_queued_message(daemon: Daemon) -> None
     wait_until(lambda: len(daemon.network.sent) == 4, message="everything after the restart")
     texts = [m.text for m in daemon.network.sent]
     assert texts[0].startswith("Olá, Ana!") and texts[1:] == [f"pedido {n} pronto" for n in range(3)]
-    assert {m.status for m in daemon.db.list_messages("default") if m.direction == "out"} == {"sent"}
+    wait_until(lambda: {m.status for m in daemon.db.list_messages("default") if m.direction == "out"} == {"sent"})
 
 
 def test_groups_broadcasts_newsletters_and_own_messages_get_no_reply(daemon: Daemon) -> None:
@@ -235,7 +236,7 @@ def test_a_message_received_while_the_database_is_away_is_answered_when_it_is_ba
 
         wait_until(lambda: len(daemon.network.sent) == 1, timeout=30, message="the reply after the outage")
         assert daemon.network.sent[0].text.startswith("Olá, Ana!")
-        assert [m.status for m in db.list_messages("default")] == ["replied", "sent"]
+        wait_until(lambda: [m.status for m in db.list_messages("default")] == ["replied", "sent"], message="logged")
     finally:
         daemon.stop()
         db.close()
