@@ -87,9 +87,10 @@ def test_pairing_from_an_empty_start_is_backed_up(runtime_factory, db: Database,
 
     wait_until(lambda: db.load_session("default") is not None, message="backup after pairing")
     wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
+    wait_until(lambda: runtime.status().last_backup_version is not None, message="the backup in the status")
     status = runtime.status()
     assert status.jid == DEVICE_JID and status.phone == "5511987654321"
-    assert status.last_backup_version is not None and runtime.qr_code() is None
+    assert runtime.qr_code() is None
     assert db.load_session("default").device_jid == DEVICE_JID
 
 
