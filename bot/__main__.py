@@ -27,9 +27,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 
-from bot.config import Config
+from bot.config import SHORT_TOKEN, Config
 from bot.errors import ConfigError, ZapkeepError
 from database import Database, DatabaseError, open_database
 
@@ -41,7 +41,7 @@ EXIT_CONFIG = 2
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    load_dotenv(override=False)
+    load_dotenv(find_dotenv(usecwd=True), override=False)  # the .env of the working directory
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
@@ -112,6 +112,8 @@ def run_daemon(config: Config) -> int:
     if config.api_token is None:
         config = replace(config, api_token=secrets.token_urlsafe(32))
         log.warning("API_TOKEN is not set; generated one for this run only: %s", config.api_token)
+    elif len(config.api_token) < SHORT_TOKEN:
+        log.warning("API_TOKEN is shorter than %d characters; use a long random one", SHORT_TOKEN)
 
     stop = threading.Event()
     _install_signal_handlers(stop)
