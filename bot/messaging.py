@@ -35,6 +35,13 @@ def ignore_reason(message: events.IncomingMessage) -> str | None:
     return IGNORED_SERVERS.get(server)
 
 
+def _ignored(reason: str, chat: ChatState | None) -> InboundOutcome:
+    """Logged, unanswered, and the chat's pause (if any) left as it was."""
+    if chat is None:
+        return InboundOutcome("ignored", reason)
+    return InboundOutcome("ignored", reason, paused_until=chat.paused_until, pause_reason=chat.pause_reason)
+
+
 def _sent_at(message: events.IncomingMessage) -> datetime:
     return datetime.fromtimestamp(message.timestamp, UTC)
 
@@ -103,7 +110,7 @@ class Chatbot:
         if reason is None and not message.from_me and _sent_at(message) < now - self.rules.reply_expiry:
             reason = "stale"  # delivered long after it was sent (an outage): a person follows up, not the bot
         if reason is not None:
-            result = self.db.record_inbound(inbound, lambda _: InboundOutcome("ignored", reason))
+            result = self.db.record_inbound(inbound, lambda chat: _ignored(reason, chat))
             return Handled("duplicate" if result.duplicate else f"ignored:{reason}")
         if message.from_me:
             return self._own_message(inbound, now)

@@ -241,3 +241,15 @@ def test_a_message_received_while_the_database_is_away_is_answered_when_it_is_ba
         daemon.stop()
         db.close()
         cluster.stop()
+
+
+def test_a_stale_message_does_not_end_a_hand_off_pause(daemon: Daemon) -> None:
+    daemon.paired()
+    daemon.deliver(incoming("atendente"))
+    wait_until(lambda: len(daemon.network.sent) == 1, message="hand-off reply")
+    daemon.deliver(incoming("oi??", sent=time.time() - 3 * 3600))  # a late delivery, ignored
+    daemon.deliver(incoming("alguém?"))
+    time.sleep(0.8)
+    assert len(daemon.network.sent) == 1  # still paused for the person who was called
+    last = daemon.db.list_messages("default", CUSTOMER)[-1]
+    assert (last.text, last.status) == ("alguém?", "paused")
