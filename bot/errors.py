@@ -27,3 +27,9 @@ class NotFoundError(ZapkeepError):
 
 class StateConflictError(ZapkeepError):
     """The session is not in a state that allows this (not connected, replaced, not owned...)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's headline for a log line or a status field: its first line, or its class name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from bot.errors import first_line
 from database import Database, Fence
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class LeaseKeeper:
         try:
             fence = self.db.acquire_lease(self.session_id, self.owner_id, self._ttl)
         except Exception as exc:
-            log.warning("session %s: cannot reach the database for the lease: %s", self.session_id, _line(exc))
+            log.warning("session %s: cannot reach the database for the lease: %s", self.session_id, first_line(exc))
             fence = None
         if fence is None:
             self._standby()
@@ -90,8 +91,8 @@ class LeaseKeeper:
         try:
             self._on_acquired(fence, waited)
         except Exception as exc:
-            log.error("session %s: taking over failed: %s", self.session_id, _line(exc))
-            self.lose(f"taking over failed: {_line(exc)}", fence)
+            log.error("session %s: taking over failed: %s", self.session_id, first_line(exc))
+            self.lose(f"taking over failed: {first_line(exc)}", fence)
             return False
         return True
 
@@ -125,7 +126,7 @@ class LeaseKeeper:
                 log.info("session %s: lease released", self.session_id)
         except Exception as exc:
             log.warning(
-                "session %s: could not release the lease (it expires by itself): %s", self.session_id, _line(exc)
+                "session %s: could not release the lease (it expires by itself): %s", self.session_id, first_line(exc)
             )
 
     def _run(self) -> None:
@@ -147,7 +148,7 @@ class LeaseKeeper:
         try:
             renewed = self.db.renew_lease(fence, self._ttl)
         except Exception as exc:
-            log.warning("session %s: lease renewal failed: %s", self.session_id, _line(exc))
+            log.warning("session %s: lease renewal failed: %s", self.session_id, first_line(exc))
             return  # check() gives the lease up in time if this goes on
         if self._fence != fence:
             return  # lost while the call was under way: the old lease just runs out
@@ -168,8 +169,3 @@ class LeaseKeeper:
             except Exception:
                 holder = None
             log.info("session %s: owned by %s; standing by", self.session_id, holder or "another instance")
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bot import chatbot, events
+from bot.errors import first_line
 from bot.outbox import Outbox
 from database import ChatState, Database, Inbound, InboundOutcome
 
@@ -97,7 +98,7 @@ class Chatbot:
                     log.warning(
                         "chatbot: message %s not handled yet (%s); retrying in %.0f s",
                         message.message_id,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                        first_line(exc),
                         delay,
                     )
                     if self._stopping.wait(delay):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from bot.errors import StateConflictError
+from bot.errors import StateConflictError, first_line
 from database import Database
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Outbox:
             except Exception as exc:  # the database is away, most likely: the rows wait where they are
                 log.warning(
                     "outbox: cannot send now (%s); retrying shortly",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    first_line(exc),
                 )
 
     def flush(self) -> int:
@@ -144,7 +144,7 @@ class Outbox:
             self.db.mark_unsent(row_id)  # never reached WhatsApp: not an attempt
             return False
         except Exception as exc:
-            error = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            error = first_line(exc)
             if attempts + 1 >= MAX_ATTEMPTS:
                 self.db.mark_failed(row_id, f"gave up after {attempts + 1} attempts: {error}")
                 log.error("outbox: message %d to %s failed for good: %s", row_id, chat_jid, error)

@@ -31,7 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from bot import events
 from bot.config import Config
 from bot import session_store
-from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, ZapkeepError
+from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, ZapkeepError, first_line
 from bot.lease import LeaseKeeper
 from bot.persistence import (
     BackupResult,
@@ -328,7 +328,7 @@ class Runtime:
         except SessionDocumentError as exc:
             # Nothing stored can be restored; the local store was left as it was.
             log.error("session %s: %s", self.config.session_id, exc)
-            self._set(last_error=str(exc).splitlines()[0])
+            self._set(last_error=first_line(exc))
             return
         log.info("session %s boot: %s", self.config.session_id, result.outcome.value)
         if result.outcome is not BootOutcome.PAIRING_NEEDED:
@@ -707,7 +707,7 @@ class Runtime:
                 return None
             except Exception as exc:
                 log.error("session %s: %s backup failed: %s", self.config.session_id, reason, exc)
-                self._set(last_backup_error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self._set(last_backup_error=first_line(exc))
                 return None
         if result.status is BackupStatus.WRITTEN:
             log.info("session %s: %s backup stored as version %s", self.config.session_id, reason, result.version)

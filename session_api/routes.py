@@ -15,7 +15,7 @@ import segno
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 
 from bot.config import is_valid_session_id
-from bot.errors import NotFoundError, SessionDocumentError, StateConflictError
+from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, first_line
 from bot.outbox import Outbox
 from bot.persistence import BackupStatus, import_document
 from bot.runtime import Runtime, State
@@ -151,7 +151,7 @@ def restore() -> tuple[Response, int]:
     except NotFoundError as exc:
         abort(404, str(exc))
     except (StateConflictError, SessionDocumentError) as exc:
-        abort(409, str(exc).splitlines()[0])
+        abort(409, first_line(exc))
     return ok(**asdict(outcome), state=runtime().state.value)
 
 

@@ -39,7 +39,8 @@ def _unprivileged_user() -> pwd.struct_passwd:
     raise RuntimeError("running as root, and neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on, on loopback."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -50,7 +51,7 @@ class PostgresCluster:
         self.bindir = find_bindir()
         self.base = Path(tempfile.mkdtemp(prefix="zapkeep-pg-"))
         self.datadir = self.base / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._as_user: list[str] = []
         if os.geteuid() == 0:
             user = _unprivileged_user()

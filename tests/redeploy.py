@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from tests.fake_whatsapp import wait_until
+from tests.pg_cluster import free_port
 from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, neonize, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "redeploy-test-token-0123456789"
 LEASE = {"LEASE_TTL_SECONDS": "6", "LEASE_RENEW_SECONDS": "2"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

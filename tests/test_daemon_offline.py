@@ -16,6 +16,7 @@ import pytest
 from bot.persistence import backup_session
 from database import PostgresDatabase
 from tests.fake_whatsapp import wait_until
+from tests.pg_cluster import free_port
 from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, neonize, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,14 +76,6 @@ def _stop(process: subprocess.Popen[str]) -> tuple[int, str]:
     return process.returncode, output
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
     database_url: str, tmp_path: Path, processes: list
 ) -> None:
@@ -93,7 +86,7 @@ def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
     db = PostgresDatabase(database_url)
     db.open()
     try:
-        daemon = _start_daemon(data_dir, database_url, _free_port())
+        daemon = _start_daemon(data_dir, database_url, free_port())
         processes.append(daemon)
         started = time.monotonic()
         wait_until(lambda: db.load_session("default") is not None, timeout=20, message="the session in the DB")
@@ -106,7 +99,7 @@ def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
         import shutil
 
         shutil.rmtree(data_dir)
-        daemon = _start_daemon(data_dir, database_url, _free_port())
+        daemon = _start_daemon(data_dir, database_url, free_port())
         processes.append(daemon)
         wait_until(store.exists, timeout=20, message="the store rebuilt")
         wait_until(
@@ -145,7 +138,7 @@ def test_bad_configuration_fails_at_boot_with_one_line_naming_the_variable(tmp_p
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signals_stop_the_daemon_within_seconds(tmp_path: Path, signum: int, processes: list) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **OFFLINE_ENV, "DATA_DIR": str(tmp_path), "PORT": str(port)}
     env.pop("DATABASE_URL", None)
     daemon = subprocess.Popen(
