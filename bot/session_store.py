@@ -68,7 +68,6 @@ class Table:
 class DecodedSession:
     checksum: str
     tables: list[Table]
-    metadata: dict[str, Any]
 
     @property
     def row_count(self) -> int:
@@ -250,8 +249,7 @@ def validate_document(document: Any) -> DecodedSession:
     expected = document_checksum([(t["name"], t["checksum"]) for t in raw_tables])
     if document.get("checksum") != expected:
         raise SessionDocumentError("the session document's checksum does not match its content")
-    metadata = document.get("metadata")
-    return DecodedSession(checksum=expected, tables=tables, metadata=metadata if isinstance(metadata, dict) else {})
+    return DecodedSession(checksum=expected, tables=tables)
 
 
 def _validate_table(raw: Any, index: int) -> Table:
