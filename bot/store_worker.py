@@ -54,12 +54,13 @@ class RestoreSummary:
 
 def snapshot_store(store_path: Path, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Snapshot:
     started = time.perf_counter()
-    text = _run("snapshot", store_path, stdin="", timeout=timeout, error=SnapshotError)
-    document = json.loads(text)
-    metadata = document["metadata"]
+    output = _run("snapshot", store_path, stdin="", timeout=timeout, error=SnapshotError)
+    # A one-line summary, then the document: no need to parse megabytes for four facts.
+    header, _, text = output.partition("\n")
+    metadata = json.loads(header)
     return Snapshot(
         text=text,
-        checksum=document["checksum"],
+        checksum=metadata["checksum"],
         device_jid=metadata["device_jid"],
         push_name=metadata["push_name"],
         total_rows=metadata["total_rows"],
@@ -109,7 +110,7 @@ def _run(command: str, store_path: Path, *, stdin: str, timeout: float, error: t
 
 
 def main(argv: list[str]) -> int:
-    """Child side: ``snapshot PATH`` writes the document to stdout; ``restore PATH`` reads it
+    """Child side: ``snapshot PATH`` writes a summary line and the document to stdout; ``restore PATH`` reads it
     from stdin; ``prepare PATH`` readies the file for neonize."""
     from bot import session_store
 
@@ -120,7 +121,9 @@ def main(argv: list[str]) -> int:
     try:
         if command == "snapshot":
             document = session_store.take_snapshot(store_path)
-            sys.stdout.buffer.write(session_store.canonical_json(document))
+            summary = {"checksum": document["checksum"], **document["metadata"]}
+            # canonical JSON escapes newlines, so the first newline ends the summary line
+            sys.stdout.buffer.write(json.dumps(summary).encode() + b"\n" + session_store.canonical_json(document))
         elif command == "prepare":
             session_store.prepare_store_file(store_path)
         else:
