@@ -101,7 +101,18 @@ def _open(config: Config) -> Database:
 
 
 def run_daemon(config: Config) -> int:
-    from bot import whatsapp
+    try:
+        from bot import whatsapp
+    except ImportError as exc:
+        if "libmagic" not in str(exc):
+            raise
+        # neonize loads python-magic at import time; slim images (Railpack's runtime) lack the library.
+        print(
+            "zapkeep: the system library libmagic is missing (neonize needs it): install the package libmagic1 "
+            "(Debian/Ubuntu: apt-get install libmagic1; Railway: railpack.json deploy.aptPackages)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     from bot.chatbot import load_rules
     from bot.services import build_services
     from session_api import create_app
