@@ -16,9 +16,18 @@ os.environ["HTTPS_PROXY"] = "http://127.0.0.1:9"
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PostgresCluster]:
     cluster = PostgresCluster().start()
+    load = None
+    if os.environ.get("ZAPKEEP_TEST_PG_LOAD") == "1":  # scripts/stress-tests.sh --pg-load
+        import subprocess
+        import sys
+
+        load = subprocess.Popen([sys.executable, "-m", "tests.pg_load", cluster.create_database()])
     try:
         yield cluster
     finally:
+        if load is not None:
+            load.kill()
+            load.wait()
         cluster.stop()
 
 
