@@ -24,11 +24,11 @@ trap 'kill "${burners[@]}" 2>/dev/null || true' EXIT
 export ZAPKEEP_TEST_PG_LOAD=$pg_load
 for run in $(seq "$runs"); do
     started=$(date +%s)
-    if ./scripts/test.sh -q -p no:cacheprovider "$@" > "/tmp/zapkeep-stress-$run.log" 2>&1; then
-        echo "run $run/$runs: $(tail -1 "/tmp/zapkeep-stress-$run.log") ($(( $(date +%s) - started )) s)"
+    if ./scripts/test.sh -q -p no:cacheprovider "$@" > "/tmp/zapkeep-stress-$pg_load-$run.log" 2>&1; then
+        echo "run $run/$runs: $(tail -1 "/tmp/zapkeep-stress-$pg_load-$run.log") ($(( $(date +%s) - started )) s)"
     else
-        echo "run $run/$runs FAILED ($(( $(date +%s) - started )) s): log in /tmp/zapkeep-stress-$run.log"
-        grep -E '^(FAILED|ERROR)' "/tmp/zapkeep-stress-$run.log" || tail -20 "/tmp/zapkeep-stress-$run.log"
+        echo "run $run/$runs FAILED ($(( $(date +%s) - started )) s): log in /tmp/zapkeep-stress-$pg_load-$run.log"
+        grep -E '^(FAILED|ERROR)' "/tmp/zapkeep-stress-$pg_load-$run.log" || tail -20 "/tmp/zapkeep-stress-$pg_load-$run.log"
         exit 1
     fi
 done

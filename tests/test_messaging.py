@@ -199,9 +199,14 @@ def test_a_failing_send_is_retried_then_given_up(daemon: Daemon) -> None:
     services = daemon.paired()
     daemon.network.send_failures.extend(["websocket not connected"] * 10)
     message_id = services.outbox.enqueue(CUSTOMER, "olá", reason="api", expires_in=None)
-    wait_until(lambda: daemon.network.send_failures.count("websocket not connected") == 9, message="one attempt")
-    (row,) = [m for m in daemon.db.list_messages("default") if m.id == message_id]
-    assert row.status == "queued" and row.attempts == 1 and row.last_error == "websocket not connected"
+
+    def row() -> object:
+        return next(m for m in daemon.db.list_messages("default") if m.id == message_id)
+
+    # The fake fails the send first; the outbox records the failure right after: wait for the record.
+    wait_until(lambda: row().last_error is not None, message="the failed attempt recorded")
+    assert (row().status, row().attempts, row().last_error) == ("queued", 1, "websocket not connected")
+    assert daemon.network.send_failures.count("websocket not connected") == 9  # one attempt, the retry waits
 
 
 def test_messages_delivered_long_after_they_were_sent_get_no_automatic_reply(daemon: Daemon) -> None:
