@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
 
@@ -36,6 +36,10 @@ class FencedOut(DatabaseError):
     """A write carried a fencing token that is no longer the session's: another owner took over."""
 
 
+class SessionMissing(DatabaseError):
+    """Rows were mirrored for a session that is not stored (an admin deleted it): sync it whole."""
+
+
 @dataclass(frozen=True)
 class SessionWrite:
     """One snapshot of a session, ready to store."""
@@ -49,6 +53,45 @@ class SessionWrite:
     @property
     def size_bytes(self) -> int:
         return len(self.document_text.encode())
+
+
+@dataclass(frozen=True)
+class HeadWrite:
+    """The document head of a session (its definitions, checksums and metadata, no rows)."""
+
+    session_id: str
+    head_text: str
+    checksum: str
+    size_bytes: int  # of the whole document the head and the rows make
+    device_jid: str | None
+    push_name: str | None
+    lineage: str | None
+
+
+@dataclass(frozen=True)
+class RowChange:
+    """One mirrored row: its new content, or None when it was deleted."""
+
+    table: str
+    key: str
+    row_text: str | None
+    row_hash: str | None
+
+
+@dataclass(frozen=True)
+class MirrorBatch:
+    session_id: str
+    sequence: int  # the store's change sequence this batch brings the database up to
+    changes: list[RowChange]
+    head: HeadWrite | None = None  # with a new head (definitions changed, a reconciliation)
+    checksum: str | None = None  # without a head: the document checksum after this batch
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    table: str
+    row_text: str
+    row_hash: str
 
 
 @dataclass(frozen=True)
@@ -69,21 +112,17 @@ class LeaseInfo:
 
 
 @dataclass(frozen=True)
-class SaveResult:
-    written: bool  # False: the stored checksum was already this one, nothing was written
-    version: int
-
-
-@dataclass(frozen=True)
 class SessionSummary:
     session_id: str
-    version: int
+    version: int  # of the latest full snapshot in history
     checksum: str
     size_bytes: int
     device_jid: str | None
     push_name: str | None
     created_at: datetime
-    updated_at: datetime
+    updated_at: datetime  # moves with every mirrored batch
+    format_version: int
+    mirror_sequence: int
 
 
 @dataclass(frozen=True)
@@ -95,7 +134,10 @@ class SessionRecord:
     device_jid: str | None
     push_name: str | None
     updated_at: datetime
-    session_data: str  # the document as JSON text
+    session_data: str  # format 2: the document head (rows apart); format 1 and history: the whole document
+    format_version: int = 2
+    lineage: str | None = None
+    mirror_sequence: int = 0
 
 
 @dataclass(frozen=True)
@@ -233,6 +275,21 @@ def _tables_beside_sessions(serial_key: str) -> list[str]:
 # creates the whole current schema on a fresh database (and, on PostgreSQL, adopts the
 # seed's pre-existing whatsapp_sessions table by adding the columns it lacks).
 
+
+def _rows_table() -> list[str]:
+    """Persistence v2: every row of every session's whatsmeow store, mirrored one by one."""
+    return [
+        """CREATE TABLE whatsapp_session_rows (
+            session_id VARCHAR(100) NOT NULL,
+            table_name TEXT NOT NULL,
+            row_key TEXT NOT NULL,
+            row_data JSONB NOT NULL,
+            row_hash TEXT NOT NULL,
+            PRIMARY KEY (session_id, table_name, row_key)
+        )""",
+    ]
+
+
 POSTGRES_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE IF NOT EXISTS whatsapp_sessions (
@@ -248,6 +305,12 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         "ALTER TABLE whatsapp_sessions ADD COLUMN IF NOT EXISTS device_jid TEXT",
         "ALTER TABLE whatsapp_sessions ADD COLUMN IF NOT EXISTS push_name TEXT",
         *_tables_beside_sessions("SERIAL PRIMARY KEY"),
+    ],
+    [
+        "ALTER TABLE whatsapp_sessions ADD COLUMN IF NOT EXISTS format_version INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE whatsapp_sessions ADD COLUMN IF NOT EXISTS lineage TEXT",
+        "ALTER TABLE whatsapp_sessions ADD COLUMN IF NOT EXISTS mirror_sequence BIGINT NOT NULL DEFAULT 0",
+        *_rows_table(),
     ],
 ]
 
@@ -266,6 +329,12 @@ SQLITE_MIGRATIONS: list[list[str]] = [
             push_name TEXT
         )""",
         *_tables_beside_sessions("INTEGER PRIMARY KEY AUTOINCREMENT"),
+    ],
+    [
+        "ALTER TABLE whatsapp_sessions ADD COLUMN format_version INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE whatsapp_sessions ADD COLUMN lineage TEXT",
+        "ALTER TABLE whatsapp_sessions ADD COLUMN mirror_sequence BIGINT NOT NULL DEFAULT 0",
+        *_rows_table(),
     ],
 ]
 
@@ -286,11 +355,16 @@ class Cursor(Protocol):
 class Transaction:
     """One open transaction; rows come back as dicts (mapped to dataclasses by the caller)."""
 
-    def __init__(self, execute: Any) -> None:
+    def __init__(self, execute: Any, executemany: Any) -> None:
         self._execute = execute
+        self._executemany = executemany
 
     def execute(self, query: str, params: Sequence[Any] = ()) -> Cursor:
         return self._execute(query, params)
+
+    def executemany(self, query: str, params: Sequence[Sequence[Any]]) -> None:
+        if params:
+            self._executemany(query, params)
 
     def scalar(self, query: str, params: Sequence[Any] = ()) -> Any:
         row = self.execute(query, params).fetchone()
@@ -361,34 +435,9 @@ class Database:
 
     # --- sessions ---
 
-    SELECT_STORED_CHECKSUM = "SELECT checksum, version FROM whatsapp_sessions WHERE session_id = %s"
-    NEXT_HISTORY_VERSION = "SELECT COALESCE(MAX(version), 0) + 1 FROM whatsapp_session_history WHERE session_id = %s"
     # "%s OR EXISTS (...)": the first parameter is True for an unfenced (admin) write.
     FENCE_HOLDS = """(%s OR EXISTS (SELECT 1 FROM whatsapp_session_leases
         WHERE session_id = %s AND owner_id = %s AND fencing_token = %s AND expires_at > %s))"""
-    UPSERT_SESSION_IF_CHANGED = f"""
-        INSERT INTO whatsapp_sessions
-            (session_id, session_data, version, checksum, size_bytes, device_jid, push_name, created_at, updated_at)
-        SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s
-        WHERE {FENCE_HOLDS}
-        ON CONFLICT (session_id) DO UPDATE SET
-            session_data = excluded.session_data,
-            version = excluded.version,
-            checksum = excluded.checksum,
-            size_bytes = excluded.size_bytes,
-            device_jid = excluded.device_jid,
-            push_name = excluded.push_name,
-            updated_at = excluded.updated_at
-        WHERE whatsapp_sessions.checksum <> excluded.checksum AND {FENCE_HOLDS}
-        RETURNING version
-    """
-    INSERT_HISTORY = """
-        INSERT INTO whatsapp_session_history
-            (session_id, version, session_data, checksum, size_bytes, device_jid, taken_at)
-        VALUES (%s, %s, %s, %s, %s, %s, %s)
-    """
-    PRUNE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s AND version <= %s"
-    SELECT_STORED_CHECKSUM = "SELECT checksum, version FROM whatsapp_sessions WHERE session_id = %s"
     # Touching the lease row locks it: a take-over waits until this write has committed, so the
     # token that FENCE_HOLDS checks cannot change under the write.
     LOCK_LEASE = "UPDATE whatsapp_session_leases SET renewed_at = renewed_at WHERE session_id = %s"
@@ -403,6 +452,10 @@ class Database:
         tx.execute(self.LOCK_LEASE, (session_id,))
         return (False, session_id, fence.owner_id, fence.token, tx.scalar(self.NOW))
 
+    def _require_fence(self, tx: Transaction, fence: Fence | None, params: tuple[Any, ...]) -> None:
+        if fence is not None and not tx.scalar(self.SELECT_FENCE_HOLDS, params):
+            raise self._fenced_out(fence)
+
     @staticmethod
     def _fenced_out(fence: Fence) -> FencedOut:
         return FencedOut(
@@ -410,69 +463,177 @@ class Database:
             "another instance owns the session"
         )
 
-    def save_session(self, write: SessionWrite, fence: Fence | None = None) -> SaveResult:
-        """Store a snapshot unless the stored one has the same checksum; keep the last few in history.
+    UPSERT_HEAD = f"""
+        INSERT INTO whatsapp_sessions
+            (session_id, session_data, version, checksum, size_bytes, device_jid, push_name, created_at, updated_at,
+             format_version, lineage, mirror_sequence)
+        SELECT %s, %s, 0, %s, %s, %s, %s, %s, %s, 2, %s, %s
+        WHERE {FENCE_HOLDS}
+        ON CONFLICT (session_id) DO UPDATE SET
+            session_data = excluded.session_data,
+            checksum = excluded.checksum,
+            size_bytes = excluded.size_bytes,
+            device_jid = excluded.device_jid,
+            push_name = excluded.push_name,
+            updated_at = excluded.updated_at,
+            format_version = 2,
+            lineage = excluded.lineage,
+            mirror_sequence = excluded.mirror_sequence
+        WHERE {FENCE_HOLDS}
+        RETURNING version
+    """
+    # A batch without a new head moves only these two small columns: the head itself is not rewritten.
+    ADVANCE_SEQUENCE = f"""
+        UPDATE whatsapp_sessions SET mirror_sequence = %s, updated_at = %s, checksum = COALESCE(%s, checksum)
+        WHERE session_id = %s AND {FENCE_HOLDS}
+    """
+    UPSERT_ROW = """
+        INSERT INTO whatsapp_session_rows (session_id, table_name, row_key, row_data, row_hash)
+        VALUES (%s, %s, %s, %s, %s)
+        ON CONFLICT (session_id, table_name, row_key) DO UPDATE SET
+            row_data = excluded.row_data,
+            row_hash = excluded.row_hash
+    """
+    DELETE_ROW = "DELETE FROM whatsapp_session_rows WHERE session_id = %s AND table_name = %s AND row_key = %s"
+    DELETE_ROWS = "DELETE FROM whatsapp_session_rows WHERE session_id = %s"
 
-        With a fence, the write happens only while that lease is the session's, checked in the
-        same statement; otherwise FencedOut is raised and nothing is written.
-        """
+    def _upsert_head(self, tx: Transaction, head: HeadWrite, sequence: int, fence_params: tuple[Any, ...]) -> bool:
         now = _utcnow()
-        with self.transaction() as tx:
-            fence_params = self._fence_params(tx, write.session_id, fence)
-            stored = tx.execute(self.SELECT_STORED_CHECKSUM, (write.session_id,)).fetchone()
-            if stored is not None and stored["checksum"] == write.checksum:
-                # Unchanged: decided before shipping megabytes of JSON just to compare a checksum.
-                return SaveResult(written=False, version=stored["version"])
-            version = tx.scalar(self.NEXT_HISTORY_VERSION, (write.session_id,))
-            data = self.json_param(write.document_text)
-            written = tx.scalar(
-                self.UPSERT_SESSION_IF_CHANGED,
-                (
-                    write.session_id,
-                    data,
-                    version,
-                    write.checksum,
-                    write.size_bytes,
-                    write.device_jid,
-                    write.push_name,
-                    now,
-                    now,
-                    *fence_params,
-                    *fence_params,
-                ),
-            )
-            if written is None:
-                if fence is not None:  # the checksum differs and the lease is locked: the fence failed
-                    raise self._fenced_out(fence)
-                # Unfenced: a concurrent writer stored this very checksum first.
-                return SaveResult(written=False, version=tx.scalar(self.SELECT_SESSION_VERSION, (write.session_id,)))
-            tx.execute(
-                self.INSERT_HISTORY,
-                (write.session_id, version, data, write.checksum, write.size_bytes, write.device_jid, now),
-            )
-            tx.execute(self.PRUNE_HISTORY, (write.session_id, version - HISTORY_KEEP))
-        return SaveResult(written=True, version=version)
+        params = (
+            head.session_id,
+            self.json_param(head.head_text),
+            head.checksum,
+            head.size_bytes,
+            head.device_jid,
+            head.push_name,
+            now,
+            now,
+            head.lineage,
+            sequence,
+        )
+        return tx.scalar(self.UPSERT_HEAD, (*params, *fence_params, *fence_params)) is not None
 
-    SELECT_SESSION_VERSION = "SELECT version FROM whatsapp_sessions WHERE session_id = %s"
+    def write_batch(self, batch: MirrorBatch, fence: Fence | None = None) -> None:
+        """Mirror one batch of row changes in one transaction, fenced like every session write.
+
+        Raises FencedOut (nothing written) when the lease is no longer ours, and SessionMissing
+        when there is no stored session to add rows to (deleted meanwhile) and the batch has no head.
+        """
+        with self.transaction() as tx:
+            fence_params = self._fence_params(tx, batch.session_id, fence)
+            if batch.head is not None:
+                written = self._upsert_head(tx, batch.head, batch.sequence, fence_params)
+            else:
+                params = (batch.sequence, _utcnow(), batch.checksum, batch.session_id, *fence_params)
+                written = tx.execute(self.ADVANCE_SEQUENCE, params).rowcount == 1
+            if not written:
+                self._require_fence(tx, fence, fence_params)
+                raise SessionMissing(f"session {batch.session_id} is not stored (deleted?); it needs a full sync")
+            self._write_rows(tx, batch.session_id, batch.changes)
+
+    def _write_rows(self, tx: Transaction, session_id: str, changes: Sequence[RowChange]) -> None:
+        upserts = [
+            (session_id, c.table, c.key, self.json_param(c.row_text), c.row_hash)
+            for c in changes
+            if c.row_text is not None
+        ]
+        deletes = [(session_id, c.table, c.key) for c in changes if c.row_text is None]
+        tx.executemany(self.DELETE_ROW, deletes)
+        tx.executemany(self.UPSERT_ROW, upserts)
+
+    def replace_session(
+        self, head: HeadWrite, rows: Sequence[RowChange], sequence: int, fence: Fence | None = None
+    ) -> None:
+        """Make a whole document the stored session (import, restore, roll-back): one transaction."""
+        with self.transaction() as tx:
+            fence_params = self._fence_params(tx, head.session_id, fence)
+            if not self._upsert_head(tx, head, sequence, fence_params):
+                raise self._fenced_out(fence) if fence is not None else DatabaseError("session head not written")
+            tx.execute(self.DELETE_ROWS, (head.session_id,))
+            self._write_rows(tx, head.session_id, rows)
+
+    SET_LINEAGE = f"""
+        UPDATE whatsapp_sessions SET lineage = %s, mirror_sequence = %s
+        WHERE session_id = %s AND {FENCE_HOLDS}
+    """
+
+    def set_lineage(self, session_id: str, lineage: str, sequence: int, fence: Fence | None = None) -> None:
+        """A store rebuilt from the database starts a new lineage: only it may push over what is stored."""
+        with self.transaction() as tx:
+            fence_params = self._fence_params(tx, session_id, fence)
+            if tx.execute(self.SET_LINEAGE, (lineage, sequence, session_id, *fence_params)).rowcount != 1:
+                self._require_fence(tx, fence, fence_params)
+
     SELECT_SESSION = """
         SELECT session_id, version, checksum, size_bytes, device_jid, push_name, updated_at,
-               CAST(session_data AS TEXT) AS session_data
+               CAST(session_data AS TEXT) AS session_data, format_version, lineage, mirror_sequence
         FROM whatsapp_sessions WHERE session_id = %s
     """
 
     def load_session(self, session_id: str) -> SessionRecord | None:
+        """The stored session's row: for format 2 its head, the rows apart (``load_rows``)."""
         with self.transaction() as tx:
             return tx.one(SessionRecord, self.SELECT_SESSION, (session_id,))
 
+    SELECT_ROWS = """
+        SELECT table_name AS "table", CAST(row_data AS TEXT) AS row_text, row_hash
+        FROM whatsapp_session_rows WHERE session_id = %s ORDER BY table_name, row_key
+    """
+    SELECT_ROW_HASHES = "SELECT table_name, row_key, row_hash FROM whatsapp_session_rows WHERE session_id = %s"
+
+    def load_rows(self, session_id: str) -> list[StoredRow]:
+        with self.transaction() as tx:
+            return tx.all(StoredRow, self.SELECT_ROWS, (session_id,))
+
+    def row_hashes(self, session_id: str) -> dict[str, dict[str, str]]:
+        """table -> row key -> hash of every mirrored row: what a reconciliation compares."""
+        hashes: dict[str, dict[str, str]] = {}
+        with self.transaction() as tx:
+            for row in tx.execute(self.SELECT_ROW_HASHES, (session_id,)).fetchall():
+                hashes.setdefault(row["table_name"], {})[row["row_key"]] = row["row_hash"]
+        return hashes
+
+    NEXT_HISTORY_VERSION = "SELECT COALESCE(MAX(version), 0) + 1 FROM whatsapp_session_history WHERE session_id = %s"
+    INSERT_HISTORY = f"""
+        INSERT INTO whatsapp_session_history
+            (session_id, version, session_data, checksum, size_bytes, device_jid, taken_at)
+        SELECT %s, %s, %s, %s, %s, %s, %s
+        WHERE {FENCE_HOLDS}
+    """
+    PRUNE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s AND version <= %s"
+    SET_SESSION_VERSION = "UPDATE whatsapp_sessions SET version = %s WHERE session_id = %s"
+
+    def save_history(self, write: SessionWrite, fence: Fence | None = None) -> int:
+        """Keep a full snapshot (the last few stay); the stored session takes its version number."""
+        with self.transaction() as tx:
+            fence_params = self._fence_params(tx, write.session_id, fence)
+            version = tx.scalar(self.NEXT_HISTORY_VERSION, (write.session_id,))
+            params = (
+                write.session_id,
+                version,
+                self.json_param(write.document_text),
+                write.checksum,
+                write.size_bytes,
+                write.device_jid,
+                _utcnow(),
+            )
+            if tx.execute(self.INSERT_HISTORY, (*params, *fence_params)).rowcount != 1:
+                raise self._fenced_out(fence) if fence is not None else DatabaseError("history not written")
+            tx.execute(self.PRUNE_HISTORY, (write.session_id, version - HISTORY_KEEP))
+            tx.execute(self.SET_SESSION_VERSION, (version, write.session_id))
+        return version
+
     SELECT_HISTORY_VERSION = """
         SELECT h.session_id, h.version, h.checksum, h.size_bytes, h.device_jid,
-               s.push_name, h.taken_at AS updated_at, CAST(h.session_data AS TEXT) AS session_data
+               s.push_name, h.taken_at AS updated_at, CAST(h.session_data AS TEXT) AS session_data,
+               0 AS format_version
         FROM whatsapp_session_history h
         LEFT JOIN whatsapp_sessions s ON s.session_id = h.session_id
         WHERE h.session_id = %s AND h.version = %s
     """
 
     def load_history_version(self, session_id: str, version: int) -> SessionRecord | None:
+        """A historical snapshot: always a whole document (format_version 0: read it from the document)."""
         with self.transaction() as tx:
             return tx.one(SessionRecord, self.SELECT_HISTORY_VERSION, (session_id, version))
 
@@ -489,18 +650,20 @@ class Database:
     DELETE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s"
 
     def delete_session(self, session_id: str, *, keep_history: bool = True, fence: Fence | None = None) -> bool:
-        """Delete the stored session; its history stays unless asked, so an admin can roll back."""
+        """Delete the stored session and its rows; its history stays unless asked, so an admin can roll back."""
         with self.transaction() as tx:
             fence_params = self._fence_params(tx, session_id, fence)
             deleted = tx.execute(self.DELETE_SESSION, (session_id, *fence_params)).rowcount > 0
-            if not deleted and fence is not None and not tx.scalar(self.SELECT_FENCE_HOLDS, fence_params):
-                raise self._fenced_out(fence)
+            if not deleted:
+                self._require_fence(tx, fence, fence_params)
+            tx.execute(self.DELETE_ROWS, (session_id,))
             if not keep_history:
                 deleted = tx.execute(self.DELETE_HISTORY, (session_id,)).rowcount > 0 or deleted
         return deleted
 
     SELECT_SESSIONS = """
-        SELECT session_id, version, checksum, size_bytes, device_jid, push_name, created_at, updated_at
+        SELECT session_id, version, checksum, size_bytes, device_jid, push_name, created_at, updated_at,
+               format_version, mirror_sequence
         FROM whatsapp_sessions ORDER BY session_id
     """
 
@@ -831,7 +994,7 @@ class PostgresDatabase(Database):
 
         with self.pool.connection() as conn, conn.transaction():
             cursor = conn.cursor(row_factory=dict_row)
-            yield Transaction(cursor.execute)
+            yield Transaction(cursor.execute, cursor.executemany)
 
     def json_param(self, text: str) -> Any:
         from psycopg.types.json import Jsonb
@@ -872,7 +1035,10 @@ class SqliteDatabase(Database):
         try:
             # IMMEDIATE takes the write lock up front: no deadlock when a reader upgrades.
             conn.execute("BEGIN IMMEDIATE")
-            yield Transaction(lambda query, params: conn.execute(query.replace("%s", "?"), params))
+            yield Transaction(
+                lambda query, params: conn.execute(query.replace("%s", "?"), params),
+                lambda query, params: conn.executemany(query.replace("%s", "?"), params),
+            )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

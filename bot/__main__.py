@@ -2,7 +2,7 @@
 
     python -m bot [run]            the daemon: WhatsApp session + chatbot + admin API
     python -m bot status           stored sessions and their history (JSON)
-    python -m bot backup           snapshot the local store into the database
+    python -m bot backup           sync the local store into the database, keep a snapshot
     python -m bot restore [-v N]   rewrite the local store from the database (daemon stopped)
     python -m bot delete [--purge] delete the stored session (--purge: its history too)
     python -m bot export FILE      write the stored document to FILE ('-': stdout)
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("run", help="run the daemon (default)")
     commands.add_parser("status", help="stored sessions and their history, as JSON")
-    commands.add_parser("backup", help="snapshot the local store into the database")
+    commands.add_parser("backup", help="sync the local store into the database and keep a snapshot in history")
     restore = commands.add_parser("restore", help="rewrite the local store from the database (daemon stopped)")
     restore.add_argument("-v", "--version", type=int, help="a historical version instead of the latest")
     delete = commands.add_parser("delete", help="delete the stored session")
@@ -175,12 +175,15 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
             ]
             print(json.dumps({"database": db.backend, "sessions": sessions}, indent=2, default=str))
         elif args.command == "backup":
-            result = persistence.backup_session(db, session_id, config.store_path)
+            result = persistence.sync_session(db, session_id, config.store_path)
+            if not result.paired:
+                raise ZapkeepError(f"the local store {config.store_path} holds no paired device")
+            version = persistence.snapshot_to_history(db, session_id, None, "cli")
             print(
-                f"{result.status.value}: session {session_id} version {result.version}, "
-                f"{result.snapshot.size_bytes} bytes, {result.snapshot.total_rows} rows"
+                f"session {session_id}: {result.written_rows} rows written ({result.total_rows} rows stored), "
+                f"checksum {result.checksum}, "
+                + (f"snapshot kept as version {version}" if version else "history already holds this state")
             )
-            return 0 if result.status is not persistence.BackupStatus.NOT_PAIRED else EXIT_FAILURE
         elif args.command == "restore":
             record = (
                 db.load_session(session_id)
@@ -189,17 +192,15 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
             )
             if record is None:
                 raise ZapkeepError(f"no stored snapshot of session {session_id}")
-            persistence.restore_record(record, config.store_path)
+            persistence.restore_record(db, record, config.store_path)
             print(f"restored session {session_id} version {record.version} to {config.store_path}")
         elif args.command == "delete":
             if not db.delete_session(session_id, keep_history=not args.purge):
                 raise ZapkeepError(f"no stored session {session_id}")
             print(f"deleted session {session_id}" + (" and its history" if args.purge else ""))
         elif args.command == "export":
-            record = db.load_session(session_id)
-            if record is None:
-                raise ZapkeepError(f"no stored session {session_id}")
-            _write_private(args.file, record.session_data)
+            _, text = persistence.export_document(db, session_id)
+            _write_private(args.file, text)
         elif args.command == "import":
             text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
             version = persistence.import_document(db, session_id, text)

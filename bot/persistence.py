@@ -1,155 +1,428 @@
 """Moving a session between the local whatsmeow store and the database.
 
-The database is the source of truth and the local store a cache: at boot a stored session
-is restored over the local store before neonize opens it.
+The database holds the session; the local store is a working copy. Rows are mirrored one by one
+(``bot.mirror``); this module holds what the mirror, the boot, the API and the CLI share: the boot
+rule, a whole-store sync, the document head, full snapshots for history, import, export, restore.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bot import session_store
-from bot.errors import SessionDocumentError
-from bot.store_worker import Snapshot, restore_store, snapshot_store
-from database import Database, Fence, SessionRecord, SessionWrite
+from bot.change_capture import Batch, Device, TableDef, new_lineage
+from bot.errors import NotFoundError, SessionDocumentError
+from bot.store_worker import StoreInfo, document_rows, inspect_store, restore_store, scan_store
+from database import Database, Fence, HeadWrite, MirrorBatch, RowChange, SessionRecord, SessionWrite
 
 log = logging.getLogger(__name__)
 
 
 class BootOutcome(enum.Enum):
     RESTORED = "restored"  # the stored session was written over the local store
-    MIGRATED = "migrated"  # no stored session; the paired local store was backed up
+    KEPT = "kept"  # the local store descends from the stored session: its unsaved changes go up
+    MIGRATED = "migrated"  # no stored session; the paired local store is being backed up
     PAIRING_NEEDED = "pairing_needed"  # nothing to log in with: show a QR / pairing code
 
 
 @dataclass(frozen=True)
 class BootResult:
     outcome: BootOutcome
-    version: int | None = None
+    record: SessionRecord | None = None  # the stored session as the boot found (or rebuilt) it
     device_jid: str | None = None
 
 
-class BackupStatus(enum.Enum):
-    WRITTEN = "written"
-    UNCHANGED = "unchanged"  # same checksum as the stored one: no write
-    NOT_PAIRED = "not_paired"  # the store holds no device: nothing worth keeping
-
-
 @dataclass(frozen=True)
-class BackupResult:
-    status: BackupStatus
-    snapshot: Snapshot
-    version: int | None
+class SyncResult:
+    """A whole-store comparison with the database and the writes that made them equal."""
+
+    paired: bool
+    written_rows: int
+    missed: int  # rows that differed although change capture had logged nothing for them
+    sequence: int
+    checksum: str | None
+    device_jid: str | None
+    push_name: str | None
+    total_rows: int
     duration_ms: float
 
 
-def snapshot_to_write(session_id: str, snapshot: Snapshot) -> SessionWrite:
-    return SessionWrite(
-        session_id=session_id,
-        document_text=snapshot.text,
-        checksum=snapshot.checksum,
-        device_jid=snapshot.device_jid,
-        push_name=snapshot.push_name,
+# --- the document head ---------------------------------------------------------------------------
+
+
+class MirroredRows:
+    """The hash of every stored row (table -> key -> hash), with each table's digest kept up to
+    date change by change, so the document checksum is known after every batch without a scan."""
+
+    def __init__(self, hashes: dict[str, dict[str, str]] | None = None) -> None:
+        self.hashes: dict[str, dict[str, str]] = hashes or {}
+        self._digests = {table: sum(int(h, 16) for h in rows.values()) for table, rows in self.hashes.items()}
+
+    def copy(self) -> MirroredRows:
+        return MirroredRows({table: dict(rows) for table, rows in self.hashes.items()})
+
+    def apply(self, changes: Iterable[RowChange]) -> None:
+        for change in changes:
+            rows = self.hashes.setdefault(change.table, {})
+            old = rows.pop(change.key, None)
+            digest = self._digests.get(change.table, 0) - (int(old, 16) if old else 0)
+            if change.row_hash is not None:
+                rows[change.key] = change.row_hash
+                digest += int(change.row_hash, 16)
+            self._digests[change.table] = digest
+
+    def checksum_after(self, tables: list[TableDef], changes: Iterable[RowChange]) -> str:
+        """The document checksum once ``changes`` are applied, without applying them."""
+        digests = dict(self._digests)
+        for change in changes:
+            old = self.hashes.get(change.table, {}).get(change.key)
+            digest = digests.get(change.table, 0) - (int(old, 16) if old else 0)
+            digests[change.table] = digest + (int(change.row_hash, 16) if change.row_hash else 0)
+        return session_store.document_checksum([(t.name, self._table_checksum(t, digests)) for t in tables])
+
+    def count(self, table: str) -> int:
+        return len(self.hashes.get(table, {}))
+
+    def table_checksum(self, table: TableDef) -> str:
+        return self._table_checksum(table, self._digests)
+
+    @staticmethod
+    def _table_checksum(table: TableDef, digests: dict[str, int]) -> str:
+        digest = f"{digests.get(table.name, 0) % 2**256:064x}"
+        return session_store.table_checksum_v2(table.name, table.sql, table.indexes, table.columns, digest)
+
+
+def build_head(
+    tables: list[TableDef], rows: MirroredRows, device: Device | None, lineage: str, sequence: int
+) -> tuple[str, str, int]:
+    """The head of the document the stored rows make: (JSON text, document checksum, total rows)."""
+    entries = [
+        {
+            "name": table.name,
+            "sql": table.sql,
+            "indexes": table.indexes,
+            "columns": table.columns,
+            "row_count": rows.count(table.name),
+            "checksum": rows.table_checksum(table),
+        }
+        for table in tables
+    ]
+    checksum = session_store.document_checksum([(t["name"], t["checksum"]) for t in entries])
+    version_keys = list(rows.hashes.get("whatsmeow_version", {}))
+    schema = version_keys[0].split(",") if len(version_keys) == 1 else [None, None]
+    total = sum(t["row_count"] for t in entries)
+    head = {
+        "format": session_store.FORMAT,
+        "format_version": session_store.FORMAT_VERSION,
+        "checksum": checksum,
+        "lineage": lineage,
+        "sequence": sequence,
+        "metadata": {
+            "device_jid": device.jid if device else None,
+            "push_name": device.push_name if device else None,
+            "platform": device.platform if device else None,
+            "business_name": device.business_name if device else None,
+            "whatsmeow_schema_version": _int_or_none(schema[0]),
+            "whatsmeow_schema_compat": _int_or_none(schema[1]),
+            "row_counts": {t["name"]: t["row_count"] for t in entries},
+            "total_rows": total,
+            "taken_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        },
+        "tables": entries,
+    }
+    return json.dumps(head, separators=(",", ":"), ensure_ascii=False), checksum, total
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text is not None and text.lstrip("-").isdigit() else None
+
+
+def row_changes(batch: Batch) -> list[RowChange]:
+    return [
+        RowChange(c.table, c.key, None if c.row is None else session_store.canonical_json(c.row).decode(), c.hash)
+        for c in batch.changes
+    ]
+
+
+@dataclass(frozen=True)
+class StoredHead:
+    """What the stored head says, to tell whether a whole-store comparison has anything to write."""
+
+    checksum: str
+    lineage: str | None
+    size_bytes: int
+
+    @staticmethod
+    def of(record: SessionRecord | None) -> StoredHead | None:
+        if record is None or record.format_version != 2:
+            return None
+        return StoredHead(record.checksum, record.lineage, record.size_bytes)
+
+
+def write_scan(
+    db: Database, session_id: str, batch: Batch, rows: MirroredRows, fence: Fence | None, stored: StoredHead | None
+) -> SyncResult:
+    """Write a whole-store comparison (``rows`` is updated to what is then stored). Nothing is
+    written when nothing differs."""
+    started = time.perf_counter()
+    device = batch.device
+    if device is None or device.jid is None:
+        return SyncResult(False, 0, batch.missed, batch.sequence, None, None, None, 0, _ms_since(started))
+    changes = row_changes(batch)
+    after = rows.copy()
+    after.apply(changes)
+    head_text, checksum, total = build_head(batch.tables or [], after, device, batch.lineage, batch.sequence)
+    if not changes and stored is not None and (stored.checksum, stored.lineage) == (checksum, batch.lineage):
+        return SyncResult(True, 0, 0, batch.sequence, checksum, device.jid, device.push_name, total, _ms_since(started))
+    size = stored.size_bytes if stored is not None and stored.size_bytes else len(head_text)
+    head = HeadWrite(session_id, head_text, checksum, size, device.jid, device.push_name, batch.lineage)
+    db.write_batch(MirrorBatch(session_id, batch.sequence, changes, head), fence)
+    rows.apply(changes)
+    return SyncResult(
+        True,
+        len(changes),
+        batch.missed,
+        batch.sequence,
+        checksum,
+        device.jid,
+        device.push_name,
+        total,
+        _ms_since(started),
+    )
+
+
+def sync_session(db: Database, session_id: str, store_path: Path, fence: Fence | None = None) -> SyncResult:
+    """Compare the whole local store with the stored rows (in a child process) and write the difference."""
+    record = db.load_session(session_id)
+    rows = MirroredRows(db.row_hashes(session_id) if StoredHead.of(record) else {})
+    after = record.mirror_sequence if record is not None else 0
+    batch = scan_store(store_path, after, rows.hashes)
+    result = write_scan(db, session_id, batch, rows, fence, StoredHead.of(record))
+    if result.paired and result.written_rows:
+        log.info(
+            "session %s synced: %d rows written (%d total), sequence %d, checksum %s, %.0f ms",
+            session_id,
+            result.written_rows,
+            result.total_rows,
+            result.sequence,
+            (result.checksum or "")[7:19],
+            result.duration_ms,
+        )
+    return result
+
+
+# --- whole documents: export, history, import ---------------------------------------------------------
+
+
+def assemble_document(record: SessionRecord, rows: Iterable[tuple[str, str]]) -> str:
+    """The complete, checksummed document from a stored head and its rows (as JSON texts), spliced
+    as text: megabytes of rows are never parsed and encoded again."""
+    head = json.loads(record.session_data)
+    by_table: dict[str, list[str]] = {}
+    for table, row_text in rows:
+        by_table.setdefault(table, []).append(row_text)
+    parts = []
+    for table in head["tables"]:
+        opening = json.dumps({k: v for k, v in table.items()}, separators=(",", ":"), ensure_ascii=False)[:-1]
+        parts.append(opening + ',"rows":[' + ",".join(by_table.get(table["name"], [])) + "]}")
+    top = {k: v for k, v in head.items() if k != "tables"}
+    top["lineage"] = record.lineage
+    top["sequence"] = record.mirror_sequence
+    return json.dumps(top, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"tables":[' + ",".join(parts) + "]}"
+
+
+def current_document(db: Database, session_id: str) -> tuple[SessionRecord, str] | None:
+    """The stored session as one portable document (format 1 rows are already one)."""
+    record = db.load_session(session_id)
+    if record is None:
+        return None
+    if record.format_version == 1:
+        return record, record.session_data
+    stored = db.load_rows(session_id)
+    return record, assemble_document(record, ((r.table, r.row_text) for r in stored))
+
+
+def export_document(db: Database, session_id: str, version: int | None = None) -> tuple[SessionRecord, str]:
+    if version is not None:
+        record = db.load_history_version(session_id, version)
+        if record is None:
+            raise NotFoundError(f"no stored snapshot of session {session_id} with version {version}")
+        return record, record.session_data
+    found = current_document(db, session_id)
+    if found is None:
+        raise NotFoundError(f"no stored session {session_id}")
+    return found
+
+
+def snapshot_to_history(db: Database, session_id: str, fence: Fence | None, reason: str) -> int | None:
+    """Keep the stored session as a full snapshot in history, unless the newest one is the same."""
+    found = current_document(db, session_id)
+    if found is None:
+        return None
+    record, text = found
+    newest = db.list_history(session_id)
+    checksum = _checksum_of(record, text)
+    if newest and newest[0].checksum == checksum:
+        return None
+    version = db.save_history(SessionWrite(session_id, text, checksum, record.device_jid, record.push_name), fence)
+    log.info("session %s: %s snapshot kept as history version %d (%d bytes)", session_id, reason, version, len(text))
+    return version
+
+
+def _checksum_of(record: SessionRecord, text: str) -> str:
+    if record.format_version == 2:
+        return record.checksum
+    return str(session_store.parse_document(text).get("checksum", ""))
+
+
+def make_current(
+    db: Database, session_id: str, document_text: str, fence: Fence | None, *, sequence: int = 0
+) -> tuple[session_store.DecodedSession, str]:
+    """Validate a document (format 1 or 2) and make it the stored session, with a new lineage.
+    Returns the decoded session and the lineage."""
+    document = session_store.parse_document(document_text)
+    session = session_store.validate_document(document)
+    if session.device_field("jid") is None:
+        raise SessionDocumentError("the session document holds no paired device")
+    tables, keyed = document_rows(document_text)
+    changes = [RowChange(t, k, session_store.canonical_json(r).decode(), h) for t, k, r, h in keyed]
+    rows = MirroredRows()
+    rows.apply(changes)
+    lineage = new_lineage()
+    device = Device(
+        session.device_field("jid"),
+        session.device_field("push_name"),
+        session.device_field("platform"),
+        session.device_field("business_name"),
+    )
+    head_text, checksum, _ = build_head(tables, rows, device, lineage, sequence)
+    head = HeadWrite(
+        session_id, head_text, checksum, len(document_text.encode()), device.jid, device.push_name, lineage
+    )
+    db.replace_session(head, changes, sequence, fence)
+    return session, lineage
+
+
+def import_document(db: Database, session_id: str, document_text: str, fence: Fence | None = None) -> int:
+    """Store a document an admin supplies, after validating all of it; returns its history version."""
+    snapshot_to_history(db, session_id, fence, "before-import")
+    session, _ = make_current(db, session_id, document_text, fence)
+    version = snapshot_to_history(db, session_id, fence, "import")
+    if version is None:
+        version = db.list_history(session_id)[0].version
+    log.info("imported session %s as version %d: %d rows", session_id, version, session.row_count)
+    return version
+
+
+# --- boot and restore ---------------------------------------------------------------------------------
+
+
+def descends_from(info: StoreInfo | None, record: SessionRecord) -> bool:
+    """The local store is the one that produced what is stored, and has seen at least as much."""
+    return (
+        info is not None
+        and info.device_jid is not None
+        and record.format_version == 2
+        and info.lineage is not None
+        and info.lineage == record.lineage
+        and info.sequence >= record.mirror_sequence
     )
 
 
 def prepare_local_store(db: Database, session_id: str, store_path: Path, fence: Fence | None = None) -> BootResult:
-    """The boot rule: restore from the DB, else migrate a paired local store up, else pair."""
+    """The boot rule: keep a local store that descends from the stored session (its unsaved changes
+    are pushed, never overwritten), else restore the stored session, else back up a paired local
+    store, else pair."""
     record = db.load_session(session_id)
+    info = inspect_store(store_path)
     if record is not None:
-        return _restore_newest_valid(db, record, store_path)
-    if store_path.is_file():
-        result = backup_session(db, session_id, store_path, fence)
-        if result.status is not BackupStatus.NOT_PAIRED:
-            log.info("session %s: no stored session, backed up the paired local store", session_id)
-            return BootResult(BootOutcome.MIGRATED, version=result.version, device_jid=result.snapshot.device_jid)
+        if descends_from(info, record):
+            assert info is not None
+            log.info(
+                "session %s: the local store descends from the stored session (change %d >= %d): keeping it",
+                session_id,
+                info.sequence,
+                record.mirror_sequence,
+            )
+            return BootResult(BootOutcome.KEPT, record, info.device_jid)
+        return _restore_newest_valid(db, record, store_path, fence)
+    if info is not None and info.device_jid is not None:
+        log.info("session %s: no stored session; backing up the paired local store", session_id)
+        return BootResult(BootOutcome.MIGRATED, None, info.device_jid)
     return BootResult(BootOutcome.PAIRING_NEEDED)
 
 
-def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path) -> BootResult:
-    """Restore the stored snapshot; if it is refused, the newest history entry that is not."""
-    candidates = [record]
+def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path, fence: Fence | None) -> BootResult:
+    """Restore the stored session; if it is refused, the newest history entry that is not (which
+    then becomes the stored session)."""
+    candidates: list[tuple[int, str, bool]] = []  # (version, document, is the current row)
+    found = current_document(db, record.session_id)
+    if found is not None:
+        candidates.append((record.version, found[1], True))
     for entry in db.list_history(record.session_id):
         if entry.checksum != record.checksum:
             older = db.load_history_version(record.session_id, entry.version)
             if older is not None:
-                candidates.append(older)
-    for candidate in candidates:
+                candidates.append((older.version, older.session_data, False))
+    for version, text, is_current in candidates:
         try:
-            restore_record(candidate, store_path)
+            session_store.validate_document(session_store.parse_document(text))
+            if is_current:
+                lineage = new_lineage()
+                db.set_lineage(record.session_id, lineage, record.mirror_sequence, fence)
+                sequence = record.mirror_sequence
+            else:
+                log.warning("session %s: rolling back to history version %d", record.session_id, version)
+                _, lineage = make_current(db, record.session_id, text, fence)
+                sequence = 0
+            restore_document(record.session_id, version, text, store_path, lineage=lineage, sequence=sequence)
         except SessionDocumentError as exc:
-            log.error("session %s version %d refused: %s", candidate.session_id, candidate.version, exc)
+            log.error("session %s version %d refused: %s", record.session_id, version, exc)
             continue
-        return BootResult(BootOutcome.RESTORED, version=candidate.version, device_jid=candidate.device_jid)
+        return BootResult(BootOutcome.RESTORED, db.load_session(record.session_id), record.device_jid)
     raise SessionDocumentError(
         f"no stored snapshot of session {record.session_id} can be restored\n"
         "Import a good document, or delete the stored session to pair again."
     )
 
 
-def restore_record(record: SessionRecord, store_path: Path) -> None:
-    summary = restore_store(record.session_data, store_path)
+def restore_document(
+    session_id: str, version: int, document_text: str, store_path: Path, *, lineage: str, sequence: int
+) -> None:
+    summary = restore_store(document_text, store_path, lineage=lineage, sequence=sequence)
     log.info(
         "restored session %s version %d: %d tables, %d rows, %d bytes in %.0f ms",
-        record.session_id,
-        record.version,
+        session_id,
+        version,
         summary.tables,
         summary.rows,
-        record.size_bytes,
+        len(document_text),
         summary.duration_ms,
     )
 
 
-def backup_session(db: Database, session_id: str, store_path: Path, fence: Fence | None = None) -> BackupResult:
-    """Snapshot the local store (in a child process) and store it unless unchanged."""
-    started = time.perf_counter()
-    snapshot = snapshot_store(store_path)
-    if not snapshot.paired:
-        return BackupResult(BackupStatus.NOT_PAIRED, snapshot, None, _ms_since(started))
-    saved = db.save_session(snapshot_to_write(session_id, snapshot), fence)
-    status = BackupStatus.WRITTEN if saved.written else BackupStatus.UNCHANGED
-    result = BackupResult(status, snapshot, saved.version, _ms_since(started))
-    if saved.written:
-        log.info(
-            "backed up session %s version %d: %d bytes, %d rows, checksum %s, snapshot %.0f ms, total %.0f ms",
-            session_id,
-            saved.version,
-            snapshot.size_bytes,
-            snapshot.total_rows,
-            snapshot.checksum[7:19],
-            snapshot.duration_ms,
-            result.duration_ms,
-        )
+def restore_record(db: Database, record: SessionRecord, store_path: Path, fence: Fence | None = None) -> None:
+    """Operator restore (daemon stopped): the chosen snapshot becomes the stored session and the local store."""
+    text = record.session_data
+    if record.format_version == 2:
+        found = current_document(db, record.session_id)
+        assert found is not None
+        text = found[1]
+        lineage = new_lineage()
+        db.set_lineage(record.session_id, lineage, record.mirror_sequence, fence)
+        sequence = record.mirror_sequence
     else:
-        log.debug("session %s unchanged (checksum %s): no write", session_id, snapshot.checksum[7:19])
-    return result
-
-
-def import_document(db: Database, session_id: str, document_text: str, fence: Fence | None = None) -> int:
-    """Store a document an admin supplies, after validating all of it; returns its version."""
-    document = session_store.parse_document(document_text)
-    session = session_store.validate_document(document)
-    if session.device_field("jid") is None:
-        raise SessionDocumentError("the session document holds no paired device")
-    text = session_store.canonical_json(document).decode()
-    saved = db.save_session(
-        SessionWrite(
-            session_id=session_id,
-            document_text=text,
-            checksum=session.checksum,
-            device_jid=session.device_field("jid"),
-            push_name=session.device_field("push_name"),
-        ),
-        fence,
-    )
-    log.info(
-        "imported session %s version %d: %d bytes, %d rows", session_id, saved.version, len(text), session.row_count
-    )
-    return saved.version
+        snapshot_to_history(db, record.session_id, fence, "before-restore")
+        _, lineage = make_current(db, record.session_id, text, fence)
+        sequence = 0
+    restore_document(record.session_id, record.version, text, store_path, lineage=lineage, sequence=sequence)
 
 
 def _ms_since(started: float) -> float:

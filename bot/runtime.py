@@ -6,7 +6,8 @@ Threads, each with one job:
   reconnect backoff between rounds;
 - ``events`` takes the client's events off a queue (handlers run on Go's thread and must
   return at once) and updates the state;
-- the APScheduler threads run the backups and the store watcher.
+- ``mirror`` copies every change of the local store into the database (``bot.mirror``);
+- the APScheduler threads run the reconciliation, the history snapshots and the watchdogs.
 """
 
 from __future__ import annotations
@@ -28,21 +29,21 @@ from pathlib import Path
 import segno
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from bot import events
+from bot import events, session_store
 from bot.config import Config
-from bot import session_store
-from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, ZapkeepError, first_line
+from bot.errors import SessionDocumentError, StateConflictError, ZapkeepError, first_line
 from bot.lease import LeaseKeeper
+from bot.mirror import Mirror
 from bot.persistence import (
-    BackupResult,
-    BackupStatus,
     BootOutcome,
-    backup_session,
+    export_document,
+    make_current,
     prepare_local_store,
-    restore_record,
+    restore_document,
+    snapshot_to_history,
 )
+from bot.change_capture import new_lineage
 from bot.session_store import STORE_SIBLING_SUFFIXES
-from bot.store_watch import StoreWatcher
 from bot.store_worker import prepare_store
 from database import Database, Fence, FencedOut, SessionRecord
 
@@ -63,6 +64,7 @@ class State(str, enum.Enum):
 
 # States in which the local store holds this process's live session, worth backing up.
 BACKUP_STATES = frozenset({State.CONNECTING, State.QR, State.CONNECTED, State.RECONNECTING})
+HISTORY_STATES = BACKUP_STATES | {State.LOGGED_OUT}
 
 
 class _Pending(enum.IntEnum):
@@ -85,6 +87,8 @@ def default_owner_id() -> str:
 @dataclass
 class _RestoreRequest:
     record: SessionRecord
+    document_text: str
+    is_current: bool  # the stored session itself (else a historical version, which becomes it)
     done: threading.Event = field(default_factory=threading.Event)
     error: Exception | None = None
 
@@ -110,12 +114,24 @@ class Backoff:
 
 
 @dataclass(frozen=True)
+class BackupOutcome:
+    """An on-demand backup: the whole store compared with the database, and a history snapshot."""
+
+    written_rows: int
+    version: int | None  # the newest full snapshot in history
+    new_snapshot: bool
+    checksum: str | None
+    total_rows: int
+    size_bytes: int
+    duration_ms: float
+
+
+@dataclass(frozen=True)
 class Timing:
-    debounce_seconds: float = 1.0
-    debounce_max_seconds: float = 10.0  # a store that never stops changing is still backed up
-    after_connect_seconds: float = 5.0
-    after_pair_seconds: float = 1.0
-    watch_interval_seconds: float = 0.5
+    after_connect_seconds: float = 5.0  # then a reconciliation
+    after_pair_seconds: float = 1.0  # then a full snapshot into history
+    history_interval_seconds: float = 900.0  # at most this often while the store keeps changing
+    mirror_poll_seconds: float = 0.5  # a mirror poll waits this long for a change before asking again
     qr_round_seconds: float = 90.0  # no new QR for this long: whatsmeow gave up, start a new round
     qr_check_seconds: float = 5.0
     standby_poll_seconds: float = 1.0  # how often a standby daemon tries to take the lease
@@ -146,6 +162,12 @@ class SessionStatus:
     owns_session: bool
     fencing_token: int | None
     handover_seconds: float | None  # how long this daemon waited in standby before it took over
+    mirror_running: bool = False
+    mirror_sequence: int = 0  # the store's change sequence the database holds
+    last_mirrored_at: datetime | None = None
+    mirror_pending_changes: int = 0
+    last_reconcile_at: datetime | None = None
+    last_reconcile_result: str | None = None
 
 
 MessageHandler = Callable[[events.IncomingMessage], None]
@@ -188,7 +210,14 @@ class Runtime:
         self._failures = 0
         self._qr_at = 0.0
         self._pairing_requested = False
-        self._store_watch = StoreWatcher(config.store_path, max_delay=timing.debounce_max_seconds)
+        self._mirror = Mirror(
+            db,
+            config.session_id,
+            config.store_path,
+            fence=lambda: self.fence,
+            on_fenced=lambda exc, fence: self._lease.lose(str(exc), fence),
+            poll_wait_seconds=timing.mirror_poll_seconds,
+        )
         self._status = SessionStatus(
             session_id=config.session_id,
             state=State.STARTING.value,
@@ -244,7 +273,7 @@ class Runtime:
             self._started = True
             self._set(owner_id=self.owner_id)
         self._scheduler.add_job(
-            self._backup_job,
+            self._reconcile_job,
             "interval",
             seconds=self.config.backup_interval_seconds,
             id="backup-interval",
@@ -252,10 +281,11 @@ class Runtime:
             replace_existing=True,
         )
         self._scheduler.add_job(
-            self._watch_store,
+            self._history_job,
             "interval",
-            seconds=self._timing.watch_interval_seconds,
-            id="store-watch",
+            seconds=self._timing.history_interval_seconds,
+            id="history-interval",
+            args=["periodic"],
             replace_existing=True,
         )
         self._scheduler.add_job(
@@ -268,7 +298,7 @@ class Runtime:
         self._lease.start()
 
     def stop(self) -> None:
-        """Scheduler, final backup, client, lease; idempotent. Never raises."""
+        """Scheduler, client, the last changes, lease; idempotent. Never raises."""
         with self._lock:
             if self._stopped or not self._started:
                 self._stopped = True
@@ -281,11 +311,13 @@ class Runtime:
             self._scheduler.shutdown(wait=True)  # lets a running backup finish
         except Exception:
             log.exception("scheduler shutdown failed")
-        self._run_backup("shutdown")
         self._wake.set()
-        self._stop_client()
+        self._stop_client()  # whatsmeow writes nothing more...
         if self._supervisor is not None:
             self._supervisor.join(timeout=15)
+        self._mirror.stop()  # ...and what it wrote last is mirrored
+        if self.fence is not None and self.state in HISTORY_STATES | {State.STARTING}:
+            self._snapshot("shutdown")  # a full snapshot only when something changed since the last
         self._lease.release()
         self._set(owns_session=False, fencing_token=None)
         self._events.put(None)
@@ -333,7 +365,7 @@ class Runtime:
         log.info("session %s boot: %s", self.config.session_id, result.outcome.value)
         if result.outcome is not BootOutcome.PAIRING_NEEDED:
             self._set(jid=result.device_jid, phone=_phone(result.device_jid))
-        record = self.db.load_session(self.config.session_id)
+        record = result.record  # loaded once, by the boot rule
         if record is not None:
             self._set(
                 last_backup_at=record.updated_at.replace(tzinfo=UTC),
@@ -352,8 +384,17 @@ class Runtime:
     def status(self) -> SessionStatus:
         with self._lock:
             retry = None if self._next_retry_at is None else max(0.0, self._next_retry_at - time.monotonic())
+            mirror = self._mirror.status()
             return replace(
                 self._status,
+                mirror_running=mirror.running,
+                mirror_sequence=mirror.sequence,
+                last_mirrored_at=mirror.last_mirrored_at,
+                mirror_pending_changes=mirror.pending_changes,
+                last_reconcile_at=mirror.last_reconcile_at,
+                last_reconcile_result=mirror.last_reconcile_result,
+                last_backup_at=mirror.last_mirrored_at or self._status.last_backup_at,
+                last_backup_error=mirror.last_error or self._status.last_backup_error,
                 uptime_seconds=round((_now() - self._status.started_at).total_seconds(), 1),
                 qr_available=self._qr is not None,
                 next_retry_in_seconds=None if retry is None else round(retry, 1),
@@ -383,6 +424,8 @@ class Runtime:
                 self._wake.clear()  # whatever woke us is being handled now
             if pending in (_Pending.REPLACED, _Pending.DEMOTED) or not self._lease.fresh():
                 self._fail_restore_request("the session was handed over before the restore could run")
+                # Replaced: write nothing more. Demoted: the fence refuses any write anyway.
+                self._mirror.stop(flush=pending is None)
                 return  # never (re)connect without a lease that is surely still ours
             if pending is _Pending.LOGGED_OUT:
                 self._wipe_session()
@@ -391,6 +434,8 @@ class Runtime:
                 self._apply_restore()
             if not store_prepared or not self.config.store_path.exists():
                 store_prepared = self._prepare_store()
+            if store_prepared:
+                self._mirror.start()
             with self._lock:
                 if self._stopping.is_set() or self._pending is not None:
                     continue
@@ -442,10 +487,29 @@ class Runtime:
             request, self._restore_request = self._restore_request, None
         if request is None:
             return
+        session_id = self.config.session_id
         try:
             with self._backup_lock:
-                restore_record(request.record, self.config.store_path)
-                self._store_watch.forget()
+                self._mirror.stop()  # what the client wrote last is in the database first...
+                snapshot_to_history(self.db, session_id, self.fence, "before-restore")  # ...and kept
+                # The database takes the restored version before the local store does: a crash in
+                # between boots into the restored version, never back into the replaced one.
+                record = request.record
+                if request.is_current:
+                    lineage = new_lineage()
+                    self.db.set_lineage(session_id, lineage, record.mirror_sequence, self.fence)
+                    sequence = record.mirror_sequence
+                else:
+                    _, lineage = make_current(self.db, session_id, request.document_text, self.fence)
+                    sequence = 0
+                restore_document(
+                    session_id,
+                    record.version,
+                    request.document_text,
+                    self.config.store_path,
+                    lineage=lineage,
+                    sequence=sequence,
+                )
             self._failures = 0
             self._set(
                 jid=request.record.device_jid,
@@ -478,6 +542,7 @@ class Runtime:
     def _wipe_session(self) -> None:
         """After an unlink: forget the credentials locally and in the DB (history stays)."""
         with self._backup_lock:
+            self._mirror.stop(flush=False)
             for path in (
                 self.config.store_path,
                 *(Path(f"{self.config.store_path}{s}") for s in STORE_SIBLING_SUFFIXES),
@@ -491,7 +556,6 @@ class Runtime:
                 self._lease.lose(str(exc), fence)
             except Exception as exc:
                 log.error("session %s: could not delete the stored session: %s", self.config.session_id, exc)
-            self._store_watch.forget()
         self._failures = 0
         self._set(jid=None, phone=None, push_name=None, connected_since=None, pairing_code=None)
         log.warning(
@@ -505,18 +569,10 @@ class Runtime:
         session_id = self.config.session_id
         if self.state in (State.REPLACED, State.STOPPED, State.STANDBY, State.STARTING):
             raise StateConflictError(f"session {session_id} is {self.state.value}; it cannot be restored here")
-        if version is None:
-            record = self.db.load_session(session_id)
-        else:
-            record = self.db.load_history_version(session_id, version)
-        if record is None:
-            raise NotFoundError(
-                f"no stored snapshot of session {session_id}" + ("" if version is None else f" with version {version}")
-            )
+        record, text = export_document(self.db, session_id, version)  # NotFoundError when there is none
         # Check the document before stopping a live client for it.
-        session_store.validate_document(session_store.parse_document(record.session_data))
-        self._run_backup("before-restore")  # the state being replaced stays in history
-        request = _RestoreRequest(record)
+        session_store.validate_document(session_store.parse_document(text))
+        request = _RestoreRequest(record, text, is_current=version is None)
         with self._lock:
             self._restore_request = request
         self._stop_client(_Pending.RESTORE)
@@ -593,13 +649,13 @@ class Runtime:
                 self._set(jid=jid, phone=_phone(jid), pairing_code=None)
                 with self._lock:
                     self._qr = None
-                self._schedule_backup("after-pair", self._timing.after_pair_seconds)
+                self._schedule(self._history_job, "after-pair", self._timing.after_pair_seconds)
             case events.Connected():
                 with self._lock:
                     self._failures = 0
                     self._qr = None
                     self._set(state=State.CONNECTED, connected_since=_now(), last_error=None, pairing_code=None)
-                self._schedule_backup("after-connect", self._timing.after_connect_seconds)
+                self._schedule(self._reconcile_job, "after-connect", self._timing.after_connect_seconds)
                 for listener in self.connected_listeners:
                     listener()
             case events.Disconnected():
@@ -686,56 +742,86 @@ class Runtime:
 
     # --- backups ----------------------------------------------------------------------------------------
 
-    def backup_now(self, reason: str = "api") -> BackupResult | None:
-        return self._run_backup(reason)
-
-    def _backup_job(self, reason: str) -> None:
-        if reason == "on-change":
-            self._store_watch.backup_started()
-        self._run_backup(reason)
-
-    def _run_backup(self, reason: str) -> BackupResult | None:
-        """One backup at a time; skipped when this process does not hold a live session."""
-        with self._backup_lock:
-            fence = self.fence
-            if fence is None or self.state not in BACKUP_STATES or not self.config.store_path.is_file():
+    def backup_now(self, reason: str = "api") -> BackupOutcome | None:
+        """Compare the whole store with the database (repairing any difference), then keep a full
+        snapshot in history if it changed. None: this process holds no live session."""
+        started = time.perf_counter()
+        fence = self.fence
+        if fence is None or self.state not in BACKUP_STATES or not self._mirror.running:
+            return None
+        try:
+            result = self._mirror.reconcile(reason)
+            if not result.paired:
                 return None
-            try:
-                result = backup_session(self.db, self.config.session_id, self.config.store_path, fence)
-            except FencedOut as exc:
-                self._lease.lose(str(exc), fence)
-                return None
-            except Exception as exc:
-                log.error("session %s: %s backup failed: %s", self.config.session_id, reason, exc)
-                self._set(last_backup_error=first_line(exc))
-                return None
-        if result.status is BackupStatus.WRITTEN:
-            log.info("session %s: %s backup stored as version %s", self.config.session_id, reason, result.version)
-        if result.status is not BackupStatus.NOT_PAIRED:
-            self._set(
-                last_backup_at=_now(),
-                last_backup_size=result.snapshot.size_bytes,
-                last_backup_checksum=result.snapshot.checksum,
-                last_backup_version=result.version,
-                last_backup_error=None,
-                push_name=result.snapshot.push_name or self._status.push_name,
-            )
-        return result
+            version = self._snapshot(reason)
+        except FencedOut as exc:
+            self._lease.lose(str(exc), fence)
+            return None
+        except Exception as exc:
+            log.error("session %s: %s backup failed: %s", self.config.session_id, reason, exc)
+            self._set(last_backup_error=first_line(exc))
+            return None
+        return BackupOutcome(
+            written_rows=result.written_rows,
+            version=self._status.last_backup_version,
+            new_snapshot=version is not None,
+            checksum=result.checksum,
+            total_rows=result.total_rows,
+            size_bytes=self._status.last_backup_size or 0,
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
 
-    def _schedule_backup(self, kind: str, delay: float) -> None:
+    def _reconcile_job(self, reason: str) -> None:
+        if self.fence is None or not self._mirror.running:
+            return
+        try:
+            self._mirror.reconcile(reason)
+        except Exception as exc:
+            log.warning("session %s: %s reconciliation failed: %s", self.config.session_id, reason, first_line(exc))
+
+    def _history_job(self, reason: str) -> None:
+        if self.fence is not None and self.state in HISTORY_STATES:
+            if reason == "after-pair" and self._mirror.running:
+                self._reconcile_job(reason)  # everything pairing wrote is stored before the snapshot
+            self._snapshot(reason)
+
+    def _snapshot(self, reason: str) -> int | None:
+        """A full snapshot of the stored session into history, unless the newest one is the same."""
+        fence = self.fence
+        if fence is None:
+            return None
+        try:
+            with self._backup_lock:
+                version = snapshot_to_history(self.db, self.config.session_id, fence, reason)
+        except FencedOut as exc:
+            self._lease.lose(str(exc), fence)
+            return None
+        except Exception as exc:
+            log.error("session %s: %s snapshot failed: %s", self.config.session_id, reason, first_line(exc))
+            self._set(last_backup_error=first_line(exc))
+            return None
+        if version is not None:
+            record = self.db.load_session(self.config.session_id)
+            if record is not None:
+                self._set(
+                    last_backup_version=record.version,
+                    last_backup_size=record.size_bytes,
+                    last_backup_checksum=record.checksum,
+                    push_name=record.push_name or self._status.push_name,
+                    last_backup_error=None,
+                )
+        return version
+
+    def _schedule(self, job: Callable[[str], None], kind: str, delay: float) -> None:
         if self._scheduler.running:
             self._scheduler.add_job(
-                self._backup_job,
+                job,
                 "date",
                 run_date=_now() + timedelta(seconds=delay),
-                id=f"backup-{kind}",
+                id=f"once-{kind}",
                 args=[kind],
                 replace_existing=True,
             )
-
-    def _watch_store(self) -> None:
-        if self._store_watch.poll():  # each change pushes the backup back, up to the max wait
-            self._schedule_backup("on-change", self._timing.debounce_seconds)
 
 
 def qr_terminal_art(code: str) -> str:

@@ -5,11 +5,15 @@ where neonize is NOT loaded (neonize's Go library carries its own SQLite and the
 corrupt each other within one process; see NEONIZE.md). The daemon therefore calls these
 through ``bot.store_worker``, which runs them in a child process.
 
-Document format (``format_version`` 1), documented for operators in the README:
+Document format (``format_version`` 2; version 1 is still read), documented in the README:
 
-    {"format": "zapkeep.session", "format_version": 1, "checksum": "sha256:<hex>",
-     "metadata": {...plain facts for humans...},
+    {"format": "zapkeep.session", "format_version": 2, "checksum": "sha256:<hex>",
+     "lineage": "...", "sequence": N, "metadata": {...plain facts for humans...},
      "tables": [{"name", "sql", "indexes", "columns", "rows", "row_count", "checksum"}, ...]}
+
+Version 2 checksums a table by the sum of its rows' hashes (order-independent), so a document
+can be assembled from rows mirrored one by one without sorting or re-reading them; version 1
+hashed the rows sorted by content. The document *head* is the same object without the rows.
 
 Cell values: JSON null, integers and strings as themselves; ``{"b64": ...}`` for blobs;
 ``{"real": "<repr>"}`` for floats (JSONB would turn 1e100 into an integer);
@@ -35,7 +39,9 @@ from typing import Any
 from bot.errors import RestoreError, SessionDocumentError, SnapshotError
 
 FORMAT = "zapkeep.session"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+_DIGEST_MODULUS = 2**256
 # The credential tables without which a document cannot log in again.
 REQUIRED_TABLES = (
     "whatsmeow_version",
@@ -122,11 +128,28 @@ def decode_cell(value: Any) -> Any:
 
 
 def table_checksum(name: str, sql: str, indexes: list[str], columns: list[str], encoded_rows: list[Any]) -> str:
+    """Format 1: the hash of the table with its rows sorted by content."""
     return _sha256({"name": name, "sql": sql, "indexes": indexes, "columns": columns, "rows": encoded_rows})
 
 
-def document_checksum(table_checksums: list[tuple[str, str]]) -> str:
-    return _sha256({"format_version": FORMAT_VERSION, "tables": table_checksums})
+def row_hash(encoded_row: list[Any]) -> str:
+    return hashlib.sha256(canonical_json(encoded_row)).hexdigest()
+
+
+def rows_digest(hashes: Any) -> str:
+    """The sum of the rows' hashes modulo 2**256: the same whatever the order, and a row can be
+    taken out again by subtracting it."""
+    total = sum(int(h, 16) for h in hashes) % _DIGEST_MODULUS
+    return f"{total:064x}"
+
+
+def table_checksum_v2(name: str, sql: str, indexes: list[str], columns: list[str], digest: str) -> str:
+    """Format 2: the hash of the table's definition and of its rows' digest."""
+    return _sha256({"name": name, "sql": sql, "indexes": indexes, "columns": columns, "rows_digest": digest})
+
+
+def document_checksum(table_checksums: list[tuple[str, str]], format_version: int = FORMAT_VERSION) -> str:
+    return _sha256({"format_version": format_version, "tables": table_checksums})
 
 
 # --- snapshot -------------------------------------------------------------------------------
@@ -164,8 +187,8 @@ def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
         indexes = [index_sql for k, _, tbl, index_sql in objects if k == "index" and tbl == name]
         columns = [row[1] for row in conn.execute(f'PRAGMA table_info("{name}")')]
         order = ", ".join(str(i + 1) for i in range(len(columns)))
-        # Ordered by content, so equal stores give equal checksums whatever their history.
         rows = [[encode_cell(v) for v in row] for row in conn.execute(f'SELECT * FROM "{name}" ORDER BY {order}')]
+        digest = rows_digest(row_hash(row) for row in rows)
         tables.append(
             {
                 "name": name,
@@ -174,7 +197,7 @@ def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
                 "columns": columns,
                 "rows": rows,
                 "row_count": len(rows),
-                "checksum": table_checksum(name, sql, indexes, columns, rows),
+                "checksum": table_checksum_v2(name, sql, indexes, columns, digest),
             }
         )
     if not tables:
@@ -183,6 +206,8 @@ def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "checksum": document_checksum([(t["name"], t["checksum"]) for t in tables]),
+        "lineage": None,
+        "sequence": 0,
         "metadata": _metadata(conn, tables, started),
         "tables": tables,
     }
@@ -232,27 +257,27 @@ def validate_document(document: Any) -> DecodedSession:
     if document.get("format") != FORMAT:
         raise SessionDocumentError(f"not a zapkeep session document (format must be {FORMAT!r})")
     version = document.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:
         raise SessionDocumentError(
-            f"session document format version {version!r} is not supported (this zapkeep reads {FORMAT_VERSION})"
+            f"session document format version {version!r} is not supported (this zapkeep reads 1 and 2)"
         )
     raw_tables = document.get("tables")
     if not isinstance(raw_tables, list) or not raw_tables:
         raise SessionDocumentError("the session document has no tables")
-    tables = [_validate_table(raw, index) for index, raw in enumerate(raw_tables)]
+    tables = [_validate_table(raw, index, version) for index, raw in enumerate(raw_tables)]
     names = [t.name for t in tables]
     if len(set(names)) != len(names):
         raise SessionDocumentError("the session document lists a table twice")
     missing = [name for name in REQUIRED_TABLES if name not in names]
     if missing:
         raise SessionDocumentError(f"the session document lacks required tables: {', '.join(missing)}")
-    expected = document_checksum([(t["name"], t["checksum"]) for t in raw_tables])
+    expected = document_checksum([(t["name"], t["checksum"]) for t in raw_tables], version)
     if document.get("checksum") != expected:
         raise SessionDocumentError("the session document's checksum does not match its content")
     return DecodedSession(checksum=expected, tables=tables)
 
 
-def _validate_table(raw: Any, index: int) -> Table:
+def _validate_table(raw: Any, index: int, format_version: int) -> Table:
     if not isinstance(raw, dict):
         raise SessionDocumentError(f"table #{index} is not an object")
     name = raw.get("name")
@@ -276,7 +301,11 @@ def _validate_table(raw: Any, index: int) -> Table:
             decoded.append([decode_cell(value) for value in row])
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise SessionDocumentError(f"table {name}: row {number} holds undecodable data") from None
-    if raw.get("checksum") != table_checksum(name, sql, indexes, columns, rows):
+    if format_version == 1:
+        expected = table_checksum(name, sql, indexes, columns, rows)
+    else:
+        expected = table_checksum_v2(name, sql, indexes, columns, rows_digest(row_hash(row) for row in rows))
+    if raw.get("checksum") != expected:
         raise SessionDocumentError(f"table {name}: checksum mismatch (the document was altered or truncated)")
     return Table(name=name, sql=sql, indexes=indexes, columns=columns, rows=decoded)
 
@@ -291,17 +320,20 @@ def _is_index_of(sql: Any, table: str) -> bool:
 # --- restore --------------------------------------------------------------------------------------
 
 
-def restore_snapshot(document: dict[str, Any], store_path: Path) -> DecodedSession:
+def restore_snapshot(
+    document: dict[str, Any], store_path: Path, *, lineage: str | None = None, sequence: int = 0
+) -> DecodedSession:
     """Rebuild the store from a document: built aside, checked, then renamed into place.
 
-    The caller guarantees nothing has the store open. On any failure the existing store is
-    left exactly as it was.
+    The new store carries ``lineage`` and numbers its changes after ``sequence``, with change
+    capture installed before whatsmeow ever opens it. The caller guarantees nothing has the store
+    open. On any failure the existing store is left exactly as it was.
     """
     session = validate_document(document)
     _make_private_dirs(store_path.parent)
     temporary = store_path.with_name(f".{store_path.name}.restore-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        _build_store(session, temporary)
+        _build_store(session, temporary, lineage=lineage, sequence=sequence)
         for suffix in STORE_SIBLING_SUFFIXES:
             # Left behind, SQLite would replay the old journal into the new file.
             Path(f"{store_path}{suffix}").unlink(missing_ok=True)
@@ -316,7 +348,10 @@ def restore_snapshot(document: dict[str, Any], store_path: Path) -> DecodedSessi
 
 
 def prepare_store_file(store_path: Path) -> None:
-    """Before neonize opens the store: private file and directory, WAL mode (created empty if absent)."""
+    """Before neonize opens the store: private file and directory, WAL mode (created empty if
+    absent), change capture verified (when whatsmeow's tables exist)."""
+    from bot.change_capture import ensure_capture
+
     _make_private_dirs(store_path.parent)
     if not store_path.exists():
         os.close(os.open(store_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -325,25 +360,35 @@ def prepare_store_file(store_path: Path) -> None:
         conn = sqlite3.connect(store_path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
+            ensure_capture(conn)
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise RestoreError(f"cannot prepare the local store {store_path}: {exc}") from exc
 
 
-def _build_store(session: DecodedSession, path: Path) -> None:
+def _load_tables(conn: sqlite3.Connection, session: DecodedSession) -> None:
+    conn.execute("BEGIN")
+    for table in session.tables:
+        conn.execute(table.sql)
+        for index_sql in table.indexes:
+            conn.execute(index_sql)
+        placeholders = ", ".join("?" * len(table.columns))
+        column_list = ", ".join(f'"{column}"' for column in table.columns)
+        conn.executemany(f'INSERT INTO "{table.name}" ({column_list}) VALUES ({placeholders})', table.rows)
+    conn.execute("COMMIT")
+
+
+def _build_store(session: DecodedSession, path: Path, *, lineage: str | None, sequence: int) -> None:
+    from bot.change_capture import ensure_capture, set_sequence
+
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.execute("BEGIN")
-        for table in session.tables:
-            conn.execute(table.sql)
-            for index_sql in table.indexes:
-                conn.execute(index_sql)
-            placeholders = ", ".join("?" * len(table.columns))
-            column_list = ", ".join(f'"{column}"' for column in table.columns)
-            conn.executemany(f'INSERT INTO "{table.name}" ({column_list}) VALUES ({placeholders})', table.rows)
-        conn.execute("COMMIT")
+        _load_tables(conn, session)
+        ensure_capture(conn, lineage)
+        if sequence:
+            set_sequence(conn, sequence)
         problems = conn.execute("PRAGMA integrity_check").fetchall()
         if problems != [("ok",)]:
             raise RestoreError(f"the rebuilt store failed SQLite's integrity check: {problems[0][0]}")
@@ -353,6 +398,25 @@ def _build_store(session: DecodedSession, path: Path) -> None:
         conn.close()
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+def document_rows(document: dict[str, Any]) -> tuple[list[Any], list[tuple[str, str, list[Any], str]]]:
+    """A validated document as the database stores it: table definitions, and every row with its
+    key and hash (rows, tables). The keys come from SQLite itself: the tables are built in memory."""
+    from bot.change_capture import scan_rows, table_defs
+
+    session = validate_document(document)
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        try:
+            _load_tables(conn, session)
+        except sqlite3.Error as exc:
+            raise SessionDocumentError(f"the session document does not load into SQLite: {exc}") from None
+        defs = table_defs(conn)
+        rows = [(t.name, key, row, digest) for t in defs for key, (row, digest) in scan_rows(conn, t).items()]
+    finally:
+        conn.close()
+    return defs, rows
 
 
 def _make_private_dirs(directory: Path) -> None:

@@ -1,47 +1,30 @@
-"""Snapshots and restores of the local store, run in a child process.
+"""One-shot work on the local store, run in a child process: restore, prepare, inspect, scan.
 
 The daemon's own process has neonize loaded, whose Go code carries its own SQLite; a
 Python sqlite3 handle on the same file in that process corrupts it (NEONIZE.md). So the
 daemon never opens the store itself: it runs ``python -m bot.store_worker`` and exchanges
-the document over pipes. The child imports neither neonize nor the database layer.
+the document over pipes. The child imports neither neonize nor the database layer. (The
+long-lived mirror process is ``bot.change_capture``.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bot.change_capture import Batch, TableDef
 from bot.errors import RestoreError, SessionDocumentError, SnapshotError, ZapkeepError
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _EXIT_DOCUMENT_ERROR = 3
 _EXIT_FAILED = 2
 DEFAULT_TIMEOUT_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A session document as taken from the local store, with the facts worth logging."""
-
-    text: str
-    checksum: str
-    device_jid: str | None
-    push_name: str | None
-    total_rows: int
-    duration_ms: float
-
-    @property
-    def size_bytes(self) -> int:
-        return len(self.text.encode())
-
-    @property
-    def paired(self) -> bool:
-        return self.device_jid is not None
 
 
 @dataclass(frozen=True)
@@ -52,26 +35,24 @@ class RestoreSummary:
     duration_ms: float
 
 
-def snapshot_store(store_path: Path, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Snapshot:
-    started = time.perf_counter()
-    output = _run("snapshot", store_path, stdin="", timeout=timeout, error=SnapshotError)
-    # A one-line summary, then the document: no need to parse megabytes for four facts.
-    header, _, text = output.partition("\n")
-    metadata = json.loads(header)
-    return Snapshot(
-        text=text,
-        checksum=metadata["checksum"],
-        device_jid=metadata["device_jid"],
-        push_name=metadata["push_name"],
-        total_rows=metadata["total_rows"],
-        duration_ms=(time.perf_counter() - started) * 1000,
-    )
+@dataclass(frozen=True)
+class StoreInfo:
+    """What the local store says of itself, for the boot rule."""
+
+    lineage: str | None
+    sequence: int
+    device_jid: str | None
 
 
-def restore_store(document_text: str, store_path: Path, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> RestoreSummary:
+def restore_store(
+    document_text: str, store_path: Path, *, lineage: str, sequence: int, timeout: float = DEFAULT_TIMEOUT_SECONDS
+) -> RestoreSummary:
     """Validate the document and rebuild the store from it; the old store survives any failure."""
     started = time.perf_counter()
-    summary = json.loads(_run("restore", store_path, stdin=document_text, timeout=timeout, error=RestoreError))
+    output = _run(
+        "restore", store_path, lineage, str(sequence), stdin=document_text, timeout=timeout, error=RestoreError
+    )
+    summary = json.loads(output)
     return RestoreSummary(
         checksum=summary["checksum"],
         tables=summary["tables"],
@@ -81,18 +62,40 @@ def restore_store(document_text: str, store_path: Path, *, timeout: float = DEFA
 
 
 def prepare_store(store_path: Path, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-    """Make the store file private and WAL-mode (creating it empty) before neonize opens it."""
+    """Make the store file private and WAL-mode (creating it empty), with change capture, before neonize opens it."""
     _run("prepare", store_path, stdin="", timeout=timeout, error=RestoreError)
 
 
-def _run(command: str, store_path: Path, *, stdin: str, timeout: float, error: type[ZapkeepError]) -> str:
+def inspect_store(store_path: Path, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> StoreInfo | None:
+    """The local store's lineage, change sequence and device; None when there is no store."""
+    if not store_path.is_file():
+        return None
+    info = json.loads(_run("inspect", store_path, stdin="", timeout=timeout, error=SnapshotError))
+    return StoreInfo(**info)
+
+
+def scan_store(store_path: Path, after: int, known: dict, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Batch:
+    """Compare every row of the store with ``known`` (what the database holds): the difference."""
+    if not store_path.is_file():
+        raise SnapshotError(f"no local store at {store_path}")
+    request = json.dumps({"after": after, "known": known})
+    return Batch.from_json(json.loads(_run("scan", store_path, stdin=request, timeout=timeout, error=SnapshotError)))
+
+
+def document_rows(document_text: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> tuple[list[TableDef], list]:
+    """A document's table definitions and keyed rows ``(table, key, row, hash)``, as the database stores them."""
+    output = json.loads(_run("rows", Path("-"), stdin=document_text, timeout=timeout, error=SessionDocumentError))
+    return [TableDef(**t) for t in output["tables"]], output["rows"]
+
+
+def _run(command: str, store_path: Path, *args: str, stdin: str, timeout: float, error: type[ZapkeepError]) -> str:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
     }
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "bot.store_worker", command, str(store_path)],
+            [sys.executable, "-m", "bot.store_worker", command, str(store_path), *args],
             input=stdin.encode(),
             capture_output=True,
             timeout=timeout,
@@ -110,25 +113,35 @@ def _run(command: str, store_path: Path, *, stdin: str, timeout: float, error: t
 
 
 def main(argv: list[str]) -> int:
-    """Child side: ``snapshot PATH`` writes a summary line and the document to stdout; ``restore PATH`` reads it
-    from stdin; ``prepare PATH`` readies the file for neonize."""
-    from bot import session_store
+    """Child side: one command, the store's path, then its arguments; documents come on stdin."""
+    from bot import change_capture, session_store
 
-    if len(argv) != 2 or argv[0] not in ("snapshot", "restore", "prepare"):
-        print("usage: python -m bot.store_worker snapshot|restore|prepare STORE_PATH", file=sys.stderr)
+    commands = {"restore": 4, "prepare": 2, "inspect": 2, "scan": 2, "rows": 2}
+    if not argv or commands.get(argv[0]) != len(argv):
+        print("usage: python -m bot.store_worker restore|prepare|inspect|scan|rows STORE_PATH [...]", file=sys.stderr)
         return _EXIT_FAILED
     command, store_path = argv[0], Path(argv[1])
     try:
-        if command == "snapshot":
-            document = session_store.take_snapshot(store_path)
-            summary = {"checksum": document["checksum"], **document["metadata"]}
-            # canonical JSON escapes newlines, so the first newline ends the summary line
-            sys.stdout.buffer.write(json.dumps(summary).encode() + b"\n" + session_store.canonical_json(document))
-        elif command == "prepare":
+        if command == "prepare":
             session_store.prepare_store_file(store_path)
+        elif command == "inspect":
+            sys.stdout.write(json.dumps(asdict(_inspect(store_path))))
+        elif command == "scan":
+            request = json.loads(sys.stdin.buffer.read())
+            capture = change_capture.CaptureSession(store_path)
+            try:
+                batch = capture.scan(int(request["after"]), request["known"])
+            finally:
+                capture.close()
+            sys.stdout.buffer.write(session_store.canonical_json(batch.to_json()))
+        elif command == "rows":
+            document = session_store.parse_document(sys.stdin.buffer.read())
+            tables, rows = session_store.document_rows(document)
+            output = {"tables": [asdict(t) for t in tables], "rows": rows}
+            sys.stdout.buffer.write(session_store.canonical_json(output))
         else:
             document = session_store.parse_document(sys.stdin.buffer.read())
-            session = session_store.restore_snapshot(document, store_path)
+            session = session_store.restore_snapshot(document, store_path, lineage=argv[2], sequence=int(argv[3]))
             summary = {"checksum": session.checksum, "tables": len(session.tables), "rows": session.row_count}
             sys.stdout.write(json.dumps(summary))
     except SessionDocumentError as exc:
@@ -137,7 +150,27 @@ def main(argv: list[str]) -> int:
     except ZapkeepError as exc:
         print(exc, file=sys.stderr)
         return _EXIT_FAILED
+    except sqlite3.Error as exc:
+        print(f"store {command} failed: {exc}", file=sys.stderr)
+        return _EXIT_FAILED
     return 0
+
+
+def _inspect(store_path: Path) -> StoreInfo:
+    from bot import change_capture
+
+    conn = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=ro", uri=True, timeout=4.0)
+    try:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        lineage = None
+        if change_capture.STATE_TABLE in names:
+            row = conn.execute(f"SELECT lineage FROM {change_capture.STATE_TABLE} LIMIT 1").fetchone()
+            lineage = row[0] if row else None
+        sequence = change_capture.sequence(conn) if "sqlite_sequence" in names else 0
+        device = change_capture.device(conn)
+        return StoreInfo(lineage, sequence, device.jid if device else None)
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request
 from bot.config import is_valid_session_id
 from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, first_line
 from bot.outbox import Outbox
-from bot.persistence import BackupStatus, import_document
+from bot.persistence import export_document, import_document
 from bot.runtime import Runtime, State
 from database import Database, Fence, FencedOut
 from session_api.openapi import openapi_document
@@ -106,15 +106,17 @@ def backup() -> tuple[Response, int]:
         return ok(201, session_id=session_id, imported=True, version=version)
     require_own_session(session_id)
     result = runtime().backup_now("api")
-    if result is None or result.status is BackupStatus.NOT_PAIRED:
+    if result is None:
         abort(409, f"no paired live session to back up (state {runtime().state.value})")
     return ok(
         session_id=session_id,
-        written=result.status is BackupStatus.WRITTEN,
+        written=result.written_rows > 0 or result.new_snapshot,
+        written_rows=result.written_rows,
+        new_snapshot=result.new_snapshot,
         version=result.version,
-        checksum=result.snapshot.checksum,
-        size_bytes=result.snapshot.size_bytes,
-        rows=result.snapshot.total_rows,
+        checksum=result.checksum,
+        size_bytes=result.size_bytes,
+        rows=result.total_rows,
         duration_ms=round(result.duration_ms, 1),
     )
 
@@ -123,21 +125,22 @@ def backup() -> tuple[Response, int]:
 def export() -> Response:
     session_id = session_id_from()
     version = _version_arg(request.args.get("version"))
-    record = db().load_session(session_id) if version is None else db().load_history_version(session_id, version)
-    if record is None:
-        abort(404, f"no stored session {session_id}" + ("" if version is None else f" version {version}"))
+    try:
+        record, document_text = export_document(db(), session_id, version)
+    except NotFoundError as exc:
+        abort(404, str(exc))
     head = json.dumps(
         {
             "success": True,
             "session_id": record.session_id,
             "version": record.version,
             "checksum": record.checksum,
-            "size_bytes": record.size_bytes,
+            "size_bytes": len(document_text.encode()),
             "updated_at": _iso(record.updated_at),
         }
     )
-    # The stored document is already JSON: splice it in rather than parse and re-encode megabytes.
-    return Response(head[:-1] + ', "session_data": ' + record.session_data + "}", mimetype="application/json")
+    # The document is already JSON: splice it in rather than parse and re-encode megabytes.
+    return Response(head[:-1] + ', "session_data": ' + document_text + "}", mimetype="application/json")
 
 
 @bp.post("/api/session/restore")

@@ -1,0 +1,394 @@
+"""The daemon's side of the row mirror: store changes -> database, batch by batch, fenced.
+
+The long-lived child ``python -m bot.change_capture`` reads the store's change log (this process
+never opens the store: neonize's SQLite lives here). One thread asks it for the changes committed
+after the last sequence the database has, writes them in one transaction, and asks again; the child
+trims what the database has. A whole-store comparison (reconciliation) runs when the mirror starts,
+when triggers had to be reinstalled, on a timer and on demand.
+
+While the database is away nothing is lost: the change log keeps every change after the last one
+written, and the next batch carries them all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bot.change_capture import Batch
+from bot.errors import ZapkeepError, first_line
+from bot.persistence import MirroredRows, StoredHead, SyncResult, build_head, row_changes, write_scan
+from database import Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
+
+log = logging.getLogger(__name__)
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)
+
+
+class MirrorProcessError(ZapkeepError):
+    """The mirror process died or answered nonsense; it is started again."""
+
+
+@dataclass(frozen=True)
+class MirrorStatus:
+    running: bool
+    sequence: int  # the store's change sequence the database holds
+    last_mirrored_at: datetime | None
+    pending_changes: int  # read from the store, not yet in the database (the database is away)
+    batches: int
+    rows_written: int
+    last_error: str | None
+    last_reconcile_at: datetime | None
+    last_reconcile_result: str | None
+
+
+class MirrorProcess:
+    """The child that reads the store; one JSON request and one JSON answer a line."""
+
+    def __init__(self, store_path: Path) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "bot.change_capture", str(store_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        self._write_lock = threading.Lock()
+
+    def request(self, payload: dict) -> Batch:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        try:
+            with self._write_lock:
+                self._process.stdin.write(json.dumps(payload).encode() + b"\n")
+                self._process.stdin.flush()
+            line = self._process.stdout.readline()
+        except (BrokenPipeError, ValueError) as exc:
+            raise MirrorProcessError(f"the mirror process is gone ({exc.__class__.__name__})") from exc
+        if not line:
+            raise MirrorProcessError(f"the mirror process exited with code {self._process.wait()}")
+        return Batch.from_json(json.loads(line))
+
+    def nudge(self) -> None:
+        """End a waiting poll now (an empty line)."""
+        try:
+            with self._write_lock:
+                assert self._process.stdin is not None
+                self._process.stdin.write(b"\n")
+                self._process.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    def close(self) -> None:
+        try:
+            if self._process.stdin is not None:
+                with self._write_lock:
+                    self._process.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+
+
+@dataclass
+class _ReconcileRequest:
+    reason: str
+    done: threading.Event
+    waited_for: bool = False  # someone waits for the answer (else: the mirror's own need, kept on failure)
+    result: SyncResult | None = None
+    error: Exception | None = None
+
+
+class Mirror:
+    """Mirrors one session's local store into the database while this process owns the session."""
+
+    def __init__(
+        self,
+        db: Database,
+        session_id: str,
+        store_path: Path,
+        *,
+        fence: Callable[[], Fence | None],
+        on_fenced: Callable[[FencedOut, Fence], None],
+        poll_wait_seconds: float = 0.5,
+    ) -> None:
+        self.db = db
+        self.session_id = session_id
+        self.store_path = store_path
+        self._fence = fence
+        self._on_fenced = on_fenced
+        self._poll_wait = poll_wait_seconds
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._flush = True
+        self._thread: threading.Thread | None = None
+        self._process: MirrorProcess | None = None
+        self._requests: list[_ReconcileRequest] = []
+        self._rows = MirroredRows()
+        self._stored: StoredHead | None = None
+        self._tables: list = []
+        self._device = None
+        self._lineage = ""
+        self._after = 0
+        self._status = MirrorStatus(False, 0, None, 0, 0, 0, None, None, None)
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        """Begin with a whole-store comparison against what is stored; idempotent."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._stopping.clear()
+            self._requests.append(_ReconcileRequest("start", threading.Event()))
+            self._thread = threading.Thread(target=self._run, name="mirror", daemon=True)
+            self._set(running=True)
+            self._thread.start()
+
+    def stop(self, *, flush: bool = True) -> None:
+        """Mirror what is pending (one last read of the store, unless ``flush`` is False), then stop
+        the process; idempotent."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._flush = flush
+        self._stopping.set()
+        if thread is threading.current_thread():
+            return  # stopped from its own callback: the loop ends by itself
+        process = self._process
+        if process is not None:
+            process.nudge()
+        thread.join(timeout=30)
+        self._set(running=False)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def status(self) -> MirrorStatus:
+        with self._lock:
+            return self._status
+
+    def reconcile(self, reason: str = "api", timeout: float = 60.0) -> SyncResult:
+        """Compare the whole store with the database and repair any difference, now."""
+        request = _ReconcileRequest(reason, threading.Event(), waited_for=True)
+        with self._lock:
+            if self._thread is None:
+                raise ZapkeepError(f"session {self.session_id}: the mirror is not running")
+            self._requests.append(request)
+            process = self._process
+        if process is not None:
+            process.nudge()
+        if not request.done.wait(timeout):
+            raise ZapkeepError(f"session {self.session_id}: reconciliation did not finish within {timeout:.0f} s")
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _set(self, **changes: object) -> None:
+        with self._lock:
+            self._status = replace(self._status, **changes)
+
+    # --- the mirror thread ---
+
+    def _run(self) -> None:
+        failures = 0
+        loaded = False
+        try:
+            while True:
+                final = self._stopping.is_set()
+                if final and not self._flush:
+                    return
+                try:
+                    if not loaded:
+                        self._load_stored()
+                        loaded = True
+                    self._step(final)
+                    failures = 0
+                except FencedOut as exc:
+                    fence = self._fence()
+                    self._fail_requests(exc)
+                    if fence is not None:
+                        self._on_fenced(exc, fence)
+                    return
+                except MirrorProcessError as exc:
+                    log.error("session %s: %s; starting it again", self.session_id, exc)
+                    self._close_process()
+                    failures += 1
+                except Exception as exc:  # the database is away (or refused the batch): keep the changes
+                    if failures == 0:
+                        log.warning("session %s: mirroring paused: %s", self.session_id, first_line(exc))
+                    self._set(last_error=first_line(exc))
+                    self._fail_requests(exc, keep_own=True)
+                    failures += 1
+                    loaded = False  # what is stored is read again once the database answers
+                    if isinstance(exc, SessionMissing):
+                        self._queue_reconcile("stored session missing")
+                if final:
+                    return
+                if failures:
+                    self._stopping.wait(RETRY_SECONDS[min(failures, len(RETRY_SECONDS)) - 1])
+        finally:
+            self._close_process()
+            self._fail_requests(ZapkeepError("the mirror stopped"))
+
+    def _load_stored(self) -> None:
+        record = self.db.load_session(self.session_id)
+        self._stored = StoredHead.of(record)
+        self._after = record.mirror_sequence if record is not None else 0
+        self._rows = MirroredRows(self.db.row_hashes(self.session_id) if self._stored is not None else {})
+
+    def _ensure_process(self) -> MirrorProcess:
+        if self._process is None:
+            self._process = MirrorProcess(self.store_path)
+        return self._process
+
+    def _close_process(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.close()
+
+    def _step(self, final: bool) -> None:
+        fence = self._fence()
+        if fence is None:
+            raise FencedOut(f"session {self.session_id}: no lease; not mirroring")
+        with self._lock:
+            requests, self._requests = self._requests, []
+        if requests:
+            try:
+                self._reconcile(fence, requests)
+            except Exception:
+                with self._lock:
+                    self._requests = requests + self._requests
+                raise
+            return
+        process = self._ensure_process()
+        batch = process.request({"op": "poll", "after": self._after, "wait": 0 if final else self._poll_wait})
+        if batch.tables is not None:
+            self._tables = batch.tables
+        if batch.device is not None:
+            self._device = batch.device
+        self._lineage = batch.lineage
+        if batch.triggers_installed:
+            log.warning(
+                "session %s: change capture was missing on %s; installed it, reconciling",
+                self.session_id,
+                ", ".join(batch.triggers_installed),
+            )
+            self._queue_reconcile("triggers reinstalled")
+        if not batch.changes:
+            self._after = batch.sequence
+            return
+        if self._stored is None or self._device is None:
+            self._queue_reconcile("first rows")  # nothing stored yet: store it whole (once paired)
+            return
+        self._write(batch, fence)
+
+    def _write(self, batch: Batch, fence: Fence) -> None:
+        changes = row_changes(batch)
+        self._set(pending_changes=len(changes))
+        assert self._stored is not None and self._device is not None
+        head = None
+        if batch.tables is not None or any(c.table == "whatsmeow_device" for c in changes):
+            merged = self._rows.copy()
+            merged.apply(changes)
+            head_text, checksum, _ = build_head(self._tables, merged, self._device, batch.lineage, batch.sequence)
+            head = HeadWrite(
+                self.session_id,
+                head_text,
+                checksum,
+                self._stored.size_bytes,
+                self._device.jid,
+                self._device.push_name,
+                batch.lineage,
+            )
+        else:
+            checksum = self._rows.checksum_after(self._tables, changes)
+        self.db.write_batch(MirrorBatch(self.session_id, batch.sequence, changes, head, checksum), fence)
+        self._rows.apply(changes)
+        self._after = batch.sequence
+        self._stored = replace(self._stored, checksum=checksum)
+        status = self.status()
+        self._set(
+            sequence=batch.sequence,
+            last_mirrored_at=datetime.now(UTC),
+            pending_changes=0,
+            batches=status.batches + 1,
+            rows_written=status.rows_written + len(changes),
+            last_error=None,
+        )
+
+    def _reconcile(self, fence: Fence, requests: list[_ReconcileRequest]) -> None:
+        process = self._ensure_process()
+        self._rows = MirroredRows(self.db.row_hashes(self.session_id) if self._stored is not None else {})
+        batch = process.request({"op": "scan", "after": self._after, "known": self._rows.hashes})
+        self._tables, self._device, self._lineage = batch.tables or [], batch.device, batch.lineage
+        result = write_scan(self.db, self.session_id, batch, self._rows, fence, self._stored)
+        self._after = batch.sequence
+        if result.paired:
+            record = self.db.load_session(self.session_id)
+            self._stored = StoredHead.of(record)
+        reasons = ", ".join(sorted({r.reason for r in requests}))
+        if result.missed:
+            log.error(
+                "session %s: reconciliation (%s) found %d rows that change capture missed; repaired",
+                self.session_id,
+                reasons,
+                result.missed,
+            )
+        elif result.written_rows:
+            log.info("session %s: reconciliation (%s) wrote %d rows", self.session_id, reasons, result.written_rows)
+        if not result.paired:
+            outcome = "not paired: nothing to store"
+        elif result.missed:
+            outcome = f"repaired {result.missed} missed rows"
+        else:
+            outcome = f"ok ({result.written_rows} rows written)"
+        status = self.status()
+        self._set(
+            sequence=batch.sequence if result.paired else status.sequence,
+            last_mirrored_at=datetime.now(UTC) if result.written_rows else status.last_mirrored_at,
+            pending_changes=0,
+            rows_written=status.rows_written + result.written_rows,
+            last_error=None,
+            last_reconcile_at=datetime.now(UTC),
+            last_reconcile_result=outcome,
+        )
+        for request in requests:
+            request.result = result
+            request.done.set()
+
+    def _queue_reconcile(self, reason: str) -> None:
+        with self._lock:
+            self._requests.append(_ReconcileRequest(reason, threading.Event()))
+
+    def _fail_requests(self, error: Exception, *, keep_own: bool = False) -> None:
+        """Answer every waiting caller with the error; the mirror's own reconciliations stay queued
+        (once) when ``keep_own``."""
+        with self._lock:
+            requests, self._requests = self._requests, []
+            own = [r for r in requests if not r.waited_for]
+            if keep_own and own:
+                self._requests = [own[0]]
+        for request in requests:
+            if request.waited_for:
+                request.error = error
+                request.done.set()
