@@ -174,7 +174,7 @@ def write_scan(
     started = time.perf_counter()
     device = batch.device
     if device is None or device.jid is None:
-        return SyncResult(False, 0, batch.missed, batch.sequence, None, None, None, 0, _ms_since(started))
+        return SyncResult(False, 0, 0, batch.sequence, None, None, None, 0, _ms_since(started))
     changes = row_changes(batch)
     after = rows.copy()
     after.apply(changes)
@@ -188,7 +188,7 @@ def write_scan(
     return SyncResult(
         True,
         len(changes),
-        batch.missed,
+        batch.missed if stored is not None else 0,  # a first sync misses nothing: it is the start
         batch.sequence,
         checksum,
         device.jid,
@@ -221,32 +221,61 @@ def sync_session(db: Database, session_id: str, store_path: Path, fence: Fence |
 # --- whole documents: export, history, import ---------------------------------------------------------
 
 
-def assemble_document(record: SessionRecord, rows: Iterable[tuple[str, str]]) -> str:
-    """The complete, checksummed document from a stored head and its rows (as JSON texts), spliced
-    as text: megabytes of rows are never parsed and encoded again."""
+def assemble_document(record: SessionRecord, rows: Iterable[tuple[str, str, str]]) -> str:
+    """The complete, checksummed document from a stored head and its rows ``(table, JSON text, hash)``.
+
+    Counts and checksums come from the rows themselves (the head's are as of its last rewrite); the
+    rows are spliced in as text, so megabytes of them are never parsed and encoded again."""
     head = json.loads(record.session_data)
-    by_table: dict[str, list[str]] = {}
-    for table, row_text in rows:
-        by_table.setdefault(table, []).append(row_text)
-    parts = []
+    texts: dict[str, list[str]] = {}
+    hashes: dict[str, list[str]] = {}
+    for table, row_text, row_hash in rows:
+        texts.setdefault(table, []).append(row_text)
+        hashes.setdefault(table, []).append(row_hash)
+    parts, checksums = [], []
     for table in head["tables"]:
-        opening = json.dumps({k: v for k, v in table.items()}, separators=(",", ":"), ensure_ascii=False)[:-1]
-        parts.append(opening + ',"rows":[' + ",".join(by_table.get(table["name"], [])) + "]}")
-    top = {k: v for k, v in head.items() if k != "tables"}
-    top["lineage"] = record.lineage
-    top["sequence"] = record.mirror_sequence
+        name = table["name"]
+        digest = session_store.rows_digest(hashes.get(name, []))
+        entry = {
+            "name": name,
+            "sql": table["sql"],
+            "indexes": table["indexes"],
+            "columns": table["columns"],
+            "row_count": len(texts.get(name, [])),
+            "checksum": session_store.table_checksum_v2(name, table["sql"], table["indexes"], table["columns"], digest),
+        }
+        checksums.append((name, entry["checksum"]))
+        opening = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)[:-1]
+        parts.append(opening + ',"rows":[' + ",".join(texts.get(name, [])) + "]}")
+    metadata = {
+        **head.get("metadata", {}),
+        "row_counts": {name: len(texts.get(name, [])) for name, _ in checksums},
+        "total_rows": sum(len(texts.get(name, [])) for name, _ in checksums),
+        "device_jid": record.device_jid,
+        "push_name": record.push_name,
+    }
+    top = {
+        "format": session_store.FORMAT,
+        "format_version": session_store.FORMAT_VERSION,
+        "checksum": session_store.document_checksum(checksums),
+        "lineage": record.lineage,
+        "sequence": record.mirror_sequence,
+        "metadata": metadata,
+    }
     return json.dumps(top, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"tables":[' + ",".join(parts) + "]}"
 
 
-def current_document(db: Database, session_id: str) -> tuple[SessionRecord, str] | None:
-    """The stored session as one portable document (format 1 rows are already one)."""
-    record = db.load_session(session_id)
+def current_document(
+    db: Database, session_id: str, record: SessionRecord | None = None
+) -> tuple[SessionRecord, str] | None:
+    """The stored session as one portable document (a format 1 row is already one)."""
+    record = record or db.load_session(session_id)
     if record is None:
         return None
     if record.format_version == 1:
         return record, record.session_data
     stored = db.load_rows(session_id)
-    return record, assemble_document(record, ((r.table, r.row_text) for r in stored))
+    return record, assemble_document(record, ((r.table, r.row_text, r.row_hash) for r in stored))
 
 
 def export_document(db: Database, session_id: str, version: int | None = None) -> tuple[SessionRecord, str]:
@@ -263,12 +292,14 @@ def export_document(db: Database, session_id: str, version: int | None = None) -
 
 def snapshot_to_history(db: Database, session_id: str, fence: Fence | None, reason: str) -> int | None:
     """Keep the stored session as a full snapshot in history, unless the newest one is the same."""
-    found = current_document(db, session_id)
-    if found is None:
+    record = db.load_session(session_id)
+    if record is None:
         return None
-    record, text = found
     newest = db.list_history(session_id)
-    checksum = _checksum_of(record, text)
+    if newest and record.format_version == 2 and newest[0].checksum == record.checksum:
+        return None  # decided before assembling megabytes
+    _, text = current_document(db, session_id, record)
+    checksum = _checksum_of(text)
     if newest and newest[0].checksum == checksum:
         return None
     version = db.save_history(SessionWrite(session_id, text, checksum, record.device_jid, record.push_name), fence)
@@ -276,9 +307,7 @@ def snapshot_to_history(db: Database, session_id: str, fence: Fence | None, reas
     return version
 
 
-def _checksum_of(record: SessionRecord, text: str) -> str:
-    if record.format_version == 2:
-        return record.checksum
+def _checksum_of(text: str) -> str:
     return str(session_store.parse_document(text).get("checksum", ""))
 
 
@@ -363,7 +392,7 @@ def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path,
     """Restore the stored session; if it is refused, the newest history entry that is not (which
     then becomes the stored session)."""
     candidates: list[tuple[int, str, bool]] = []  # (version, document, is the current row)
-    found = current_document(db, record.session_id)
+    found = current_document(db, record.session_id, record)
     if found is not None:
         candidates.append((record.version, found[1], True))
     for entry in db.list_history(record.session_id):
@@ -412,7 +441,7 @@ def restore_record(db: Database, record: SessionRecord, store_path: Path, fence:
     """Operator restore (daemon stopped): the chosen snapshot becomes the stored session and the local store."""
     text = record.session_data
     if record.format_version == 2:
-        found = current_document(db, record.session_id)
+        found = current_document(db, record.session_id, record)
         assert found is not None
         text = found[1]
         lineage = new_lineage()

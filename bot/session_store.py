@@ -2,7 +2,7 @@
 
 Everything here that opens a store file with Python's ``sqlite3`` must run in a process
 where neonize is NOT loaded (neonize's Go library carries its own SQLite and the two
-corrupt each other within one process; see NEONIZE.md). The daemon therefore calls these
+corrupt each other within one process; see docs/neonize.md). The daemon therefore calls these
 through ``bot.store_worker``, which runs them in a child process.
 
 Document format (``format_version`` 2; version 1 is still read), documented in the README:

@@ -1,7 +1,7 @@
 """One-shot work on the local store, run in a child process: restore, prepare, inspect, scan.
 
 The daemon's own process has neonize loaded, whose Go code carries its own SQLite; a
-Python sqlite3 handle on the same file in that process corrupts it (NEONIZE.md). So the
+Python sqlite3 handle on the same file in that process corrupts it (docs/neonize.md). So the
 daemon never opens the store itself: it runs ``python -m bot.store_worker`` and exchanges
 the document over pipes. The child imports neither neonize nor the database layer. (The
 long-lived mirror process is ``bot.change_capture``.)

@@ -1,0 +1,224 @@
+"""Persistence v2: every change of the local store is mirrored row by row, fenced, as a committed prefix."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from bot import session_store
+from bot.mirror import Mirror
+from bot.persistence import export_document, sync_session
+from database import Database, Fence, FencedOut
+from tests.fake_whatsapp import wait_until
+from tests.synthetic import DEVICE_JID, HELPER, create_paired_store, table_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stored_rows(db: Database, session_id: str = "default") -> dict[str, list[tuple]]:
+    """What the database holds, in the shape of ``table_rows`` (every table of the head, sorted)."""
+    record = db.load_session(session_id)
+    assert record is not None and record.format_version == 2
+    rows: dict[str, list[tuple]] = {t["name"]: [] for t in json.loads(record.session_data)["tables"]}
+    for row in db.load_rows(session_id):
+        rows[row.table].append(tuple(session_store.decode_cell(v) for v in json.loads(row.row_text)))
+    return {name: sorted(values, key=repr) for name, values in sorted(rows.items())}
+
+
+def contacts_in_db(db: Database, prefix: str) -> set[str]:
+    """The contacts (their JIDs) the database holds whose JID starts with ``prefix``."""
+    with db.transaction() as tx:
+        found = tx.execute(
+            "SELECT row_key FROM whatsapp_session_rows WHERE session_id = 'default' AND table_name = %s",
+            ("whatsmeow_contacts",),
+        ).fetchall()
+    jids = {r["row_key"].split(",")[1].strip("'") for r in found}
+    return {jid for jid in jids if jid.startswith(prefix)}
+
+
+@contextmanager
+def mirroring(db: Database, store: Path, owner: str = "test") -> Iterator[tuple[Mirror, Fence, list]]:
+    fence = db.acquire_lease("default", owner, ttl_seconds=300)
+    assert fence is not None
+    fenced: list = []
+    mirror = Mirror(
+        db, "default", store, fence=lambda: fence, on_fenced=lambda e, f: fenced.append(e), poll_wait_seconds=0.2
+    )
+    mirror.start()
+    try:
+        yield mirror, fence, fenced
+    finally:
+        mirror.stop()
+
+
+def write_contacts(store: Path, start: int, count: int, prefix: str = "55319") -> None:
+    conn = sqlite3.connect(store)
+    with conn:
+        conn.executemany(
+            "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
+            [(DEVICE_JID, f"{prefix}{n:08d}@s.whatsapp.net", f"Contato {n}") for n in range(start, start + count)],
+        )
+    conn.close()
+
+
+def in_sync(db: Database, store: Path) -> bool:
+    return db.load_session("default") is not None and stored_rows(db) == table_rows(store)
+
+
+def test_every_kind_of_change_is_mirrored_and_the_export_equals_the_store(db: Database, tmp_path: Path) -> None:
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    with mirroring(db, store) as (_mirror, _, _):
+        wait_until(lambda: in_sync(db, store), message="the first full sync")
+        before = db.load_session("default")
+        conn = sqlite3.connect(store)
+        with conn:  # one whatsmeow-like transaction touching three tables
+            conn.execute("UPDATE whatsmeow_sessions SET session = randomblob(1500) WHERE their_id LIKE '551190000000%'")
+            conn.execute("DELETE FROM whatsmeow_pre_keys WHERE key_id <= 3")
+            conn.execute("UPDATE whatsmeow_device SET push_name = 'Padaria Nova'")
+        conn.close()
+        wait_until(lambda: in_sync(db, store), timeout=5, message="the changes mirrored")
+        after = db.load_session("default")
+    assert after.mirror_sequence > before.mirror_sequence and after.updated_at > before.updated_at
+    assert after.push_name == "Padaria Nova"
+    assert [h.version for h in db.list_history("default")] == []  # rows were mirrored, no snapshot taken
+    _, text = export_document(db, "default")
+    document = json.loads(text)
+    assert document["format_version"] == 2 and document["checksum"] == after.checksum
+    assert session_store.validate_document(document).checksum == session_store.take_snapshot(store)["checksum"]
+
+
+def test_an_unchanged_store_writes_nothing(db: Database, tmp_path: Path) -> None:
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    assert sync_session(db, "default", store).written_rows > 0
+    stored = db.load_session("default")
+    with mirroring(db, store) as (mirror, _, _):
+        result = mirror.reconcile("test")
+        time.sleep(0.5)  # a few polls of an idle store
+    assert result.written_rows == 0 and result.missed == 0
+    assert db.load_session("default") == stored  # not even updated_at moved
+
+
+def test_a_dropped_trigger_is_detected_and_what_it_missed_repaired(db: Database, tmp_path: Path) -> None:
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    with mirroring(db, store) as (mirror, _, _):
+        wait_until(lambda: in_sync(db, store), message="the first full sync")
+        conn = sqlite3.connect(store)
+        conn.execute("DROP TRIGGER zapkeep_capture_whatsmeow_contacts_insert")  # e.g. a table recreated by an upgrade
+        write_contacts(store, 0, 3)
+        wait_until(lambda: in_sync(db, store), timeout=5, message="the missed rows repaired")
+        assert "repaired 3" in (mirror.status().last_reconcile_result or "")
+        names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        conn.close()
+    assert "zapkeep_capture_whatsmeow_contacts_insert" in names
+
+
+def test_a_fenced_out_mirror_writes_nothing(db: Database, tmp_path: Path) -> None:
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    with mirroring(db, store) as (_mirror, _, fenced):
+        wait_until(lambda: in_sync(db, store), message="the first full sync")
+        before = stored_rows(db)
+        with db.transaction() as tx:  # the lease runs out while this owner is paused...
+            tx.execute("UPDATE whatsapp_session_leases SET expires_at = 0")
+        assert db.acquire_lease("default", "intruder", ttl_seconds=60) is not None  # ...and someone takes it
+        write_contacts(store, 0, 4)
+        wait_until(lambda: fenced, timeout=5, message="the mirror noticing the fence")
+    assert isinstance(fenced[0], FencedOut)
+    assert stored_rows(db) == before
+
+
+def test_go_writes_are_mirrored_as_committed_prefixes(db: Database, tmp_path: Path) -> None:
+    """10,000 contacts written by neonize's Go code (25 a transaction) while the mirror runs."""
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    observed: list[set[str]] = []
+    done = threading.Event()
+
+    def watch() -> None:  # a reader of the database, as a restore would read it
+        while not done.is_set():
+            observed.append(contacts_in_db(db, "55119"))
+            time.sleep(0.01)
+
+    with mirroring(db, store) as (_mirror, _, fenced):
+        wait_until(lambda: in_sync(db, store), message="the first full sync")
+        reader = threading.Thread(target=watch)
+        reader.start()
+        go = subprocess.run(
+            [sys.executable, str(HELPER), "write-contacts", str(store), "10000"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert go.returncode == 0, go.stderr[-2000:]
+        wait_until(lambda: in_sync(db, store), timeout=20, message="quiescence")
+        done.set()
+        reader.join()
+    assert json.loads(go.stdout.strip().splitlines()[-1]) == {"written": 10000, "failures": 0}
+    assert not fenced
+    everything = [f"55119{n:08d}@s.whatsapp.net" for n in range(10000)]
+    for seen in observed:  # each state the database showed is the store after some Go transaction
+        assert len(seen) % 25 == 0 and seen == set(everything[: len(seen)])
+    assert len({len(s) for s in observed}) > 5  # the reader saw the mirror progress, not just the end
+
+
+def test_a_format_1_session_from_the_previous_release_is_migrated(db: Database, tmp_path: Path) -> None:
+    store = tmp_path / "seed" / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    store_format_1_session(db, store)
+    local = tmp_path / "data" / "whatsmeow.sqlite3"
+
+    from bot.persistence import BootOutcome, prepare_local_store
+
+    fence = db.acquire_lease("default", "test", ttl_seconds=300)
+    assert prepare_local_store(db, "default", local, fence).outcome is BootOutcome.RESTORED
+    result = sync_session(db, "default", local, fence)  # what the mirror does first
+
+    assert result.written_rows == sum(len(rows) for rows in table_rows(store).values())
+    assert db.load_session("default").format_version == 2
+    assert stored_rows(db) == table_rows(store) == table_rows(local)
+
+
+def store_format_1_session(db: Database, store: Path) -> None:
+    """The current row as the previous release wrote it: the whole format-1 document in session_data."""
+    document = session_store.take_snapshot(store)
+    for table in document["tables"]:
+        table["rows"].sort(key=session_store.canonical_json)
+        table["checksum"] = session_store.table_checksum(
+            table["name"], table["sql"], table["indexes"], table["columns"], table["rows"]
+        )
+    document["format_version"] = 1
+    document["checksum"] = session_store.document_checksum([(t["name"], t["checksum"]) for t in document["tables"]], 1)
+    for key in ("lineage", "sequence"):
+        document.pop(key)
+    text = json.dumps(document)
+    with db.transaction() as tx:
+        tx.execute(
+            "INSERT INTO whatsapp_sessions (session_id, session_data, version, checksum, size_bytes, device_jid,"
+            " push_name, format_version) VALUES ('default', %s, 1, %s, %s, %s, 'Padaria', 1)",
+            (db.json_param(text), document["checksum"], len(text), DEVICE_JID),
+        )
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_write_burst_leaves_a_committed_prefix_missing_at_most_the_last_second(
+    database_url: str, tmp_path: Path
+) -> None:
+    from tests.mirror_kill9 import kill_during_writes
+
+    report = kill_during_writes(tmp_path, database_url, kills=4, seed=7)
+    assert report.kills == 4
+    assert all(prefix % 10 == 0 for prefix in report.stored_prefixes)  # whole transactions only
+    assert max(report.lag_seconds) <= 1.0, report
