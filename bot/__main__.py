@@ -173,7 +173,10 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
                 {**asdict(summary), "history": [asdict(h) for h in db.list_history(summary.session_id)]}
                 for summary in db.list_sessions()
             ]
-            print(json.dumps({"database": db.backend, "sessions": sessions}, indent=2, default=str))
+            local = _local_mirror_state(config, db)
+            print(
+                json.dumps({"database": db.backend, "sessions": sessions, "local_store": local}, indent=2, default=str)
+            )
         elif args.command == "backup":
             result = persistence.sync_session(db, session_id, config.store_path)
             if not result.paired:
@@ -208,6 +211,28 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
         return 0
     finally:
         db.close()
+
+
+def _local_mirror_state(config: Config, db: Database) -> dict[str, object] | None:
+    """This host's store against what is stored: how many of its changes the database lacks."""
+    from bot.store_worker import inspect_store
+
+    info = inspect_store(config.store_path)
+    if info is None:
+        return None
+    record = db.load_session(config.session_id)
+    stored_sequence = record.mirror_sequence if record is not None else 0
+    same_lineage = record is not None and record.lineage == info.lineage
+    return {
+        "session_id": config.session_id,
+        "path": str(config.store_path),
+        "device_jid": info.device_jid,
+        "lineage": info.lineage,
+        "sequence": info.sequence,
+        "last_mirrored_at": record.updated_at if record is not None else None,
+        "pending_changes": max(0, info.sequence - stored_sequence) if same_lineage else None,
+        "descends_from_stored": same_lineage and info.sequence >= stored_sequence,
+    }
 
 
 def _write_private(target: str, text: str) -> None:

@@ -314,6 +314,7 @@ class CaptureSession:
         )
         self._schema_version: int | None = None
         self._tables: dict[str, TableDef] = {}
+        self._trimmed_upto = -1
 
     def close(self) -> None:
         self.conn.close()
@@ -330,16 +331,14 @@ class CaptureSession:
         return defs, installed
 
     def poll(self, after: int, wait: float, wake: Any) -> Batch:
+        defs, installed = self._refresh_schema()
         self.trim(after)
         signature = store_signature(self.store_path)
         deadline = time.monotonic() + wait
-        first = True
         while True:
-            defs, installed = self._refresh_schema()
             batch = self._read(after, defs, installed)
-            if batch.changes or defs is not None or (not first and time.monotonic() >= deadline):
+            if batch.changes or defs is not None or time.monotonic() >= deadline:
                 return batch
-            first = False
             while time.monotonic() < deadline:  # wait for the file to change (os.stat only), or a nudge
                 if wake(POLL_INTERVAL_SECONDS):
                     return batch
@@ -349,6 +348,7 @@ class CaptureSession:
                     break
             else:
                 return batch
+            defs, installed = self._refresh_schema()
 
     def _read(self, after: int, defs: list[TableDef] | None, installed: list[str]) -> Batch:
         self.conn.execute("BEGIN")  # one read transaction: the store as of one commit
@@ -388,17 +388,27 @@ class CaptureSession:
             self.conn.execute("COMMIT")
 
     def trim(self, upto: int) -> None:
-        """Forget changes the database has: one short write, skipped when the store is busy."""
+        """Forget changes the database has: one short write, only when there is something to
+        forget, and skipped when whatsmeow holds the write lock (never make it wait for us)."""
+        if upto <= self._trimmed_upto:
+            return
+        if self.conn.execute(f"SELECT 1 FROM {CHANGES_TABLE} WHERE seq <= ? LIMIT 1", (upto,)).fetchone() is None:
+            self._trimmed_upto = upto
+            return
+        self.conn.execute("PRAGMA busy_timeout = 0")
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
             return  # whatsmeow is writing; trim next time rather than hold it up
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
         try:
             self.conn.execute(f"DELETE FROM {CHANGES_TABLE} WHERE seq <= ?", (upto,))
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        self._trimmed_upto = upto
 
 
 def _stdin_ready(timeout: float) -> bool:
