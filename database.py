@@ -1051,6 +1051,20 @@ class SqliteDatabase(Database):
         return text
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """The database is away or busy (worth retrying the same work later), as opposed to refusing
+    this particular data (retrying it would fail forever)."""
+    from psycopg import OperationalError as PostgresUnavailable
+    from psycopg_pool import PoolTimeout
+
+    if isinstance(exc, PoolTimeout | PostgresUnavailable):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return any(word in text for word in ("locked", "busy", "unable to open", "disk i/o"))
+    return False
+
+
 def open_database(database_url: str | None, embedded_path: Path) -> Database:
     """Connect to PostgreSQL when a URL is given, else to the embedded SQLite file; migrate."""
     database: Database = PostgresDatabase(database_url) if database_url else SqliteDatabase(embedded_path)

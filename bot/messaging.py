@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import queue
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,11 +14,13 @@ from datetime import UTC, datetime
 from bot import chatbot, events
 from bot.errors import first_line
 from bot.outbox import Outbox
-from database import ChatState, Database, Inbound, InboundOutcome
+from database import ChatState, Database, Inbound, InboundOutcome, is_unavailable
 
 log = logging.getLogger(__name__)
 
 INBOX_RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s: whatsmeow will not deliver it again
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 # Servers of chats the bot never answers.
 IGNORED_SERVERS = {"g.us": "group", "broadcast": "broadcast", "newsletter": "newsletter"}
@@ -41,6 +44,12 @@ def _ignored(reason: str, chat: ChatState | None) -> InboundOutcome:
     if chat is None:
         return InboundOutcome("ignored", reason)
     return InboundOutcome("ignored", reason, paused_until=chat.paused_until, pause_reason=chat.pause_reason)
+
+
+def storable(text: str) -> str:
+    """PostgreSQL's text refuses NUL and UTF-8 has no lone surrogates: a customer's stray
+    character must not cost them their answer, so it is kept as U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def _sent_at(message: events.IncomingMessage) -> datetime:
@@ -94,7 +103,16 @@ class Chatbot:
                 try:
                     self.handle(message)
                     break
-                except Exception as exc:  # the database is away: keep the message, and the order
+                except Exception as exc:
+                    if not is_unavailable(exc):  # this message itself is refused: never hold up the others
+                        log.error(
+                            "chatbot: message %s in %s cannot be stored and is skipped: %s",
+                            message.message_id,
+                            message.chat,
+                            first_line(exc),
+                        )
+                        break
+                    # The database is away: keep the message, and the order.
                     log.warning(
                         "chatbot: message %s not handled yet (%s); retrying in %.0f s",
                         message.message_id,
@@ -106,7 +124,14 @@ class Chatbot:
 
     def handle(self, message: events.IncomingMessage) -> Handled:
         now = self._clock()
-        inbound = Inbound(self.session_id, message.chat, message.sender, message.message_id, message.text, now)
+        inbound = Inbound(
+            self.session_id,
+            storable(message.chat),
+            storable(message.sender),
+            storable(message.message_id),
+            storable(message.text),
+            now,
+        )
         reason = ignore_reason(message)
         if reason is None and not message.from_me and _sent_at(message) < now - self.rules.reply_expiry:
             reason = "stale"  # delivered long after it was sent (an outage): a person follows up, not the bot
