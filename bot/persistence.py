@@ -312,7 +312,13 @@ def _checksum_of(text: str) -> str:
 
 
 def make_current(
-    db: Database, session_id: str, document_text: str, fence: Fence | None, *, sequence: int = 0
+    db: Database,
+    session_id: str,
+    document_text: str,
+    fence: Fence | None,
+    *,
+    sequence: int = 0,
+    snapshot_reason: str | None = None,
 ) -> tuple[session_store.DecodedSession, str]:
     """Validate a document (format 1 or 2) and make it the stored session, with a new lineage.
     Returns the decoded session and the lineage."""
@@ -335,14 +341,15 @@ def make_current(
     head = HeadWrite(
         session_id, head_text, checksum, len(document_text.encode()), device.jid, device.push_name, lineage
     )
+    if snapshot_reason is not None:  # only once the document is known good: a refused one changes nothing
+        snapshot_to_history(db, session_id, fence, snapshot_reason)
     db.replace_session(head, changes, sequence, fence)
     return session, lineage
 
 
 def import_document(db: Database, session_id: str, document_text: str, fence: Fence | None = None) -> int:
     """Store a document an admin supplies, after validating all of it; returns its history version."""
-    snapshot_to_history(db, session_id, fence, "before-import")
-    session, _ = make_current(db, session_id, document_text, fence)
+    session, _ = make_current(db, session_id, document_text, fence, snapshot_reason="before-import")
     version = snapshot_to_history(db, session_id, fence, "import")
     if version is None:
         version = db.list_history(session_id)[0].version
@@ -448,8 +455,7 @@ def restore_record(db: Database, record: SessionRecord, store_path: Path, fence:
         db.set_lineage(record.session_id, lineage, record.mirror_sequence, fence)
         sequence = record.mirror_sequence
     else:
-        snapshot_to_history(db, record.session_id, fence, "before-restore")
-        _, lineage = make_current(db, record.session_id, text, fence)
+        _, lineage = make_current(db, record.session_id, text, fence, snapshot_reason="before-restore")
         sequence = 0
     restore_document(record.session_id, record.version, text, store_path, lineage=lineage, sequence=sequence)
 

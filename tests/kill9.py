@@ -1,4 +1,4 @@
-"""kill -9 a process in the middle of its backups, at random moments, and check what it left."""
+"""kill -9 a process in the middle of its mirroring, at random moments, and check what it left."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot import session_store
+from bot.persistence import export_document
 from bot.store_worker import restore_store
 from database import PostgresDatabase
+from tests.backup_loop import push_name
+from tests.synthetic import table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,16 +24,23 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class KillReport:
     iterations: int
-    backups_before_kill: list[int]
+    backups_before_kill: list[int]  # syncs each victim committed (and reported) before it was killed
     restored_rows: int
+    kills_inside_writes: int = 0  # kills after a database write had started and before it was reported done
 
 
 def kill_during_backups(store: Path, database_url: str, scratch: Path, iterations: int, seed: int = 0) -> KillReport:
+    """Every other kill waits for a database write to start and lands within about as long as the
+    previous write took; the others land anywhere in the loop. After each kill the stored session
+    must export to a complete document that validates, agrees with the stored head, holds what the
+    last reported sync (or the one after it) wrote, and restores."""
     rng = random.Random(seed)
     db = PostgresDatabase(database_url)
     db.open()
     counts = []
     rows = 0
+    inside = 0
+    store_rows = sum(len(r) for r in table_rows(store).values())  # the victim rewrites rows, never adds any
     try:
         for iteration in range(iterations):
             victim = subprocess.Popen(
@@ -39,20 +49,46 @@ def kill_during_backups(store: Path, database_url: str, scratch: Path, iteration
                 text=True,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )
-            first = victim.stdout.readline()  # at least one backup finished: the kill lands mid-loop
-            assert first.strip(), "the backup loop produced nothing"
-            time.sleep(rng.uniform(0.0, 0.6))
+            lines = _read_until(victim, "done")  # at least one sync committed: the kill lands mid-loop
+            if iteration % 2:
+                lines += _read_until(victim, "wrote")  # how long one round's write takes
+                took = float(lines[-1].split()[2])
+                lines += _read_until(victim, "write")
+                time.sleep(rng.uniform(0.0, 1.25 * took))
+            else:
+                time.sleep(rng.uniform(0.0, 0.6))
             victim.send_signal(signal.SIGKILL)
             rest, _ = victim.communicate(timeout=30)
-            counts.append(1 + len(rest.split()))
+            lines += rest.splitlines()
+            reported = [int(line.split()[1]) for line in lines if line.startswith("done ")]
+            counts.append(len(reported))
+            inside += lines[-1].startswith("write ")
 
             record = db.load_session("default")
-            assert record is not None, f"iteration {iteration}: the stored row vanished"
-            document = session_store.parse_document(record.session_data)
-            decoded = session_store.validate_document(document)  # raises on a torn document
-            assert decoded.checksum == record.checksum, f"iteration {iteration}: row and document disagree"
-            assert db.list_history("default")[0].checksum == record.checksum
-            rows = restore_store(record.session_data, scratch / f"restore-{iteration}" / "whatsmeow.sqlite3").rows
+            assert record is not None, f"iteration {iteration}: the stored session vanished"
+            _, text = export_document(db, "default")
+            decoded = session_store.validate_document(session_store.parse_document(text))  # raises when torn
+            assert decoded.checksum == record.checksum, f"iteration {iteration}: head and rows disagree"
+            assert decoded.row_count == store_rows, f"iteration {iteration}: rows missing"
+            # The last reported sync committed; the next one may have committed just before the kill.
+            allowed = {push_name(reported[-1]), push_name(reported[-1] + 1)}
+            assert decoded.device_field("push_name") == record.push_name, f"iteration {iteration}"
+            assert record.push_name in allowed, f"iteration {iteration}: {record.push_name!r} not in {allowed}"
+            target = scratch / f"restore-{iteration}" / "whatsmeow.sqlite3"
+            summary = restore_store(text, target, lineage=record.lineage, sequence=record.mirror_sequence)
+            assert summary.checksum == record.checksum
+            rows = summary.rows
     finally:
         db.close()
-    return KillReport(iterations, counts, rows)
+    return KillReport(iterations, counts, rows, inside)
+
+
+def _read_until(victim: subprocess.Popen[str], word: str) -> list[str]:
+    """The victim's lines up to and including the next one that starts with ``word``."""
+    lines = []
+    while True:
+        line = victim.stdout.readline()
+        assert line, f"the sync loop ended before printing {word!r}"
+        lines.append(line.strip())
+        if line.startswith(f"{word} "):
+            return lines

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.persistence import backup_session
+from bot.persistence import sync_session
 from database import PostgresDatabase
 from tests.fake_whatsapp import wait_until
 from tests.pg_cluster import free_port
@@ -30,7 +30,7 @@ def test_restored_paired_store_reconnects_with_capped_backoff_and_never_shows_a_
     create_paired_store(seed)
     db = PostgresDatabase(database_url)
     db.open()
-    backup_session(db, "default", seed)
+    assert sync_session(db, "default", seed).written_rows > 0
     db.close()
 
     result = subprocess.run(

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+from bot import session_store
 from bot.errors import SessionDocumentError
-from bot.persistence import backup_session, import_document
+from bot.persistence import export_document, import_document, sync_session
 from bot.store_worker import restore_store
 from database import Database
-from tests.synthetic import create_paired_store
+from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, table_rows
 
 
 def _truncate_base64(doc: dict[str, Any]) -> str:
@@ -36,7 +37,7 @@ def _wrong_checksum(doc: dict[str, Any]) -> str:
 
 
 def _wrong_version(doc: dict[str, Any]) -> str:
-    doc["format_version"] = 2
+    doc["format_version"] = 3
     return json.dumps(doc)
 
 
@@ -55,7 +56,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[dict[str, Any]], str], str]] = {
     "truncated base64": (_truncate_base64, "undecodable"),
     "altered key byte": (_flip_a_key_byte, "checksum mismatch"),
     "wrong checksum": (_wrong_checksum, "checksum does not match"),
-    "wrong version": (_wrong_version, "format version 2 is not supported"),
+    "wrong version": (_wrong_version, "format version 3 is not supported"),
     "missing table": (_missing_table, "lacks required tables: whatsmeow_identity_keys"),
     "smuggled trigger": (_smuggled_trigger, "index definition is invalid"),
     "not JSON": (lambda doc: json.dumps(doc)[:-40], "not valid JSON"),
@@ -68,8 +69,22 @@ CORRUPTIONS: dict[str, tuple[Callable[[dict[str, Any]], str], str]] = {
 def stored(db: Database, tmp_path: Path) -> tuple[Database, Path, dict[str, Any]]:
     store = tmp_path / "sessions" / "default" / "whatsmeow.sqlite3"
     create_paired_store(store)
-    backup_session(db, "default", store)
-    return db, store, json.loads(db.load_session("default").session_data)
+    sync_session(db, "default", store)
+    _, text = export_document(db, "default")
+    return db, store, json.loads(text)
+
+
+def _format_1(document: dict[str, Any]) -> dict[str, Any]:
+    """The same session as a format 1 document (what zapkeep wrote before persistence v2)."""
+    legacy = {k: v for k, v in document.items() if k not in ("lineage", "sequence")}
+    legacy["format_version"] = 1
+    legacy["tables"] = []
+    for table in document["tables"]:
+        rows = sorted(table["rows"], key=session_store.canonical_json)
+        checksum = session_store.table_checksum(table["name"], table["sql"], table["indexes"], table["columns"], rows)
+        legacy["tables"].append({**table, "rows": rows, "checksum": checksum})
+    legacy["checksum"] = session_store.document_checksum([(t["name"], t["checksum"]) for t in legacy["tables"]], 1)
+    return legacy
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
@@ -78,23 +93,66 @@ def test_corrupt_document_is_refused_and_changes_nothing(name: str, stored: tupl
     corrupt, expected_message = CORRUPTIONS[name]
     text = corrupt(document)
     row_before = db.load_session("default")
+    rows_before = db.load_rows("default")
+    history_before = db.list_history("default")
     store_before = store.read_bytes()
     siblings_before = sorted(p.name for p in store.parent.iterdir())
 
     with pytest.raises(SessionDocumentError, match=expected_message):
         import_document(db, "default", text)
     with pytest.raises(SessionDocumentError, match=expected_message):
-        restore_store(text, store)
+        restore_store(text, store, lineage="0123456789abcdef", sequence=0)
 
     assert db.load_session("default") == row_before
+    assert db.load_rows("default") == rows_before
+    assert db.list_history("default") == history_before
     assert store.read_bytes() == store_before
     assert sorted(p.name for p in store.parent.iterdir()) == siblings_before
 
 
-def test_valid_import_is_stored_and_restorable(stored: tuple[Database, Path, dict], tmp_path: Path) -> None:
+def test_a_format_1_corruption_is_refused_too(stored: tuple[Database, Path, dict]) -> None:
     db, _, document = stored
+    legacy = _format_1(document)
+    _flip_a_key_byte(legacy)
+    with pytest.raises(SessionDocumentError, match="checksum mismatch"):
+        import_document(db, "legacy", json.dumps(legacy))
+    assert db.load_session("legacy") is None and db.load_rows("legacy") == []
+
+
+def test_valid_import_is_stored_and_restorable(stored: tuple[Database, Path, dict], tmp_path: Path) -> None:
+    db, store, document = stored
     version = import_document(db, "imported", json.dumps(document))
     record = db.load_session("imported")
-    assert record.version == version and record.device_jid is not None
-    summary = restore_store(record.session_data, tmp_path / "elsewhere" / "whatsmeow.sqlite3")
+    assert record.version == version and record.device_jid == DEVICE_JID and record.push_name == PUSH_NAME
+    assert record.format_version == 2 and record.checksum == document["checksum"]
+    assert record.lineage not in (None, document["lineage"])  # an imported session starts a lineage of its own
+    _, text = export_document(db, "imported")
+    restored = tmp_path / "elsewhere" / "whatsmeow.sqlite3"
+    summary = restore_store(text, restored, lineage=record.lineage, sequence=record.mirror_sequence)
     assert summary.checksum == document["checksum"]
+    assert table_rows(restored) == table_rows(store)
+    _, snapshot = export_document(db, "imported", version)  # the history entry is the whole document
+    assert session_store.validate_document(session_store.parse_document(snapshot)).checksum == document["checksum"]
+
+
+def test_a_format_1_document_is_accepted_and_stored_as_format_2(
+    stored: tuple[Database, Path, dict], tmp_path: Path
+) -> None:
+    db, store, document = stored
+    legacy = _format_1(document)
+    assert session_store.validate_document(legacy).checksum == legacy["checksum"] != document["checksum"]
+
+    version = import_document(db, "legacy", json.dumps(legacy))
+
+    record = db.load_session("legacy")
+    assert record.version == version and record.device_jid == DEVICE_JID and record.push_name == PUSH_NAME
+    assert record.format_version == 2
+    assert record.checksum == document["checksum"]  # the same rows: the same format 2 checksum
+    assert len(db.load_rows("legacy")) == sum(t["row_count"] for t in document["tables"])
+    _, text = export_document(db, "legacy")
+    exported = session_store.parse_document(text)
+    assert exported["format_version"] == 2
+    assert session_store.validate_document(exported).checksum == document["checksum"]
+    restored = tmp_path / "legacy" / "whatsmeow.sqlite3"
+    restore_store(text, restored, lineage=record.lineage, sequence=record.mirror_sequence)
+    assert table_rows(restored) == table_rows(store)

@@ -6,11 +6,21 @@ import time
 
 import pytest
 
-from database import Database, FencedOut, SessionWrite
+from database import Database, Fence, FencedOut, HeadWrite, MirrorBatch, RowChange, SessionWrite
+
+JID = "5511:1@s.whatsapp.net"
 
 
 def _write(n: int) -> SessionWrite:
-    return SessionWrite("default", f'{{"n": {n}}}', f"sha256:{n:064d}", "5511:1@s.whatsapp.net", "Loja")
+    return SessionWrite("default", f'{{"n": {n}}}', f"sha256:{n:064d}", JID, "Loja")
+
+
+def _head(n: int) -> HeadWrite:
+    return HeadWrite("default", f'{{"head": {n}}}', f"sha256:{n:064d}", 100 + n, JID, f"Loja {n}", "lineage")
+
+
+def _row(n: int) -> RowChange:
+    return RowChange("whatsmeow_pre_keys", f"'{JID}',{n}", f'["{JID}", {n}]', f"{n:064x}")
 
 
 def test_one_owner_at_a_time_and_each_take_over_raises_the_token(db: Database) -> None:
@@ -36,27 +46,68 @@ def test_an_expired_lease_can_be_taken_and_is_not_renewable(db: Database) -> Non
     assert fresh is not None and fresh.token == stale.token + 1
 
 
+def _stale_writes(db: Database, stale: Fence) -> None:
+    """Every kind of session write a stale owner could attempt: each is refused."""
+    with pytest.raises(FencedOut, match="no longer valid"):
+        db.write_batch(MirrorBatch("default", 10, [_row(10)], checksum="sha256:" + "a" * 64), stale)  # rows only
+    with pytest.raises(FencedOut, match="no longer valid"):
+        db.write_batch(MirrorBatch("default", 11, [_row(11)], head=_head(11)), stale)  # rows and a new head
+    with pytest.raises(FencedOut, match="no longer valid"):
+        db.replace_session(_head(12), [_row(12)], 12, stale)
+    with pytest.raises(FencedOut, match="no longer valid"):
+        db.save_history(_write(13), stale)
+    with pytest.raises(FencedOut, match="no longer valid"):
+        db.set_lineage("default", "taken-over", 14, stale)
+    with pytest.raises(FencedOut):
+        db.delete_session("default", fence=stale)
+    with pytest.raises(FencedOut):
+        db.delete_session("default", keep_history=False, fence=stale)
+
+
 def test_a_stale_token_cannot_overwrite_or_delete_the_row(db: Database) -> None:
     old = db.acquire_lease("default", "host-a/1", ttl_seconds=30)
-    assert db.save_session(_write(1), old).written
+    db.replace_session(_head(1), [_row(1)], 1, old)
+    assert db.save_history(_write(1), old) == 1
     db.release_lease(old)
     new = db.acquire_lease("default", "host-b/2", ttl_seconds=30)
-    assert db.save_session(_write(2), new).written
+    db.write_batch(MirrorBatch("default", 2, [_row(2)], head=_head(2)), new)
+    assert db.save_history(_write(2), new) == 2
     row = db.load_session("default")
+    rows = db.load_rows("default")
+    assert row.push_name == "Loja 2" and row.mirror_sequence == 2 and len(rows) == 2
 
-    with pytest.raises(FencedOut, match="no longer valid"):
-        db.save_session(_write(3), old)
-    with pytest.raises(FencedOut):
-        db.delete_session("default", fence=old)
+    _stale_writes(db, old)
+    with pytest.raises(FencedOut, match="cannot write session"):  # a fence only ever covers its own session
+        db.write_batch(MirrorBatch("other", 1, [_row(1)], head=_head(1)), new)
 
     assert db.load_session("default") == row
+    assert db.load_rows("default") == rows
     assert [h.version for h in db.list_history("default")] == [2, 1]
+    assert db.load_session("other") is None
     assert db.delete_session("default", fence=new)
+    assert db.load_session("default") is None and db.load_rows("default") == []
 
 
 def test_an_expired_owner_cannot_write_even_if_nobody_took_over(db: Database) -> None:
     stale = db.acquire_lease("default", "host-a/1", ttl_seconds=0.3)
     time.sleep(0.5)
-    with pytest.raises(FencedOut):
-        db.save_session(_write(1), stale)
+    _stale_writes(db, stale)
     assert db.load_session("default") is None
+    assert db.load_rows("default") == []
+    assert db.list_history("default") == []
+
+
+def test_an_expired_owner_cannot_change_a_stored_session_either(db: Database) -> None:
+    db.replace_session(_head(1), [_row(1)], 1)  # stored by an admin (unfenced)
+    db.save_history(_write(1))
+    stale = db.acquire_lease("default", "host-a/1", ttl_seconds=0.3)
+    db.write_batch(MirrorBatch("default", 2, [_row(2)], checksum="sha256:" + "b" * 64), stale)  # while it holds
+    assert db.load_session("default").mirror_sequence == 2 and len(db.load_rows("default")) == 2
+    time.sleep(0.5)
+    row, rows = db.load_session("default"), db.load_rows("default")
+
+    _stale_writes(db, stale)
+
+    assert db.load_session("default") == row
+    assert db.load_rows("default") == rows
+    assert [h.version for h in db.list_history("default")] == [1]

@@ -2,19 +2,46 @@ from __future__ import annotations
 
 import pytest
 
-from database import SCHEMA_VERSION, Database, SchemaTooNewError, SessionWrite
+from database import SCHEMA_VERSION, Database, HeadWrite, RowChange, SchemaTooNewError, SessionWrite, StoredRow
+
+JID = "5511:1@s.whatsapp.net"
 
 
 def _write(session_id: str, n: int) -> SessionWrite:
-    return SessionWrite(session_id, f'{{"n": {n}}}', f"sha256:{n:064d}", "5511:1@s.whatsapp.net", "Loja")
+    return SessionWrite(session_id, f'{{"n": {n}}}', f"sha256:{n:064d}", JID, "Loja")
+
+
+def _head(session_id: str, n: int) -> HeadWrite:
+    return HeadWrite(session_id, f'{{"head": {n}}}', f"sha256:{n:064d}", 100 + n, JID, "Loja", f"lineage-{n}")
+
+
+def _rows(n: int) -> list[RowChange]:
+    return [
+        RowChange("whatsmeow_device", f"'{JID}'", f'["{JID}", {n}]', f"{n:064x}"),
+        RowChange("whatsmeow_pre_keys", f"'{JID}',{n}", f'["{JID}", {n}, {{"b64": "AAAA"}}]', f"{n + 1:064x}"),
+    ]
+
+
+def _store(db: Database, session_id: str, n: int) -> None:
+    """Make a session stored: its head and rows, as an import does."""
+    db.replace_session(_head(session_id, n), _rows(n), sequence=n)
+
+
+def _json(text: str) -> str:
+    return text.replace(" ", "")
 
 
 def test_schema_creation_is_idempotent_and_keeps_data(db: Database) -> None:
-    db.save_session(_write("default", 1))
+    _store(db, "default", 1)
+    db.save_history(_write("default", 1))
     db.migrate()
     db.migrate()
-    assert db.schema_version() == SCHEMA_VERSION
-    assert db.load_session("default").session_data.replace(" ", "") == '{"n":1}'
+    assert db.schema_version() == SCHEMA_VERSION == 2
+    record = db.load_session("default")
+    assert _json(record.session_data) == '{"head":1}'
+    assert (record.format_version, record.lineage, record.mirror_sequence) == (2, "lineage-1", 1)
+    assert db.load_rows("default") == [StoredRow(r.table, r.row_text, r.row_hash) for r in _rows(1)]
+    assert _json(db.load_history_version("default", 1).session_data) == '{"n":1}'
 
 
 def test_a_database_newer_than_the_code_is_refused(db: Database) -> None:
@@ -25,25 +52,32 @@ def test_a_database_newer_than_the_code_is_refused(db: Database) -> None:
 
 
 def test_history_keeps_the_last_five_and_versions_keep_growing(db: Database) -> None:
-    for n in range(1, 9):
-        db.save_session(_write("default", n))
+    _store(db, "default", 1)
+    assert [db.save_history(_write("default", n)) for n in range(1, 9)] == list(range(1, 9))
     assert [h.version for h in db.list_history("default")] == [8, 7, 6, 5, 4]
     assert db.load_history_version("default", 6).session_data.replace(" ", "") == '{"n":6}'
     assert db.load_history_version("default", 2) is None
+    assert db.load_session("default").version == 8  # the stored session names its newest snapshot
 
     assert db.delete_session("default") is True
     assert db.load_session("default") is None
-    assert db.save_session(_write("default", 9)).version == 9  # history kept: no version reused
-    assert [s.session_id for s in db.list_sessions()] == ["default"]
+    assert db.load_rows("default") == [] and db.row_hashes("default") == {}
+    _store(db, "default", 9)
+    assert db.save_history(_write("default", 9)) == 9  # history kept: no version reused
+    assert [(s.session_id, s.version) for s in db.list_sessions()] == [("default", 9)]
 
 
 def test_sessions_are_independent(db: Database) -> None:
-    db.save_session(_write("a", 1))
-    db.save_session(_write("b", 2))
+    _store(db, "a", 1)
+    db.save_history(_write("a", 1))
+    _store(db, "b", 2)
+    db.save_history(_write("b", 2))
     db.delete_session("a", keep_history=False)
     assert [s.session_id for s in db.list_sessions()] == ["b"]
     assert db.list_history("a") == []
+    assert db.load_rows("a") == []
     assert len(db.list_history("b")) == 1
+    assert db.load_rows("b") == [StoredRow(r.table, r.row_text, r.row_hash) for r in _rows(2)]
 
 
 def test_the_seeds_existing_table_is_adopted_without_losing_rows(database_url: str) -> None:
@@ -62,7 +96,15 @@ def test_the_seeds_existing_table_is_adopted_without_losing_rows(database_url: s
     try:
         assert db.schema_version() == SCHEMA_VERSION
         (old,) = db.list_sessions()
-        assert old.session_id == "old" and old.checksum == ""  # kept, with the new columns' defaults
-        assert db.save_session(_write("default", 1)).written
+        # Kept, with the new columns' defaults: a whole (format 1) document, never mirrored.
+        assert old.session_id == "old" and old.checksum == ""
+        assert (old.format_version, old.mirror_sequence) == (1, 0)
+        assert _json(db.load_session("old").session_data) == '{"creds":1}'
+        _store(db, "default", 1)
+        assert db.save_history(_write("default", 1)) == 1
+        assert [(s.session_id, s.format_version, s.version) for s in db.list_sessions()] == [
+            ("default", 2, 1),
+            ("old", 1, 0),
+        ]
     finally:
         db.close()
