@@ -47,7 +47,11 @@ def free_port() -> int:
 
 
 class PostgresCluster:
-    def __init__(self) -> None:
+    """``durable=True`` leaves fsync, synchronous_commit and full_page_writes at PostgreSQL's
+    defaults (for benchmarks); the default turns them off, which is all tests need."""
+
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable
         self.bindir = find_bindir()
         self.base = Path(tempfile.mkdtemp(prefix="zapkeep-pg-"))
         self.datadir = self.base / "data"
@@ -76,10 +80,9 @@ class PostgresCluster:
         return self
 
     def start_server(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        )
+        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             str(self.bindir / "pg_ctl"),
             "-D",

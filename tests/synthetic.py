@@ -29,6 +29,10 @@ class StoreSize:
 
 REALISTIC = StoreSize()
 SMALL = StoreSize(pre_keys=20, sessions=10, contacts=10, sender_keys=3, app_state_keys=2, mutation_macs=5)
+MEDIUM = StoreSize(pre_keys=800, sessions=2000, contacts=5000, sender_keys=400, app_state_keys=60, mutation_macs=3000)
+LARGE = StoreSize(  # 3x MEDIUM
+    pre_keys=2400, sessions=6000, contacts=15000, sender_keys=1200, app_state_keys=180, mutation_macs=9000
+)
 
 
 def neonize(command: str, store: Path, *args: str, timeout: float = 120) -> object:

@@ -32,7 +32,12 @@ messages = st.builds(
         is_group=chat.endswith("@g.us"),
         timestamp=int(time.time()),
     ),
-    text=st.one_of(st.text(), st.integers(5000, 20000).map(lambda n: "pão " * (n // 4)), st.just("oi\x00tudo bem"), st.just("a\ud800b")),
+    text=st.one_of(
+        st.text(),
+        st.integers(5000, 20000).map(lambda n: "pão " * (n // 4)),
+        st.just("oi\x00tudo bem"),
+        st.just("a\ud800b"),
+    ),
     chat=jids,
     name=st.text(max_size=30),
     from_me=st.booleans(),
