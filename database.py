@@ -62,7 +62,7 @@ class HeadWrite:
     session_id: str
     head_text: str
     checksum: str
-    size_bytes: int  # of the whole document the head and the rows make
+    size_bytes: int  # of the whole document the head and the rows make; 0: unknown, keep the stored one
     device_jid: str | None
     push_name: str | None
     lineage: str | None
@@ -472,7 +472,7 @@ class Database:
         ON CONFLICT (session_id) DO UPDATE SET
             session_data = excluded.session_data,
             checksum = excluded.checksum,
-            size_bytes = excluded.size_bytes,
+            size_bytes = CASE WHEN excluded.size_bytes > 0 THEN excluded.size_bytes ELSE whatsapp_sessions.size_bytes END,
             device_jid = excluded.device_jid,
             push_name = excluded.push_name,
             updated_at = excluded.updated_at,
@@ -601,7 +601,7 @@ class Database:
         WHERE {FENCE_HOLDS}
     """
     PRUNE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s AND version <= %s"
-    SET_SESSION_VERSION = "UPDATE whatsapp_sessions SET version = %s WHERE session_id = %s"
+    SET_SESSION_VERSION = "UPDATE whatsapp_sessions SET version = %s, size_bytes = %s WHERE session_id = %s"
 
     def save_history(self, write: SessionWrite, fence: Fence | None = None) -> int:
         """Keep a full snapshot (the last few stay); the stored session takes its version number."""
@@ -620,7 +620,7 @@ class Database:
             if tx.execute(self.INSERT_HISTORY, (*params, *fence_params)).rowcount != 1:
                 raise self._fenced_out(fence) if fence is not None else DatabaseError("history not written")
             tx.execute(self.PRUNE_HISTORY, (write.session_id, version - HISTORY_KEEP))
-            tx.execute(self.SET_SESSION_VERSION, (version, write.session_id))
+            tx.execute(self.SET_SESSION_VERSION, (version, write.size_bytes, write.session_id))
         return version
 
     SELECT_HISTORY_VERSION = """

@@ -26,6 +26,7 @@ batch is always the store as of one commit: the database never sees half a whats
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -43,7 +44,7 @@ from bot.session_store import BUSY_TIMEOUT_SECONDS, canonical_json, encode_cell,
 CHANGES_TABLE = "zapkeep_changes"
 STATE_TABLE = "zapkeep_state"
 TRIGGER_PREFIX = "zapkeep_capture_"
-POLL_INTERVAL_SECONDS = 0.02  # how often a waiting poll looks at the store file (os.stat only)
+POLL_INTERVAL_SECONDS = 0.005  # without inotify: how often a waiting poll looks at the store file (os.stat)
 ROWID_CHUNK = 500
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -304,11 +305,100 @@ def store_signature(store_path: Path) -> tuple[int, ...] | None:
     return tuple(parts)
 
 
+class Requests:
+    """Lines from a raw descriptor, with the buffer in view: a waiting poll must know whether a
+    line (a nudge, the next request) has already arrived, which select() alone cannot tell."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = bytearray()
+
+    def buffered(self) -> bool:
+        return b"\n" in self._buffer
+
+    def readline(self) -> bytes:
+        while b"\n" not in self._buffer:
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:  # end of input: the daemon is gone or stopping
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                return line
+            self._buffer.extend(chunk)
+        end = self._buffer.index(b"\n") + 1
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end]
+        return line
+
+
+class StoreWatch:
+    """Waits for a write to the store (or a line on ``nudge_fd``) without spending CPU: inotify on
+    the store's directory on Linux, else a look at the file's size and time every few ms."""
+
+    _IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
+
+    def __init__(self, store_path: Path, requests: Requests) -> None:
+        self.store_path = store_path
+        self._requests = requests
+        self._inotify = self._open_inotify(store_path.parent)
+        self._signature = store_signature(store_path)
+
+    def _open_inotify(self, directory: Path) -> int | None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        except (OSError, AttributeError):
+            return None  # not Linux: poll instead
+        if fd < 0:
+            return None
+        mask = self._IN_MODIFY | self._IN_CLOSE_WRITE | self._IN_MOVED_TO | self._IN_CREATE
+        if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
+            os.close(fd)
+            return None
+        return fd
+
+    def arm(self) -> None:
+        """Forget what happened so far: call right before reading the store, so no later commit is missed."""
+        if self._inotify is not None:
+            try:
+                while os.read(self._inotify, 65536):
+                    pass
+            except BlockingIOError:
+                pass
+        else:
+            self._signature = store_signature(self.store_path)
+
+    def wait(self, timeout: float) -> str:
+        """'changed', 'nudged' or 'timeout'."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if self._requests.buffered():
+                return "nudged"
+            if remaining <= 0:
+                return "timeout"
+            fds = [self._requests.fd] + ([self._inotify] if self._inotify is not None else [])
+            step = remaining if self._inotify is not None else min(remaining, POLL_INTERVAL_SECONDS)
+            readable, _, _ = select.select(fds, [], [], step)
+            if self._requests.fd in readable:
+                return "nudged"
+            if self._inotify is not None:
+                if readable:
+                    return "changed"
+            elif store_signature(self.store_path) != self._signature:
+                return "changed"
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            os.close(self._inotify)
+            self._inotify = None
+
+
 class CaptureSession:
     """The mirror process's one connection to the store."""
 
-    def __init__(self, store_path: Path) -> None:
+    def __init__(self, store_path: Path, requests: Requests | None = None) -> None:
         self.store_path = store_path
+        self.watch = None if requests is None else StoreWatch(store_path, requests)
         self.conn = sqlite3.connect(
             f"{store_path.resolve().as_uri()}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None
         )
@@ -317,6 +407,8 @@ class CaptureSession:
         self._trimmed_upto = -1
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         self.conn.close()
 
     def _refresh_schema(self) -> tuple[list[TableDef] | None, list[str]]:
@@ -330,24 +422,19 @@ class CaptureSession:
         self._tables = {t.name: t for t in defs}
         return defs, installed
 
-    def poll(self, after: int, wait: float, wake: Any) -> Batch:
+    def poll(self, after: int, wait: float) -> Batch:
+        assert self.watch is not None, "a poll needs a StoreWatch"
         defs, installed = self._refresh_schema()
         self.trim(after)
-        signature = store_signature(self.store_path)
         deadline = time.monotonic() + wait
         while True:
+            self.watch.arm()
             batch = self._read(after, defs, installed)
-            if batch.changes or defs is not None or time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if batch.changes or defs is not None or remaining <= 0:
                 return batch
-            while time.monotonic() < deadline:  # wait for the file to change (os.stat only), or a nudge
-                if wake(POLL_INTERVAL_SECONDS):
-                    return batch
-                now = store_signature(self.store_path)
-                if now != signature:
-                    signature = now
-                    break
-            else:
-                return batch
+            if self.watch.wait(remaining) != "changed":
+                return batch  # nudged (stop, reconciliation) or nothing happened in time
             defs, installed = self._refresh_schema()
 
     def _read(self, after: int, defs: list[TableDef] | None, installed: list[str]) -> Batch:
@@ -411,24 +498,20 @@ class CaptureSession:
         self._trimmed_upto = upto
 
 
-def _stdin_ready(timeout: float) -> bool:
-    readable, _, _ = select.select([sys.stdin.buffer], [], [], timeout)
-    return bool(readable)
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m bot.change_capture STORE_PATH", file=sys.stderr)
         return 2
-    session = CaptureSession(Path(argv[0]))
+    requests = Requests(sys.stdin.fileno())
+    session = CaptureSession(Path(argv[0]), requests)
     out = sys.stdout.buffer
     try:
-        for line in sys.stdin.buffer:
+        while line := requests.readline():
             if not line.strip():
                 continue  # a nudge that arrived after its poll had already returned
             request = json.loads(line)
             if request["op"] == "poll":
-                batch = session.poll(int(request["after"]), float(request["wait"]), _stdin_ready)
+                batch = session.poll(int(request["after"]), float(request["wait"]))
             elif request["op"] == "scan":
                 batch = session.scan(int(request["after"]), request["known"])
             else:
@@ -446,5 +529,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONHASHSEED", "0")
     sys.exit(main(sys.argv[1:]))

@@ -126,7 +126,7 @@ class Mirror:
         *,
         fence: Callable[[], Fence | None],
         on_fenced: Callable[[FencedOut, Fence], None],
-        poll_wait_seconds: float = 0.5,
+        poll_wait_seconds: float = 5.0,
     ) -> None:
         self.db = db
         self.session_id = session_id
@@ -315,7 +315,7 @@ class Mirror:
                 self.session_id,
                 head_text,
                 checksum,
-                self._stored.size_bytes,
+                0,  # the document's size is set by the next snapshot
                 self._device.jid,
                 self._device.push_name,
                 batch.lineage,
@@ -347,7 +347,13 @@ class Mirror:
             record = self.db.load_session(self.session_id)
             self._stored = StoredHead.of(record)
         reasons = ", ".join(sorted({r.reason for r in requests}))
-        if result.missed:
+        if result.missed and "triggers reinstalled" in reasons:
+            log.warning(
+                "session %s: stored %d rows written while change capture was not installed",
+                self.session_id,
+                result.missed,
+            )
+        elif result.missed:
             log.error(
                 "session %s: reconciliation (%s) found %d rows that change capture missed; repaired",
                 self.session_id,

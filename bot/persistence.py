@@ -181,8 +181,8 @@ def write_scan(
     head_text, checksum, total = build_head(batch.tables or [], after, device, batch.lineage, batch.sequence)
     if not changes and stored is not None and (stored.checksum, stored.lineage) == (checksum, batch.lineage):
         return SyncResult(True, 0, 0, batch.sequence, checksum, device.jid, device.push_name, total, _ms_since(started))
-    size = stored.size_bytes if stored is not None and stored.size_bytes else len(head_text)
-    head = HeadWrite(session_id, head_text, checksum, size, device.jid, device.push_name, batch.lineage)
+    # The whole document's size is known once it is assembled (a history snapshot); 0 keeps what is stored.
+    head = HeadWrite(session_id, head_text, checksum, 0, device.jid, device.push_name, batch.lineage)
     db.write_batch(MirrorBatch(session_id, batch.sequence, changes, head), fence)
     rows.apply(changes)
     return SyncResult(

@@ -131,7 +131,7 @@ class Timing:
     after_connect_seconds: float = 5.0  # then a reconciliation
     after_pair_seconds: float = 1.0  # then a full snapshot into history
     history_interval_seconds: float = 900.0  # at most this often while the store keeps changing
-    mirror_poll_seconds: float = 0.5  # a mirror poll waits this long for a change before asking again
+    mirror_poll_seconds: float = 5.0  # an idle mirror asks the store again this often (commits wake it at once)
     qr_round_seconds: float = 90.0  # no new QR for this long: whatsmeow gave up, start a new round
     qr_check_seconds: float = 5.0
     standby_poll_seconds: float = 1.0  # how often a standby daemon tries to take the lease

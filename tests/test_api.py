@@ -21,12 +21,14 @@ from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
 from bot.services import build_services
 from bot.runtime import Runtime, State
-from database import Database, SessionWrite
+from bot.persistence import export_document, import_document
+from bot.session_store import restore_snapshot, validate_document
+from database import Database
 from session_api import create_app
 from session_api.server import ApiServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
-from tests.synthetic import DEVICE_JID
-from tests.test_runtime import FAST
+from tests.synthetic import DEVICE_JID, table_rows
+from tests.test_runtime import FAST, mirrored
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -74,10 +76,12 @@ class Api:
         return reply
 
     def pair(self) -> None:
+        """Scan the QR; return once the store is mirrored and the snapshot after pairing is in history."""
         wait_until(lambda: self.runtime.state is State.QR, message="qr")
         self.network.current().scan_qr()
         wait_until(lambda: self.runtime.state is State.CONNECTED, message="connected")
-        wait_until(lambda: self.db.load_session("default") is not None, message="first backup")
+        wait_until(lambda: self.db.list_history("default") != [], message="the snapshot after pairing")
+        wait_until(lambda: mirrored(self.runtime, self.db), message="the store mirrored")
 
 
 @pytest.fixture
@@ -97,10 +101,6 @@ def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]
     finally:
         server.stop()
         services.stop()
-
-
-def _document_write(session_id: str) -> SessionWrite:
-    return SessionWrite(session_id, '{"n": 1}', "sha256:" + "1" * 64, None, None)
 
 
 PROTECTED = [
@@ -138,20 +138,38 @@ def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
     assert health.status == 200 and health.json()["success"] is True
 
 
-def test_backup_status_export_and_delete(api: Api) -> None:
+def contacts_in(store: Path) -> int:
+    return len(table_rows(store)["whatsmeow_contacts"])
+
+
+def test_backup_status_export_and_delete(api: Api, tmp_path: Path) -> None:
     assert api.call("POST", "/api/session/backup").status == 409  # not paired yet
     api.pair()
+    stored = api.db.load_session("default")
+    store = api.runtime.config.store_path
+    total = sum(len(rows) for rows in table_rows(store).values())
 
     backup = api.call("POST", "/api/session/backup")
-    assert backup.status == 200 and backup.json()["written"] is False  # the pairing backup is current
+    assert backup.status == 200
+    answer = backup.json()
+    # The mirror had stored everything and the snapshot after pairing is current: nothing to write.
+    assert (answer["written"], answer["written_rows"], answer["new_snapshot"]) == (False, 0, False)
+    assert answer["version"] == stored.version == api.db.list_history("default")[0].version
+    assert answer["checksum"] == stored.checksum and answer["rows"] == total
+    assert answer["duration_ms"] >= 0
+    assert api.db.load_session("default") == stored  # not even updated_at moved
 
     status = api.call("GET", "/api/session/status").json()
     (session,) = status["sessions"]
     assert session["state"] == "connected" and session["jid"] == DEVICE_JID and session["phone"] == "5511987654321"
-    assert session["stored"]["checksum"] == backup.json()["checksum"] == session["last_backup_checksum"]
+    assert session["stored"]["checksum"] == answer["checksum"] == session["last_backup_checksum"]
+    assert session["stored"]["format_version"] == 2
+    assert session["stored"]["mirror_sequence"] == stored.mirror_sequence == session["mirror_sequence"]
+    assert session["mirror_running"] is True
+    assert [h["version"] for h in session["history"]] == [answer["version"]]
     assert session["lease"]["held"] and session["lease"]["owner_id"] == api.runtime.owner_id
     api.db.acquire_lease("elsewhere", "other-host/1", ttl_seconds=60)
-    api.db.save_session(_document_write("elsewhere"))
+    import_document(api.db, "elsewhere", export_document(api.db, "default")[1])  # another daemon's session
     others = {s["session_id"]: s for s in api.call("GET", "/api/session/status").json()["sessions"]}
     assert (
         others["elsewhere"]["state"] == "running_elsewhere"
@@ -164,62 +182,103 @@ def test_backup_status_export_and_delete(api: Api) -> None:
 
     exported = api.call("GET", "/api/session/restore?session_id=default")
     assert exported.status == 200
-    document = exported.json()["session_data"]
-    assert document["checksum"] == backup.json()["checksum"]
+    reply = exported.json()
+    document = reply["session_data"]
+    # The whole document, assembled from the stored head and rows: it rebuilds the live store exactly.
+    assert document["format_version"] == 2 and document["checksum"] == answer["checksum"]
+    assert document["lineage"] == stored.lineage and document["sequence"] == stored.mirror_sequence
+    assert reply["version"] == answer["version"] and reply["checksum"] == answer["checksum"]
+    assert sum(len(t["rows"]) for t in document["tables"]) == total == document["metadata"]["total_rows"]
+    assert validate_document(document).checksum == answer["checksum"]
+    copy = tmp_path / "copy" / "whatsmeow.sqlite3"
+    restore_snapshot(document, copy)
+    assert table_rows(copy) == table_rows(store)
+    assert reply["size_bytes"] == len(export_document(api.db, "default")[1].encode())
+    # The size of the whole document (the snapshot of that version, still current), not of its head.
+    assert answer["size_bytes"] == api.db.list_history("default")[0].size_bytes == reply["size_bytes"]
+
+    historical = api.call("GET", f"/api/session/restore?version={answer['version']}")
+    assert historical.status == 200 and historical.json()["version"] == answer["version"]
+    assert historical.json()["session_data"]["checksum"] == answer["checksum"]
+    assert api.call("GET", "/api/session/restore?version=999").status == 404
     assert api.call("GET", "/api/session/restore?session_id=other").status == 404
     assert api.call("GET", "/api/session/restore?version=abc").status == 400
 
     deleted = api.call("DELETE", "/api/session/delete?session_id=default")
     assert deleted.status == 200 and api.db.load_session("default") is None
+    assert api.db.load_rows("default") == []
     assert api.call("DELETE", "/api/session/delete?session_id=default").status == 404
 
 
-def test_import_validates_and_a_corrupt_document_changes_nothing(api: Api) -> None:
+def test_import_validates_and_a_corrupt_document_changes_nothing(api: Api, tmp_path: Path) -> None:
     api.pair()
     document = api.call("GET", "/api/session/restore").json()["session_data"]
-    with api.db.transaction() as tx:
-        before = tx.execute(
-            "SELECT CAST(session_data AS TEXT) AS d, version, checksum FROM whatsapp_sessions"
-        ).fetchall()
 
+    def everything() -> tuple:
+        with api.db.transaction() as tx:
+            sessions = tx.execute(
+                "SELECT CAST(session_data AS TEXT) AS d, version, checksum, lineage, mirror_sequence, updated_at"
+                " FROM whatsapp_sessions WHERE session_id = 'default'"
+            ).fetchall()
+        return sessions, api.db.load_rows("default"), api.db.list_history("default")
+
+    before = everything()
     corrupt = json.loads(json.dumps(document))
-    corrupt["tables"][1]["rows"][0][2] = {"b64": "!!notbase64"}
+    (device,) = [t for t in corrupt["tables"] if t["name"] == "whatsmeow_device"]
+    device["rows"][0][2] = {"b64": "!!notbase64"}
     for bad in (corrupt, "not json at all", {"format": "other"}, ""):
         reply = api.call("POST", "/api/session/backup", body={"session_id": "default", "session_data": bad})
         assert reply.status == 400, bad
         assert reply.json()["success"] is False
-    with api.db.transaction() as tx:
-        after = tx.execute(
-            "SELECT CAST(session_data AS TEXT) AS d, version, checksum FROM whatsapp_sessions"
-        ).fetchall()
-    assert after == before
+    assert everything() == before
 
     imported = api.call("POST", "/api/session/backup", body={"session_id": "copy", "session_data": document})
     assert imported.status == 201 and imported.json()["imported"] is True
-    assert api.db.load_session("copy").checksum == document["checksum"]
+    copy = api.db.load_session("copy")
+    assert copy.checksum == document["checksum"] and copy.format_version == 2
+    assert copy.lineage != document["lineage"]  # a new history starts from an imported document
+    (entry,) = api.db.list_history("copy")
+    assert imported.json()["version"] == entry.version == copy.version and entry.checksum == document["checksum"]
+    assert [(r.table, r.row_hash) for r in api.db.load_rows("copy")] == [
+        (r.table, r.row_hash) for r in api.db.load_rows("default")
+    ]
+    exported = api.call("GET", "/api/session/restore?session_id=copy").json()["session_data"]
+    rebuilt = tmp_path / "rebuilt" / "whatsmeow.sqlite3"
+    restore_snapshot(exported, rebuilt)
+    assert table_rows(rebuilt) == table_rows(api.runtime.config.store_path)
+    assert everything() == before  # the daemon's own session was not touched
 
 
 def test_restore_rolls_the_running_client_back_to_a_historical_version(api: Api) -> None:
     api.pair()
     first_version = api.db.load_session("default").version
+    first = api.db.load_history_version("default", first_version)
     client = api.network.current()
     client.write_store(rows=9)
-    api.call("POST", "/api/session/backup")
-    assert api.db.load_session("default").version > first_version
+    wait_until(lambda: mirrored(api.runtime, api.db), message="the 9 contacts mirrored")
+    backup = api.call("POST", "/api/session/backup").json()
+    assert backup["new_snapshot"] is True and backup["written_rows"] == 0  # the mirror had written them
+    assert api.db.load_session("default").version == backup["version"] > first_version
 
     reply = api.call("POST", "/api/session/restore", body={"version": first_version})
 
     assert reply.status == 200, reply.body
-    assert reply.json()["version"] == first_version
+    assert reply.json()["version"] == first_version and reply.json()["checksum"] == first.checksum
     assert client.stopped.is_set()
     wait_until(lambda: api.runtime.state is State.CONNECTED, message="reconnected after restore")
-    assert api.network.current() is not client
-    contacts = api.network.current().store_path
-    import sqlite3
+    current = api.network.current()
+    assert current is not client
+    assert contacts_in(current.store_path) == 10  # the 9 are gone
+    # The historical version became the stored session, and the mirror goes on from it.
+    stored = api.db.load_session("default")
+    assert stored.checksum == first.checksum
+    assert len([r for r in api.db.load_rows("default") if r.table == "whatsmeow_contacts"]) == 10
+    assert backup["version"] in [h.version for h in api.db.list_history("default")]  # the 19 can come back
+    current.write_store(rows=2)
+    wait_until(lambda: mirrored(api.runtime, api.db), message="a write after the restore mirrored")
+    assert len([r for r in api.db.load_rows("default") if r.table == "whatsmeow_contacts"]) == 12
+    assert api.db.load_session("default").lineage == stored.lineage
 
-    conn = sqlite3.connect(contacts)
-    assert conn.execute("SELECT COUNT(*) FROM whatsmeow_contacts").fetchone()[0] == 10  # the 9 are gone
-    conn.close()
     assert api.call("POST", "/api/session/restore", body={"version": 999}).status == 404
     assert api.call("POST", "/api/session/restore", body={"version": "x"}).status == 400
     assert api.call("POST", "/api/session/restore", body={"session_id": "other"}).status == 409
@@ -336,7 +395,7 @@ def test_openapi_document_lists_exactly_the_served_routes(api: Api) -> None:
 def test_no_key_material_in_any_response_or_log(api: Api, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     api.pair()
-    document = json.loads(api.db.load_session("default").session_data)
+    document = json.loads(export_document(api.db, "default")[1])
     secrets = {
         cell["b64"]
         for table in document["tables"]

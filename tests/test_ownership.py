@@ -11,7 +11,7 @@ from database import Database, PostgresDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.pg_cluster import PostgresCluster
 from tests.synthetic import table_rows
-from tests.test_runtime import FAST, make_config
+from tests.test_runtime import FAST, make_config, mirrored
 
 QUICK_LEASE = {"LEASE_TTL_SECONDS": "3", "LEASE_RENEW_SECONDS": "1", "API_TOKEN": "t" * 20}
 TIMING = replace(FAST, standby_poll_seconds=0.2)
@@ -24,11 +24,18 @@ def owner(db: Database, template: Path, data_dir: Path, name: str) -> tuple[Runt
 
 
 def paired(runtime: Runtime, network: FakeWhatsApp, db: Database) -> None:
+    """Pair; return once the store is mirrored and the snapshot after pairing is in history."""
     runtime.start()
     wait_until(lambda: runtime.state is State.QR, message=f"{runtime.owner_id} qr")
     network.current().scan_qr()
     wait_until(lambda: runtime.state is State.CONNECTED, message=f"{runtime.owner_id} connected")
-    wait_until(lambda: db.load_session("default") is not None, message="first backup")
+    wait_until(lambda: db.list_history("default") != [], message="the snapshot after pairing")
+    wait_until(lambda: mirrored(runtime, db), message="the store mirrored")
+
+
+def stored(db: Database) -> tuple:
+    """Everything the database holds of the session."""
+    return db.load_session("default"), db.load_rows("default"), db.list_history("default")
 
 
 def test_second_daemon_stands_by_then_takes_over_on_graceful_shutdown(
@@ -41,13 +48,15 @@ def test_second_daemon_stands_by_then_takes_over_on_graceful_shutdown(
         network_a.current().write_store(rows=3)
 
         b.start()
-        time.sleep(1.0)
-        assert b.state is State.STANDBY and not b.status().owns_session
+        wait_until(lambda: b.state is State.STANDBY, message="b stands by")
+        assert not b.status().owns_session
         assert network_b.clients == []  # never built a client
         assert not b.config.store_path.exists()
 
-        a.stop()  # final backup, then release
-        assert a.state is State.STOPPED and db.lease("default").owner_id is None
+        a.stop()  # the last changes mirrored, a snapshot, then release
+        # Released, not left to expire (that takes the 3 s TTL): b, polling, may already hold it.
+        assert a.state is State.STOPPED and db.lease("default").owner_id in (None, "host-b")
+        assert len([r for r in db.load_rows("default") if r.table == "whatsmeow_contacts"]) == 13
 
         wait_until(lambda: b.state is State.CONNECTED, timeout=10, message="b took over")
         status = b.status()
@@ -82,26 +91,28 @@ def test_a_stale_owner_is_fenced_out_and_demotes_itself(db: Database, whatsmeow_
     a, network = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
     try:
         paired(a, network, db)
-        wait_until(lambda: a.backup_now("settle") is not None and a.backup_now().status.value == "unchanged")
-        row = db.load_session("default")
+        before = stored(db)
         with db.transaction() as tx:  # the lease runs out while the owner is paused...
             tx.execute("UPDATE whatsapp_session_leases SET expires_at = 0")
         intruder = db.acquire_lease("default", "host-b", ttl_seconds=60)  # ...and someone else takes it
         assert intruder is not None
         client = network.current()
-        client.write_store(rows=4)
+        client.write_store(rows=4)  # the mirror sees these at once and tries to write them, fenced
 
+        wait_until(lambda: a.state is State.STANDBY, message="demoted")
         assert a.backup_now("stale") is None
-
-        assert db.load_session("default") == row
-        assert a.state is State.STANDBY and not a.status().owns_session
-        # The fenced backup or the lease renewal may notice first; either way the reason is given.
+        assert not a.status().owns_session
+        # The fenced mirror write or the lease renewal may notice first; either way the reason is given.
         assert "another instance owns the session" in a.status().last_error
         wait_until(client.stopped.is_set, message="client stopped")
-        time.sleep(1.0)
-        assert len(network.clients) == 1  # and it does not reconnect
+        wait_until(lambda: not a.status().mirror_running, message="the mirror stopped")
+        supervisor = a._supervisor
+        wait_until(lambda: not supervisor.is_alive(), message="the supervisor gave up the session")
+        assert stored(db) == before  # not one of the 4 rows, no head, no snapshot
     finally:
         a.stop()
+    assert stored(db) == before  # nor at shutdown
+    assert len(network.clients) == 1  # it never reconnected
     assert db.lease("default").owner_id == "host-b"  # stopping did not release someone else's lease
 
 
@@ -143,6 +154,7 @@ def _freeze(runtime: Runtime) -> None:
 
 
 def test_a_standby_daemons_api_cannot_write_the_session(db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
+    from bot.persistence import export_document
     from session_api import create_app
 
     a, network_a = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
@@ -152,8 +164,8 @@ def test_a_standby_daemons_api_cannot_write_the_session(db: Database, whatsmeow_
         paired(a, network_a, db)
         b.start()
         wait_until(lambda: b.state is State.STANDBY)
-        row = db.load_session("default")
-        document = row.session_data
+        before = stored(db)
+        document = export_document(db, "default")[1]  # a valid, whole document
         api = create_app(b, db).test_client()
 
         imported = api.post("/api/session/backup", json={"session_data": document}, headers=b_config_token)
@@ -162,7 +174,7 @@ def test_a_standby_daemons_api_cannot_write_the_session(db: Database, whatsmeow_
 
         assert (imported.status_code, deleted.status_code, restored.status_code) == (409, 409, 409)
         assert "does not own" in imported.get_json()["message"]
-        assert db.load_session("default") == row
+        assert stored(db) == before
         assert api.get("/healthz").status_code == 200
     finally:
         a.stop()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,16 +13,15 @@ import pytest
 from bot import events
 from bot.config import Config
 from bot.runtime import Backoff, Runtime, State, Timing
+from bot.session_store import take_snapshot
 from database import Database
 from tests.fake_whatsapp import FakeClient, FakeWhatsApp, wait_until
 from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
 
 FAST = Timing(
-    debounce_seconds=0.4,
-    debounce_max_seconds=5,
     after_connect_seconds=0.2,
     after_pair_seconds=0.1,
-    watch_interval_seconds=0.05,
+    mirror_poll_seconds=0.2,
     qr_round_seconds=1.0,
     qr_check_seconds=0.2,
 )
@@ -55,25 +56,27 @@ def versions(db: Database) -> list[int]:
     return [h.version for h in db.list_history("default")]
 
 
+def stored_rows(db: Database, table: str) -> list[str]:
+    return [r.row_text for r in db.load_rows("default") if r.table == table]
+
+
+def mirrored(runtime: Runtime, db: Database) -> bool:
+    """The database holds exactly the local store: the stored checksum is the store's own."""
+    record = db.load_session("default")
+    return record is not None and record.checksum == take_snapshot(runtime.config.store_path)["checksum"]
+
+
 def start_paired(runtime: Runtime, network: FakeWhatsApp, db: Database) -> FakeClient:
-    """Start from nothing, scan the QR, wait until connected and the backups are done."""
+    """Start from nothing, scan the QR, wait until connected, the store is mirrored and the
+    snapshot after pairing is in history (the only one until shutdown)."""
     runtime.start()
     wait_until(lambda: runtime.state is State.QR, message="qr state")
     client = network.current()
     client.scan_qr()
     wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
-    settle(runtime, db)
+    wait_until(lambda: versions(db) != [], message="the snapshot after pairing")
+    wait_until(lambda: mirrored(runtime, db), message="the store mirrored")
     return client
-
-
-def settle(runtime: Runtime, db: Database, seconds: float = 1.0) -> None:
-    """Wait until no backup has been written for a while."""
-    last = versions(db)
-    quiet_since = time.monotonic()
-    while time.monotonic() - quiet_since < seconds:
-        time.sleep(0.05)
-        if versions(db) != last:
-            last, quiet_since = versions(db), time.monotonic()
 
 
 def test_pairing_from_an_empty_start_is_backed_up(runtime_factory, db: Database, network: FakeWhatsApp) -> None:
@@ -91,40 +94,66 @@ def test_pairing_from_an_empty_start_is_backed_up(runtime_factory, db: Database,
     status = runtime.status()
     assert status.jid == DEVICE_JID and status.phone == "5511987654321"
     assert runtime.qr_code() is None
-    assert db.load_session("default").device_jid == DEVICE_JID
+    stored = db.load_session("default")
+    assert stored.device_jid == DEVICE_JID and stored.format_version == 2
+    # Every row of the store is in the database, and the snapshot in history is the whole document.
+    in_store = table_rows(runtime.config.store_path)
+    assert Counter(r.table for r in db.load_rows("default")) == {t: len(rows) for t, rows in in_store.items() if rows}
+    (entry,) = db.list_history("default")
+    assert status.last_backup_version == entry.version == stored.version
+    snapshot = json.loads(db.load_history_version("default", entry.version).session_data)
+    assert snapshot["metadata"]["device_jid"] == DEVICE_JID
+    assert sum(len(t["rows"]) for t in snapshot["tables"]) == sum(len(rows) for rows in in_store.values())
 
 
-def test_a_burst_of_store_changes_gives_exactly_one_backup(runtime_factory, db: Database, network) -> None:
+def test_a_burst_of_store_changes_is_mirrored_row_by_row_without_a_snapshot(
+    runtime_factory, db: Database, network
+) -> None:
     runtime = runtime_factory()
     client = start_paired(runtime, network, db)
-    before = versions(db)
+    before = db.load_session("default")
+    history = db.list_history("default")
+    assert len(stored_rows(db, "whatsmeow_contacts")) == 10
 
-    for _ in range(4):  # four writes inside the debounce window
+    for _ in range(4):  # four whatsmeow transactions in quick succession
         client.write_store()
-        time.sleep(0.1)
-    settle(runtime, db, seconds=1.5)
+    written_at = time.monotonic()
+    wait_until(lambda: len(stored_rows(db, "whatsmeow_contacts")) == 30, message="the new contacts mirrored")
+    assert time.monotonic() - written_at < 1.0  # within about a poll interval, not on a timer
 
-    assert len(versions(db)) == len(before) + 1
-    stored = db.load_session("default")
-    assert stored.version == versions(db)[0]
-    assert '"whatsmeow_contacts":30' in stored.session_data.replace(" ", "")  # 10 synthetic + 4 x 5
+    assert mirrored(runtime, db)  # the checksum moved in the same transaction as the rows
+    contacts = "\n".join(stored_rows(db, "whatsmeow_contacts"))
+    assert all(f"55319{n:08d}@s.whatsapp.net" in contacts and f"Contato {n}" in contacts for n in range(10, 30))
+    after = db.load_session("default")
+    assert after.mirror_sequence > before.mirror_sequence and after.updated_at > before.updated_at
+    assert after.lineage == before.lineage and after.version == before.version
+    assert db.list_history("default") == history  # rows are mirrored; no full snapshot for them
+    assert runtime.status().mirror_sequence == after.mirror_sequence
 
 
 def test_an_unchanged_store_is_never_written_again(runtime_factory, db: Database, network) -> None:
     runtime = runtime_factory()
     start_paired(runtime, network, db)
+    history = db.list_history("default")
+
+    first = runtime.backup_now("test")
     row = db.load_session("default")
+    rows = db.load_rows("default")
+    results = [first, runtime.backup_now("test"), runtime.backup_now("test")]
 
-    results = [runtime.backup_now("test") for _ in range(3)]
-
-    assert [r.status.value for r in results] == ["unchanged"] * 3
-    assert db.load_session("default") == row  # same version, same updated_at
+    assert [r.written_rows for r in results] == [0, 0, 0]
+    assert [r.new_snapshot for r in results] == [False, False, False]  # the snapshot after pairing is current
+    assert {r.checksum for r in results} == {row.checksum}
+    assert {r.version for r in results} == {history[0].version}
+    assert db.load_session("default") == row  # same checksum, same sequence, same updated_at
+    assert db.load_rows("default") == rows
+    assert db.list_history("default") == history
 
 
 def test_logout_wipes_local_and_stored_session_and_pairs_again(runtime_factory, db: Database, network, tmp_path):
     runtime = runtime_factory()
     first = start_paired(runtime, network, db)
-    history = versions(db)
+    history = db.list_history("default")
 
     first.unlink()
 
@@ -132,7 +161,8 @@ def test_logout_wipes_local_and_stored_session_and_pairs_again(runtime_factory, 
     second = network.current()
     assert second is not first and second.device_jid() is None
     assert db.load_session("default") is None
-    assert versions(db) == history  # an admin can still roll back
+    assert db.load_rows("default") == []  # the mirrored rows went with it
+    assert db.list_history("default") == history  # an admin can still roll back
     status = runtime.status()
     assert status.jid is None and status.qr_available
     assert "logged out" in status.last_error
@@ -141,27 +171,33 @@ def test_logout_wipes_local_and_stored_session_and_pairs_again(runtime_factory, 
 def test_stream_replaced_stops_without_reconnecting_or_writing(runtime_factory, db: Database, network) -> None:
     runtime = runtime_factory()
     client = start_paired(runtime, network, db)
-    row = db.load_session("default")
+    row, rows, history = db.load_session("default"), db.load_rows("default"), db.list_history("default")
 
     client.emit(events.StreamReplaced())
     wait_until(lambda: runtime.state is State.REPLACED)
     wait_until(client.stopped.is_set, message="client stopped")
+    wait_until(lambda: not runtime.status().mirror_running, message="the mirror stopped")
+    supervisor = runtime._supervisor
+    wait_until(lambda: not supervisor.is_alive(), message="the supervisor gave up the session")
     client.write_store()  # the other owner's writes must not be backed up from here
-    time.sleep(1.5)
-    runtime.stop()
+    runtime.stop()  # a running mirror would flush them here, a shutdown snapshot would keep them
 
     assert len(network.clients) == 1  # never reconnected
     assert db.load_session("default") == row
+    assert db.load_rows("default") == rows
+    assert db.list_history("default") == history
     assert runtime.state is State.STOPPED
     assert runtime.backup_now() is None
 
 
 def test_restores_from_the_database_at_boot_and_connects_without_qr(runtime_factory, db, network, tmp_path) -> None:
-    from bot.persistence import backup_session
+    from bot.persistence import sync_session
 
     seed = tmp_path / "seed" / "whatsmeow.sqlite3"
     create_paired_store(seed)
-    backup_session(db, "default", seed)
+    seeded = sync_session(db, "default", seed)
+    assert seeded.paired and seeded.written_rows == seeded.total_rows == len(db.load_rows("default")) > 70
+    stored = db.load_session("default")
     runtime = runtime_factory()
 
     runtime.start()
@@ -170,6 +206,10 @@ def test_restores_from_the_database_at_boot_and_connects_without_qr(runtime_fact
     assert all(not c.qr_codes for c in network.clients)
     assert table_rows(runtime.config.store_path) == table_rows(seed)
     assert runtime.status().jid == DEVICE_JID
+    # The restored store is what is stored: comparing them writes nothing.
+    result = runtime.backup_now("test")
+    assert result.written_rows == 0 and result.checksum == stored.checksum == seeded.checksum
+    assert db.load_session("default").checksum == stored.checksum
 
 
 def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db, network) -> None:
@@ -207,18 +247,23 @@ def test_expired_qr_round_starts_a_fresh_one(runtime_factory, network) -> None:
 
 
 def test_shutdown_takes_a_final_backup(runtime_factory, db: Database, network) -> None:
-    runtime = runtime_factory(
-        timing=Timing(
-            debounce_seconds=30, after_connect_seconds=0.1, after_pair_seconds=0.1, watch_interval_seconds=0.05
-        )
-    )
+    runtime = runtime_factory()
     client = start_paired(runtime, network, db)
+    history = versions(db)
     client.write_store(rows=7)
 
     runtime.stop()
 
-    assert '"whatsmeow_contacts":17' in db.load_session("default").session_data.replace(" ", "")
     assert client.stopped.is_set() and runtime.state is State.STOPPED
+    assert len(stored_rows(db, "whatsmeow_contacts")) == 17  # the 7 written just before stop()
+    assert mirrored(runtime, db)
+    assert db.lease("default").owner_id is None  # released only after that
+    # What changed since the last snapshot is kept as a whole document in history, once.
+    assert len(versions(db)) == len(history) + 1
+    newest = db.load_history_version("default", versions(db)[0])
+    assert newest.checksum == db.load_session("default").checksum
+    (contacts,) = [t for t in json.loads(newest.session_data)["tables"] if t["name"] == "whatsmeow_contacts"]
+    assert len(contacts["rows"]) == 17
 
 
 def test_pair_phone_asks_for_a_pairing_code_instead_of_a_qr(runtime_factory, network, tmp_path) -> None:
