@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 SCHEMA_VERSION = 2
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
+_LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' advisory locks
 
 T = TypeVar("T")
 
@@ -438,19 +439,23 @@ class Database:
     # "%s OR EXISTS (...)": the first parameter is True for an unfenced (admin) write.
     FENCE_HOLDS = """(%s OR EXISTS (SELECT 1 FROM whatsapp_session_leases
         WHERE session_id = %s AND owner_id = %s AND fencing_token = %s AND expires_at > %s))"""
-    # Touching the lease row locks it: a take-over waits until this write has committed, so the
-    # token that FENCE_HOLDS checks cannot change under the write.
-    LOCK_LEASE = "UPDATE whatsapp_session_leases SET renewed_at = renewed_at WHERE session_id = %s"
     SELECT_FENCE_HOLDS = f"SELECT {FENCE_HOLDS} AS holds"
 
     def _fence_params(self, tx: Transaction, session_id: str, fence: Fence | None) -> tuple[Any, ...]:
-        """Lock the lease for a fenced write; the parameters of FENCE_HOLDS."""
+        """Hold off take-overs of the session until this write has committed (so the token that
+        FENCE_HOLDS checks cannot change under the write); the parameters of FENCE_HOLDS."""
         if fence is None:
             return (True, session_id, "", 0, 0.0)
         if fence.session_id != session_id:
             raise FencedOut(f"a fence for session {fence.session_id} cannot write session {session_id}")
-        tx.execute(self.LOCK_LEASE, (session_id,))
-        return (False, session_id, fence.owner_id, fence.token, tx.scalar(self.NOW))
+        return (False, session_id, fence.owner_id, fence.token, self._hold_off_take_overs(tx, session_id))
+
+    def _hold_off_take_overs(self, tx: Transaction, session_id: str) -> float:
+        """Returns the database's clock; the back-end makes a concurrent take-over wait."""
+        raise NotImplementedError
+
+    def _lock_for_take_over(self, tx: Transaction, session_id: str) -> None:
+        """A take-over waits for every fenced write in flight (see ``_hold_off_take_overs``)."""
 
     def _require_fence(self, tx: Transaction, fence: Fence | None, params: tuple[Any, ...]) -> None:
         if fence is not None and not tx.scalar(self.SELECT_FENCE_HOLDS, params):
@@ -912,6 +917,7 @@ class Database:
         """Take the session if nobody holds it (or the holder let it expire); each take-over gets a
         larger fencing token. None: a live owner holds it."""
         with self.transaction() as tx:
+            self._lock_for_take_over(tx, session_id)
             now = tx.scalar(self.NOW)
             token = tx.scalar(self.ACQUIRE_LEASE, (session_id, owner_id, now + ttl_seconds, now, now))
         return None if token is None else Fence(session_id, owner_id, token)
@@ -966,7 +972,10 @@ class PostgresDatabase(Database):
             open=False,
             min_size=1,
             max_size=max_size,
-            check=ConnectionPool.check_connection,
+            # No check before each checkout (an extra round trip on every write): idle connections
+            # are recycled, and one found broken fails its caller as "database away" and is dropped.
+            max_idle=60,
+            max_lifetime=1800,
             timeout=wait_timeout,  # a caller waits this long for a connection, not psycopg's 30 s
             kwargs={"connect_timeout": max(1, int(connect_timeout))},
             name="zapkeep",
@@ -1003,6 +1012,22 @@ class PostgresDatabase(Database):
 
     def _lock_for_migration(self, tx: Transaction) -> None:
         tx.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_ID,))
+
+    # Advisory locks, not a lock on the lease row: they cost no WAL, and a session's writes share
+    # theirs while a take-over needs it alone. The check itself is in each write's own statement,
+    # which (read committed) sees any take-over that committed before the lock was granted.
+    HOLD_OFF_TAKE_OVERS = (
+        "SELECT pg_advisory_xact_lock_shared(%s, hashtext(%s)) AS locked, "
+        "EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now"
+    )
+    LOCK_FOR_TAKE_OVER = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+
+    def _hold_off_take_overs(self, tx: Transaction, session_id: str) -> float:
+        row = tx.execute(self.HOLD_OFF_TAKE_OVERS, (_LEASE_LOCK_SPACE, session_id)).fetchone()
+        return row["now"]
+
+    def _lock_for_take_over(self, tx: Transaction, session_id: str) -> None:
+        tx.execute(self.LOCK_FOR_TAKE_OVER, (_LEASE_LOCK_SPACE, session_id))
 
 
 class SqliteDatabase(Database):
@@ -1049,6 +1074,9 @@ class SqliteDatabase(Database):
 
     def json_param(self, text: str) -> Any:
         return text
+
+    def _hold_off_take_overs(self, tx: Transaction, session_id: str) -> float:
+        return tx.scalar(self.NOW)  # every transaction here holds the one write lock (BEGIN IMMEDIATE)
 
 
 def is_unavailable(exc: BaseException) -> bool:
