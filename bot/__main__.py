@@ -182,10 +182,11 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
             if not result.paired:
                 raise ZapkeepError(f"the local store {config.store_path} holds no paired device")
             version = persistence.snapshot_to_history(db, session_id, None, "cli")
+            outcome = "written" if result.written_rows or version else "unchanged"
             print(
-                f"session {session_id}: {result.written_rows} rows written ({result.total_rows} rows stored), "
+                f"{outcome}: session {session_id}, {result.written_rows} rows written ({result.total_rows} stored), "
                 f"checksum {result.checksum}, "
-                + (f"snapshot kept as version {version}" if version else "history already holds this state")
+                + (f"history version {version}" if version else "history already holds this state")
             )
         elif args.command == "restore":
             record = (

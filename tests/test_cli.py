@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import os
 import subprocess
 import sys
@@ -35,13 +36,25 @@ def test_operator_commands_round_trip(database_url: str, tmp_path: Path) -> None
     original = table_rows(store)
 
     backed_up = bot(database_url, data, "backup")
-    assert backed_up.returncode == 0 and backed_up.stdout.startswith("written: session default version 1")
-    assert bot(database_url, data, "backup").stdout.startswith("unchanged")
+    assert backed_up.returncode == 0 and backed_up.stdout.startswith("written: session default, 77 rows written")
+    assert "history version 1" in backed_up.stdout
+    again = bot(database_url, data, "backup").stdout
+    assert again.startswith("unchanged: session default, 0 rows written")
+
+    conn = sqlite3.connect(store)
+    with conn:
+        conn.execute("UPDATE whatsmeow_device SET push_name = 'Padaria Nova'")
+    conn.close()
+    status = json.loads(bot(database_url, data, "status").stdout)
+    assert status["local_store"]["pending_changes"] == 1  # the change the database lacks
+    assert bot(database_url, data, "backup").stdout.startswith("written: session default, 1 rows written")
+    original = table_rows(store)
 
     status = json.loads(bot(database_url, data, "status").stdout)
     assert status["database"] == "postgresql"
     (session,) = status["sessions"]
-    assert session["device_jid"] == DEVICE_JID and [h["version"] for h in session["history"]] == [1]
+    assert session["device_jid"] == DEVICE_JID and [h["version"] for h in session["history"]] == [2, 1]
+    assert status["local_store"]["pending_changes"] == 0 and status["local_store"]["descends_from_stored"]
 
     export = tmp_path / "export.json"
     assert bot(database_url, data, "export", str(export)).returncode == 0
@@ -61,5 +74,7 @@ def test_operator_commands_round_trip(database_url: str, tmp_path: Path) -> None
     refused = bot(database_url, data, "import", "-", stdin=json.dumps(corrupt))
     assert refused.returncode == 1 and "format version 9 is not supported" in refused.stderr
     imported = bot(database_url, data, "import", str(export))
-    assert imported.returncode == 0 and "imported session default as version 2" in imported.stdout
+    assert (
+        imported.returncode == 0 and "imported session default as version 2" in imported.stdout
+    )  # the export is history version 2
     assert bot(database_url, data, "restore", "--version", "1").returncode == 0
