@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -290,14 +290,21 @@ def export_document(db: Database, session_id: str, version: int | None = None) -
     return found
 
 
-def snapshot_to_history(db: Database, session_id: str, fence: Fence | None, reason: str) -> int | None:
-    """Keep the stored session as a full snapshot in history, unless the newest one is the same."""
+def snapshot_to_history(
+    db: Database, session_id: str, fence: Fence | None, reason: str, *, unless_newer_than: float | None = None
+) -> int | None:
+    """Keep the stored session as a full snapshot in history, unless the newest one is the same
+    (or, with ``unless_newer_than``, was taken fewer than that many seconds ago)."""
     record = db.load_session(session_id)
     if record is None:
         return None
     newest = db.list_history(session_id)
     if newest and record.format_version == 2 and newest[0].checksum == record.checksum:
         return None  # decided before assembling megabytes
+    if newest and unless_newer_than is not None:
+        age = (datetime.now(UTC) - newest[0].taken_at.replace(tzinfo=UTC)).total_seconds()
+        if age < unless_newer_than:
+            return None
     _, text = current_document(db, session_id, record)
     checksum = _checksum_of(text)
     if newest and newest[0].checksum == checksum:
@@ -397,34 +404,33 @@ def prepare_local_store(db: Database, session_id: str, store_path: Path, fence: 
 
 def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path, fence: Fence | None) -> BootResult:
     """Restore the stored session; if it is refused, the newest history entry that is not (which
-    then becomes the stored session)."""
-    candidates: list[tuple[int, str, bool]] = []  # (version, document, is the current row)
-    found = current_document(db, record.session_id, record)
-    if found is not None:
-        candidates.append((record.version, found[1], True))
-    for entry in db.list_history(record.session_id):
-        if entry.checksum != record.checksum:
-            older = db.load_history_version(record.session_id, entry.version)
-            if older is not None:
-                candidates.append((older.version, older.session_data, False))
-    for version, text, is_current in candidates:
-        try:
-            session_store.validate_document(session_store.parse_document(text))
-            if is_current:
-                lineage = new_lineage()
-                db.set_lineage(record.session_id, lineage, record.mirror_sequence, fence)
-                sequence = record.mirror_sequence
-            else:
-                log.warning("session %s: rolling back to history version %d", record.session_id, version)
-                _, lineage = make_current(db, record.session_id, text, fence)
-                sequence = 0
-            restore_document(record.session_id, version, text, store_path, lineage=lineage, sequence=sequence)
-        except SessionDocumentError as exc:
-            log.error("session %s version %d refused: %s", record.session_id, version, exc)
+    then becomes the stored session). Older documents are read only when needed."""
+    session_id = record.session_id
+    found = current_document(db, session_id, record)
+    try:
+        assert found is not None
+        lineage = new_lineage()  # (the restore validates the document: never twice in the common case)
+        db.set_lineage(session_id, lineage, record.mirror_sequence, fence)
+        restore_document(
+            session_id, record.version, found[1], store_path, lineage=lineage, sequence=record.mirror_sequence
+        )
+        return BootResult(BootOutcome.RESTORED, replace(record, lineage=lineage), record.device_jid)
+    except SessionDocumentError as exc:
+        log.error("session %s version %d refused: %s", session_id, record.version, exc)
+    for entry in db.list_history(session_id):
+        older = None if entry.checksum == record.checksum else db.load_history_version(session_id, entry.version)
+        if older is None:
             continue
-        return BootResult(BootOutcome.RESTORED, db.load_session(record.session_id), record.device_jid)
+        try:
+            log.warning("session %s: rolling back to history version %d", session_id, entry.version)
+            _, lineage = make_current(db, session_id, older.session_data, fence)
+            restore_document(session_id, entry.version, older.session_data, store_path, lineage=lineage, sequence=0)
+        except SessionDocumentError as exc:
+            log.error("session %s version %d refused: %s", session_id, entry.version, exc)
+            continue
+        return BootResult(BootOutcome.RESTORED, db.load_session(session_id), record.device_jid)
     raise SessionDocumentError(
-        f"no stored snapshot of session {record.session_id} can be restored\n"
+        f"no stored snapshot of session {session_id} can be restored\n"
         "Import a good document, or delete the stored session to pair again."
     )
 

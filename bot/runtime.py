@@ -317,7 +317,9 @@ class Runtime:
             self._supervisor.join(timeout=15)
         self._mirror.stop()  # ...and what it wrote last is mirrored
         if self.fence is not None and self.state in HISTORY_STATES | {State.STARTING}:
-            self._snapshot("shutdown")  # a full snapshot only when something changed since the last
+            # Every change is stored already: a full snapshot only when the newest is old (a redeploy
+            # several times a day must neither wait for one nor push the older ones out of history).
+            self._snapshot("shutdown", unless_newer_than=self._timing.history_interval_seconds)
         self._lease.release()
         self._set(owns_session=False, fencing_token=None)
         self._events.put(None)
@@ -785,14 +787,16 @@ class Runtime:
                 self._reconcile_job(reason)  # everything pairing wrote is stored before the snapshot
             self._snapshot(reason)
 
-    def _snapshot(self, reason: str) -> int | None:
+    def _snapshot(self, reason: str, *, unless_newer_than: float | None = None) -> int | None:
         """A full snapshot of the stored session into history, unless the newest one is the same."""
         fence = self.fence
         if fence is None:
             return None
         try:
             with self._backup_lock:
-                version = snapshot_to_history(self.db, self.config.session_id, fence, reason)
+                version = snapshot_to_history(
+                    self.db, self.config.session_id, fence, reason, unless_newer_than=unless_newer_than
+                )
         except FencedOut as exc:
             self._lease.lose(str(exc), fence)
             return None
