@@ -46,6 +46,7 @@ STATE_TABLE = "zapkeep_state"
 TRIGGER_PREFIX = "zapkeep_capture_"
 POLL_INTERVAL_SECONDS = 0.005  # without inotify: how often a waiting poll looks at the store file (os.stat)
 ROWID_CHUNK = 500
+PUBLISH_WAIT_SECONDS = 1.0  # how long a commit seen being written may take to become visible
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _TABLE_NAME = re.compile(r"whatsmeow_[a-z0-9_]{1,64}")
@@ -356,16 +357,21 @@ class StoreWatch:
             return None
         return fd
 
-    def arm(self) -> None:
-        """Forget what happened so far: call right before reading the store, so no later commit is missed."""
-        if self._inotify is not None:
-            try:
-                while os.read(self._inotify, 65536):
-                    pass
-            except BlockingIOError:
-                pass
-        else:
-            self._signature = store_signature(self.store_path)
+    def arm(self) -> bool:
+        """Forget what happened so far: call right before reading the store, so no later commit is
+        missed. True when the store was written since the last call (a commit may be about to
+        become visible: SQLite writes the WAL, then publishes the commit in shared memory, which
+        inotify does not see)."""
+        self._signature = store_signature(self.store_path)
+        if self._inotify is None:
+            return False
+        drained = False
+        try:
+            while os.read(self._inotify, 65536):
+                drained = True
+        except BlockingIOError:
+            pass
+        return drained
 
     def wait(self, timeout: float) -> str:
         """'changed', 'nudged' or 'timeout'."""
@@ -377,14 +383,12 @@ class StoreWatch:
             if remaining <= 0:
                 return "timeout"
             fds = [self._requests.fd] + ([self._inotify] if self._inotify is not None else [])
-            step = remaining if self._inotify is not None else min(remaining, POLL_INTERVAL_SECONDS)
+            # With inotify, still look at the file every second: a safety net for a missed wake-up.
+            step = min(remaining, 1.0 if self._inotify is not None else POLL_INTERVAL_SECONDS)
             readable, _, _ = select.select(fds, [], [], step)
             if self._requests.fd in readable:
                 return "nudged"
-            if self._inotify is not None:
-                if readable:
-                    return "changed"
-            elif store_signature(self.store_path) != self._signature:
+            if readable or store_signature(self.store_path) != self._signature:
                 return "changed"
 
     def close(self) -> None:
@@ -428,14 +432,32 @@ class CaptureSession:
         self.trim(after)
         deadline = time.monotonic() + wait
         while True:
-            self.watch.arm()
+            written = self.watch.arm()
             batch = self._read(after, defs, installed)
             remaining = deadline - time.monotonic()
             if batch.changes or defs is not None or remaining <= 0:
                 return batch
-            if self.watch.wait(remaining) != "changed":
-                return batch  # nudged (stop, reconciliation) or nothing happened in time
+            if written:
+                # A commit was being written as we read (SQLite writes the WAL, syncs it, and only
+                # then publishes the commit in shared memory, which inotify does not see).
+                outcome = self._wait_published(min(remaining, PUBLISH_WAIT_SECONDS))
+            else:
+                outcome = self.watch.wait(remaining)
+            if outcome == "nudged" or (outcome == "timeout" and time.monotonic() >= deadline):
+                return batch  # (a stop or a reconciliation) or nothing happened in time
             defs, installed = self._refresh_schema()
+
+    def _data_version(self) -> int:
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]  # moves when another connection commits
+
+    def _wait_published(self, timeout: float) -> str:
+        assert self.watch is not None
+        seen, deadline = self._data_version(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            outcome = self.watch.wait(0.002)
+            if outcome != "timeout" or self._data_version() != seen:
+                return "changed" if outcome == "timeout" else outcome
+        return "timeout"
 
     def _read(self, after: int, defs: list[TableDef] | None, installed: list[str]) -> Batch:
         self.conn.execute("BEGIN")  # one read transaction: the store as of one commit
