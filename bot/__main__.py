@@ -178,6 +178,8 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
                 json.dumps({"database": db.backend, "sessions": sessions, "local_store": local}, indent=2, default=str)
             )
         elif args.command == "backup":
+            _refuse_beside_a_live_owner(db, session_id)
+            _refuse_an_unrelated_store(db, config)
             result = persistence.sync_session(db, session_id, config.store_path)
             if not result.paired:
                 raise ZapkeepError(f"the local store {config.store_path} holds no paired device")
@@ -189,6 +191,7 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
                 + (f"history version {version}" if version else "history already holds this state")
             )
         elif args.command == "restore":
+            _refuse_beside_a_live_owner(db, session_id)
             record = (
                 db.load_session(session_id)
                 if args.version is None
@@ -199,6 +202,7 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
             persistence.restore_record(db, record, config.store_path)
             print(f"restored session {session_id} version {record.version} to {config.store_path}")
         elif args.command == "delete":
+            _refuse_beside_a_live_owner(db, session_id)
             if not db.delete_session(session_id, keep_history=not args.purge):
                 raise ZapkeepError(f"no stored session {session_id}")
             print(f"deleted session {session_id}" + (" and its history" if args.purge else ""))
@@ -206,12 +210,41 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
             _, text = persistence.export_document(db, session_id)
             _write_private(args.file, text)
         elif args.command == "import":
+            _refuse_beside_a_live_owner(db, session_id)
             text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
             version = persistence.import_document(db, session_id, text)
             print(f"imported session {session_id} as version {version}")
         return 0
     finally:
         db.close()
+
+
+def _refuse_beside_a_live_owner(db: Database, session_id: str) -> None:
+    """A running daemon owns its session's store and rows: writing beside it would be undone or
+    would tear its store. (A crashed owner's lease runs out, and then this works.)"""
+    lease = db.lease(session_id)
+    if lease is not None and lease.owner_id is not None and lease.expires_in_seconds > 0:
+        raise ZapkeepError(
+            f"session {session_id} is owned by the running daemon {lease.owner_id} "
+            f"(lease valid for {lease.expires_in_seconds:.0f} s)\n"
+            "Stop it first, or use its HTTP API (POST /api/session/backup, /api/session/restore)."
+        )
+
+
+def _refuse_an_unrelated_store(db: Database, config: Config) -> None:
+    """Only the store that produced what is stored (or any store, when nothing is) may be pushed."""
+    from bot import persistence
+    from bot.store_worker import inspect_store
+
+    record = db.load_session(config.session_id)
+    if record is None or record.format_version == 1:
+        return
+    if not persistence.descends_from(inspect_store(config.store_path), record):
+        raise ZapkeepError(
+            f"the local store {config.store_path} does not descend from the stored session "
+            "(an older copy, or another host's): backing it up would overwrite newer data\n"
+            "Restore the stored session first (python -m bot restore), or import an export on purpose."
+        )
 
 
 def _local_mirror_state(config: Config, db: Database) -> dict[str, object] | None:

@@ -67,6 +67,7 @@ class TableDef:
     indexes: list[str]
     columns: list[str]
     key_columns: list[str]
+    has_rowid: bool = True
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ def table_defs(conn: sqlite3.Connection) -> list[TableDef]:
             continue  # not a table whatsmeow made; never build SQL from odd names
         primary = [row[1] for row in sorted(info, key=lambda r: r[5]) if row[5]]
         indexes = [index_sql for k, _, tbl, index_sql in objects if k == "index" and tbl == name]
-        tables.append(TableDef(name, sql, indexes, columns, primary or columns))
+        has_rowid = "WITHOUT ROWID" not in sql.upper() and "rowid" not in {c.lower() for c in columns}
+        tables.append(TableDef(name, sql, indexes, columns, primary or columns, has_rowid))
     return tables
 
 
@@ -166,7 +168,8 @@ def ensure_capture(conn: sqlite3.Connection, lineage: str | None = None) -> list
     write transaction. Returns the tables whose triggers were missing or different."""
     tables = table_defs(conn)
     existing = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall())
-    wanted = {name: sql for table in tables for name, sql in _triggers(table).items()}
+    # A table without rowids cannot be logged by rowid: the reconciliation alone mirrors it.
+    wanted = {name: sql for table in tables if table.has_rowid for name, sql in _triggers(table).items()}
     stale = [name for name in existing if name.startswith(TRIGGER_PREFIX) and existing[name] != wanted.get(name)]
     missing = [name for name, sql in wanted.items() if existing.get(name) != sql]
     has_state = conn.execute(
@@ -485,7 +488,7 @@ class CaptureSession:
             changes, differing = diff_against(self.conn, defs, known)
             missed = len(differing - {(c.table, c.key) for c in pending})
             return Batch(
-                sequence=max(after, sequence(self.conn)),
+                sequence=sequence(self.conn),  # the database becomes this store: its own number
                 changes=changes,
                 lineage=_lineage(self.conn) or "",
                 device=device(self.conn),
@@ -528,16 +531,19 @@ def main(argv: list[str]) -> int:
     session = CaptureSession(Path(argv[0]), requests)
     out = sys.stdout.buffer
     try:
+        nudged = False
         while line := requests.readline():
             if not line.strip():
-                continue  # a nudge that arrived after its poll had already returned
+                nudged = True  # (it may come before the poll it was meant to cut short: that one must not wait)
+                continue
             request = json.loads(line)
             if request["op"] == "poll":
-                batch = session.poll(int(request["after"]), float(request["wait"]))
+                batch = session.poll(int(request["after"]), 0.0 if nudged else float(request["wait"]))
             elif request["op"] == "scan":
                 batch = session.scan(int(request["after"]), request["known"])
             else:
                 raise ValueError(f"unknown request {request['op']!r}")
+            nudged = False
             out.write(canonical_json(batch.to_json()) + b"\n")
             out.flush()
     except (BrokenPipeError, KeyboardInterrupt):

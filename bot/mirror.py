@@ -144,7 +144,6 @@ class Mirror:
         self._stored: StoredHead | None = None
         self._tables: list = []
         self._device = None
-        self._lineage = ""
         self._after = 0
         self._status = MirrorStatus(False, 0, None, 0, 0, 0, None, None, None)
 
@@ -153,7 +152,7 @@ class Mirror:
     def start(self) -> None:
         """Begin with a whole-store comparison against what is stored; idempotent."""
         with self._lock:
-            if self._thread is not None:
+            if self._thread is not None and self._thread.is_alive():
                 return
             self._stopping.clear()
             self._requests.append(_ReconcileRequest("start", threading.Event()))
@@ -176,11 +175,16 @@ class Mirror:
         if process is not None:
             process.nudge()
         thread.join(timeout=30)
+        if thread.is_alive():  # stuck (a database call that does not return): never start a second one
+            with self._lock:
+                self._thread = thread
+            raise ZapkeepError(f"session {self.session_id}: the mirror did not stop within 30 s")
         self._set(running=False)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def status(self) -> MirrorStatus:
         with self._lock:
@@ -231,6 +235,7 @@ class Mirror:
                     return
                 except MirrorProcessError as exc:
                     log.error("session %s: %s; starting it again", self.session_id, exc)
+                    self._set(last_error=first_line(exc))
                     self._close_process()
                     failures += 1
                 except Exception as exc:  # the database is away (or refused the batch): keep the changes
@@ -286,14 +291,15 @@ class Mirror:
             self._tables = batch.tables
         if batch.device is not None:
             self._device = batch.device
-        self._lineage = batch.lineage
-        if batch.triggers_installed:
-            log.warning(
-                "session %s: change capture was missing on %s; installed it, reconciling",
-                self.session_id,
-                ", ".join(batch.triggers_installed),
-            )
-            self._queue_reconcile("triggers reinstalled")
+        if batch.triggers_installed or batch.tables is not None:
+            if batch.triggers_installed:
+                log.warning(
+                    "session %s: change capture was missing on %s; installed it, reconciling",
+                    self.session_id,
+                    ", ".join(batch.triggers_installed),
+                )
+            self._queue_reconcile("triggers reinstalled" if batch.triggers_installed else "schema changed")
+            return  # logged rowids may point into a rebuilt table: the whole-store comparison decides
         if not batch.changes:
             self._after = batch.sequence
             return
@@ -340,7 +346,7 @@ class Mirror:
         process = self._ensure_process()
         self._rows = MirroredRows(self.db.row_hashes(self.session_id) if self._stored is not None else {})
         batch = process.request({"op": "scan", "after": self._after, "known": self._rows.hashes})
-        self._tables, self._device, self._lineage = batch.tables or [], batch.device, batch.lineage
+        self._tables, self._device = batch.tables or [], batch.device
         result = write_scan(self.db, self.session_id, batch, self._rows, fence, self._stored)
         self._after = batch.sequence
         if result.paired:

@@ -45,7 +45,7 @@ from bot.persistence import (
 from bot.change_capture import new_lineage
 from bot.session_store import STORE_SIBLING_SUFFIXES
 from bot.store_worker import prepare_store
-from database import Database, Fence, FencedOut, SessionRecord
+from database import Database, Fence, FencedOut
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,12 @@ def default_owner_id() -> str:
 
 @dataclass
 class _RestoreRequest:
-    record: SessionRecord
+    kind: str  # "current": the stored session; "history": a version of it; "import": an admin's document
     document_text: str
-    is_current: bool  # the stored session itself (else a historical version, which becomes it)
+    version: int | None = None  # of the historical snapshot
     done: threading.Event = field(default_factory=threading.Event)
     error: Exception | None = None
+    outcome: RestoreOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,6 @@ class Runtime:
             self._stopped = True
         log.info("stopping session %s", self.config.session_id)
         self._stopping.set()
-        self._lease.stop()  # no renewal races the hand-over below
         try:
             self._scheduler.shutdown(wait=True)  # lets a running backup finish
         except Exception:
@@ -315,11 +315,15 @@ class Runtime:
         self._stop_client()  # whatsmeow writes nothing more...
         if self._supervisor is not None:
             self._supervisor.join(timeout=15)
-        self._mirror.stop()  # ...and what it wrote last is mirrored
+        try:
+            self._mirror.stop()  # ...and what it wrote last is mirrored
+        except ZapkeepError as exc:
+            log.error("session %s: %s", self.config.session_id, exc)
         if self.fence is not None and self.state in HISTORY_STATES | {State.STARTING}:
             # Every change is stored already: a full snapshot only when the newest is old (a redeploy
             # several times a day must neither wait for one nor push the older ones out of history).
             self._snapshot("shutdown", unless_newer_than=self._timing.history_interval_seconds)
+        self._lease.stop()  # renewed until the last write; stopped so that nothing re-acquires it
         self._lease.release()
         self._set(owns_session=False, fencing_token=None)
         self._events.put(None)
@@ -334,6 +338,8 @@ class Runtime:
 
     def _take_over(self, fence: Fence, waited: float | None) -> None:
         """The lease is ours: restore the latest snapshot, then connect."""
+        if self._stopping.is_set():
+            return  # shutting down: the lease is released in a moment
         self._set(owns_session=True, fencing_token=fence.token, handover_seconds=waited)
         self._boot()
         self._set(state=State.CONNECTING)
@@ -427,7 +433,10 @@ class Runtime:
             if pending in (_Pending.REPLACED, _Pending.DEMOTED) or not self._lease.fresh():
                 self._fail_restore_request("the session was handed over before the restore could run")
                 # Replaced: write nothing more. Demoted: the fence refuses any write anyway.
-                self._mirror.stop(flush=pending is None)
+                try:
+                    self._mirror.stop(flush=pending is None)
+                except ZapkeepError as exc:
+                    log.error("session %s: %s", self.config.session_id, exc)
                 return  # never (re)connect without a lease that is surely still ours
             if pending is _Pending.LOGGED_OUT:
                 self._wipe_session()
@@ -493,30 +502,32 @@ class Runtime:
         try:
             with self._backup_lock:
                 self._mirror.stop()  # what the client wrote last is in the database first...
-                snapshot_to_history(self.db, session_id, self.fence, "before-restore")  # ...and kept
-                # The database takes the restored version before the local store does: a crash in
-                # between boots into the restored version, never back into the replaced one.
-                record = request.record
-                if request.is_current:
-                    lineage = new_lineage()
-                    self.db.set_lineage(session_id, lineage, record.mirror_sequence, self.fence)
-                    sequence = record.mirror_sequence
+                snapshot_to_history(self.db, session_id, self.fence, f"before-{request.kind}")  # ...and kept
+                # The database takes the new version before the local store does: a crash in between
+                # boots into it, never back into the replaced one.
+                text, version = request.document_text, request.version
+                if request.kind == "current":  # the flush moved the stored session on: what is stored now
+                    record, text = export_document(self.db, session_id)
+                    lineage, sequence, version = new_lineage(), record.mirror_sequence, record.version
+                    self.db.set_lineage(session_id, lineage, sequence, self.fence)
                 else:
-                    _, lineage = make_current(self.db, session_id, request.document_text, self.fence)
+                    _, lineage = make_current(self.db, session_id, text, self.fence)
                     sequence = 0
                 restore_document(
-                    session_id,
-                    record.version,
-                    request.document_text,
-                    self.config.store_path,
-                    lineage=lineage,
-                    sequence=sequence,
+                    session_id, version or 0, text, self.config.store_path, lineage=lineage, sequence=sequence
                 )
+                if request.kind == "import":
+                    snapshot_to_history(self.db, session_id, self.fence, "import")
+            stored = self.db.load_session(session_id)
+            assert stored is not None
+            if request.kind == "import":
+                version = stored.version
+            request.outcome = RestoreOutcome(session_id, version or stored.version, stored.checksum, stored.size_bytes)
             self._failures = 0
             self._set(
-                jid=request.record.device_jid,
-                phone=_phone(request.record.device_jid),
-                push_name=request.record.push_name,
+                jid=stored.device_jid,
+                phone=_phone(stored.device_jid),
+                push_name=stored.push_name,
                 state=State.CONNECTING,
             )
         except Exception as exc:
@@ -544,7 +555,10 @@ class Runtime:
     def _wipe_session(self) -> None:
         """After an unlink: forget the credentials locally and in the DB (history stays)."""
         with self._backup_lock:
-            self._mirror.stop(flush=False)
+            try:
+                self._mirror.stop(flush=False)
+            except ZapkeepError as exc:  # its writes are fenced and the session is deleted below anyway
+                log.error("session %s: %s", self.config.session_id, exc)
             for path in (
                 self.config.store_path,
                 *(Path(f"{self.config.store_path}{s}") for s in STORE_SIBLING_SUFFIXES),
@@ -568,13 +582,23 @@ class Runtime:
 
     def restore(self, version: int | None = None, *, timeout: float = 120.0) -> RestoreOutcome:
         """Stop the client, rewrite the local store from the stored (or a historical) snapshot, reconnect."""
+        _, text = export_document(self.db, self.config.session_id, version)  # NotFoundError when there is none
+        kind = "current" if version is None else "history"
+        return self._apply_live(_RestoreRequest(kind, text, version), timeout)
+
+    def import_document(self, document_text: str, *, timeout: float = 120.0) -> RestoreOutcome:
+        """An admin's document becomes this live session: applied as a restore is (stop, rewrite,
+        reconnect), so the running client never overwrites it with the state it replaced."""
+        return self._apply_live(_RestoreRequest("import", document_text), timeout)
+
+    def _apply_live(self, request: _RestoreRequest, timeout: float) -> RestoreOutcome:
         session_id = self.config.session_id
         if self.state in (State.REPLACED, State.STOPPED, State.STANDBY, State.STARTING):
             raise StateConflictError(f"session {session_id} is {self.state.value}; it cannot be restored here")
-        record, text = export_document(self.db, session_id, version)  # NotFoundError when there is none
-        # Check the document before stopping a live client for it.
-        session_store.validate_document(session_store.parse_document(text))
-        request = _RestoreRequest(record, text, is_current=version is None)
+        # Check the whole document before stopping a live client for it.
+        document = session_store.validate_document(session_store.parse_document(request.document_text))
+        if document.device_field("jid") is None:
+            raise SessionDocumentError("the session document holds no paired device")
         with self._lock:
             self._restore_request = request
         self._stop_client(_Pending.RESTORE)
@@ -582,7 +606,8 @@ class Runtime:
             raise StateConflictError(f"session {session_id}: the restore did not finish within {timeout:.0f} s")
         if request.error is not None:
             raise request.error
-        return RestoreOutcome(session_id, record.version, record.checksum, record.size_bytes)
+        assert request.outcome is not None
+        return request.outcome
 
     def logout(self) -> bool:
         """Unlink the device (when the servers can be reached), wipe, pair again. True: unlinked remotely."""

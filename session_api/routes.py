@@ -97,13 +97,17 @@ def backup() -> tuple[Response, int]:
     if "session_data" in body:
         data = body["session_data"]
         text = data if isinstance(data, str) else json.dumps(data)
+        fence = fence_for(session_id)
         try:
-            version = import_document(db(), session_id, text, fence_for(session_id))
+            if fence is not None:  # the live session: applied as a restore, never overwritten by the client
+                version = runtime().import_document(text).version
+            else:
+                version = import_document(db(), session_id, text)
         except SessionDocumentError as exc:
             abort(400, f"session_data refused: {exc}")
-        except FencedOut as exc:
-            abort(409, str(exc))
-        return ok(201, session_id=session_id, imported=True, version=version)
+        except (FencedOut, StateConflictError) as exc:
+            abort(409, first_line(exc))
+        return ok(201, session_id=session_id, imported=True, version=version, applied_live=fence is not None)
     require_own_session(session_id)
     result = runtime().backup_now("api")
     if result is None:

@@ -284,6 +284,26 @@ def test_restore_rolls_the_running_client_back_to_a_historical_version(api: Api)
     assert api.call("POST", "/api/session/restore", body={"session_id": "other"}).status == 409
 
 
+def test_importing_the_live_session_applies_it_and_the_client_does_not_undo_it(api: Api) -> None:
+    api.pair()
+    exported = api.call("GET", "/api/session/restore").json()["session_data"]  # 10 contacts
+    client = api.network.current()
+    client.write_store(rows=5)
+    wait_until(lambda: mirrored(api.runtime, api.db), message="the 5 contacts mirrored")
+
+    reply = api.call("POST", "/api/session/backup", body={"session_id": "default", "session_data": exported})
+
+    assert reply.status == 201 and reply.json()["applied_live"] is True, reply.body
+    assert client.stopped.is_set()  # applied as a restore: stop, rewrite, reconnect
+    wait_until(lambda: api.runtime.state is State.CONNECTED, message="reconnected with the import")
+    current = api.network.current()
+    assert contacts_in(current.store_path) == 10
+    current.write_store(rows=1)
+    wait_until(lambda: mirrored(api.runtime, api.db), message="a later write mirrored")
+    assert len([r for r in api.db.load_rows("default") if r.table == "whatsmeow_contacts"]) == 11
+    assert reply.json()["version"] in [h.version for h in api.db.list_history("default")]  # can be rolled back to
+
+
 def test_qr_as_json_and_png_decodes_to_the_same_text(api: Api) -> None:
     import zxingcpp
     from PIL import Image

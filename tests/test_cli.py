@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from database import PostgresDatabase
 from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +79,37 @@ def test_operator_commands_round_trip(database_url: str, tmp_path: Path) -> None
         imported.returncode == 0 and "imported session default as version 2" in imported.stdout
     )  # the export is history version 2
     assert bot(database_url, data, "restore", "--version", "1").returncode == 0
+
+
+def test_writing_commands_refuse_while_a_live_daemon_owns_the_session(database_url: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = data / "sessions" / "default" / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    assert bot(database_url, data, "backup").returncode == 0
+    export = tmp_path / "export.json"
+    assert bot(database_url, data, "export", str(export)).returncode == 0
+    db = PostgresDatabase(database_url)
+    db.open()
+    try:
+        assert db.acquire_lease("default", "host-a/deploy/42", ttl_seconds=60) is not None  # a live daemon
+        before = db.load_session("default")
+        for command in (["backup"], ["restore"], ["delete"], ["import", str(export)]):
+            refused = bot(database_url, data, *command)
+            assert refused.returncode == 1, command
+            assert (
+                "owned by the running daemon host-a/deploy/42" in refused.stderr and "Traceback" not in refused.stderr
+            )
+        assert db.load_session("default") == before
+    finally:
+        db.close()
+
+
+def test_backup_refuses_a_store_that_does_not_descend_from_the_stored_session(
+    database_url: str, tmp_path: Path
+) -> None:
+    first, other = tmp_path / "a", tmp_path / "b"
+    create_paired_store(first / "sessions" / "default" / "whatsmeow.sqlite3")
+    create_paired_store(other / "sessions" / "default" / "whatsmeow.sqlite3", seed=2)  # another host's copy
+    assert bot(database_url, first, "backup").returncode == 0
+    refused = bot(database_url, other, "backup")
+    assert refused.returncode == 1 and "does not descend from the stored session" in refused.stderr

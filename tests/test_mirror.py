@@ -222,3 +222,23 @@ def test_kill_9_during_a_write_burst_leaves_a_committed_prefix_missing_at_most_t
     assert report.kills == 4
     assert all(prefix % 10 == 0 for prefix in report.stored_prefixes)  # whole transactions only
     assert max(report.lag_seconds) <= 1.0, report
+
+
+def test_each_commit_wakes_the_mirror_without_waiting_for_its_next_poll(db: Database, tmp_path: Path) -> None:
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    fence = db.acquire_lease("default", "test", ttl_seconds=300)
+    mirror = Mirror(db, "default", store, fence=lambda: fence, on_fenced=lambda e, f: None, poll_wait_seconds=60)
+    mirror.start()
+    try:
+        wait_until(lambda: in_sync(db, store), message="the first full sync")
+        conn = sqlite3.connect(store, isolation_level=None)
+        for n in range(15):  # single autocommit writes, as whatsmeow's ratchet updates are
+            conn.execute("UPDATE whatsmeow_device SET push_name = ?", (f"Loja {n}",))
+            sequence = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'zapkeep_changes'").fetchone()[0]
+            # Far less than the 60 s poll: the commit itself woke the mirror.
+            wait_until(lambda: db.load_session("default").mirror_sequence >= sequence, timeout=3, message=f"write {n}")
+        conn.close()
+    finally:
+        mirror.stop()
+    assert db.load_session("default").push_name == "Loja 14"
