@@ -590,6 +590,18 @@ class Database:
         with self.transaction() as tx:
             return tx.all(StoredRow, self.SELECT_ROWS, (session_id,))
 
+    def load_session_and_rows(self, session_id: str) -> tuple[SessionRecord, list[StoredRow]] | None:
+        """The head and the rows as of one moment (the mirror may be writing meanwhile)."""
+        with self.transaction() as tx:
+            self._one_snapshot(tx)
+            record = tx.one(SessionRecord, self.SELECT_SESSION, (session_id,))
+            if record is None:
+                return None
+            return record, tx.all(StoredRow, self.SELECT_ROWS, (session_id,))
+
+    def _one_snapshot(self, tx: Transaction) -> None:
+        """Make every statement of this (read) transaction see the same committed state."""
+
     def row_hashes(self, session_id: str) -> dict[str, dict[str, str]]:
         """table -> row key -> hash of every mirrored row: what a reconciliation compares."""
         hashes: dict[str, dict[str, str]] = {}
@@ -1021,6 +1033,9 @@ class PostgresDatabase(Database):
         "EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now"
     )
     LOCK_FOR_TAKE_OVER = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+
+    def _one_snapshot(self, tx: Transaction) -> None:
+        tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # (SQLite's transactions are serial)
 
     def _hold_off_take_overs(self, tx: Transaction, session_id: str) -> float:
         row = tx.execute(self.HOLD_OFF_TAKE_OVERS, (_LEASE_LOCK_SPACE, session_id)).fetchone()

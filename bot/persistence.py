@@ -268,13 +268,16 @@ def assemble_document(record: SessionRecord, rows: Iterable[tuple[str, str, str]
 def current_document(
     db: Database, session_id: str, record: SessionRecord | None = None
 ) -> tuple[SessionRecord, str] | None:
-    """The stored session as one portable document (a format 1 row is already one)."""
-    record = record or db.load_session(session_id)
-    if record is None:
+    """The stored session as one portable document (a format 1 row is already one). The head and
+    the rows are read as of one moment, as the mirror may be writing."""
+    if record is not None and record.format_version == 1:
+        return record, record.session_data
+    found = db.load_session_and_rows(session_id)
+    if found is None:
         return None
+    record, stored = found
     if record.format_version == 1:
         return record, record.session_data
-    stored = db.load_rows(session_id)
     return record, assemble_document(record, ((r.table, r.row_text, r.row_hash) for r in stored))
 
 
