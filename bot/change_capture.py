@@ -8,8 +8,10 @@ zapkeep adds three objects of its own to the store, never touching whatsmeow's r
 - ``zapkeep_state``: the store's lineage, a random id naming the history this file descends from;
 - AFTER INSERT/UPDATE/DELETE triggers on every ``whatsmeow_*`` table.
 
-A row's key is SQLite's ``quote()`` of its primary-key columns joined by commas (all columns for a
-table without a primary key): lossless for text, integers and blobs, and the same on every host.
+A row's key is SQLite's ``quote()`` of its primary-key columns joined by commas: lossless for text,
+integers and blobs, and the same on every host. A table without a primary key may repeat a row, so
+there the key is the rowid and all the columns (a restore renumbers those; the next comparison
+settles that).
 
 ``python -m bot.change_capture STORE`` is the long-lived mirror process. It answers one JSON
 request a line on stdin with one JSON line on stdout:
@@ -66,7 +68,7 @@ class TableDef:
     sql: str
     indexes: list[str]
     columns: list[str]
-    key_columns: list[str]
+    key_columns: list[str]  # the primary key; empty: none
     has_rowid: bool = True
 
 
@@ -134,12 +136,17 @@ def table_defs(conn: sqlite3.Connection) -> list[TableDef]:
         primary = [row[1] for row in sorted(info, key=lambda r: r[5]) if row[5]]
         indexes = [index_sql for k, _, tbl, index_sql in objects if k == "index" and tbl == name]
         has_rowid = "WITHOUT ROWID" not in sql.upper() and "rowid" not in {c.lower() for c in columns}
-        tables.append(TableDef(name, sql, indexes, columns, primary or columns, has_rowid))
+        tables.append(TableDef(name, sql, indexes, columns, primary, has_rowid))
     return tables
 
 
 def key_expression(table: TableDef, prefix: str = "") -> str:
-    return " || ',' || ".join(f'quote({prefix}"{column}")' for column in table.key_columns)
+    """A row's key: its primary key; without one, its rowid and content (rows may repeat there,
+    and each must be kept; a restore renumbers them, which the next comparison settles)."""
+    if table.key_columns:
+        return " || ',' || ".join(f'quote({prefix}"{column}")' for column in table.key_columns)
+    content = " || ',' || ".join(f'quote({prefix}"{column}")' for column in table.columns)
+    return f"{prefix}rowid || ':' || {content}"
 
 
 def _triggers(table: TableDef) -> dict[str, str]:

@@ -116,7 +116,7 @@ def build_head(
     ]
     checksum = session_store.document_checksum([(t["name"], t["checksum"]) for t in entries])
     version_keys = list(rows.hashes.get("whatsmeow_version", {}))
-    schema = version_keys[0].split(",") if len(version_keys) == 1 else [None, None]
+    schema = version_keys[0].split(":", 1)[-1].split(",") if len(version_keys) == 1 else [None, None]
     total = sum(t["row_count"] for t in entries)
     head = {
         "format": session_store.FORMAT,

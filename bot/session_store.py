@@ -179,28 +179,21 @@ def take_snapshot(store_path: Path) -> dict[str, Any]:
 
 
 def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
-    objects = conn.execute(
-        "SELECT type, name, tbl_name, sql FROM sqlite_master "
-        "WHERE tbl_name LIKE 'whatsmeow\\_%' ESCAPE '\\' AND sql IS NOT NULL ORDER BY rowid"
-    ).fetchall()
+    from bot.change_capture import scan_rows, table_defs
+
     tables = []
-    for kind, name, _, sql in objects:
-        if kind != "table":
-            continue
-        indexes = [index_sql for k, _, tbl, index_sql in objects if k == "index" and tbl == name]
-        columns = [row[1] for row in conn.execute(f'PRAGMA table_info("{name}")')]
-        order = ", ".join(str(i + 1) for i in range(len(columns)))
-        rows = [[encode_cell(v) for v in row] for row in conn.execute(f'SELECT * FROM "{name}" ORDER BY {order}')]
-        digest = rows_digest(row_hash(row) for row in rows)
+    for table in table_defs(conn):
+        rows = scan_rows(conn, table)
+        digest = rows_digest(digest for _, digest in rows.values())
         tables.append(
             {
-                "name": name,
-                "sql": sql,
-                "indexes": indexes,
-                "columns": columns,
-                "rows": rows,
+                "name": table.name,
+                "sql": table.sql,
+                "indexes": table.indexes,
+                "columns": table.columns,
+                "rows": [row for row, _ in rows.values()],
                 "row_count": len(rows),
-                "checksum": table_checksum_v2(name, sql, indexes, columns, digest),
+                "checksum": table_checksum_v2(table.name, table.sql, table.indexes, table.columns, digest),
             }
         )
     if not tables:
