@@ -341,11 +341,16 @@ class Runtime:
         if self._stopping.is_set():
             return  # shutting down: the lease is released in a moment
         self._set(owns_session=True, fencing_token=fence.token, handover_seconds=waited)
-        self._boot()
-        self._set(state=State.CONNECTING)
         previous = self._supervisor
         if previous is not None:
-            previous.join(timeout=15)  # a demoted round's supervisor is on its way out
+            # A demoted round's supervisor is on its way out; its client may still hold the store,
+            # which the boot may replace: wait for it first.
+            previous.join(timeout=60)
+            if previous.is_alive():
+                self._lease.lose("the previous connection round did not end; not taking over yet", fence)
+                return
+        self._boot()
+        self._set(state=State.CONNECTING)
         with self._lock:
             if self._stopping.is_set():
                 return
