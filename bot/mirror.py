@@ -254,6 +254,7 @@ class Mirror:
         finally:
             self._close_process()
             self._fail_requests(ZapkeepError("the mirror stopped"))
+            self._set(running=False, pending_changes=0)
 
     def _load_stored(self) -> None:
         record = self.db.load_session(self.session_id)
