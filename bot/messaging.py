@@ -146,7 +146,7 @@ class Chatbot:
                 last_incoming_at=None if chat is None else chat.last_incoming_at,
                 paused_until=None if chat is None else chat.paused_until,
             )
-            decision = chatbot.decide(self.rules, message.text, message.push_name, context, now)
+            decision = chatbot.decide(self.rules, message.text, storable(message.push_name), context, now)
             if decision.reason == "paused":  # still paused: the pause stays as it was
                 paused_until, pause_reason = context.paused_until, None if chat is None else chat.pause_reason
             else:

@@ -39,7 +39,7 @@ messages = st.builds(
         st.just("a\ud800b"),
     ),
     chat=jids,
-    name=st.text(max_size=30),
+    name=st.one_of(st.text(max_size=30), st.just("Ana\x00"), st.just("Jo\udc00ão")),  # the name goes into replies
     from_me=st.booleans(),
 )
 
