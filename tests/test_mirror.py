@@ -115,8 +115,12 @@ def test_a_dropped_trigger_is_detected_and_what_it_missed_repaired(db: Database,
     with mirroring(db, store) as (mirror, _, _):
         wait_until(lambda: in_sync(db, store), message="the first full sync")
         conn = sqlite3.connect(store)
-        conn.execute("DROP TRIGGER zapkeep_capture_whatsmeow_contacts_insert")  # e.g. a table recreated by an upgrade
-        write_contacts(store, 0, 3)
+        with conn:  # one transaction, so the mirror cannot put the trigger back before the rows are written
+            conn.execute("DROP TRIGGER zapkeep_capture_whatsmeow_contacts_insert")  # e.g. a table an upgrade rebuilt
+            conn.executemany(
+                "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
+                [(DEVICE_JID, f"55319{n:08d}@s.whatsapp.net", f"Contato {n}") for n in range(3)],
+            )
         wait_until(lambda: in_sync(db, store), timeout=5, message="the missed rows repaired")
         assert "repaired 3" in (mirror.status().last_reconcile_result or "")
         names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
