@@ -122,7 +122,8 @@ def test_a_dropped_trigger_is_detected_and_what_it_missed_repaired(db: Database,
                 [(DEVICE_JID, f"55319{n:08d}@s.whatsapp.net", f"Contato {n}") for n in range(3)],
             )
         wait_until(lambda: in_sync(db, store), timeout=5, message="the missed rows repaired")
-        assert "repaired 3" in (mirror.status().last_reconcile_result or "")
+        # (the status is set just after the repair commits)
+        wait_until(lambda: "repaired 3" in (mirror.status().last_reconcile_result or ""), message="reported")
         names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         conn.close()
     assert "zapkeep_capture_whatsmeow_contacts_insert" in names
