@@ -1,6 +1,6 @@
 """Configuration from the environment: parsed once at boot into a frozen dataclass.
 
-Every variable name here is a contract with operators (see DESIGN.md); add, never rename.
+Every variable name here is a contract with operators (the README's Configuration table); add, never rename.
 """
 
 from __future__ import annotations

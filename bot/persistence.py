@@ -157,13 +157,12 @@ class StoredHead:
 
     checksum: str
     lineage: str | None
-    size_bytes: int
 
     @staticmethod
     def of(record: SessionRecord | None) -> StoredHead | None:
         if record is None or record.format_version != 2:
             return None
-        return StoredHead(record.checksum, record.lineage, record.size_bytes)
+        return StoredHead(record.checksum, record.lineage)
 
 
 def write_scan(
