@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import segno
@@ -261,6 +261,7 @@ class Runtime:
         self._scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
+        self._deferred: dict[str, tuple[float, Callable[[str], None]]] = {}
         self._supervisor: threading.Thread | None = None
         self._event_thread = threading.Thread(target=self._consume_events, name="events", daemon=True)
 
@@ -293,6 +294,7 @@ class Runtime:
             self._watch_qr, "interval", seconds=self._timing.qr_check_seconds, id="qr-watch", replace_existing=True
         )
         self._scheduler.add_job(self._lease.check, "interval", seconds=0.25, id="lease-watch", replace_existing=True)
+        self._scheduler.add_job(self._run_deferred, "interval", seconds=0.25, id="deferred", replace_existing=True)
         self._scheduler.start()
         self._event_thread.start()
         self._lease.try_acquire()  # the common case boots before start() returns
@@ -847,15 +849,21 @@ class Runtime:
         return version
 
     def _schedule(self, job: Callable[[str], None], kind: str, delay: float) -> None:
-        if self._scheduler.running:
-            self._scheduler.add_job(
-                job,
-                "date",
-                run_date=_now() + timedelta(seconds=delay),
-                id=f"once-{kind}",
-                args=[kind],
-                replace_existing=True,
-            )
+        """Runs job(kind) once, delay seconds from now; scheduling a kind again moves it."""
+        # Not an APScheduler "date" job: the scheduler removes a fired one-shot job after running it,
+        # and when that overlaps its shutdown it raises JobLookupError in its own thread.
+        with self._lock:
+            self._deferred[kind] = (time.monotonic() + delay, job)
+
+    def _run_deferred(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [(kind, job) for kind, (at, job) in self._deferred.items() if at <= now]
+            for kind, _ in due:
+                del self._deferred[kind]
+        for kind, job in due:
+            if not self._stopping.is_set():
+                job(kind)
 
 
 def qr_terminal_art(code: str) -> str:
