@@ -29,6 +29,7 @@ from types import FrameType
 
 from dotenv import find_dotenv, load_dotenv
 
+from bot import logs
 from bot.config import SHORT_TOKEN, Config
 from bot.errors import ConfigError, ZapkeepError
 from database import Database, DatabaseError, open_database
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"zapkeep: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    _configure_logging(config)
+    logs.configure(config.python_log_level())
     try:
         if args.command == "run":
             return run_daemon(config)
@@ -84,15 +85,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(config: Config) -> None:
-    # Before neonize is imported: its import calls basicConfig, a no-op once this has run.
-    logging.basicConfig(
-        level=config.python_log_level(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-
-
 def _open(config: Config) -> Database:
     return open_database(config.database_url, config.embedded_database_path)
 
@@ -102,11 +94,11 @@ def _open(config: Config) -> Database:
 
 def run_daemon(config: Config) -> int:
     try:
-        from bot import whatsapp
+        import magic  # noqa: F401  (what neonize's import needs first; checked here without loading Go)
     except ImportError as exc:
         if "libmagic" not in str(exc):
             raise
-        # neonize loads python-magic at import time; slim images (Railpack's runtime) lack the library.
+        # Slim images (Railpack's runtime image among them) lack the library.
         print(
             "zapkeep: the system library libmagic is missing (neonize needs it): install the package libmagic1 "
             "(Debian/Ubuntu: apt-get install libmagic1; Railway: railpack.json deploy.aptPackages)",
@@ -114,12 +106,12 @@ def run_daemon(config: Config) -> int:
         )
         return EXIT_FAILURE
     from bot.chatbot import load_rules
+    from bot.client_process import process_client_factory
     from bot.services import build_services
     from session_api import create_app
     from session_api.server import ApiServer
 
     rules = load_rules(config.bot_replies)  # a bad rules file stops the boot, naming the line or rule
-    whatsapp.configure_library_logging(config.python_log_level())
     if config.api_token is None:
         config = replace(config, api_token=secrets.token_urlsafe(32))
         log.warning("API_TOKEN is not set; generated one for this run only: %s", config.api_token)
@@ -130,7 +122,7 @@ def run_daemon(config: Config) -> int:
     _install_signal_handlers(stop)
     db = _open(config)
     log.info("database: %s; session %s; store %s", db.backend, config.session_id, config.store_path)
-    services = build_services(config, db, whatsapp.neonize_client_factory, rules)
+    services = build_services(config, db, process_client_factory(config.python_log_level()), rules)
     app = create_app(services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry)
     server = ApiServer(app, "0.0.0.0", config.port)
     try:
@@ -144,8 +136,7 @@ def run_daemon(config: Config) -> int:
         db.close()
     log.info("stopped cleanly")
     logging.shutdown()
-    # neonize leaves non-daemon Go worker threads behind; everything is flushed, so leave now.
-    os._exit(0)
+    return 0
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:

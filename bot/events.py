@@ -7,7 +7,7 @@ the same ones. Nothing here imports neonize.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -96,6 +96,41 @@ ClientEvent = (
     | IncomingMessage
 )
 EventSink = Callable[[ClientEvent], None]
+
+_EVENT_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        QrCode,
+        PairingCode,
+        Paired,
+        Connected,
+        Disconnected,
+        LoggedOut,
+        StreamReplaced,
+        TemporaryBan,
+        ConnectFailure,
+        KeepAliveTimeout,
+        KeepAliveRestored,
+        IncomingMessage,
+    )
+}
+
+
+def to_wire(event: ClientEvent) -> dict[str, object]:
+    """An event as a JSON object, for the pipe between the client process and the daemon."""
+    return {"event": type(event).__name__, "fields": asdict(event)}
+
+
+def from_wire(message: dict[str, object]) -> ClientEvent:
+    """The inverse of ``to_wire``; ValueError for anything that is not one of these events."""
+    cls = _EVENT_TYPES.get(str(message.get("event")))
+    values = message.get("fields")
+    if cls is None or not isinstance(values, dict):
+        raise ValueError(f"not a client event: {str(message)[:80]}")
+    known = {f.name for f in fields(cls)}
+    if set(values) != known:
+        raise ValueError(f"{cls.__name__} with fields {sorted(values)}, expected {sorted(known)}")
+    return cls(**values)  # type: ignore[no-any-return]
 
 
 class WhatsAppClient(Protocol):

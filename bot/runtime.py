@@ -59,11 +59,12 @@ class State(str, enum.Enum):
     RECONNECTING = "reconnecting"
     LOGGED_OUT = "logged_out"
     REPLACED = "replaced"
+    DISCONNECTED = "disconnected"  # an operator stopped the client (POST /api/session/stop); still paired
     STOPPED = "stopped"
 
 
 # States in which the local store holds this process's live session, worth backing up.
-BACKUP_STATES = frozenset({State.CONNECTING, State.QR, State.CONNECTED, State.RECONNECTING})
+BACKUP_STATES = frozenset({State.CONNECTING, State.QR, State.CONNECTED, State.RECONNECTING, State.DISCONNECTED})
 HISTORY_STATES = BACKUP_STATES | {State.LOGGED_OUT}
 
 
@@ -134,7 +135,8 @@ class Timing:
     history_interval_seconds: float = 900.0  # at most this often while the store keeps changing
     mirror_poll_seconds: float = 5.0  # an idle mirror asks the store again this often (commits wake it at once)
     qr_round_seconds: float = 90.0  # no new QR for this long: whatsmeow gave up, start a new round
-    qr_check_seconds: float = 5.0
+    qr_check_seconds: float = 5.0  # also how often the reconnect watchdog looks
+    reconnect_watchdog_seconds: float = 180.0  # whatsmeow's own reconnect after a drop gets this long
     standby_poll_seconds: float = 1.0  # how often a standby daemon tries to take the lease
 
 
@@ -163,6 +165,7 @@ class SessionStatus:
     owns_session: bool
     fencing_token: int | None
     handover_seconds: float | None  # how long this daemon waited in standby before it took over
+    boot_error: str | None = None  # why the stored session was refused at boot, until that is resolved
     mirror_running: bool = False
     mirror_sequence: int = 0  # the store's change sequence the database holds
     last_mirrored_at: datetime | None = None
@@ -170,6 +173,19 @@ class SessionStatus:
     last_reconcile_at: datetime | None = None
     last_reconcile_result: str | None = None
 
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether customers are being served, and if not, why and what a person can do."""
+
+    ready: bool
+    state: str
+    reason: str | None
+
+
+# Events that still count after their round was stopped: whatsmeow has acknowledged the message,
+# and the pairing is in the store. The rest describe a connection that is gone.
+_KEPT_FROM_ENDED_ROUNDS = (events.IncomingMessage, events.Paired)
 
 MessageHandler = Callable[[events.IncomingMessage], None]
 Waiter = Callable[[float], None]
@@ -200,7 +216,11 @@ class Runtime:
 
         self._lock = threading.RLock()
         self._backup_lock = threading.Lock()
-        self._events: queue.Queue[events.ClientEvent | None] = queue.Queue()
+        self._events: queue.Queue[tuple[int, events.ClientEvent] | None] = queue.Queue()
+        self._round = 0  # numbers the client rounds; the events of each are tagged with it
+        self._live_round: int | None = None  # the round whose events describe the connection now
+        self._held = False  # an operator stopped the client: no rounds until started again
+        self._dropped_at: float | None = None  # the live round lost its connection (whatsmeow reconnects)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._started = False
@@ -291,7 +311,11 @@ class Runtime:
             replace_existing=True,
         )
         self._scheduler.add_job(
-            self._watch_qr, "interval", seconds=self._timing.qr_check_seconds, id="qr-watch", replace_existing=True
+            self._watch_connection,
+            "interval",
+            seconds=self._timing.qr_check_seconds,
+            id="connection-watch",
+            replace_existing=True,
         )
         self._scheduler.add_job(self._lease.check, "interval", seconds=0.25, id="lease-watch", replace_existing=True)
         self._scheduler.add_job(self._run_deferred, "interval", seconds=0.25, id="deferred", replace_existing=True)
@@ -352,6 +376,9 @@ class Runtime:
                 self._lease.lose("the previous connection round did not end; not taking over yet", fence)
                 return
         self._boot()
+        self._start_supervisor()
+
+    def _start_supervisor(self) -> None:
         self._set(state=State.CONNECTING)
         with self._lock:
             if self._stopping.is_set():
@@ -375,7 +402,7 @@ class Runtime:
         except SessionDocumentError as exc:
             # Nothing stored can be restored; the local store was left as it was.
             log.error("session %s: %s", self.config.session_id, exc)
-            self._set(last_error=first_line(exc))
+            self._set(last_error=first_line(exc), boot_error=first_line(exc))
             return
         log.info("session %s boot: %s", self.config.session_id, result.outcome.value)
         if result.outcome is not BootOutcome.PAIRING_NEEDED:
@@ -457,10 +484,19 @@ class Runtime:
             with self._lock:
                 if self._stopping.is_set() or self._pending is not None:
                     continue
-                self._pairing_requested = False
-                self._qr_at = time.monotonic()
-                self._client = self._client_factory(self.config.store_path, self._events.put)
-                client = self._client
+                held = self._held
+                if not held:
+                    self._pairing_requested = False
+                    self._qr_at = time.monotonic()
+                    self._dropped_at = None
+                    self._round += 1
+                    self._live_round = self._round
+                    self._client = self._client_factory(self.config.store_path, self._tagged_sink(self._round))
+                    client = self._client
+            if held:
+                self._set(state=State.DISCONNECTED, connected_since=None, next_retry_in_seconds=None)
+                self._wake.wait()  # start, restore, logout, a demotion or the shutdown
+                continue
             if self.state is not State.RECONNECTING:
                 self._set(state=State.CONNECTING)
             try:
@@ -470,10 +506,14 @@ class Runtime:
                 error = f"client crashed: {exc.__class__.__name__}"
             with self._lock:
                 self._client = None
+                self._live_round = None
                 self._qr = None
                 if self._stopping.is_set() or self._pending is not None:
                     continue
             self._retry_later(error or "the connection closed")
+
+    def _tagged_sink(self, round_number: int) -> events.EventSink:
+        return lambda event: self._events.put((round_number, event))
 
     def _prepare_store(self) -> bool:
         try:
@@ -536,6 +576,7 @@ class Runtime:
                 phone=_phone(stored.device_jid),
                 push_name=stored.push_name,
                 state=State.CONNECTING,
+                boot_error=None,
             )
         except Exception as exc:
             log.error("session %s: restore failed, the local store is unchanged: %s", self.config.session_id, exc)
@@ -555,6 +596,7 @@ class Runtime:
             if pending is not None and (self._pending is None or pending > self._pending):
                 self._pending = pending
             client = self._client
+            self._live_round = None  # whatever it still says is about a connection being closed
         self._wake.set()  # cut a backoff wait short: the supervisor has work
         if client is not None:
             client.stop()
@@ -633,6 +675,60 @@ class Runtime:
         self._stop_client(_Pending.LOGGED_OUT)
         return unlinked
 
+    def reconnect(self) -> None:
+        """A fresh connection round now: after a stall, or to take the stream back after "replaced"."""
+        self._require_owner("reconnect")
+        with self._lock:
+            self._held = False
+            self._failures = 0
+            supervisor = self._supervisor
+        if self.state is not State.REPLACED:
+            self._stop_client(_Pending.NEW_ROUND)
+            return
+        if supervisor is not None:  # the replaced round's supervisor is on its way out
+            supervisor.join(timeout=30)
+            if supervisor.is_alive():
+                raise StateConflictError("the replaced connection round has not ended yet; try again")
+        self._start_supervisor()
+
+    def stop_connection(self) -> None:
+        """Disconnect and stay disconnected, still paired, until ``start_connection``."""
+        self._require_owner("stop")
+        with self._lock:
+            self._held = True
+        self._stop_client(_Pending.NEW_ROUND)
+
+    def start_connection(self) -> None:
+        """Undo ``stop_connection`` (and, like ``reconnect``, leave "replaced")."""
+        self.reconnect()
+
+    def _require_owner(self, action: str) -> None:
+        if self.state in (State.STOPPED, State.STANDBY, State.STARTING) or self.fence is None:
+            raise StateConflictError(f"session {self.config.session_id} is {self.state.value}; cannot {action}")
+
+    def readiness(self) -> Readiness:
+        """Serving customers only when connected; otherwise the reason, in words a person can act on."""
+        status = self.status()
+        state = State(status.state)
+        reasons = {
+            State.CONNECTED: None,
+            State.STARTING: "starting: restoring the stored session",
+            State.STANDBY: f"standby: another instance holds session {status.session_id}",
+            State.CONNECTING: "connecting to WhatsApp",
+            State.RECONNECTING: f"reconnecting to WhatsApp: {status.last_error or 'the connection dropped'}",
+            State.QR: "not linked: scan the QR code (GET /api/session/qr) or request a pairing code"
+            + (f"; {status.last_error}" if status.last_error else ""),
+            State.LOGGED_OUT: "logged out: the device was unlinked; pairing again",
+            State.REPLACED: "replaced: another client took over this session's stream; "
+            "POST /api/session/reconnect takes it back",
+            State.DISCONNECTED: "disconnected by an operator: POST /api/session/start connects again",
+            State.STOPPED: "shutting down",
+        }
+        reason = reasons[state]
+        if status.boot_error and state is not State.CONNECTED:
+            reason = f"{reason}; the stored session was refused at boot: {status.boot_error}"
+        return Readiness(ready=state is State.CONNECTED, state=state.value, reason=reason)
+
     def send_text(self, to_jid: str, text: str) -> str:
         return self._connected_client().send_text(to_jid, text)
 
@@ -666,7 +762,13 @@ class Runtime:
     # --- events from the client -------------------------------------------------------------------
 
     def _consume_events(self) -> None:
-        while (event := self._events.get()) is not None:
+        while (item := self._events.get()) is not None:
+            round_number, event = item
+            with self._lock:
+                stale = round_number != self._live_round
+            if stale and not isinstance(event, _KEPT_FROM_ENDED_ROUNDS):
+                log.debug("session %s: ignoring %s from an ended round", self.config.session_id, type(event).__name__)
+                continue
             try:
                 self._handle(event)
             except Exception:
@@ -680,7 +782,7 @@ class Runtime:
                 self._set(pairing_code=code)
             case events.Paired(jid=jid):
                 log.info("session %s: paired as %s", self.config.session_id, jid)
-                self._set(jid=jid, phone=_phone(jid), pairing_code=None)
+                self._set(jid=jid, phone=_phone(jid), pairing_code=None, boot_error=None)
                 with self._lock:
                     self._qr = None
                 self._schedule(self._history_job, "after-pair", self._timing.after_pair_seconds)
@@ -688,6 +790,7 @@ class Runtime:
                 with self._lock:
                     self._failures = 0
                     self._qr = None
+                    self._dropped_at = None
                     self._set(state=State.CONNECTED, connected_since=_now(), last_error=None, pairing_code=None)
                 self._schedule(self._reconcile_job, "after-connect", self._timing.after_connect_seconds)
                 for listener in self.connected_listeners:
@@ -695,6 +798,7 @@ class Runtime:
             case events.Disconnected():
                 with self._lock:
                     if self.state is State.CONNECTED:  # whatsmeow reconnects by itself from here
+                        self._dropped_at = time.monotonic()
                         self._set(
                             state=State.RECONNECTING,
                             connected_since=None,
@@ -766,12 +870,28 @@ class Runtime:
             code,
         )
 
-    def _watch_qr(self) -> None:
-        """whatsmeow's QR codes run out (~60 s, then 20 s each) and it gives up: start a fresh round."""
+    def _watch_connection(self) -> None:
+        """Start a fresh round when whatsmeow gave up without saying so: its QR codes ran out
+        (~60 s, then 20 s each), or its own reconnect after a drop has not succeeded for minutes."""
         with self._lock:
-            expired = self.state is State.QR and time.monotonic() - self._qr_at > self._timing.qr_round_seconds
-        if expired:
+            now = time.monotonic()
+            qr_expired = self.state is State.QR and now - self._qr_at > self._timing.qr_round_seconds
+            stalled = (
+                self.state is State.RECONNECTING
+                and self._live_round is not None
+                and self._dropped_at is not None
+                and now - self._dropped_at > self._timing.reconnect_watchdog_seconds
+            )
+        if qr_expired:
             log.info("session %s: QR codes expired; starting a new pairing round", self.config.session_id)
+            self._stop_client(_Pending.NEW_ROUND)
+        elif stalled:
+            log.warning(
+                "session %s: no connection %.0f s after a drop; starting a new connection round",
+                self.config.session_id,
+                self._timing.reconnect_watchdog_seconds,
+            )
+            self._set(last_error="whatsmeow's reconnect stalled; started a new connection round")
             self._stop_client(_Pending.NEW_ROUND)
 
     # --- backups ----------------------------------------------------------------------------------------

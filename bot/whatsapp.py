@@ -1,5 +1,7 @@
 """The only module that imports neonize: a thin client that speaks in ``bot.events`` types.
 
+It runs in the client process of a connection round (``bot.client_process``), never in the daemon.
+
 Import it only after logging is configured: ``import neonize`` calls ``logging.basicConfig``
 (a no-op once the root logger has handlers). Handlers run one at a time on Go's thread, so
 each one only translates the event and hands it to the sink.
@@ -41,7 +43,7 @@ def configure_library_logging(level: int) -> None:
 
 
 class NeonizeClient:
-    """One neonize client over the local store file; build a new one for each connection round."""
+    """One neonize client over the local store file, for one round (``bot.client_process`` runs it)."""
 
     def __init__(self, store_path: Path, sink: events.EventSink) -> None:
         self._client = NewClient(str(store_path))
@@ -143,7 +145,3 @@ def _unix_seconds(value: int) -> int:
     if not value:
         return int(time.time())
     return value // 1000 if value > 10**12 else value  # neonize builds differ: seconds or milliseconds
-
-
-def neonize_client_factory(store_path: Path, sink: events.EventSink) -> events.WhatsAppClient:
-    return NeonizeClient(store_path, sink)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from datetime import timedelta
 
 from flask import Flask, Response, jsonify
@@ -39,6 +40,12 @@ def create_app(
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
         return jsonify(success=True, status="ok", state=runtime.state.value), 200
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        """Serving customers (connected) or not, and why: for monitors, not the platform's restart probe."""
+        readiness = runtime.readiness()
+        return jsonify(success=readiness.ready, **asdict(readiness)), 200 if readiness.ready else 503
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:

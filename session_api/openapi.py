@@ -71,6 +71,31 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness (no authentication): 200 only while connected to WhatsApp",
+                    "security": [],
+                    "responses": {
+                        "200": _ok("Connected: serving customers", {"state": {"type": "string"}}),
+                        "503": {
+                            "description": "Not serving customers; reason says why and what to do",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "success": {"type": "boolean", "enum": [False]},
+                                            "ready": {"type": "boolean"},
+                                            "state": {"type": "string"},
+                                            "reason": {"type": "string"},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                    },
+                }
+            },
             "/api/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -189,6 +214,27 @@ def openapi_document() -> dict[str, Any]:
                         "409": _error("Another session, or a state that forbids it"),
                     },
                 }
+            },
+            **{
+                f"/api/session/{action}": {
+                    "post": {
+                        "summary": summary,
+                        "requestBody": {**_body({"session_id": {"type": "string"}}), "required": False},
+                        "responses": {
+                            "202": _ok(
+                                "Accepted; follow the state in /api/session/status", {"state": {"type": "string"}}
+                            ),
+                            "400": BAD_REQUEST,
+                            "401": UNAUTHORIZED,
+                            "409": _error("Another session, or a state that forbids it (standby, starting)"),
+                        },
+                    }
+                }
+                for action, summary in (
+                    ("reconnect", "Start a fresh connection round (also takes the stream back after 'replaced')"),
+                    ("stop", "Disconnect and stay disconnected, still linked, until start"),
+                    ("start", "Connect again after stop"),
+                )
             },
             "/api/messages/send": {
                 "post": {

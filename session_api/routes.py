@@ -7,6 +7,7 @@ import hmac
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -233,6 +234,31 @@ def logout() -> tuple[Response, int]:
     except StateConflictError as exc:
         abort(409, str(exc))
     return ok(session_id=session_id, unlinked_remotely=unlinked, state=runtime().state.value)
+
+
+@bp.post("/api/session/reconnect")
+def reconnect() -> tuple[Response, int]:
+    return _connection_action(Runtime.reconnect)
+
+
+@bp.post("/api/session/stop")
+def stop_connection() -> tuple[Response, int]:
+    return _connection_action(Runtime.stop_connection)
+
+
+@bp.post("/api/session/start")
+def start_connection() -> tuple[Response, int]:
+    return _connection_action(Runtime.start_connection)
+
+
+def _connection_action(action: Callable[[Runtime], None]) -> tuple[Response, int]:
+    session_id = session_id_from(json_body())
+    require_own_session(session_id)
+    try:
+        action(runtime())
+    except StateConflictError as exc:
+        abort(409, str(exc))
+    return ok(202, session_id=session_id, state=runtime().state.value)
 
 
 @bp.post("/api/messages/send")

@@ -22,11 +22,10 @@ logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 
 def main(data_dir: str, database_url: str, simulated_seconds: float) -> None:
-    from bot import whatsapp
+    from bot.client_process import process_client_factory
     from database import open_database
 
     assert os.environ.get("HTTPS_PROXY", "").startswith("http://127.0.0.1:"), "refusing to dial out"
-    whatsapp.configure_library_logging(logging.WARNING)
     config = Config.from_env({"DATA_DIR": data_dir, "DATABASE_URL": database_url})
     db = open_database(config.database_url, config.embedded_database_path)
     elapsed = 0.0
@@ -44,7 +43,7 @@ def main(data_dir: str, database_url: str, simulated_seconds: float) -> None:
             done.set()
             done.wait()  # park the supervisor: the run is over
 
-    runtime = Runtime(config, db, whatsapp.neonize_client_factory, backoff=Backoff(1, 60), wait=simulated_wait)
+    runtime = Runtime(config, db, process_client_factory(logging.WARNING), backoff=Backoff(1, 60), wait=simulated_wait)
     runtime.start()
     finished = done.wait(120)
     status = runtime.status()

@@ -111,6 +111,9 @@ PROTECTED = [
     ("DELETE", "/api/session/delete"),
     ("GET", "/api/session/qr"),
     ("POST", "/api/session/logout"),
+    ("POST", "/api/session/reconnect"),
+    ("POST", "/api/session/stop"),
+    ("POST", "/api/session/start"),
     ("POST", "/api/messages/send"),
     ("GET", "/api/openapi.json"),
 ]

@@ -1,0 +1,252 @@
+"""Each WhatsApp connection round runs neonize in a child process of its own.
+
+neonize's Go side opens a new store connection pool on every connect and never closes it, and a
+Go panic takes its whole process down. A process per round gives every descriptor and byte back
+when the round ends, keeps a crash inside the round, and keeps the daemon free of the second
+SQLite (neonize's) that must never share a process with Python's.
+
+The pipe speaks JSON lines. Child -> daemon: ``{"event": ...}`` (``bot.events.to_wire``),
+``{"reply": id, "result": ...}`` or ``{"reply": id, "error": "..."}``, and last ``{"end": error}``.
+Daemon -> child: ``{"op": "stop"}`` or ``{"op": name, "id": id, "args": [...]}``. The child ends
+its round when its stdin closes, so it never outlives a daemon killed with -9.
+
+    python -m bot.client_process STORE LOG_LEVEL       (started by the daemon, not by hand)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from bot import events
+from bot.errors import ZapkeepError
+
+log = logging.getLogger(__name__)
+
+CALLS = ("send_text", "logout", "request_pairing_code", "mark_read", "set_typing")
+STOP_GRACE_SECONDS = 10.0  # whatsmeow's stop() waits for a slow dial (up to 60 s): not that long
+CALL_TIMEOUT_SECONDS = 60.0
+_NO_END = object()
+
+
+class ClientCallError(ZapkeepError):
+    """The client process could not do what was asked (the message is neonize's error)."""
+
+
+@dataclass
+class _Call:
+    done: threading.Event = field(default_factory=threading.Event)
+    result: object = None
+    error: str | None = None
+
+
+class ProcessClient:
+    """``events.WhatsAppClient`` over a child process running the real neonize client."""
+
+    def __init__(
+        self,
+        store_path: Path,
+        sink: events.EventSink,
+        *,
+        log_level: int = logging.INFO,
+        stop_grace_seconds: float = STOP_GRACE_SECONDS,
+    ) -> None:
+        self._command = [sys.executable, "-m", "bot.client_process", str(store_path), str(log_level)]
+        self._sink = sink
+        self._stop_grace = stop_grace_seconds
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopped = False
+        self._calls: dict[int, _Call] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def run(self) -> str | None:
+        with self._lock:
+            if self._stopped:
+                return None
+            # Its own session: a Ctrl-C in the terminal reaches the daemon, which stops the round in order.
+            self._process = subprocess.Popen(
+                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+            )
+            process = self._process
+        assert process.stdout is not None
+        end: object = _NO_END
+        for line in process.stdout:
+            try:
+                message = json.loads(line)
+                if "event" in message:
+                    self._sink(events.from_wire(message))
+                elif "reply" in message:
+                    self._answer(message)
+                elif "end" in message:
+                    end = message["end"]
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("the client process sent a line this daemon cannot read: %s", exc)
+        code = process.wait()
+        self._fail_calls("the client process ended")
+        if end is not _NO_END:
+            return None if end is None else str(end)
+        return f"the client process exited with code {code}"
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            process = self._process
+        if process is None or process.poll() is not None:
+            return
+        self._write({"op": "stop"})
+        try:
+            process.wait(self._stop_grace)
+        except subprocess.TimeoutExpired:
+            log.warning("the client process did not stop within %.0f s; killing it", self._stop_grace)
+            process.kill()
+            process.wait()
+
+    def send_text(self, to_jid: str, text: str) -> str:
+        return str(self._call("send_text", to_jid, text))
+
+    def logout(self) -> None:
+        self._call("logout")
+
+    def request_pairing_code(self, phone: str) -> str:
+        return str(self._call("request_pairing_code", phone))
+
+    def mark_read(self, chat_jid: str, sender_jid: str, message_id: str) -> None:
+        self._call("mark_read", chat_jid, sender_jid, message_id)
+
+    def set_typing(self, chat_jid: str, typing: bool) -> None:
+        self._call("set_typing", chat_jid, typing)
+
+    def _call(self, op: str, *args: object) -> object:
+        with self._lock:
+            process = self._process
+            if process is None or process.poll() is not None or self._stopped:
+                raise ClientCallError(f"{op}: the client is not running")
+            call_id = next(self._ids)
+            call = self._calls[call_id] = _Call()
+        try:
+            self._write({"op": op, "id": call_id, "args": list(args)})
+            if not call.done.wait(CALL_TIMEOUT_SECONDS):
+                raise ClientCallError(f"{op}: no answer from the client within {CALL_TIMEOUT_SECONDS:.0f} s")
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+        if call.error is not None:
+            raise ClientCallError(f"{op}: {call.error}")
+        return call.result
+
+    def _answer(self, message: dict[str, object]) -> None:
+        with self._lock:
+            call = self._calls.get(int(message["reply"]))  # type: ignore[call-overload]
+        if call is not None:
+            call.result = message.get("result")
+            error = message.get("error")
+            call.error = None if error is None else str(error)
+            call.done.set()
+
+    def _fail_calls(self, reason: str) -> None:
+        with self._lock:
+            calls = list(self._calls.values())
+        for call in calls:
+            call.error = reason
+            call.done.set()
+
+    def _write(self, message: dict[str, object]) -> None:
+        process = self._process
+        if process is None or process.stdin is None:
+            return
+        try:
+            with self._write_lock:
+                process.stdin.write(json.dumps(message).encode() + b"\n")
+                process.stdin.flush()
+        except (BrokenPipeError, ValueError):  # the process is gone; run() reports how it ended
+            pass
+
+
+def process_client_factory(log_level: int) -> events.ClientFactory:
+    def factory(store_path: Path, sink: events.EventSink) -> events.WhatsAppClient:
+        return ProcessClient(store_path, sink, log_level=log_level)
+
+    return factory
+
+
+# --- the child's side ------------------------------------------------------------------------------
+
+
+def serve(store_path: Path, commands: IO[bytes], output: IO[bytes]) -> None:
+    """Run one round of the real client on store_path; never returns (the process exits)."""
+    from bot import whatsapp  # neonize: only ever imported in this process
+
+    write_lock = threading.Lock()
+
+    def emit(message: dict[str, object]) -> None:
+        line = json.dumps(message, ensure_ascii=True).encode() + b"\n"
+        with write_lock:
+            try:
+                output.write(line)
+                output.flush()
+            except (BrokenPipeError, ValueError):
+                os._exit(0)  # the daemon is gone: so is this round
+
+    client = whatsapp.NeonizeClient(store_path, lambda event: emit(events.to_wire(event)))
+    workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="call")
+
+    def answer(call_id: object, op: str, args: list[object]) -> None:
+        try:
+            emit({"reply": call_id, "result": getattr(client, op)(*args)})
+        except Exception as exc:
+            emit({"reply": call_id, "error": str(exc) or exc.__class__.__name__})
+
+    def read_commands() -> None:
+        for line in commands:
+            try:
+                command = json.loads(line)
+            except ValueError:
+                continue
+            op = command.get("op")
+            if op == "stop":
+                threading.Thread(target=client.stop, daemon=True).start()
+            elif op in CALLS:
+                workers.submit(answer, command.get("id"), op, list(command.get("args", [])))
+        # stdin closed: the daemon is gone. Stop the round, and leave soon whether it stops or not.
+        threading.Thread(target=client.stop, daemon=True).start()
+        threading.Timer(3.0, os._exit, args=(0,)).start()
+
+    threading.Thread(target=read_commands, name="commands", daemon=True).start()
+    error = client.run()
+    emit({"end": error})
+    # neonize leaves non-daemon Go threads (and a log worker whose shutdown hangs) behind.
+    os._exit(0)
+
+
+def _child_main(argv: list[str]) -> None:
+    from bot import logs
+
+    store_path, level = Path(argv[0]), int(argv[1])
+    # The pipe gets a descriptor of its own; Go's stray prints to descriptor 1 ("Press Ctrl+C to
+    # exit", "Login event: ...") go to the log instead of into the protocol.
+    pipe = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    logs.configure(level)
+    from bot import whatsapp
+
+    whatsapp.configure_library_logging(level)
+    serve(store_path, sys.stdin.buffer, pipe)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])
