@@ -141,9 +141,13 @@ def run_daemon(config: Config) -> int:
 
 def _install_signal_handlers(stop: threading.Event) -> None:
     def handle(signum: int, _: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
-            os._exit(128 + signum)  # a second signal: no more waiting
-        log.info("received %s", signal.Signals(signum).name)
+            # timeout(1), docker stop and impatient operators send more than one: skipping the
+            # final backup and the lease release would lose changes and stall the next start.
+            log.warning("received %s again: still storing the last changes and releasing the lease", name)
+            return
+        log.info("received %s", name)
         stop.set()
 
     signal.signal(signal.SIGTERM, handle)

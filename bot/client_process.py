@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from bot import events
-from bot.errors import ZapkeepError
+from bot.errors import SendOutcomeUnknown, ZapkeepError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: str | None = None
+    unknown: bool = False  # asked, and never answered: it may have happened
 
 
 class ProcessClient:
@@ -97,6 +98,10 @@ class ProcessClient:
             except (ValueError, TypeError, KeyError) as exc:
                 log.error("the client process sent a line this daemon cannot read: %s", exc)
         code = process.wait()
+        with self._write_lock:
+            process.stdout.close()
+            if process.stdin is not None:
+                process.stdin.close()
         self._fail_calls("the client process ended")
         if end is not _NO_END:
             return None if end is None else str(end)
@@ -141,12 +146,12 @@ class ProcessClient:
         try:
             self._write({"op": op, "id": call_id, "args": list(args)})
             if not call.done.wait(CALL_TIMEOUT_SECONDS):
-                raise ClientCallError(f"{op}: no answer from the client within {CALL_TIMEOUT_SECONDS:.0f} s")
+                call.error, call.unknown = f"no answer from the client within {CALL_TIMEOUT_SECONDS:.0f} s", True
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
         if call.error is not None:
-            raise ClientCallError(f"{op}: {call.error}")
+            raise (SendOutcomeUnknown if call.unknown else ClientCallError)(f"{op}: {call.error}")
         return call.result
 
     def _answer(self, message: dict[str, object]) -> None:
@@ -162,7 +167,7 @@ class ProcessClient:
         with self._lock:
             calls = list(self._calls.values())
         for call in calls:
-            call.error = reason
+            call.error, call.unknown = reason, True
             call.done.set()
 
     def _write(self, message: dict[str, object]) -> None:

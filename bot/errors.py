@@ -25,6 +25,11 @@ class NotFoundError(ZapkeepError):
     """No such session, snapshot or QR code."""
 
 
+class SendOutcomeUnknown(ZapkeepError):
+    """A send that may or may not have reached WhatsApp (no answer in time, the client ended
+    mid-send). Never retried: a message goes out at most once."""
+
+
 class StateConflictError(ZapkeepError):
     """The session is not in a state that allows this (not connected, replaced, not owned...)."""
 

@@ -1,8 +1,11 @@
 """The durable outbox: every reply and API message is a database row first, sent by one worker.
 
 Rows go queued -> sending -> sent, or back to queued with a delay after an error, or failed
-(too many attempts, expired, or interrupted mid-send). A row found "sending" at start-up is
-failed, never retried: a reply goes out at most once. While the client is not connected
+(too many attempts, expired, or interrupted mid-send). A reply goes out at most once: neonize
+cannot send with a message id of our choosing (whatsmeow's SendRequestExtra.ID is not exposed),
+so WhatsApp could not tell a resend from a new message. A send whose outcome is unknown (no
+answer, the client ended mid-send) is failed, never retried, and so is a row a crashed owner
+left "sending": the next owner settles those when it takes the session over. While the client is not connected
 nothing is attempted and nothing expires early; queued rows go out, in order per chat, once
 it reconnects.
 """
@@ -15,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from bot.errors import StateConflictError, first_line
+from bot.errors import SendOutcomeUnknown, StateConflictError, first_line
 from database import Database
 
 log = logging.getLogger(__name__)
@@ -56,14 +59,16 @@ class Outbox:
         self._flush_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
+    def settle_interrupted(self) -> None:
+        """At take-over (never before: the live owner's sends are "sending" too): what the last
+        owner left mid-send may have gone out, so it is failed rather than sent again."""
+        interrupted = self.db.fail_interrupted(self.session_id)
+        if interrupted:
+            log.warning("outbox: %d message(s) were interrupted mid-send by the last owner; marked failed", interrupted)
+
     def start(self) -> None:
         if self._thread is not None:
             return
-        interrupted = self.db.fail_interrupted(self.session_id)
-        if interrupted:
-            log.warning(
-                "outbox: %d message(s) were interrupted mid-send by the last shutdown; marked failed", interrupted
-            )
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._thread.start()
 
@@ -142,6 +147,10 @@ class Outbox:
             whatsapp_id = self.channel.send_text(chat_jid, text)
         except StateConflictError:
             self.db.mark_unsent(row_id)  # never reached WhatsApp: not an attempt
+            return False
+        except SendOutcomeUnknown as exc:
+            self.db.mark_failed(row_id, f"outcome unknown, not retried (at most once): {first_line(exc)}")
+            log.error("outbox: message %d to %s may not have been sent: %s", row_id, chat_jid, first_line(exc))
             return False
         except Exception as exc:
             error = first_line(exc)

@@ -213,6 +213,7 @@ class Runtime:
         self._jitter = jitter
         self.message_handlers: list[MessageHandler] = []
         self.connected_listeners: list[Callable[[], None]] = []  # e.g. the outbox: send what waited
+        self.take_over_listeners: list[Callable[[], None]] = []  # the lease is ours, before connecting
 
         self._lock = threading.RLock()
         self._backup_lock = threading.Lock()
@@ -220,6 +221,7 @@ class Runtime:
         self._round = 0  # numbers the client rounds; the events of each are tagged with it
         self._live_round: int | None = None  # the round whose events describe the connection now
         self._held = False  # an operator stopped the client: no rounds until started again
+        self._state_at_shutdown = State.STARTING
         self._dropped_at: float | None = None  # the live round lost its connection (whatsmeow reconnects)
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -324,37 +326,49 @@ class Runtime:
         self._lease.try_acquire()  # the common case boots before start() returns
         self._lease.start()
 
-    def stop(self) -> None:
-        """Scheduler, client, the last changes, lease; idempotent. Never raises."""
+    def stop_receiving(self) -> None:
+        """A shutdown's first step: no more rounds, the client disconnected, and every event it
+        delivered handled (each message received is with the message handlers). Idempotent."""
         with self._lock:
-            if self._stopped or not self._started:
-                self._stopped = True
+            if self._stopping.is_set() or not self._started:
+                self._stopping.set()
                 return
-            self._stopped = True
+            self._stopping.set()
         log.info("stopping session %s", self.config.session_id)
-        self._stopping.set()
         try:
             self._scheduler.shutdown(wait=True)  # lets a running backup finish
         except Exception:
             log.exception("scheduler shutdown failed")
         self._wake.set()
-        self._stop_client()  # whatsmeow writes nothing more...
+        self._stop_client()
         if self._supervisor is not None:
             self._supervisor.join(timeout=15)
+        self._events.put(None)
+        self._event_thread.join(timeout=15)
+        with self._lock:
+            self._state_at_shutdown = self.state
+            self._set(state=State.STOPPED, connected_since=None)  # nothing is sent any more
+
+    def stop(self) -> None:
+        """The whole shutdown: receiving stopped, the last changes stored, the lease released.
+        Idempotent; never raises."""
+        with self._lock:
+            if self._stopped or not self._started:
+                self._stopped = True
+                return
+            self._stopped = True
+        self.stop_receiving()
         try:
-            self._mirror.stop()  # ...and what it wrote last is mirrored
+            self._mirror.stop()  # what whatsmeow wrote last is mirrored
         except ZapkeepError as exc:
             log.error("session %s: %s", self.config.session_id, exc)
-        if self.fence is not None and self.state in HISTORY_STATES | {State.STARTING}:
+        if self.fence is not None and self._state_at_shutdown in HISTORY_STATES | {State.STARTING}:
             # Every change is stored already: a full snapshot only when the newest is old (a redeploy
             # several times a day must neither wait for one nor push the older ones out of history).
             self._snapshot("shutdown", unless_newer_than=self._timing.history_interval_seconds)
         self._lease.stop()  # renewed until the last write; stopped so that nothing re-acquires it
         self._lease.release()
-        self._set(owns_session=False, fencing_token=None)
-        self._events.put(None)
-        self._event_thread.join(timeout=5)
-        self._set(state=State.STOPPED, connected=False)
+        self._set(owns_session=False, fencing_token=None, state=State.STOPPED, connected=False)
 
     # --- ownership -----------------------------------------------------------------------------
 
@@ -376,6 +390,11 @@ class Runtime:
                 self._lease.lose("the previous connection round did not end; not taking over yet", fence)
                 return
         self._boot()
+        for listener in self.take_over_listeners:
+            try:
+                listener()
+            except Exception as exc:  # e.g. the database blinked: not a reason to stay offline
+                log.error("session %s: take-over step failed: %s", self.config.session_id, first_line(exc))
         self._start_supervisor()
 
     def _start_supervisor(self) -> None:

@@ -26,7 +26,9 @@ class Services:
         self.runtime.start()
 
     def stop(self) -> None:
-        """Chatbot and outbox first (nothing races the final backup), then the runtime."""
+        """Stop receiving, log what was received (replies wait in the outbox for the next owner),
+        then the final backup and the lease release."""
+        self.runtime.stop_receiving()
         self.chatbot.stop()
         self.outbox.stop()
         self.runtime.stop()
@@ -45,4 +47,5 @@ def build_services(
     chatbot = Chatbot(db, config.session_id, rules, outbox, mark_read=runtime.mark_read)
     runtime.message_handlers.append(chatbot.submit)
     runtime.connected_listeners.append(outbox.notify)
+    runtime.take_over_listeners.append(outbox.settle_interrupted)
     return Services(runtime, outbox, chatbot)

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from bot.runtime import Runtime
 from database import Database, PostgresDatabase, SqliteDatabase
+from tests.fake_whatsapp import FakeWhatsApp
 from tests.pg_cluster import PostgresCluster
+from tests.runtime_helpers import FAST, make_config
 
 # Any real neonize client started by a test (or its children) dials a closed loopback port.
 os.environ["HTTPS_PROXY"] = "http://127.0.0.1:9"
@@ -79,3 +82,23 @@ def processes() -> Iterator[list]:
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.fixture
+def network(whatsmeow_template: Path) -> FakeWhatsApp:
+    return FakeWhatsApp(schema_template=whatsmeow_template)
+
+
+@pytest.fixture
+def runtime_factory(db: Database, network: FakeWhatsApp, tmp_path: Path) -> Iterator:
+    made: list[Runtime] = []
+
+    def make(**kwargs) -> Runtime:
+        config = kwargs.pop("config", None) or make_config(tmp_path)
+        runtime = Runtime(config, db, network.factory, timing=kwargs.pop("timing", FAST), **kwargs)
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        runtime.stop()

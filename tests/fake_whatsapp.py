@@ -86,6 +86,7 @@ class FakeClient:
             self.emit(events.Connected())
         self.stopped.wait()
         self._outbox.put(None)
+        self._go_thread.join()  # like the client process: run() returns once every event is handed over
         return None
 
     def stop(self) -> None:

@@ -28,7 +28,7 @@ from session_api import create_app
 from session_api.server import ApiServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.synthetic import DEVICE_JID, table_rows
-from tests.test_runtime import FAST, mirrored
+from tests.runtime_helpers import FAST, mirrored
 
 TOKEN = "test-token-0123456789abcdef"
 

@@ -11,7 +11,7 @@ from bot.runtime import Runtime, State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.synthetic import create_paired_store
-from tests.test_runtime import FAST, network, runtime_factory, start_paired  # noqa: F401  (fixtures)
+from tests.runtime_helpers import FAST, start_paired
 
 CUSTOMER = "5511912345678@s.whatsapp.net"
 

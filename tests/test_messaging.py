@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,13 @@ import pytest
 from bot import events
 from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES
+from bot.errors import SendOutcomeUnknown
+from bot.outbox import Channel, Outbox
 from bot.runtime import State
 from bot.services import Services, build_services
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
-from tests.test_runtime import FAST, make_config
+from tests.runtime_helpers import FAST, make_config
 
 CUSTOMER = "5511912345678@s.whatsapp.net"
 RULES = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0.05)
@@ -258,3 +262,70 @@ def test_a_stale_message_does_not_end_a_hand_off_pause(daemon: Daemon) -> None:
     assert len(daemon.network.sent) == 1  # still paused for the person who was called
     last = daemon.db.list_messages("default", CUSTOMER)[-1]
     assert (last.text, last.status) == ("alguém?", "paused")
+
+
+def test_every_message_received_during_a_shutdown_is_logged(daemon: Daemon) -> None:
+    services = daemon.paired()
+    client = daemon.network.current()
+    delivered: list[str] = []
+    sink = client._sink
+
+    def acknowledged(event: events.ClientEvent) -> None:  # what Go hands over has been acked to WhatsApp
+        if isinstance(event, events.IncomingMessage):
+            delivered.append(event.message_id)
+        sink(event)
+
+    client._sink = acknowledged
+
+    def customers_keep_writing() -> None:
+        n = 0
+        while not client.stopped.is_set():
+            client.emit(incoming(f"pergunta {n}", chat=f"55119{n % 40:08d}@s.whatsapp.net"))
+            n += 1
+            time.sleep(0.005)
+
+    writer = threading.Thread(target=customers_keep_writing)
+    writer.start()
+    wait_until(lambda: len(delivered) >= 30, message="traffic")
+    services.stop()
+    writer.join(5)
+    logged = {m.message_id for m in daemon.db.list_messages("default") if m.direction == "in"}
+    assert set(delivered) <= logged
+
+
+def test_a_send_whose_outcome_is_unknown_is_never_retried(db: Database) -> None:
+    attempts: list[str] = []
+
+    def send(jid: str, text: str) -> str:
+        attempts.append(text)
+        raise SendOutcomeUnknown("send_text: no answer from the client within 60 s")
+
+    outbox = Outbox(db, "default", Channel(send, lambda: True, lambda jid, seconds: None))
+    row = outbox.enqueue(CUSTOMER, "Seu pedido saiu", reason="api", expires_in=None)
+    outbox.flush()
+    outbox.flush()
+    (message,) = [m for m in db.list_messages("default") if m.id == row]
+    assert attempts == ["Seu pedido saiu"]  # the customer may have it: never a second copy
+    assert message.status == "failed" and "outcome unknown" in (message.last_error or "")
+
+
+def test_only_a_take_over_settles_what_the_last_owner_left_mid_send(daemon: Daemon) -> None:
+    db = daemon.db
+    row = db.enqueue_outgoing("default", CUSTOMER, "Já chamei um atendente", reason="api", expires_at=None, now=now())
+    assert db.claim_outgoing(row)  # the owner is sending it right now
+    owner = db.acquire_lease("default", "host-a/deploy/1", ttl_seconds=3)
+    services = daemon.start()
+    wait_until(lambda: services.runtime.state is State.STANDBY, message="standby")
+    time.sleep(0.5)
+    assert status_of(db, row) == "sending"  # a standby never touches the live owner's sends
+    assert owner is not None  # ...which then crashes: its lease runs out
+    wait_until(lambda: services.runtime.fence is not None, timeout=15, message="the take-over")
+    wait_until(lambda: status_of(db, row) == "failed", message="the interrupted send settled")
+
+
+def status_of(db: Database, row: int) -> str:
+    return next(m.status for m in db.list_messages("default") if m.id == row)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

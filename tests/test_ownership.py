@@ -11,7 +11,7 @@ from database import Database, PostgresDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.pg_cluster import PostgresCluster
 from tests.synthetic import table_rows
-from tests.test_runtime import FAST, make_config, mirrored
+from tests.runtime_helpers import FAST, make_config, mirrored
 
 QUICK_LEASE = {"LEASE_TTL_SECONDS": "3", "LEASE_RENEW_SECONDS": "1", "API_TOKEN": "t" * 20}
 TIMING = replace(FAST, standby_poll_seconds=0.2)

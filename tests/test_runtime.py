@@ -7,78 +7,15 @@ from dataclasses import replace
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from bot import events
-from bot.config import Config
-from bot.runtime import Backoff, Runtime, State, Timing
-from bot.session_store import take_snapshot
+from bot.runtime import Backoff, State
 from database import Database
-from tests.fake_whatsapp import FakeClient, FakeWhatsApp, wait_until
+from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.runtime_helpers import FAST, make_config, mirrored, start_paired, stored_rows, versions
 from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
-
-FAST = Timing(
-    after_connect_seconds=0.2,
-    after_pair_seconds=0.1,
-    mirror_poll_seconds=0.2,
-    qr_round_seconds=1.0,
-    qr_check_seconds=0.2,
-)
-
-
-def make_config(tmp_path: Path, **overrides: str) -> Config:
-    env = {"DATA_DIR": str(tmp_path / "data"), "BACKUP_INTERVAL_SECONDS": "3600", **overrides}
-    return Config.from_env(env)
-
-
-@pytest.fixture
-def network(whatsmeow_template: Path) -> FakeWhatsApp:
-    return FakeWhatsApp(schema_template=whatsmeow_template)
-
-
-@pytest.fixture
-def runtime_factory(db: Database, network: FakeWhatsApp, tmp_path: Path) -> Iterator:
-    made: list[Runtime] = []
-
-    def make(**kwargs) -> Runtime:
-        config = kwargs.pop("config", None) or make_config(tmp_path)
-        runtime = Runtime(config, db, network.factory, timing=kwargs.pop("timing", FAST), **kwargs)
-        made.append(runtime)
-        return runtime
-
-    yield make
-    for runtime in made:
-        runtime.stop()
-
-
-def versions(db: Database) -> list[int]:
-    return [h.version for h in db.list_history("default")]
-
-
-def stored_rows(db: Database, table: str) -> list[str]:
-    return [r.row_text for r in db.load_rows("default") if r.table == table]
-
-
-def mirrored(runtime: Runtime, db: Database) -> bool:
-    """The database holds exactly the local store: the stored checksum is the store's own."""
-    record = db.load_session("default")
-    return record is not None and record.checksum == take_snapshot(runtime.config.store_path)["checksum"]
-
-
-def start_paired(runtime: Runtime, network: FakeWhatsApp, db: Database) -> FakeClient:
-    """Start from nothing, scan the QR, wait until connected, the store is mirrored and the
-    snapshot after pairing is in history (the only one until shutdown)."""
-    runtime.start()
-    wait_until(lambda: runtime.state is State.QR, message="qr state")
-    client = network.current()
-    client.scan_qr()
-    wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
-    wait_until(lambda: versions(db) != [], message="the snapshot after pairing")
-    wait_until(lambda: mirrored(runtime, db), message="the store mirrored")
-    return client
 
 
 def test_pairing_from_an_empty_start_is_backed_up(runtime_factory, db: Database, network: FakeWhatsApp) -> None:

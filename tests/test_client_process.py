@@ -1,0 +1,152 @@
+"""The real neonize client in its process per round: nothing leaks into the daemon, and a round
+always ends when asked, even in a dial that hangs, and when the daemon is killed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bot import events
+from bot.client_process import ClientCallError, ProcessClient
+from tests.fake_whatsapp import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def client_processes() -> list[int]:
+    """This test process's children running a client round (the suite's PostgreSQL is a child too)."""
+    listed = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "bot.client_process"], capture_output=True)
+    return [int(pid) for pid in listed.stdout.split()]
+
+
+@pytest.fixture
+def black_hole_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]:
+    """A loopback proxy that accepts connections and never answers: a dial that hangs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
+    yield accepted
+    server.close()
+    for connection in accepted:
+        connection.close()
+
+
+def test_rounds_of_the_real_client_leave_no_descriptor_or_process_behind(tmp_path: Path) -> None:
+    store = tmp_path / "whatsmeow.sqlite3"
+    errors = []
+    counts = []
+    for _ in range(6):
+        errors.append(ProcessClient(store, lambda event: None).run())
+        counts.append(open_descriptors())
+    assert all("proxyconnect tcp" in (error or "") for error in errors)  # each round dialled, and failed
+    assert store.exists()  # whatsmeow created its store in the child
+    assert counts[-1] <= counts[1], counts  # in-process, every round kept ~2 more descriptors open
+    assert client_processes() == []
+
+
+def test_stop_ends_a_round_whose_dial_hangs(tmp_path: Path, black_hole_proxy: list[socket.socket]) -> None:
+    client = ProcessClient(tmp_path / "whatsmeow.sqlite3", lambda event: None, stop_grace_seconds=2)
+    ended: list[str | None] = []
+    runner = threading.Thread(target=lambda: ended.append(client.run()))
+    runner.start()
+    wait_until(lambda: black_hole_proxy, timeout=30, message="the dial reaching the proxy")
+    started = time.monotonic()
+    client.stop()  # whatsmeow itself would wait for the dial to give up (a minute)
+    runner.join(10)
+    assert not runner.is_alive() and time.monotonic() - started < 8
+    assert ended and ended[0] is not None  # the round reports that it ended without connecting
+    assert client_processes() == []
+    with pytest.raises(ClientCallError, match="not running"):
+        client.send_text("5511912345678@s.whatsapp.net", "oi")
+
+
+def test_the_round_ends_when_the_daemon_is_killed(tmp_path: Path, black_hole_proxy: list[socket.socket]) -> None:
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, threading; from pathlib import Path; from bot.client_process import ProcessClient\n"
+            "c = ProcessClient(Path(sys.argv[1]), lambda e: None)\n"
+            "threading.Thread(target=c.run, daemon=True).start()\n"
+            "import time\n"
+            "while c.pid is None: time.sleep(0.01)\n"
+            "print(c.pid, flush=True); time.sleep(600)",
+            str(tmp_path / "whatsmeow.sqlite3"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child = int(daemon.stdout.readline())
+        wait_until(lambda: black_hole_proxy, timeout=30, message="the dial reaching the proxy")
+        daemon.kill()  # kill -9: no chance to stop its round
+        daemon.wait()
+        wait_until(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), timeout=10, message="child gone")
+    finally:
+        daemon.kill()
+        daemon.wait()
+        daemon.stdout.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        events.QrCode("2@abc,def"),
+        events.PairingCode("ABCD-EFGH"),
+        events.Paired(jid="5511987654321:7@s.whatsapp.net", platform="android"),
+        events.Connected(),
+        events.Disconnected(),
+        events.LoggedOut(reason="401"),
+        events.StreamReplaced(),
+        events.TemporaryBan(code="101", expires_in_seconds=3600),
+        events.ConnectFailure(reason="405: client outdated"),
+        events.KeepAliveTimeout(error_count=3),
+        events.KeepAliveRestored(),
+        events.IncomingMessage(
+            "3EB0", "5511@s.whatsapp.net", "5511@s.whatsapp.net", "Zé \ud800", "oi\x00", False, False, 1
+        ),
+    ],
+)
+def test_every_event_crosses_the_pipe_unchanged(event: events.ClientEvent) -> None:
+    import json
+
+    assert events.from_wire(json.loads(json.dumps(events.to_wire(event)))) == event
+
+
+@pytest.mark.parametrize(
+    "message", [{"event": "Exploit", "fields": {}}, {"event": "Connected", "fields": {"x": 1}}, {"event": "QrCode"}]
+)
+def test_anything_else_on_the_pipe_is_refused(message: dict) -> None:
+    with pytest.raises(ValueError):
+        events.from_wire(message)
