@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
 _LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' advisory locks
@@ -157,6 +157,8 @@ class ChatState:
     last_incoming_at: datetime | None
     paused_until: datetime | None
     pause_reason: str | None
+    last_reply_reason: str | None = None
+    last_reply_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ class Inbound:
     message_id: str
     text: str
     received_at: datetime
+    message_type: str = "text"
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ class LoggedMessage:
     sent_at: datetime | None
     attempts: int
     last_error: str | None
+    message_type: str = "text"
 
 
 # --- schema ---------------------------------------------------------------------------
@@ -291,6 +295,15 @@ def _rows_table() -> list[str]:
     ]
 
 
+def _message_kinds() -> list[str]:
+    """What kind each logged message is (text, audio, reaction...), and each chat's last reply."""
+    return [
+        "ALTER TABLE whatsapp_messages ADD COLUMN message_type VARCHAR(16) NOT NULL DEFAULT 'text'",
+        "ALTER TABLE whatsapp_chats ADD COLUMN last_reply_reason TEXT",
+        "ALTER TABLE whatsapp_chats ADD COLUMN last_reply_at TIMESTAMP",
+    ]
+
+
 POSTGRES_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE IF NOT EXISTS whatsapp_sessions (
@@ -313,6 +326,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         "ALTER TABLE whatsapp_sessions ADD COLUMN IF NOT EXISTS mirror_sequence BIGINT NOT NULL DEFAULT 0",
         *_rows_table(),
     ],
+    _message_kinds(),
 ]
 
 SQLITE_MIGRATIONS: list[list[str]] = [
@@ -337,6 +351,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         "ALTER TABLE whatsapp_sessions ADD COLUMN mirror_sequence BIGINT NOT NULL DEFAULT 0",
         *_rows_table(),
     ],
+    _message_kinds(),
 ]
 
 CREATE_SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS zapkeep_schema (version INTEGER NOT NULL)"
@@ -692,22 +707,26 @@ class Database:
 
     INSERT_MESSAGE = """
         INSERT INTO whatsapp_messages (session_id, chat_jid, sender, message_id, dedupe_key, direction, text,
-                                       status, reason, created_at, sent_at, next_attempt_at, expires_at)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                       status, reason, created_at, sent_at, next_attempt_at, expires_at,
+                                       message_type)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (session_id, dedupe_key) DO NOTHING
         RETURNING id
     """
     SELECT_CHAT = """
-        SELECT chat_jid, last_incoming_at, paused_until, pause_reason FROM whatsapp_chats
-        WHERE session_id = %s AND chat_jid = %s
+        SELECT chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at
+        FROM whatsapp_chats WHERE session_id = %s AND chat_jid = %s
     """
     UPSERT_CHAT = """
-        INSERT INTO whatsapp_chats (session_id, chat_jid, last_incoming_at, paused_until, pause_reason)
-        VALUES (%s, %s, %s, %s, %s)
+        INSERT INTO whatsapp_chats
+            (session_id, chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at)
+        VALUES (%s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (session_id, chat_jid) DO UPDATE SET
             last_incoming_at = COALESCE(excluded.last_incoming_at, whatsapp_chats.last_incoming_at),
             paused_until = excluded.paused_until,
-            pause_reason = excluded.pause_reason
+            pause_reason = excluded.pause_reason,
+            last_reply_reason = COALESCE(excluded.last_reply_reason, whatsapp_chats.last_reply_reason),
+            last_reply_at = COALESCE(excluded.last_reply_at, whatsapp_chats.last_reply_at)
     """
     SET_MESSAGE_STATUS = "UPDATE whatsapp_messages SET status = %s, reason = %s WHERE id = %s"
 
@@ -728,6 +747,7 @@ class Database:
         sent_at: datetime | None = None,
         next_attempt_at: datetime | None = None,
         expires_at: datetime | None = None,
+        message_type: str = "text",
     ) -> int | None:
         """One row of the message log; None when its dedupe key was recorded before."""
         params = (
@@ -744,6 +764,7 @@ class Database:
             _naive(sent_at),
             _naive(next_attempt_at),
             _naive(expires_at),
+            message_type,
         )
         return tx.scalar(self.INSERT_MESSAGE, params)
 
@@ -763,15 +784,25 @@ class Database:
                 text=message.text,
                 status="received",
                 created_at=message.received_at,
+                message_type=message.message_type,
             )
             if inbound_id is None:
                 return InboundResult(duplicate=True, reply_id=None)
             chat = tx.one(ChatState, self.SELECT_CHAT, (message.session_id, message.chat_jid))
             outcome = decide(None if chat is None else _aware_chat(chat))
             tx.execute(self.SET_MESSAGE_STATUS, (outcome.status, outcome.reason, inbound_id))
+            replied = outcome.reply_text is not None
             tx.execute(
                 self.UPSERT_CHAT,
-                (message.session_id, message.chat_jid, received, _naive(outcome.paused_until), outcome.pause_reason),
+                (
+                    message.session_id,
+                    message.chat_jid,
+                    received,
+                    _naive(outcome.paused_until),
+                    outcome.pause_reason,
+                    outcome.reason if replied else None,
+                    received if replied else None,
+                ),
             )
             reply_id = None
             if outcome.reply_text is not None:
@@ -809,7 +840,10 @@ class Database:
             )
             if logged is None:
                 return False
-            tx.execute(self.UPSERT_CHAT, (message.session_id, message.chat_jid, None, _naive(paused_until), "operator"))
+            tx.execute(
+                self.UPSERT_CHAT,
+                (message.session_id, message.chat_jid, None, _naive(paused_until), "operator", None, None),
+            )
         return True
 
     def enqueue_outgoing(
@@ -902,7 +936,7 @@ class Database:
 
     SELECT_MESSAGES = """
         SELECT id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,
-               attempts, last_error
+               attempts, last_error, message_type
         FROM whatsapp_messages WHERE session_id = %s AND (%s OR chat_jid = %s) ORDER BY id
     """
 
@@ -1134,7 +1168,12 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 def _aware_chat(chat: ChatState) -> ChatState:
-    return replace(chat, last_incoming_at=_aware(chat.last_incoming_at), paused_until=_aware(chat.paused_until))
+    return replace(
+        chat,
+        last_incoming_at=_aware(chat.last_incoming_at),
+        paused_until=_aware(chat.paused_until),
+        last_reply_at=_aware(chat.last_reply_at),
+    )
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:

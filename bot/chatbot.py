@@ -7,7 +7,7 @@ import re
 import tomllib
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,9 @@ DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sun
 DAY_NAMES_PT = ("seg", "ter", "qua", "qui", "sex", "sáb", "dom")
 _RANGE = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 _PLACEHOLDERS = {"business", "name", "menu", "hours"}
+# What customers send besides text; "other" covers the rest (and must have a reply).
+MEDIA_KINDS = ("audio", "image", "video", "document", "sticker", "location", "contact", "poll", "other")
+SHORTENED = ("after_hours", "fallback")  # decisions whose long block is not repeated to a chat
 
 
 def normalise(text: str) -> str:
@@ -62,6 +65,14 @@ class Rules:
     mark_read: bool
     typing_seconds: float
     reply_expiry: timedelta
+    media_replies: Mapping[str, str]  # message kind (audio, image...) -> reply; "other" for the rest
+    media_handoff: frozenset[str]  # kinds a person must look at: the bot then steps back
+    media_ignored: frozenset[str]  # kinds never answered (e.g. stickers)
+    repeat_window: timedelta  # a long block goes to a chat at most once this long...
+    short_replies: Mapping[str, str]  # ...then these (by decision reason: after_hours, fallback)
+
+    def ignores(self, kind: str) -> bool:
+        return kind in self.media_ignored
 
     def is_open(self, now: datetime) -> bool:
         local = now.astimezone(self.timezone)
@@ -94,6 +105,8 @@ class ChatContext:
 
     last_incoming_at: datetime | None
     paused_until: datetime | None
+    last_reply_reason: str | None = None
+    last_reply_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -103,16 +116,33 @@ class Decision:
     pause_until: datetime | None = None
 
 
-def decide(rules: Rules, text: str, push_name: str, chat: ChatContext, now: datetime) -> Decision:
-    """The reply (if any) to one customer message."""
+def decide(rules: Rules, text: str, push_name: str, chat: ChatContext, now: datetime, kind: str = "text") -> Decision:
+    """The reply (if any) to one customer message (a media message's caption counts as its text)."""
     if chat.paused_until is not None and chat.paused_until > now:
         return Decision(None, "paused", chat.paused_until)
-    values = {
+    decision = _decide(rules, text, push_name, chat, now, kind)
+    short = rules.short_replies.get(decision.reason)
+    recently = chat.last_reply_at is not None and now - chat.last_reply_at < rules.repeat_window
+    if short is not None and recently and chat.last_reply_reason == decision.reason:
+        return replace(decision, reply=short.format_map(_values(rules, push_name)))
+    return decision
+
+
+def _values(rules: Rules, push_name: str) -> dict[str, str]:
+    return {
         "business": rules.business,
         "name": push_name.strip() or "cliente",
         "menu": rules.menu_text(),
         "hours": rules.hours_text(),
     }
+
+
+def _decide(rules: Rules, text: str, push_name: str, chat: ChatContext, now: datetime, kind: str) -> Decision:
+    values = _values(rules, push_name)
+    if kind != "text" and not text.strip():
+        reply = rules.media_replies.get(kind, rules.media_replies["other"]).format_map(values)
+        handoff = now + rules.handoff_pause if kind in rules.media_handoff else None
+        return Decision(reply, f"media:{kind}", handoff)
     is_open = rules.is_open(now)
     silent_long = chat.last_incoming_at is None or now - chat.last_incoming_at >= rules.greeting_after_silence
     words = normalise(text)
@@ -186,6 +216,8 @@ def _build(raw: dict[str, Any]) -> Rules:
     handoff = _table(raw, "handoff")
     fallback = _table(raw, "fallback")
     behaviour = _table(raw, "behaviour", required=False)
+    media = _table(raw, "media")
+    repeat = _table(raw, "repeat", required=False)
     try:
         timezone = ZoneInfo(_text(hours, "timezone", "[hours]"))
     except (ZoneInfoNotFoundError, ValueError):
@@ -236,7 +268,21 @@ def _build(raw: dict[str, Any]) -> Rules:
         mark_read=behaviour.get("mark_read", True) is True,
         typing_seconds=_number(behaviour, "typing_seconds", "[behaviour]", 1.0, high=10),
         reply_expiry=timedelta(minutes=_number(behaviour, "reply_expiry_minutes", "[behaviour]", 60, low=1)),
+        media_replies={
+            kind: _template(media, kind, "[media]") for kind in MEDIA_KINDS if kind in media or kind == "other"
+        },
+        media_handoff=_kinds(media, "handoff"),
+        media_ignored=_kinds(media, "ignore"),
+        repeat_window=timedelta(minutes=_number(repeat, "window_minutes", "[repeat]", 30)),
+        short_replies={reason: _template(repeat, reason, "[repeat]") for reason in SHORTENED if reason in repeat},
     )
+
+
+def _kinds(media: dict[str, Any], key: str) -> frozenset[str]:
+    value = media.get(key, [])
+    if not isinstance(value, list) or not set(value) <= set(MEDIA_KINDS):
+        raise _RuleError(f"[media] {key} must be a list of message kinds ({', '.join(MEDIA_KINDS)})")
+    return frozenset(value)
 
 
 def _table(raw: dict[str, Any], name: str, *, required: bool = True) -> dict[str, Any]:

@@ -6,7 +6,7 @@ the same ones. Nothing here imports neonize.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol
@@ -79,6 +79,47 @@ class IncomingMessage:
     from_me: bool
     is_group: bool
     timestamp: int  # unix seconds
+    kind: str = "text"  # see message_kind: text, audio, image, ..., reaction, edit, revoke, protocol
+
+
+# Never answered: they change or acknowledge another message, or carry no content for a person.
+PROTOCOL_KINDS = frozenset({"reaction", "edit", "revoke", "poll_vote", "protocol"})
+
+_CONTENT_FIELDS = (  # neonize Message fields, most specific first
+    ("audioMessage", "audio"),  # voice notes (PTT) and audio files
+    ("imageMessage", "image"),
+    ("videoMessage", "video"),
+    ("documentMessage", "document"),
+    ("documentWithCaptionMessage", "document"),
+    ("stickerMessage", "sticker"),
+    ("lottieStickerMessage", "sticker"),
+    ("locationMessage", "location"),
+    ("liveLocationMessage", "location"),
+    ("contactMessage", "contact"),
+    ("contactsArrayMessage", "contact"),
+    ("conversation", "text"),
+    ("extendedTextMessage", "text"),
+)
+_BOOKKEEPING_FIELDS = frozenset({"senderKeyDistributionMessage", "messageContextInfo"})
+
+
+def message_kind(fields: Collection[str], protocol_type: str | None = None) -> str:
+    """The kind of a WhatsApp message from the names of its set Message fields (wrappers such as
+    ephemeralMessage already unwrapped) and, for a protocolMessage, its type's name."""
+    if "reactionMessage" in fields or "encReactionMessage" in fields:
+        return "reaction"
+    if "editedMessage" in fields:
+        return "edit"
+    if "protocolMessage" in fields:
+        return {"REVOKE": "revoke", "MESSAGE_EDIT": "edit"}.get(protocol_type or "", "protocol")
+    if "pollUpdateMessage" in fields:
+        return "poll_vote"
+    for field, kind in _CONTENT_FIELDS:
+        if field in fields:
+            return kind
+    if any(name.startswith("pollCreationMessage") for name in fields):
+        return "poll"
+    return "protocol" if set(fields) <= _BOOKKEEPING_FIELDS else "other"
 
 
 ClientEvent = (

@@ -131,8 +131,11 @@ class Chatbot:
             storable(message.message_id),
             storable(message.text),
             now,
+            message_type=message.kind,
         )
         reason = ignore_reason(message)
+        if reason is None and (message.kind in events.PROTOCOL_KINDS or self.rules.ignores(message.kind)):
+            reason = message.kind  # logged, never answered
         if reason is None and not message.from_me and _sent_at(message) < now - self.rules.reply_expiry:
             reason = "stale"  # delivered long after it was sent (an outage): a person follows up, not the bot
         if reason is not None:
@@ -145,8 +148,10 @@ class Chatbot:
             context = chatbot.ChatContext(
                 last_incoming_at=None if chat is None else chat.last_incoming_at,
                 paused_until=None if chat is None else chat.paused_until,
+                last_reply_reason=None if chat is None else chat.last_reply_reason,
+                last_reply_at=None if chat is None else chat.last_reply_at,
             )
-            decision = chatbot.decide(self.rules, message.text, storable(message.push_name), context, now)
+            decision = chatbot.decide(self.rules, message.text, storable(message.push_name), context, now, message.kind)
             if decision.reason == "paused":  # still paused: the pause stays as it was
                 paused_until, pause_reason = context.paused_until, None if chat is None else chat.pause_reason
             else:

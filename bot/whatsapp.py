@@ -28,6 +28,7 @@ from neonize.events import (
 )
 from neonize.utils import extract_text
 from neonize.proto.Neonize_pb2 import JID
+from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message, ProtocolMessage
 from neonize.utils.enum import ChatPresence, ChatPresenceMedia, ClientName, ReceiptType
 from neonize.utils.jid import Jid2String
 
@@ -122,8 +123,26 @@ class NeonizeClient:
                     from_me=source.IsFromMe,
                     is_group=source.IsGroup,
                     timestamp=_unix_seconds(ev.Info.Timestamp),
+                    kind=kind_of(ev.Message),
                 )
             )
+
+
+_WRAPPERS = ("ephemeralMessage", "viewOnceMessage", "viewOnceMessageV2", "viewOnceMessageV2Extension")
+
+
+def kind_of(message: Message) -> str:
+    """text, audio, image, ..., reaction, edit, revoke (see ``events.message_kind``)."""
+    for _ in range(3):  # disappearing and view-once messages wrap the real one
+        wrapper = next((w for w in _WRAPPERS if message.HasField(w)), None)
+        if wrapper is None:
+            break
+        message = getattr(message, wrapper).message
+    fields = [descriptor.name for descriptor, _ in message.ListFields()]
+    protocol_type = None
+    if message.HasField("protocolMessage"):
+        protocol_type = ProtocolMessage.Type.Name(message.protocolMessage.type)
+    return events.message_kind(fields, protocol_type)
 
 
 def parse_jid(text: str) -> JID:

@@ -55,6 +55,11 @@ NEW = ChatContext(last_incoming_at=None, paused_until=None)
         ("xyz", RECENT, MONDAY_10H, "fallback", "Desculpe, Ana, não entendi"),
         ("xyz", ChatContext(MONDAY_22H - timedelta(minutes=5), None), MONDAY_22H, "after_hours", "estamos fechados"),
         ("2", ChatContext(MONDAY_22H - timedelta(minutes=5), None), MONDAY_22H, "menu_item", "Rua das Flores"),
+        ("horário", RECENT, MONDAY_10H, "rule:horario", "seg a sex 7h-19h"),
+        ("Vocês abrem domingo?", RECENT, MONDAY_10H, "rule:horario", "sáb 7h-13h"),
+        ("qual o endereço?", RECENT, MONDAY_10H, "rule:endereco", "Rua das Flores, 123"),
+        ("vcs fazem delivery", RECENT, MONDAY_10H, "rule:endereco", "raio de 5 km"),
+        ("cadê minha entrega?", RECENT, MONDAY_10H, "rule:pedido-em-andamento", "Vou verificar"),
     ],
 )
 def test_shipped_rules(text: str, chat: ChatContext, now: datetime, reason: str, contains: str) -> None:
@@ -113,3 +118,39 @@ def test_a_bad_rules_file_is_refused_naming_the_rule_or_line(tmp_path: Path, edi
     with pytest.raises(ConfigError) as error:
         load_rules(path)
     assert str(error.value).startswith("BOT_REPLIES: ") and message in str(error.value)
+
+
+def test_after_hours_a_chat_gets_the_long_block_once_then_a_short_line() -> None:
+    chat, replies = NEW, []
+    for n, text in enumerate(["oi", "alguém aí?", "preciso de um bolo", "???"]):
+        now = MONDAY_22H + timedelta(minutes=n)
+        decision = decide(RULES, text, "Ana", chat, now)
+        replies.append(decision.reply or "")
+        chat = ChatContext(now, None, decision.reason, now)
+    assert len(replies[0].splitlines()) >= 8 and "No momento estamos fechados" in replies[0]
+    assert all(len(reply.splitlines()) == 1 and "fechados agora" in reply for reply in replies[1:])
+    later = MONDAY_22H + timedelta(hours=2)  # long after: the whole block again
+    assert decide(RULES, "oi?", "Ana", ChatContext(later, None, "after_hours", MONDAY_22H), later).reply == replies[0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "contains", "hands_off"),
+    [
+        ("audio", "Recebi seu áudio", True),
+        ("image", "Recebi sua imagem", True),
+        ("document", "Recebi seu documento", True),
+        ("location", "localização", True),
+        ("poll", "só consigo ler texto", False),
+        ("other", "só consigo ler texto", False),
+    ],
+)
+def test_what_is_not_text_gets_its_own_reply(kind: str, contains: str, hands_off: bool) -> None:
+    decision = decide(RULES, "", "Ana", RECENT, MONDAY_10H, kind)
+    assert decision.reason == f"media:{kind}" and contains in (decision.reply or "")
+    assert (decision.pause_until is not None) is hands_off
+    assert "não entendi" not in (decision.reply or "")
+
+
+def test_a_photo_with_a_caption_is_answered_as_text_and_stickers_are_ignored() -> None:
+    assert decide(RULES, "quanto custa esse bolo?", "Ana", RECENT, MONDAY_10H, "image").reason == "rule:precos"
+    assert RULES.ignores("sticker") and not RULES.ignores("audio")

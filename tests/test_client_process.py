@@ -150,3 +150,25 @@ def test_every_event_crosses_the_pipe_unchanged(event: events.ClientEvent) -> No
 def test_anything_else_on_the_pipe_is_refused(message: dict) -> None:
     with pytest.raises(ValueError):
         events.from_wire(message)
+
+
+@pytest.mark.parametrize(
+    ("fields", "protocol_type", "kind"),
+    [
+        (["conversation"], None, "text"),
+        (["extendedTextMessage", "messageContextInfo"], None, "text"),
+        (["audioMessage"], None, "audio"),
+        (["imageMessage"], None, "image"),
+        (["stickerMessage"], None, "sticker"),
+        (["reactionMessage"], None, "reaction"),
+        (["protocolMessage"], "REVOKE", "revoke"),
+        (["protocolMessage"], "MESSAGE_EDIT", "edit"),
+        (["editedMessage"], None, "edit"),
+        (["pollCreationMessageV3"], None, "poll"),
+        (["pollUpdateMessage"], None, "poll_vote"),
+        (["senderKeyDistributionMessage"], None, "protocol"),
+        (["groupInviteMessage"], None, "other"),
+    ],
+)
+def test_each_kind_of_message_is_told_apart(fields: list[str], protocol_type: str | None, kind: str) -> None:
+    assert events.message_kind(fields, protocol_type) == kind

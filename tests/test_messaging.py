@@ -329,3 +329,33 @@ def status_of(db: Database, row: int) -> str:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+@pytest.mark.parametrize("kind", ["reaction", "edit", "revoke", "sticker"])
+def test_reactions_edits_revokes_and_stickers_are_logged_and_never_answered(daemon: Daemon, kind: str) -> None:
+    daemon.paired()
+    greeting = incoming("oi")
+    daemon.deliver(greeting)
+    wait_until(lambda: len(replies_to(daemon.network)) == 1, message="greeting")
+    protocol = replace(incoming(""), kind=kind)
+    daemon.deliver(protocol)
+    wait_until(lambda: any(m.message_id == protocol.message_id for m in daemon.db.list_messages("default")))
+    (logged,) = [m for m in daemon.db.list_messages("default") if m.message_id == protocol.message_id]
+    assert (logged.status, logged.message_type) == ("ignored", kind)
+    time.sleep(0.3)
+    assert len(replies_to(daemon.network)) == 1  # no "não entendi" and no menu
+
+
+def test_a_voice_note_gets_its_reply_and_a_person(daemon: Daemon) -> None:
+    daemon.paired()
+    daemon.deliver(incoming("oi"))
+    wait_until(lambda: len(replies_to(daemon.network)) == 1, message="greeting")
+    voice = replace(incoming(""), kind="audio")
+    daemon.deliver(voice)
+    wait_until(lambda: len(replies_to(daemon.network)) == 2, message="the reply to the voice note")
+    assert "Recebi seu áudio" in replies_to(daemon.network)[-1]
+    (logged,) = [m for m in daemon.db.list_messages("default") if m.message_id == voice.message_id]
+    assert logged.message_type == "audio" and logged.reason == "media:audio"
+    daemon.deliver(incoming("alô?"))  # a person takes it from here: the bot stays quiet
+    time.sleep(0.5)
+    assert len(replies_to(daemon.network)) == 2

@@ -36,7 +36,7 @@ def test_schema_creation_is_idempotent_and_keeps_data(db: Database) -> None:
     db.save_history(_write("default", 1))
     db.migrate()
     db.migrate()
-    assert db.schema_version() == SCHEMA_VERSION == 2
+    assert db.schema_version() == SCHEMA_VERSION == 3
     record = db.load_session("default")
     assert _json(record.session_data) == '{"head":1}'
     assert (record.format_version, record.lineage, record.mirror_sequence) == (2, "lineage-1", 1)
@@ -108,3 +108,18 @@ def test_the_seeds_existing_table_is_adopted_without_losing_rows(database_url: s
         ]
     finally:
         db.close()
+
+
+def test_a_version_2_database_gains_message_kinds_and_keeps_its_log(db: Database) -> None:
+    from datetime import UTC, datetime
+
+    queued = db.enqueue_outgoing("default", JID, "Olá", reason="api", expires_at=None, now=datetime.now(UTC))
+    with db.transaction() as tx:  # back to what a version 2 database looks like
+        tx.execute("ALTER TABLE whatsapp_messages DROP COLUMN message_type")
+        tx.execute("ALTER TABLE whatsapp_chats DROP COLUMN last_reply_reason")
+        tx.execute("ALTER TABLE whatsapp_chats DROP COLUMN last_reply_at")
+        tx.execute("UPDATE zapkeep_schema SET version = %s", (2,))
+    db.migrate()
+    assert db.schema_version() == 3
+    (message,) = db.list_messages("default")
+    assert (message.id, message.text, message.message_type) == (queued, "Olá", "text")
