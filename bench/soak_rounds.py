@@ -104,8 +104,8 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=100, help="sample every this many rounds")
     parser.add_argument("--restore-every", type=int, default=50, help="a live restore every this many rounds")
     args = parser.parse_args()
-    # Warm-up: until a row holds a round after the first live restore (during which the
-    # scheduler's thread pool may start one worker more).
+    # Warm-up: until a row holds a round after the first live restore; meanwhile the scheduler's
+    # thread pool also starts the workers it needs (one more, 8 -> 9 threads, in the first runs).
     warm_up = args.restore_every
     if args.every < 1 or args.restore_every < 1 or args.rounds < warm_up + 2 * args.every:
         parser.error("--every and --restore-every must be positive, --rounds >= --restore-every + 2 x --every")

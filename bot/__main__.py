@@ -38,6 +38,7 @@ log = logging.getLogger("bot")
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str]) -> int:
@@ -63,6 +64,9 @@ def main(argv: list[str]) -> int:
     except (ZapkeepError, DatabaseError) as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
+    except KeyboardInterrupt:  # Ctrl-C in the console or during a command: nothing to explain
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,7 +128,11 @@ def run_daemon(config: Config) -> int:
     log.info("database: %s; session %s; store %s", db.backend, config.session_id, config.store_path)
     services = build_services(config, db, process_client_factory(config.python_log_level()), rules)
     app = create_app(services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry)
-    server = ApiServer(app, "0.0.0.0", config.port)
+    try:
+        server = ApiServer(app, "0.0.0.0", config.port)
+    except OSError as exc:
+        db.close()
+        raise ZapkeepError(f"cannot listen on PORT {config.port}: {exc.strerror or exc}") from None
     try:
         server.start()  # first, so the platform's health check passes while the session boots
         services.start()
@@ -206,12 +214,21 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
             _write_private(args.file, text)
         elif args.command == "import":
             _refuse_beside_a_live_owner(db, session_id)
-            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            text = sys.stdin.read() if args.file == "-" else _read_file(Path(args.file))
             version = persistence.import_document(db, session_id, text)
             print(f"imported session {session_id} as version {version}")
         return 0
     finally:
         db.close()
+
+
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ZapkeepError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ZapkeepError(f"{path} is not a UTF-8 text file (a session document is JSON)") from None
 
 
 def _refuse_beside_a_live_owner(db: Database, session_id: str) -> None:

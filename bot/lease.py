@@ -71,6 +71,9 @@ class LeaseKeeper:
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free (then ``on_acquired`` runs); else report standby."""
+        # Timed from before the call: the database counts the lease's life from its statement, and
+        # a slow answer must not make this process think the lease lasts longer than it does.
+        requested = time.monotonic()
         try:
             fence = self.db.acquire_lease(self.session_id, self.owner_id, self._ttl)
         except Exception as exc:
@@ -81,7 +84,7 @@ class LeaseKeeper:
             return False
         with self._lock:
             self._fence = fence
-            self._renewed_at = time.monotonic()
+            self._renewed_at = requested
             waited = None if self._standby_since is None else time.monotonic() - self._standby_since
             self._standby_since = None
         if waited is not None:
@@ -145,6 +148,7 @@ class LeaseKeeper:
     def _renew(self) -> None:
         fence = self._fence
         assert fence is not None
+        requested = time.monotonic()  # (see try_acquire)
         try:
             renewed = self.db.renew_lease(fence, self._ttl)
         except Exception as exc:
@@ -153,7 +157,7 @@ class LeaseKeeper:
         if self._fence != fence:
             return  # lost while the call was under way: the old lease just runs out
         if renewed:
-            self._renewed_at = time.monotonic()
+            self._renewed_at = requested
         else:
             self.lose("lease lost: another instance owns the session now", fence)
 

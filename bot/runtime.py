@@ -367,7 +367,13 @@ class Runtime:
             # several times a day must neither wait for one nor push the older ones out of history).
             self._snapshot("shutdown", unless_newer_than=self._timing.history_interval_seconds)
         self._lease.stop()  # renewed until the last write; stopped so that nothing re-acquires it
-        self._lease.release()
+        if self._supervisor is not None and self._supervisor.is_alive():
+            # Its client may still talk to WhatsApp: another instance must not take over until the lease runs out.
+            log.error(
+                "session %s: the connection round did not end; the lease is left to expire", self.config.session_id
+            )
+        else:
+            self._lease.release()
         self._set(owns_session=False, fencing_token=None, state=State.STOPPED, connected=False)
 
     # --- ownership -----------------------------------------------------------------------------

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from database import PostgresDatabase
@@ -15,8 +18,16 @@ from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bot(database_url: str, data_dir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url, "DATA_DIR": str(data_dir), "HTTPS_PROXY": "http://127.0.0.1:9"}
+def bot(
+    database_url: str, data_dir: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "DATA_DIR": str(data_dir),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, "-m", "bot", *args],
         cwd=ROOT,
@@ -113,3 +124,36 @@ def test_backup_refuses_a_store_that_does_not_descend_from_the_stored_session(
     assert bot(database_url, first, "backup").returncode == 0
     refused = bot(database_url, other, "backup")
     assert refused.returncode == 1 and "does not descend from the stored session" in refused.stderr
+
+
+def test_everyday_mistakes_get_one_line_not_a_traceback(database_url: str, tmp_path: Path) -> None:
+    missing = bot(database_url, tmp_path / "data", "import", str(tmp_path / "nao-existe.json"))
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert [line for line in missing.stderr.splitlines() if "cannot read" in line and "No such file" in line]
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"PORT": str(port), "API_TOKEN": "cli-test-token-0123456789"}
+        busy = bot(database_url, tmp_path / "data", "run", env=env)
+    assert busy.returncode == 1 and "Traceback" not in busy.stderr, busy.stderr[-2000:]
+    assert f"cannot listen on PORT {port}" in busy.stderr
+
+
+def test_ctrl_c_in_the_console_ends_it_quietly(tmp_path: Path) -> None:
+    console = subprocess.Popen(
+        [sys.executable, "-m", "bot", "console"],
+        cwd=ROOT,
+        env={**os.environ, "DATA_DIR": str(tmp_path / "data"), "HTTPS_PROXY": "http://127.0.0.1:9"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    console.stdin.write("oi\n")
+    console.stdin.flush()
+    time.sleep(2)  # it answered and waits at the prompt
+    console.send_signal(signal.SIGINT)
+    _, err = console.communicate(timeout=20)
+    assert console.returncode == 130 and "Traceback" not in err, err

@@ -111,3 +111,45 @@ def test_an_expired_owner_cannot_change_a_stored_session_either(db: Database) ->
     assert db.load_session("default") == row
     assert db.load_rows("default") == rows
     assert [h.version for h in db.list_history("default")] == [1]
+
+
+def test_a_slow_renewal_never_makes_a_lease_look_longer_than_the_database_holds_it(db: Database) -> None:
+    from bot.lease import LeaseKeeper
+
+    class SlowAnswers:
+        """The database renews at once but its answer arrives late; then it stops answering."""
+
+        def __init__(self) -> None:
+            self.renewals = 0
+
+        def __getattr__(self, name: str):
+            return getattr(db, name)
+
+        def renew_lease(self, fence: Fence, ttl_seconds: float) -> bool:
+            self.renewals += 1
+            if self.renewals > 1:
+                time.sleep(5)  # unreachable from here on
+            renewed = db.renew_lease(fence, ttl_seconds)
+            time.sleep(1.5)
+            return renewed
+
+    keeper = LeaseKeeper(
+        SlowAnswers(),  # type: ignore[arg-type]
+        "default",
+        "host-a",
+        ttl_seconds=3,
+        renew_seconds=0.5,
+        poll_seconds=0.5,
+        on_acquired=lambda fence, waited: None,
+        on_lost=lambda reason: None,
+        on_standby=lambda: None,
+    )
+    assert keeper.try_acquire()
+    keeper.start()
+    deadline = time.monotonic() + 8
+    while keeper.fresh() and time.monotonic() < deadline:
+        lease = db.lease("default")
+        assert lease is not None and lease.expires_in_seconds > 0  # fresh here means held there
+        time.sleep(0.02)
+    assert not keeper.fresh()
+    keeper.stop()
