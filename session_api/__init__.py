@@ -12,10 +12,9 @@ from werkzeug.exceptions import HTTPException
 from bot.outbox import Outbox
 from bot.runtime import Runtime
 from database import Database
+from session_api.server import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 64 * 1024 * 1024  # a large store's document is a few MB; anything beyond is a mistake
 
 
 def create_app(

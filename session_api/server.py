@@ -12,12 +12,29 @@ from waitress.server import create_server
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # how quickly the loop notices a stop request
+CONNECTION_LIMIT = 500
+IDLE_TIMEOUT_SECONDS = 15
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a large store's document is a few MB; anything beyond is a mistake
 
 
 class ApiServer:
     def __init__(self, app: Flask, host: str, port: int, *, threads: int = 8) -> None:
         self._server = create_server(
-            app, host=host, port=port, threads=threads, ident="zapkeep", clear_untrusted_proxy_headers=True
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            ident="zapkeep",
+            clear_untrusted_proxy_headers=True,
+            # Idle or half-sent connections cannot starve /healthz: many may wait (poll, not select,
+            # so their number is not capped by FD_SETSIZE), and each is closed after a short silence.
+            connection_limit=CONNECTION_LIMIT,
+            channel_timeout=IDLE_TIMEOUT_SECONDS,
+            cleanup_interval=5,
+            asyncore_use_poll=True,
+            # Refused from the headers, before any of the body is read (waitress's default is 1 GiB).
+            max_request_body_size=MAX_BODY_BYTES,
+            max_request_header_size=64 * 1024,
         )
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
