@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="stored sessions and their history, as JSON")
     commands.add_parser("backup", help="sync the local store into the database and keep a snapshot in history")
     restore = commands.add_parser("restore", help="rewrite the local store from the database (daemon stopped)")
-    restore.add_argument("-v", "--version", type=int, help="a historical version instead of the latest")
+    restore.add_argument("-v", "--version", type=_history_version, help="a historical version instead of the latest")
     delete = commands.add_parser("delete", help="delete the stored session")
     delete.add_argument("--purge", action="store_true", help="delete its history too")
     export = commands.add_parser("export", help="write the stored document to FILE ('-' for stdout)")
@@ -285,9 +285,19 @@ def _write_private(target: str, text: str) -> None:
     if target == "-":
         sys.stdout.write(text)
         return
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds credentials
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds credentials
+        os.fchmod(fd, 0o600)  # also when the file was there before, readable by others
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise ZapkeepError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+def _history_version(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a history version (a whole number from 1)")
+    return int(text)
 
 
 if __name__ == "__main__":

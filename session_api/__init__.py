@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from bot.outbox import Outbox
 from bot.runtime import Runtime
-from database import Database
+from database import Database, is_unavailable
 from session_api.server import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,18 @@ def create_app(
         response = jsonify(success=False, message=exc.description)
         if exc.code == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="zapkeep"'
+        for name, value in exc.get_headers():
+            if name.lower() in ("allow", "retry-after"):  # 405 says what is allowed
+                response.headers[name] = value
         return response, exc.code or 500
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:
+        if is_unavailable(exc):
+            log.warning("API request failed: the database is unreachable (%s)", exc.__class__.__name__)
+            response = jsonify(success=False, message="the database is unreachable; try again shortly")
+            response.headers["Retry-After"] = "5"
+            return response, 503
         # Class name only: messages of lower layers may quote data, and data may be credentials.
         log.error("API request failed: %s", exc.__class__.__name__, exc_info=log.isEnabledFor(logging.DEBUG))
         return jsonify(success=False, message="internal error; see the daemon's log"), 500

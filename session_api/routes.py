@@ -6,6 +6,7 @@ import base64
 import hmac
 import io
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,7 +26,8 @@ from session_api.openapi import openapi_document
 
 bp = Blueprint("session_api", __name__)
 
-PHONE = re.compile(r"\d{10,15}")
+UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
+PHONE = re.compile(r"[0-9]{10,15}")  # ASCII only: \d would take Arabic-Indic or fullwidth digits
 JID = re.compile(r"[0-9A-Za-z.:_-]{1,64}@(s\.whatsapp\.net|g\.us|lid)")
 MAX_MESSAGE_CHARS = 4096
 
@@ -52,18 +54,61 @@ def ok(http_status: int = 200, /, **payload: Any) -> tuple[Response, int]:
 
 
 def json_body(required: bool = False) -> dict[str, Any]:
-    if not request.get_data(cache=True):
+    raw = request.get_data(cache=True)
+    if not raw:
         if required:
             abort(400, "a JSON object body is required")
         return {}
-    body = request.get_json(silent=True)
+    body = strict_json(raw)
     if not isinstance(body, dict):
         abort(400, "the body must be a JSON object")
     return body
 
 
+def strict_json(raw: bytes) -> Any:
+    """JSON as the database can store it: UTF-8, no NaN or Infinity (nor 1e400), not nested
+    deeper than Python can follow, no NUL and no lone surrogate in any string."""
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+    except UnicodeDecodeError:
+        abort(400, "the body is not UTF-8 text")
+    except RecursionError:
+        abort(400, "the JSON is nested too deeply")
+    except ValueError as exc:
+        abort(400, f"the body is not valid JSON: {first_line(exc)}")
+    pending = [value]
+    while pending:  # iterative: a deep document must not exhaust the stack here either
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str) and UNSTORABLE_TEXT.search(item):
+            abort(400, "a text in the body holds a NUL character or a lone surrogate")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"{text[:20]} is out of range")
+    return number
+
+
 def session_id_from(source: dict[str, Any] | None = None) -> str:
-    value = (source or {}).get("session_id") or request.args.get("session_id") or runtime().config.session_id
+    """The session asked for; the daemon's own only when none is named (an empty one is an error:
+    ``?session_id=`` must never mean "this daemon's session" to a DELETE)."""
+    if source and "session_id" in source:
+        value = source["session_id"]
+    elif "session_id" in request.args:
+        value = request.args["session_id"]
+    else:
+        value = runtime().config.session_id
     if not isinstance(value, str) or not is_valid_session_id(value):
         abort(400, "session_id must be 1-100 letters, digits, '-' or '_'")
     return value
@@ -300,16 +345,18 @@ def normalise_recipient(value: str) -> str | None:
     return f"{digits}@s.whatsapp.net" if PHONE.fullmatch(digits) else None
 
 
+MAX_VERSION = 2**31 - 1  # history versions are INTEGER columns
+
+
 def _version_arg(value: Any) -> int | None:
+    """A history version: a JSON integer or a string of ASCII digits, 1..2^31-1 (1.5 is not 1)."""
     if value is None or value == "":
         return None
-    try:
-        version = int(value)
-    except (TypeError, ValueError):
-        abort(400, "version must be a positive whole number")
-    if isinstance(value, bool) or version < 1:
-        abort(400, "version must be a positive whole number")
-    return version
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,10}", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
+        abort(400, f"version must be a whole number from 1 to {MAX_VERSION}")
+    return value
 
 
 def _iso(value: datetime) -> str:

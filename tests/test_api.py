@@ -484,3 +484,41 @@ def test_create_app_refuses_to_serve_without_a_token(db: Database, whatsmeow_tem
     runtime = Runtime(config, db, FakeWhatsApp(schema_template=whatsmeow_template).factory)
     with pytest.raises(ValueError, match="API token"):
         create_app(runtime, db)
+
+
+BAD_INPUT = [
+    ("POST", "/api/session/restore", b"[" * 5000 + b"]" * 5000),  # deeper than Python recurses
+    ("POST", "/api/session/restore", b'{"version": 1e400}'),
+    ("POST", "/api/session/restore", b'{"version": Infinity}'),
+    ("POST", "/api/session/restore", b'{"version": NaN}'),
+    ("POST", "/api/session/restore", b'{"version": 1.5}'),
+    ("GET", "/api/session/restore?version=9223372036854775808", None),
+    ("GET", "/api/session/restore?version=%D9%A3", None),  # an Arabic-Indic 3
+    ("POST", "/api/messages/send", b'{"to": "5511912345678", "message": "a\\ud800b"}'),
+    ("POST", "/api/messages/send", b'{"to": "5511912345678", "message": "a\\u0000b"}'),
+    (
+        "POST",
+        "/api/messages/send",
+        b'{"to": "\\uff15\\uff15\\uff11\\uff11\\uff19\\uff11\\uff12\\uff13\\uff14\\uff15\\uff16", "message": "oi"}',
+    ),
+    ("POST", "/api/messages/send", b'{"to": "5511912345678", "message": "\xff"}'),
+    ("POST", "/api/session/backup", b'{"session_id": "x", "session_data": {"metadata": {"n": "\\u0000"}}}'),
+    ("DELETE", "/api/session/delete?session_id=", None),
+    ("DELETE", "/api/session/delete?session_id=0", None),
+]
+
+
+def test_bad_input_gets_a_4xx_json_answer_and_changes_nothing(api: Api) -> None:
+    api.pair()
+    before = (api.db.load_session("default"), api.db.list_history("default"), api.db.list_messages("default"))
+    for method, path, raw in BAD_INPUT:
+        reply = api.call(method, path, raw=raw)
+        assert 400 <= reply.status < 500, (path, raw and raw[:60], reply.status, reply.body[:200])
+        assert reply.json()["success"] is False
+    after = (api.db.load_session("default"), api.db.list_history("default"), api.db.list_messages("default"))
+    assert after == before
+
+
+def test_a_wrong_method_says_which_are_allowed(api: Api) -> None:
+    reply = api.call("PUT", "/api/session/status")
+    assert reply.status == 405 and "GET" in reply.headers["allow"]

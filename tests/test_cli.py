@@ -131,6 +131,20 @@ def test_everyday_mistakes_get_one_line_not_a_traceback(database_url: str, tmp_p
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert [line for line in missing.stderr.splitlines() if "cannot read" in line and "No such file" in line]
 
+    huge = bot(database_url, tmp_path / "data", "restore", "-v", "99999999999999999999")
+    assert huge.returncode == 2 and "Traceback" not in huge.stderr and "not a history version" in huge.stderr
+
+    store = tmp_path / "data" / "sessions" / "default" / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    assert bot(database_url, tmp_path / "data", "backup").returncode == 0
+    nowhere = bot(database_url, tmp_path / "data", "export", str(tmp_path / "no-such-dir" / "s.json"))
+    assert nowhere.returncode == 1 and "Traceback" not in nowhere.stderr and "cannot write" in nowhere.stderr
+    shared = tmp_path / "shared.json"
+    shared.write_text("old")
+    shared.chmod(0o644)
+    assert bot(database_url, tmp_path / "data", "export", str(shared)).returncode == 0
+    assert shared.stat().st_mode & 0o777 == 0o600 and json.loads(shared.read_text())["format_version"] == 2
+
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
