@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -49,16 +50,18 @@ def sample(round_number: int) -> Sample:
     return Sample(round_number, len(os.listdir("/proc/self/fd")), threading.active_count(), rss_kb / 1024)
 
 
-def peak(a: Sample | None, b: Sample) -> Sample:
-    if a is None:
-        return b
-    return Sample(b.round, max(a.descriptors, b.descriptors), max(a.threads, b.threads), max(a.rss_mb, b.rss_mb))
+def median(samples: list[Sample]) -> Sample:
+    """The middle value of each measure, at the last round: a leak moves it, a moment does not."""
+    return Sample(
+        samples[-1].round,
+        *(statistics.median_low(getattr(s, name) for s in samples) for name in ("descriptors", "threads", "rss_mb")),
+    )
 
 
 class CountedRounds:
     """The client factory, counted. Each round is measured as it starts (the previous round's child
-    has exited, this one's is not started yet); a row holds the highest values since the last row:
-    a leak raises them, the mirror's child or a database connection open at one moment does not."""
+    has exited, this one's is not started yet); a row holds the medians since the row before, as
+    the mirror's child, a store worker or a database connection may be open at any one moment."""
 
     def __init__(self, factory: ClientFactory, every: int) -> None:
         self._factory = factory
@@ -66,15 +69,15 @@ class CountedRounds:
         self._changed = threading.Condition()
         self.count = 0
         self.samples: list[Sample] = []
-        self._peak: Sample | None = None
+        self._since_row: list[Sample] = []
 
     def __call__(self, store_path: Path, sink: EventSink) -> WhatsAppClient:
         with self._changed:
             self.count += 1
-            self._peak = peak(self._peak, sample(self.count))
+            self._since_row.append(sample(self.count))
             if self.count == 1 or self.count % self._every == 0:
-                self.samples.append(self._peak)
-                self._peak = None
+                self.samples.append(median(self._since_row))
+                self._since_row = []
             self._changed.notify_all()
         return self._factory(store_path, sink)
 
@@ -105,7 +108,7 @@ def main() -> int:
     parser.add_argument("--restore-every", type=int, default=50, help="a live restore every this many rounds")
     args = parser.parse_args()
     # Warm-up: until a row holds a round after the first live restore; meanwhile the scheduler's
-    # thread pool also starts the workers it needs (one more, 8 -> 9 threads, in the first runs).
+    # thread pool also starts the workers it needs (8 -> 9 threads in the first runs).
     warm_up = args.restore_every
     if args.every < 1 or args.restore_every < 1 or args.rounds < warm_up + 2 * args.every:
         parser.error("--every and --restore-every must be positive, --rounds >= --restore-every + 2 x --every")
@@ -118,7 +121,7 @@ def main() -> int:
         rounds = CountedRounds(process_client_factory(logging.ERROR), args.every)
         runtime = Runtime(config, db, rounds, backoff=Backoff(0.01, 0.05))
         restores = 0
-        print("this process at the start of a round; each row: the highest since the row before")
+        print("this process at the start of a round; each row: the medians since the row before")
         print(f"{'round':>6} {'descriptors':>12} {'threads':>8} {'RSS MB':>8}")
         try:
             runtime.start()

@@ -201,7 +201,7 @@ class Runtime:
         backoff: Backoff = Backoff(),
         timing: Timing = Timing(),
         wait: Waiter | None = None,
-        jitter: Callable[[], float] = random.random,
+        jitter: Callable[[], float] | None = None,
         owner_id: str | None = None,
     ) -> None:
         self.config = config
@@ -210,7 +210,7 @@ class Runtime:
         self._backoff = backoff
         self._timing = timing
         self._wait = wait or self._wait_for_wake
-        self._jitter = jitter
+        self._jitter = jitter or random.Random().random  # its own generator: the global one is shared
         self.message_handlers: list[MessageHandler] = []
         self.connected_listeners: list[Callable[[], None]] = []  # e.g. the outbox: send what waited
         self.take_over_listeners: list[Callable[[], None]] = []  # the lease is ours, before connecting
