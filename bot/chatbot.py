@@ -65,7 +65,7 @@ class Rules:
     mark_read: bool
     typing_seconds: float
     reply_expiry: timedelta
-    media_replies: Mapping[str, str]  # message kind (audio, image...) -> reply; "other" for the rest
+    media_replies: Mapping[str, str]  # message kind (audio, image...) -> reply; "other" for the rest; {}: fallback
     media_handoff: frozenset[str]  # kinds a person must look at: the bot then steps back
     media_ignored: frozenset[str]  # kinds never answered (e.g. stickers)
     repeat_window: timedelta  # a long block goes to a chat at most once this long...
@@ -139,8 +139,9 @@ def _values(rules: Rules, push_name: str) -> dict[str, str]:
 
 def _decide(rules: Rules, text: str, push_name: str, chat: ChatContext, now: datetime, kind: str) -> Decision:
     values = _values(rules, push_name)
-    if kind != "text" and not text.strip():
-        reply = rules.media_replies.get(kind, rules.media_replies["other"]).format_map(values)
+    reply_template = rules.media_replies.get(kind, rules.media_replies.get("other"))
+    if kind != "text" and not text.strip() and reply_template is not None:
+        reply = reply_template.format_map(values)
         handoff = now + rules.handoff_pause if kind in rules.media_handoff else None
         return Decision(reply, f"media:{kind}", handoff)
     is_open = rules.is_open(now)
@@ -216,7 +217,7 @@ def _build(raw: dict[str, Any]) -> Rules:
     handoff = _table(raw, "handoff")
     fallback = _table(raw, "fallback")
     behaviour = _table(raw, "behaviour", required=False)
-    media = _table(raw, "media")
+    media = _table(raw, "media", required=False)  # rules files written before it: the fallback answers
     repeat = _table(raw, "repeat", required=False)
     try:
         timezone = ZoneInfo(_text(hours, "timezone", "[hours]"))
@@ -269,7 +270,9 @@ def _build(raw: dict[str, Any]) -> Rules:
         typing_seconds=_number(behaviour, "typing_seconds", "[behaviour]", 1.0, high=10),
         reply_expiry=timedelta(minutes=_number(behaviour, "reply_expiry_minutes", "[behaviour]", 60, low=1)),
         media_replies={
-            kind: _template(media, kind, "[media]") for kind in MEDIA_KINDS if kind in media or kind == "other"
+            kind: _template(media, kind, "[media]")
+            for kind in MEDIA_KINDS
+            if kind in media or (media and kind == "other")
         },
         media_handoff=_kinds(media, "handoff"),
         media_ignored=_kinds(media, "ignore"),
@@ -280,7 +283,7 @@ def _build(raw: dict[str, Any]) -> Rules:
 
 def _kinds(media: dict[str, Any], key: str) -> frozenset[str]:
     value = media.get(key, [])
-    if not isinstance(value, list) or not set(value) <= set(MEDIA_KINDS):
+    if not isinstance(value, list) or not all(isinstance(kind, str) and kind in MEDIA_KINDS for kind in value):
         raise _RuleError(f"[media] {key} must be a list of message kinds ({', '.join(MEDIA_KINDS)})")
     return frozenset(value)
 

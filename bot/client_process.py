@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -36,6 +37,9 @@ CALLS = ("send_text", "logout", "request_pairing_code", "mark_read", "set_typing
 STOP_GRACE_SECONDS = 10.0  # whatsmeow's stop() waits for a slow dial (up to 60 s): not that long
 CALL_TIMEOUT_SECONDS = 60.0
 _NO_END = object()
+# whatsmeow's errors after the message node was sent, while it waited for the server's answer
+# (ErrIQTimedOut, ErrIQDisconnected, a cancelled context): the customer may already have it.
+AMBIGUOUS_SEND_ERROR = re.compile(r"timed out|deadline exceeded|disconnected before|context canceled", re.IGNORECASE)
 
 
 class ClientCallError(ZapkeepError):
@@ -86,23 +90,31 @@ class ProcessClient:
             process = self._process
         assert process.stdout is not None
         end: object = _NO_END
-        for line in process.stdout:
-            try:
-                message = json.loads(line)
-                if "event" in message:
-                    self._sink(events.from_wire(message))
-                elif "reply" in message:
-                    self._answer(message)
-                elif "end" in message:
-                    end = message["end"]
-            except (ValueError, TypeError, KeyError) as exc:
-                log.error("the client process sent a line this daemon cannot read: %s", exc)
-        code = process.wait()
-        with self._write_lock:
+        try:
+            for line in process.stdout:
+                try:
+                    message = json.loads(line)
+                    if not isinstance(message, dict):
+                        raise ValueError("not a JSON object")
+                    if "event" in message:
+                        self._sink(events.from_wire(message))
+                    elif "reply" in message:
+                        self._answer(message)
+                    elif "end" in message:
+                        end = message["end"]
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.error("the client process sent a line this daemon cannot read: %s", exc)
+        finally:  # whatever happened here, the round's process and pipes end with it
+            if process.poll() is None:
+                process.kill()
+            code = process.wait()
             process.stdout.close()
-            if process.stdin is not None:
-                process.stdin.close()
-        self._fail_calls("the client process ended")
+            if process.stdin is not None and self._write_lock.acquire(timeout=STOP_GRACE_SECONDS):
+                try:
+                    process.stdin.close()
+                finally:
+                    self._write_lock.release()
+            self._fail_calls("the client process ended")
         if end is not _NO_END:
             return None if end is None else str(end)
         return f"the client process exited with code {code}"
@@ -122,7 +134,12 @@ class ProcessClient:
             process.wait()
 
     def send_text(self, to_jid: str, text: str) -> str:
-        return str(self._call("send_text", to_jid, text))
+        try:
+            return str(self._call("send_text", to_jid, text))
+        except ClientCallError as exc:
+            if AMBIGUOUS_SEND_ERROR.search(str(exc)):
+                raise SendOutcomeUnknown(str(exc)) from None  # the message may be on its way already
+            raise
 
     def logout(self) -> None:
         self._call("logout")
@@ -174,12 +191,17 @@ class ProcessClient:
         process = self._process
         if process is None or process.stdin is None:
             return
+        # Bounded: a wedged child with a full pipe must not hold up stop(), which kills it next.
+        if not self._write_lock.acquire(timeout=STOP_GRACE_SECONDS):
+            log.warning("the client process is not reading its commands")
+            return
         try:
-            with self._write_lock:
-                process.stdin.write(json.dumps(message).encode() + b"\n")
-                process.stdin.flush()
+            process.stdin.write(json.dumps(message).encode() + b"\n")
+            process.stdin.flush()
         except (BrokenPipeError, ValueError):  # the process is gone; run() reports how it ended
             pass
+        finally:
+            self._write_lock.release()
 
 
 def process_client_factory(log_level: int) -> events.ClientFactory:

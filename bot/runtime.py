@@ -183,10 +183,6 @@ class Readiness:
     reason: str | None
 
 
-# Events that still count after their round was stopped: whatsmeow has acknowledged the message,
-# and the pairing is in the store. The rest describe a connection that is gone.
-_KEPT_FROM_ENDED_ROUNDS = (events.IncomingMessage, events.Paired)
-
 MessageHandler = Callable[[events.IncomingMessage], None]
 Waiter = Callable[[float], None]
 
@@ -222,6 +218,7 @@ class Runtime:
         self._live_round: int | None = None  # the round whose events describe the connection now
         self._held = False  # an operator stopped the client: no rounds until started again
         self._state_at_shutdown = State.STARTING
+        self._supervisor_ending = False  # the supervisor is leaving (replaced, demoted): no new rounds from it
         self._dropped_at: float | None = None  # the live round lost its connection (whatsmeow reconnects)
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -404,11 +401,12 @@ class Runtime:
         self._start_supervisor()
 
     def _start_supervisor(self) -> None:
-        self._set(state=State.CONNECTING)
         with self._lock:
-            if self._stopping.is_set():
-                return
+            if self._stopping.is_set() or (self._supervisor is not None and self._supervisor.is_alive()):
+                return  # one supervisor at a time: two would run two clients on one session
+            self._set(state=State.CONNECTING)
             self._pending = None
+            self._supervisor_ending = False
             self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
             self._supervisor.start()
 
@@ -489,7 +487,9 @@ class Runtime:
             with self._lock:
                 pending, self._pending = self._pending, None
                 self._wake.clear()  # whatever woke us is being handled now
-            if pending in (_Pending.REPLACED, _Pending.DEMOTED) or not self._lease.fresh():
+                ending = pending in (_Pending.REPLACED, _Pending.DEMOTED) or not self._lease.fresh()
+                self._supervisor_ending = ending
+            if ending:
                 self._fail_restore_request("the session was handed over before the restore could run")
                 # Replaced: write nothing more. Demoted: the fence refuses any write anyway.
                 try:
@@ -530,8 +530,7 @@ class Runtime:
                 log.exception("session %s: client crashed", self.config.session_id)
                 error = f"client crashed: {exc.__class__.__name__}"
             with self._lock:
-                self._client = None
-                self._live_round = None
+                self._client = None  # (its round stays the live one until the next: its last words count)
                 self._qr = None
                 if self._stopping.is_set() or self._pending is not None:
                     continue
@@ -617,11 +616,16 @@ class Runtime:
             request.done.set()
 
     def _stop_client(self, pending: _Pending | None = None) -> None:
+        self._finish_client_stop(self._claim_client_stop(pending))
+
+    def _claim_client_stop(self, pending: _Pending | None) -> events.WhatsAppClient | None:
         with self._lock:
             if pending is not None and (self._pending is None or pending > self._pending):
                 self._pending = pending
-            client = self._client
-            self._live_round = None  # whatever it still says is about a connection being closed
+            self._live_round = None  # whatever the round still says is about a connection being closed
+            return self._client
+
+    def _finish_client_stop(self, client: events.WhatsAppClient | None) -> None:
         self._wake.set()  # cut a backoff wait short: the supervisor has work
         if client is not None:
             client.stop()
@@ -696,7 +700,9 @@ class Runtime:
                 unlinked = True
             except Exception as exc:
                 log.warning("session %s: logout request failed (%s); wiping locally", self.config.session_id, exc)
-        self._set(state=State.LOGGED_OUT, connected_since=None, last_error="logged out by an admin")
+        with self._lock:
+            self._held = False  # unlinked: pairing again is the way back, whatever stop said before
+            self._set(state=State.LOGGED_OUT, connected_since=None, last_error="logged out by an admin")
         self._stop_client(_Pending.LOGGED_OUT)
         return unlinked
 
@@ -707,10 +713,17 @@ class Runtime:
             self._held = False
             self._failures = 0
             supervisor = self._supervisor
-        if self.state is not State.REPLACED:
+            running = (
+                supervisor is not None
+                and supervisor.is_alive()
+                and not self._supervisor_ending
+                and self._pending not in (_Pending.REPLACED, _Pending.DEMOTED)
+                and self.state is not State.REPLACED
+            )
+        if running:
             self._stop_client(_Pending.NEW_ROUND)
             return
-        if supervisor is not None:  # the replaced round's supervisor is on its way out
+        if supervisor is not None:  # after "replaced" its supervisor is on its way out, or gone
             supervisor.join(timeout=30)
             if supervisor.is_alive():
                 raise StateConflictError("the replaced connection round has not ended yet; try again")
@@ -721,6 +734,8 @@ class Runtime:
         self._require_owner("stop")
         with self._lock:
             self._held = True
+            if self.state is State.REPLACED:  # no round runs: nothing to stop, but the state says what holds
+                self._set(state=State.DISCONNECTED)
         self._stop_client(_Pending.NEW_ROUND)
 
     def start_connection(self) -> None:
@@ -732,7 +747,8 @@ class Runtime:
             raise StateConflictError(f"session {self.config.session_id} is {self.state.value}; cannot {action}")
 
     def readiness(self) -> Readiness:
-        """Serving customers only when connected; otherwise the reason, in words a person can act on."""
+        """Serving customers only when connected; otherwise the reason, in words a person can act on.
+        Fixed sentences only: /readyz needs no token, and error texts can quote what they failed on."""
         status = self.status()
         state = State(status.state)
         reasons = {
@@ -740,9 +756,8 @@ class Runtime:
             State.STARTING: "starting: restoring the stored session",
             State.STANDBY: f"standby: another instance holds session {status.session_id}",
             State.CONNECTING: "connecting to WhatsApp",
-            State.RECONNECTING: f"reconnecting to WhatsApp: {status.last_error or 'the connection dropped'}",
-            State.QR: "not linked: scan the QR code (GET /api/session/qr) or request a pairing code"
-            + (f"; {status.last_error}" if status.last_error else ""),
+            State.RECONNECTING: "reconnecting to WhatsApp (the last error is in /api/session/status)",
+            State.QR: "not linked: scan the QR code (GET /api/session/qr) or request a pairing code",
             State.LOGGED_OUT: "logged out: the device was unlinked; pairing again",
             State.REPLACED: "replaced: another client took over this session's stream; "
             "POST /api/session/reconnect takes it back",
@@ -750,8 +765,8 @@ class Runtime:
             State.STOPPED: "shutting down",
         }
         reason = reasons[state]
-        if status.boot_error and state is not State.CONNECTED:
-            reason = f"{reason}; the stored session was refused at boot: {status.boot_error}"
+        if status.boot_error and state is not State.CONNECTED:  # (the details need the token: /api/session/status)
+            reason = f"{reason}; the stored session was refused at boot"
         return Readiness(ready=state is State.CONNECTED, state=state.value, reason=reason)
 
     def send_text(self, to_jid: str, text: str) -> str:
@@ -789,53 +804,58 @@ class Runtime:
     def _consume_events(self) -> None:
         while (item := self._events.get()) is not None:
             round_number, event = item
-            with self._lock:
-                stale = round_number != self._live_round
-            if stale and not isinstance(event, _KEPT_FROM_ENDED_ROUNDS):
-                log.debug("session %s: ignoring %s from an ended round", self.config.session_id, type(event).__name__)
-                continue
             try:
-                self._handle(event)
+                self._handle(event, round_number)
             except Exception:
                 log.exception("session %s: handling %s failed", self.config.session_id, type(event).__name__)
 
-    def _handle(self, event: events.ClientEvent) -> None:
+    def _handle(self, event: events.ClientEvent, round_number: int) -> None:
+        if isinstance(event, events.IncomingMessage):  # acknowledged by whatsmeow: handled whatever the round
+            for handler in self.message_handlers:
+                handler(event)
+            return
+        if isinstance(event, events.Paired):  # the device is in the store, whatever the round
+            log.info("session %s: paired as %s", self.config.session_id, event.jid)
+            with self._lock:
+                self._qr = None
+                self._set(jid=event.jid, phone=_phone(event.jid), pairing_code=None, boot_error=None)
+            self._schedule(self._history_job, "after-pair", self._timing.after_pair_seconds)
+            return
+        with self._lock:  # checked and applied at once: a stop cannot come in between
+            if round_number != self._live_round:
+                log.debug("session %s: ignoring %s from an ended round", self.config.session_id, type(event).__name__)
+                return
+            follow_up = self._apply(event)
+        if follow_up is not None:
+            follow_up()  # slow or outward work, outside the lock
+
+    def _apply(self, event: events.ClientEvent) -> Callable[[], None] | None:
+        """A connection event's change of state (under the lock); returns what to do after it."""
         match event:
             case events.QrCode(code=code):
-                self._on_qr(code)
+                return self._on_qr(code)
             case events.PairingCode(code=code):
                 self._set(pairing_code=code)
-            case events.Paired(jid=jid):
-                log.info("session %s: paired as %s", self.config.session_id, jid)
-                self._set(jid=jid, phone=_phone(jid), pairing_code=None, boot_error=None)
-                with self._lock:
-                    self._qr = None
-                self._schedule(self._history_job, "after-pair", self._timing.after_pair_seconds)
             case events.Connected():
-                with self._lock:
-                    self._failures = 0
-                    self._qr = None
-                    self._dropped_at = None
-                    self._set(state=State.CONNECTED, connected_since=_now(), last_error=None, pairing_code=None)
-                self._schedule(self._reconcile_job, "after-connect", self._timing.after_connect_seconds)
-                for listener in self.connected_listeners:
-                    listener()
+                self._failures = 0
+                self._qr = None
+                self._dropped_at = None
+                self._set(state=State.CONNECTED, connected_since=_now(), last_error=None, pairing_code=None)
+                return self._after_connect
             case events.Disconnected():
-                with self._lock:
-                    if self.state is State.CONNECTED:  # whatsmeow reconnects by itself from here
-                        self._dropped_at = time.monotonic()
-                        self._set(
-                            state=State.RECONNECTING,
-                            connected_since=None,
-                            reconnect_count=self._status.reconnect_count + 1,
-                        )
+                if self.state is State.CONNECTED:  # whatsmeow reconnects by itself from here
+                    self._dropped_at = time.monotonic()
+                    self._set(
+                        state=State.RECONNECTING, connected_since=None, reconnect_count=self._status.reconnect_count + 1
+                    )
             case events.LoggedOut(reason=reason):
                 self._set(
                     state=State.LOGGED_OUT,
                     last_error=f"logged out from the phone ({reason or 'no reason'})",
                     connected_since=None,
                 )
-                self._stop_client(_Pending.LOGGED_OUT)
+                client = self._claim_client_stop(_Pending.LOGGED_OUT)
+                return lambda: self._finish_client_stop(client)
             case events.StreamReplaced():
                 log.error(
                     "session %s: another client took over this session's stream; stopping, not reconnecting",
@@ -846,7 +866,8 @@ class Runtime:
                     connected_since=None,
                     last_error="stream replaced: another instance or device is using this session",
                 )
-                self._stop_client(_Pending.REPLACED)
+                client = self._claim_client_stop(_Pending.REPLACED)
+                return lambda: self._finish_client_stop(client)
             case events.TemporaryBan(code=code, expires_in_seconds=seconds):
                 log.error("session %s: temporarily banned (%s) for %d s", self.config.session_id, code, seconds)
                 self._set(last_error=f"temporarily banned ({code}), expires in {seconds} s")
@@ -856,28 +877,33 @@ class Runtime:
                 self._set(last_error=f"keep-alive timeout ({count} missed)")
             case events.KeepAliveRestored():
                 log.info("session %s: keep-alive restored", self.config.session_id)
-            case events.IncomingMessage() as message:
-                for handler in self.message_handlers:
-                    handler(message)
+        return None
 
-    def _on_qr(self, code: str) -> None:
-        with self._lock:
-            if self._pending is not None:
-                return
-            self._qr = code
-            self._qr_at = time.monotonic()
-            request_code = self.config.pair_phone is not None and not self._pairing_requested
-            self._pairing_requested = True
-            client = self._client
+    def _after_connect(self) -> None:
+        self._schedule(self._reconcile_job, "after-connect", self._timing.after_connect_seconds)
+        for listener in self.connected_listeners:
+            listener()
+
+    def _on_qr(self, code: str) -> Callable[[], None] | None:
+        if self._pending is not None:
+            return None
+        self._qr = code
+        self._qr_at = time.monotonic()
+        request_code = self.config.pair_phone is not None and not self._pairing_requested
+        self._pairing_requested = True
+        client = self._client
         self._set(state=State.QR)
         if request_code and client is not None:
-            self._request_pairing_code(client)
-        elif self.config.pair_phone is None:
-            log.info(
+            # Off the events thread: neonize's PairPhone can block for a minute while a dial hangs.
+            thread = threading.Thread(target=self._request_pairing_code, args=(client,), name="pairing", daemon=True)
+            return thread.start
+        if self.config.pair_phone is None:
+            return lambda: log.info(
                 "session %s: scan this QR code in WhatsApp > Linked devices (or GET /api/session/qr):\n%s",
                 self.config.session_id,
                 qr_terminal_art(code),
             )
+        return None
 
     def _request_pairing_code(self, client: events.WhatsAppClient) -> None:
         assert self.config.pair_phone is not None

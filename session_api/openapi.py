@@ -226,7 +226,8 @@ def openapi_document() -> dict[str, Any]:
                             ),
                             "400": BAD_REQUEST,
                             "401": UNAUTHORIZED,
-                            "409": _error("Another session, or a state that forbids it (standby, starting)"),
+                            "409": _error("Another session, or a state that forbids it (standby)"),
+                            "503": _error("Starting, or the database is unreachable"),
                         },
                     }
                 }

@@ -398,8 +398,6 @@ def test_errors_are_json_with_the_right_codes(api: Api) -> None:
     assert api.call("GET", "/api/session/backup").json()["success"] is False
     assert api.call("GET", "/api/nothing-here").status == 404
     assert api.call("POST", "/api/session/backup", raw=b"[1,2]").status == 400
-    too_big = api.call("POST", "/api/session/backup", raw=b"{" + b" " * (65 * 1024 * 1024) + b"}")
-    assert too_big.status == 413
 
 
 def test_a_huge_body_is_refused_from_its_headers_before_any_of_it_is_read(api: Api) -> None:
@@ -502,7 +500,6 @@ BAD_INPUT = [
         b'{"to": "\\uff15\\uff15\\uff11\\uff11\\uff19\\uff11\\uff12\\uff13\\uff14\\uff15\\uff16", "message": "oi"}',
     ),
     ("POST", "/api/messages/send", b'{"to": "5511912345678", "message": "\xff"}'),
-    ("POST", "/api/session/backup", b'{"session_id": "x", "session_data": {"metadata": {"n": "\\u0000"}}}'),
     ("DELETE", "/api/session/delete?session_id=", None),
     ("DELETE", "/api/session/delete?session_id=0", None),
 ]
@@ -515,6 +512,11 @@ def test_bad_input_gets_a_4xx_json_answer_and_changes_nothing(api: Api) -> None:
         reply = api.call(method, path, raw=raw)
         assert 400 <= reply.status < 500, (path, raw and raw[:60], reply.status, reply.body[:200])
         assert reply.json()["success"] is False
+    document = json.loads(export_document(api.db, "default")[1])  # a good document of the live session...
+    document["metadata"]["note"] = "a\u0000b"  # ...that PostgreSQL's JSONB could not hold
+    for session_id in ("default", "elsewhere"):
+        body = json.dumps({"session_id": session_id, "session_data": document}).encode()
+        assert api.call("POST", "/api/session/backup", raw=body).status == 400
     after = (api.db.load_session("default"), api.db.list_history("default"), api.db.list_messages("default"))
     assert after == before
 

@@ -101,6 +101,8 @@ def test_normalise_ignores_case_and_accents() -> None:
         ),
         (lambda t: t.replace("Por nada, {name}!", "Por nada, {nome}!"), "unknown placeholder {nome}"),
         (lambda t: t.replace("[fallback]", "[fallback_typo]"), "missing table [fallback]"),
+        (lambda t: t.replace('handoff = ["audio"', 'handoff = [["audio"]'), "[media] handoff must be a list of"),
+        (lambda t: t.replace('ignore = ["sticker"]', 'ignore = ["stickers"]'), "[media] ignore must be a list of"),
         (
             lambda t: t.replace('keywords = ["obrigado", "obrigada", "valeu", "agradeço"]', 'keywords = "obrigado"'),
             "[[rules]] #3 ('agradecimento'): keywords must be a list",
@@ -154,3 +156,12 @@ def test_what_is_not_text_gets_its_own_reply(kind: str, contains: str, hands_off
 def test_a_photo_with_a_caption_is_answered_as_text_and_stickers_are_ignored() -> None:
     assert decide(RULES, "quanto custa esse bolo?", "Ana", RECENT, MONDAY_10H, "image").reason == "rule:precos"
     assert RULES.ignores("sticker") and not RULES.ignores("audio")
+
+
+def test_a_rules_file_from_before_media_replies_still_loads_and_answers_media_with_its_fallback(tmp_path: Path) -> None:
+    text = SHIPPED_REPLIES.read_text(encoding="utf-8")
+    start, end = text.index("[media]"), text.index("[repeat]")
+    path = tmp_path / "old.toml"
+    path.write_text(text[:start] + text[end:], encoding="utf-8")
+    old = load_rules(path)
+    assert decide(old, "", "Ana", RECENT, MONDAY_10H, "audio").reason == "fallback"

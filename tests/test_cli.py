@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from database import PostgresDatabase
@@ -167,7 +166,8 @@ def test_ctrl_c_in_the_console_ends_it_quietly(tmp_path: Path) -> None:
     )
     console.stdin.write("oi\n")
     console.stdin.flush()
-    time.sleep(2)  # it answered and waits at the prompt
+    while "Olá" not in (line := console.stdout.readline()):  # it answered, and waits at the prompt
+        assert line, "the console ended before answering"
     console.send_signal(signal.SIGINT)
     _, err = console.communicate(timeout=20)
     assert console.returncode == 130 and "Traceback" not in err, err

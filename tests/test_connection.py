@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,3 +109,37 @@ def test_the_reason_a_stored_session_was_refused_at_boot_stays_in_the_status(
     status = runtime.status()
     assert status.boot_error and status.boot_error != status.last_error
     assert "refused at boot" in (runtime.readiness().reason or "")
+
+
+def test_reconnecting_twice_at_once_after_replaced_runs_one_client(
+    runtime_factory, network: FakeWhatsApp, db: Database
+) -> None:
+    runtime: Runtime = runtime_factory()
+    start_paired(runtime, network, db).emit(events.StreamReplaced())
+    wait_until(lambda: runtime.state is State.REPLACED, message="replaced")
+    callers = [threading.Thread(target=runtime.reconnect) for _ in range(2)]  # a double click
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    wait_until(lambda: runtime.state is State.CONNECTED, message="connected again")
+    time.sleep(0.5)
+    assert len([c for c in network.clients if c.running.is_set() and not c.stopped.is_set()]) == 1
+    assert len([t for t in threading.enumerate() if t.name == "supervisor"]) == 1
+
+
+def test_stop_after_replaced_then_start_and_logout_while_stopped_pairs_again(
+    runtime_factory, network: FakeWhatsApp, db: Database
+) -> None:
+    runtime: Runtime = runtime_factory()
+    start_paired(runtime, network, db).emit(events.StreamReplaced())
+    wait_until(lambda: runtime.state is State.REPLACED, message="replaced")
+    runtime.stop_connection()
+    assert runtime.state is State.DISCONNECTED
+    runtime.start_connection()
+    wait_until(lambda: runtime.state is State.CONNECTED, message="connected after start")
+
+    runtime.stop_connection()
+    wait_until(lambda: runtime.state is State.DISCONNECTED, message="disconnected")
+    runtime.logout()  # unlinked: the way back is a new pairing, not a silent "disconnected"
+    wait_until(lambda: runtime.state is State.QR, message="pairing again")
