@@ -137,8 +137,10 @@ def test_owner_disconnects_before_its_lease_can_expire_when_the_database_is_gone
 
         cluster.start_server()
         wait_until(lambda: a.state is State.CONNECTED, timeout=20, message="re-acquired and reconnected")
-        assert a.status().fencing_token == 2  # a new lease, never the old token
-        assert len(network.clients) == 2
+        # A new lease, never the old token (on a slow machine the first new lease can run out while
+        # it is being taken, counted from before the call, and the next one is taken: 3, also right).
+        assert a.status().fencing_token >= 2
+        assert len(network.clients) >= 2
     finally:
         a.stop()
         db.close()
