@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bot.client_process import process_client_factory
 from bot.events import ClientFactory, EventSink, WhatsAppClient
-from bot.runtime import Backoff, Runtime, State
+from bot.runtime import Backoff, Runtime, State, Timing
 from database import open_database
 from tests.fake_whatsapp import wait_until
 from tests.runtime_helpers import make_config
@@ -34,6 +34,10 @@ from tests.synthetic import create_paired_store
 os.environ["HTTPS_PROXY"] = "http://127.0.0.1:9"  # every neonize child dials a closed loopback port
 RESTORABLE = (State.CONNECTING, State.RECONNECTING)
 GOAL_PERCENT = 5.0
+# The daemon's periodic reconciliation and history snapshot (every 120 s and 900 s by default) run
+# every 20 s: they are soaked too, and the scheduler's pool starts the workers its five jobs need
+# (up to 11 threads) within the warm-up; by default the 1st snapshot, 15 minutes in, adds one.
+JOBS_SECONDS = 20
 
 
 @dataclass(frozen=True)
@@ -107,19 +111,20 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=100, help="sample every this many rounds")
     parser.add_argument("--restore-every", type=int, default=50, help="a live restore every this many rounds")
     args = parser.parse_args()
-    # Warm-up: until a row holds a round after the first live restore; meanwhile the scheduler's
-    # thread pool also starts the workers it needs (8 -> 9 threads in the first runs).
+    # Warm-up: until a row holds a round after the first live restore (at about a round a second,
+    # also after the first periodic jobs).
     warm_up = args.restore_every
     if args.every < 1 or args.restore_every < 1 or args.rounds < warm_up + 2 * args.every:
         parser.error("--every and --restore-every must be positive, --rounds >= --restore-every + 2 x --every")
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)  # not a warning line per failed dial
 
     with tempfile.TemporaryDirectory(prefix="soak-rounds-") as scratch:
-        config = make_config(Path(scratch))
+        config = make_config(Path(scratch), BACKUP_INTERVAL_SECONDS=str(JOBS_SECONDS))
         create_paired_store(config.store_path)  # boot backs it up; every round resumes its session
         db = open_database(None, config.embedded_database_path)
         rounds = CountedRounds(process_client_factory(logging.ERROR), args.every)
-        runtime = Runtime(config, db, rounds, backoff=Backoff(0.01, 0.05))
+        timing = Timing(history_interval_seconds=JOBS_SECONDS)
+        runtime = Runtime(config, db, rounds, backoff=Backoff(0.01, 0.05), timing=timing)
         restores = 0
         print("this process at the start of a round; each row: the medians since the row before")
         print(f"{'round':>6} {'descriptors':>12} {'threads':>8} {'RSS MB':>8}")

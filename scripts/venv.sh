@@ -8,6 +8,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed-$(cat requirements*.txt | sha256sum | cut -c1-16)-$(basename "$requirements")"
 if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install --disable-pip-version-check -q -r "$requirements"
+    # A proxy on loopback (HTTPS_PROXY=http://127.0.0.1:9 keeps WhatsApp's client offline) is not
+    # a way to PyPI: pip goes without it. Any other proxy is the way out, for pip too.
+    unset_loopback=()
+    for variable in HTTPS_PROXY https_proxy HTTP_PROXY http_proxy; do
+        case "${!variable:-}" in
+            http://127.*|http://localhost*|http://\[::1\]*) unset_loopback+=(-u "$variable") ;;
+        esac
+    done
+    env "${unset_loopback[@]}" .venv/bin/python -m pip install --disable-pip-version-check -q -r "$requirements"
     touch "$stamp"
 fi
