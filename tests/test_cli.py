@@ -163,14 +163,20 @@ def test_ctrl_c_in_the_console_ends_it_quietly(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As in a terminal: a background job (nohup ... &, some CI runners) inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    console.stdin.write("oi\n")
-    console.stdin.flush()
-    while "Olá" not in (line := console.stdout.readline()):  # it answered, and waits at the prompt
-        assert line, "the console ended before answering"
-    console.send_signal(signal.SIGINT)
-    code = console.wait(timeout=20)  # stdin stays open: only the signal can end it (communicate would close it)
-    err = console.stderr.read()
-    for pipe in (console.stdin, console.stdout, console.stderr):
-        pipe.close()
+    try:
+        console.stdin.write("oi\n")
+        console.stdin.flush()
+        while "bot> " not in (line := console.stdout.readline()):  # it answered, and waits for the next line
+            assert line, "the console ended before answering"
+        console.send_signal(signal.SIGINT)
+        code = console.wait(timeout=20)  # stdin stays open: only the signal can end it
+        err = console.stderr.read()
+    finally:
+        console.kill()
+        console.wait()
+        for pipe in (console.stdin, console.stdout, console.stderr):
+            pipe.close()
     assert code == 130 and "Traceback" not in err, err
