@@ -1,7 +1,8 @@
 """Soak: thousands of connection rounds of the real neonize client in one daemon process; the
 daemon's open descriptors, threads and RSS must stay flat.
 
-    HTTPS_PROXY=http://127.0.0.1:9 .venv/bin/python -m bench.soak_rounds [--rounds 2000] [--every 100] [--restore-every 50]
+    HTTPS_PROXY=http://127.0.0.1:9 .venv/bin/python -m bench.soak_rounds [--rounds 2000] [--every 100]
+        [--restore-every 50] [--warm-up 100]
 
 One Runtime over the embedded SQLite database resumes a paired synthetic store; every round
 starts a child process with neonize (``bot.client_process``) that fails its dial at a closed
@@ -9,6 +10,9 @@ loopback port, and every --restore-every rounds a live restore (``runtime.restor
 client, rewrites the store and reconnects. Neonize leaks a store connection pool per connect, so
 before rounds ran in a child, 400 rounds took a daemon from 13 to 811 descriptors (RSS 71 -> 146
 MB). Each round costs about a second; --rounds 200 --every 20 is a quick check. Run on demand.
+
+Each row holds the medians of the rounds since the row before; the change is measured from the
+first row whose rounds all come after the warm-up (and a live restore) to the last.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ os.environ["HTTPS_PROXY"] = "http://127.0.0.1:9"  # every neonize child dials a 
 RESTORABLE = (State.CONNECTING, State.RECONNECTING)
 GOAL_PERCENT = 5.0
 # The daemon's periodic reconciliation and history snapshot (every 120 s and 900 s by default) run
-# every 20 s: they are soaked too, and the scheduler's pool starts the workers its five jobs need
-# (up to 11 threads) within the warm-up; by default the 1st snapshot, 15 minutes in, adds one.
-JOBS_SECONDS = 20
+# every 5 s: they are soaked too, and the scheduler's pool has started the workers its five jobs
+# need (up to 11 threads) within the warm-up; by default the 1st snapshot, 15 minutes in, adds one.
+JOBS_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,11 @@ def row(s: Sample, note: str = "") -> str:
     return f"{s.round:>6} {s.descriptors:>12} {s.threads:>8} {s.rss_mb:>8.1f}  {note}"
 
 
+def counted(s: Sample, every: int, warm_up: int) -> bool:
+    """All of the row's rounds come after the warm-up."""
+    return s.round > 1 and s.round - every >= warm_up
+
+
 def change(first: float, last: float) -> float:
     return (last - first) / first * 100
 
@@ -110,12 +119,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--every", type=int, default=100, help="sample every this many rounds")
     parser.add_argument("--restore-every", type=int, default=50, help="a live restore every this many rounds")
+    parser.add_argument("--warm-up", type=int, default=100, help="rounds not counted (at least one restore)")
     args = parser.parse_args()
-    # Warm-up: until a row holds a round after the first live restore (at about a round a second,
-    # also after the first periodic jobs).
-    warm_up = args.restore_every
+    warm_up = max(args.warm_up, args.restore_every)
     if args.every < 1 or args.restore_every < 1 or args.rounds < warm_up + 2 * args.every:
-        parser.error("--every and --restore-every must be positive, --rounds >= --restore-every + 2 x --every")
+        parser.error("--every, --restore-every must be positive; --rounds >= warm-up (or restore-every) + 2 x every")
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)  # not a warning line per failed dial
 
     with tempfile.TemporaryDirectory(prefix="soak-rounds-") as scratch:
@@ -138,14 +146,14 @@ def main() -> int:
                     live_restore(runtime)
                     restores += 1
                 for s in rounds.samples[printed:]:
-                    print(row(s, "(warm-up)" if s.round <= warm_up else ""), flush=True)
+                    print(row(s, "" if counted(s, args.every, warm_up) else "(warm-up)"), flush=True)
                 printed = len(rounds.samples)
         finally:
             runtime.stop()
             db.close()
     assert "neonize" not in sys.modules, "the soak process imported neonize"
 
-    first = next(s for s in rounds.samples if s.round > warm_up)
+    first = next(s for s in rounds.samples if counted(s, args.every, warm_up))
     last = rounds.samples[-1]
     changes = {
         "descriptors": change(first.descriptors, last.descriptors),
