@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 INBOX_RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s: whatsmeow will not deliver it again
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 # Servers of chats the bot never answers.
 IGNORED_SERVERS = {"g.us": "group", "broadcast": "broadcast", "newsletter": "newsletter"}
@@ -49,7 +49,7 @@ def _ignored(reason: str, chat: ChatState | None) -> InboundOutcome:
 def storable(text: str) -> str:
     """PostgreSQL's text refuses NUL and UTF-8 has no lone surrogates: a customer's stray
     character must not cost them their answer, so it is kept as U+FFFD."""
-    return _UNSTORABLE.sub("\ufffd", text)
+    return UNSTORABLE.sub("\ufffd", text)
 
 
 def _sent_at(message: events.IncomingMessage) -> datetime:

@@ -17,6 +17,7 @@ import segno
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 
 from bot.config import is_valid_session_id
+from bot.messaging import UNSTORABLE
 from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, first_line
 from bot.outbox import Outbox
 from bot.persistence import export_document, import_document
@@ -26,7 +27,6 @@ from session_api.openapi import openapi_document
 
 bp = Blueprint("session_api", __name__)
 
-UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 PHONE = re.compile(r"[0-9]{10,15}")  # ASCII only: \d would take Arabic-Indic or fullwidth digits
 JID = re.compile(r"[0-9A-Za-z.:_-]{1,64}@(s\.whatsapp\.net|g\.us|lid)")
 MAX_MESSAGE_CHARS = 4096
@@ -84,7 +84,7 @@ def strict_json(raw: bytes) -> Any:
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
-        elif isinstance(item, str) and UNSTORABLE_TEXT.search(item):
+        elif isinstance(item, str) and UNSTORABLE.search(item):
             abort(400, "a text in the body holds a NUL character or a lone surrogate")
     return value
 

@@ -111,12 +111,18 @@ def test_the_reason_a_stored_session_was_refused_at_boot_stays_in_the_status(
     assert "refused at boot" in (runtime.readiness().reason or "")
 
 
-def test_reconnecting_twice_at_once_after_replaced_runs_one_client(
-    runtime_factory, network: FakeWhatsApp, db: Database
-) -> None:
+def replaced_session(runtime_factory, network: FakeWhatsApp, db: Database) -> Runtime:
+    """A paired, connected session whose stream another client then took."""
     runtime: Runtime = runtime_factory()
     start_paired(runtime, network, db).emit(events.StreamReplaced())
     wait_until(lambda: runtime.state is State.REPLACED, message="replaced")
+    return runtime
+
+
+def test_reconnecting_twice_at_once_after_replaced_runs_one_client(
+    runtime_factory, network: FakeWhatsApp, db: Database
+) -> None:
+    runtime = replaced_session(runtime_factory, network, db)
     callers = [threading.Thread(target=runtime.reconnect) for _ in range(2)]  # a double click
     for caller in callers:
         caller.start()
@@ -131,9 +137,7 @@ def test_reconnecting_twice_at_once_after_replaced_runs_one_client(
 def test_stop_after_replaced_then_start_and_logout_while_stopped_pairs_again(
     runtime_factory, network: FakeWhatsApp, db: Database
 ) -> None:
-    runtime: Runtime = runtime_factory()
-    start_paired(runtime, network, db).emit(events.StreamReplaced())
-    wait_until(lambda: runtime.state is State.REPLACED, message="replaced")
+    runtime = replaced_session(runtime_factory, network, db)
     runtime.stop_connection()
     assert runtime.state is State.DISCONNECTED
     runtime.start_connection()
