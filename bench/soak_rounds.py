@@ -29,7 +29,8 @@ from pathlib import Path
 
 from bot.client_process import process_client_factory
 from bot.events import ClientFactory, EventSink, WhatsAppClient
-from bot.runtime import Backoff, Runtime, State, Timing
+from bot.runtime import Backoff, Runtime, Timing
+from bot.session_state import State
 from database import open_database
 from tests.fake_whatsapp import wait_until
 from tests.runtime_helpers import make_config

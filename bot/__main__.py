@@ -32,6 +32,7 @@ from dotenv import find_dotenv, load_dotenv
 from bot import logs
 from bot.config import SHORT_TOKEN, Config
 from bot.errors import ConfigError, ZapkeepError
+from bot.events import ClientFactory
 from database import Database, DatabaseError, open_database
 
 log = logging.getLogger("bot")
@@ -41,7 +42,8 @@ EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, client_factory: ClientFactory | None = None) -> int:
+    """``client_factory``: another WhatsApp for the daemon (the benchmarks' fake server)."""
     args = _parser().parse_args(argv)
     load_dotenv(find_dotenv(usecwd=True), override=False)  # the .env of the working directory
     try:
@@ -52,7 +54,7 @@ def main(argv: list[str]) -> int:
     logs.configure(config.python_log_level())
     try:
         if args.command == "run":
-            return run_daemon(config)
+            return run_daemon(config, client_factory)
         if args.command == "console":
             from bot.console import run_console
 
@@ -96,7 +98,7 @@ def _open(config: Config) -> Database:
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-def run_daemon(config: Config) -> int:
+def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> int:
     try:
         import magic  # noqa: F401  (what neonize's import needs first; checked here without loading Go)
     except ImportError as exc:
@@ -126,7 +128,8 @@ def run_daemon(config: Config) -> int:
     _install_signal_handlers(stop)
     db = _open(config)
     log.info("database: %s; session %s; store %s", db.backend, config.session_id, config.store_path)
-    services = build_services(config, db, process_client_factory(config.python_log_level()), rules)
+    client_factory = client_factory or process_client_factory(config.python_log_level())
+    services = build_services(config, db, client_factory, rules)
     app = create_app(services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry)
     try:
         server = ApiServer(app, "0.0.0.0", config.port)

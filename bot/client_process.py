@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 CALLS = ("send_text", "logout", "request_pairing_code", "mark_read", "set_typing")
 STOP_GRACE_SECONDS = 10.0  # whatsmeow's stop() waits for a slow dial (up to 60 s): not that long
 CALL_TIMEOUT_SECONDS = 60.0
+# How long the child's message handler waits for the daemon to log the message (see serve()).
+HANDLED_WAIT_SECONDS = 5.0
 _NO_END = object()
 # whatsmeow's errors after the message node was sent, while it waited for the server's answer
 # (ErrIQTimedOut, ErrIQDisconnected, a cancelled context): the customer may already have it.
@@ -64,8 +67,11 @@ class ProcessClient:
         *,
         log_level: int = logging.INFO,
         stop_grace_seconds: float = STOP_GRACE_SECONDS,
+        child: list[str] | None = None,
     ) -> None:
-        self._command = [sys.executable, "-m", "bot.client_process", str(store_path), str(log_level)]
+        # The child's command line before STORE LOG_LEVEL: the real client's (benchmarks run a fake).
+        child = child or [sys.executable, "-m", "bot.client_process"]
+        self._command = [*child, str(store_path), str(log_level)]
         self._sink = sink
         self._stop_grace = stop_grace_seconds
         self._lock = threading.Lock()
@@ -153,6 +159,12 @@ class ProcessClient:
     def set_typing(self, chat_jid: str, typing: bool) -> None:
         self._call("set_typing", chat_jid, typing)
 
+    def message_handled(self, message_id: str) -> None:
+        with self._lock:
+            running = self._process is not None and self._process.poll() is None
+        if running:
+            self._write({"op": "handled", "id": message_id})
+
     def _call(self, op: str, *args: object) -> object:
         with self._lock:
             process = self._process
@@ -204,9 +216,9 @@ class ProcessClient:
             self._write_lock.release()
 
 
-def process_client_factory(log_level: int) -> events.ClientFactory:
+def process_client_factory(log_level: int, child: list[str] | None = None) -> events.ClientFactory:
     def factory(store_path: Path, sink: events.EventSink) -> events.WhatsAppClient:
-        return ProcessClient(store_path, sink, log_level=log_level)
+        return ProcessClient(store_path, sink, log_level=log_level, child=child)
 
     return factory
 
@@ -214,11 +226,20 @@ def process_client_factory(log_level: int) -> events.ClientFactory:
 # --- the child's side ------------------------------------------------------------------------------
 
 
-def serve(store_path: Path, commands: IO[bytes], output: IO[bytes]) -> None:
-    """Run one round of the real client on store_path; never returns (the process exits)."""
-    from bot import whatsapp  # neonize: only ever imported in this process
+ChildClientFactory = Callable[[Path, events.EventSink], events.WhatsAppClient]
 
+
+def serve(client_factory: ChildClientFactory, store_path: Path, commands: IO[bytes], output: IO[bytes]) -> None:
+    """Run one round of a client on store_path; never returns (the process exits).
+
+    A message's handler returns once the daemon logged it (or after ``HANDLED_WAIT_SECONDS``).
+    whatsmeow acknowledges a message to the server before its handler runs, so what it has
+    acknowledged and the daemon has not logged is lost if the daemon dies (kill -9, a crash).
+    Holding the handler keeps that to the message in hand and the few in neonize's buffer,
+    instead of every message in the daemon's queue."""
     write_lock = threading.Lock()
+    unlogged: dict[str, threading.Event] = {}
+    unlogged_lock = threading.Lock()
 
     def emit(message: dict[str, object]) -> None:
         line = json.dumps(message, ensure_ascii=True).encode() + b"\n"
@@ -229,7 +250,19 @@ def serve(store_path: Path, commands: IO[bytes], output: IO[bytes]) -> None:
             except (BrokenPipeError, ValueError):
                 os._exit(0)  # the daemon is gone: so is this round
 
-    client = whatsapp.NeonizeClient(store_path, lambda event: emit(events.to_wire(event)))
+    def sink(event: events.ClientEvent) -> None:
+        if not isinstance(event, events.IncomingMessage):
+            emit(events.to_wire(event))
+            return
+        logged = threading.Event()
+        with unlogged_lock:
+            unlogged[event.message_id] = logged
+        emit(events.to_wire(event))
+        logged.wait(HANDLED_WAIT_SECONDS)
+        with unlogged_lock:
+            unlogged.pop(event.message_id, None)
+
+    client = client_factory(store_path, sink)
     workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="call")
 
     def answer(call_id: object, op: str, args: list[object]) -> None:
@@ -247,6 +280,11 @@ def serve(store_path: Path, commands: IO[bytes], output: IO[bytes]) -> None:
             op = command.get("op")
             if op == "stop":
                 threading.Thread(target=client.stop, daemon=True).start()
+            elif op == "handled":
+                with unlogged_lock:
+                    logged = unlogged.get(str(command.get("id")))
+                if logged is not None:
+                    logged.set()
             elif op in CALLS:
                 workers.submit(answer, command.get("id"), op, list(command.get("args", [])))
         # stdin closed: the daemon is gone. Stop the round, and leave soon whether it stops or not.
@@ -260,7 +298,8 @@ def serve(store_path: Path, commands: IO[bytes], output: IO[bytes]) -> None:
     os._exit(0)
 
 
-def _child_main(argv: list[str]) -> None:
+def run_child(argv: list[str], client_factory: ChildClientFactory | None = None) -> None:
+    """The child's entry point: ``STORE LOG_LEVEL``; the real neonize client unless told otherwise."""
     from bot import logs
 
     store_path, level = Path(argv[0]), int(argv[1])
@@ -269,11 +308,13 @@ def _child_main(argv: list[str]) -> None:
     pipe = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logs.configure(level)
-    from bot import whatsapp
+    if client_factory is None:
+        from bot import whatsapp  # neonize: only ever imported in this process
 
-    whatsapp.configure_library_logging(level)
-    serve(store_path, sys.stdin.buffer, pipe)
+        whatsapp.configure_library_logging(level)
+        client_factory = whatsapp.NeonizeClient
+    serve(client_factory, store_path, sys.stdin.buffer, pipe)
 
 
 if __name__ == "__main__":
-    _child_main(sys.argv[1:])
+    run_child(sys.argv[1:])

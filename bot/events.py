@@ -198,5 +198,8 @@ class WhatsAppClient(Protocol):
     def set_typing(self, chat_jid: str, typing: bool) -> None:
         """Show (or stop showing) "typing…" in a chat."""
 
+    def message_handled(self, message_id: str) -> None:
+        """The daemon logged a message this client delivered: its handler may return."""
+
 
 ClientFactory = Callable[[Path, EventSink], WhatsAppClient]

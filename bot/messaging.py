@@ -65,6 +65,7 @@ class Chatbot:
         outbox: Outbox,
         *,
         mark_read: Callable[[events.IncomingMessage], None] | None = None,
+        handled: Callable[[events.IncomingMessage], None] | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.db = db
@@ -72,6 +73,7 @@ class Chatbot:
         self.rules = rules
         self.outbox = outbox
         self._mark_read = mark_read
+        self._handled = handled or (lambda message: None)  # the client may deliver the next one
         self._clock = clock or (lambda: datetime.now(UTC))
         self._inbox: queue.Queue[events.IncomingMessage | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -99,9 +101,12 @@ class Chatbot:
 
     def _work(self) -> None:
         while (message := self._inbox.get()) is not None:
-            for delay in itertools.chain(INBOX_RETRY_SECONDS, itertools.repeat(INBOX_RETRY_SECONDS[-1])):
+            for attempt, delay in enumerate(
+                itertools.chain(INBOX_RETRY_SECONDS, itertools.repeat(INBOX_RETRY_SECONDS[-1]))
+            ):
                 try:
                     self.handle(message)
+                    self._handled(message)
                     break
                 except Exception as exc:
                     if not is_unavailable(exc):  # this message itself is refused: never hold up the others
@@ -111,8 +116,12 @@ class Chatbot:
                             message.chat,
                             first_line(exc),
                         )
+                        self._handled(message)
                         break
-                    # The database is away: keep the message, and the order.
+                    # The database is away: keep the message, and the order, but let the client go
+                    # on: holding whatsmeow through an outage would stall its connection.
+                    if attempt == 0:
+                        self._handled(message)
                     log.warning(
                         "chatbot: message %s not handled yet (%s); retrying in %.0f s",
                         message.message_id,

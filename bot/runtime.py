@@ -1,4 +1,5 @@
-"""The daemon's runtime for one session: connection supervisor, state, backups, pairing.
+"""The daemon's runtime for one session: the state machine, the client's rounds, and the parts
+it wires (``Backups``, ``Restores``, ``Pairing``, the ``SendGateway`` messaging sends through).
 
 Threads, each with one job:
 - ``supervisor`` runs one client round after another (``client.run()`` blocks), applies
@@ -13,7 +14,6 @@ Threads, each with one job:
 from __future__ import annotations
 
 import enum
-import io
 import logging
 import os
 import queue
@@ -22,50 +22,26 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass, replace
+from datetime import UTC
 
-import segno
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from bot import events, session_store
+from bot.backups import BackupOutcome, Backups, SessionView
 from bot.config import Config
 from bot.errors import SessionDocumentError, StateConflictError, ZapkeepError, first_line
+from bot.gateway import SendGateway
 from bot.lease import LeaseKeeper
 from bot.mirror import Mirror
-from bot.persistence import (
-    BootOutcome,
-    export_document,
-    make_current,
-    prepare_local_store,
-    restore_document,
-    snapshot_to_history,
-)
-from bot.change_capture import new_lineage
-from bot.session_store import STORE_SIBLING_SUFFIXES
+from bot.pairing import Pairing
+from bot.persistence import BootOutcome, export_document, prepare_local_store
+from bot.restores import RestoreOutcome, RestoreRequest, Restores
+from bot.session_state import HISTORY_STATES, Readiness, SessionStatus, State, now, phone_of, readiness_of
 from bot.store_worker import prepare_store
-from database import Database, Fence, FencedOut
+from database import Database, Fence
 
 log = logging.getLogger(__name__)
-
-
-class State(str, enum.Enum):
-    STARTING = "starting"
-    STANDBY = "standby"
-    CONNECTING = "connecting"
-    QR = "qr"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    LOGGED_OUT = "logged_out"
-    REPLACED = "replaced"
-    DISCONNECTED = "disconnected"  # an operator stopped the client (POST /api/session/stop); still paired
-    STOPPED = "stopped"
-
-
-# States in which the local store holds this process's live session, worth backing up.
-BACKUP_STATES = frozenset({State.CONNECTING, State.QR, State.CONNECTED, State.RECONNECTING, State.DISCONNECTED})
-HISTORY_STATES = BACKUP_STATES | {State.LOGGED_OUT}
 
 
 class _Pending(enum.IntEnum):
@@ -85,24 +61,6 @@ def default_owner_id() -> str:
     return f"{socket.gethostname()}/{deployment}/{os.getpid()}"
 
 
-@dataclass
-class _RestoreRequest:
-    kind: str  # "current": the stored session; "history": a version of it; "import": an admin's document
-    document_text: str
-    version: int | None = None  # of the historical snapshot
-    done: threading.Event = field(default_factory=threading.Event)
-    error: Exception | None = None
-    outcome: RestoreOutcome | None = None
-
-
-@dataclass(frozen=True)
-class RestoreOutcome:
-    session_id: str
-    version: int
-    checksum: str
-    size_bytes: int
-
-
 @dataclass(frozen=True)
 class Backoff:
     """Exponential with "equal jitter": each delay is in [ceiling/2, ceiling], ceiling capped."""
@@ -116,19 +74,6 @@ class Backoff:
 
 
 @dataclass(frozen=True)
-class BackupOutcome:
-    """An on-demand backup: the whole store compared with the database, and a history snapshot."""
-
-    written_rows: int
-    version: int | None  # the newest full snapshot in history
-    new_snapshot: bool
-    checksum: str | None
-    total_rows: int
-    size_bytes: int
-    duration_ms: float
-
-
-@dataclass(frozen=True)
 class Timing:
     after_connect_seconds: float = 5.0  # then a reconciliation
     after_pair_seconds: float = 1.0  # then a full snapshot into history
@@ -138,49 +83,6 @@ class Timing:
     qr_check_seconds: float = 5.0  # also how often the reconnect watchdog looks
     reconnect_watchdog_seconds: float = 180.0  # whatsmeow's own reconnect after a drop gets this long
     standby_poll_seconds: float = 1.0  # how often a standby daemon tries to take the lease
-
-
-@dataclass(frozen=True)
-class SessionStatus:
-    session_id: str
-    state: str
-    connected: bool
-    jid: str | None
-    phone: str | None
-    push_name: str | None
-    last_error: str | None
-    reconnect_count: int
-    connected_since: datetime | None
-    started_at: datetime
-    uptime_seconds: float
-    last_backup_at: datetime | None
-    last_backup_size: int | None
-    last_backup_checksum: str | None
-    last_backup_version: int | None
-    last_backup_error: str | None
-    qr_available: bool
-    pairing_code: str | None
-    next_retry_in_seconds: float | None
-    owner_id: str
-    owns_session: bool
-    fencing_token: int | None
-    handover_seconds: float | None  # how long this daemon waited in standby before it took over
-    boot_error: str | None = None  # why the stored session was refused at boot, until that is resolved
-    mirror_running: bool = False
-    mirror_sequence: int = 0  # the store's change sequence the database holds
-    last_mirrored_at: datetime | None = None
-    mirror_pending_changes: int = 0
-    last_reconcile_at: datetime | None = None
-    last_reconcile_result: str | None = None
-
-
-@dataclass(frozen=True)
-class Readiness:
-    """Whether customers are being served, and if not, why and what a person can do."""
-
-    ready: bool
-    state: str
-    reason: str | None
 
 
 MessageHandler = Callable[[events.IncomingMessage], None]
@@ -212,7 +114,6 @@ class Runtime:
         self.take_over_listeners: list[Callable[[], None]] = []  # the lease is ours, before connecting
 
         self._lock = threading.RLock()
-        self._backup_lock = threading.Lock()
         self._events: queue.Queue[tuple[int, events.ClientEvent] | None] = queue.Queue()
         self._round = 0  # numbers the client rounds; the events of each are tagged with it
         self._live_round: int | None = None  # the round whose events describe the connection now
@@ -226,10 +127,8 @@ class Runtime:
         self._stopped = False
         self._client: events.WhatsAppClient | None = None
         self._pending: _Pending | None = None
-        self._restore_request: _RestoreRequest | None = None
+        self._restore_request: RestoreRequest | None = None
         self._failures = 0
-        self._qr_at = 0.0
-        self._pairing_requested = False
         self._mirror = Mirror(
             db,
             config.session_id,
@@ -238,32 +137,7 @@ class Runtime:
             on_fenced=lambda exc, fence: self._lease.lose(str(exc), fence),
             poll_wait_seconds=timing.mirror_poll_seconds,
         )
-        self._status = SessionStatus(
-            session_id=config.session_id,
-            state=State.STARTING.value,
-            connected=False,
-            jid=None,
-            phone=None,
-            push_name=None,
-            last_error=None,
-            reconnect_count=0,
-            connected_since=None,
-            started_at=_now(),
-            uptime_seconds=0.0,
-            last_backup_at=None,
-            last_backup_size=None,
-            last_backup_checksum=None,
-            last_backup_version=None,
-            last_backup_error=None,
-            qr_available=False,
-            pairing_code=None,
-            next_retry_in_seconds=None,
-            owner_id="",
-            owns_session=False,
-            fencing_token=None,
-            handover_seconds=None,
-        )
-        self._qr: str | None = None
+        self._status = SessionStatus.initial(config.session_id)
         self._next_retry_at: float | None = None
         self.owner_id = owner_id or default_owner_id()
         self._lease = LeaseKeeper(
@@ -281,6 +155,29 @@ class Runtime:
             timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
         self._deferred: dict[str, tuple[float, Callable[[str], None]]] = {}
+        self._pairing = Pairing(config.session_id, config.pair_phone, self._set)
+        self.backups = Backups(
+            db,
+            config.session_id,
+            self._mirror,
+            SessionView(
+                fence=lambda: self.fence,
+                state=lambda: self.state,
+                status=lambda: self._status,
+                update=self._set,
+                lose=self._lease.lose,
+            ),
+        )
+        self._restores = Restores(
+            db,
+            config.session_id,
+            config.store_path,
+            self._mirror,
+            self.backups.lock,
+            lambda: self.fence,
+            self._lease.lose,
+        )
+        self.gateway = SendGateway(self._live_client, self._round_client, self._not_connected, self._stopping)
         self._supervisor: threading.Thread | None = None
         self._event_thread = threading.Thread(target=self._consume_events, name="events", daemon=True)
 
@@ -294,7 +191,7 @@ class Runtime:
             self._started = True
             self._set(owner_id=self.owner_id)
         self._scheduler.add_job(
-            self._reconcile_job,
+            self.backups.reconcile,
             "interval",
             seconds=self.config.backup_interval_seconds,
             id="backup-interval",
@@ -302,7 +199,7 @@ class Runtime:
             replace_existing=True,
         )
         self._scheduler.add_job(
-            self._history_job,
+            self.backups.history,
             "interval",
             seconds=self._timing.history_interval_seconds,
             id="history-interval",
@@ -362,7 +259,7 @@ class Runtime:
         if self.fence is not None and self._state_at_shutdown in HISTORY_STATES | {State.STARTING}:
             # Every change is stored already: a full snapshot only when the newest is old (a redeploy
             # several times a day must neither wait for one nor push the older ones out of history).
-            self._snapshot("shutdown", unless_newer_than=self._timing.history_interval_seconds)
+            self.backups.snapshot("shutdown", unless_newer_than=self._timing.history_interval_seconds)
         self._lease.stop()  # renewed until the last write; stopped so that nothing re-acquires it
         if self._supervisor is not None and self._supervisor.is_alive():
             # Its client may still talk to WhatsApp: another instance must not take over until the lease runs out.
@@ -429,7 +326,7 @@ class Runtime:
             return
         log.info("session %s boot: %s", self.config.session_id, result.outcome.value)
         if result.outcome is not BootOutcome.PAIRING_NEEDED:
-            self._set(jid=result.device_jid, phone=_phone(result.device_jid))
+            self._set(jid=result.device_jid, phone=phone_of(result.device_jid))
         record = result.record  # loaded once, by the boot rule
         if record is not None:
             self._set(
@@ -460,14 +357,14 @@ class Runtime:
                 last_reconcile_result=mirror.last_reconcile_result,
                 last_backup_at=mirror.last_mirrored_at or self._status.last_backup_at,
                 last_backup_error=mirror.last_error or self._status.last_backup_error,
-                uptime_seconds=round((_now() - self._status.started_at).total_seconds(), 1),
-                qr_available=self._qr is not None,
+                uptime_seconds=round((now() - self._status.started_at).total_seconds(), 1),
+                qr_available=self._pairing.qr is not None,
                 next_retry_in_seconds=None if retry is None else round(retry, 1),
             )
 
     def qr_code(self) -> str | None:
         with self._lock:
-            return self._qr
+            return self._pairing.qr
 
     def _set(self, **changes: object) -> None:
         with self._lock:
@@ -511,8 +408,7 @@ class Runtime:
                     continue
                 held = self._held
                 if not held:
-                    self._pairing_requested = False
-                    self._qr_at = time.monotonic()
+                    self._pairing.new_round()
                     self._dropped_at = None
                     self._round += 1
                     self._live_round = self._round
@@ -531,7 +427,7 @@ class Runtime:
                 error = f"client crashed: {exc.__class__.__name__}"
             with self._lock:
                 self._client = None  # (its round stays the live one until the next: its last words count)
-                self._qr = None
+                self._pairing.clear()
                 if self._stopping.is_set() or self._pending is not None:
                     continue
             self._retry_later(error or "the connection closed")
@@ -569,35 +465,12 @@ class Runtime:
             request, self._restore_request = self._restore_request, None
         if request is None:
             return
-        session_id = self.config.session_id
         try:
-            with self._backup_lock:
-                self._mirror.stop()  # what the client wrote last is in the database first...
-                snapshot_to_history(self.db, session_id, self.fence, f"before-{request.kind}")  # ...and kept
-                # The database takes the new version before the local store does: a crash in between
-                # boots into it, never back into the replaced one.
-                text, version = request.document_text, request.version
-                if request.kind == "current":  # the flush moved the stored session on: what is stored now
-                    record, text = export_document(self.db, session_id)
-                    lineage, sequence, version = new_lineage(), record.mirror_sequence, record.version
-                    self.db.set_lineage(session_id, lineage, sequence, self.fence)
-                else:
-                    _, lineage = make_current(self.db, session_id, text, self.fence)
-                    sequence = 0
-                restore_document(
-                    session_id, version or 0, text, self.config.store_path, lineage=lineage, sequence=sequence
-                )
-                if request.kind == "import":
-                    snapshot_to_history(self.db, session_id, self.fence, "import")
-            stored = self.db.load_session(session_id)
-            assert stored is not None
-            if request.kind == "import":
-                version = stored.version
-            request.outcome = RestoreOutcome(session_id, version or stored.version, stored.checksum, stored.size_bytes)
+            request.outcome, stored = self._restores.apply(request)
             self._failures = 0
             self._set(
                 jid=stored.device_jid,
-                phone=_phone(stored.device_jid),
+                phone=phone_of(stored.device_jid),
                 push_name=stored.push_name,
                 state=State.CONNECTING,
                 boot_error=None,
@@ -631,30 +504,9 @@ class Runtime:
             client.stop()
 
     def _wipe_session(self) -> None:
-        """After an unlink: forget the credentials locally and in the DB (history stays)."""
-        with self._backup_lock:
-            try:
-                self._mirror.stop(flush=False)
-            except ZapkeepError as exc:  # its writes are fenced and the session is deleted below anyway
-                log.error("session %s: %s", self.config.session_id, exc)
-            for path in (
-                self.config.store_path,
-                *(Path(f"{self.config.store_path}{s}") for s in STORE_SIBLING_SUFFIXES),
-            ):
-                path.unlink(missing_ok=True)
-            fence = self.fence
-            try:
-                if fence is not None:  # never an unfenced delete from a process that lost the session
-                    self.db.delete_session(self.config.session_id, keep_history=True, fence=fence)
-            except FencedOut as exc:
-                self._lease.lose(str(exc), fence)
-            except Exception as exc:
-                log.error("session %s: could not delete the stored session: %s", self.config.session_id, exc)
+        self._restores.wipe()
         self._failures = 0
         self._set(jid=None, phone=None, push_name=None, connected_since=None, pairing_code=None)
-        log.warning(
-            "session %s: device unlinked; local store and stored session wiped, pairing again", self.config.session_id
-        )
 
     # --- operations for the admin API and CLI --------------------------------------------------------
 
@@ -662,14 +514,14 @@ class Runtime:
         """Stop the client, rewrite the local store from the stored (or a historical) snapshot, reconnect."""
         _, text = export_document(self.db, self.config.session_id, version)  # NotFoundError when there is none
         kind = "current" if version is None else "history"
-        return self._apply_live(_RestoreRequest(kind, text, version), timeout)
+        return self._apply_live(RestoreRequest(kind, text, version), timeout)
 
     def import_document(self, document_text: str, *, timeout: float = 120.0) -> RestoreOutcome:
         """An admin's document becomes this live session: applied as a restore is (stop, rewrite,
         reconnect), so the running client never overwrites it with the state it replaced."""
-        return self._apply_live(_RestoreRequest("import", document_text), timeout)
+        return self._apply_live(RestoreRequest("import", document_text), timeout)
 
-    def _apply_live(self, request: _RestoreRequest, timeout: float) -> RestoreOutcome:
+    def _apply_live(self, request: RestoreRequest, timeout: float) -> RestoreOutcome:
         session_id = self.config.session_id
         if self.state in (State.REPLACED, State.STOPPED, State.STANDBY, State.STARTING):
             raise StateConflictError(f"session {session_id} is {self.state.value}; it cannot be restored here")
@@ -691,8 +543,7 @@ class Runtime:
         """Unlink the device (when the servers can be reached), wipe, pair again. True: unlinked remotely."""
         if self.state in (State.REPLACED, State.STOPPED, State.STANDBY, State.STARTING):
             raise StateConflictError(f"session {self.config.session_id} is {self.state.value}; cannot log out")
-        with self._lock:
-            client = self._client if self.state is State.CONNECTED else None
+        client = self._live_client()
         unlinked = False
         if client is not None:
             try:
@@ -747,57 +598,21 @@ class Runtime:
             raise StateConflictError(f"session {self.config.session_id} is {self.state.value}; cannot {action}")
 
     def readiness(self) -> Readiness:
-        """Serving customers only when connected; otherwise the reason, in words a person can act on.
-        Fixed sentences only: /readyz needs no token, and error texts can quote what they failed on."""
-        status = self.status()
-        state = State(status.state)
-        reasons = {
-            State.CONNECTED: None,
-            State.STARTING: "starting: restoring the stored session",
-            State.STANDBY: f"standby: another instance holds session {status.session_id}",
-            State.CONNECTING: "connecting to WhatsApp",
-            State.RECONNECTING: "reconnecting to WhatsApp (the last error is in /api/session/status)",
-            State.QR: "not linked: scan the QR code (GET /api/session/qr) or request a pairing code",
-            State.LOGGED_OUT: "logged out: the device was unlinked; pairing again",
-            State.REPLACED: "replaced: another client took over this session's stream; "
-            "POST /api/session/reconnect takes it back",
-            State.DISCONNECTED: "disconnected by an operator: POST /api/session/start connects again",
-            State.STOPPED: "shutting down",
-        }
-        reason = reasons[state]
-        if status.boot_error and state is not State.CONNECTED:  # (the details need the token: /api/session/status)
-            reason = f"{reason}; the stored session was refused at boot"
-        return Readiness(ready=state is State.CONNECTED, state=state.value, reason=reason)
-
-    def send_text(self, to_jid: str, text: str) -> str:
-        return self._connected_client().send_text(to_jid, text)
+        return readiness_of(self.status())
 
     def is_connected(self) -> bool:
         return self.state is State.CONNECTED
 
-    def mark_read(self, message: events.IncomingMessage) -> None:
-        self._connected_client().mark_read(message.chat, message.sender, message.message_id)
-
-    def show_typing(self, chat_jid: str, seconds: float) -> None:
-        """'typing…' for a moment before a reply; best effort, never delays by more than asked."""
-        try:
-            client = self._connected_client()
-            client.set_typing(chat_jid, True)
-        except Exception as exc:
-            log.debug("typing indicator failed: %s", exc)
-            return
-        self._stopping.wait(seconds)
-        try:
-            client.set_typing(chat_jid, False)
-        except Exception as exc:
-            log.debug("typing indicator failed: %s", exc)
-
-    def _connected_client(self) -> events.WhatsAppClient:
+    def _live_client(self) -> events.WhatsAppClient | None:
         with self._lock:
-            client = self._client if self.state is State.CONNECTED else None
-        if client is None:
-            raise StateConflictError(f"session {self.config.session_id} is not connected ({self.state.value})")
-        return client
+            return self._client if self.state is State.CONNECTED else None
+
+    def _round_client(self) -> events.WhatsAppClient | None:
+        with self._lock:
+            return self._client
+
+    def _not_connected(self) -> str:
+        return f"session {self.config.session_id} is not connected ({self.state.value})"
 
     # --- events from the client -------------------------------------------------------------------
 
@@ -817,9 +632,9 @@ class Runtime:
         if isinstance(event, events.Paired):  # the device is in the store, whatever the round
             log.info("session %s: paired as %s", self.config.session_id, event.jid)
             with self._lock:
-                self._qr = None
-                self._set(jid=event.jid, phone=_phone(event.jid), pairing_code=None, boot_error=None)
-            self._schedule(self._history_job, "after-pair", self._timing.after_pair_seconds)
+                self._pairing.clear()
+                self._set(jid=event.jid, phone=phone_of(event.jid), pairing_code=None, boot_error=None)
+            self._schedule(self.backups.history, "after-pair", self._timing.after_pair_seconds)
             return
         with self._lock:  # checked and applied at once: a stop cannot come in between
             if round_number != self._live_round:
@@ -838,9 +653,9 @@ class Runtime:
                 self._set(pairing_code=code)
             case events.Connected():
                 self._failures = 0
-                self._qr = None
+                self._pairing.clear()
                 self._dropped_at = None
-                self._set(state=State.CONNECTED, connected_since=_now(), last_error=None, pairing_code=None)
+                self._set(state=State.CONNECTED, connected_since=now(), last_error=None, pairing_code=None)
                 return self._after_connect
             case events.Disconnected():
                 if self.state is State.CONNECTED:  # whatsmeow reconnects by itself from here
@@ -880,58 +695,26 @@ class Runtime:
         return None
 
     def _after_connect(self) -> None:
-        self._schedule(self._reconcile_job, "after-connect", self._timing.after_connect_seconds)
+        self._schedule(self.backups.reconcile, "after-connect", self._timing.after_connect_seconds)
         for listener in self.connected_listeners:
             listener()
 
     def _on_qr(self, code: str) -> Callable[[], None] | None:
         if self._pending is not None:
             return None
-        self._qr = code
-        self._qr_at = time.monotonic()
-        request_code = self.config.pair_phone is not None and not self._pairing_requested
-        self._pairing_requested = True
-        client = self._client
         self._set(state=State.QR)
-        if request_code and client is not None:
-            # Off the events thread: neonize's PairPhone can block for a minute while a dial hangs.
-            thread = threading.Thread(target=self._request_pairing_code, args=(client,), name="pairing", daemon=True)
-            return thread.start
-        if self.config.pair_phone is None:
-            return lambda: log.info(
-                "session %s: scan this QR code in WhatsApp > Linked devices (or GET /api/session/qr):\n%s",
-                self.config.session_id,
-                qr_terminal_art(code),
-            )
-        return None
-
-    def _request_pairing_code(self, client: events.WhatsAppClient) -> None:
-        assert self.config.pair_phone is not None
-        try:
-            code = client.request_pairing_code(self.config.pair_phone)
-        except Exception as exc:
-            log.error("session %s: pairing code request failed: %s", self.config.session_id, exc)
-            self._set(last_error=f"pairing code request failed: {exc}")
-            return
-        self._set(pairing_code=code)
-        log.warning(
-            "session %s: pairing code for %s: %s  (WhatsApp > Linked devices > Link with phone number)",
-            self.config.session_id,
-            self.config.pair_phone,
-            code,
-        )
+        return self._pairing.show(code, self._client)
 
     def _watch_connection(self) -> None:
         """Start a fresh round when whatsmeow gave up without saying so: its QR codes ran out
         (~60 s, then 20 s each), or its own reconnect after a drop has not succeeded for minutes."""
         with self._lock:
-            now = time.monotonic()
-            qr_expired = self.state is State.QR and now - self._qr_at > self._timing.qr_round_seconds
+            qr_expired = self.state is State.QR and self._pairing.expired(self._timing.qr_round_seconds)
             stalled = (
                 self.state is State.RECONNECTING
                 and self._live_round is not None
                 and self._dropped_at is not None
-                and now - self._dropped_at > self._timing.reconnect_watchdog_seconds
+                and time.monotonic() - self._dropped_at > self._timing.reconnect_watchdog_seconds
             )
         if qr_expired:
             log.info("session %s: QR codes expired; starting a new pairing round", self.config.session_id)
@@ -945,79 +728,10 @@ class Runtime:
             self._set(last_error="whatsmeow's reconnect stalled; started a new connection round")
             self._stop_client(_Pending.NEW_ROUND)
 
-    # --- backups ----------------------------------------------------------------------------------------
+    # --- one-shot jobs ----------------------------------------------------------------------------------
 
     def backup_now(self, reason: str = "api") -> BackupOutcome | None:
-        """Compare the whole store with the database (repairing any difference), then keep a full
-        snapshot in history if it changed. None: this process holds no live session."""
-        started = time.perf_counter()
-        fence = self.fence
-        if fence is None or self.state not in BACKUP_STATES or not self._mirror.running:
-            return None
-        try:
-            result = self._mirror.reconcile(reason)
-            if not result.paired:
-                return None
-            version = self._snapshot(reason)
-        except FencedOut as exc:
-            self._lease.lose(str(exc), fence)
-            return None
-        except Exception as exc:
-            log.error("session %s: %s backup failed: %s", self.config.session_id, reason, exc)
-            self._set(last_backup_error=first_line(exc))
-            return None
-        return BackupOutcome(
-            written_rows=result.written_rows,
-            version=self._status.last_backup_version,
-            new_snapshot=version is not None,
-            checksum=result.checksum,
-            total_rows=result.total_rows,
-            size_bytes=self._status.last_backup_size or 0,
-            duration_ms=(time.perf_counter() - started) * 1000,
-        )
-
-    def _reconcile_job(self, reason: str) -> None:
-        if self.fence is None or not self._mirror.running:
-            return
-        try:
-            self._mirror.reconcile(reason)
-        except Exception as exc:
-            log.warning("session %s: %s reconciliation failed: %s", self.config.session_id, reason, first_line(exc))
-
-    def _history_job(self, reason: str) -> None:
-        if self.fence is not None and self.state in HISTORY_STATES:
-            if reason == "after-pair" and self._mirror.running:
-                self._reconcile_job(reason)  # everything pairing wrote is stored before the snapshot
-            self._snapshot(reason)
-
-    def _snapshot(self, reason: str, *, unless_newer_than: float | None = None) -> int | None:
-        """A full snapshot of the stored session into history, unless the newest one is the same."""
-        fence = self.fence
-        if fence is None:
-            return None
-        try:
-            with self._backup_lock:
-                version = snapshot_to_history(
-                    self.db, self.config.session_id, fence, reason, unless_newer_than=unless_newer_than
-                )
-        except FencedOut as exc:
-            self._lease.lose(str(exc), fence)
-            return None
-        except Exception as exc:
-            log.error("session %s: %s snapshot failed: %s", self.config.session_id, reason, first_line(exc))
-            self._set(last_backup_error=first_line(exc))
-            return None
-        if version is not None:
-            record = self.db.load_session(self.config.session_id)
-            if record is not None:
-                self._set(
-                    last_backup_version=record.version,
-                    last_backup_size=record.size_bytes,
-                    last_backup_checksum=record.checksum,
-                    push_name=record.push_name or self._status.push_name,
-                    last_backup_error=None,
-                )
-        return version
+        return self.backups.backup_now(reason)
 
     def _schedule(self, job: Callable[[str], None], kind: str, delay: float) -> None:
         """Runs job(kind) once, delay seconds from now; scheduling a kind again moves it."""
@@ -1035,19 +749,3 @@ class Runtime:
         for kind, job in due:
             if not self._stopping.is_set():
                 job(kind)
-
-
-def qr_terminal_art(code: str) -> str:
-    buffer = io.StringIO()
-    segno.make_qr(code).terminal(out=buffer, compact=True)
-    return buffer.getvalue()
-
-
-def _phone(jid: str | None) -> str | None:
-    if not jid:
-        return None
-    return jid.split("@", 1)[0].split(":", 1)[0].split(".", 1)[0]
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)

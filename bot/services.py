@@ -41,10 +41,17 @@ def build_services(
     outbox = Outbox(
         db,
         config.session_id,
-        Channel(runtime.send_text, runtime.is_connected, runtime.show_typing),
+        Channel(runtime.gateway.send_text, runtime.gateway.is_connected, runtime.gateway.show_typing),
         typing_seconds=rules.typing_seconds,
     )
-    chatbot = Chatbot(db, config.session_id, rules, outbox, mark_read=runtime.mark_read)
+    chatbot = Chatbot(
+        db,
+        config.session_id,
+        rules,
+        outbox,
+        mark_read=runtime.gateway.mark_read,
+        handled=runtime.gateway.message_handled,
+    )
     runtime.message_handlers.append(chatbot.submit)
     runtime.connected_listeners.append(outbox.notify)
     runtime.take_over_listeners.append(outbox.settle_interrupted)

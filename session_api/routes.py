@@ -21,7 +21,8 @@ from bot.messaging import UNSTORABLE
 from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, first_line
 from bot.outbox import Outbox
 from bot.persistence import export_document, import_document
-from bot.runtime import Runtime, State
+from bot.runtime import Runtime
+from bot.session_state import State
 from database import Database, Fence, FencedOut
 from session_api.openapi import openapi_document
 
@@ -318,7 +319,7 @@ def send() -> tuple[Response, int]:
     outbox: Outbox | None = current_app.extensions["zapkeep.outbox"]
     if outbox is None:
         try:
-            message_id = runtime().send_text(jid, text)
+            message_id = runtime().gateway.send_text(jid, text)
         except StateConflictError as exc:
             abort(409, str(exc))
         return ok(to=jid, message_id=message_id, status="sent")

@@ -35,6 +35,7 @@ class FakeWhatsApp:
     connect_errors: list[str] = field(default_factory=list)
     sent: list[SentMessage] = field(default_factory=list)
     read: list[str] = field(default_factory=list)  # message ids marked read
+    handled: list[str] = field(default_factory=list)  # message ids the daemon said it logged
     typing: list[tuple[str, bool]] = field(default_factory=list)
     send_failures: list[str] = field(default_factory=list)  # errors for the next sends
     connected: bool = True  # the servers answer; set False to make every connect fail
@@ -109,6 +110,9 @@ class FakeClient:
 
     def set_typing(self, chat_jid: str, typing: bool) -> None:
         self.network.typing.append((chat_jid, typing))
+
+    def message_handled(self, message_id: str) -> None:
+        self.network.handled.append(message_id)
 
     def request_pairing_code(self, phone: str) -> str:
         if not self.qr_codes:

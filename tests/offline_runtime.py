@@ -16,7 +16,8 @@ import sys
 import threading
 
 from bot.config import Config
-from bot.runtime import Backoff, Runtime, State
+from bot.runtime import Backoff, Runtime
+from bot.session_state import State
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 

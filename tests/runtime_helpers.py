@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bot.config import Config
-from bot.runtime import Runtime, State, Timing
+from bot.runtime import Runtime, Timing
+from bot.session_state import State
 from bot.session_store import take_snapshot
 from database import Database
 from tests.fake_whatsapp import FakeClient, FakeWhatsApp, wait_until

@@ -21,7 +21,8 @@ from bot import events
 from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
 from bot.services import build_services
-from bot.runtime import Runtime, State
+from bot.runtime import Runtime
+from bot.session_state import State
 from bot.persistence import export_document, import_document
 from bot.session_store import restore_snapshot, validate_document
 from database import Database

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from bot import events
 from bot.persistence import sync_session
-from bot.runtime import Runtime, State
+from bot.runtime import Runtime
+from bot.session_state import State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.synthetic import create_paired_store

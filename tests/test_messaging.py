@@ -17,7 +17,7 @@ from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES
 from bot.errors import SendOutcomeUnknown
 from bot.outbox import Channel, Outbox
-from bot.runtime import State
+from bot.session_state import State
 from bot.services import Services, build_services
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until

@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 
 from bot import events
-from bot.runtime import Backoff, State
+from bot.runtime import Backoff
+from bot.session_state import State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config, mirrored, start_paired, stored_rows, versions

@@ -1,0 +1,349 @@
+"""A stand-in for WhatsApp's servers on loopback, for soaks of the real daemon process.
+
+``FakeServer`` runs in the benchmark's process. The daemon runs unchanged except for its client
+process, which is ``python -m bench.fake_wa HOST:PORT STORE LOG_LEVEL``: the real pipe protocol
+(``bot.client_process.run_child``) around ``NetworkClient``, which talks to the server instead of
+WhatsApp. Behaviour kept from whatsmeow, because the soak measures what follows from it:
+- a message is acknowledged to the server before the handler sees it (whatsmeow's default,
+  ``SynchronousAck`` off; neonize does not expose it): the server forgets it at once; then it
+  waits in neonize's buffer (about 100 events) for Python's handler, which runs one at a time;
+- messages for a session with no connection wait at the server and arrive on the next connect;
+- a drop is whatsmeow's own reconnect: Disconnected, a pause, Connected, on the same client;
+- a second connection of the same device replaces the first (StreamReplaced).
+
+Wire, JSON lines. Server -> client: ``{"message": {...}}``, ``{"drop": seconds}``,
+``{"sent": call, "id": ...}``, ``{"replaced": true}``. Client -> server: ``{"hello": pid}``,
+``{"ack": message_id}``, ``{"send": call, "to": ..., "text": ...}``, ``{"read": message_id}``,
+``{"back": true}`` (reconnected after a drop).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import queue
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot import events
+
+
+@dataclass
+class Sent:
+    to: str
+    text: str
+    message_id: str
+    connection: int
+
+
+@dataclass
+class _Connection:
+    number: int
+    sock: socket.socket
+    pid: int | None = None
+    paused: bool = False  # dropped: whatsmeow is reconnecting
+    alive: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, message: dict[str, object]) -> bool:
+        try:
+            with self.lock:
+                self.sock.sendall(json.dumps(message).encode() + b"\n")
+            return True
+        except OSError:
+            self.alive = False
+            return False
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[dict[str, object]] = collections.deque()  # not yet acknowledged
+        self._in_flight: dict[str, dict[str, object]] = {}  # written to the connection, not yet acknowledged
+        self.acknowledged: dict[str, dict[str, object]] = {}  # message id -> message: the server forgot them
+        self.sent: list[Sent] = []
+        self.read: set[str] = set()
+        self.connections = 0
+        self.replaced = 0  # connections a newer one replaced: two clients of one session at once
+        self._current: _Connection | None = None
+        self._numbers = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._closed = False
+        threading.Thread(target=self._accept, name="fake-wa-accept", daemon=True).start()
+        threading.Thread(target=self._deliver, name="fake-wa-deliver", daemon=True).start()
+
+    # --- what the benchmark does ---------------------------------------------------------------
+
+    def customer_sends(self, message: dict[str, object]) -> None:
+        with self._lock:
+            self._waiting.append(message)
+            self._lock.notify_all()
+
+    def drop(self, seconds: float) -> bool:
+        """The connection breaks; whatsmeow reconnects after ``seconds``. False: nobody connected."""
+        with self._lock:
+            connection = self._current
+            if connection is None or connection.paused:
+                return False
+            connection.paused = True
+        return connection.send({"drop": seconds})
+
+    def connected_pid(self) -> int | None:
+        with self._lock:
+            current = self._current
+            return None if current is None or current.paused else current.pid
+
+    def backlog(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._in_flight)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        with self._lock:
+            self._lock.notify_all()
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            connection = _Connection(next(self._numbers), sock)
+            threading.Thread(target=self._read, args=(connection,), name="fake-wa-conn", daemon=True).start()
+
+    def _read(self, connection: _Connection) -> None:
+        with connection.sock.makefile("rb") as lines:
+            try:
+                for line in lines:
+                    self._on_line(connection, json.loads(line))
+            except (OSError, ValueError):
+                pass
+        self._closed_connection(connection)
+
+    def _on_line(self, connection: _Connection, message: dict[str, object]) -> None:
+        if "hello" in message:
+            with self._lock:
+                previous, self._current = self._current, connection
+                connection.pid = int(message["hello"])  # type: ignore[arg-type]
+                self.connections += 1
+                self._lock.notify_all()
+            if previous is not None and previous.alive:
+                self.replaced += 1
+                previous.send({"replaced": True})
+                self._requeue(previous)
+        elif "ack" in message:
+            with self._lock:
+                acked = self._in_flight.pop(str(message["ack"]), None)
+                if acked is not None:
+                    self.acknowledged[str(message["ack"])] = acked
+        elif "send" in message:
+            message_id = f"3EB0SOAK{next(self._ids):012d}"
+            with self._lock:
+                self.sent.append(Sent(str(message["to"]), str(message["text"]), message_id, connection.number))
+            connection.send({"sent": message["send"], "id": message_id})
+        elif "read" in message:
+            with self._lock:
+                self.read.add(str(message["read"]))
+        elif "back" in message:
+            with self._lock:
+                connection.paused = False
+                self._lock.notify_all()
+
+    def _closed_connection(self, connection: _Connection) -> None:
+        connection.alive = False
+        with self._lock:
+            if self._current is connection:
+                self._current = None
+        self._requeue(connection)
+        connection.sock.close()
+
+    def _requeue(self, connection: _Connection) -> None:
+        """What a connection was given but never acknowledged is delivered again, first and in order."""
+        with self._lock:
+            if self._current is connection:
+                return
+            pending = [m for m in self._in_flight.values() if m["_connection"] == connection.number]
+            for message in reversed(pending):
+                del self._in_flight[str(message["message_id"])]
+                self._waiting.appendleft(message)
+            self._lock.notify_all()
+
+    def _deliver(self) -> None:
+        while not self._closed:
+            with self._lock:
+                while not self._closed and (
+                    not self._waiting or self._current is None or self._current.paused or len(self._in_flight) > 50
+                ):
+                    self._lock.wait(0.5)
+                if self._closed:
+                    return
+                connection = self._current
+                assert connection is not None
+                message = self._waiting.popleft()
+                message["_connection"] = connection.number
+                self._in_flight[str(message["message_id"])] = message
+            wire = {k: v for k, v in message.items() if not k.startswith("_")}
+            if not connection.send({"message": wire}):
+                self._closed_connection(connection)
+
+
+# --- the client process's side ---------------------------------------------------------------------
+
+
+NEONIZE_BUFFER = 100
+
+
+class NetworkClient:
+    """``events.WhatsAppClient`` for one round, talking to ``FakeServer``. It writes the store
+    as whatsmeow does while connected (a contact row per new sender)."""
+
+    def __init__(self, address: str, store_path: Path, sink: events.EventSink) -> None:
+        host, port = address.rsplit(":", 1)
+        self._address = (host, int(port))
+        self._store_path = store_path
+        self._sink = sink
+        self._sock: socket.socket | None = None
+        self._write_lock = threading.Lock()
+        self._calls: dict[int, tuple[threading.Event, list[str]]] = {}
+        self._ids = itertools.count(1)
+        self._stopped = threading.Event()
+        self._store: sqlite3.Connection | None = None
+        self._contacts: set[str] = set()
+        self._buffer: queue.Queue[dict[str, object] | None] = queue.Queue(NEONIZE_BUFFER)
+
+    def run(self) -> str | None:
+        if self._stopped.is_set():
+            return None
+        try:
+            self._sock = socket.create_connection(self._address, timeout=5)
+            self._sock.settimeout(None)
+        except OSError as exc:
+            return f"failed to dial whatsapp web websocket: {exc}"
+        self._store = sqlite3.connect(self._store_path, check_same_thread=False)
+        device = self._store.execute("SELECT jid FROM whatsmeow_device").fetchone()
+        if device is None:
+            return "the fake server pairs no new device"
+        self._device = device[0]
+        self._send({"hello": os.getpid()})
+        self._sink(events.Connected())
+        handler = threading.Thread(target=self._handle_messages, name="python-handler", daemon=True)
+        handler.start()
+        error: str | None = "websocket disconnected"
+        with self._sock.makefile("rb") as lines:
+            try:
+                for line in lines:
+                    message = json.loads(line)
+                    if "message" in message:
+                        self._receive(message["message"])
+                    elif "drop" in message:
+                        threading.Thread(target=self._reconnect, args=(float(message["drop"]),), daemon=True).start()
+                    elif "sent" in message:
+                        self._answer(int(message["sent"]), str(message["id"]))
+                    elif "replaced" in message:
+                        self._sink(events.StreamReplaced())
+                        error = None
+                        break
+            except (OSError, ValueError):
+                pass
+        if self._stopped.is_set():
+            error = None
+        self._buffer.put(None)
+        handler.join()
+        self._close()
+        return error
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def send_text(self, to_jid: str, text: str) -> str:
+        call = next(self._ids)
+        done, result = threading.Event(), []
+        self._calls[call] = (done, result)
+        if not self._send({"send": call, "to": to_jid, "text": text}) or not done.wait(30):
+            self._calls.pop(call, None)
+            raise RuntimeError("websocket not connected")
+        return result[0]
+
+    def mark_read(self, chat_jid: str, sender_jid: str, message_id: str) -> None:
+        self._send({"read": message_id})
+
+    def set_typing(self, chat_jid: str, typing: bool) -> None:
+        pass
+
+    def logout(self) -> None:
+        raise RuntimeError("the fake server does not unlink")
+
+    def request_pairing_code(self, phone: str) -> str:
+        raise RuntimeError("the fake server pairs no new device")
+
+    def _receive(self, message: dict[str, object]) -> None:
+        self._send({"ack": message["message_id"]})  # whatsmeow acknowledges before the handler runs
+        self._buffer.put(message)  # full: whatsmeow waits, and acknowledges nothing more
+
+    def _handle_messages(self) -> None:
+        while (message := self._buffer.get()) is not None:
+            self._handle(message)
+
+    def _handle(self, message: dict[str, object]) -> None:
+        sender = str(message["sender"])
+        if sender not in self._contacts and self._store is not None:  # whatsmeow saves the push name
+            with self._store:
+                self._store.execute(
+                    "INSERT OR REPLACE INTO whatsmeow_contacts (our_jid, their_jid, push_name) VALUES (?, ?, ?)",
+                    (self._device, sender, str(message["push_name"])),
+                )
+            self._contacts.add(sender)
+        self._sink(events.IncomingMessage(**message))  # type: ignore[arg-type]
+
+    def _reconnect(self, seconds: float) -> None:
+        self._sink(events.Disconnected())
+        time.sleep(seconds)
+        if not self._stopped.is_set() and self._send({"back": True}):
+            self._sink(events.Connected())
+
+    def _answer(self, call: int, message_id: str) -> None:
+        done, result = self._calls.pop(call, (None, None))
+        if done is not None and result is not None:
+            result.append(message_id)
+            done.set()
+
+    def _send(self, message: dict[str, object]) -> bool:
+        if self._sock is None:
+            return False
+        try:
+            with self._write_lock:
+                self._sock.sendall(json.dumps(message).encode() + b"\n")
+            return True
+        except OSError:
+            return False
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+if __name__ == "__main__":
+    from bot.client_process import run_child
+
+    server_address = sys.argv[1]
+    run_child(sys.argv[2:], lambda store, sink: NetworkClient(server_address, store, sink))

@@ -1,0 +1,66 @@
+"""What the chatbot and the outbox send through: the live client while connected, a
+``StateConflictError`` otherwise (the outbox keeps the message for later)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from bot import events
+from bot.errors import StateConflictError
+
+log = logging.getLogger(__name__)
+
+
+class SendGateway:
+    def __init__(
+        self,
+        connected_client: Callable[[], events.WhatsAppClient | None],
+        round_client: Callable[[], events.WhatsAppClient | None],
+        not_connected: Callable[[], str],
+        stopping: threading.Event,
+    ) -> None:
+        self._connected_client = connected_client  # None unless connected
+        self._round_client = round_client  # the current round's, connected or not
+        self._not_connected = not_connected  # why not, in words
+        self._stopping = stopping
+
+    def is_connected(self) -> bool:
+        return self._connected_client() is not None
+
+    def send_text(self, to_jid: str, text: str) -> str:
+        return self._client().send_text(to_jid, text)
+
+    def mark_read(self, message: events.IncomingMessage) -> None:
+        self._client().mark_read(message.chat, message.sender, message.message_id)
+
+    def message_handled(self, message: events.IncomingMessage) -> None:
+        """Logged: the client may take the next message. (A message from an ended round: that
+        round's client is gone, and the next one knows nothing of it.)"""
+        client = self._round_client()
+        if client is not None:
+            try:
+                client.message_handled(message.message_id)
+            except Exception as exc:
+                log.debug("message hand-back failed: %s", exc)
+
+    def show_typing(self, chat_jid: str, seconds: float) -> None:
+        """'typing…' for a moment before a reply; best effort, never delays by more than asked."""
+        try:
+            client = self._client()
+            client.set_typing(chat_jid, True)
+        except Exception as exc:
+            log.debug("typing indicator failed: %s", exc)
+            return
+        self._stopping.wait(seconds)
+        try:
+            client.set_typing(chat_jid, False)
+        except Exception as exc:
+            log.debug("typing indicator failed: %s", exc)
+
+    def _client(self) -> events.WhatsAppClient:
+        client = self._connected_client()
+        if client is None:
+            raise StateConflictError(self._not_connected())
+        return client

@@ -1,0 +1,79 @@
+"""Pairing a new device: the QR codes of a round (shown in the log and over the API) and the
+phone-number pairing code (``PAIR_PHONE``)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import segno
+
+from bot import events
+
+log = logging.getLogger(__name__)
+
+
+class Pairing:
+    """The pairing state of the current round. The runtime calls it under its own lock."""
+
+    def __init__(self, session_id: str, pair_phone: str | None, update: Callable[..., None]) -> None:
+        self.session_id = session_id
+        self.pair_phone = pair_phone
+        self._update = update  # fields of the session status
+        self.qr: str | None = None
+        self._qr_at = 0.0
+        self._code_requested = False
+
+    def new_round(self) -> None:
+        self.qr = None
+        self._qr_at = time.monotonic()
+        self._code_requested = False
+
+    def clear(self) -> None:
+        self.qr = None
+
+    def expired(self, round_seconds: float) -> bool:
+        """No new QR for this long: whatsmeow's codes ran out (~60 s, then 20 s each)."""
+        return time.monotonic() - self._qr_at > round_seconds
+
+    def show(self, code: str, client: events.WhatsAppClient | None) -> Callable[[], None] | None:
+        """A new QR code; returns what to do outside the lock (log it, or ask for a pairing code)."""
+        self.qr = code
+        self._qr_at = time.monotonic()
+        if self.pair_phone is not None:
+            if self._code_requested or client is None:
+                return None
+            self._code_requested = True
+            # Off the events thread: neonize's PairPhone can block for a minute while a dial hangs.
+            thread = threading.Thread(target=self._request_code, args=(client,), name="pairing", daemon=True)
+            return thread.start
+        return lambda: log.info(
+            "session %s: scan this QR code in WhatsApp > Linked devices (or GET /api/session/qr):\n%s",
+            self.session_id,
+            qr_terminal_art(code),
+        )
+
+    def _request_code(self, client: events.WhatsAppClient) -> None:
+        assert self.pair_phone is not None
+        try:
+            code = client.request_pairing_code(self.pair_phone)
+        except Exception as exc:
+            log.error("session %s: pairing code request failed: %s", self.session_id, exc)
+            self._update(last_error=f"pairing code request failed: {exc}")
+            return
+        self._update(pairing_code=code)
+        log.warning(
+            "session %s: pairing code for %s: %s  (WhatsApp > Linked devices > Link with phone number)",
+            self.session_id,
+            self.pair_phone,
+            code,
+        )
+
+
+def qr_terminal_art(code: str) -> str:
+    buffer = io.StringIO()
+    segno.make_qr(code).terminal(out=buffer, compact=True)
+    return buffer.getvalue()

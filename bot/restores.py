@@ -1,0 +1,105 @@
+"""Replacing the session wholesale: a restore (the stored session, a version from history, an
+admin's document) and the wipe after an unlink. The supervisor runs them between client rounds,
+while nothing has the local store open."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot.change_capture import new_lineage
+from bot.errors import ZapkeepError
+from bot.mirror import Mirror
+from bot.persistence import export_document, make_current, restore_document, snapshot_to_history
+from bot.session_store import STORE_SIBLING_SUFFIXES
+from database import Database, Fence, FencedOut, SessionRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestoreOutcome:
+    session_id: str
+    version: int
+    checksum: str
+    size_bytes: int
+
+
+@dataclass
+class RestoreRequest:
+    """Handed from an API thread to the supervisor, which sets ``done`` with an outcome or an error."""
+
+    kind: str  # "current": the stored session; "history": a version of it; "import": an admin's document
+    document_text: str
+    version: int | None = None  # of the historical snapshot
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+    outcome: RestoreOutcome | None = None
+
+
+class Restores:
+    def __init__(
+        self,
+        db: Database,
+        session_id: str,
+        store_path: Path,
+        mirror: Mirror,
+        lock: threading.Lock,
+        fence: Callable[[], Fence | None],
+        lose: Callable[[str, Fence], None],
+    ) -> None:
+        self.db = db
+        self.session_id = session_id
+        self.store_path = store_path
+        self._mirror = mirror
+        self._lock = lock  # the backups' lock: no snapshot runs while the session is replaced
+        self._fence = fence
+        self._lose = lose
+
+    def apply(self, request: RestoreRequest) -> tuple[RestoreOutcome, SessionRecord]:
+        """The request's document becomes the stored session, then the local store. Raises, with
+        the local store unchanged, when it cannot."""
+        session_id, fence = self.session_id, self._fence()
+        with self._lock:
+            self._mirror.stop()  # what the client wrote last is in the database first...
+            snapshot_to_history(self.db, session_id, fence, f"before-{request.kind}")  # ...and kept
+            # The database takes the new version before the local store does: a crash in between
+            # boots into it, never back into the replaced one.
+            text, version = request.document_text, request.version
+            if request.kind == "current":  # the flush moved the stored session on: what is stored now
+                record, text = export_document(self.db, session_id)
+                lineage, sequence, version = new_lineage(), record.mirror_sequence, record.version
+                self.db.set_lineage(session_id, lineage, sequence, fence)
+            else:
+                _, lineage = make_current(self.db, session_id, text, fence)
+                sequence = 0
+            restore_document(session_id, version or 0, text, self.store_path, lineage=lineage, sequence=sequence)
+            if request.kind == "import":
+                snapshot_to_history(self.db, session_id, fence, "import")
+        stored = self.db.load_session(session_id)
+        assert stored is not None  # just written, under this process's fence
+        if request.kind == "import" or version is None:
+            version = stored.version
+        return RestoreOutcome(session_id, version, stored.checksum, stored.size_bytes), stored
+
+    def wipe(self) -> None:
+        """After an unlink: forget the credentials locally and in the database (history stays)."""
+        with self._lock:
+            try:
+                self._mirror.stop(flush=False)
+            except ZapkeepError as exc:  # its writes are fenced and the session is deleted below anyway
+                log.error("session %s: %s", self.session_id, exc)
+            for path in (self.store_path, *(Path(f"{self.store_path}{s}") for s in STORE_SIBLING_SUFFIXES)):
+                path.unlink(missing_ok=True)
+            fence = self._fence()
+            try:
+                if fence is not None:  # never an unfenced delete from a process that lost the session
+                    self.db.delete_session(self.session_id, keep_history=True, fence=fence)
+            except FencedOut as exc:
+                self._lose(str(exc), fence)
+            except Exception as exc:
+                log.error("session %s: could not delete the stored session: %s", self.session_id, exc)
+        log.warning("session %s: device unlinked; local store and stored session wiped, pairing again", self.session_id)
