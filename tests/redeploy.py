@@ -35,6 +35,8 @@ class Daemon:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[str] | None = None
     log_path: Path | None = None
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "bot"])
+    env: dict[str, str] = field(default_factory=dict)  # beside (and over) the test's own
 
     @property
     def store(self) -> Path:
@@ -51,10 +53,11 @@ class Daemon:
             "DATABASE_URL": self.database_url,
             "PORT": str(self.port),
             "API_TOKEN": TOKEN,
+            **self.env,
         }
         log = open(self.log_path, "w")  # noqa: SIM115 - the child writes it until it exits
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True, stdout=log, stderr=subprocess.STDOUT
+            self.command, cwd=ROOT, env=env, text=True, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         wait_until(self.healthy, timeout=30, message=f"daemon on port {self.port} healthy")

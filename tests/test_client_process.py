@@ -4,6 +4,7 @@ always ends when asked, even in a dial that hangs, and when the daemon is killed
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -16,7 +17,9 @@ import pytest
 
 from bot import events
 from bot.client_process import ClientCallError, ProcessClient
+from tests.fake_network import NEONIZE_BUFFER, FakeServer
 from tests.fake_whatsapp import wait_until
+from tests.synthetic import create_paired_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,3 +175,55 @@ def test_anything_else_on_the_pipe_is_refused(message: dict) -> None:
 )
 def test_each_kind_of_message_is_told_apart(fields: list[str], protocol_type: str | None, kind: str) -> None:
     assert events.message_kind(fields, protocol_type) == kind
+
+
+def test_whatsmeow_acknowledges_no_more_than_neonizes_buffer_beyond_what_the_daemon_logged(tmp_path: Path) -> None:
+    """whatsmeow acknowledges a message before its handler runs: once acknowledged, a daemon that
+    dies before logging it loses it. The client process holds each message's handler until the
+    daemon says it logged it, so the acknowledged-but-unlogged ones are the buffer's, not a whole
+    backlog."""
+    server = FakeServer()
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    delivered: queue.Queue[events.ClientEvent] = queue.Queue()
+    client = ProcessClient(store, delivered.put, child=[sys.executable, "-m", "tests.fake_network", server.address])
+    ended: list[str | None] = []
+    runner = threading.Thread(target=lambda: ended.append(client.run()))
+    runner.start()
+    try:
+        assert isinstance(delivered.get(timeout=30), events.Connected)
+        backlog = 3 * NEONIZE_BUFFER
+        for n in range(backlog):
+            server.customer_sends(message(n))
+        handled = 0
+        while handled < backlog:
+            event = delivered.get(timeout=30)
+            assert isinstance(event, events.IncomingMessage)
+            assert event.message_id == f"M{handled:05d}"  # in order, each once
+            # (+2: the message in hand, and one the reader took before the buffer filled)
+            assert len(server.acknowledged) <= handled + NEONIZE_BUFFER + 2
+            if handled == 0:  # the daemon is slow to log the first one: the backlog waits at the server
+                wait_until(lambda: len(server.acknowledged) >= NEONIZE_BUFFER, message="neonize's buffer full")
+                assert server.backlog() >= backlog - NEONIZE_BUFFER - 2
+            client.message_handled(event.message_id)
+            handled += 1
+        wait_until(lambda: len(server.acknowledged) == backlog, message="all acknowledged")
+    finally:
+        client.stop()
+        runner.join(timeout=20)
+        server.close()
+    assert ended == [None]
+
+
+def message(n: int) -> dict[str, object]:
+    return {
+        "message_id": f"M{n:05d}",
+        "chat": "5511999990000@s.whatsapp.net",
+        "sender": "5511999990000@s.whatsapp.net",
+        "push_name": "Cliente",
+        "text": f"mensagem {n}",
+        "from_me": False,
+        "is_group": False,
+        "timestamp": int(time.time()),
+        "kind": "text",
+    }

@@ -182,6 +182,10 @@ def test_groups_broadcasts_newsletters_and_own_messages_get_no_reply(daemon: Dae
     assert statuses["news"] == ("ignored", "newsletter")
     assert daemon.network.read == [customer.message_id]  # ignored chats are not even marked read
     assert "echo of our reply" not in {m.text for m in daemon.db.list_messages("default")}
+    # Each one, answered or not, was handed back to the client once logged (it may take the next).
+    wait_until(lambda: len(daemon.network.handled) == 5, message="every message handed back")
+    logged = {m.message_id for m in daemon.db.list_messages("default") if m.direction == "in"}
+    assert set(daemon.network.handled) == logged | {own}
 
 
 def test_an_operator_answering_from_the_phone_pauses_the_bot_in_that_chat(daemon: Daemon) -> None:
@@ -240,6 +244,8 @@ def test_a_message_received_while_the_database_is_away_is_answered_when_it_is_ba
         daemon.deliver(incoming("oi"))
         time.sleep(2.0)
         assert daemon.network.sent == []  # nowhere to record it yet: kept in memory, not dropped
+        # ...and handed back to the client: holding whatsmeow through an outage would stall its connection
+        wait_until(lambda: len(daemon.network.handled) == 1, message="handed back during the outage")
 
         cluster.start_server()
 

@@ -1,7 +1,7 @@
 """A stand-in for WhatsApp's servers on loopback, for soaks of the real daemon process.
 
 ``FakeServer`` runs in the benchmark's process. The daemon runs unchanged except for its client
-process, which is ``python -m bench.fake_wa HOST:PORT STORE LOG_LEVEL``: the real pipe protocol
+process, which is ``python -m tests.fake_network HOST:PORT STORE LOG_LEVEL``: the real pipe protocol
 (``bot.client_process.run_child``) around ``NetworkClient``, which talks to the server instead of
 WhatsApp. Behaviour kept from whatsmeow, because the soak measures what follows from it:
 - a message is acknowledged to the server before the handler sees it (whatsmeow's default,
@@ -343,7 +343,9 @@ class NetworkClient:
 
 
 if __name__ == "__main__":
-    from bot.client_process import run_child
+    from bot import client_process
 
+    if os.environ.get("ZAPKEEP_SOAK_NO_HAND_BACK") == "1":  # the soak's comparison: as before the hand-back
+        client_process.HANDLED_WAIT_SECONDS = 0.0
     server_address = sys.argv[1]
-    run_child(sys.argv[2:], lambda store, sink: NetworkClient(server_address, store, sink))
+    client_process.run_child(sys.argv[2:], lambda store, sink: NetworkClient(server_address, store, sink))
