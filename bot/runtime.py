@@ -38,7 +38,7 @@ from bot.pairing import Pairing
 from bot.persistence import BootOutcome, export_document, prepare_local_store
 from bot.restores import RestoreOutcome, RestoreRequest, Restores
 from bot.session_state import HISTORY_STATES, Readiness, SessionStatus, State, now, phone_of, readiness_of
-from bot.store_worker import prepare_store
+from bot.store_worker import document_rows, prepare_store
 from database import Database, Fence
 
 log = logging.getLogger(__name__)
@@ -525,10 +525,12 @@ class Runtime:
         session_id = self.config.session_id
         if self.state in (State.REPLACED, State.STOPPED, State.STANDBY, State.STARTING):
             raise StateConflictError(f"session {session_id} is {self.state.value}; it cannot be restored here")
-        # Check the whole document before stopping a live client for it.
+        # Check the whole document before stopping a live client for it: decoded, then built aside.
         document = session_store.validate_document(session_store.parse_document(request.document_text))
         if document.device_field("jid") is None:
             raise SessionDocumentError("the session document holds no paired device")
+        if request.kind == "import":  # (the stored session and history were checked when they were stored)
+            document_rows(request.document_text)
         with self._lock:
             self._restore_request = request
         self._stop_client(_Pending.RESTORE)

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bot import store_schema
 from bot.errors import RestoreError, SessionDocumentError, SnapshotError
 
 FORMAT = "zapkeep.session"
@@ -270,7 +271,11 @@ def validate_document(document: Any) -> DecodedSession:
     expected = document_checksum([(t["name"], t["checksum"]) for t in raw_tables], version)
     if document.get("checksum") != expected:
         raise SessionDocumentError("the session document's checksum does not match its content")
-    return DecodedSession(checksum=expected, tables=tables)
+    session = DecodedSession(checksum=expected, tables=tables)
+    jid = session.device_field("jid")
+    if jid is not None and not isinstance(jid, str):
+        raise SessionDocumentError("table whatsmeow_device: the device jid is not text")
+    return session
 
 
 def _validate_table(raw: Any, index: int, format_version: int) -> Table:
@@ -364,14 +369,30 @@ def prepare_store_file(store_path: Path) -> None:
 
 
 def _load_tables(conn: sqlite3.Connection, session: DecodedSession) -> None:
+    """whatsmeow's schema, then the document's rows into it: every name in the SQL comes from the
+    schema, every value is bound and checked against its column. A refusal names the table, the
+    row and the column."""
+    schema = store_schema.whatsmeow_schema()
     conn.execute("BEGIN")
+    for statement in schema.statements:  # (the document's own CREATE statements are never run)
+        conn.execute(statement)
     for table in session.tables:
-        conn.execute(table.sql)
-        for index_sql in table.indexes:
-            conn.execute(index_sql)
-        placeholders = ", ".join("?" * len(table.columns))
-        column_list = ", ".join(f'"{column}"' for column in table.columns)
-        conn.executemany(f'INSERT INTO "{table.name}" ({column_list}) VALUES ({placeholders})', table.rows)
+        columns = store_schema.columns_for(table.name, table.columns, schema)
+        if table.name == "whatsmeow_version":  # the schema wrote it: the document must agree
+            by_name = [dict(zip(table.columns, row, strict=True)) for row in table.rows]
+            store_schema.check_version([[r.get("version"), r.get("compat")] for r in by_name], schema)
+            continue
+        names = ", ".join(f'"{column.name}"' for column in columns)
+        insert = f'INSERT INTO "{table.name}" ({names}) VALUES ({", ".join("?" * len(columns))})'
+        for number, row in enumerate(table.rows):
+            store_schema.check_row(table.name, number, columns, row)
+            try:
+                conn.execute(insert, row)
+            except sqlite3.IntegrityError as exc:
+                raise SessionDocumentError(f"table {table.name}: row {number}: {exc}") from None
+    broken = conn.execute("PRAGMA foreign_key_check").fetchone()
+    if broken is not None:
+        raise SessionDocumentError(f"table {broken[0]}: row with rowid {broken[1]} refers to a missing {broken[2]} row")
     conn.execute("COMMIT")
 
 

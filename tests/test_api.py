@@ -28,6 +28,7 @@ from bot.session_store import restore_snapshot, validate_document
 from database import Database
 from session_api import create_app
 from session_api.server import ApiServer
+from tests.test_document_validation import CORRUPTIONS
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.synthetic import DEVICE_JID, table_rows
 from tests.runtime_helpers import FAST, mirrored
@@ -231,11 +232,17 @@ def test_import_validates_and_a_corrupt_document_changes_nothing(api: Api, tmp_p
     corrupt = json.loads(json.dumps(document))
     (device,) = [t for t in corrupt["tables"] if t["name"] == "whatsmeow_device"]
     device["rows"][0][2] = {"b64": "!!notbase64"}
-    for bad in (corrupt, "not json at all", {"format": "other"}, ""):
+    client = api.network.current()
+    # SQL in a column name, every checksum recomputed: refused before the live client is touched
+    injected = json.loads(CORRUPTIONS["SQL in a column name"][0](json.loads(json.dumps(document))))
+    for bad in (corrupt, injected, "not json at all", {"format": "other"}, ""):
         reply = api.call("POST", "/api/session/backup", body={"session_id": "default", "session_data": bad})
         assert reply.status == 400, bad
         assert reply.json()["success"] is False
+    refused = api.call("POST", "/api/session/backup", body={"session_id": "default", "session_data": injected})
+    assert "is not whatsmeow's" in refused.json()["message"]
     assert everything() == before
+    assert not client.stopped.is_set() and api.runtime.state is State.CONNECTED
 
     imported = api.call("POST", "/api/session/backup", body={"session_id": "copy", "session_data": document})
     assert imported.status == 201 and imported.json()["imported"] is True
