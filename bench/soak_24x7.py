@@ -10,7 +10,8 @@ faster than a shop's: customers send --messages messages at --rate a second (5% 
 photos, stickers, reactions and documents; 1% text holding NUL or a lone surrogate, which
 PostgreSQL cannot store as it is), the connection drops every 30 simulated seconds (whatsmeow
 reconnects), an admin restores the stored session --restores times, and the owner is stopped
-with SIGTERM --sigterms times and killed with kill -9 --kills times, in the middle of traffic;
+with SIGTERM --sigterms times and killed with kill -9 --kills times, in the middle of traffic
+(each kill as the messages held during a 20 s outage arrive, faster than they are logged);
 each time the standby takes over and a fresh standby (a new container) starts beside it.
 
 Counted at the end, from the server and the database:
@@ -98,6 +99,7 @@ reply_expiry_minutes = 60
 TEXTS = ["oi", "bom dia", "qual o preço do pão?", "1", "vocês entregam?", "obrigado", "tem bolo hoje?"]
 NON_TEXT = ["audio", "image", "sticker", "reaction", "document"]
 UNSTORABLE = ["pão\x00francês", "a\ud800b", "\x00"]
+KILL_OUTAGE_SECONDS = 20.0  # each kill -9 comes as the messages of an outage this long arrive
 WARM_UP = 10.0  # seconds of a daemon's life before its descriptors and RSS are sampled
 TAG = re.compile(r"\[(m\d+)\]")
 ENV = {
@@ -135,6 +137,7 @@ class Life:
 
     name: str
     started: float = field(default_factory=time.monotonic)
+    ending: bool = False  # signalled: its last moments are not its steady state
     samples: list[tuple[int, float]] = field(default_factory=list)  # after its first WARM_UP seconds
 
 
@@ -250,7 +253,7 @@ class Soak:
                 if daemon.process is not None and daemon.process.poll() is None:
                     life = self.lives.setdefault(daemon.process.pid, Life(daemon.data_dir.name))
                     measured = sample(daemon.process.pid)
-                    if measured is not None and time.monotonic() - life.started > WARM_UP:
+                    if measured is not None and not life.ending and time.monotonic() - life.started > WARM_UP:
                         life.samples.append(measured)
 
     def _restore(self) -> None:
@@ -269,6 +272,17 @@ class Soak:
         owner = self.owner()
         standby = next(d for d in self.daemons if d is not owner and d.process and d.process.poll() is None)
         assert owner.process is not None
+        if what == "kill":
+            # The worst moment: whatsmeow reconnects after an outage and WhatsApp pushes everything
+            # it held meanwhile, faster than the daemon logs it.
+            self.server.drop(seconds=KILL_OUTAGE_SECONDS)
+            acknowledged = len(self.server.acknowledged)
+            backlog = KILL_OUTAGE_SECONDS * self.args.rate / 2
+            wait_until(lambda: self.server.backlog() >= backlog, timeout=60, message="a backlog")
+            wait_until(
+                lambda: len(self.server.acknowledged) >= acknowledged + backlog / 2, timeout=60, message="the burst"
+            )
+        self.lives.setdefault(owner.process.pid, Life(owner.data_dir.name)).ending = True
         if what == "kill":
             owner.process.send_signal(signal.SIGKILL)
             owner.process.wait(10)

@@ -12,16 +12,23 @@ from werkzeug.exceptions import HTTPException
 from bot.outbox import Outbox
 from bot.runtime import Runtime
 from database import Database, is_unavailable
+from session_api.guard import FailedAttempts
 from session_api.server import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
 
 def create_app(
-    runtime: Runtime, db: Database, *, outbox: Outbox | None = None, reply_expiry: timedelta = timedelta(hours=24)
+    runtime: Runtime,
+    db: Database,
+    *,
+    outbox: Outbox | None = None,
+    reply_expiry: timedelta = timedelta(hours=24),
+    failed_attempts: FailedAttempts | None = None,
 ) -> Flask:
     """With an outbox, /api/messages/send queues (and the message waits out a disconnection);
-    without one it sends at once or answers 409."""
+    without one it sends at once or answers 409. ``failed_attempts``: how wrong tokens are slowed
+    down (10 at once from an address, then one every 6 s)."""
     from session_api.routes import bp
 
     token = runtime.config.api_token
@@ -33,6 +40,7 @@ def create_app(
     app.extensions["zapkeep.runtime"] = runtime
     app.extensions["zapkeep.db"] = db
     app.extensions["zapkeep.outbox"] = outbox
+    app.extensions["zapkeep.failed_attempts"] = failed_attempts or FailedAttempts()
     app.config["REPLY_EXPIRY"] = reply_expiry
     app.register_blueprint(bp)
 

@@ -38,9 +38,25 @@ def _body(properties: dict[str, Any], required: list[str] | None = None) -> dict
 
 UNAUTHORIZED = _error("Missing or wrong bearer token")
 BAD_REQUEST = _error("Malformed JSON or fields")
+# What any protected route can answer besides its own responses.
+EVERY_PROTECTED_ROUTE = {
+    "405": _error("Method not allowed here (the Allow header lists the methods that are)"),
+    "413": _error("Body larger than 64 MiB"),
+    "429": _error("Too many wrong tokens from this address (see Retry-After); a right token always passes"),
+    "503": _error("The database is unreachable (see Retry-After)"),
+}
 
 
 def openapi_document() -> dict[str, Any]:
+    document = _document()
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            if "401" in operation["responses"]:
+                operation["responses"] = {**operation["responses"], **EVERY_PROTECTED_ROUTE}
+    return document
+
+
+def _document() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
         "info": {

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import segno
+from werkzeug.exceptions import TooManyRequests
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 
 from bot.config import is_valid_session_id
@@ -41,13 +42,21 @@ def db() -> Database:
     return current_app.extensions["zapkeep.db"]
 
 
+class TooManyWrongTokens(TooManyRequests):
+    description = "too many wrong tokens from this address; wait and try again"
+
+
 @bp.before_request
 def require_token() -> None:
     expected = current_app.config["API_TOKEN"].encode()
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-        abort(401, "missing or wrong bearer token")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected):
+        return
+    wait = current_app.extensions["zapkeep.failed_attempts"].fail(request.remote_addr or "-")
+    if wait is not None:
+        raise TooManyWrongTokens(retry_after=math.ceil(wait))
+    abort(401, "missing or wrong bearer token")
 
 
 def ok(http_status: int = 200, /, **payload: Any) -> tuple[Response, int]:

@@ -27,6 +27,9 @@ from bot.persistence import export_document, import_document
 from bot.session_store import restore_snapshot, validate_document
 from database import Database
 from session_api import create_app
+from session_api.guard import FailedAttempts, FailureBudget
+from session_api.openapi import openapi_document
+from session_api.routes import TooManyWrongTokens
 from session_api.server import ApiServer
 from tests.test_document_validation import CORRUPTIONS
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
@@ -53,6 +56,7 @@ class Api:
     db: Database
     network: FakeWhatsApp
     bodies: list[bytes]
+    failed_attempts: FailedAttempts
 
     def call(
         self,
@@ -76,6 +80,7 @@ class Api:
         reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
         conn.close()
         self.bodies.append(reply.body)
+        ANSWERS.add((method, path.split("?", 1)[0], reply.status))
         return reply
 
     def pair(self) -> None:
@@ -87,6 +92,24 @@ class Api:
         wait_until(lambda: mirrored(self.runtime, self.db), message="the store mirrored")
 
 
+ANSWERS: set[tuple[str, str, int]] = set()  # every (method, path, status) the tests saw
+
+
+@pytest.fixture(scope="module", autouse=True)
+def every_answer_seen_is_documented() -> Iterator[None]:
+    """The OpenAPI document against the server's real answers in all these tests."""
+    yield
+    paths = openapi_document()["paths"]
+    undocumented = []
+    for method, path, status in sorted(ANSWERS):
+        operation = paths.get(path, {}).get(method.lower())
+        if operation is None:  # no such route (a test of 404 and 405): nothing to document but that
+            assert status in (404, 405), (method, path, status)
+        elif str(status) not in operation["responses"]:
+            undocumented.append((method, path, status))
+    assert not undocumented, f"answers the OpenAPI document does not list: {undocumented}"
+
+
 @pytest.fixture
 def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]:
     """The daemon's own assembly (runtime, chatbot, outbox) behind a real waitress server."""
@@ -96,11 +119,13 @@ def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]
     network = FakeWhatsApp(schema_template=whatsmeow_template)
     rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
     services = build_services(config, db, network.factory, rules, timing=FAST)
-    server = ApiServer(create_app(services.runtime, db, outbox=services.outbox), "127.0.0.1", 0, threads=4)
+    failed_attempts = FailedAttempts()
+    app = create_app(services.runtime, db, outbox=services.outbox, failed_attempts=failed_attempts)
+    server = ApiServer(app, "127.0.0.1", 0, threads=4)
     server.start()
     services.start()
     try:
-        yield Api(server.port, services.runtime, db, network, [])
+        yield Api(server.port, services.runtime, db, network, [], failed_attempts)
     finally:
         server.stop()
         services.stop()
@@ -134,6 +159,8 @@ def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
         {"Authorization": f"Basic {TOKEN}"},
         {"Authorization": TOKEN},
     ]
+    # (This checks every route, not the slowdown of repeated wrong tokens, tested on its own below.)
+    api.failed_attempts.budget = FailureBudget(burst=len(PROTECTED) * len(attempts))
     for method, path in PROTECTED:
         for headers in attempts:
             reply = api.call(method, path, token=None, headers=headers, body={})
@@ -142,6 +169,34 @@ def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
     assert api.db.list_sessions() == []  # nothing happened behind a refused call
     health = api.call("GET", "/healthz", token=None)
     assert health.status == 200 and health.json()["success"] is True
+
+
+def test_repeated_wrong_tokens_from_one_address_are_slowed_down_the_right_token_always_passes(api: Api) -> None:
+    clock = [1000.0]
+    app = create_app(api.runtime, api.db, failed_attempts=FailedAttempts(clock=lambda: clock[0]))
+
+    def client_at(address: str) -> Any:
+        client = app.test_client()
+        client.environ_base["REMOTE_ADDR"] = address
+        return client
+
+    attacker = client_at("203.0.113.7")
+    admin = client_at("203.0.113.7")  # behind the same proxy
+    neighbour = client_at("198.51.100.2")
+    wrong = {"Authorization": "Bearer wrong"}
+    right = {"Authorization": f"Bearer {TOKEN}"}
+
+    assert [attacker.get("/api/session/status", headers=wrong).status_code for _ in range(10)] == [401] * 10
+    slowed = attacker.get("/api/session/status", headers=wrong)
+    assert slowed.status_code == 429 and slowed.headers["Retry-After"] == "6"
+    assert slowed.get_json() == {"success": False, "message": TooManyWrongTokens.description}
+    assert admin.get("/api/session/status", headers=right).status_code == 200  # never locked out
+    assert neighbour.get("/api/session/status", headers=wrong).status_code == 401  # its own budget
+    clock[0] += 6.0  # one more wrong token every 6 s
+    assert attacker.get("/api/session/status", headers=wrong).status_code == 401
+    assert attacker.get("/api/session/status", headers=wrong).status_code == 429
+    clock[0] += 60.0
+    assert [attacker.get("/api/session/status", headers=wrong).status_code for _ in range(11)] == [401] * 10 + [429]
 
 
 def contacts_in(store: Path) -> int:

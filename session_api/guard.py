@@ -1,0 +1,49 @@
+"""Wrong tokens cost: each address may send a few, then one every few seconds; past that it gets
+429 with Retry-After until its budget refills. A right token always passes, so an attacker
+sharing an address with the admin (a platform's proxy) cannot lock the admin out, and nothing
+sleeps in a server thread (which would hand the attacker the threads instead)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FailureBudget:
+    burst: int = 10  # wrong tokens an address may send at once
+    refill_seconds: float = 6.0  # then one more each this often (10 a minute)
+    addresses: int = 10_000  # remembered at most (the least recently failing are forgotten)
+
+
+class FailedAttempts:
+    def __init__(self, budget: FailureBudget = FailureBudget(), clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget = budget
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, at)
+
+    def fail(self, address: str) -> float | None:
+        """A wrong token from ``address``: None while it is within its budget, else the seconds
+        until it may try again."""
+        with self._lock:
+            now = self._clock()
+            tokens, at = self._buckets.pop(address, (float(self.budget.burst), now))
+            tokens = min(float(self.budget.burst), tokens + (now - at) / self.budget.refill_seconds)
+            limited = tokens < 1.0
+            if not limited:
+                tokens -= 1.0
+            self._buckets[address] = (tokens, now)
+            while len(self._buckets) > self.budget.addresses:
+                self._buckets.popitem(last=False)
+        if not limited:
+            if tokens < 1.0:
+                log.warning("API: %d wrong tokens from %s; slowing it down", self.budget.burst, address)
+            return None
+        return (1.0 - tokens) * self.budget.refill_seconds
