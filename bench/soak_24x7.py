@@ -198,10 +198,23 @@ class Soak:
         return daemon
 
     def owner(self) -> Daemon:
-        for daemon in self.daemons:
-            if daemon.process is not None and daemon.process.poll() is None and state(daemon) == "connected":
-                return daemon
-        raise LookupError("no connected owner")
+        """The daemon that owns the session and talks to WhatsApp (a drop may be under way)."""
+        found: list[Daemon] = []
+
+        def look() -> bool:
+            for daemon in self.daemons:
+                if daemon.process is not None and daemon.process.poll() is None:
+                    try:
+                        status = daemon.status()
+                    except (OSError, ValueError):
+                        continue
+                    if status["owns_session"] and status["state"] in ("connected", "reconnecting"):
+                        found.append(daemon)
+                        return True
+            return False
+
+        wait_until(look, timeout=60, message="an owner")
+        return found[-1]
 
     def run(self) -> None:
         first = self.daemon()
@@ -258,10 +271,7 @@ class Soak:
 
     def _restore(self) -> None:
         for _ in range(100):
-            try:
-                code = post(self.owner(), "/api/session/restore?session_id=default")
-            except LookupError:
-                code = 0
+            code = post(self.owner(), "/api/session/restore?session_id=default")
             if code == 200:
                 self.events.append("restore")
                 return

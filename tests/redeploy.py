@@ -115,6 +115,7 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
     handovers = []
     try:
         wait_until(lambda: owner.status()["owns_session"], timeout=20, message="the first owner")
+        token = owner.status()["fencing_token"]
         for n in range(1, iterations + 1):
             new = Daemon(workdir / f"deploy-{n}", database_url)
             started.append(new)
@@ -135,7 +136,10 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
             )
             handovers.append(time.monotonic() - stopped_at)
             status = new.status()
-            assert status["owns_session"] and status["fencing_token"] == n + 1, status
+            # Each take-over a larger token (more than one larger if a renewal came too late on a
+            # loaded machine and the new owner took its lease again: still the only owner).
+            assert status["owns_session"] and status["fencing_token"] > token, status
+            token = status["fencing_token"]
             assert table_rows(new.store) == original
             owner = new
         assert neonize("devices", owner.store) == [{"jid": DEVICE_JID, "push_name": PUSH_NAME}]
