@@ -51,7 +51,7 @@ def main(argv: list[str], *, client_factory: ClientFactory | None = None) -> int
     except ConfigError as exc:
         print(f"zapkeep: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.configure(config.python_log_level())
+    logs.configure(config.python_log_level(), config.log_format)
     try:
         if args.command == "run":
             return run_daemon(config, client_factory)
@@ -130,6 +130,7 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
     log.info("database: %s; session %s; store %s", db.backend, config.session_id, config.store_path)
     client_factory = client_factory or process_client_factory(config.python_log_level())
     services = build_services(config, db, client_factory, rules)
+    logs.bind(config.session_id, lambda: services.runtime.state.value)
     app = create_app(services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry)
     try:
         server = ApiServer(app, "0.0.0.0", config.port)

@@ -307,7 +307,7 @@ def run_child(argv: list[str], client_factory: ChildClientFactory | None = None)
     # exit", "Login event: ...") go to the log instead of into the protocol.
     pipe = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    logs.configure(level)
+    logs.configure(level, os.environ.get("LOG_FORMAT", "text").lower())  # the daemon's, checked at its boot
     if client_factory is None:
         from bot import whatsapp  # neonize: only ever imported in this process
 

@@ -16,6 +16,7 @@ from bot.errors import ConfigError
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,100}")
 PHONE_PATTERN = re.compile(r"\d{10,15}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 SHIPPED_REPLIES = Path(__file__).with_name("replies.pt-BR.toml")
 SHORT_TOKEN = 16  # below this the boot warns: a short bearer token can be guessed
 
@@ -39,6 +40,7 @@ class Config:
     log_level: str
     lease_ttl_seconds: int = 30
     lease_renew_seconds: int = 10
+    log_format: str = "text"  # or "json": one object a line
 
     @property
     def session_dir(self) -> Path:
@@ -82,6 +84,10 @@ class Config:
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
 
+        log_format = (get("LOG_FORMAT") or "text").lower()
+        if log_format not in LOG_FORMATS:
+            raise ConfigError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
+
         api_token = get("API_TOKEN")
 
         bot_replies = Path(get("BOT_REPLIES") or SHIPPED_REPLIES)
@@ -104,6 +110,7 @@ class Config:
             pair_phone=pair_phone,
             bot_replies=bot_replies,
             log_level=log_level,
+            log_format=log_format,
             lease_ttl_seconds=lease_ttl,
             lease_renew_seconds=lease_renew,
         )

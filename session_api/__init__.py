@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from datetime import timedelta
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from bot.outbox import Outbox
@@ -16,6 +17,8 @@ from session_api.guard import FailedAttempts
 from session_api.server import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("session_api.access")
+PROBES = ("/healthz", "/readyz")
 
 
 def create_app(
@@ -43,6 +46,27 @@ def create_app(
     app.extensions["zapkeep.failed_attempts"] = failed_attempts or FailedAttempts()
     app.config["REPLY_EXPIRY"] = reply_expiry
     app.register_blueprint(bp)
+
+    @app.before_request
+    def started() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def access_log(response: Response) -> Response:
+        """Method, route (the pattern: no query string), status, duration and client; never
+        the token or a body. Probes log at DEBUG: a platform asks every few seconds."""
+        route = request.url_rule.rule if request.url_rule is not None else "-"
+        duration_ms = round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 1)
+        level = logging.DEBUG if route in PROBES else logging.INFO
+        fields = {
+            "method": request.method,
+            "route": route,
+            "status": response.status_code,
+            "duration_ms": duration_ms,
+            "client": request.remote_addr,
+        }
+        access.log(level, "%s %s %d %.1f ms %s", *fields.values(), extra=fields)
+        return response
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:

@@ -5,12 +5,18 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.fake_whatsapp import wait_until
+from tests.redeploy import TOKEN, Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,3 +54,38 @@ def test_the_daemon_without_libmagic_exits_with_one_line_naming_the_package(tmp_
 def test_railpack_installs_libmagic_in_the_runtime_image() -> None:
     config = json.loads((ROOT / "railpack.json").read_text())
     assert "libmagic1" in config["deploy"]["aptPackages"]
+
+
+def test_json_logs_parse_carry_the_session_and_the_access_log_names_no_token(database_url: str, tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "daemon", database_url, env={"LOG_FORMAT": "json"})
+    try:
+        daemon.start()
+        wait_until(lambda: daemon.status()["owns_session"], timeout=30, message="the daemon owns the session")
+        wrong = urllib.request.Request(
+            f"http://127.0.0.1:{daemon.port}/api/session/status", headers={"Authorization": "Bearer not-the-token-42"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(wrong, timeout=10)
+        assert refused.value.code == 401
+        refused.value.close()
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop_if_running()
+    lines = daemon.log().splitlines()
+    # (Go's own prints in the client process cannot be JSON; every line Python logs is.)
+    assert not [line for line in lines if PYTHON_TEXT_LINE.match(line)]
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(records) > 10
+    for record in records:
+        assert {"time", "level", "logger", "message", "session_id", "state"} <= set(record), record
+        assert OFFSET.search(record["time"]), record["time"]
+    daemon_records = [r for r in records if r["logger"].startswith("bot.runtime")]
+    assert daemon_records and all(r["session_id"] == "default" and r["state"] for r in daemon_records)
+    access = {(r["method"], r["route"], r["status"]) for r in records if r["logger"] == "session_api.access"}
+    assert ("GET", "/api/session/status", 200) in access and ("GET", "/api/session/status", 401) in access
+    assert all(isinstance(r["duration_ms"], float) and r["client"] == "127.0.0.1" for r in records if "route" in r)
+    assert TOKEN not in daemon.log() and "not-the-token-42" not in daemon.log()
+
+
+PYTHON_TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d\S* (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+OFFSET = re.compile(r"T\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$")
