@@ -876,6 +876,23 @@ class Database:
             rows = tx.all(OutgoingMessage, self.SELECT_QUEUED, (session_id, limit))
         return [replace(r, next_attempt_at=_aware(r.next_attempt_at), expires_at=_aware(r.expires_at)) for r in rows]
 
+    OUTBOX_WAITING = """
+        SELECT COUNT(*) FROM whatsapp_messages
+        WHERE session_id = %s AND direction = 'out' AND status IN ('queued', 'sending')
+    """
+    # (the column itself, not MIN(): SQLite types an aggregate's result as text)
+    OUTBOX_OLDEST = """
+        SELECT created_at FROM whatsapp_messages
+        WHERE session_id = %s AND direction = 'out' AND status IN ('queued', 'sending') ORDER BY id LIMIT 1
+    """
+
+    def outbox_depth(self, session_id: str) -> tuple[int, datetime | None]:
+        """How many outgoing messages wait (queued or being sent), and since when the oldest has."""
+        with self.transaction() as tx:
+            waiting = int(tx.scalar(self.OUTBOX_WAITING, (session_id,)))
+            oldest = tx.scalar(self.OUTBOX_OLDEST, (session_id,))
+        return waiting, _aware(oldest)
+
     CLAIM_OUTGOING = (
         "UPDATE whatsapp_messages SET status = 'sending', attempts = attempts + 1 WHERE id = %s AND status = 'queued'"
     )

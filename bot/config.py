@@ -41,6 +41,7 @@ class Config:
     lease_ttl_seconds: int = 30
     lease_renew_seconds: int = 10
     log_format: str = "text"  # or "json": one object a line
+    metrics_token: str | None = None  # also opens GET /metrics (a scraper needs no admin token)
 
     @property
     def session_dir(self) -> Path:
@@ -89,6 +90,7 @@ class Config:
             raise ConfigError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
 
         api_token = get("API_TOKEN")
+        metrics_token = get("METRICS_TOKEN")
 
         bot_replies = Path(get("BOT_REPLIES") or SHIPPED_REPLIES)
 
@@ -111,6 +113,7 @@ class Config:
             bot_replies=bot_replies,
             log_level=log_level,
             log_format=log_format,
+            metrics_token=metrics_token,
             lease_ttl_seconds=lease_ttl,
             lease_renew_seconds=lease_renew,
         )

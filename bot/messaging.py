@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from bot import chatbot, events
 from bot.errors import first_line
+from bot.metrics import Metrics
 from bot.outbox import Outbox
 from database import ChatState, Database, Inbound, InboundOutcome, is_unavailable
 
@@ -67,7 +68,9 @@ class Chatbot:
         mark_read: Callable[[events.IncomingMessage], None] | None = None,
         handled: Callable[[events.IncomingMessage], None] | None = None,
         clock: Callable[[], datetime] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.db = db
         self.session_id = session_id
         self.rules = rules
@@ -105,7 +108,7 @@ class Chatbot:
                 itertools.chain(INBOX_RETRY_SECONDS, itertools.repeat(INBOX_RETRY_SECONDS[-1]))
             ):
                 try:
-                    self.handle(message)
+                    self.metrics.received(self.handle(message).outcome)
                     self._handled(message)
                     break
                 except Exception as exc:
@@ -116,6 +119,7 @@ class Chatbot:
                             message.chat,
                             first_line(exc),
                         )
+                        self.metrics.received("unstorable")
                         self._handled(message)
                         break
                     # The database is away: keep the message, and the order, but let the client go

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -127,7 +128,9 @@ class Mirror:
         fence: Callable[[], Fence | None],
         on_fenced: Callable[[FencedOut, Fence], None],
         poll_wait_seconds: float = 5.0,
+        on_batch: Callable[[int, int, float], None] | None = None,
     ) -> None:
+        self._on_batch = on_batch or (lambda rows, size, seconds: None)  # (rows, bytes, seconds) each batch
         self.db = db
         self.session_id = session_id
         self.store_path = store_path
@@ -329,7 +332,9 @@ class Mirror:
             )
         else:
             checksum = self._rows.checksum_after(self._tables, changes)
+        started = time.perf_counter()
         self.db.write_batch(MirrorBatch(self.session_id, batch.sequence, changes, head, checksum), fence)
+        self._on_batch(len(changes), sum(len(c.row_text or "") for c in changes), time.perf_counter() - started)
         self._rows.apply(changes)
         self._after = batch.sequence
         self._stored = replace(self._stored, checksum=checksum)

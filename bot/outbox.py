@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from bot.errors import SendOutcomeUnknown, StateConflictError, first_line
+from bot.metrics import Metrics
 from database import Database
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class Outbox:
         typing_seconds: float = 0.0,
         clock: Callable[[], datetime] | None = None,
         poll_seconds: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.db = db
         self.session_id = session_id
         self.channel = channel
@@ -150,17 +153,20 @@ class Outbox:
             return False
         except SendOutcomeUnknown as exc:
             self.db.mark_failed(row_id, f"outcome unknown, not retried (at most once): {first_line(exc)}")
+            self.metrics.sent("unknown")
             log.error("outbox: message %d to %s may not have been sent: %s", row_id, chat_jid, first_line(exc))
             return False
         except Exception as exc:
             error = first_line(exc)
             if attempts + 1 >= MAX_ATTEMPTS:
                 self.db.mark_failed(row_id, f"gave up after {attempts + 1} attempts: {error}")
+                self.metrics.sent("failed")
                 log.error("outbox: message %d to %s failed for good: %s", row_id, chat_jid, error)
             else:
                 self.db.mark_retry(row_id, error, self._clock() + RETRY_DELAYS[attempts])
                 log.warning("outbox: message %d to %s failed (%s); retrying", row_id, chat_jid, error)
             return False
         self.db.mark_sent(row_id, whatsapp_id, self._clock())
+        self.metrics.sent("sent")
         log.info("outbox: sent message %d to %s (%d chars)", row_id, chat_jid, len(text))
         return True

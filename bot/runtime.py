@@ -33,6 +33,7 @@ from bot.config import Config
 from bot.errors import SessionDocumentError, StateConflictError, ZapkeepError, first_line
 from bot.gateway import SendGateway
 from bot.lease import LeaseKeeper
+from bot.metrics import Metrics
 from bot.mirror import Mirror
 from bot.pairing import Pairing
 from bot.persistence import BootOutcome, export_document, prepare_local_store
@@ -101,8 +102,10 @@ class Runtime:
         wait: Waiter | None = None,
         jitter: Callable[[], float] | None = None,
         owner_id: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.db = db
         self._client_factory = client_factory
         self._backoff = backoff
@@ -136,6 +139,7 @@ class Runtime:
             fence=lambda: self.fence,
             on_fenced=lambda exc, fence: self._lease.lose(str(exc), fence),
             poll_wait_seconds=timing.mirror_poll_seconds,
+            on_batch=self.metrics.mirrored,
         )
         self._status = SessionStatus.initial(config.session_id)
         self._next_retry_at: float | None = None
@@ -177,6 +181,7 @@ class Runtime:
             lambda: self.fence,
             self._lease.lose,
         )
+        self.metrics.watch(self.status, db, config.session_id)
         self.gateway = SendGateway(self._live_client, self._round_client, self._not_connected, self._stopping)
         self._supervisor: threading.Thread | None = None
         self._event_thread = threading.Thread(target=self._consume_events, name="events", daemon=True)

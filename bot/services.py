@@ -43,6 +43,7 @@ def build_services(
         config.session_id,
         Channel(runtime.gateway.send_text, runtime.gateway.is_connected, runtime.gateway.show_typing),
         typing_seconds=rules.typing_seconds,
+        metrics=runtime.metrics,
     )
     chatbot = Chatbot(
         db,
@@ -51,6 +52,7 @@ def build_services(
         outbox,
         mark_read=runtime.gateway.mark_read,
         handled=runtime.gateway.message_handled,
+        metrics=runtime.metrics,
     )
     runtime.message_handlers.append(chatbot.submit)
     runtime.connected_listeners.append(outbox.notify)

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from datetime import timedelta
 
 from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from bot.outbox import Outbox
@@ -32,7 +33,7 @@ def create_app(
     """With an outbox, /api/messages/send queues (and the message waits out a disconnection);
     without one it sends at once or answers 409. ``failed_attempts``: how wrong tokens are slowed
     down (10 at once from an address, then one every 6 s)."""
-    from session_api.routes import bp
+    from session_api.routes import bp, require_one_of
 
     token = runtime.config.api_token
     if not token:
@@ -67,6 +68,12 @@ def create_app(
         }
         access.log(level, "%s %s %d %.1f ms %s", *fields.values(), extra=fields)
         return response
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus's text format; the API token, or METRICS_TOKEN when set, opens it."""
+        require_one_of(token, runtime.config.metrics_token)
+        return Response(runtime.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:

@@ -76,6 +76,18 @@ def _document() -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
         "paths": {
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (the API token, or METRICS_TOKEN when set)",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": UNAUTHORIZED,
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness (no authentication)",

@@ -48,11 +48,17 @@ class TooManyWrongTokens(TooManyRequests):
 
 @bp.before_request
 def require_token() -> None:
-    expected = current_app.config["API_TOKEN"].encode()
+    require_one_of(current_app.config["API_TOKEN"])
+
+
+def require_one_of(*tokens: str | None) -> None:
+    """A bearer token equal to one of these, else 401 (and wrong tokens are slowed down)."""
     header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected):
-        return
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() == "bearer":
+        matches = [hmac.compare_digest(given.strip().encode(), t.encode()) for t in tokens if t]
+        if any(matches):
+            return
     wait = current_app.extensions["zapkeep.failed_attempts"].fail(request.remote_addr or "-")
     if wait is not None:
         raise TooManyWrongTokens(retry_after=math.ceil(wait))

@@ -26,6 +26,8 @@ from bot.session_state import State
 from bot.persistence import export_document, import_document
 from bot.session_store import restore_snapshot, validate_document
 from database import Database
+from prometheus_client.parser import text_string_to_metric_families
+
 from session_api import create_app
 from session_api.guard import FailedAttempts, FailureBudget
 from session_api.openapi import openapi_document
@@ -587,3 +589,50 @@ def test_bad_input_gets_a_4xx_json_answer_and_changes_nothing(api: Api) -> None:
 def test_a_wrong_method_says_which_are_allowed(api: Api) -> None:
     reply = api.call("PUT", "/api/session/status")
     assert reply.status == 405 and "GET" in reply.headers["allow"]
+
+
+CUSTOMER = "5511912345678@s.whatsapp.net"
+
+
+def scrape(api: Api, token: str | None = TOKEN) -> dict[tuple[str, tuple], float]:
+    reply = api.call("GET", "/metrics", token=token)
+    assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain; version=")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        for sample in family.samples
+    }
+
+
+def test_metrics_parse_and_move_when_a_backup_and_a_message_happen(api: Api) -> None:
+    api.pair()
+    before = scrape(api)
+    assert before[("zapkeep_state", (("state", "connected"),))] == 1.0
+    assert before[("zapkeep_state", (("state", "qr"),))] == 0.0
+    assert before[("zapkeep_lease_owned", ())] == 1.0 and before[("zapkeep_fencing_token", ())] >= 1
+    assert before[("process_open_fds", ())] > 0 and before[("process_resident_memory_bytes", ())] > 0
+
+    client = api.network.current()
+    client.emit(events.IncomingMessage("3EB0METRICS1", CUSTOMER, CUSTOMER, "Ana", "oi", False, False, int(time.time())))
+    wait_until(lambda: len(api.network.sent) == 1, message="the reply")
+    client.write_store(rows=3)
+    wait_until(lambda: mirrored(api.runtime, api.db), message="the 3 rows mirrored")
+
+    def moved() -> dict[str, float]:
+        after = scrape(api)
+        names = {
+            "received": ("zapkeep_messages_received_total", (("outcome", "replied"),)),
+            "sent": ("zapkeep_messages_sent_total", (("outcome", "sent"),)),
+            "rows": ("zapkeep_mirror_rows_total", ()),
+            "batches": ("zapkeep_mirror_batch_seconds_count", ()),
+        }
+        return {label: after.get(key, 0.0) - before.get(key, 0.0) for label, key in names.items()}
+
+    wait_until(lambda: moved()["sent"] == 1.0, message="the send counted")
+    change = moved()
+    assert change["received"] == 1.0 and change["rows"] >= 3 and change["batches"] >= 1, change
+    assert api.call("GET", "/metrics", token="wrong").status == 401
+
+    api.runtime.config = replace(api.runtime.config, metrics_token="scraper-token-0123456789")
+    assert scrape(api, token="scraper-token-0123456789")[("zapkeep_lease_owned", ())] == 1.0
+    assert scrape(api)[("zapkeep_lease_owned", ())] == 1.0  # the API token opens it too
