@@ -29,7 +29,7 @@ from types import FrameType
 
 from dotenv import find_dotenv, load_dotenv
 
-from bot import logs
+from bot import __version__, logs
 from bot.config import SHORT_TOKEN, Config
 from bot.errors import ConfigError, ZapkeepError
 from bot.events import ClientFactory
@@ -71,21 +71,40 @@ def main(argv: list[str], *, client_factory: ClientFactory | None = None) -> int
         return EXIT_INTERRUPTED
 
 
+STORED = "Reads DATABASE_URL (unset: the embedded SQLite database in DATA_DIR) and SESSION_ID."
+LOCAL = "Reads DATABASE_URL, SESSION_ID and DATA_DIR (the local store is DATA_DIR/sessions/SESSION_ID)."
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bot", description="zapkeep WhatsApp bot daemon")
+    parser = argparse.ArgumentParser(
+        prog="python -m bot",
+        description="zapkeep WhatsApp bot daemon (also installed as the `zapkeep` command).",
+        epilog="Configuration comes from the environment and a .env file; see README.md and .env.example.",
+    )
+    parser.add_argument("--version", action="version", version=f"zapkeep {__version__}")
     commands = parser.add_subparsers(dest="command")
-    commands.add_parser("run", help="run the daemon (default)")
-    commands.add_parser("status", help="stored sessions and their history, as JSON")
-    commands.add_parser("backup", help="sync the local store into the database and keep a snapshot in history")
-    restore = commands.add_parser("restore", help="rewrite the local store from the database (daemon stopped)")
+
+    def command(name: str, summary: str, reads: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {reads}")
+
+    command(
+        "run",
+        "run the daemon (the default)",
+        "Reads every variable in .env.example: DATABASE_URL, SESSION_ID, DATA_DIR, PORT, API_TOKEN, "
+        "METRICS_TOKEN, BACKUP_INTERVAL_SECONDS, PAIR_PHONE, BOT_REPLIES, LOG_LEVEL, LOG_FORMAT, "
+        "LEASE_TTL_SECONDS, LEASE_RENEW_SECONDS, HTTPS_PROXY, RAILWAY_DEPLOYMENT_ID.",
+    )
+    command("status", "stored sessions and their history, as JSON", STORED)
+    command("backup", "sync the local store into the database and keep a snapshot in history", LOCAL)
+    restore = command("restore", "rewrite the local store from the database (daemon stopped)", LOCAL)
     restore.add_argument("-v", "--version", type=_history_version, help="a historical version instead of the latest")
-    delete = commands.add_parser("delete", help="delete the stored session")
+    delete = command("delete", "delete the stored session", STORED)
     delete.add_argument("--purge", action="store_true", help="delete its history too")
-    export = commands.add_parser("export", help="write the stored document to FILE ('-' for stdout)")
+    export = command("export", "write the stored document to FILE ('-' for stdout)", STORED)
     export.add_argument("file")
-    import_ = commands.add_parser("import", help="validate FILE and store it as the session")
+    import_ = command("import", "validate FILE and store it as the session", STORED)
     import_.add_argument("file")
-    console = commands.add_parser("console", help="chat with the rules in the terminal, no WhatsApp")
+    console = command("console", "chat with the rules in the terminal, no WhatsApp", "Reads BOT_REPLIES.")
     console.add_argument("--name", default="Cliente", help="your WhatsApp name in the conversation")
     parser.set_defaults(command="run")
     return parser
@@ -304,5 +323,10 @@ def _history_version(text: str) -> int:
     return int(text)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``zapkeep`` command (pip install .): the same as ``python -m bot``."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

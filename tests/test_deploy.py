@@ -9,12 +9,14 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+import bot
 from tests.fake_whatsapp import wait_until
 from tests.redeploy import TOKEN, Daemon
 
@@ -89,3 +91,52 @@ def test_json_logs_parse_carry_the_session_and_the_access_log_names_no_token(dat
 
 PYTHON_TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d\S* (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 OFFSET = re.compile(r"T\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$")
+
+
+def test_pip_install_gives_a_working_zapkeep_command(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # (a build writes into its source tree: never into the repository)
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "data", "__pycache__", ".*cache*"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # The dependencies are this run's own (installing them again would need the network).
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "zapkeep-test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    offline_proxy = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")  # (WhatsApp's, not PyPI's way)
+    installed = subprocess.run(
+        [venv / "bin" / "pip", "install", "-q", "--no-deps", str(source)],  # (setuptools from the index, as for users)
+        env={k: v for k, v in os.environ.items() if k not in offline_proxy},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DATABASE_URL")}
+    env |= {"DATA_DIR": str(tmp_path / "data"), "HTTPS_PROXY": "http://127.0.0.1:9"}
+
+    def zapkeep(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [venv / "bin" / "zapkeep", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    version = zapkeep("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"zapkeep {bot.__version__}", version.stderr
+    assert "DATABASE_URL" in zapkeep("export", "--help").stdout and "SESSION_ID" in zapkeep("status", "--help").stdout
+    status = zapkeep("status")  # the installed modules, the embedded database, no source tree
+    assert status.returncode == 0 and json.loads(status.stdout)["sessions"] == [], status.stderr[-2000:]
+    rules = subprocess.run(
+        [
+            venv / "bin" / "python",
+            "-c",
+            "from bot import chatbot, config, store_schema as s; "
+            "print(config.SHIPPED_REPLIES, chatbot.load_rules(config.SHIPPED_REPLIES).business, s.whatsmeow_schema().version)",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert rules.returncode == 0 and str(site) in rules.stdout and " 15" in rules.stdout, rules.stderr[-2000:]
