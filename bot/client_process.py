@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 CALLS = ("send_text", "logout", "request_pairing_code", "mark_read", "set_typing")
 STOP_GRACE_SECONDS = 10.0  # whatsmeow's stop() waits for a slow dial (up to 60 s): not that long
 CALL_TIMEOUT_SECONDS = 60.0
-# How long the child's message handler waits for the daemon to log the message (see serve()).
+# Messages handed to the daemon and not yet logged, at most; a handler waits this long for room (see serve()).
+UNLOGGED_WINDOW = 16
 HANDLED_WAIT_SECONDS = 5.0
 _NO_END = object()
 # whatsmeow's errors after the message node was sent, while it waited for the server's answer
@@ -229,17 +230,43 @@ def process_client_factory(log_level: int, child: list[str] | None = None) -> ev
 ChildClientFactory = Callable[[Path, events.EventSink], events.WhatsAppClient]
 
 
+class UnloggedWindow:
+    """Messages with the daemon that it has not logged yet: at most ``size``. ``enter`` waits for
+    room, ``wait`` seconds at most (then goes on without a place: whatsmeow is never held for good)."""
+
+    def __init__(self, size: int, wait: float) -> None:
+        self._room = threading.Semaphore(size)
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._placed: set[str] = set()
+
+    def enter(self, message_id: str) -> None:
+        if not self._room.acquire(timeout=self._wait):
+            return
+        with self._lock:
+            if message_id not in self._placed:
+                self._placed.add(message_id)
+                return
+        self._room.release()  # a redelivery of one already in the window: one place is enough
+
+    def logged(self, message_id: str) -> None:
+        with self._lock:
+            placed = message_id in self._placed
+            self._placed.discard(message_id)
+        if placed:
+            self._room.release()
+
+
 def serve(client_factory: ChildClientFactory, store_path: Path, commands: IO[bytes], output: IO[bytes]) -> None:
     """Run one round of a client on store_path; never returns (the process exits).
 
-    A message's handler returns once the daemon logged it (or after ``HANDLED_WAIT_SECONDS``).
     whatsmeow acknowledges a message to the server before its handler runs, so what it has
     acknowledged and the daemon has not logged is lost if the daemon dies (kill -9, a crash).
-    Holding the handler keeps that to the message in hand and the few in neonize's buffer,
-    instead of every message in the daemon's queue."""
+    A message's handler therefore waits while ``UNLOGGED_WINDOW`` messages are with the daemon
+    unlogged (``HANDLED_WAIT_SECONDS`` at most): what can be lost is that window and neonize's
+    buffer, instead of every message in the daemon's queue."""
     write_lock = threading.Lock()
-    unlogged: dict[str, threading.Event] = {}
-    unlogged_lock = threading.Lock()
+    window = UnloggedWindow(UNLOGGED_WINDOW, HANDLED_WAIT_SECONDS)
 
     def emit(message: dict[str, object]) -> None:
         line = json.dumps(message, ensure_ascii=True).encode() + b"\n"
@@ -254,13 +281,8 @@ def serve(client_factory: ChildClientFactory, store_path: Path, commands: IO[byt
         if not isinstance(event, events.IncomingMessage):
             emit(events.to_wire(event))
             return
-        logged = threading.Event()
-        with unlogged_lock:
-            unlogged[event.message_id] = logged
+        window.enter(event.message_id)
         emit(events.to_wire(event))
-        logged.wait(HANDLED_WAIT_SECONDS)
-        with unlogged_lock:
-            unlogged.pop(event.message_id, None)
 
     client = client_factory(store_path, sink)
     workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="call")
@@ -281,10 +303,7 @@ def serve(client_factory: ChildClientFactory, store_path: Path, commands: IO[byt
             if op == "stop":
                 threading.Thread(target=client.stop, daemon=True).start()
             elif op == "handled":
-                with unlogged_lock:
-                    logged = unlogged.get(str(command.get("id")))
-                if logged is not None:
-                    logged.set()
+                window.logged(str(command.get("id")))
             elif op in CALLS:
                 workers.submit(answer, command.get("id"), op, list(command.get("args", [])))
         # stdin closed: the daemon is gone. Stop the round, and leave soon whether it stops or not.
