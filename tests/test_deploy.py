@@ -140,3 +140,44 @@ def test_pip_install_gives_a_working_zapkeep_command(tmp_path: Path) -> None:
         check=False,
     )
     assert rules.returncode == 0 and str(site) in rules.stdout and " 15" in rules.stdout, rules.stderr[-2000:]
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order: comments dropped, continued lines joined."""
+    instructions, pending = [], ""
+    for line in text.splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, arguments = pending.strip().partition(" ")
+        instructions.append((keyword.upper(), " ".join(arguments.split())))
+        pending = ""
+    return instructions
+
+
+def test_the_container_image_runs_the_daemon_unprivileged_with_signals_and_a_health_check() -> None:
+    """No container engine runs on the test machines (the Docker client has no daemon): the
+    Dockerfile is checked for what the daemon relies on."""
+    instructions = dockerfile_instructions((ROOT / "Dockerfile").read_text())
+    by_keyword: dict[str, list[str]] = {}
+    for keyword, arguments in instructions:
+        by_keyword.setdefault(keyword, []).append(arguments)
+    assert re.fullmatch(r"python:3\.1[1-9]-slim-\w+", by_keyword["FROM"][0])
+    assert any("apt-get install" in run and "libmagic1" in run for run in by_keyword["RUN"])
+    assert json.loads(by_keyword["ENTRYPOINT"][-1]) == ["python", "-m", "bot"]  # exec form: signals reach Python
+    assert by_keyword["STOPSIGNAL"] == ["SIGTERM"]
+    assert by_keyword["USER"][-1] not in ("root", "0")
+    assert "/healthz" in by_keyword["HEALTHCHECK"][-1] and "CMD [" in by_keyword["HEALTHCHECK"][-1]
+    assert json.loads(by_keyword["VOLUME"][-1]) == ["/data"] and "DATA_DIR=/data" in by_keyword["ENV"][-1]
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for copy in by_keyword["COPY"]:
+        source = copy.split()[0]
+        assert (ROOT / source).exists(), source
+        assert f"!{source}" in ignored or f"!{source}/" in ignored, f"{source} is excluded by .dockerignore"
+    for module in ("bot", "session_api", "database.py"):  # everything `python -m bot` imports
+        assert any(copy.split()[0] == module for copy in by_keyword["COPY"]), module
+    compose = (ROOT / "compose.yaml").read_text()
+    assert "stop_grace_period: 30s" in compose and "DATABASE_URL: postgresql://" in compose
