@@ -111,6 +111,9 @@ class ProcessClient:
                         end = message["end"]
                 except (ValueError, TypeError, KeyError) as exc:
                     log.error("the client process sent a line this daemon cannot read: %s", exc)
+                    unreadable = _message_id_of(line)
+                    if unreadable is not None:  # never logged: its place in the window is given back
+                        self.message_handled(unreadable)
         finally:  # whatever happened here, the round's process and pipes end with it
             if process.poll() is None:
                 process.kill()
@@ -215,6 +218,14 @@ class ProcessClient:
             pass
         finally:
             self._write_lock.release()
+
+
+def _message_id_of(line: bytes) -> str | None:
+    try:
+        fields = json.loads(line)["fields"]
+        return str(fields["message_id"]) if isinstance(fields, dict) and "message_id" in fields else None
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def process_client_factory(log_level: int, child: list[str] | None = None) -> events.ClientFactory:
@@ -326,7 +337,7 @@ def run_child(argv: list[str], client_factory: ChildClientFactory | None = None)
     # exit", "Login event: ...") go to the log instead of into the protocol.
     pipe = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    logs.configure(level, os.environ.get("LOG_FORMAT", "text").lower())  # the daemon's, checked at its boot
+    logs.configure(level, os.environ.get("LOG_FORMAT", "text").strip().lower())  # the daemon's, checked at its boot
     if client_factory is None:
         from bot import whatsapp  # neonize: only ever imported in this process
 

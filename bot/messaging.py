@@ -77,6 +77,7 @@ class Chatbot:
         self.outbox = outbox
         self._mark_read = mark_read
         self._handled = handled or (lambda message: None)  # the client may deliver the next one
+        self._database_away = threading.Event()
         self._clock = clock or (lambda: datetime.now(UTC))
         self._inbox: queue.Queue[events.IncomingMessage | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -101,6 +102,15 @@ class Chatbot:
     def submit(self, message: events.IncomingMessage) -> None:
         """Hand a message over and return at once (called on the client's events thread)."""
         self._inbox.put(message)
+        if self._database_away.is_set():
+            self._handled(message)  # kept here in order; the client must not wait out the outage
+
+    def _hand_back_everything_waiting(self) -> None:
+        """The database went away: the client must not wait for what is queued behind this one."""
+        with self._inbox.mutex:
+            waiting = [m for m in self._inbox.queue if m is not None]
+        for message in waiting:
+            self._handled(message)
 
     def _work(self) -> None:
         while (message := self._inbox.get()) is not None:
@@ -108,8 +118,12 @@ class Chatbot:
                 itertools.chain(INBOX_RETRY_SECONDS, itertools.repeat(INBOX_RETRY_SECONDS[-1]))
             ):
                 try:
-                    self.metrics.received(self.handle(message).outcome)
+                    handled = self.handle(message)
+                    self._database_away.clear()
                     self._handled(message)
+                    self.metrics.received(handled.outcome)
+                    if handled.outcome in ("replied", "paused"):
+                        self._mark_as_read(message)  # after the hand-back: a round trip to WhatsApp
                     break
                 except Exception as exc:
                     if not is_unavailable(exc):  # this message itself is refused: never hold up the others
@@ -125,7 +139,9 @@ class Chatbot:
                     # The database is away: keep the message, and the order, but let the client go
                     # on: holding whatsmeow through an outage would stall its connection.
                     if attempt == 0:
+                        self._database_away.set()
                         self._handled(message)
+                        self._hand_back_everything_waiting()
                     log.warning(
                         "chatbot: message %s not handled yet (%s); retrying in %.0f s",
                         message.message_id,
@@ -191,15 +207,17 @@ class Chatbot:
             len(message.text),
             "reply queued" if result.reply_id else "no reply (paused)",
         )
+        if result.reply_id is None:
+            return Handled("paused")
+        self.outbox.notify()
+        return Handled("replied", result.reply_id)
+
+    def _mark_as_read(self, message: events.IncomingMessage) -> None:
         if self.rules.mark_read and self._mark_read is not None:
             try:
                 self._mark_read(message)
             except Exception as exc:
                 log.debug("mark read failed: %s", exc)
-        if result.reply_id is None:
-            return Handled("paused")
-        self.outbox.notify()
-        return Handled("replied", result.reply_id)
 
     def _own_message(self, inbound: Inbound, now: datetime) -> Handled:
         """Sent by this account: our own reply coming back, or an operator answering from the phone."""

@@ -94,7 +94,12 @@ class SessionCollector(Collector):
         )
         age = (now - status.last_mirrored_at).total_seconds() if status.last_mirrored_at else float("nan")
         yield GaugeMetricFamily("zapkeep_mirror_last_write_age_seconds", "Seconds since the last mirrored change", age)
-        queued, oldest = self._db.outbox_depth(self._session_id)
+        try:
+            queued, oldest = self._db.outbox_depth(self._session_id)
+        except Exception:  # the database is away: every other number still matters, most of all now
+            yield GaugeMetricFamily("zapkeep_database_up", "1 when the database answered this scrape", 0.0)
+            return
+        yield GaugeMetricFamily("zapkeep_database_up", "1 when the database answered this scrape", 1.0)
         yield GaugeMetricFamily("zapkeep_outbox_queued", "Replies and sends waiting in the outbox", queued)
         oldest_age = (now - oldest).total_seconds() if oldest is not None else 0.0
         yield GaugeMetricFamily("zapkeep_outbox_oldest_age_seconds", "Age of the oldest waiting message", oldest_age)

@@ -15,14 +15,17 @@ from bot.errors import SessionDocumentError
 
 SCHEMA_FILE = Path(__file__).with_name("whatsmeow_schema.sql")
 INT64 = range(-(2**63), 2**63)
-# What whatsmeow's Go types become in each declared column type (SQLite would store anything).
+# What each declared column type may hold: what whatsmeow's Go code can read back from it. An
+# integer column must hold an integer (Go cannot scan text into an int64); text and bytes columns
+# take text, bytes or integers, which Go's database/sql converts when it scans them (refusing
+# them could only refuse a real store). No whatsmeow column holds a float (NaN would become NULL).
 _ACCEPTS: dict[str, tuple[type, ...]] = {
     "INTEGER": (int,),
     "BIGINT": (int,),
     "BOOLEAN": (int,),
-    "TEXT": (str,),
-    "UUID": (str,),
-    "BYTEA": (bytes,),
+    "TEXT": (str, bytes, int),
+    "UUID": (str, bytes),
+    "BYTEA": (bytes, str, int),
 }
 
 

@@ -28,6 +28,7 @@ class FailedAttempts:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, at)
+        self._limited: set[str] = set()  # addresses told about in the log (until their budget refills)
 
     def fail(self, address: str) -> float | None:
         """A wrong token from ``address``: None while it is within its budget, else the seconds
@@ -38,12 +39,17 @@ class FailedAttempts:
             tokens = min(float(self.budget.burst), tokens + (now - at) / self.budget.refill_seconds)
             limited = tokens < 1.0
             if not limited:
+                if tokens >= self.budget.burst:
+                    self._limited.discard(address)  # quiet for a while: a new episode gets a new line
                 tokens -= 1.0
             self._buckets[address] = (tokens, now)
             while len(self._buckets) > self.budget.addresses:
-                self._buckets.popitem(last=False)
+                self._limited.discard(self._buckets.popitem(last=False)[0])
+            first_refusal = limited and address not in self._limited
+            if first_refusal:
+                self._limited.add(address)
         if not limited:
-            if tokens < 1.0:
-                log.warning("API: %d wrong tokens from %s; slowing it down", self.budget.burst, address)
             return None
+        if first_refusal:
+            log.warning("API: %d wrong tokens from %s; slowing it down", self.budget.burst, address)
         return (1.0 - tokens) * self.budget.refill_seconds

@@ -242,16 +242,21 @@ def test_a_message_received_while_the_database_is_away_is_answered_when_it_is_ba
         daemon.paired()
         cluster.stop_server()
         daemon.deliver(incoming("oi"))
-        time.sleep(2.0)
-        assert daemon.network.sent == []  # nowhere to record it yet: kept in memory, not dropped
-        # ...and handed back to the client: holding whatsmeow through an outage would stall its connection
-        wait_until(lambda: len(daemon.network.handled) == 1, message="handed back during the outage")
+        others = [f"55119000000{n:02d}@s.whatsapp.net" for n in range(20)]
+        for chat in others:  # more than the client process lets be unlogged
+            daemon.deliver(incoming("bom dia", chat=chat))
+        # Handed back to the client, each of them: holding whatsmeow through an outage would stall it
+        wait_until(lambda: len(set(daemon.network.handled)) == 21, message="all handed back during the outage")
+        assert daemon.network.sent == []  # nowhere to record them yet: kept in memory, not dropped
 
         cluster.start_server()
 
-        wait_until(lambda: len(daemon.network.sent) == 1, timeout=30, message="the reply after the outage")
-        assert daemon.network.sent[0].text.startswith("Olá, Ana!")
-        wait_until(lambda: [m.status for m in db.list_messages("default")] == ["replied", "sent"], message="logged")
+        wait_until(lambda: len(daemon.network.sent) == 21, timeout=60, message="the replies after the outage")
+        first = next(sent for sent in daemon.network.sent if sent.to == CUSTOMER)
+        assert first.text.startswith("Olá, Ana!")
+        wait_until(
+            lambda: [m.status for m in db.list_messages("default", CUSTOMER)] == ["replied", "sent"], message="logged"
+        )
     finally:
         daemon.stop()
         db.close()
