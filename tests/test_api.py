@@ -636,3 +636,17 @@ def test_metrics_parse_and_move_when_a_backup_and_a_message_happen(api: Api) -> 
     api.runtime.config = replace(api.runtime.config, metrics_token="scraper-token-0123456789")
     assert scrape(api, token="scraper-token-0123456789")[("zapkeep_lease_owned", ())] == 1.0
     assert scrape(api)[("zapkeep_lease_owned", ())] == 1.0  # the API token opens it too
+
+
+def test_metrics_still_answer_while_the_database_is_away(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    api.pair()
+    assert scrape(api)[("zapkeep_database_up", ())] == 1.0
+
+    def away(session_id: str) -> None:
+        raise ConnectionRefusedError("the database is away")
+
+    monkeypatch.setattr(api.db, "outbox_depth", away)
+    during = scrape(api)  # the numbers that matter most during an outage are still there
+    assert during[("zapkeep_database_up", ())] == 0.0
+    assert during[("zapkeep_state", (("state", "connected"),))] == 1.0
+    assert ("zapkeep_outbox_queued", ()) not in during
