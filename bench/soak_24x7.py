@@ -243,6 +243,8 @@ class Soak:
         wait_until(lambda: self.server.backlog() == 0, timeout=600, message="every message delivered")
         self._settle()
         owner = self.owner()
+        assert owner.process is not None
+        self.lives.setdefault(owner.process.pid, Life(owner.data_dir.name)).ending = True
         assert owner.terminate() == 0
         self._done.set()
 
