@@ -270,7 +270,7 @@ def _document() -> dict[str, Any]:
                     "summary": "Send a text message",
                     "requestBody": _body(
                         {
-                            "to": {"type": "string", "description": "Phone with country code, or a JID"},
+                            "to": {"type": "string", "description": "Phone with country code, a JID, or NUMBER@c.us"},
                             "message": {"type": "string", "maxLength": 4096},
                         },
                         ["to", "message"],

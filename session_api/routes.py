@@ -354,7 +354,11 @@ def openapi() -> Response:
 
 
 def normalise_recipient(value: str) -> str | None:
+    """A phone number (+, spaces, dots, dashes and parentheses allowed), a JID, or the ``@c.us``
+    form of whatsapp-web.js-based systems, as whatsmeow's JID."""
     value = value.strip()
+    if value.endswith("@c.us"):
+        value = value.removesuffix("@c.us") + "@s.whatsapp.net"
     if JID.fullmatch(value):
         return value
     digits = re.sub(r"[\s()+.-]", "", value)

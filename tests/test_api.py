@@ -410,6 +410,9 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
 
     sent = api.call("POST", "/api/messages/send", body={"to": "+55 (11) 99999-9999", "message": "Olá!"})
     assert sent.status == 202 and sent.json()["to"] == "5511999999999@s.whatsapp.net"
+    seeds = api.call("POST", "/api/messages/send", body={"to": "5511999999999@c.us", "message": "Oi de novo"})
+    assert seeds.status == 202 and seeds.json()["to"] == "5511999999999@s.whatsapp.net"  # the seeds' form
+    wait_until(lambda: [m.text for m in api.network.sent] == ["Olá!", "Oi de novo"], message="both delivered")
     assert sent.json()["status"] == "queued"
     wait_until(lambda: [m.text for m in api.network.sent] == ["Olá!"], message="delivery")
 
@@ -418,9 +421,9 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
     later = api.call("POST", "/api/messages/send", body={"to": "5511999999999", "message": "Seu pedido saiu"})
     assert later.status == 202 and later.json()["connected"] is False
     time.sleep(0.3)
-    assert len(api.network.sent) == 1
+    assert len(api.network.sent) == 2
     api.network.current().emit(events.Connected())
-    wait_until(lambda: [m.text for m in api.network.sent] == ["Olá!", "Seu pedido saiu"], message="on reconnect")
+    wait_until(lambda: [m.text for m in api.network.sent][2:] == ["Seu pedido saiu"], message="on reconnect")
     wait_until(
         lambda: (
             [(m.status, m.reason) for m in api.db.list_messages("default") if m.id == later.json()["id"]]
