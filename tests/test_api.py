@@ -410,11 +410,11 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
 
     sent = api.call("POST", "/api/messages/send", body={"to": "+55 (11) 99999-9999", "message": "Olá!"})
     assert sent.status == 202 and sent.json()["to"] == "5511999999999@s.whatsapp.net"
+    assert sent.json()["status"] == "queued"
+    wait_until(lambda: [m.text for m in api.network.sent] == ["Olá!"], message="delivery")
     seeds = api.call("POST", "/api/messages/send", body={"to": "5511999999999@c.us", "message": "Oi de novo"})
     assert seeds.status == 202 and seeds.json()["to"] == "5511999999999@s.whatsapp.net"  # the seeds' form
     wait_until(lambda: [m.text for m in api.network.sent] == ["Olá!", "Oi de novo"], message="both delivered")
-    assert sent.json()["status"] == "queued"
-    wait_until(lambda: [m.text for m in api.network.sent] == ["Olá!"], message="delivery")
 
     api.network.current().emit(events.Disconnected())
     wait_until(lambda: api.runtime.state is State.RECONNECTING)
