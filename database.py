@@ -203,6 +203,18 @@ class OutgoingMessage:
 
 
 @dataclass(frozen=True)
+class ChatSummary:
+    chat_jid: str
+    unanswered: int  # customer messages since our last one
+    last_text: str
+    last_direction: str
+    last_type: str
+    last_at: datetime
+    paused_until: datetime | None  # the bot is quiet in this chat until then (a hand-off)
+    pause_reason: str | None
+
+
+@dataclass(frozen=True)
 class LoggedMessage:
     id: int
     chat_jid: str
@@ -960,6 +972,79 @@ class Database:
     def list_messages(self, session_id: str, chat_jid: str | None = None) -> list[LoggedMessage]:
         with self.transaction() as tx:
             return tx.all(LoggedMessage, self.SELECT_MESSAGES, (session_id, chat_jid is None, chat_jid or ""))
+
+    # --- the read API: conversations as a CRM shows them ---
+
+    SELECT_CHATS = """
+        SELECT s.chat_jid, s.unanswered, l.text AS last_text, l.direction AS last_direction,
+               l.message_type AS last_type, l.created_at AS last_at, c.paused_until, c.pause_reason
+        FROM (
+            SELECT m.chat_jid, MAX(m.id) AS last_id,
+                   SUM(CASE WHEN m.direction = 'in' AND m.id > COALESCE((
+                       SELECT MAX(o.id) FROM whatsapp_messages o
+                       WHERE o.session_id = m.session_id AND o.chat_jid = m.chat_jid AND o.direction = 'out'
+                   ), 0) THEN 1 ELSE 0 END) AS unanswered
+            FROM whatsapp_messages m WHERE m.session_id = %s GROUP BY m.session_id, m.chat_jid
+        ) s
+        JOIN whatsapp_messages l ON l.id = s.last_id
+        LEFT JOIN whatsapp_chats c ON c.session_id = %s AND c.chat_jid = s.chat_jid
+        ORDER BY s.last_id DESC LIMIT %s
+    """
+
+    def list_chats(self, session_id: str, limit: int = 50) -> list[ChatSummary]:
+        """Chats with their latest message first; ``unanswered``: customer messages since our last one."""
+        with self.transaction() as tx:
+            chats = tx.all(ChatSummary, self.SELECT_CHATS, (session_id, session_id, limit))
+        return [
+            replace(c, unanswered=int(c.unanswered), last_at=_aware(c.last_at), paused_until=_aware(c.paused_until))
+            for c in chats
+        ]
+
+    SELECT_CHAT_PAGE = """
+        SELECT id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,
+               attempts, last_error, message_type
+        FROM whatsapp_messages WHERE session_id = %s AND chat_jid = %s AND id < %s ORDER BY id DESC LIMIT %s
+    """
+
+    def chat_messages(self, session_id: str, chat_jid: str, before_id: int | None, limit: int) -> list[LoggedMessage]:
+        """A page of a chat's messages, newest first, older than ``before_id``."""
+        before = 2**62 if before_id is None else before_id
+        with self.transaction() as tx:
+            return tx.all(LoggedMessage, self.SELECT_CHAT_PAGE, (session_id, chat_jid, before, limit))
+
+    SELECT_MESSAGE = """
+        SELECT id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,
+               attempts, last_error, message_type
+        FROM whatsapp_messages WHERE session_id = %s AND id = %s
+    """
+
+    def message(self, session_id: str, row_id: int) -> LoggedMessage | None:
+        with self.transaction() as tx:
+            return tx.one(LoggedMessage, self.SELECT_MESSAGE, (session_id, row_id))
+
+    SELECT_OUTBOX = """
+        SELECT id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,
+               attempts, last_error, message_type
+        FROM whatsapp_messages
+        WHERE session_id = %s AND direction = 'out' AND status IN ('queued', 'sending', 'failed')
+              AND (%s OR status = %s)
+        ORDER BY id DESC LIMIT %s
+    """
+
+    def outbox_messages(self, session_id: str, status: str | None, limit: int) -> list[LoggedMessage]:
+        """Outgoing messages not (yet) sent: queued, being sent, or failed with their error; newest first."""
+        with self.transaction() as tx:
+            return tx.all(LoggedMessage, self.SELECT_OUTBOX, (session_id, status is None, status or "", limit))
+
+    RELEASE_CHAT = """
+        UPDATE whatsapp_chats SET paused_until = NULL, pause_reason = NULL
+        WHERE session_id = %s AND chat_jid = %s AND paused_until IS NOT NULL AND paused_until > %s
+    """
+
+    def release_chat(self, session_id: str, chat_jid: str) -> bool:
+        """Give a chat paused by a hand-off (or an operator's answer) back to the bot; False: it was not paused."""
+        with self.transaction() as tx:
+            return tx.execute(self.RELEASE_CHAT, (session_id, chat_jid, _utcnow())).rowcount == 1
 
     # --- ownership leases ---
 

@@ -33,6 +33,7 @@ def create_app(
     """With an outbox, /api/messages/send queues (and the message waits out a disconnection);
     without one it sends at once or answers 409. ``failed_attempts``: how wrong tokens are slowed
     down (10 at once from an address, then one every 6 s)."""
+    from session_api import conversations
     from session_api.routes import bp, require_one_of
 
     token = runtime.config.api_token
@@ -47,6 +48,7 @@ def create_app(
     app.extensions["zapkeep.failed_attempts"] = failed_attempts or FailedAttempts()
     app.config["REPLY_EXPIRY"] = reply_expiry
     app.register_blueprint(bp)
+    app.register_blueprint(conversations.bp)
 
     @app.before_request
     def started() -> None:

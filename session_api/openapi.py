@@ -36,6 +36,19 @@ def _body(properties: dict[str, Any], required: list[str] | None = None) -> dict
     return {"required": bool(required), "content": {"application/json": {"schema": schema}}}
 
 
+LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+}
+CHAT = {
+    "name": "chat",
+    "in": "path",
+    "required": True,
+    "description": "The chat's JID, e.g. 5511999999999@s.whatsapp.net",
+    "schema": {"type": "string"},
+}
 UNAUTHORIZED = _error("Missing or wrong bearer token")
 BAD_REQUEST = _error("Malformed JSON or fields")
 # What any protected route can answer besides its own responses.
@@ -67,6 +80,24 @@ def _document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
+                "Message": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "chat": {"type": "string"},
+                        "sender": {"type": "string", "nullable": True},
+                        "message_id": {"type": "string", "nullable": True, "description": "WhatsApp's id"},
+                        "direction": {"type": "string", "enum": ["in", "out"]},
+                        "type": {"type": "string", "description": "text, audio, image, ..., reaction, edit"},
+                        "text": {"type": "string"},
+                        "status": {"type": "string"},
+                        "reason": {"type": "string", "nullable": True},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "sent_at": {"type": "string", "format": "date-time", "nullable": True},
+                        "attempts": {"type": "integer"},
+                        "last_error": {"type": "string", "nullable": True},
+                    },
+                },
                 "Error": {
                     "type": "object",
                     "required": ["success", "message"],
@@ -264,6 +295,93 @@ def _document() -> dict[str, Any]:
                     ("stop", "Disconnect and stay disconnected, still linked, until start"),
                     ("start", "Connect again after stop"),
                 )
+            },
+            "/api/chats": {
+                "get": {
+                    "summary": "Chats, latest message first: last message, unanswered count, paused or not",
+                    "parameters": [SESSION_ID, LIMIT],
+                    "responses": {
+                        "200": _ok("Chats", {"chats": {"type": "array", "items": {"type": "object"}}}),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                    },
+                }
+            },
+            "/api/chats/{chat}/messages": {
+                "get": {
+                    "summary": "A chat's messages, newest first; pass next_before as before for the next page",
+                    "parameters": [
+                        CHAT,
+                        SESSION_ID,
+                        LIMIT,
+                        {
+                            "name": "before",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1},
+                        },
+                    ],
+                    "responses": {
+                        "200": _ok(
+                            "A page of messages",
+                            {
+                                "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
+                                "next_before": {"type": "integer", "nullable": True},
+                            },
+                        ),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                    },
+                }
+            },
+            "/api/chats/{chat}/release": {
+                "post": {
+                    "summary": "Give a chat paused by a hand-off (or an operator's answer) back to the bot",
+                    "parameters": [CHAT, SESSION_ID],
+                    "responses": {
+                        "200": _ok("released: false when it was not paused", {"released": {"type": "boolean"}}),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                    },
+                }
+            },
+            "/api/messages/{row_id}": {
+                "get": {
+                    "summary": "One logged message (its id in the log, as the lists give it)",
+                    "parameters": [
+                        {"name": "row_id", "in": "path", "required": True, "schema": {"type": "integer"}},
+                        SESSION_ID,
+                    ],
+                    "responses": {
+                        "200": _ok("The message", {"message": {"$ref": "#/components/schemas/Message"}}),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                        "404": _error("No such message in this session"),
+                    },
+                }
+            },
+            "/api/outbox": {
+                "get": {
+                    "summary": "Outgoing messages not sent (yet): queued, sending, failed with their error",
+                    "parameters": [
+                        SESSION_ID,
+                        LIMIT,
+                        {
+                            "name": "status",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "enum": ["queued", "sending", "failed"]},
+                        },
+                    ],
+                    "responses": {
+                        "200": _ok(
+                            "Messages, newest first",
+                            {"messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}}},
+                        ),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                    },
+                }
             },
             "/api/messages/send": {
                 "post": {

@@ -236,8 +236,8 @@ def status() -> tuple[Response, int]:
     for session_id in ids:
         entry: dict[str, Any] = {"session_id": session_id}
         if session_id == live.session_id:
-            entry.update(_jsonable(asdict(live)))
-            entry["history"] = [_jsonable(asdict(h)) for h in db().list_history(session_id)]
+            entry.update(jsonable(asdict(live)))
+            entry["history"] = [jsonable(asdict(h)) for h in db().list_history(session_id)]
         lease = db().lease(session_id)
         held = lease is not None and lease.owner_id is not None and lease.expires_in_seconds > 0
         if session_id != live.session_id:
@@ -245,7 +245,7 @@ def status() -> tuple[Response, int]:
             entry.update(state="running_elsewhere" if held else "not_running", connected=None)
         entry["lease"] = None if lease is None else {**asdict(lease), "held": held}
         summary = stored.get(session_id)
-        entry["stored"] = None if summary is None else _jsonable(asdict(summary))
+        entry["stored"] = None if summary is None else jsonable(asdict(summary))
         sessions.append(entry)
     if wanted is not None:
         match = [s for s in sessions if s["session_id"] == wanted]
@@ -383,5 +383,5 @@ def _iso(value: datetime) -> str:
     return value.isoformat() if value.tzinfo else value.isoformat() + "Z"
 
 
-def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+def jsonable(fields: dict[str, Any]) -> dict[str, Any]:
     return {key: _iso(value) if isinstance(value, datetime) else value for key, value in fields.items()}

@@ -102,9 +102,11 @@ def every_answer_seen_is_documented() -> Iterator[None]:
     """The OpenAPI document against the server's real answers in all these tests."""
     yield
     paths = openapi_document()["paths"]
+    templates = {re.compile(re.sub(r"\{\w+\}", "[^/]+", template) + "$"): template for template in paths}
     undocumented = []
     for method, path, status in sorted(ANSWERS):
-        operation = paths.get(path, {}).get(method.lower())
+        template = path if path in paths else next((t for p, t in templates.items() if p.match(path)), path)
+        operation = paths.get(template, {}).get(method.lower())
         if operation is None:  # no such route (a test of 404 and 405): nothing to document but that
             assert status in (404, 405), (method, path, status)
         elif str(status) not in operation["responses"]:
@@ -500,7 +502,7 @@ def test_openapi_document_lists_exactly_the_served_routes(api: Api) -> None:
     documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
     app = create_app(api.runtime, api.db)
     served = {
-        (method, rule.rule)
+        (method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule))  # Flask's <int:x> is OpenAPI's {x}
         for rule in app.url_map.iter_rules()
         if rule.endpoint != "static"
         for method in rule.methods - {"HEAD", "OPTIONS"}
@@ -653,3 +655,61 @@ def test_metrics_still_answer_while_the_database_is_away(api: Api, monkeypatch: 
     assert during[("zapkeep_database_up", ())] == 0.0
     assert during[("zapkeep_state", (("state", "connected"),))] == 1.0
     assert ("zapkeep_outbox_queued", ()) not in during
+
+
+def test_the_read_api_lists_chats_pages_messages_shows_the_outbox_and_releases_a_paused_chat(api: Api) -> None:
+    api.pair()
+    client = api.network.current()
+    other = "5511955554444@s.whatsapp.net"
+
+    def customer(chat: str, text: str, n: int) -> None:
+        client.emit(events.IncomingMessage(f"3EB0READ{n:04d}", chat, chat, "Ana", text, False, False, int(time.time())))
+
+    customer(CUSTOMER, "oi", 1)
+    wait_until(lambda: len(api.network.sent) == 1, message="the greeting")
+    customer(CUSTOMER, "quero falar com um atendente", 2)  # a hand-off: the bot goes quiet there
+    wait_until(lambda: len(api.network.sent) == 2, message="the hand-off reply")
+    customer(CUSTOMER, "alô?", 3)
+    customer(other, "bom dia", 4)
+    wait_until(lambda: len(api.network.sent) == 3, message="the other chat answered")
+    wait_until(lambda: len(api.db.list_messages("default")) == 7, message="all logged")
+
+    listed = api.call("GET", "/api/chats").json()["chats"]
+    assert [c["chat"] for c in listed] == [other, CUSTOMER]  # the latest activity first
+    (mine,) = [c for c in listed if c["chat"] == CUSTOMER]
+    assert mine["paused"] is True and mine["pause_reason"] == "handoff" and mine["unanswered"] == 1
+    assert mine["last_message"]["text"] == "alô?" and mine["last_message"]["direction"] == "in"
+    assert next(c for c in listed if c["chat"] == other)["paused"] is False
+
+    first = api.call("GET", f"/api/chats/{CUSTOMER}/messages?limit=3").json()
+    texts = [m["text"] for m in first["messages"]]
+    assert len(texts) == 3 and texts[0] == "alô?" and texts[2] == "quero falar com um atendente"
+    assert [m["direction"] for m in first["messages"]] == ["in", "out", "in"]  # newest first
+    rest = api.call("GET", f"/api/chats/{CUSTOMER}/messages?limit=3&before={first['next_before']}").json()
+    assert [m["direction"] for m in rest["messages"]] == ["out", "in"] and rest["next_before"] is None
+    assert rest["messages"][1]["text"] == "oi"  # the greeting's question, the oldest
+    one = api.call("GET", f"/api/messages/{rest['messages'][1]['id']}").json()["message"]
+    assert one["text"] == "oi" and one["type"] == "text" and one["chat"] == CUSTOMER and one["status"] == "replied"
+    assert api.call("GET", "/api/messages/999999").status == 404
+    for bad in (
+        "/api/chats?limit=0",
+        "/api/chats?limit=x",
+        f"/api/chats/{CUSTOMER}/messages?before=-1",
+        "/api/chats/not-a-jid/messages",
+        "/api/outbox?status=sent",
+    ):
+        assert api.call("GET", bad).status == 400, bad
+
+    api.network.current().emit(events.Disconnected())
+    wait_until(lambda: api.runtime.state is State.RECONNECTING)
+    queued = api.call("POST", "/api/messages/send", body={"to": other, "message": "Seu pedido saiu"}).json()
+    outbox = api.call("GET", "/api/outbox?status=queued").json()["messages"]
+    assert [(m["id"], m["text"], m["status"]) for m in outbox] == [(queued["id"], "Seu pedido saiu", "queued")]
+
+    released = api.call("POST", f"/api/chats/{CUSTOMER}/release")
+    assert released.status == 200 and released.json()["released"] is True
+    assert api.call("POST", f"/api/chats/{CUSTOMER}/release").json()["released"] is False  # not paused any more
+    assert next(c for c in api.call("GET", "/api/chats").json()["chats"] if c["chat"] == CUSTOMER)["paused"] is False
+    api.network.current().emit(events.Connected())
+    customer(CUSTOMER, "oi de novo", 5)  # the bot answers this chat again
+    wait_until(lambda: any(s.to == CUSTOMER and s.text for s in api.network.sent[3:]), message="answered again")

@@ -1,0 +1,114 @@
+"""The read API over the message log, for CRMs and dashboards: chats, a chat's messages (paged,
+newest first), one message, the outbox; and giving a paused chat back to the bot."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Response, abort, request
+
+from database import LoggedMessage
+from session_api.routes import db, jsonable, ok, require_token, session_id_from
+
+bp = Blueprint("conversations", __name__)
+bp.before_request(require_token)
+
+MAX_PAGE = 200
+MAX_ID = 2**62
+OUTBOX_STATUSES = ("queued", "sending", "failed")
+# Every chat the log can hold: people, groups, LIDs, status broadcasts, newsletters.
+CHAT = re.compile(r"[0-9A-Za-z.:_-]{1,64}@(s\.whatsapp\.net|g\.us|lid|broadcast|newsletter)")
+
+
+@bp.get("/api/chats")
+def chats() -> tuple[Response, int]:
+    session_id = session_id_from()
+    now = datetime.now(UTC)
+    found = db().list_chats(session_id, _limit())
+    listed = []
+    for chat in found:
+        listed.append(
+            {
+                "chat": chat.chat_jid,
+                "last_message": jsonable(
+                    {
+                        "text": chat.last_text,
+                        "direction": chat.last_direction,
+                        "type": chat.last_type,
+                        "at": chat.last_at,
+                    }
+                ),
+                "unanswered": chat.unanswered,
+                "paused": chat.paused_until is not None and chat.paused_until > now,
+                **jsonable({"paused_until": chat.paused_until, "pause_reason": chat.pause_reason}),
+            }
+        )
+    return ok(session_id=session_id, chats=listed)
+
+
+@bp.get("/api/chats/<chat>/messages")
+def chat_messages(chat: str) -> tuple[Response, int]:
+    session_id = session_id_from()
+    chat = _chat_arg(chat)
+    limit = _limit()
+    before = _whole_arg("before", high=MAX_ID)
+    page = db().chat_messages(session_id, chat, before, limit)
+    next_before = page[-1].id if len(page) == limit else None
+    return ok(session_id=session_id, chat=chat, messages=[_message(m) for m in page], next_before=next_before)
+
+
+@bp.get("/api/messages/<int:row_id>")
+def message(row_id: int) -> tuple[Response, int]:
+    session_id = session_id_from()
+    found = db().message(session_id, row_id)
+    if found is None:
+        abort(404, f"no message {row_id} in session {session_id}")
+    return ok(session_id=session_id, message=_message(found))
+
+
+@bp.get("/api/outbox")
+def outbox() -> tuple[Response, int]:
+    session_id = session_id_from()
+    status = request.args.get("status") or None
+    if status is not None and status not in OUTBOX_STATUSES:
+        abort(400, f"status must be one of {', '.join(OUTBOX_STATUSES)}")
+    found = db().outbox_messages(session_id, status, _limit())
+    return ok(session_id=session_id, messages=[_message(m) for m in found])
+
+
+@bp.post("/api/chats/<chat>/release")
+def release(chat: str) -> tuple[Response, int]:
+    """The bot answers this chat again (a hand-off or an operator's answer paused it)."""
+    session_id = session_id_from()
+    chat = _chat_arg(chat)
+    return ok(session_id=session_id, chat=chat, released=db().release_chat(session_id, chat))
+
+
+def _message(row: LoggedMessage) -> dict[str, Any]:
+    fields = asdict(row)
+    fields["chat"] = fields.pop("chat_jid")
+    fields["type"] = fields.pop("message_type")
+    return jsonable(fields)
+
+
+def _chat_arg(chat: str) -> str:
+    if not CHAT.fullmatch(chat):
+        abort(400, "chat must be a WhatsApp JID, e.g. 5511999999999@s.whatsapp.net")
+    return chat
+
+
+def _limit() -> int:
+    return _whole_arg("limit", high=MAX_PAGE) or 50
+
+
+def _whole_arg(name: str, *, high: int) -> int | None:
+    """An optional query argument: ASCII digits, 1..high."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or not 1 <= int(raw) <= high:
+        abort(400, f"{name} must be a whole number from 1 to {high}")
+    return int(raw)
