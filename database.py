@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
 _LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' advisory locks
@@ -316,6 +316,19 @@ def _message_kinds() -> list[str]:
     ]
 
 
+def _bot_settings_and_receipts() -> list[str]:
+    """Switches an operator flips for the whole session (the bot's replies paused, logging on),
+    and messages found by WhatsApp's id (receipts, our own messages coming back)."""
+    return [
+        """CREATE TABLE whatsapp_bot_settings (
+            session_id VARCHAR(100) PRIMARY KEY,
+            replies_paused BOOLEAN NOT NULL DEFAULT FALSE,
+            changed_at TIMESTAMP NOT NULL
+        )""",
+        "CREATE INDEX whatsapp_messages_by_whatsapp_id ON whatsapp_messages (session_id, message_id)",
+    ]
+
+
 POSTGRES_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE IF NOT EXISTS whatsapp_sessions (
@@ -339,6 +352,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         *_rows_table(),
     ],
     _message_kinds(),
+    _bot_settings_and_receipts(),
 ]
 
 SQLITE_MIGRATIONS: list[list[str]] = [
@@ -364,6 +378,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         *_rows_table(),
     ],
     _message_kinds(),
+    _bot_settings_and_receipts(),
 ]
 
 CREATE_SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS zapkeep_schema (version INTEGER NOT NULL)"
@@ -1035,6 +1050,37 @@ class Database:
         """Outgoing messages not (yet) sent: queued, being sent, or failed with their error; newest first."""
         with self.transaction() as tx:
             return tx.all(LoggedMessage, self.SELECT_OUTBOX, (session_id, status is None, status or "", limit))
+
+    UPSERT_REPLIES_PAUSED = """
+        INSERT INTO whatsapp_bot_settings (session_id, replies_paused, changed_at) VALUES (%s, %s, %s)
+        ON CONFLICT (session_id) DO UPDATE SET replies_paused = EXCLUDED.replies_paused, changed_at = EXCLUDED.changed_at
+    """
+    SELECT_REPLIES_PAUSED = "SELECT replies_paused FROM whatsapp_bot_settings WHERE session_id = %s"
+
+    def set_replies_paused(self, session_id: str, paused: bool) -> None:
+        """The whole bot stops (or resumes) answering; messages are logged either way."""
+        with self.transaction() as tx:
+            tx.execute(self.UPSERT_REPLIES_PAUSED, (session_id, paused, _utcnow()))
+
+    def replies_paused(self, session_id: str) -> bool:
+        with self.transaction() as tx:
+            return bool(tx.scalar(self.SELECT_REPLIES_PAUSED, (session_id,)))
+
+    # Receipts only move a sent message forward: sent -> delivered -> read.
+    MARK_RECEIPT = {
+        "delivered": """UPDATE whatsapp_messages SET status = 'delivered'
+            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status = 'sent'""",
+        "read": """UPDATE whatsapp_messages SET status = 'read'
+            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status IN ('sent', 'delivered')""",
+    }
+
+    def mark_receipts(self, session_id: str, message_ids: list[str], status: str) -> int:
+        """How many of our sent messages moved to ``status`` ("delivered" or "read")."""
+        moved = 0
+        with self.transaction() as tx:
+            for message_id in message_ids:
+                moved += tx.execute(self.MARK_RECEIPT[status], (session_id, message_id)).rowcount
+        return moved
 
     RELEASE_CHAT = """
         UPDATE whatsapp_chats SET paused_until = NULL, pause_reason = NULL

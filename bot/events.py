@@ -82,6 +82,25 @@ class IncomingMessage:
     kind: str = "text"  # see message_kind: text, audio, image, ..., reaction, edit, revoke, protocol
 
 
+@dataclass(frozen=True)
+class Receipt:
+    """The other side's phone got (or read) messages we sent: the seed systems' ACK."""
+
+    message_ids: list[str]
+    chat: str
+    status: str  # "delivered" or "read" (a played voice note counts as read)
+    timestamp: int  # unix seconds
+
+
+# neonize's Receipt.ReceiptType names -> the status a sent message moves to; the rest (our own
+# devices reading, retries, errors, history sync) say nothing about the customer.
+RECEIPT_STATUSES = {"DELIVERED": "delivered", "READ": "read", "PLAYED": "read"}
+
+
+def receipt_status(type_name: str) -> str | None:
+    return RECEIPT_STATUSES.get(type_name)
+
+
 # Never answered: they change or acknowledge another message, or carry no content for a person.
 PROTOCOL_KINDS = frozenset({"reaction", "edit", "revoke", "poll_vote", "protocol"})
 
@@ -135,6 +154,7 @@ ClientEvent = (
     | KeepAliveTimeout
     | KeepAliveRestored
     | IncomingMessage
+    | Receipt
 )
 EventSink = Callable[[ClientEvent], None]
 
@@ -153,6 +173,7 @@ _EVENT_TYPES: dict[str, type] = {
         KeepAliveTimeout,
         KeepAliveRestored,
         IncomingMessage,
+        Receipt,
     )
 }
 

@@ -167,6 +167,8 @@ class Chatbot:
             reason = message.kind  # logged, never answered
         if reason is None and not message.from_me and _sent_at(message) < now - self.rules.reply_expiry:
             reason = "stale"  # delivered long after it was sent (an outage): a person follows up, not the bot
+        if reason is None and not message.from_me and self.db.replies_paused(self.session_id):
+            reason = "bot_paused"  # an operator paused the whole bot: logged, answered by people
         if reason is not None:
             result = self.db.record_inbound(inbound, lambda chat: _ignored(reason, chat))
             return Handled("duplicate" if result.duplicate else f"ignored:{reason}")

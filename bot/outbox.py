@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from bot import events
 from bot.errors import SendOutcomeUnknown, StateConflictError, first_line
 from bot.metrics import Metrics
 from database import Database
@@ -85,6 +86,21 @@ class Outbox:
     def notify(self) -> None:
         """Something was queued, or the client connected: look now rather than at the next poll."""
         self._wake.set()
+
+    def on_receipt(self, receipt: events.Receipt) -> None:
+        """The customer's phone got (or read) messages we sent: their status moves on, never back."""
+        try:
+            moved = self.db.mark_receipts(self.session_id, receipt.message_ids, receipt.status)
+        except Exception as exc:  # a status is a courtesy: never worth holding the events thread
+            log.warning(
+                "outbox: %s receipt for %d message(s) not stored: %s",
+                receipt.status,
+                len(receipt.message_ids),
+                first_line(exc),
+            )
+            return
+        if moved:
+            log.debug("outbox: %d message(s) to %s %s", moved, receipt.chat, receipt.status)
 
     def enqueue(self, chat_jid: str, text: str, *, reason: str, expires_in: timedelta | None) -> int:
         now = self._clock()

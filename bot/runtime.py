@@ -113,6 +113,7 @@ class Runtime:
         self._wait = wait or self._wait_for_wake
         self._jitter = jitter or random.Random().random  # its own generator: the global one is shared
         self.message_handlers: list[MessageHandler] = []
+        self.receipt_handlers: list[Callable[[events.Receipt], None]] = []  # e.g. the outbox: sent -> read
         self.connected_listeners: list[Callable[[], None]] = []  # e.g. the outbox: send what waited
         self.take_over_listeners: list[Callable[[], None]] = []  # the lease is ours, before connecting
 
@@ -635,6 +636,10 @@ class Runtime:
         if isinstance(event, events.IncomingMessage):  # acknowledged by whatsmeow: handled whatever the round
             for handler in self.message_handlers:
                 handler(event)
+            return
+        if isinstance(event, events.Receipt):  # about messages sent, whatever the round
+            for on_receipt in self.receipt_handlers:
+                on_receipt(event)
             return
         if isinstance(event, events.Paired):  # the device is in the store, whatever the round
             log.info("session %s: paired as %s", self.config.session_id, event.jid)

@@ -56,5 +56,6 @@ def build_services(
     )
     runtime.message_handlers.append(chatbot.submit)
     runtime.connected_listeners.append(outbox.notify)
+    runtime.receipt_handlers.append(outbox.on_receipt)
     runtime.take_over_listeners.append(outbox.settle_interrupted)
     return Services(runtime, outbox, chatbot)

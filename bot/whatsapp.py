@@ -23,6 +23,7 @@ from neonize.events import (
     LoggedOutEv,
     MessageEv,
     PairStatusEv,
+    ReceiptEv,
     StreamReplacedEv,
     TemporaryBanEv,
 )
@@ -110,6 +111,12 @@ class NeonizeClient:
         client.event(KeepAliveTimeoutEv)(lambda _, ev: sink(events.KeepAliveTimeout(error_count=ev.ErrorCount)))
         client.event(KeepAliveRestoredEv)(lambda _, ev: sink(events.KeepAliveRestored()))
 
+        @client.event(ReceiptEv)
+        def on_receipt(_: NewClient, ev: ReceiptEv) -> None:
+            receipt = receipt_of(ev)
+            if receipt is not None:
+                sink(receipt)
+
         @client.event(MessageEv)
         def on_message(_: NewClient, ev: MessageEv) -> None:
             source = ev.Info.MessageSource
@@ -126,6 +133,19 @@ class NeonizeClient:
                     kind=kind_of(ev.Message),
                 )
             )
+
+
+def receipt_of(ev: ReceiptEv) -> events.Receipt | None:
+    """A delivery or read receipt from the other side; None for the rest (our own devices, retries...)."""
+    status = events.receipt_status(ReceiptEv.ReceiptType.Name(ev.Type))
+    if status is None or ev.MessageSource.IsFromMe:
+        return None
+    return events.Receipt(
+        message_ids=list(ev.MessageIDs),
+        chat=Jid2String(ev.MessageSource.Chat),
+        status=status,
+        timestamp=_unix_seconds(ev.Timestamp),
+    )
 
 
 _WRAPPERS = ("ephemeralMessage", "viewOnceMessage", "viewOnceMessageV2", "viewOnceMessageV2Extension")

@@ -1,5 +1,6 @@
 """The read API over the message log, for CRMs and dashboards: chats, a chat's messages (paged,
-newest first), one message, the outbox; and giving a paused chat back to the bot."""
+newest first), one message, the outbox; giving a paused chat back to the bot, and pausing or
+resuming the whole bot's replies."""
 
 from __future__ import annotations
 
@@ -85,6 +86,27 @@ def release(chat: str) -> tuple[Response, int]:
     session_id = session_id_from()
     chat = _chat_arg(chat)
     return ok(session_id=session_id, chat=chat, released=db().release_chat(session_id, chat))
+
+
+@bp.get("/api/bot")
+def bot_settings() -> tuple[Response, int]:
+    session_id = session_id_from()
+    return ok(session_id=session_id, replies_paused=db().replies_paused(session_id))
+
+
+@bp.post("/api/bot/pause")
+def pause_bot() -> tuple[Response, int]:
+    """No automatic replies in any chat until resumed (messages are logged; people answer)."""
+    session_id = session_id_from()
+    db().set_replies_paused(session_id, True)
+    return ok(session_id=session_id, replies_paused=True)
+
+
+@bp.post("/api/bot/resume")
+def resume_bot() -> tuple[Response, int]:
+    session_id = session_id_from()
+    db().set_replies_paused(session_id, False)
+    return ok(session_id=session_id, replies_paused=False)
 
 
 def _message(row: LoggedMessage) -> dict[str, Any]:

@@ -360,6 +360,39 @@ def _document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/bot": {
+                "get": {
+                    "summary": "Whether the bot's automatic replies are paused",
+                    "parameters": [SESSION_ID],
+                    "responses": {
+                        "200": _ok("Settings", {"replies_paused": {"type": "boolean"}}),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                    },
+                }
+            },
+            "/api/bot/pause": {
+                "post": {
+                    "summary": "Pause every automatic reply (messages are still logged; people answer)",
+                    "parameters": [SESSION_ID],
+                    "responses": {
+                        "200": _ok("Paused", {"replies_paused": {"type": "boolean"}}),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                    },
+                }
+            },
+            "/api/bot/resume": {
+                "post": {
+                    "summary": "Resume automatic replies",
+                    "parameters": [SESSION_ID],
+                    "responses": {
+                        "200": _ok("Resumed", {"replies_paused": {"type": "boolean"}}),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                    },
+                }
+            },
             "/api/outbox": {
                 "get": {
                     "summary": "Outgoing messages not sent (yet): queued, sending, failed with their error",

@@ -713,3 +713,26 @@ def test_the_read_api_lists_chats_pages_messages_shows_the_outbox_and_releases_a
     api.network.current().emit(events.Connected())
     customer(CUSTOMER, "oi de novo", 5)  # the bot answers this chat again
     wait_until(lambda: any(s.to == CUSTOMER and s.text for s in api.network.sent[3:]), message="answered again")
+
+
+def test_pausing_the_whole_bot_stops_replies_and_keeps_logging(api: Api) -> None:
+    api.pair()
+    client = api.network.current()
+
+    def customer(text: str, n: int) -> None:
+        client.emit(
+            events.IncomingMessage(f"3EB0PAUSE{n:03d}", CUSTOMER, CUSTOMER, "Ana", text, False, False, int(time.time()))
+        )
+
+    assert api.call("GET", "/api/bot").json()["replies_paused"] is False
+    assert api.call("POST", "/api/bot/pause").json()["replies_paused"] is True
+    customer("oi, vocês abrem hoje?", 1)
+    wait_until(lambda: len(api.db.list_messages("default")) == 1, message="logged while paused")
+    (logged,) = api.db.list_messages("default")
+    assert (logged.status, logged.reason) == ("ignored", "bot_paused")
+    assert api.db.replies_paused("default")  # kept in the database: a restart or a take-over keeps it
+    assert api.network.sent == []
+
+    assert api.call("POST", "/api/bot/resume").json()["replies_paused"] is False
+    customer("oi?", 2)
+    wait_until(lambda: len(api.network.sent) == 1, message="answered again")

@@ -3,6 +3,7 @@ always ends when asked, even in a dial that hangs, and when the daemon is killed
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import socket
@@ -139,6 +140,7 @@ def _zombie(pid: int) -> bool:
         events.IncomingMessage(
             "3EB0", "5511@s.whatsapp.net", "5511@s.whatsapp.net", "Zé \ud800", "oi\x00", False, False, 1
         ),
+        events.Receipt(message_ids=["3EB0A", "3EB0B"], chat="5511@s.whatsapp.net", status="read", timestamp=1),
     ],
 )
 def test_every_event_crosses_the_pipe_unchanged(event: events.ClientEvent) -> None:
@@ -231,3 +233,35 @@ def message(n: int) -> dict[str, object]:
         "timestamp": int(time.time()),
         "kind": "text",
     }
+
+
+def test_neonizes_receipts_become_delivered_and_read_and_the_rest_nothing() -> None:
+    """neonize's Receipt, built the way Go fills it, through bot.whatsapp (in a child: neonize
+    never loads in the test process)."""
+    script = """
+import json, logging
+from bot import logs
+logs.configure(logging.WARNING)
+from bot import whatsapp
+from neonize.events import ReceiptEv
+from neonize.proto.Neonize_pb2 import JID, MessageSource
+def receipt(kind, from_me=False):
+    chat = JID(User="5511912345678", Server="s.whatsapp.net", IsEmpty=False)
+    source = MessageSource(Chat=chat, Sender=chat, IsFromMe=from_me, IsGroup=False)
+    ev = ReceiptEv(MessageSource=source, MessageIDs=["3EB0A", "3EB0B"], Timestamp=1700000000,
+                   Type=ReceiptEv.ReceiptType.Value(kind))
+    found = whatsapp.receipt_of(ev)
+    return None if found is None else [found.message_ids, found.chat, found.status, found.timestamp]
+print(json.dumps({kind: receipt(kind) for kind in ("DELIVERED", "READ", "PLAYED", "READ_SELF", "RETRY", "SERVER_ERROR")}
+                 | {"READ from our own device": receipt("READ", from_me=True)}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    ids, chat = ["3EB0A", "3EB0B"], "5511912345678@s.whatsapp.net"
+    assert found["DELIVERED"] == [ids, chat, "delivered", 1700000000]
+    assert found["READ"] == [ids, chat, "read", 1700000000] and found["PLAYED"][2] == "read"
+    assert found["READ_SELF"] is None and found["RETRY"] is None and found["SERVER_ERROR"] is None
+    assert found["READ from our own device"] is None

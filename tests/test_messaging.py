@@ -370,3 +370,26 @@ def test_a_voice_note_gets_its_reply_and_a_person(daemon: Daemon) -> None:
     daemon.deliver(incoming("alô?"))  # a person takes it from here: the bot stays quiet
     time.sleep(0.5)
     assert len(replies_to(daemon.network)) == 2
+
+
+def test_receipts_move_a_sent_reply_to_delivered_then_read_and_never_back(daemon: Daemon) -> None:
+    daemon.paired()
+    daemon.deliver(incoming("oi"))
+    wait_until(lambda: len(daemon.network.sent) == 1, message="the reply")
+    reply_id = daemon.network.sent[0].message_id
+
+    def reply_status() -> str:
+        return next(m.status for m in daemon.db.list_messages("default", CUSTOMER) if m.direction == "out")
+
+    wait_until(lambda: reply_status() == "sent", message="sent")
+    client = daemon.network.current()
+    client.emit(events.Receipt(message_ids=[reply_id], chat=CUSTOMER, status="delivered", timestamp=int(time.time())))
+    wait_until(lambda: reply_status() == "delivered", message="delivered")
+    client.emit(events.Receipt(message_ids=[reply_id, "3EB0UNKNOWN"], chat=CUSTOMER, status="read", timestamp=0))
+    wait_until(lambda: reply_status() == "read", message="read")
+    client.emit(events.Receipt(message_ids=[reply_id], chat=CUSTOMER, status="delivered", timestamp=0))  # late
+    client.emit(events.Receipt(message_ids=[], chat=CUSTOMER, status="read", timestamp=0))  # (a marker)
+    time.sleep(0.5)
+    assert reply_status() == "read"
+    inbound = next(m for m in daemon.db.list_messages("default", CUSTOMER) if m.direction == "in")
+    assert inbound.status == "replied"  # receipts are about what we sent only
