@@ -34,7 +34,7 @@ from bot.errors import SendOutcomeUnknown, ZapkeepError
 
 log = logging.getLogger(__name__)
 
-CALLS = ("send_text", "logout", "request_pairing_code", "mark_read", "set_typing")
+CALLS = ("send_text", "logout", "request_pairing_code", "mark_read", "set_typing", "check_numbers")
 STOP_GRACE_SECONDS = 10.0  # whatsmeow's stop() waits for a slow dial (up to 60 s): not that long
 CALL_TIMEOUT_SECONDS = 60.0
 # Messages handed to the daemon and not yet logged, at most; a handler waits this long for room (see serve()).
@@ -162,6 +162,9 @@ class ProcessClient:
 
     def set_typing(self, chat_jid: str, typing: bool) -> None:
         self._call("set_typing", chat_jid, typing)
+
+    def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
+        return list(self._call("check_numbers", numbers))  # type: ignore[call-overload]
 
     def message_handled(self, message_id: str) -> None:
         with self._lock:

@@ -222,5 +222,9 @@ class WhatsAppClient(Protocol):
     def message_handled(self, message_id: str) -> None:
         """The daemon logged a message this client delivered: its handler may return."""
 
+    def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
+        """Whether each phone number (digits with country code) is on WhatsApp:
+        ``[{"number": ..., "on_whatsapp": bool, "jid": str | None}]``, in the order asked."""
+
 
 ClientFactory = Callable[[Path, EventSink], WhatsAppClient]

@@ -32,6 +32,9 @@ class SendGateway:
     def send_text(self, to_jid: str, text: str) -> str:
         return self._client().send_text(to_jid, text)
 
+    def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
+        return self._client().check_numbers(numbers)
+
     def mark_read(self, message: events.IncomingMessage) -> None:
         self._client().mark_read(message.chat, message.sender, message.message_id)
 

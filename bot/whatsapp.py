@@ -80,6 +80,15 @@ class NeonizeClient:
             message_id, chat=parse_jid(chat_jid), sender=parse_jid(sender_jid), receipt=ReceiptType.READ
         )
 
+    def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
+        answers = {r.Query.lstrip("+"): r for r in self._client.is_on_whatsapp(*(f"+{n}" for n in numbers))}
+        found = []
+        for number in numbers:
+            answer = answers.get(number)
+            on = answer is not None and answer.IsIn
+            found.append({"number": number, "on_whatsapp": on, "jid": Jid2String(answer.JID) if on else None})
+        return found
+
     def set_typing(self, chat_jid: str, typing: bool) -> None:
         state = ChatPresence.CHAT_PRESENCE_COMPOSING if typing else ChatPresence.CHAT_PRESENCE_PAUSED
         self._client.send_chat_presence(parse_jid(chat_jid), state, ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT)

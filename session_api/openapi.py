@@ -416,6 +416,36 @@ def _document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/contacts/check": {
+                "post": {
+                    "summary": "Which phone numbers are on WhatsApp (asked of WhatsApp's servers; connected only)",
+                    "requestBody": _body(
+                        {"numbers": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 50}},
+                        ["numbers"],
+                    ),
+                    "responses": {
+                        "200": _ok(
+                            "One answer a number, in the order asked",
+                            {
+                                "contacts": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "number": {"type": "string"},
+                                            "on_whatsapp": {"type": "boolean"},
+                                            "jid": {"type": "string", "nullable": True},
+                                        },
+                                    },
+                                }
+                            },
+                        ),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                        "409": _error("Not connected to WhatsApp"),
+                    },
+                }
+            },
             "/api/messages/send": {
                 "post": {
                     "summary": "Send a text message",

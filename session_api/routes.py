@@ -348,6 +348,27 @@ def send() -> tuple[Response, int]:
     return ok(202, to=jid, id=queued, status="queued", connected=runtime().is_connected())
 
 
+MAX_NUMBERS = 50
+
+
+@bp.post("/api/contacts/check")
+def check_contacts() -> tuple[Response, int]:
+    """Which phone numbers are on WhatsApp (whatsmeow's IsOnWhatsApp), asked of WhatsApp's servers."""
+    numbers = json_body(required=True).get("numbers")
+    if not isinstance(numbers, list) or not 1 <= len(numbers) <= MAX_NUMBERS:
+        abort(400, f"numbers must be a list of 1 to {MAX_NUMBERS} phone numbers")
+    jids = [normalise_recipient(n) if isinstance(n, str) else None for n in numbers]
+    if any(jid is None or not jid.endswith("@s.whatsapp.net") for jid in jids):
+        abort(400, "each number must be a phone number with country code (10-15 digits)")
+    require_own_session(runtime().config.session_id)
+    digits = [jid.split("@", 1)[0] for jid in jids if jid is not None]
+    try:
+        contacts = runtime().gateway.check_numbers(digits)
+    except StateConflictError as exc:
+        abort(409, str(exc))
+    return ok(contacts=contacts)
+
+
 @bp.get("/api/openapi.json")
 def openapi() -> Response:
     return jsonify(openapi_document())

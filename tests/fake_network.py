@@ -290,6 +290,9 @@ class NetworkClient:
     def logout(self) -> None:
         raise RuntimeError("the fake server does not unlink")
 
+    def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
+        raise RuntimeError("the fake server does not look numbers up")
+
     def request_pairing_code(self, phone: str) -> str:
         raise RuntimeError("the fake server pairs no new device")
 

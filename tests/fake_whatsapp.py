@@ -36,6 +36,7 @@ class FakeWhatsApp:
     sent: list[SentMessage] = field(default_factory=list)
     read: list[str] = field(default_factory=list)  # message ids marked read
     handled: list[str] = field(default_factory=list)  # message ids the daemon said it logged
+    registered: set[str] = field(default_factory=set)  # phone numbers that are on WhatsApp
     typing: list[tuple[str, bool]] = field(default_factory=list)
     send_failures: list[str] = field(default_factory=list)  # errors for the next sends
     connected: bool = True  # the servers answer; set False to make every connect fail
@@ -113,6 +114,16 @@ class FakeClient:
 
     def message_handled(self, message_id: str) -> None:
         self.network.handled.append(message_id)
+
+    def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
+        if not self.running.is_set() or self.stopped.is_set():
+            raise RuntimeError("client is nil")
+        return [
+            {"number": n, "on_whatsapp": n in self.network.registered, "jid": f"{n}@s.whatsapp.net"}
+            if n in self.network.registered
+            else {"number": n, "on_whatsapp": False, "jid": None}
+            for n in numbers
+        ]
 
     def request_pairing_code(self, phone: str) -> str:
         if not self.qr_codes:

@@ -147,6 +147,10 @@ PROTECTED = [
     ("POST", "/api/session/stop"),
     ("POST", "/api/session/start"),
     ("POST", "/api/messages/send"),
+    ("POST", "/api/contacts/check"),
+    ("GET", "/api/chats"),
+    ("GET", "/api/outbox"),
+    ("POST", "/api/bot/pause"),
     ("GET", "/api/openapi.json"),
 ]
 
@@ -736,3 +740,26 @@ def test_pausing_the_whole_bot_stops_replies_and_keeps_logging(api: Api) -> None
     assert api.call("POST", "/api/bot/resume").json()["replies_paused"] is False
     customer("oi?", 2)
     wait_until(lambda: len(api.network.sent) == 1, message="answered again")
+
+
+def test_contacts_check_asks_whatsapp_which_numbers_are_on_it(api: Api) -> None:
+    body = {"numbers": ["+55 11 91234-5678", "5511900000000@c.us"]}
+    wait_until(lambda: api.runtime.state is State.QR)
+    assert api.call("POST", "/api/contacts/check", body=body).status == 409  # not connected
+    api.pair()
+    api.network.registered.add("5511912345678")
+    reply = api.call("POST", "/api/contacts/check", body=body)
+    assert reply.status == 200, reply.body
+    assert reply.json()["contacts"] == [
+        {"number": "5511912345678", "on_whatsapp": True, "jid": "5511912345678@s.whatsapp.net"},
+        {"number": "5511900000000", "on_whatsapp": False, "jid": None},
+    ]
+    for bad in (
+        {"numbers": []},
+        {"numbers": ["123"]},
+        {"numbers": "5511912345678"},
+        {"numbers": [5511]},
+        {"numbers": ["120363025246125888@g.us"]},
+        {"numbers": ["5511912345678"] * 51},
+    ):
+        assert api.call("POST", "/api/contacts/check", body=bad).status == 400, bad
