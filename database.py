@@ -202,6 +202,13 @@ class OutgoingMessage:
     expires_at: datetime | None
 
 
+# (a fixed list, for every query that reads LoggedMessage rows)
+LOGGED_MESSAGE_COLUMNS = (
+    "id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,"
+    " attempts, last_error, message_type"
+)
+
+
 @dataclass(frozen=True)
 class ChatSummary:
     chat_jid: str
@@ -978,9 +985,8 @@ class Database:
         with self.transaction() as tx:
             return tx.scalar(self.SELECT_OWN_MESSAGE, (session_id, whatsapp_id)) is not None
 
-    SELECT_MESSAGES = """
-        SELECT id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,
-               attempts, last_error, message_type
+    SELECT_MESSAGES = f"""
+        SELECT {LOGGED_MESSAGE_COLUMNS}
         FROM whatsapp_messages WHERE session_id = %s AND (%s OR chat_jid = %s) ORDER BY id
     """
 
@@ -1015,9 +1021,8 @@ class Database:
             for c in chats
         ]
 
-    SELECT_CHAT_PAGE = """
-        SELECT id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,
-               attempts, last_error, message_type
+    SELECT_CHAT_PAGE = f"""
+        SELECT {LOGGED_MESSAGE_COLUMNS}
         FROM whatsapp_messages WHERE session_id = %s AND chat_jid = %s AND id < %s ORDER BY id DESC LIMIT %s
     """
 
@@ -1027,9 +1032,8 @@ class Database:
         with self.transaction() as tx:
             return tx.all(LoggedMessage, self.SELECT_CHAT_PAGE, (session_id, chat_jid, before, limit))
 
-    SELECT_MESSAGE = """
-        SELECT id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,
-               attempts, last_error, message_type
+    SELECT_MESSAGE = f"""
+        SELECT {LOGGED_MESSAGE_COLUMNS}
         FROM whatsapp_messages WHERE session_id = %s AND id = %s
     """
 
@@ -1037,9 +1041,8 @@ class Database:
         with self.transaction() as tx:
             return tx.one(LoggedMessage, self.SELECT_MESSAGE, (session_id, row_id))
 
-    SELECT_OUTBOX = """
-        SELECT id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,
-               attempts, last_error, message_type
+    SELECT_OUTBOX = f"""
+        SELECT {LOGGED_MESSAGE_COLUMNS}
         FROM whatsapp_messages
         WHERE session_id = %s AND direction = 'out' AND status IN ('queued', 'sending', 'failed')
               AND (%s OR status = %s)
