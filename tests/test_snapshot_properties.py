@@ -24,8 +24,8 @@ int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 text_cells = st.one_of(st.none(), int64, st.text(), st.binary(max_size=300))
 # Key columns hold no NUL: a row's key is SQLite's quote() of its key columns, which stops at a NUL
 # ('' and '\x00' would be one key). whatsmeow's keys are JIDs and ids; docs/design.md notes it.
-key_text = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=40)
-contact_keys = st.text(alphabet=st.characters(blacklist_characters="\x00"), min_size=1, max_size=40)
+key_text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=40)
+contact_keys = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=40)
 contacts = st.lists(
     st.tuples(contact_keys, st.text(), text_cells, text_cells),
     max_size=30,
