@@ -608,9 +608,6 @@ class Runtime:
     def readiness(self) -> Readiness:
         return readiness_of(self.status())
 
-    def is_connected(self) -> bool:
-        return self.state is State.CONNECTED
-
     def _live_client(self) -> events.WhatsAppClient | None:
         with self._lock:
             return self._client if self.state is State.CONNECTED else None

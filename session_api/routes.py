@@ -345,7 +345,7 @@ def send() -> tuple[Response, int]:
             "nothing could deliver the message",
         )
     queued = outbox.enqueue(jid, text, reason="api", expires_in=current_app.config["REPLY_EXPIRY"])
-    return ok(202, to=jid, id=queued, status="queued", connected=runtime().is_connected())
+    return ok(202, to=jid, id=queued, status="queued", connected=runtime().gateway.is_connected())
 
 
 MAX_NUMBERS = 50
