@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
 _LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' advisory locks
@@ -39,6 +39,43 @@ class FencedOut(DatabaseError):
 
 class SessionMissing(DatabaseError):
     """Rows were mirrored for a session that is not stored (an admin deleted it): sync it whole."""
+
+
+class PayloadSealer(Protocol):
+    """Encrypts credential payloads (mirrored rows, history snapshots) on their way into the
+    database and decrypts them on their way out (``bot.sealing``). ``context`` names where a
+    payload belongs, so that a ciphertext moved to another session or row does not decrypt."""
+
+    @property
+    def key_id(self) -> str | None:
+        """The key new payloads are sealed with; None: they are stored as they come."""
+        ...
+
+    def seal(self, text: str, context: tuple[str, ...]) -> str: ...
+
+    def open(self, stored: str, key_id: str | None, context: tuple[str, ...]) -> str: ...
+
+
+class ClearPayloads:
+    """No encryption at rest: payloads are stored as they come, and a sealed one is refused."""
+
+    key_id = None
+
+    def seal(self, text: str, context: tuple[str, ...]) -> str:
+        return text
+
+    def open(self, stored: str, key_id: str | None, context: tuple[str, ...]) -> str:
+        if key_id is not None:
+            raise DatabaseError(f"a stored payload is encrypted (key {key_id}) and no key was given to read it")
+        return stored
+
+
+def row_context(session_id: str, table: str, key: str) -> tuple[str, ...]:
+    return ("row", session_id, table, key)
+
+
+def history_context(session_id: str, version: int) -> tuple[str, ...]:
+    return ("history", session_id, str(version))
 
 
 @dataclass(frozen=True)
@@ -93,6 +130,14 @@ class StoredRow:
     table: str
     row_text: str
     row_hash: str
+
+
+@dataclass(frozen=True)
+class ResealCount:
+    """What a re-encryption pass changed: rows and history snapshots now under the current key."""
+
+    rows: int
+    snapshots: int
 
 
 @dataclass(frozen=True)
@@ -336,6 +381,14 @@ def _bot_settings_and_receipts() -> list[str]:
     ]
 
 
+def _key_ids() -> list[str]:
+    """Encryption at rest: which key each credential payload is sealed with (NULL: in clear)."""
+    return [
+        "ALTER TABLE whatsapp_session_rows ADD COLUMN key_id TEXT",
+        "ALTER TABLE whatsapp_session_history ADD COLUMN key_id TEXT",
+    ]
+
+
 POSTGRES_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE IF NOT EXISTS whatsapp_sessions (
@@ -360,6 +413,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
     ],
     _message_kinds(),
     _bot_settings_and_receipts(),
+    _key_ids(),
 ]
 
 SQLITE_MIGRATIONS: list[list[str]] = [
@@ -386,6 +440,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
     ],
     _message_kinds(),
     _bot_settings_and_receipts(),
+    _key_ids(),
 ]
 
 CREATE_SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS zapkeep_schema (version INTEGER NOT NULL)"
@@ -433,6 +488,7 @@ class Database:
 
     backend = "abstract"
     migrations: list[list[str]] = []
+    sealer: PayloadSealer = ClearPayloads()
     NOW = ""  # the database's clock in unix seconds; leases never trust a host's clock
 
     def open(self) -> None:
@@ -542,11 +598,12 @@ class Database:
         WHERE session_id = %s AND {FENCE_HOLDS}
     """
     UPSERT_ROW = """
-        INSERT INTO whatsapp_session_rows (session_id, table_name, row_key, row_data, row_hash)
-        VALUES (%s, %s, %s, %s, %s)
+        INSERT INTO whatsapp_session_rows (session_id, table_name, row_key, row_data, row_hash, key_id)
+        VALUES (%s, %s, %s, %s, %s, %s)
         ON CONFLICT (session_id, table_name, row_key) DO UPDATE SET
             row_data = excluded.row_data,
-            row_hash = excluded.row_hash
+            row_hash = excluded.row_hash,
+            key_id = excluded.key_id
     """
     DELETE_ROW = "DELETE FROM whatsapp_session_rows WHERE session_id = %s AND table_name = %s AND row_key = %s"
     DELETE_ROWS = "DELETE FROM whatsapp_session_rows WHERE session_id = %s"
@@ -586,8 +643,16 @@ class Database:
             self._write_rows(tx, batch.session_id, batch.changes)
 
     def _write_rows(self, tx: Transaction, session_id: str, changes: Sequence[RowChange]) -> None:
+        seal, key_id = self.sealer.seal, self.sealer.key_id
         upserts = [
-            (session_id, c.table, c.key, self.json_param(c.row_text), c.row_hash)
+            (
+                session_id,
+                c.table,
+                c.key,
+                self.json_param(seal(c.row_text, row_context(session_id, c.table, c.key))),
+                c.row_hash,
+                key_id,
+            )
             for c in changes
             if c.row_text is not None
         ]
@@ -630,14 +695,25 @@ class Database:
             return tx.one(SessionRecord, self.SELECT_SESSION, (session_id,))
 
     SELECT_ROWS = """
-        SELECT table_name AS "table", CAST(row_data AS TEXT) AS row_text, row_hash
+        SELECT table_name, row_key, CAST(row_data AS TEXT) AS row_text, row_hash, key_id
         FROM whatsapp_session_rows WHERE session_id = %s ORDER BY table_name, row_key
     """
     SELECT_ROW_HASHES = "SELECT table_name, row_key, row_hash FROM whatsapp_session_rows WHERE session_id = %s"
 
     def load_rows(self, session_id: str) -> list[StoredRow]:
         with self.transaction() as tx:
-            return tx.all(StoredRow, self.SELECT_ROWS, (session_id,))
+            return self._select_rows(tx, session_id)
+
+    def _select_rows(self, tx: Transaction, session_id: str) -> list[StoredRow]:
+        open_ = self.sealer.open
+        return [
+            StoredRow(
+                row["table_name"],
+                open_(row["row_text"], row["key_id"], row_context(session_id, row["table_name"], row["row_key"])),
+                row["row_hash"],
+            )
+            for row in tx.execute(self.SELECT_ROWS, (session_id,)).fetchall()
+        ]
 
     def load_session_and_rows(self, session_id: str) -> tuple[SessionRecord, list[StoredRow]] | None:
         """The head and the rows as of one moment (the mirror may be writing meanwhile)."""
@@ -646,7 +722,7 @@ class Database:
             record = tx.one(SessionRecord, self.SELECT_SESSION, (session_id,))
             if record is None:
                 return None
-            return record, tx.all(StoredRow, self.SELECT_ROWS, (session_id,))
+            return record, self._select_rows(tx, session_id)
 
     def _one_snapshot(self, tx: Transaction) -> None:
         """Make every statement of this (read) transaction see the same committed state."""
@@ -662,8 +738,8 @@ class Database:
     NEXT_HISTORY_VERSION = "SELECT COALESCE(MAX(version), 0) + 1 FROM whatsapp_session_history WHERE session_id = %s"
     INSERT_HISTORY = f"""
         INSERT INTO whatsapp_session_history
-            (session_id, version, session_data, checksum, size_bytes, device_jid, taken_at)
-        SELECT %s, %s, %s, %s, %s, %s, %s
+            (session_id, version, session_data, checksum, size_bytes, device_jid, taken_at, key_id)
+        SELECT %s, %s, %s, %s, %s, %s, %s, %s
         WHERE {FENCE_HOLDS}
     """
     PRUNE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s AND version <= %s"
@@ -677,11 +753,12 @@ class Database:
             params = (
                 write.session_id,
                 version,
-                self.json_param(write.document_text),
+                self.json_param(self.sealer.seal(write.document_text, history_context(write.session_id, version))),
                 write.checksum,
                 write.size_bytes,
                 write.device_jid,
                 _utcnow(),
+                self.sealer.key_id,
             )
             if tx.execute(self.INSERT_HISTORY, (*params, *fence_params)).rowcount != 1:
                 raise self._fenced_out(fence) if fence is not None else DatabaseError("history not written")
@@ -692,7 +769,7 @@ class Database:
     SELECT_HISTORY_VERSION = """
         SELECT h.session_id, h.version, h.checksum, h.size_bytes, h.device_jid,
                s.push_name, h.taken_at AS updated_at, CAST(h.session_data AS TEXT) AS session_data,
-               0 AS format_version
+               0 AS format_version, h.key_id
         FROM whatsapp_session_history h
         LEFT JOIN whatsapp_sessions s ON s.session_id = h.session_id
         WHERE h.session_id = %s AND h.version = %s
@@ -701,7 +778,12 @@ class Database:
     def load_history_version(self, session_id: str, version: int) -> SessionRecord | None:
         """A historical snapshot: always a whole document (format_version 0: read it from the document)."""
         with self.transaction() as tx:
-            return tx.one(SessionRecord, self.SELECT_HISTORY_VERSION, (session_id, version))
+            row = tx.execute(self.SELECT_HISTORY_VERSION, (session_id, version)).fetchone()
+        if row is None:
+            return None
+        key_id = row.pop("key_id")
+        row["session_data"] = self.sealer.open(row["session_data"], key_id, history_context(session_id, version))
+        return SessionRecord(**row)
 
     SELECT_HISTORY = """
         SELECT session_id, version, checksum, size_bytes, device_jid, taken_at
@@ -711,6 +793,83 @@ class Database:
     def list_history(self, session_id: str) -> list[HistoryEntry]:
         with self.transaction() as tx:
             return tx.all(HistoryEntry, self.SELECT_HISTORY, (session_id,))
+
+    # --- encryption at rest: which keys are in use, and moving everything to the current one ---
+
+    SELECT_KEY_IDS = """
+        SELECT DISTINCT key_id FROM whatsapp_session_rows WHERE session_id = %s
+        UNION SELECT DISTINCT key_id FROM whatsapp_session_history WHERE session_id = %s
+    """
+
+    def key_ids(self, session_id: str) -> set[str | None]:
+        """The keys the session's stored credentials are sealed with (None: some are in clear)."""
+        with self.transaction() as tx:
+            return {row["key_id"] for row in tx.execute(self.SELECT_KEY_IDS, (session_id, session_id)).fetchall()}
+
+    RESEAL_BATCH = 500
+    # COALESCE: in clear is key '' here, so one query serves "encrypt", "rotate" and "decrypt".
+    SELECT_ROWS_TO_RESEAL = """
+        SELECT table_name, row_key, CAST(row_data AS TEXT) AS row_text, row_hash, key_id
+        FROM whatsapp_session_rows
+        WHERE session_id = %s AND (table_name, row_key) > (%s, %s) AND COALESCE(key_id, '') <> %s
+        ORDER BY table_name, row_key LIMIT %s
+    """
+    # Compare-and-set on the row's hash: a row the mirror changed meanwhile is left as the mirror wrote it.
+    RESEAL_ROW = f"""
+        UPDATE whatsapp_session_rows SET row_data = %s, key_id = %s
+        WHERE session_id = %s AND table_name = %s AND row_key = %s AND row_hash = %s AND {FENCE_HOLDS}
+    """
+    SELECT_SNAPSHOTS_TO_RESEAL = """
+        SELECT version FROM whatsapp_session_history
+        WHERE session_id = %s AND COALESCE(key_id, '') <> %s ORDER BY version
+    """
+    SELECT_SNAPSHOT_TO_RESEAL = """
+        SELECT CAST(session_data AS TEXT) AS session_data, checksum, key_id
+        FROM whatsapp_session_history WHERE session_id = %s AND version = %s
+    """
+    RESEAL_SNAPSHOT = f"""
+        UPDATE whatsapp_session_history SET session_data = %s, key_id = %s
+        WHERE session_id = %s AND version = %s AND checksum = %s AND {FENCE_HOLDS}
+    """
+
+    def reseal(self, session_id: str, fence: Fence | None = None) -> ResealCount:
+        """Re-encrypt every stored credential payload of the session that is not under the
+        current key (or, with no key, decrypt it), a few hundred rows a transaction. Safe beside a
+        running mirror: only a payload's envelope changes, never its content."""
+        current = self.sealer.key_id or ""
+        rows = snapshots = 0
+        after = ("", "")
+        while True:
+            with self.transaction() as tx:
+                fence_params = self._fence_params(tx, session_id, fence)
+                found = tx.execute(
+                    self.SELECT_ROWS_TO_RESEAL, (session_id, *after, current, self.RESEAL_BATCH)
+                ).fetchall()
+                for row in found:
+                    context = row_context(session_id, row["table_name"], row["row_key"])
+                    text = self.sealer.open(row["row_text"], row["key_id"], context)
+                    params = (self.json_param(self.sealer.seal(text, context)), self.sealer.key_id, session_id)
+                    where = (row["table_name"], row["row_key"], row["row_hash"], *fence_params)
+                    rows += tx.execute(self.RESEAL_ROW, (*params, *where)).rowcount
+                if found:
+                    self._require_fence(tx, fence, fence_params)
+            if len(found) < self.RESEAL_BATCH:
+                break
+            after = (found[-1]["table_name"], found[-1]["row_key"])
+        with self.transaction() as tx:
+            found = tx.execute(self.SELECT_SNAPSHOTS_TO_RESEAL, (session_id, current)).fetchall()
+        for version in [row["version"] for row in found]:  # one a transaction: each is a whole document
+            with self.transaction() as tx:
+                fence_params = self._fence_params(tx, session_id, fence)
+                row = tx.execute(self.SELECT_SNAPSHOT_TO_RESEAL, (session_id, version)).fetchone()
+                if row is None:
+                    continue  # pruned meanwhile
+                context = history_context(session_id, version)
+                text = self.sealer.open(row["session_data"], row["key_id"], context)
+                params = (self.json_param(self.sealer.seal(text, context)), self.sealer.key_id, session_id, version)
+                snapshots += tx.execute(self.RESEAL_SNAPSHOT, (*params, row["checksum"], *fence_params)).rowcount
+                self._require_fence(tx, fence, fence_params)
+        return ResealCount(rows, snapshots)
 
     DELETE_SESSION = f"DELETE FROM whatsapp_sessions WHERE session_id = %s AND {FENCE_HOLDS}"
     DELETE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s"
@@ -1158,10 +1317,17 @@ class PostgresDatabase(Database):
     NOW = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
     def __init__(
-        self, url: str, *, max_size: int = 8, connect_timeout: float = 10.0, wait_timeout: float = 10.0
+        self,
+        url: str,
+        *,
+        max_size: int = 8,
+        connect_timeout: float = 10.0,
+        wait_timeout: float = 10.0,
+        sealer: PayloadSealer | None = None,
     ) -> None:
         from psycopg_pool import ConnectionPool
 
+        self.sealer = sealer or ClearPayloads()
         self._url = url
         self._connect_timeout = connect_timeout
         self.pool = ConnectionPool(
@@ -1237,7 +1403,8 @@ class SqliteDatabase(Database):
     migrations = SQLITE_MIGRATIONS
     NOW = "SELECT (julianday('now') - 2440587.5) * 86400.0"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, sealer: PayloadSealer | None = None) -> None:
+        self.sealer = sealer or ClearPayloads()
         self.path = path
 
     def _open(self) -> None:
@@ -1293,9 +1460,11 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
-def open_database(database_url: str | None, embedded_path: Path) -> Database:
+def open_database(database_url: str | None, embedded_path: Path, sealer: PayloadSealer | None = None) -> Database:
     """Connect to PostgreSQL when a URL is given, else to the embedded SQLite file; migrate."""
-    database: Database = PostgresDatabase(database_url) if database_url else SqliteDatabase(embedded_path)
+    database: Database = (
+        PostgresDatabase(database_url, sealer=sealer) if database_url else SqliteDatabase(embedded_path, sealer=sealer)
+    )
     database.open()
     return database
 

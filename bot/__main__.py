@@ -5,8 +5,9 @@
     python -m bot backup           sync the local store into the database, keep a snapshot
     python -m bot restore [-v N]   rewrite the local store from the database (daemon stopped)
     python -m bot delete [--purge] delete the stored session (--purge: its history too)
-    python -m bot export FILE      write the stored document to FILE ('-': stdout)
+    python -m bot export FILE      write the stored document to FILE ('-': stdout; sealed with a key)
     python -m bot import FILE      validate FILE and store it as the session
+    python -m bot rekey            re-encrypt the stored session under SESSION_ENCRYPTION_KEY
     python -m bot console          chat with the rules in the terminal (no WhatsApp)
 
 This is the one place that loads .env, opens the pool, starts threads and installs signal
@@ -71,8 +72,13 @@ def main(argv: list[str], *, client_factory: ClientFactory | None = None) -> int
         return EXIT_INTERRUPTED
 
 
-STORED = "Reads DATABASE_URL (unset: the embedded SQLite database in DATA_DIR) and SESSION_ID."
-LOCAL = "Reads DATABASE_URL, SESSION_ID and DATA_DIR (the local store is DATA_DIR/sessions/SESSION_ID)."
+STORED = (
+    "Reads DATABASE_URL (unset: the embedded SQLite database in DATA_DIR), SESSION_ID and the encryption keys "
+    "(SESSION_ENCRYPTION_KEY, SESSION_ENCRYPTION_KEY_OLD)."
+)
+LOCAL = f"{STORED} The local store is DATA_DIR/sessions/SESSION_ID."
+# What these commands read needs the keys the stored session is sealed with: checked first.
+NEEDS_KEYS = ("run", "backup", "restore", "export", "import", "rekey")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
         "run the daemon (the default)",
         "Reads every variable in .env.example: DATABASE_URL, SESSION_ID, DATA_DIR, PORT, API_TOKEN, "
         "METRICS_TOKEN, BACKUP_INTERVAL_SECONDS, PAIR_PHONE, BOT_REPLIES, LOG_LEVEL, LOG_FORMAT, "
-        "LEASE_TTL_SECONDS, LEASE_RENEW_SECONDS, HTTPS_PROXY, RAILWAY_DEPLOYMENT_ID.",
+        "LEASE_TTL_SECONDS, LEASE_RENEW_SECONDS, SESSION_ENCRYPTION_KEY, SESSION_ENCRYPTION_KEY_OLD, HTTPS_PROXY, "
+        "RAILWAY_DEPLOYMENT_ID.",
     )
     command("status", "stored sessions and their history, as JSON", STORED)
     command("backup", "sync the local store into the database and keep a snapshot in history", LOCAL)
@@ -102,16 +109,37 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("--purge", action="store_true", help="delete its history too")
     export = command("export", "write the stored document to FILE ('-' for stdout)", STORED)
     export.add_argument("file")
+    export.add_argument(
+        "--clear", action="store_true", help="unencrypted, even with SESSION_ENCRYPTION_KEY set (it holds the keys!)"
+    )
     import_ = command("import", "validate FILE and store it as the session", STORED)
     import_.add_argument("file")
+    command(
+        "rekey",
+        "re-encrypt every stored credential of the session under SESSION_ENCRYPTION_KEY (unset: decrypt); "
+        "safe beside the running daemon",
+        STORED,
+    )
     console = command("console", "chat with the rules in the terminal, no WhatsApp", "Reads BOT_REPLIES.")
     console.add_argument("--name", default="Cliente", help="your WhatsApp name in the conversation")
     parser.set_defaults(command="run")
     return parser
 
 
-def _open(config: Config) -> Database:
-    return open_database(config.database_url, config.embedded_database_path)
+def _open(config: Config, command: str) -> Database:
+    """The database, with the configured keys; for commands that read credentials, stored ones
+    sealed with a key we lack stop here, before anything is written."""
+    from bot.sealing import Sealer, require_known_keys
+
+    sealer = Sealer.from_config(config)
+    db = open_database(config.database_url, config.embedded_database_path, sealer)
+    if command in NEEDS_KEYS:
+        try:
+            require_known_keys(db.key_ids(config.session_id), sealer, config.session_id)
+        except ConfigError:
+            db.close()
+            raise
+    return db
 
 
 # --- the daemon ----------------------------------------------------------------------------------
@@ -145,8 +173,14 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
 
     stop = threading.Event()
     _install_signal_handlers(stop)
-    db = _open(config)
-    log.info("database: %s; session %s; store %s", db.backend, config.session_id, config.store_path)
+    db = _open(config, "run")
+    log.info(
+        "database: %s; session %s; store %s; credentials %s",
+        db.backend,
+        config.session_id,
+        config.store_path,
+        f"encrypted with key {db.sealer.key_id}" if db.sealer.key_id else "stored in clear (no SESSION_ENCRYPTION_KEY)",
+    )
     client_factory = client_factory or process_client_factory(config.python_log_level())
     services = build_services(config, db, client_factory, rules)
     logs.bind(config.session_id, lambda: services.runtime.state.value)
@@ -190,8 +224,9 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
 def run_command(config: Config, args: argparse.Namespace) -> int:
     from bot import persistence
+    from bot.sealing import Sealer
 
-    db = _open(config)
+    db = _open(config, args.command)
     try:
         session_id = config.session_id
         if args.command == "status":
@@ -234,15 +269,30 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
             print(f"deleted session {session_id}" + (" and its history" if args.purge else ""))
         elif args.command == "export":
             _, text = persistence.export_document(db, session_id)
-            _write_private(args.file, text)
+            _write_private(args.file, text if args.clear else Sealer.from_config(config).seal_export(text, session_id))
         elif args.command == "import":
             _refuse_beside_a_live_owner(db, session_id)
             text = sys.stdin.read() if args.file == "-" else _read_file(Path(args.file))
-            version = persistence.import_document(db, session_id, text)
+            version = persistence.import_document(db, session_id, Sealer.from_config(config).open_export(text))
             print(f"imported session {session_id} as version {version}")
+        elif args.command == "rekey":
+            _rekey(db, session_id)
         return 0
     finally:
         db.close()
+
+
+def _rekey(db: Database, session_id: str) -> None:
+    target = f"key {db.sealer.key_id}" if db.sealer.key_id else "clear text (no SESSION_ENCRYPTION_KEY)"
+    count = db.reseal(session_id)
+    print(f"session {session_id}: {count.rows} rows and {count.snapshots} history snapshots moved to {target}")
+    left = db.key_ids(session_id) - {db.sealer.key_id}
+    if left:  # a daemon still running with the old configuration went on writing with its key
+        names = ", ".join(sorted(key_id or "clear text" for key_id in left))
+        raise ZapkeepError(
+            f"session {session_id}: some payloads are still under {names}, written meanwhile by a daemon "
+            "configured with it\nRedeploy every daemon with the new SESSION_ENCRYPTION_KEY, then run rekey again."
+        )
 
 
 def _read_file(path: Path) -> str:

@@ -5,10 +5,12 @@ Every variable name here is a contract with operators (the README's Configuratio
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.errors import ConfigError
@@ -19,6 +21,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 SHIPPED_REPLIES = Path(__file__).with_name("replies.pt-BR.toml")
 SHORT_TOKEN = 16  # below this the boot warns: a short bearer token can be guessed
+ENCRYPTION_KEY_BYTES = 32  # AES-256
+GENERATE_KEY = "python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'"
 
 
 def is_valid_session_id(value: str) -> bool:
@@ -32,16 +36,18 @@ class Config:
     session_id: str
     data_dir: Path
     port: int
-    api_token: str | None
+    api_token: str | None = field(repr=False)
     backup_interval_seconds: int
-    session_encryption_key: str | None
+    session_encryption_key: bytes | None = field(repr=False)  # 32 bytes: credentials encrypted at rest
     pair_phone: str | None
     bot_replies: Path
     log_level: str
     lease_ttl_seconds: int = 30
     lease_renew_seconds: int = 10
     log_format: str = "text"  # or "json": one object a line
-    metrics_token: str | None = None  # also opens GET /metrics (a scraper needs no admin token)
+    metrics_token: str | None = field(default=None, repr=False)  # opens GET /metrics to a scraper
+    # Keys stored credentials may still be sealed with (rotation); never used to seal.
+    session_encryption_keys_old: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def session_dir(self) -> Path:
@@ -77,9 +83,12 @@ class Config:
             if not PHONE_PATTERN.fullmatch(pair_phone):
                 raise ConfigError("PAIR_PHONE must be a phone number with country code, 10-15 digits")
 
-        if get("SESSION_ENCRYPTION_KEY") is not None:
-            # Refusing is safer than silently storing credentials in clear text.
-            raise ConfigError("SESSION_ENCRYPTION_KEY is not supported by this version yet; unset it")
+        encryption_key = _encryption_key(get("SESSION_ENCRYPTION_KEY"), "SESSION_ENCRYPTION_KEY")
+        old_keys = tuple(
+            _encryption_key(text, "SESSION_ENCRYPTION_KEY_OLD")
+            for text in re.split(r"[\s,]+", get("SESSION_ENCRYPTION_KEY_OLD") or "")
+            if text
+        )
 
         log_level = (get("LOG_LEVEL") or "INFO").upper()
         if log_level not in LOG_LEVELS:
@@ -108,7 +117,8 @@ class Config:
             backup_interval_seconds=_int_in_range(
                 get("BACKUP_INTERVAL_SECONDS"), "BACKUP_INTERVAL_SECONDS", default=120, low=5, high=86400
             ),
-            session_encryption_key=None,
+            session_encryption_key=encryption_key,
+            session_encryption_keys_old=old_keys,
             pair_phone=pair_phone,
             bot_replies=bot_replies,
             log_level=log_level,
@@ -120,6 +130,22 @@ class Config:
 
     def python_log_level(self) -> int:
         return logging.getLevelName(self.log_level)
+
+
+def _encryption_key(text: str | None, name: str) -> bytes | None:
+    """32 bytes in base64 (standard or URL-safe alphabet). The message never repeats the value."""
+    if text is None:
+        return None
+    try:
+        padded = text + "=" * (-len(text) % 4)  # often lost when copied
+        key = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{name} is not base64; generate a key with: {GENERATE_KEY}") from None
+    if len(key) != ENCRYPTION_KEY_BYTES:
+        raise ConfigError(
+            f"{name} must be {ENCRYPTION_KEY_BYTES} bytes in base64, got {len(key)}; generate one with: {GENERATE_KEY}"
+        )
+    return key
 
 
 def _int_in_range(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:

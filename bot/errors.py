@@ -13,6 +13,10 @@ class SessionDocumentError(ZapkeepError):
     """A session document is malformed, corrupt or of an unknown format; nothing was changed."""
 
 
+class UnreadableCredentials(SessionDocumentError):
+    """A stored payload does not decrypt: its key is not configured, or it was altered or moved."""
+
+
 class SnapshotError(ZapkeepError):
     """The local whatsmeow store could not be read into a session document."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bot import session_store
 from bot.change_capture import Batch, Device, TableDef, new_lineage
-from bot.errors import NotFoundError, SessionDocumentError
+from bot.errors import NotFoundError, SessionDocumentError, UnreadableCredentials
 from bot.store_worker import StoreInfo, document_rows, inspect_store, restore_store, scan_store
 from database import Database, Fence, HeadWrite, MirrorBatch, RowChange, SessionRecord, SessionWrite
 
@@ -408,8 +408,8 @@ def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path,
     """Restore the stored session; if it is refused, the newest history entry that is not (which
     then becomes the stored session). Older documents are read only when needed."""
     session_id = record.session_id
-    found = current_document(db, session_id, record)
     try:
+        found = current_document(db, session_id, record)  # a row that does not decrypt is refused here
         assert found is not None
         lineage = new_lineage()  # (the restore validates the document: never twice in the common case)
         db.set_lineage(session_id, lineage, record.mirror_sequence, fence)
@@ -419,11 +419,16 @@ def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path,
         return BootResult(BootOutcome.RESTORED, replace(record, lineage=lineage), record.device_jid)
     except SessionDocumentError as exc:
         log.error("session %s version %d refused: %s", session_id, record.version, exc)
+        # A document refused for its content is refused again under the same checksum; rows that
+        # do not decrypt say nothing of a snapshot with that checksum (sealed as a whole, apart).
+        refused = None if isinstance(exc, UnreadableCredentials) else record.checksum
     for entry in db.list_history(session_id):
-        older = None if entry.checksum == record.checksum else db.load_history_version(session_id, entry.version)
-        if older is None:
+        if entry.checksum == refused:
             continue
         try:
+            older = db.load_history_version(session_id, entry.version)
+            if older is None:
+                continue  # pruned meanwhile
             log.warning("session %s: rolling back to history version %d", session_id, entry.version)
             _, lineage = make_current(db, session_id, older.session_data, fence)
             restore_document(session_id, entry.version, older.session_data, store_path, lineage=lineage, sequence=0)

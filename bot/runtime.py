@@ -323,6 +323,7 @@ class Runtime:
 
     def _boot(self) -> None:
         self._set(state=State.STARTING)
+        self._reseal()
         try:
             result = prepare_local_store(self.db, self.config.session_id, self.config.store_path, self.fence)
         except SessionDocumentError as exc:
@@ -341,6 +342,23 @@ class Runtime:
                 last_backup_checksum=record.checksum,
                 last_backup_version=record.version,
                 push_name=record.push_name,
+            )
+
+    def _reseal(self) -> None:
+        """Stored credentials not under the current key (in clear before a key was set, or under a
+        rotated-out one) are re-encrypted by their owner, fenced, before anything reads them."""
+        try:
+            count = self.db.reseal(self.config.session_id, self.fence)
+        except SessionDocumentError as exc:  # a payload that does not open: the restore falls back past it
+            log.error("session %s: re-encryption stopped: %s", self.config.session_id, exc)
+            return
+        if count.rows or count.snapshots:
+            log.info(
+                "session %s: %d rows and %d history snapshots re-encrypted with %s",
+                self.config.session_id,
+                count.rows,
+                count.snapshots,
+                f"key {self.db.sealer.key_id}" if self.db.sealer.key_id else "no key (now in clear)",
             )
 
     # --- status ---------------------------------------------------------------------------------

@@ -168,7 +168,9 @@ def _document() -> dict[str, Any]:
                         **_body(
                             {
                                 "session_id": {"type": "string"},
-                                "session_data": {"description": "A zapkeep session document (object or JSON text)"},
+                                "session_data": {
+                                    "description": "A zapkeep session document, or a sealed export (object or JSON text)"
+                                },
                             }
                         ),
                         "required": False,
@@ -194,12 +196,24 @@ def _document() -> dict[str, Any]:
                             "required": False,
                             "schema": {"type": "integer", "minimum": 1},
                         },
+                        {
+                            "name": "clear",
+                            "in": "query",
+                            "required": False,
+                            "description": "With SESSION_ENCRYPTION_KEY set: the document unencrypted (it holds the keys)",
+                            "schema": {"type": "boolean"},
+                        },
                     ],
                     "responses": {
-                        "200": _ok("The document", {"session_data": {"type": "object"}}),
+                        "200": _ok(
+                            "The document; with SESSION_ENCRYPTION_KEY set (and no clear=true) sealed: "
+                            '{"format": "zapkeep.sealed-session", "session_id", "key_id", "sealed"}',
+                            {"session_data": {"type": "object"}},
+                        ),
                         "400": BAD_REQUEST,
                         "401": UNAUTHORIZED,
                         "404": _error("No such session or version"),
+                        "409": _error("A stored payload does not decrypt with the configured keys"),
                     },
                 },
                 "post": {

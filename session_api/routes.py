@@ -23,6 +23,7 @@ from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, 
 from bot.outbox import Outbox
 from bot.persistence import export_document, import_document
 from bot.runtime import Runtime
+from bot.sealing import Sealer
 from bot.session_state import State
 from database import Database, Fence, FencedOut
 from session_api.openapi import openapi_document
@@ -161,6 +162,7 @@ def backup() -> tuple[Response, int]:
         text = data if isinstance(data, str) else json.dumps(data)
         fence = fence_for(session_id)
         try:
+            text = _sealer().open_export(text)  # an export sealed with this daemon's (or an old) key
             if fence is not None:  # the live session: applied as a restore, never overwritten by the client
                 version = runtime().import_document(text).version
             else:
@@ -191,10 +193,15 @@ def backup() -> tuple[Response, int]:
 def export() -> Response:
     session_id = session_id_from()
     version = _version_arg(request.args.get("version"))
+    clear = request.args.get("clear", "").lower() in ("1", "true", "yes")
     try:
         record, document_text = export_document(db(), session_id, version)
     except NotFoundError as exc:
         abort(404, str(exc))
+    except SessionDocumentError as exc:  # a stored payload that does not decrypt
+        abort(409, first_line(exc))
+    if not clear:
+        document_text = _sealer().seal_export(document_text, record.session_id)
     head = json.dumps(
         {
             "success": True,
@@ -398,6 +405,11 @@ def _version_arg(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
         abort(400, f"version must be a whole number from 1 to {MAX_VERSION}")
     return value
+
+
+def _sealer() -> Sealer:
+    """Exports are sealed, and sealed exports opened, with the daemon's configured keys."""
+    return Sealer.from_config(runtime().config)
 
 
 def _iso(value: datetime) -> str:

@@ -165,8 +165,10 @@ def test_go_writes_are_mirrored_as_committed_prefixes(db: Database, tmp_path: Pa
         wait_until(lambda: in_sync(db, store), message="the first full sync")
         reader = threading.Thread(target=watch)
         reader.start()
+        # 5 ms between Go's 400 transactions: unpaced, a mirror slowed by a busy machine takes them
+        # in two or three batches, and the reader could not see it progress.
         go = subprocess.run(
-            [sys.executable, str(HELPER), "write-contacts", str(store), "10000"],
+            [sys.executable, str(HELPER), "write-contacts", str(store), "10000", "0.005"],
             capture_output=True,
             text=True,
             timeout=240,

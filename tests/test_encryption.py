@@ -1,0 +1,325 @@
+"""Credentials encrypted at rest (SESSION_ENCRYPTION_KEY): nothing of the keys in any stored byte,
+round trips through restore and rotation, a wrong key refused at boot, moved ciphertexts detected."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bot import persistence
+from bot.config import Config
+from bot.errors import ConfigError
+from bot.persistence import BootOutcome, prepare_local_store, snapshot_to_history, sync_session
+from bot.errors import UnreadableCredentials
+from bot.sealing import Sealer, key_id_of
+from bot.session_state import State
+from bot.store_worker import restore_store
+from database import Database, PostgresDatabase, SqliteDatabase
+from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.runtime_helpers import FAST, make_config
+from tests.synthetic import create_paired_store, table_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY_A, KEY_B = os.urandom(32), os.urandom(32)
+SECRET_COLUMNS = {  # what whoever holds these can impersonate the number with
+    "whatsmeow_device": ("noise_key", "identity_key", "signed_pre_key", "adv_key"),
+    "whatsmeow_pre_keys": ("key",),
+    "whatsmeow_sessions": ("session",),
+    "whatsmeow_sender_keys": ("sender_key",),
+    "whatsmeow_app_state_sync_keys": ("key_data",),
+}
+
+OpenDb = Callable[..., Database]
+
+
+@pytest.fixture
+def open_db(db: Database, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[OpenDb]:
+    """Databases of the same back-end as ``db``: a new one, or ``same=`` one again with other keys."""
+    made: list[Database] = []
+
+    def make(sealer: Sealer | None = None, same: Database | None = None) -> Database:
+        if isinstance(db, PostgresDatabase):
+            url = same._url if same is not None else request.getfixturevalue("pg_cluster").create_database()
+            database: Database = PostgresDatabase(url, sealer=sealer)
+        else:
+            path = same.path if same is not None else tmp_path / f"zapkeep-{len(made)}.sqlite3"
+            database = SqliteDatabase(path, sealer=sealer)
+        database.open()
+        made.append(database)
+        return database
+
+    yield make
+    for database in made:
+        database.close()
+
+
+def key_material(store: Path) -> list[bytes]:
+    conn = sqlite3.connect(store)
+    try:
+        return [
+            value
+            for table, columns in SECRET_COLUMNS.items()
+            for row in conn.execute(f"SELECT {', '.join(columns)} FROM {table}")
+            for value in row
+        ]
+    finally:
+        conn.close()
+
+
+def forms(secret: bytes) -> list[bytes]:
+    """The secret raw, in hex, and in base64 at each of the three alignments it can have inside a
+    longer base64 text (a 24-byte chunk from offset 0, 1 and 2)."""
+    chunks = [secret[offset : offset + 24] for offset in range(3)]
+    found = [secret[:24], secret[:24].hex().encode(), secret[:24].hex().upper().encode()]
+    for chunk in chunks:
+        found += [base64.b64encode(chunk), base64.urlsafe_b64encode(chunk)]
+    return found
+
+
+def everything_stored(db: Database, *, files: bool = True) -> bytes:
+    """Every row of every table as text; on SQLite (``files``) also every byte of the file and its WAL."""
+    if isinstance(db, PostgresDatabase):
+        tables = "SELECT table_name AS name FROM information_schema.tables WHERE table_schema = 'public'"
+        as_text = 'SELECT CAST(x AS TEXT) AS t FROM "{}" x'
+    else:
+        tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
+        as_text = 'SELECT * FROM "{}"'
+    dump: list[str] = []
+    with db.transaction() as tx:
+        for table in [row["name"] for row in tx.execute(tables).fetchall()]:
+            dump += [repr(row) for row in tx.execute(as_text.format(table)).fetchall()]
+    stored = "\n".join(dump).encode()
+    if files and isinstance(db, SqliteDatabase):
+        wal = db.path.with_name(db.path.name + "-wal")
+        stored += db.path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    return stored
+
+
+def leaks(haystack: bytes, secrets: list[bytes]) -> int:
+    return sum(1 for secret in secrets if any(form in haystack for form in forms(secret)))
+
+
+def paired_session(db: Database, tmp_path: Path, session_id: str = "default", seed: int = 1) -> Path:
+    store = tmp_path / session_id / "whatsmeow.sqlite3"
+    create_paired_store(store, seed=seed)
+    assert sync_session(db, session_id, store).paired
+    assert snapshot_to_history(db, session_id, None, "test") is not None
+    return store
+
+
+def restored_rows(db: Database, tmp_path: Path, session_id: str = "default") -> dict:
+    _, text = persistence.current_document(db, session_id)
+    target = tmp_path / "restored" / session_id / "whatsmeow.sqlite3"
+    restore_store(text, target, lineage="test", sequence=0)
+    return table_rows(target)
+
+
+def test_no_stored_byte_holds_key_material(db: Database, open_db: OpenDb, tmp_path: Path) -> None:
+    store = paired_session(db, tmp_path / "clear")
+    secrets = key_material(store)
+    assert len(secrets) == 1 * 4 + 20 + 10 + 3 + 2  # the SMALL synthetic store
+    # The check finds them where they are in clear: without a key, every one of them is stored.
+    assert leaks(everything_stored(db), secrets) == len(secrets)
+
+    sealed = open_db(Sealer(KEY_A))
+    store = paired_session(sealed, tmp_path / "sealed")
+    secrets = key_material(store)
+    _, document = persistence.export_document(sealed, "default")
+    export = Sealer(KEY_A).seal_export(document, "default")
+
+    assert leaks(everything_stored(sealed), secrets) == 0
+    assert leaks(export.encode(), secrets) == 0
+    assert leaks(document.encode(), secrets) == len(secrets)  # (what --clear / ?clear=true gives)
+    assert sealed.key_ids("default") == {key_id_of(KEY_A)}
+    # What the status shows stays readable without the key.
+    record = open_db(same=sealed).load_session("default")
+    assert record is not None and record.device_jid is not None and record.push_name == "Padaria Zapkeep"
+
+
+def test_restore_and_rotation_round_trip(db: Database, open_db: OpenDb, tmp_path: Path) -> None:
+    under_a = open_db(Sealer(KEY_A))
+    store = paired_session(under_a, tmp_path)
+    original = table_rows(store)
+    assert restored_rows(under_a, tmp_path / "a") == original
+    history = under_a.load_history_version("default", 1)
+    assert history is not None and "whatsmeow_device" in history.session_data
+
+    rotating = open_db(Sealer(KEY_B, [KEY_A]), same=under_a)  # the new key, the old one still readable
+    assert restored_rows(rotating, tmp_path / "mixed") == original
+    count = rotating.reseal("default")
+    assert (count.rows, count.snapshots) == (sum(len(rows) for rows in original.values()), 1)
+    assert rotating.key_ids("default") == {key_id_of(KEY_B)}
+    assert rotating.reseal("default") == type(count)(0, 0)  # nothing left to move
+
+    only_b = open_db(Sealer(KEY_B), same=under_a)  # the old key can go now
+    assert restored_rows(only_b, tmp_path / "b") == original
+    with pytest.raises(UnreadableCredentials, match="key k"):
+        open_db(Sealer(KEY_A), same=under_a).load_rows("default")
+
+    decrypting = open_db(Sealer(None, [KEY_B]), same=under_a)  # turning encryption off is a rekey too
+    decrypting.reseal("default")
+    assert decrypting.key_ids("default") == {None}
+    assert restored_rows(open_db(same=under_a), tmp_path / "clear") == original
+
+
+def test_rows_moved_between_sessions_or_rows_are_detected(db: Database, open_db: OpenDb, tmp_path: Path) -> None:
+    sealed = open_db(Sealer(KEY_A))
+    mine = paired_session(sealed, tmp_path, "default", seed=1)
+    paired_session(sealed, tmp_path, "other", seed=2)  # another number's session, same key, same row keys
+    original = table_rows(mine)
+
+    with sealed.transaction() as tx:  # an attacker with write access copies the other session's keys over
+        tx.execute(
+            """UPDATE whatsapp_session_rows SET row_data = (SELECT o.row_data FROM whatsapp_session_rows o
+                   WHERE o.session_id = 'other' AND o.table_name = whatsapp_session_rows.table_name
+                   AND o.row_key = whatsapp_session_rows.row_key)
+               WHERE session_id = 'default' AND table_name = 'whatsmeow_device'"""
+        )
+    with pytest.raises(UnreadableCredentials, match=r"table whatsmeow_device row .* does not decrypt"):
+        persistence.current_document(sealed, "default")
+
+    # The boot refuses the tampered rows and falls back to the newest history snapshot that opens.
+    local = tmp_path / "boot" / "whatsmeow.sqlite3"
+    assert prepare_local_store(sealed, "default", local).outcome is BootOutcome.RESTORED
+    assert table_rows(local) == original
+
+    with sealed.transaction() as tx:  # two rows of one session swapped: also detected
+        rows = tx.execute(
+            "SELECT row_key, CAST(row_data AS TEXT) AS row_data FROM whatsapp_session_rows WHERE session_id = 'default'"
+            " AND table_name = 'whatsmeow_pre_keys' ORDER BY row_key LIMIT 2"
+        ).fetchall()
+        for row, other in ((rows[0], rows[1]), (rows[1], rows[0])):
+            tx.execute(
+                "UPDATE whatsapp_session_rows SET row_data = %s WHERE session_id = 'default'"
+                " AND table_name = 'whatsmeow_pre_keys' AND row_key = %s",
+                (sealed.json_param(other["row_data"]), row["row_key"]),
+            )
+    with pytest.raises(UnreadableCredentials, match="table whatsmeow_pre_keys row"):
+        persistence.current_document(sealed, "default")
+
+
+def test_plaintext_is_encrypted_by_the_first_boot_with_a_key(
+    db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
+) -> None:
+    from bot.runtime import Runtime
+
+    store = paired_session(db, tmp_path / "before")
+    original = table_rows(store)
+    assert db.key_ids("default") == {None}
+    config = make_config(tmp_path, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode())
+    sealed = open_db(Sealer.from_config(config), same=db)
+    runtime = Runtime(config, sealed, network.factory, timing=FAST)
+    try:
+        runtime.start()
+        wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
+        assert sealed.key_ids("default") == {key_id_of(KEY_A)}
+        assert table_rows(config.store_path) == original
+    finally:
+        runtime.stop()
+    # Every live row is sealed now. (The clear versions it replaced linger in free pages and the WAL
+    # until they are reused or vacuumed: docs/design.md says to VACUUM after turning encryption on.)
+    assert leaks(everything_stored(sealed, files=False), key_material(store)) == 0
+
+
+def _daemon(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *env.pop("ARGS", "run").split()],
+        cwd=ROOT,
+        env={**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "PORT": "18097", **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_a_wrong_or_missing_key_stops_the_boot_and_changes_nothing(database_url: str, tmp_path: Path) -> None:
+    stored = PostgresDatabase(database_url, sealer=Sealer(KEY_A))
+    stored.open()
+    try:
+        paired_session(stored, tmp_path / "first")
+        local = tmp_path / "data" / "sessions" / "default" / "whatsmeow.sqlite3"
+        restore_store(persistence.current_document(stored, "default")[1], local, lineage="old", sequence=0)
+        before_db, before_store = everything_stored(stored), local.read_bytes()
+        env = {"DATABASE_URL": database_url, "DATA_DIR": str(tmp_path / "data"), "API_TOKEN": "t" * 32}
+
+        for keys in ({"SESSION_ENCRYPTION_KEY": base64.b64encode(KEY_B).decode()}, {}):
+            result = _daemon({**env, **keys})
+            assert result.returncode == 2, result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"encrypted with key {key_id_of(KEY_A)}" in lines[0], result.stderr
+            assert "SESSION_ENCRYPTION_KEY" in lines[0]
+            assert everything_stored(stored) == before_db
+            assert local.read_bytes() == before_store
+
+        # Rotation from the command line: the new key current, the old one readable; then export and import.
+        rotate = {**env, "SESSION_ENCRYPTION_KEY": base64.b64encode(KEY_B).decode()}
+        rotate["SESSION_ENCRYPTION_KEY_OLD"] = base64.b64encode(KEY_A).decode()
+        rekey = _daemon({**rotate, "ARGS": "rekey"})
+        assert rekey.returncode == 0 and "history snapshots moved to key " + key_id_of(KEY_B) in rekey.stdout
+        assert stored.key_ids("default") == {key_id_of(KEY_B)}
+        export = tmp_path / "export.json"
+        only_b = {**env, "SESSION_ENCRYPTION_KEY": base64.b64encode(KEY_B).decode()}
+        assert _daemon({**only_b, "ARGS": f"export {export}"}).returncode == 0
+        assert '"format": "zapkeep.sealed-session"' in export.read_text()
+        assert leaks(export.read_bytes(), key_material(local)) == 0
+        imported = _daemon({**only_b, "ARGS": f"import {export}"})
+        assert imported.returncode == 0, imported.stderr
+        clear = tmp_path / "clear.json"
+        assert _daemon({**only_b, "ARGS": f"export --clear {clear}"}).returncode == 0
+        assert leaks(clear.read_bytes(), key_material(local)) > 0
+    finally:
+        stored.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("not base64!", "SESSION_ENCRYPTION_KEY is not base64"),
+        (base64.b64encode(b"sixteen byte key").decode(), "SESSION_ENCRYPTION_KEY must be 32 bytes in base64, got 16"),
+    ],
+)
+def test_a_malformed_key_is_a_config_error_that_does_not_repeat_it(value: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as caught:
+        Config.from_env({"SESSION_ENCRYPTION_KEY": value})
+    assert value not in str(caught.value)
+    with pytest.raises(ConfigError, match="SESSION_ENCRYPTION_KEY_OLD"):
+        Config.from_env({"SESSION_ENCRYPTION_KEY_OLD": f"{base64.b64encode(KEY_A).decode()}, {value}"})
+    config = Config.from_env({"SESSION_ENCRYPTION_KEY": base64.urlsafe_b64encode(KEY_A).decode().rstrip("=")})
+    assert config.session_encryption_key == KEY_A
+    assert base64.b64encode(KEY_A).decode() not in repr(config)
+
+
+def test_the_api_exports_sealed_unless_asked_and_imports_a_sealed_export(
+    db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
+) -> None:
+    from bot.runtime import Runtime
+    from session_api import create_app
+
+    config = make_config(tmp_path, API_TOKEN="t" * 32, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode())
+    sealed = open_db(Sealer.from_config(config))
+    store = paired_session(sealed, tmp_path, "shop")
+    client = create_app(Runtime(config, sealed, network.factory, timing=FAST), sealed).test_client()
+    headers = {"Authorization": "Bearer " + "t" * 32}
+
+    export = client.get("/api/session/restore?session_id=shop", headers=headers)
+    assert export.status_code == 200
+    body = export.get_json()["session_data"]
+    assert (body["format"], body["session_id"], body["key_id"]) == ("zapkeep.sealed-session", "shop", key_id_of(KEY_A))
+    assert leaks(export.data, key_material(store)) == 0
+    clear = client.get("/api/session/restore?session_id=shop&clear=true", headers=headers)
+    assert clear.get_json()["session_data"]["format"] == "zapkeep.session"
+
+    imported = client.post("/api/session/backup", json={"session_id": "copy", "session_data": body}, headers=headers)
+    assert imported.status_code == 201, imported.get_json()
+    assert restored_rows(sealed, tmp_path / "copy", "copy") == table_rows(store)
+    body["sealed"] = body["sealed"][:-8] + "AAAAAAA="  # a flipped byte of the ciphertext
+    tampered = client.post("/api/session/backup", json={"session_id": "copy", "session_data": body}, headers=headers)
+    assert tampered.status_code == 400 and "does not decrypt" in tampered.get_json()["message"]
