@@ -46,6 +46,7 @@ class Config:
     lease_renew_seconds: int = 10
     log_format: str = "text"  # or "json": one object a line
     metrics_token: str | None = field(default=None, repr=False)  # opens GET /metrics to a scraper
+    console_password: str | None = field(default=None, repr=False)  # signs in to the web console (else API_TOKEN)
     # Keys stored credentials may still be sealed with (rotation); never used to seal.
     session_encryption_keys_old: tuple[bytes, ...] = field(default=(), repr=False)
 
@@ -124,6 +125,7 @@ class Config:
             log_level=log_level,
             log_format=log_format,
             metrics_token=metrics_token,
+            console_password=get("CONSOLE_PASSWORD"),
             lease_ttl_seconds=lease_ttl,
             lease_renew_seconds=lease_renew,
         )

@@ -8,12 +8,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import segno
 
 from bot import events
 
 log = logging.getLogger(__name__)
+
+# whatsmeow shows a round's first QR code for 60 s, each next one for 20 s.
+FIRST_QR_SECONDS = 60
+NEXT_QR_SECONDS = 20
 
 
 class Pairing:
@@ -24,16 +29,21 @@ class Pairing:
         self.pair_phone = pair_phone
         self._update = update  # fields of the session status
         self.qr: str | None = None
+        self.qr_expires_at: datetime | None = None  # when whatsmeow replaces the code shown
         self._qr_at = 0.0
+        self._codes_in_round = 0
         self._code_requested = False
 
     def new_round(self) -> None:
         self.qr = None
+        self.qr_expires_at = None
         self._qr_at = time.monotonic()
+        self._codes_in_round = 0
         self._code_requested = False
 
     def clear(self) -> None:
         self.qr = None
+        self.qr_expires_at = None
 
     def expired(self, round_seconds: float) -> bool:
         """No new QR for this long: whatsmeow's codes ran out (~60 s, then 20 s each)."""
@@ -43,6 +53,9 @@ class Pairing:
         """A new QR code; returns what to do outside the lock (log it, or ask for a pairing code)."""
         self.qr = code
         self._qr_at = time.monotonic()
+        lifetime = FIRST_QR_SECONDS if self._codes_in_round == 0 else NEXT_QR_SECONDS
+        self._codes_in_round += 1
+        self.qr_expires_at = datetime.now(UTC) + timedelta(seconds=lifetime)
         if self.pair_phone is not None:
             if self._code_requested or client is None:
                 return None

@@ -383,12 +383,27 @@ class Runtime:
                 last_backup_error=mirror.last_error or self._status.last_backup_error,
                 uptime_seconds=round((now() - self._status.started_at).total_seconds(), 1),
                 qr_available=self._pairing.qr is not None,
+                qr_expires_at=self._pairing.qr_expires_at,
                 next_retry_in_seconds=None if retry is None else round(retry, 1),
             )
 
     def qr_code(self) -> str | None:
         with self._lock:
             return self._pairing.qr
+
+    def request_pairing_code(self, phone: str) -> str:
+        """Link by phone number instead of the QR (WhatsApp > Linked devices > Link with phone
+        number): the 8-character code for ``phone``, while a QR code is pending."""
+        with self._lock:
+            client = self._client if self.state is State.QR else None
+        if client is None:
+            raise StateConflictError(
+                f"session {self.config.session_id} is {self.state.value}; a pairing code needs a pending QR code"
+            )
+        code = client.request_pairing_code(phone)  # (neonize may take a while: never under the lock)
+        self._set(pairing_code=code)
+        log.warning("session %s: pairing code requested over the API for %s", self.config.session_id, phone)
+        return code
 
     def _set(self, **changes: object) -> None:
         with self._lock:

@@ -71,6 +71,7 @@ class SessionStatus:
     mirror_pending_changes: int = 0
     last_reconcile_at: datetime | None = None
     last_reconcile_result: str | None = None
+    qr_expires_at: datetime | None = None  # while a QR code is shown: when whatsmeow replaces it
 
     @classmethod
     def initial(cls, session_id: str) -> SessionStatus:

@@ -33,22 +33,28 @@ def create_app(
     """With an outbox, /api/messages/send queues (and the message waits out a disconnection);
     without one it sends at once or answers 409. ``failed_attempts``: how wrong tokens are slowed
     down (10 at once from an address, then one every 6 s)."""
-    from session_api import conversations
+    from session_api import console, conversations, live
+    from session_api.console_auth import ConsoleSessions
     from session_api.routes import bp, require_one_of
 
     token = runtime.config.api_token
     if not token:
         raise ValueError("the admin API needs an API token; it is never served open")
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the console's files are its blueprint's
     app.config.update(API_TOKEN=token, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in their declared order
     app.extensions["zapkeep.runtime"] = runtime
     app.extensions["zapkeep.db"] = db
     app.extensions["zapkeep.outbox"] = outbox
     app.extensions["zapkeep.failed_attempts"] = failed_attempts or FailedAttempts()
+    app.extensions["zapkeep.console_sessions"] = ConsoleSessions()
+    app.extensions["zapkeep.console_attempts"] = console.sign_in_attempts()
+    app.extensions["zapkeep.event_streams"] = live.stream_slots()
     app.config["REPLY_EXPIRY"] = reply_expiry
     app.register_blueprint(bp)
     app.register_blueprint(conversations.bp)
+    app.register_blueprint(live.bp)
+    app.register_blueprint(console.bp)
 
     @app.before_request
     def started() -> None:

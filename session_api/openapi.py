@@ -430,6 +430,36 @@ def _document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/events": {
+                "get": {
+                    "summary": "The session's status as server-sent events (event: status, the whole status each "
+                    "time it changes; ends after 2 minutes, EventSource reconnects)",
+                    "responses": {
+                        "200": {
+                            "description": "text/event-stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        "401": UNAUTHORIZED,
+                        "503": _error("Too many streams open at once (or the database is unreachable)"),
+                    },
+                }
+            },
+            "/api/session/pairing-code": {
+                "post": {
+                    "summary": "Link by phone number instead of the QR: the 8-character code (a QR must be pending)",
+                    "requestBody": _body(
+                        {"session_id": {"type": "string"}, "phone": {"type": "string", "pattern": "^[0-9 ()+-]+$"}},
+                        ["phone"],
+                    ),
+                    "responses": {
+                        "200": _ok("The code to type in WhatsApp", {"pairing_code": {"type": "string"}}),
+                        "400": BAD_REQUEST,
+                        "401": UNAUTHORIZED,
+                        "409": _error("Not this daemon's session, or no QR pending (paired, connecting...)"),
+                        "502": _error("WhatsApp gave no code"),
+                    },
+                }
+            },
             "/api/contacts/check": {
                 "post": {
                     "summary": "Which phone numbers are on WhatsApp (asked of WhatsApp's servers; connected only)",

@@ -26,6 +26,7 @@ from bot.runtime import Runtime
 from bot.sealing import Sealer
 from bot.session_state import State
 from database import Database, Fence, FencedOut
+from session_api.console_auth import signed_in_browser
 from session_api.openapi import openapi_document
 
 bp = Blueprint("session_api", __name__)
@@ -49,6 +50,9 @@ class TooManyWrongTokens(TooManyRequests):
 
 @bp.before_request
 def require_token() -> None:
+    """The bearer token, or a signed-in console (whose pages call this API from the browser)."""
+    if signed_in_browser():
+        return
     require_one_of(current_app.config["API_TOKEN"])
 
 
@@ -291,6 +295,25 @@ def qr() -> Response | tuple[Response, int]:
         return Response(png.getvalue(), mimetype="image/png", headers={"Cache-Control": "no-store"})
     image = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     return ok(session_id=session_id, qr=code, image=image, state=runtime().state.value)
+
+
+@bp.post("/api/session/pairing-code")
+def pairing_code() -> tuple[Response, int]:
+    """Link by phone number instead of scanning: the code to type in WhatsApp, while a QR is pending."""
+    body = json_body(required=True)
+    session_id = session_id_from(body)
+    require_own_session(session_id)
+    phone = body.get("phone")
+    digits = re.sub(r"[\s()+-]", "", phone) if isinstance(phone, str) else ""
+    if not PHONE.fullmatch(digits):
+        abort(400, "phone must be a phone number with country code, 10-15 digits")
+    try:
+        code = runtime().request_pairing_code(digits)
+    except StateConflictError as exc:
+        abort(409, str(exc))
+    except Exception as exc:  # neonize's own errors (the servers refused, the dial failed)
+        abort(502, f"WhatsApp gave no pairing code: {first_line(exc)}")
+    return ok(session_id=session_id, phone=digits, pairing_code=code)
 
 
 @bp.post("/api/session/logout")

@@ -140,6 +140,21 @@ def test_pip_install_gives_a_working_zapkeep_command(tmp_path: Path) -> None:
         check=False,
     )
     assert rules.returncode == 0 and str(site) in rules.stdout and " 15" in rules.stdout, rules.stderr[-2000:]
+    console = subprocess.run(  # the web console's pages and script travel with the package
+        [
+            venv / "bin" / "python",
+            "-c",
+            "import pathlib, session_api; p = pathlib.Path(session_api.__file__).parent; "
+            "print(all((p / f).is_file() for f in ('templates/console/session.html', 'static/console.js', 'static/console.css')))",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert console.stdout.strip() == "True", console.stderr[-2000:]
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:

@@ -1,0 +1,137 @@
+"""The operator's web console at ``/``: sign in, the session page (state, pairing, actions), the
+messages page. Pages are Jinja templates; their script (``static/console.js``) calls the JSON API
+from the signed-in browser and listens to ``GET /api/events``. No build step, no CDN."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import secrets
+
+from flask import Blueprint, Response, current_app, redirect, render_template, request
+
+from session_api import console_auth
+from session_api.console_words import language, words
+from session_api.guard import FailedAttempts, FailureBudget
+from session_api.routes import runtime
+
+bp = Blueprint(
+    "console", __name__, template_folder="templates", static_folder="static", static_url_path="/console/static"
+)
+
+SIGN_IN_BUDGET = FailureBudget(burst=5, refill_seconds=10.0)  # then one attempt every 10 s
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def sign_in_attempts() -> FailedAttempts:
+    return FailedAttempts(SIGN_IN_BUDGET)
+
+
+@bp.after_request
+def harden(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+@bp.get("/")
+def home() -> Response:
+    session = console_auth.current_session()
+    if session is None:
+        return _sign_in_page()
+    return _page("session.html", session)
+
+
+@bp.get("/console/messages")
+def messages() -> Response:
+    session = console_auth.current_session()
+    if session is None:
+        return redirect("/", code=303)  # type: ignore[return-value]
+    return _page("messages.html", session)
+
+
+@bp.post("/console/sign-in")
+def sign_in() -> Response:
+    form_token = request.form.get("csrf_token", "")
+    cookie_token = request.cookies.get(console_auth.SIGN_IN_COOKIE, "")
+    if not cookie_token or not hmac.compare_digest(form_token.encode(), cookie_token.encode()):
+        return _sign_in_page(words()["failed"].format(reason="CSRF"), 403)
+    attempts: FailedAttempts = current_app.extensions["zapkeep.console_attempts"]
+    given = request.form.get("password", "")
+    if not any(hmac.compare_digest(given.encode(), secret.encode()) for secret in _passwords()):
+        wait = attempts.fail(request.remote_addr or "-")
+        if wait is not None:
+            return _sign_in_page(words()["too_many"].format(seconds=math.ceil(wait)), 429)
+        return _sign_in_page(words()["wrong_password"], 401)
+    session_id, _ = console_auth.sessions().create()
+    response = redirect("/", code=303)
+    response.set_cookie(
+        console_auth.COOKIE,
+        session_id,
+        httponly=True,
+        samesite="Strict",
+        secure=console_auth.cookie_is_secure(),
+        path="/",
+    )
+    response.delete_cookie(console_auth.SIGN_IN_COOKIE, path="/")
+    return response  # type: ignore[return-value]
+
+
+@bp.post("/console/sign-out")
+def sign_out() -> Response:
+    session = console_auth.current_session()
+    if session is not None:
+        console_auth.require_csrf(session, request.form.get("csrf_token", ""))
+        console_auth.sessions().end(request.cookies.get(console_auth.COOKIE))
+    response = redirect("/", code=303)
+    response.delete_cookie(console_auth.COOKIE, path="/")
+    return response  # type: ignore[return-value]
+
+
+def _passwords() -> list[str]:
+    """CONSOLE_PASSWORD when set (then the API token does not open the console), else the API token."""
+    config = runtime().config
+    return [config.console_password] if config.console_password else [current_app.config["API_TOKEN"]]
+
+
+def _sign_in_page(message: str | None = None, status: int = 200) -> Response:
+    token = secrets.token_urlsafe(24)
+    body = render_template("console/sign_in.html", w=words(), lang=language(), csrf_token=token, message=message)
+    response = Response(body, status=status, mimetype="text/html")
+    response.set_cookie(
+        console_auth.SIGN_IN_COOKIE,
+        token,
+        httponly=True,
+        samesite="Strict",
+        secure=console_auth.cookie_is_secure(),
+        path="/",
+    )
+    return response
+
+
+def _page(template: str, session: console_auth.ConsoleSession) -> Response:
+    context = {
+        "sessionId": runtime().config.session_id,
+        "csrfToken": session.csrf_token,
+        "words": words(),
+        "lang": language(),
+    }
+    body = render_template(
+        f"console/{template}",
+        w=words(),
+        lang=language(),
+        csrf_token=session.csrf_token,
+        context=json.dumps(context),
+        page=template.removesuffix(".html"),
+    )
+    return Response(body, mimetype="text/html")

@@ -1,0 +1,206 @@
+"""The web console in a real headless browser (Debian's Chromium driven by Playwright) against the
+daemon's own assembly behind a real waitress server, with the fake WhatsApp: sign in, the QR, the
+scan seen live, a pairing code, a roll-back, a hand-off released, and what must be refused.
+Screenshots of every page land in the test's output (``tmp_path/screenshots``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from bot import events
+from bot.chatbot import load_rules
+from bot.config import SHIPPED_REPLIES, Config
+from bot.runtime import Runtime
+from bot.services import build_services
+from database import SqliteDatabase
+from session_api import create_app
+from session_api.console_auth import CSRF_HEADER
+from session_api.server import ApiServer
+from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.runtime_helpers import FAST
+from tests.synthetic import DEVICE_USER
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+TOKEN = "console-test-token-0123456789abcdef"
+PASSWORD = "senha-do-console-longa"
+CUSTOMER = "5511912345678@s.whatsapp.net"
+# As a root process on a machine with no way out: no sandbox, nothing fetched in the background.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}: ./scripts/test.sh installs Debian's chromium"
+)
+
+
+@dataclass
+class Daemon:
+    url: str
+    runtime: Runtime
+    db: SqliteDatabase
+    network: FakeWhatsApp
+    shots: Path
+
+
+@pytest.fixture
+def daemon(whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
+    config = Config.from_env(
+        {
+            "DATA_DIR": str(tmp_path / "data"),
+            "API_TOKEN": TOKEN,
+            "CONSOLE_PASSWORD": PASSWORD,
+            "BACKUP_INTERVAL_SECONDS": "3600",
+        }
+    )
+    db = SqliteDatabase(tmp_path / "zapkeep.sqlite3")
+    db.open()
+    network = FakeWhatsApp(schema_template=whatsmeow_template)
+    services = build_services(
+        config, db, network.factory, replace(load_rules(SHIPPED_REPLIES), typing_seconds=0), timing=FAST
+    )
+    server = ApiServer(create_app(services.runtime, db, outbox=services.outbox), "127.0.0.1", 0)
+    server.start()
+    services.start()
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    try:
+        yield Daemon(f"http://127.0.0.1:{server.port}", services.runtime, db, network, shots)
+    finally:
+        server.stop()
+        services.stop()
+        db.close()
+
+
+@pytest.fixture
+def browser() -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def sign_in(page, daemon: Daemon, password: str = PASSWORD) -> None:
+    page.goto(daemon.url + "/")
+    page.fill("#password", password)
+    page.click("#sign-in")
+
+
+def test_pair_by_qr_then_act_on_the_session_from_the_browser(daemon: Daemon, browser) -> None:
+    context = browser.new_context(locale="pt-BR", viewport={"width": 390, "height": 844})  # a phone
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+
+    page.goto(daemon.url + "/")
+    page.screenshot(path=daemon.shots / "1-sign-in.png", full_page=True)
+    sign_in(page, daemon, password=TOKEN)  # with CONSOLE_PASSWORD set, the API token does not open the console
+    assert page.inner_text("#sign-in-error") == "Senha incorreta."
+
+    sign_in(page, daemon)
+    page.wait_for_selector("#badge[data-state='qr']")
+    page.wait_for_selector("#qr:not([hidden])")
+    first_qr = page.get_attribute("#qr", "src")
+    assert first_qr.startswith("data:image/png;base64,")
+    assert page.inner_text("#badge") == "Aguardando leitura do QR"
+    page.wait_for_selector("#qr-countdown:has-text('O código muda em')")  # counted down in the page
+    daemon.network.current().rotate_qr()  # whatsmeow's next code replaces the one drawn, without a reload
+    page.wait_for_function("src => document.getElementById('qr').src !== src", arg=first_qr)
+    page.screenshot(path=daemon.shots / "2-pairing.png", full_page=True)
+
+    page.click("#code-form summary")
+    page.fill("#pair-phone", "+55 11 98765-4321")
+    page.click("#pairing-code-form button")
+    page.wait_for_selector("#pairing-code-box:not([hidden])")
+    assert page.inner_text("#pairing-code") == "ABCD-EFGH"
+
+    daemon.network.current().scan_qr()
+    page.wait_for_selector("#badge[data-state='connected']")  # pushed by /api/events: no reload
+    page.wait_for_selector("#paired-note:not([hidden])")
+    assert page.inner_text("#phone") == f"+{DEVICE_USER}"
+    assert f"+{DEVICE_USER}" in page.inner_text("#paired-note")
+    assert page.inner_text("#badge") == "Conectado"
+    page.wait_for_selector("#history tr[data-version='1']")  # the snapshot after pairing
+    page.screenshot(path=daemon.shots / "3-connected.png", full_page=True)
+
+    clients = len(daemon.network.clients)
+    page.click("#history tr[data-version='1'] button")
+    page.wait_for_selector("#notice.ok:has-text('Feito.')")
+    assert dialogs[-1] == "Voltar a sessão para a versão 1? A conexão é reiniciada."
+    assert len(daemon.network.clients) > clients  # stopped, rewritten from version 1, reconnected
+    page.wait_for_selector("#badge[data-state='connected']")
+
+    # A customer asks for a person: the chat is paused; the operator gives it back to the bot.
+    client = daemon.network.current()
+    client.emit(
+        events.IncomingMessage(
+            "3EB0CONSOLE1", CUSTOMER, CUSTOMER, "Ana", "quero falar com um atendente", False, False, int(time.time())
+        )
+    )
+    wait_until(lambda: any(c.pause_reason == "handoff" for c in _chats(daemon)), message="the hand-off")
+    page.click("nav a[href='/console/messages']")
+    item = page.wait_for_selector(f"#paused li[data-chat='{CUSTOMER}']")
+    assert "Já chamei um atendente" in page.inner_text("#chats")  # the last message: the bot's hand-off reply
+    page.screenshot(path=daemon.shots / "4-messages.png", full_page=True)
+    item.query_selector("button").click()
+    page.wait_for_selector(f"#paused li[data-chat='{CUSTOMER}']", state="detached")
+    assert not any(c.paused_until for c in _chats(daemon) if c.chat_jid == CUSTOMER)
+
+    page.click("#bot-toggle")  # the whole bot paused: replies stop, logging goes on
+    page.wait_for_selector("#bot-toggle[data-paused='true']")
+    assert daemon.db.replies_paused("default") is True
+    context.close()
+
+
+def _chats(daemon: Daemon) -> list:
+    return daemon.db.list_chats("default")
+
+
+def test_wrong_passwords_and_forged_requests_are_refused(daemon: Daemon, browser) -> None:
+    context = browser.new_context(locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    for attempt in range(5):  # a few wrong passwords, then this client waits
+        sign_in(page, daemon, password=f"wrong-{attempt}")
+        assert page.inner_text("#sign-in-error") == "Wrong password."
+    sign_in(page, daemon, password="wrong-again")
+    assert "Too many wrong attempts" in page.inner_text("#sign-in-error")
+
+    # The right password still passes (an attacker on the same address cannot lock the operator out).
+    sign_in(page, daemon)
+    page.wait_for_selector("#badge")
+    page.screenshot(path=daemon.shots / "5-session-en.png", full_page=True)
+    assert page.inner_text("nav a.active") == "Session"
+    status = page.request.get(daemon.url + "/api/session/status")
+    assert status.status == 200  # the cookie opens the API for reading
+    forged = page.request.post(daemon.url + "/api/bot/pause", headers={CSRF_HEADER: "forged"})
+    missing = page.request.post(daemon.url + "/api/bot/pause")
+    assert (forged.status, missing.status) == (403, 403)
+    assert "CSRF" in forged.json()["message"]
+    assert daemon.db.replies_paused("default") is False
+    csrf = page.get_attribute("form[action='/console/sign-out'] input[name='csrf_token']", "value")
+    allowed = page.request.post(daemon.url + "/api/bot/pause", headers={CSRF_HEADER: csrf})
+    assert allowed.status == 200 and daemon.db.replies_paused("default") is True
+    forged_sign_out = page.request.post(daemon.url + "/console/sign-out", form={"csrf_token": "forged"})
+    assert forged_sign_out.status == 403
+    page.click("#sign-out")
+    page.wait_for_selector("#password")
+    assert page.request.get(daemon.url + "/api/session/status").status == 401  # signed out for real
+    context.close()
