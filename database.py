@@ -9,6 +9,7 @@ that a multi-megabyte document is never encoded twice.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
 _LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' advisory locks
@@ -130,6 +131,27 @@ class StoredRow:
     table: str
     row_text: str
     row_hash: str
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """Something that happened, written in the same transaction as its cause (webhooks, /api/events)."""
+
+    id: int
+    session_id: str
+    event_type: str
+    chat_jid: str | None  # events of one chat are delivered in order; None: the session's own
+    payload: str  # JSON text
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A webhook endpoint's record of one event: attempts so far and when to try again."""
+
+    event_id: int
+    attempts: int
+    next_attempt_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -389,6 +411,37 @@ def _key_ids() -> list[str]:
     ]
 
 
+def _events(serial_key: str) -> list[str]:
+    """Events for webhooks and the event stream, and what each webhook endpoint has received."""
+    return [
+        f"""CREATE TABLE whatsapp_events (
+            id {serial_key},
+            session_id VARCHAR(100) NOT NULL,
+            event_type VARCHAR(32) NOT NULL,
+            chat_jid TEXT,
+            payload JSONB NOT NULL,
+            created_at TIMESTAMP NOT NULL
+        )""",
+        "CREATE INDEX whatsapp_events_by_session ON whatsapp_events (session_id, id)",
+        """CREATE TABLE whatsapp_webhook_deliveries (
+            endpoint VARCHAR(32) NOT NULL,
+            event_id BIGINT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TIMESTAMP,
+            last_error TEXT,
+            delivered_at TIMESTAMP,
+            given_up_at TIMESTAMP,
+            PRIMARY KEY (endpoint, event_id)
+        )""",
+        """CREATE TABLE whatsapp_webhook_endpoints (
+            endpoint VARCHAR(32) NOT NULL,
+            session_id VARCHAR(100) NOT NULL,
+            settled_through BIGINT NOT NULL,
+            PRIMARY KEY (endpoint, session_id)
+        )""",
+    ]
+
+
 POSTGRES_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE IF NOT EXISTS whatsapp_sessions (
@@ -414,6 +467,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
     _message_kinds(),
     _bot_settings_and_receipts(),
     _key_ids(),
+    _events("BIGSERIAL PRIMARY KEY"),
 ]
 
 SQLITE_MIGRATIONS: list[list[str]] = [
@@ -441,6 +495,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
     _message_kinds(),
     _bot_settings_and_receipts(),
     _key_ids(),
+    _events("INTEGER PRIMARY KEY AUTOINCREMENT"),
 ]
 
 CREATE_SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS zapkeep_schema (version INTEGER NOT NULL)"
@@ -922,6 +977,19 @@ class Database:
             last_reply_at = COALESCE(excluded.last_reply_at, whatsapp_chats.last_reply_at)
     """
     SET_MESSAGE_STATUS = "UPDATE whatsapp_messages SET status = %s, reason = %s WHERE id = %s"
+    INSERT_EVENT = """
+        INSERT INTO whatsapp_events (session_id, event_type, chat_jid, payload, created_at) VALUES (%s, %s, %s, %s, %s)
+    """
+
+    def _event(self, tx: Transaction, session_id: str, event_type: str, chat_jid: str | None, payload: dict) -> None:
+        """An event for webhooks and the event stream, in the transaction of what caused it."""
+        text = json.dumps(payload, ensure_ascii=False, default=_json_default)
+        tx.execute(self.INSERT_EVENT, (session_id, event_type, chat_jid, self.json_param(text), _utcnow()))
+
+    def record_event(self, session_id: str, event_type: str, chat_jid: str | None, payload: dict) -> None:
+        """An event whose cause is not a database write (a state change, a failed backup)."""
+        with self.transaction() as tx:
+            self._event(tx, session_id, event_type, chat_jid, payload)
 
     def _insert_message(
         self,
@@ -982,8 +1050,20 @@ class Database:
             if inbound_id is None:
                 return InboundResult(duplicate=True, reply_id=None)
             chat = tx.one(ChatState, self.SELECT_CHAT, (message.session_id, message.chat_jid))
-            outcome = decide(None if chat is None else _aware_chat(chat))
+            before = None if chat is None else _aware_chat(chat)
+            outcome = decide(before)
             tx.execute(self.SET_MESSAGE_STATUS, (outcome.status, outcome.reason, inbound_id))
+            payload = _message_event(inbound_id, message, "in", outcome.status, outcome.reason)
+            self._event(tx, message.session_id, "message.received", message.chat_jid, payload)
+            was_handed_off = (
+                before is not None
+                and before.pause_reason == "handoff"
+                and before.paused_until is not None
+                and before.paused_until > message.received_at
+            )
+            if outcome.pause_reason == "handoff" and not was_handed_off:
+                handoff = {"chat": message.chat_jid, "paused_until": outcome.paused_until, "message": payload}
+                self._event(tx, message.session_id, "chat.handoff", message.chat_jid, handoff)
             replied = outcome.reply_text is not None
             tx.execute(
                 self.UPSERT_CHAT,
@@ -1037,6 +1117,8 @@ class Database:
                 self.UPSERT_CHAT,
                 (message.session_id, message.chat_jid, None, _naive(paused_until), "operator", None, None),
             )
+            payload = _message_event(logged, message, "out", "sent", "operator")
+            self._event(tx, message.session_id, "message.sent", message.chat_jid, payload)
         return True
 
     def enqueue_outgoing(
@@ -1089,12 +1171,16 @@ class Database:
     CLAIM_OUTGOING = (
         "UPDATE whatsapp_messages SET status = 'sending', attempts = attempts + 1 WHERE id = %s AND status = 'queued'"
     )
-    MARK_SENT = (
-        "UPDATE whatsapp_messages SET status = 'sent', message_id = %s, sent_at = %s, last_error = NULL WHERE id = %s"
-    )
+    MARK_SENT = """
+        UPDATE whatsapp_messages SET status = 'sent', message_id = %s, sent_at = %s, last_error = NULL WHERE id = %s
+        RETURNING id, session_id, chat_jid, message_id, text, reason, message_type
+    """
     MARK_RETRY = "UPDATE whatsapp_messages SET status = 'queued', last_error = %s, next_attempt_at = %s WHERE id = %s"
     MARK_UNSENT = "UPDATE whatsapp_messages SET status = 'queued', attempts = attempts - 1 WHERE id = %s"
-    MARK_FAILED = "UPDATE whatsapp_messages SET status = 'failed', last_error = %s WHERE id = %s"
+    MARK_FAILED = """
+        UPDATE whatsapp_messages SET status = 'failed', last_error = %s WHERE id = %s
+        RETURNING id, session_id, chat_jid, message_id, last_error
+    """
 
     def claim_outgoing(self, message_id: int) -> bool:
         """Mark a message as being sent; a crash from here on never sends it twice."""
@@ -1103,7 +1189,19 @@ class Database:
 
     def mark_sent(self, message_id: int, whatsapp_id: str, at: datetime) -> None:
         with self.transaction() as tx:
-            tx.execute(self.MARK_SENT, (whatsapp_id, _naive(at), message_id))
+            for row in tx.execute(self.MARK_SENT, (whatsapp_id, _naive(at), message_id)).fetchall():
+                payload = {
+                    "id": row["id"],
+                    "chat": row["chat_jid"],
+                    "whatsapp_id": row["message_id"],
+                    "direction": "out",
+                    "type": row["message_type"],
+                    "text": row["text"],
+                    "status": "sent",
+                    "reason": row["reason"],
+                    "at": at,
+                }
+                self._event(tx, row["session_id"], "message.sent", row["chat_jid"], payload)
 
     def mark_retry(self, message_id: int, error: str, next_attempt_at: datetime) -> None:
         with self.transaction() as tx:
@@ -1116,25 +1214,38 @@ class Database:
 
     def mark_failed(self, message_id: int, error: str) -> None:
         with self.transaction() as tx:
-            tx.execute(self.MARK_FAILED, (error, message_id))
+            self._status_events(tx, tx.execute(self.MARK_FAILED, (error, message_id)).fetchall(), "failed")
+
+    def _status_events(self, tx: Transaction, rows: list[Any], status: str) -> int:
+        """A message.status event for each of our messages whose status moved (rows of a RETURNING)."""
+        for row in rows:
+            payload = {"id": row["id"], "chat": row["chat_jid"], "whatsapp_id": row["message_id"], "status": status}
+            if row.get("last_error"):
+                payload["error"] = row["last_error"]
+            self._event(tx, row["session_id"], "message.status", row["chat_jid"], payload)
+        return len(rows)
 
     FAIL_EXPIRED = """
         UPDATE whatsapp_messages SET status = 'failed', last_error = 'expired before it could be sent'
         WHERE session_id = %s AND status = 'queued' AND expires_at IS NOT NULL AND expires_at <= %s
+        RETURNING id, session_id, chat_jid, message_id, last_error
     """
     FAIL_INTERRUPTED = """
         UPDATE whatsapp_messages SET status = 'failed',
             last_error = 'interrupted while sending; not retried, so that it is never sent twice'
         WHERE session_id = %s AND status = 'sending'
+        RETURNING id, session_id, chat_jid, message_id, last_error
     """
 
     def fail_expired(self, session_id: str, now: datetime) -> int:
         with self.transaction() as tx:
-            return tx.execute(self.FAIL_EXPIRED, (session_id, _naive(now))).rowcount
+            return self._status_events(
+                tx, tx.execute(self.FAIL_EXPIRED, (session_id, _naive(now))).fetchall(), "failed"
+            )
 
     def fail_interrupted(self, session_id: str) -> int:
         with self.transaction() as tx:
-            return tx.execute(self.FAIL_INTERRUPTED, (session_id,)).rowcount
+            return self._status_events(tx, tx.execute(self.FAIL_INTERRUPTED, (session_id,)).fetchall(), "failed")
 
     SELECT_OWN_MESSAGE = """
         SELECT 1 FROM whatsapp_messages WHERE session_id = %s AND direction = 'out' AND message_id = %s
@@ -1231,9 +1342,11 @@ class Database:
     # Receipts only move a sent message forward: sent -> delivered -> read.
     MARK_RECEIPT = {
         "delivered": """UPDATE whatsapp_messages SET status = 'delivered'
-            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status = 'sent'""",
+            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status = 'sent'
+            RETURNING id, session_id, chat_jid, message_id""",
         "read": """UPDATE whatsapp_messages SET status = 'read'
-            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status IN ('sent', 'delivered')""",
+            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status IN ('sent', 'delivered')
+            RETURNING id, session_id, chat_jid, message_id""",
     }
 
     def mark_receipts(self, session_id: str, message_ids: list[str], status: str) -> int:
@@ -1241,7 +1354,8 @@ class Database:
         moved = 0
         with self.transaction() as tx:
             for message_id in message_ids:
-                moved += tx.execute(self.MARK_RECEIPT[status], (session_id, message_id)).rowcount
+                rows = tx.execute(self.MARK_RECEIPT[status], (session_id, message_id)).fetchall()
+                moved += self._status_events(tx, rows, status)
         return moved
 
     RELEASE_CHAT = """
@@ -1252,7 +1366,107 @@ class Database:
     def release_chat(self, session_id: str, chat_jid: str) -> bool:
         """Give a chat paused by a hand-off (or an operator's answer) back to the bot; False: it was not paused."""
         with self.transaction() as tx:
-            return tx.execute(self.RELEASE_CHAT, (session_id, chat_jid, _utcnow())).rowcount == 1
+            released = tx.execute(self.RELEASE_CHAT, (session_id, chat_jid, _utcnow())).rowcount == 1
+            if released:
+                self._event(tx, session_id, "chat.released", chat_jid, {"chat": chat_jid})
+            return released
+
+    # --- events and webhook deliveries ---
+
+    SELECT_EVENTS_AFTER = """
+        SELECT id, session_id, event_type, chat_jid, CAST(payload AS TEXT) AS payload, created_at
+        FROM whatsapp_events WHERE session_id = %s AND id > %s ORDER BY id LIMIT %s
+    """
+    LAST_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM whatsapp_events WHERE session_id = %s"
+
+    def events_after(self, session_id: str, after: int, limit: int = 500) -> list[StoredEvent]:
+        with self.transaction() as tx:
+            rows = tx.all(StoredEvent, self.SELECT_EVENTS_AFTER, (session_id, after, limit))
+        return [replace(r, created_at=_aware(r.created_at)) for r in rows]
+
+    def last_event_id(self, session_id: str) -> int:
+        with self.transaction() as tx:
+            return int(tx.scalar(self.LAST_EVENT_ID, (session_id,)))
+
+    # An endpoint has settled every event up to settled_through (delivered, given up or filtered out).
+    REGISTER_ENDPOINT = """
+        INSERT INTO whatsapp_webhook_endpoints (endpoint, session_id, settled_through)
+        SELECT %s, %s, COALESCE(MAX(id), 0) FROM whatsapp_events WHERE session_id = %s
+        ON CONFLICT (endpoint, session_id) DO NOTHING
+    """
+    SELECT_SETTLED = "SELECT settled_through FROM whatsapp_webhook_endpoints WHERE endpoint = %s AND session_id = %s"
+    SET_SETTLED = "UPDATE whatsapp_webhook_endpoints SET settled_through = %s WHERE endpoint = %s AND session_id = %s"
+    FORGET_SETTLED = "DELETE FROM whatsapp_webhook_deliveries WHERE endpoint = %s AND event_id <= %s"
+    SELECT_OPEN_DELIVERIES = """
+        SELECT event_id, attempts, next_attempt_at FROM whatsapp_webhook_deliveries
+        WHERE endpoint = %s AND event_id > %s AND delivered_at IS NULL AND given_up_at IS NULL
+    """
+    SELECT_SETTLED_DELIVERIES = """
+        SELECT event_id FROM whatsapp_webhook_deliveries
+        WHERE endpoint = %s AND event_id > %s AND (delivered_at IS NOT NULL OR given_up_at IS NOT NULL)
+    """
+    UPSERT_DELIVERY = """
+        INSERT INTO whatsapp_webhook_deliveries
+            (endpoint, event_id, attempts, next_attempt_at, last_error, delivered_at, given_up_at)
+        VALUES (%s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (endpoint, event_id) DO UPDATE SET
+            attempts = excluded.attempts, next_attempt_at = excluded.next_attempt_at,
+            last_error = excluded.last_error, delivered_at = excluded.delivered_at, given_up_at = excluded.given_up_at
+    """
+
+    def register_endpoint(self, endpoint: str, session_id: str) -> int:
+        """A webhook endpoint new to this session starts with the events after this moment."""
+        with self.transaction() as tx:
+            tx.execute(self.REGISTER_ENDPOINT, (endpoint, session_id, session_id))
+            return int(tx.scalar(self.SELECT_SETTLED, (endpoint, session_id)))
+
+    def settle(self, endpoint: str, session_id: str, through: int, delivered_after: Sequence[int]) -> None:
+        """One pass's outcome in one transaction: every event up to ``through`` settled (their rows
+        forgotten), and the events delivered beyond it (behind a chat still waiting) remembered."""
+        now = _utcnow()
+        with self.transaction() as tx:
+            tx.execute(self.SET_SETTLED, (through, endpoint, session_id))
+            tx.execute(self.FORGET_SETTLED, (endpoint, through))
+            tx.executemany(
+                self.UPSERT_DELIVERY, [(endpoint, event_id, 1, None, None, now, None) for event_id in delivered_after]
+            )
+
+    def open_deliveries(self, endpoint: str, after: int) -> tuple[dict[int, Delivery], set[int]]:
+        """After ``after``: events tried and not yet delivered, and events settled already."""
+        with self.transaction() as tx:
+            rows = tx.all(Delivery, self.SELECT_OPEN_DELIVERIES, (endpoint, after))
+            settled = {r["event_id"] for r in tx.execute(self.SELECT_SETTLED_DELIVERIES, (endpoint, after)).fetchall()}
+        return {r.event_id: replace(r, next_attempt_at=_aware(r.next_attempt_at)) for r in rows}, settled
+
+    def record_delivery(
+        self,
+        endpoint: str,
+        event_id: int,
+        *,
+        attempts: int,
+        delivered: bool,
+        next_attempt_at: datetime | None = None,
+        error: str | None = None,
+        given_up: bool = False,
+    ) -> None:
+        now = _utcnow()
+        params = (
+            endpoint,
+            event_id,
+            attempts,
+            _naive(next_attempt_at),
+            error,
+            now if delivered else None,
+            now if given_up else None,
+        )
+        with self.transaction() as tx:
+            tx.execute(self.UPSERT_DELIVERY, params)
+
+    PRUNE_EVENTS = "DELETE FROM whatsapp_events WHERE session_id = %s AND created_at < %s"
+
+    def prune_events(self, session_id: str, before: datetime) -> int:
+        with self.transaction() as tx:
+            return tx.execute(self.PRUNE_EVENTS, (session_id, _naive(before))).rowcount
 
     # --- ownership leases ---
 
@@ -1471,6 +1685,27 @@ def open_database(database_url: str | None, embedded_path: Path, sealer: Payload
 
 def _already_json(text: str) -> str:
     return text
+
+
+def _message_event(row_id: int, message: Inbound, direction: str, status: str, reason: str | None) -> dict[str, Any]:
+    return {
+        "id": row_id,
+        "chat": message.chat_jid,
+        "whatsapp_id": message.message_id,
+        "sender": message.sender,
+        "direction": direction,
+        "type": message.message_type,
+        "text": message.text,
+        "status": status,
+        "reason": reason,
+        "at": message.received_at,
+    }
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _utcnow() -> datetime:

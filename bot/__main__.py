@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         "run the daemon (the default)",
         "Reads every variable in .env.example: DATABASE_URL, SESSION_ID, DATA_DIR, PORT, API_TOKEN, "
-        "METRICS_TOKEN, CONSOLE_PASSWORD, BACKUP_INTERVAL_SECONDS, PAIR_PHONE, BOT_REPLIES, LOG_LEVEL, LOG_FORMAT, "
+        "METRICS_TOKEN, CONSOLE_PASSWORD, WEBHOOK_URL, WEBHOOK_SECRET, WEBHOOK_EVENTS, BACKUP_INTERVAL_SECONDS, PAIR_PHONE, BOT_REPLIES, LOG_LEVEL, LOG_FORMAT, "
         "LEASE_TTL_SECONDS, LEASE_RENEW_SECONDS, SESSION_ENCRYPTION_KEY, SESSION_ENCRYPTION_KEY_OLD, HTTPS_PROXY, "
         "RAILWAY_DEPLOYMENT_ID.",
     )
@@ -184,7 +184,9 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
     client_factory = client_factory or process_client_factory(config.python_log_level())
     services = build_services(config, db, client_factory, rules)
     logs.bind(config.session_id, lambda: services.runtime.state.value)
-    app = create_app(services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry)
+    app = create_app(
+        services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry, webhooks=services.webhooks
+    )
     try:
         server = ApiServer(app, "0.0.0.0", config.port)
     except OSError as exc:

@@ -22,6 +22,15 @@ LOG_FORMATS = ("text", "json")
 SHIPPED_REPLIES = Path(__file__).with_name("replies.pt-BR.toml")
 SHORT_TOKEN = 16  # below this the boot warns: a short bearer token can be guessed
 ENCRYPTION_KEY_BYTES = 32  # AES-256
+EVENT_TYPES = (
+    "message.received",
+    "message.sent",
+    "message.status",
+    "chat.handoff",
+    "chat.released",
+    "session.state",
+    "backup.failed",
+)
 GENERATE_KEY = "python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'"
 
 
@@ -47,6 +56,9 @@ class Config:
     log_format: str = "text"  # or "json": one object a line
     metrics_token: str | None = field(default=None, repr=False)  # opens GET /metrics to a scraper
     console_password: str | None = field(default=None, repr=False)  # signs in to the web console (else API_TOKEN)
+    webhook_urls: tuple[str, ...] = field(default=(), repr=False)  # (a URL may carry credentials)
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_events: tuple[str, ...] = EVENT_TYPES  # the types delivered to the webhooks
     # Keys stored credentials may still be sealed with (rotation); never used to seal.
     session_encryption_keys_old: tuple[bytes, ...] = field(default=(), repr=False)
 
@@ -109,6 +121,20 @@ class Config:
         if lease_renew * 2 >= lease_ttl:
             raise ConfigError("LEASE_RENEW_SECONDS must be less than half of LEASE_TTL_SECONDS")
 
+        webhook_urls = tuple(re.split(r"[\s,]+", get("WEBHOOK_URL") or "")) if get("WEBHOOK_URL") else ()
+        for url in webhook_urls:
+            if not re.fullmatch(r"https?://[^\s/]+\S*", url):
+                raise ConfigError("WEBHOOK_URL must be one or more http:// or https:// URLs, separated by commas")
+        webhook_secret = get("WEBHOOK_SECRET")
+        if webhook_urls and webhook_secret is None:
+            raise ConfigError("WEBHOOK_SECRET must be set with WEBHOOK_URL (every delivery is signed with it)")
+        webhook_events = (
+            tuple(re.split(r"[\s,]+", get("WEBHOOK_EVENTS") or "")) if get("WEBHOOK_EVENTS") else EVENT_TYPES
+        )
+        unknown = [name for name in webhook_events if name not in EVENT_TYPES]
+        if unknown:
+            raise ConfigError(f"WEBHOOK_EVENTS: unknown event {unknown[0]!r}; known: {', '.join(EVENT_TYPES)}")
+
         return cls(
             database_url=database_url,
             session_id=session_id,
@@ -126,6 +152,9 @@ class Config:
             log_format=log_format,
             metrics_token=metrics_token,
             console_password=get("CONSOLE_PASSWORD"),
+            webhook_urls=webhook_urls,
+            webhook_secret=webhook_secret,
+            webhook_events=webhook_events,
             lease_ttl_seconds=lease_ttl,
             lease_renew_seconds=lease_renew,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,6 +17,9 @@ from prometheus_client.registry import Collector
 
 from bot.session_state import SessionStatus, State
 from database import Database
+
+if TYPE_CHECKING:
+    from bot.webhooks import EndpointStatus
 
 
 class Metrics:
@@ -55,6 +59,9 @@ class Metrics:
 
     def watch(self, status: Callable[[], SessionStatus], db: Database, session_id: str) -> None:
         self.registry.register(SessionCollector(status, db, session_id))
+
+    def watch_webhooks(self, endpoints: Callable[[], list[EndpointStatus]]) -> None:
+        self.registry.register(WebhookCollector(endpoints))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -103,3 +110,32 @@ class SessionCollector(Collector):
         yield GaugeMetricFamily("zapkeep_outbox_queued", "Replies and sends waiting in the outbox", queued)
         oldest_age = (now - oldest).total_seconds() if oldest is not None else 0.0
         yield GaugeMetricFamily("zapkeep_outbox_oldest_age_seconds", "Age of the oldest waiting message", oldest_age)
+
+
+class WebhookCollector(Collector):
+    """Each WEBHOOK_URL's deliveries, labelled by the URL shown (scheme, host, path)."""
+
+    def __init__(self, endpoints: Callable[[], list[EndpointStatus]]) -> None:
+        self._endpoints = endpoints
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["endpoint"]
+        delivered = CounterMetricFamily("zapkeep_webhook_delivered", "Events the endpoint accepted", labels=labels)
+        failed = CounterMetricFamily(
+            "zapkeep_webhook_failed_attempts", "Deliveries refused or unanswered", labels=labels
+        )
+        given_up = CounterMetricFamily(
+            "zapkeep_webhook_given_up", "Events given up after a day of retries", labels=labels
+        )
+        failing = GaugeMetricFamily(
+            "zapkeep_webhook_failing", "1 while the endpoint's last delivery failed", labels=labels
+        )
+        for endpoint in self._endpoints():
+            delivered.add_metric([endpoint.url], endpoint.delivered)
+            failed.add_metric([endpoint.url], endpoint.failed_attempts)
+            given_up.add_metric([endpoint.url], endpoint.given_up)
+            failing.add_metric([endpoint.url], 1.0 if endpoint.failing_since is not None else 0.0)
+        yield from (delivered, failed, given_up, failing)

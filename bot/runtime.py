@@ -115,6 +115,8 @@ class Runtime:
         self.message_handlers: list[MessageHandler] = []
         self.receipt_handlers: list[Callable[[events.Receipt], None]] = []  # e.g. the outbox: sent -> read
         self.connected_listeners: list[Callable[[], None]] = []  # e.g. the outbox: send what waited
+        # Told every change of state, under the runtime's lock: they must only take note (a queue).
+        self.state_listeners: list[Callable[[SessionStatus], None]] = []
         self.take_over_listeners: list[Callable[[], None]] = []  # the lease is ours, before connecting
 
         self._lock = threading.RLock()
@@ -409,11 +411,17 @@ class Runtime:
         with self._lock:
             if "state" in changes and isinstance(changes["state"], State):
                 new_state = changes["state"]
-                if new_state.value != self._status.state:
+                changed = new_state.value != self._status.state
+                if changed:
                     log.info("session %s: %s -> %s", self.config.session_id, self._status.state, new_state.value)
                 changes["state"] = new_state.value
                 changes.setdefault("connected", new_state is State.CONNECTED)
+            else:
+                changed = False
             self._status = replace(self._status, **changes)
+            if changed:
+                for listener in self.state_listeners:
+                    listener(self._status)
 
     # --- the connection supervisor -----------------------------------------------------------------
 

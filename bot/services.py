@@ -3,7 +3,7 @@ stopped in a fixed order. The daemon and the tests build them the same way."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bot import events
 from bot.chatbot import Rules
@@ -11,6 +11,7 @@ from bot.config import Config
 from bot.messaging import Chatbot
 from bot.outbox import Channel, Outbox
 from bot.runtime import Runtime
+from bot.webhooks import Dispatcher, StateJournal
 from database import Database
 
 
@@ -19,10 +20,15 @@ class Services:
     runtime: Runtime
     outbox: Outbox
     chatbot: Chatbot
+    journal: StateJournal
+    webhooks: list[Dispatcher] = field(default_factory=list)
 
     def start(self) -> None:
+        for dispatcher in self.webhooks:  # first: they deliver every event from this start on
+            dispatcher.start()
         self.outbox.start()
         self.chatbot.start()
+        self.journal.start()
         self.runtime.start()
 
     def stop(self) -> None:
@@ -32,11 +38,22 @@ class Services:
         self.chatbot.stop()
         self.outbox.stop()
         self.runtime.stop()
+        self.journal.stop()
+        for dispatcher in self.webhooks:  # what is not delivered yet, the next owner delivers
+            dispatcher.stop()
 
 
 def build_services(
-    config: Config, db: Database, client_factory: events.ClientFactory, rules: Rules, **runtime_options: object
+    config: Config,
+    db: Database,
+    client_factory: events.ClientFactory,
+    rules: Rules,
+    *,
+    webhook_options: dict[str, object] | None = None,
+    **runtime_options: object,
 ) -> Services:
+    """``webhook_options``: the dispatchers' retry delays and timeouts (tests shorten them)."""
+    webhook_options = webhook_options or {}
     runtime = Runtime(config, db, client_factory, **runtime_options)  # type: ignore[arg-type]
     outbox = Outbox(
         db,
@@ -58,4 +75,20 @@ def build_services(
     runtime.connected_listeners.append(outbox.notify)
     runtime.receipt_handlers.append(outbox.on_receipt)
     runtime.take_over_listeners.append(outbox.settle_interrupted)
-    return Services(runtime, outbox, chatbot)
+    journal = StateJournal(db, config.session_id, runtime.status)
+    runtime.state_listeners.append(journal.on_state)
+    webhooks = [
+        Dispatcher(
+            db,
+            config.session_id,
+            url,
+            config.webhook_secret or "",
+            event_types=config.webhook_events,
+            owns_session=lambda: runtime.fence is not None,
+            **webhook_options,  # type: ignore[arg-type]
+        )
+        for url in config.webhook_urls
+    ]
+    if webhooks:
+        runtime.metrics.watch_webhooks(lambda: [d.status for d in webhooks])
+    return Services(runtime, outbox, chatbot, journal, webhooks)

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from bot.outbox import Outbox
+from bot.webhooks import Dispatcher
 from bot.runtime import Runtime
 from database import Database, is_unavailable
 from session_api.guard import FailedAttempts
@@ -29,6 +30,7 @@ def create_app(
     outbox: Outbox | None = None,
     reply_expiry: timedelta = timedelta(hours=24),
     failed_attempts: FailedAttempts | None = None,
+    webhooks: list[Dispatcher] | None = None,
 ) -> Flask:
     """With an outbox, /api/messages/send queues (and the message waits out a disconnection);
     without one it sends at once or answers 409. ``failed_attempts``: how wrong tokens are slowed
@@ -46,6 +48,7 @@ def create_app(
     app.extensions["zapkeep.runtime"] = runtime
     app.extensions["zapkeep.db"] = db
     app.extensions["zapkeep.outbox"] = outbox
+    app.extensions["zapkeep.webhooks"] = webhooks or []
     app.extensions["zapkeep.failed_attempts"] = failed_attempts or FailedAttempts()
     app.extensions["zapkeep.console_sessions"] = ConsoleSessions()
     app.extensions["zapkeep.console_attempts"] = console.sign_in_attempts()

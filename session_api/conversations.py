@@ -9,7 +9,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, abort, request
+from flask import Blueprint, Response, abort, current_app, request
 
 from database import LoggedMessage
 from session_api.routes import db, jsonable, ok, require_token, session_id_from
@@ -86,6 +86,17 @@ def release(chat: str) -> tuple[Response, int]:
     session_id = session_id_from()
     chat = _chat_arg(chat)
     return ok(session_id=session_id, chat=chat, released=db().release_chat(session_id, chat))
+
+
+@bp.get("/api/webhooks")
+def webhooks() -> tuple[Response, int]:
+    """Each WEBHOOK_URL's deliveries: how far it has settled, failures, the last error (never the URL's secrets)."""
+    dispatchers = current_app.extensions["zapkeep.webhooks"]
+    last = db().last_event_id(dispatchers[0].session_id) if dispatchers else 0
+    endpoints = [
+        {**jsonable(asdict(d.status)), "pending": max(0, last - d.status.settled_through)} for d in dispatchers
+    ]
+    return ok(endpoints=endpoints, last_event_id=last)
 
 
 @bp.get("/api/bot")

@@ -1,7 +1,9 @@
-"""``GET /api/events``: the session's status as server-sent events, pushed as it changes.
+"""``GET /api/events``: server-sent events. The events the database logged (the webhooks'
+events: ``message.received``, ``chat.handoff``...), each with its id, resumable from
+``Last-Event-ID`` without gaps; and the session's status as it changes (``event: status``, the
+whole status, without an id: a client that reconnects is current at once).
 
-The console's pages listen to it, and so can any API client (bearer token). Each event is the
-whole status (``event: status``), so a client that reconnects is current at its first event.
+The console's pages listen to it, and so can any API client (bearer token).
 waitress gives each open stream a worker thread, so streams are few and short: at most
 ``MAX_STREAMS`` at once (then 503), each ended after ``STREAM_SECONDS`` (EventSource reconnects by
 itself, after the ``retry`` it was told)."""
@@ -16,10 +18,11 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
-from flask import Blueprint, Response, abort, current_app
+from flask import Blueprint, Response, abort, current_app, request
 
 from bot.runtime import Runtime
 from bot.session_state import State
+from bot.webhooks import body_of
 from database import Database, LeaseInfo
 from session_api.routes import db, jsonable, require_token, runtime
 
@@ -41,11 +44,14 @@ def stream_slots() -> threading.BoundedSemaphore:
 
 @bp.get("/api/events")
 def events() -> Response:
+    after = _last_event_id()
+    if after is None:
+        after = db().last_event_id(runtime().config.session_id)  # a new listener: what happens from now on
     slots: threading.BoundedSemaphore = current_app.extensions["zapkeep.event_streams"]
     if not slots.acquire(blocking=False):
         abort(503, f"{MAX_STREAMS} event streams are open already; close one")
     response = Response(
-        _stream(runtime(), db()),
+        _stream(runtime(), db(), after),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -71,11 +77,19 @@ def snapshot(live: Runtime, lease: LeaseInfo | None) -> dict[str, Any]:
     return status
 
 
-def _stream(live: Runtime, database: Database) -> Iterator[str]:
+def _last_event_id() -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.args.get("after")
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        abort(400, "Last-Event-ID (or ?after=) must be an event id")
+    return int(raw)
+
+
+def _stream(live: Runtime, database: Database, after: int) -> Iterator[str]:
     yield "retry: 2000\n\n"
     ends = time.monotonic() + STREAM_SECONDS
     sent: dict[str, Any] | None = None
-    number = 0
     beat = time.monotonic()
     lease: LeaseInfo | None = None
     lease_read = 0.0
@@ -86,13 +100,20 @@ def _stream(live: Runtime, database: Database) -> Iterator[str]:
                 lease = database.lease(live.config.session_id)
             except Exception:  # the database is away: the status says so; the stream goes on
                 lease = None
+        try:
+            logged = database.events_after(live.config.session_id, after, 100)
+        except Exception:  # the database is away: the events wait for it, the stream goes on
+            logged = []
+        for event in logged:
+            after = event.id
+            beat = time.monotonic()
+            yield f"id: {event.id}\nevent: {event.event_type}\ndata: {body_of(event).decode()}\n\n"
         current = snapshot(live, lease)
         steady = {k: v for k, v in current.items() if k not in VOLATILE}
         if sent is None or steady != sent:
-            number += 1
             sent = steady
             beat = time.monotonic()
-            yield f"id: {number}\nevent: status\ndata: {json.dumps(current)}\n\n"
+            yield f"event: status\ndata: {json.dumps(current)}\n\n"
             if current["state"] == State.STOPPED.value:
                 return  # the daemon is shutting down
         elif time.monotonic() - beat >= HEARTBEAT_SECONDS:

@@ -432,16 +432,29 @@ def _document() -> dict[str, Any]:
             },
             "/api/events": {
                 "get": {
-                    "summary": "The session's status as server-sent events (event: status, the whole status each "
-                    "time it changes; ends after 2 minutes, EventSource reconnects)",
+                    "summary": "Server-sent events: the logged events (message.received, message.sent, "
+                    "message.status, chat.handoff, chat.released, session.state, backup.failed), each with its id and "
+                    "resumable from Last-Event-ID (or ?after=); and the status each time it changes (event: status, no "
+                    "id). A stream ends after 2 minutes; EventSource reconnects and resumes",
+                    "parameters": [
+                        {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}
+                    ],
                     "responses": {
                         "200": {
                             "description": "text/event-stream",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
+                        "400": BAD_REQUEST,
                         "401": UNAUTHORIZED,
                         "503": _error("Too many streams open at once (or the database is unreachable)"),
                     },
+                }
+            },
+            "/api/webhooks": {
+                "get": {
+                    "summary": "Each WEBHOOK_URL's deliveries: settled through which event, pending, delivered, "
+                    "failed attempts, given up, the last error and since when it fails",
+                    "responses": {"200": _ok("Endpoints", {"endpoints": {"type": "array"}}), "401": UNAUTHORIZED},
                 }
             },
             "/api/session/pairing-code": {

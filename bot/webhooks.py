@@ -1,0 +1,316 @@
+"""Webhooks: every event the database logged (``whatsapp_events``), POSTed to each WEBHOOK_URL,
+signed, in order per chat, at least once, retried with backoff for more than a day.
+
+Events are written in the transaction of what caused them (a message logged, a receipt, a
+release), so a crash never loses one; this module only reads and delivers them, one thread per
+endpoint, and only while this instance owns the session. A receiver that is down or slow delays
+its own deliveries, never a reply: the chatbot does not wait for anything here.
+
+Delivery body: ``{"id", "type", "time", "session_id", "data"}``. Headers: ``X-Zapkeep-Event``,
+``X-Zapkeep-Event-Id`` and ``X-Zapkeep-Signature: t=<unix time>,v1=<hex>``, where ``v1`` is
+HMAC-SHA256 over ``"<t>.<body>"`` with WEBHOOK_SECRET (see the README for a check).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+from bot.errors import first_line
+from bot.session_state import SessionStatus, readiness_of
+from database import Database, StoredEvent
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = (5, 15, 60, 300, 900, 1800, 3600)  # then every hour
+GIVE_UP_AFTER = timedelta(hours=26)  # "at least a day" of retries, then the event is given up
+EVENT_RETENTION = timedelta(days=30)  # long past every retry; the event stream resumes within it
+PRUNE_EVERY_SECONDS = 3600
+POST_TIMEOUT_SECONDS = 10.0
+POLL_SECONDS = 0.2  # how soon a new event is seen
+BATCH = 500
+
+
+def endpoint_key(url: str) -> str:
+    """How the database names an endpoint: a hash (a URL may carry credentials)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def body_of(event: StoredEvent) -> bytes:
+    """The JSON body of one delivery (the payload is spliced in as stored)."""
+    head = json.dumps(
+        {"id": event.id, "type": event.event_type, "time": event.created_at.isoformat(), "session_id": event.session_id}
+    )
+    return (head[:-1] + ', "data": ' + event.payload + "}").encode()
+
+
+@dataclass
+class EndpointStatus:
+    url: str  # scheme, host and path only: never credentials or a query string
+    settled_through: int = 0
+    delivered: int = 0
+    failed_attempts: int = 0
+    given_up: int = 0
+    last_delivered_at: datetime | None = None
+    last_error: str | None = None
+    failing_since: datetime | None = None
+
+
+@dataclass
+class Endpoint:
+    url: str
+    key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = endpoint_key(self.url)
+
+    @property
+    def shown(self) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+class Dispatcher:
+    """Delivers one endpoint's events. Each pass reads the events after what the endpoint has
+    settled, tries each chat's oldest open event (a chat whose oldest is waiting for a retry waits
+    with it: order per chat), and moves the settled mark past what is done."""
+
+    def __init__(
+        self,
+        db: Database,
+        session_id: str,
+        url: str,
+        secret: str,
+        *,
+        event_types: tuple[str, ...],
+        owns_session: Callable[[], bool],
+        retry_seconds: tuple[float, ...] = RETRY_SECONDS,
+        post_timeout: float = POST_TIMEOUT_SECONDS,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.db = db
+        self.session_id = session_id
+        self.endpoint = Endpoint(url)
+        self._secret = secret
+        self._types = set(event_types)
+        self._owns_session = owns_session
+        self._retry = retry_seconds
+        self._timeout = post_timeout
+        self._clock = clock
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="webhook", daemon=True)
+        self.status = EndpointStatus(self.endpoint.shown)
+        self._settled: int | None = None
+
+    def start(self) -> None:
+        """Before the session's first event: a new endpoint gets everything from this start on."""
+        try:
+            self._register()
+        except Exception as exc:  # the database is away: the thread registers once it is back
+            log.warning("webhook %s: %s", self.endpoint.shown, first_line(exc))
+        self._thread.start()
+
+    def _register(self) -> int:
+        if self._settled is None:
+            self._settled = self.status.settled_through = self.db.register_endpoint(self.endpoint.key, self.session_id)
+        return self._settled
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self._timeout + 5)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                busy = self._owns_session() and self.deliver_once()
+            except Exception as exc:  # the database is away: try again in a moment
+                log.warning("webhook %s: %s", self.endpoint.shown, first_line(exc))
+                busy = False
+            if not busy:
+                self._stopping.wait(POLL_SECONDS)
+
+    def deliver_once(self) -> bool:
+        """One pass; True when it delivered or settled something (another pass may find more)."""
+        after = self._register()
+        events = self.db.events_after(self.session_id, after, BATCH)
+        if not events:
+            return False
+        tried, settled = self.db.open_deliveries(self.endpoint.key, after)
+        now = self._clock()
+        waiting: set[str] = set()  # chats whose oldest open event is not delivered yet
+        delivered: list[int] = []  # written at the end of the pass, with the new mark
+        progressed = False
+        for event in events:
+            chat = event.chat_jid or ""
+            if event.id in settled or event.event_type not in self._types:
+                continue
+            if chat in waiting or self._stopping.is_set():
+                waiting.add(chat)
+                continue
+            earlier = tried.get(event.id)
+            if earlier is not None and earlier.next_attempt_at is not None and earlier.next_attempt_at > now:
+                waiting.add(chat)
+                continue
+            attempts = (earlier.attempts if earlier else 0) + 1
+            error = self._post(event)
+            if error is None:
+                delivered.append(event.id)
+                settled.add(event.id)
+                self._delivered()
+                progressed = True
+                continue
+            given_up = now - event.created_at > GIVE_UP_AFTER
+            delay = self._retry[min(attempts - 1, len(self._retry) - 1)]
+            self.db.record_delivery(
+                self.endpoint.key,
+                event.id,
+                attempts=attempts,
+                delivered=False,
+                next_attempt_at=now + timedelta(seconds=delay),
+                error=error,
+                given_up=given_up,
+            )
+            self._failed(event, error, given_up)
+            if given_up:
+                settled.add(event.id)
+                progressed = True
+            else:
+                waiting.add(chat)
+        open_ids = [e.id for e in events if e.id not in settled and e.event_type in self._types]
+        mark = (min(open_ids) - 1) if open_ids else events[-1].id
+        if mark > after or delivered:
+            # (a crash before this line delivers this pass's events again: at least once)
+            self.db.settle(self.endpoint.key, self.session_id, max(mark, after), [i for i in delivered if i > mark])
+            self._settled = self.status.settled_through = max(mark, after)
+            progressed = True
+        return progressed
+
+    def _post(self, event: StoredEvent) -> str | None:
+        """None when the endpoint took it (2xx); else why not."""
+        body = body_of(event)
+        request = urllib.request.Request(
+            self.endpoint.url,
+            data=body,
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "User-Agent": "zapkeep-webhooks",
+                "X-Zapkeep-Event": event.event_type,
+                "X-Zapkeep-Event-Id": str(event.id),
+                "X-Zapkeep-Signature": sign(self._secret, int(time.time()), body),
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                response.read(65536)
+                return None
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}"
+        except (OSError, ValueError) as exc:  # refused, reset, timed out, DNS
+            return first_line(exc)
+
+    def _delivered(self) -> None:
+        status = self.status
+        status.delivered += 1
+        status.last_delivered_at = self._clock()
+        if status.failing_since is not None:
+            log.info("webhook %s: delivering again", self.endpoint.shown)
+        status.failing_since = None
+        status.last_error = None
+
+    def _failed(self, event: StoredEvent, error: str, given_up: bool) -> None:
+        status = self.status
+        status.failed_attempts += 1
+        status.last_error = error
+        if status.failing_since is None:
+            status.failing_since = self._clock()
+            log.warning("webhook %s: delivery failed (%s); retrying with backoff", self.endpoint.shown, error)
+        if given_up:
+            status.given_up += 1
+            log.error(
+                "webhook %s: event %d (%s) given up after a day of retries",
+                self.endpoint.shown,
+                event.id,
+                event.event_type,
+            )
+
+
+class StateJournal:
+    """Writes the events whose cause is not a database write: every state change of the session
+    (``session.state``, with the reason in words), told by the runtime as it happens, and a backup
+    that failed (``backup.failed``), seen in its status. Kept in memory until the database takes them."""
+
+    def __init__(self, db: Database, session_id: str, status: Callable[[], SessionStatus]) -> None:
+        self.db = db
+        self.session_id = session_id
+        self._status = status
+        self._noted: queue.SimpleQueue[tuple[str, dict]] = queue.SimpleQueue()
+        self._pending: list[tuple[str, dict]] = []
+        self._previous_state: str | None = None
+        self._backup_error: str | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="state-journal", daemon=True)
+
+    def on_state(self, status: SessionStatus) -> None:
+        """A runtime state listener (called under the runtime's lock: it only takes note)."""
+        payload = {
+            "state": status.state,
+            "previous": self._previous_state,
+            "reason": readiness_of(status).reason,
+            "last_error": status.last_error,
+        }
+        self._previous_state = status.state
+        self._noted.put(("session.state", payload))
+
+    def start(self) -> None:
+        self.on_state(self._status())  # the state it starts in
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.write()  # the last states (stopped), when the database still answers
+
+    def _run(self) -> None:
+        pruned = 0.0
+        while not self._stopping.wait(0.2):
+            if time.monotonic() - pruned > PRUNE_EVERY_SECONDS:
+                pruned = time.monotonic()
+                try:
+                    self.db.prune_events(self.session_id, datetime.now(UTC) - EVENT_RETENTION)
+                except Exception as exc:
+                    log.warning("session %s: pruning old events failed: %s", self.session_id, first_line(exc))
+            error = self._status().last_backup_error
+            if error is not None and error != self._backup_error:
+                self._noted.put(("backup.failed", {"error": error}))
+            self._backup_error = error
+            self.write()
+
+    def write(self) -> None:
+        while not self._noted.empty():
+            self._pending.append(self._noted.get())
+        while self._pending:
+            event_type, payload = self._pending[0]
+            try:
+                self.db.record_event(self.session_id, event_type, None, payload)
+            except Exception:  # the database is away: the events wait here until it is back
+                return
+            self._pending.pop(0)

@@ -1,0 +1,256 @@
+"""Webhooks and the event stream, with a real HTTP receiver on loopback, the daemon's own assembly
+behind a real waitress server, and the fake WhatsApp: signed, in order per chat, each event
+accepted once, nothing lost while the receiver is down or across a restart, never in the way of a
+reply; GET /api/events resumes from Last-Event-ID without gaps."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from bot import events
+from bot.chatbot import load_rules
+from bot.config import SHIPPED_REPLIES, Config
+from bot.services import Services, build_services
+from bot.session_state import State
+from database import Database
+from session_api import create_app
+from session_api.server import ApiServer
+from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.runtime_helpers import FAST
+
+TOKEN = "webhook-test-token-0123456789abcdef"
+SECRET = "webhook-secret-for-tests"
+ANA = "5511912345678@s.whatsapp.net"
+BETO = "5511955554444@s.whatsapp.net"
+FAST_RETRIES = {"retry_seconds": (0.2, 0.4, 0.8), "post_timeout": 2.0}
+
+
+class Receiver:
+    """A CRM's endpoint: accepts (200), is down (503) or hangs, as the test says."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.accepted: list[tuple[dict[str, str], bytes]] = []
+        self.refused = 0
+        self.hanging = threading.Event()
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if receiver.mode == "down":
+                    receiver.refused += 1
+                    self.send_response(503)
+                else:
+                    if receiver.mode == "hang":
+                        receiver.hanging.set()
+                        receiver.release.wait(30)
+                    receiver.accepted.append((dict(self.headers), body))
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/zapkeep-hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self) -> list[dict]:
+        return [json.loads(body) for _, body in self.accepted]
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Daemon:
+    services: Services
+    port: int
+    network: FakeWhatsApp
+    db: Database
+
+    def customer(self, chat: str, text: str, n: int) -> None:
+        self.network.current().emit(
+            events.IncomingMessage(f"3EB0HOOK{n:04d}", chat, chat, "Ana", text, False, False, int(time.time()))
+        )
+
+    def pair(self) -> None:
+        wait_until(lambda: self.services.runtime.state is State.QR, message="qr")
+        self.network.current().scan_qr()
+        wait_until(lambda: self.services.runtime.state is State.CONNECTED, message="connected")
+
+    def call(self, method: str, path: str) -> dict:
+        return json.loads(self.raw(method, path))
+
+    def raw(self, method: str, path: str) -> bytes:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+        body = conn.getresponse().read()
+        conn.close()
+        return body
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    made = Receiver()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def start_daemon(db: Database, whatsmeow_template: Path, tmp_path: Path, receiver: Receiver) -> Iterator:
+    running: list[tuple[Services, ApiServer]] = []
+
+    def start(network: FakeWhatsApp | None = None) -> Daemon:
+        config = Config.from_env(
+            {
+                "DATA_DIR": str(tmp_path / "data"),
+                "API_TOKEN": TOKEN,
+                "BACKUP_INTERVAL_SECONDS": "3600",
+                "WEBHOOK_URL": receiver.url,
+                "WEBHOOK_SECRET": SECRET,
+            }
+        )
+        network = network or FakeWhatsApp(schema_template=whatsmeow_template)
+        rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
+        services = build_services(config, db, network.factory, rules, timing=FAST, webhook_options=FAST_RETRIES)
+        app = create_app(services.runtime, db, outbox=services.outbox, webhooks=services.webhooks)
+        server = ApiServer(app, "127.0.0.1", 0, threads=8)
+        server.start()
+        services.start()
+        running.append((services, server))
+        return Daemon(services, server.port, network, db)
+
+    yield start
+    for services, server in running:
+        server.stop()
+        services.stop()
+
+
+def stop(daemon: Daemon) -> None:
+    daemon.services.stop()
+
+
+def test_signed_events_reach_a_receiver_that_was_down_in_order_per_chat_and_once(start_daemon, receiver) -> None:
+    receiver.mode = "down"
+    daemon = start_daemon()
+    daemon.pair()
+    daemon.customer(ANA, "oi", 1)
+    wait_until(lambda: len(daemon.network.sent) == 1, message="the greeting")
+    daemon.customer(ANA, "quero falar com um atendente", 2)  # a hand-off
+    daemon.customer(BETO, "bom dia", 3)
+    wait_until(lambda: len(daemon.network.sent) == 3, message="both replies")
+    greeting = daemon.network.sent[0].message_id
+    client = daemon.network.current()
+    client.emit(events.Receipt([greeting], ANA, "delivered", int(time.time())))
+    client.emit(events.Receipt([greeting], ANA, "read", int(time.time())))
+    wait_until(lambda: any(m.status == "read" for m in daemon.db.list_messages("default")), message="read")
+    assert daemon.call("POST", f"/api/chats/{ANA}/release")["released"] is True
+    wait_until(lambda: receiver.refused >= 3, message="deliveries refused while the receiver is down")
+    failing = daemon.call("GET", "/api/webhooks")["endpoints"][0]
+    assert failing["failed_attempts"] >= 1 and failing["last_error"] == "HTTP 503" and failing["pending"] > 0
+    assert failing["url"] == receiver.url  # (scheme, host and path: nothing secret in it here)
+    assert receiver.accepted == []
+    assert f'zapkeep_webhook_failing{{endpoint="{receiver.url}"}} 1.0' in daemon.raw("GET", "/metrics").decode()
+
+    receiver.mode = "ok"  # back up: everything arrives, oldest first in each chat
+    last = daemon.db.last_event_id("default")
+    wait_until(lambda: last in {e["id"] for e in receiver.events()}, timeout=20, message="every event delivered")
+    wait_until(lambda: daemon.call("GET", "/api/webhooks")["endpoints"][0]["pending"] == 0, message="settled")
+    assert f'zapkeep_webhook_failing{{endpoint="{receiver.url}"}} 0.0' in daemon.raw("GET", "/metrics").decode()
+
+    delivered = receiver.events()
+    ids = [e["id"] for e in delivered]
+    assert len(ids) == len(set(ids))  # each event accepted once
+    assert set(ids) == {e.id for e in daemon.db.events_after("default", 0)}
+    for headers, body in receiver.accepted:  # every delivery verifies with the shared secret
+        fields = dict(part.split("=", 1) for part in headers["X-Zapkeep-Signature"].split(","))
+        expected = hmac.new(SECRET.encode(), f"{fields['t']}.".encode() + body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(fields["v1"], expected)
+        assert abs(time.time() - int(fields["t"])) < 120
+        assert headers["X-Zapkeep-Event"] == json.loads(body)["type"]
+    for chat in (ANA, BETO, None):
+        in_chat = [e["id"] for e in delivered if e["data"].get("chat") == chat]
+        assert in_chat == sorted(in_chat), chat
+    kinds = [(e["type"], e["data"].get("status")) for e in delivered if e["data"].get("chat") == ANA]
+    assert kinds[:2] == [("message.received", "replied"), ("message.sent", "sent")]
+    assert ("chat.handoff", None) in kinds and ("chat.released", None) in kinds
+    assert ("message.status", "delivered") in kinds and ("message.status", "read") in kinds
+    states = [e["data"]["state"] for e in delivered if e["type"] == "session.state"]
+    assert "qr" in states and states.index("qr") < states.index("connected")
+    handoff = next(e for e in delivered if e["type"] == "chat.handoff")
+    assert handoff["data"]["message"]["text"] == "quero falar com um atendente"
+    assert all(e["session_id"] == "default" and e["time"] for e in delivered)
+
+
+def test_a_hanging_receiver_does_not_delay_replies(start_daemon, receiver) -> None:
+    receiver.mode = "hang"  # it takes each delivery and answers after 30 s
+    daemon = start_daemon()
+    daemon.pair()
+    wait_until(receiver.hanging.is_set, message="the receiver holding a delivery")
+    started = time.monotonic()
+    daemon.customer(ANA, "oi", 1)
+    daemon.customer(BETO, "oi", 2)
+    wait_until(lambda: len(daemon.network.sent) == 2, message="both replies")
+    assert not receiver.release.is_set() and receiver.accepted == []  # still hanging: replies went out meanwhile
+    assert time.monotonic() - started < 10  # (the receiver's hang is 30 s)
+
+
+def test_an_event_logged_before_a_stop_is_delivered_after_the_restart(start_daemon, receiver, db: Database) -> None:
+    receiver.mode = "down"
+    first = start_daemon()
+    first.pair()
+    first.customer(ANA, "oi", 7)
+    wait_until(lambda: len(first.network.sent) == 1, message="the greeting")
+    received = [e for e in db.events_after("default", 0) if e.event_type == "message.received"]
+    assert len(received) == 1
+    stop(first)  # (its events are in the database; nothing is queued in memory)
+
+    receiver.mode = "ok"
+    start_daemon(first.network)  # the next owner: the stored session restored, the endpoint's mark kept
+    wait_until(lambda: received[0].id in {e["id"] for e in receiver.events()}, timeout=20, message="redelivered")
+    message = next(e for e in receiver.events() if e["id"] == received[0].id)
+    assert message["data"]["whatsapp_id"] == "3EB0HOOK0007" and message["data"]["text"] == "oi"
+
+
+def test_the_event_stream_resumes_from_last_event_id_without_gaps(start_daemon, receiver) -> None:
+    daemon = start_daemon()
+    daemon.pair()
+    for n in range(5):
+        daemon.customer(ANA, f"mensagem {n}", 10 + n)
+    wait_until(lambda: len([m for m in daemon.db.list_messages("default") if m.direction == "in"]) == 5)
+    logged = [e.id for e in daemon.db.events_after("default", 0)]
+    resume_from = logged[len(logged) // 2]
+
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    conn.request("GET", "/api/events", headers={"Authorization": f"Bearer {TOKEN}", "Last-Event-ID": str(resume_from)})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+    seen: list[int] = []
+    status_seen = False
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (seen and seen[-1] >= logged[-1] and status_seen):
+        line = response.fp.readline().decode().rstrip("\n")
+        if line.startswith("id: "):
+            seen.append(int(line[4:]))
+        status_seen = status_seen or line == "event: status"
+    conn.close()
+    # Every event after the one named, in order, none missing (replies logged meanwhile may follow).
+    assert seen[: len(logged) - logged.index(resume_from) - 1] == [i for i in logged if i > resume_from]
+    assert status_seen
