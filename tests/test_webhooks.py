@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -254,3 +255,57 @@ def test_the_event_stream_resumes_from_last_event_id_without_gaps(start_daemon, 
     # Every event after the one named, in order, none missing (replies logged meanwhile may follow).
     assert seen[: len(logged) - logged.index(resume_from) - 1] == [i for i in logged if i > resume_from]
     assert status_seen
+
+
+def test_a_message_logged_before_a_kill_9_reaches_the_webhook_after_the_restart(
+    database_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    """Real daemons (``python -m tests.fake_daemon``: the daemon with the loopback WhatsApp), real
+    PostgreSQL, a real SIGKILL right after the message was logged and before its delivery."""
+    from database import PostgresDatabase
+    from tests.fake_network import FakeServer
+    from tests.redeploy import Daemon as RealDaemon
+    from tests.synthetic import create_paired_store
+
+    server = FakeServer()
+    env = {"WEBHOOK_URL": receiver.url, "WEBHOOK_SECRET": SECRET, "LEASE_TTL_SECONDS": "3", "LEASE_RENEW_SECONDS": "1"}
+    command = [sys.executable, "-m", "tests.fake_daemon", server.address]
+    daemons = [RealDaemon(tmp_path / f"host{n}", database_url, command=command, env=env) for n in (1, 2)]
+    create_paired_store(daemons[0].store)
+    db = PostgresDatabase(database_url)
+    db.open()
+    try:
+        receiver.mode = "down"
+        first = daemons[0].start()
+        wait_until(lambda: first.status()["state"] == "connected", timeout=60, message="the first daemon connected")
+        server.customer_sends(
+            {
+                "message_id": "3EB0KILL9",
+                "chat": ANA,
+                "sender": ANA,
+                "push_name": "Ana",
+                "text": "oi",
+                "from_me": False,
+                "is_group": False,
+                "timestamp": int(time.time()),
+                "kind": "text",
+            }
+        )
+        wait_until(lambda: any(e.event_type == "message.received" for e in db.events_after("default", 0)), timeout=30)
+        first.kill()  # SIGKILL: nothing more is written, nothing is handed over
+        assert receiver.accepted == []
+
+        receiver.mode = "ok"
+        daemons[1].start()  # another host: the stored session, the lease once the dead one's runs out
+        wait_until(
+            lambda: any(e["data"].get("whatsapp_id") == "3EB0KILL9" for e in receiver.events()),
+            timeout=60,
+            message="message.received delivered by the next owner",
+        )
+        received = [e for e in receiver.events() if e["type"] == "message.received"]
+        assert [e["data"]["whatsapp_id"] for e in received] == ["3EB0KILL9"]
+    finally:
+        for daemon in daemons:
+            daemon.stop_if_running()
+        db.close()
+        server.close()
