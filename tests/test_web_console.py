@@ -138,6 +138,7 @@ def test_pair_by_qr_then_act_on_the_session_from_the_browser(daemon: Daemon, bro
     assert f"+{DEVICE_USER}" in page.inner_text("#paired-note")
     assert page.inner_text("#badge") == "Conectado"
     page.wait_for_selector("#history tr[data-version='1']")  # the snapshot after pairing
+    assert page.inner_text("#webhooks") == "Nenhum WEBHOOK_URL configurado."
     page.screenshot(path=daemon.shots / "3-connected.png", full_page=True)
 
     clients = len(daemon.network.clients)

@@ -250,7 +250,33 @@ function sessionPage() {
     });
   });
 
+  async function loadWebhooks() {
+    const data = await api("GET", "/api/webhooks");
+    const body = $("webhooks");
+    body.replaceChildren();
+    for (const endpoint of data.endpoints) {
+      const row = document.createElement("tr");
+      cell(row, endpoint.url, "mono");
+      cell(row, String(endpoint.delivered));
+      cell(row, String(endpoint.pending));
+      const failing = endpoint.failing_since !== null;
+      cell(
+        row,
+        failing ? fmt("failing", { since: when(endpoint.failing_since), error: endpoint.last_error }) : W.healthy,
+        failing ? "error" : "",
+      );
+      body.appendChild(row);
+    }
+    if (!body.children.length) {
+      const row = document.createElement("tr");
+      cell(row, W.no_webhooks, "muted").colSpan = 4;
+      body.appendChild(row);
+    }
+  }
+
   api("GET", `/api/session/status?session_id=${encodeURIComponent(SID)}`).then((data) => render(data.session));
+  loadWebhooks().catch(() => {});
+  setInterval(() => loadWebhooks().catch(() => {}), 5000);
   follow(render);
 }
 
