@@ -22,6 +22,7 @@ SCHEMA_VERSION = 6
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
 _LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' advisory locks
+_EVENTS_LOCK_SPACE = 72_661_331  # ... and of the locks that make a session's events commit in id order
 
 T = TypeVar("T")
 
@@ -52,6 +53,8 @@ class PayloadSealer(Protocol):
         """The key new payloads are sealed with; None: they are stored as they come."""
         ...
 
+    def knows(self, key_id: str) -> bool: ...
+
     def seal(self, text: str, context: tuple[str, ...]) -> str: ...
 
     def open(self, stored: str, key_id: str | None, context: tuple[str, ...]) -> str: ...
@@ -61,6 +64,9 @@ class ClearPayloads:
     """No encryption at rest: payloads are stored as they come, and a sealed one is refused."""
 
     key_id = None
+
+    def knows(self, key_id: str) -> bool:
+        return False
 
     def seal(self, text: str, context: tuple[str, ...]) -> str:
         return text
@@ -156,10 +162,12 @@ class Delivery:
 
 @dataclass(frozen=True)
 class ResealCount:
-    """What a re-encryption pass changed: rows and history snapshots now under the current key."""
+    """What a re-encryption pass changed: rows and history snapshots now under the current key,
+    and payloads left as they were because they do not open (altered, or moved: a restore refuses them)."""
 
     rows: int
     snapshots: int
+    unreadable: int = 0
 
 
 @dataclass(frozen=True)
@@ -617,6 +625,11 @@ class Database:
     def _lock_for_take_over(self, tx: Transaction, session_id: str) -> None:
         """A take-over waits for every fenced write in flight (see ``_hold_off_take_overs``)."""
 
+    def _lock_events(self, tx: Transaction, session_id: str) -> None:
+        """Until this transaction ends, no other takes an event id of the session: ids then commit
+        in order, so a reader that has seen id N never sees an N-1 appear later (SQLite's
+        transactions are serial already)."""
+
     def _require_fence(self, tx: Transaction, fence: Fence | None, params: tuple[Any, ...]) -> None:
         if fence is not None and not tx.scalar(self.SELECT_FENCE_HOLDS, params):
             raise self._fenced_out(fence)
@@ -892,7 +905,7 @@ class Database:
         current key (or, with no key, decrypt it), a few hundred rows a transaction. Safe beside a
         running mirror: only a payload's envelope changes, never its content."""
         current = self.sealer.key_id or ""
-        rows = snapshots = 0
+        rows = snapshots = unreadable = 0
         after = ("", "")
         while True:
             with self.transaction() as tx:
@@ -902,7 +915,11 @@ class Database:
                 ).fetchall()
                 for row in found:
                     context = row_context(session_id, row["table_name"], row["row_key"])
-                    text = self.sealer.open(row["row_text"], row["key_id"], context)
+                    try:
+                        text = self.sealer.open(row["row_text"], row["key_id"], context)
+                    except Exception:  # (the sealer's own error, naming the row, is the restore's to tell)
+                        unreadable += 1
+                        continue
                     params = (self.json_param(self.sealer.seal(text, context)), self.sealer.key_id, session_id)
                     where = (row["table_name"], row["row_key"], row["row_hash"], *fence_params)
                     rows += tx.execute(self.RESEAL_ROW, (*params, *where)).rowcount
@@ -920,11 +937,15 @@ class Database:
                 if row is None:
                     continue  # pruned meanwhile
                 context = history_context(session_id, version)
-                text = self.sealer.open(row["session_data"], row["key_id"], context)
+                try:
+                    text = self.sealer.open(row["session_data"], row["key_id"], context)
+                except Exception:
+                    unreadable += 1
+                    continue
                 params = (self.json_param(self.sealer.seal(text, context)), self.sealer.key_id, session_id, version)
                 snapshots += tx.execute(self.RESEAL_SNAPSHOT, (*params, row["checksum"], *fence_params)).rowcount
                 self._require_fence(tx, fence, fence_params)
-        return ResealCount(rows, snapshots)
+        return ResealCount(rows, snapshots, unreadable)
 
     DELETE_SESSION = f"DELETE FROM whatsapp_sessions WHERE session_id = %s AND {FENCE_HOLDS}"
     DELETE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s"
@@ -984,6 +1005,7 @@ class Database:
     def _event(self, tx: Transaction, session_id: str, event_type: str, chat_jid: str | None, payload: dict) -> None:
         """An event for webhooks and the event stream, in the transaction of what caused it."""
         text = json.dumps(payload, ensure_ascii=False, default=_json_default)
+        self._lock_events(tx, session_id)
         tx.execute(self.INSERT_EVENT, (session_id, event_type, chat_jid, self.json_param(text), _utcnow()))
 
     def record_event(self, session_id: str, event_type: str, chat_jid: str | None, payload: dict) -> None:
@@ -1395,7 +1417,11 @@ class Database:
         ON CONFLICT (endpoint, session_id) DO NOTHING
     """
     SELECT_SETTLED = "SELECT settled_through FROM whatsapp_webhook_endpoints WHERE endpoint = %s AND session_id = %s"
-    SET_SETTLED = "UPDATE whatsapp_webhook_endpoints SET settled_through = %s WHERE endpoint = %s AND session_id = %s"
+    # Only forward: an instance that read an older mark cannot move it back.
+    SET_SETTLED = """
+        UPDATE whatsapp_webhook_endpoints SET settled_through = %s
+        WHERE endpoint = %s AND session_id = %s AND settled_through < %s
+    """
     FORGET_SETTLED = "DELETE FROM whatsapp_webhook_deliveries WHERE endpoint = %s AND event_id <= %s"
     SELECT_OPEN_DELIVERIES = """
         SELECT event_id, attempts, next_attempt_at FROM whatsapp_webhook_deliveries
@@ -1417,15 +1443,20 @@ class Database:
     def register_endpoint(self, endpoint: str, session_id: str) -> int:
         """A webhook endpoint new to this session starts with the events after this moment."""
         with self.transaction() as tx:
+            self._lock_events(tx, session_id)  # (no event id in flight: none is skipped)
             tx.execute(self.REGISTER_ENDPOINT, (endpoint, session_id, session_id))
             return int(tx.scalar(self.SELECT_SETTLED, (endpoint, session_id)))
+
+    def settled_through(self, endpoint: str, session_id: str) -> int:
+        with self.transaction() as tx:
+            return int(tx.scalar(self.SELECT_SETTLED, (endpoint, session_id)) or 0)
 
     def settle(self, endpoint: str, session_id: str, through: int, delivered_after: Sequence[int]) -> None:
         """One pass's outcome in one transaction: every event up to ``through`` settled (their rows
         forgotten), and the events delivered beyond it (behind a chat still waiting) remembered."""
         now = _utcnow()
         with self.transaction() as tx:
-            tx.execute(self.SET_SETTLED, (through, endpoint, session_id))
+            tx.execute(self.SET_SETTLED, (through, endpoint, session_id, through))
             tx.execute(self.FORGET_SETTLED, (endpoint, through))
             tx.executemany(
                 self.UPSERT_DELIVERY, [(endpoint, event_id, 1, None, None, now, None) for event_id in delivered_after]
@@ -1608,6 +1639,9 @@ class PostgresDatabase(Database):
 
     def _lock_for_take_over(self, tx: Transaction, session_id: str) -> None:
         tx.execute(self.LOCK_FOR_TAKE_OVER, (_LEASE_LOCK_SPACE, session_id))
+
+    def _lock_events(self, tx: Transaction, session_id: str) -> None:
+        tx.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_EVENTS_LOCK_SPACE, session_id))
 
 
 class SqliteDatabase(Database):

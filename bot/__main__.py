@@ -170,6 +170,8 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
         log.warning("API_TOKEN is not set; generated one for this run only: %s", config.api_token)
     elif len(config.api_token) < SHORT_TOKEN:
         log.warning("API_TOKEN is shorter than %d characters; use a long random one", SHORT_TOKEN)
+    if config.console_password is not None and len(config.console_password) < SHORT_TOKEN:
+        log.warning("CONSOLE_PASSWORD is shorter than %d characters; use a long one", SHORT_TOKEN)
 
     stop = threading.Event()
     _install_signal_handlers(stop)
@@ -288,6 +290,11 @@ def _rekey(db: Database, session_id: str) -> None:
     target = f"key {db.sealer.key_id}" if db.sealer.key_id else "clear text (no SESSION_ENCRYPTION_KEY)"
     count = db.reseal(session_id)
     print(f"session {session_id}: {count.rows} rows and {count.snapshots} history snapshots moved to {target}")
+    if count.unreadable:
+        raise ZapkeepError(
+            f"session {session_id}: {count.unreadable} stored payloads do not decrypt (altered, or moved from "
+            "another session or row) and were left as they were; a restore refuses them"
+        )
     left = db.key_ids(session_id) - {db.sealer.key_id}
     if left:  # a daemon still running with the old configuration went on writing with its key
         names = ", ".join(sorted(key_id or "clear text" for key_id in left))

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bot.errors import ConfigError
 
@@ -123,8 +124,7 @@ class Config:
 
         webhook_urls = tuple(re.split(r"[\s,]+", get("WEBHOOK_URL") or "")) if get("WEBHOOK_URL") else ()
         for url in webhook_urls:
-            if not re.fullmatch(r"https?://[^\s/]+\S*", url):
-                raise ConfigError("WEBHOOK_URL must be one or more http:// or https:// URLs, separated by commas")
+            _check_webhook_url(url)
         webhook_secret = get("WEBHOOK_SECRET")
         if webhook_urls and webhook_secret is None:
             raise ConfigError("WEBHOOK_SECRET must be set with WEBHOOK_URL (every delivery is signed with it)")
@@ -161,6 +161,19 @@ class Config:
 
     def python_log_level(self) -> int:
         return logging.getLevelName(self.log_level)
+
+
+def _check_webhook_url(url: str) -> None:
+    """The message never repeats the URL: its path or query may hold a token."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        raise ConfigError("WEBHOOK_URL holds a URL that does not parse (its port?)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("WEBHOOK_URL must be one or more http:// or https:// URLs, separated by commas")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("WEBHOOK_URL must not carry a user or password (put a token in its path or query)")
 
 
 def _encryption_key(text: str | None, name: str) -> bytes | None:

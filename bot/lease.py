@@ -96,6 +96,10 @@ class LeaseKeeper:
         except Exception as exc:
             log.error("session %s: taking over failed: %s", self.session_id, first_line(exc))
             self.lose(f"taking over failed: {first_line(exc)}", fence)
+            try:  # no client was started yet: another instance (one with the key, say) may take it now
+                self.db.release_lease(fence)
+            except Exception as release_failure:  # the database is away: the lease runs out instead
+                log.debug("releasing after a failed take-over: %s", release_failure)
             return False
         return True
 

@@ -38,6 +38,7 @@ from bot.mirror import Mirror
 from bot.pairing import Pairing
 from bot.persistence import BootOutcome, export_document, prepare_local_store
 from bot.restores import RestoreOutcome, RestoreRequest, Restores
+from bot.sealing import require_known_keys
 from bot.session_state import HISTORY_STATES, Readiness, SessionStatus, State, now, phone_of, readiness_of
 from bot.store_worker import document_rows, prepare_store
 from database import Database, Fence
@@ -325,6 +326,10 @@ class Runtime:
 
     def _boot(self) -> None:
         self._set(state=State.STARTING)
+        # Checked at every take-over, not only at start: another instance (or a rekey) may have
+        # moved the stored session to a key this one lacks. Then it must neither restore an older
+        # snapshot it can read nor mirror under its own key: it gives the lease up (ConfigError).
+        require_known_keys(self.db.key_ids(self.config.session_id), self.db.sealer, self.config.session_id)
         self._reseal()
         try:
             result = prepare_local_store(self.db, self.config.session_id, self.config.store_path, self.fence)
@@ -348,19 +353,25 @@ class Runtime:
 
     def _reseal(self) -> None:
         """Stored credentials not under the current key (in clear before a key was set, or under a
-        rotated-out one) are re-encrypted by their owner, fenced, before anything reads them."""
-        try:
-            count = self.db.reseal(self.config.session_id, self.fence)
-        except SessionDocumentError as exc:  # a payload that does not open: the restore falls back past it
-            log.error("session %s: re-encryption stopped: %s", self.config.session_id, exc)
+        rotated-out one) are re-encrypted by their owner, fenced, before anything reads them.
+        Decrypting (no key, an old one given) is only ever done on purpose: ``python -m bot rekey``."""
+        if self.db.sealer.key_id is None:
             return
+        count = self.db.reseal(self.config.session_id, self.fence)
+        if count.unreadable:
+            log.error(
+                "session %s: %d stored payloads do not decrypt (altered, or moved from another session or row); "
+                "the restore refuses them",
+                self.config.session_id,
+                count.unreadable,
+            )
         if count.rows or count.snapshots:
             log.info(
                 "session %s: %d rows and %d history snapshots re-encrypted with %s",
                 self.config.session_id,
                 count.rows,
                 count.snapshots,
-                f"key {self.db.sealer.key_id}" if self.db.sealer.key_id else "no key (now in clear)",
+                f"key {self.db.sealer.key_id}",
             )
 
     # --- status ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bot.config import Config
 from bot.errors import ConfigError, SessionDocumentError, UnreadableCredentials
+from database import PayloadSealer
 
 ENVELOPE = "zk1"
 NONCE_BYTES = 12  # random per payload: 2^32 payloads a key stay far below GCM's collision bound
@@ -126,7 +127,7 @@ def describe(context: tuple[str, ...]) -> str:
     return f"session {session_id}: the {kind}"
 
 
-def require_known_keys(key_ids: set[str | None], sealer: Sealer, session_id: str) -> None:
+def require_known_keys(key_ids: set[str | None], sealer: PayloadSealer, session_id: str) -> None:
     """Stop the boot (one line, nothing changed) when stored credentials need a key we lack."""
     missing = sorted(key_id for key_id in key_ids if key_id is not None and not sealer.knows(key_id))
     if missing:

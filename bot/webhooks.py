@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from bot.errors import first_line
 from bot.session_state import SessionStatus, readiness_of
-from database import Database, StoredEvent
+from database import Database, StoredEvent, is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,22 @@ PRUNE_EVERY_SECONDS = 3600
 POST_TIMEOUT_SECONDS = 10.0
 POLL_SECONDS = 0.2  # how soon a new event is seen
 BATCH = 500
+PAGES_PER_PASS = 20  # events read past a waiting chat in one pass: 10,000
 
 
-def endpoint_key(url: str) -> str:
-    """How the database names an endpoint: a hash (a URL may carry credentials)."""
-    return hashlib.sha256(url.encode()).hexdigest()[:32]
+def endpoint_key(session_id: str, url: str) -> str:
+    """How the database names a session's endpoint: a hash (a URL's path or query may hold a token)."""
+    return hashlib.sha256(f"{session_id}\0{url}".encode()).hexdigest()[:32]
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failed delivery: urllib would follow it as a GET, without the body."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -74,11 +85,12 @@ class EndpointStatus:
 
 @dataclass
 class Endpoint:
+    session_id: str
     url: str
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.key = endpoint_key(self.url)
+        self.key = endpoint_key(self.session_id, self.url)
 
     @property
     def shown(self) -> str:
@@ -106,7 +118,7 @@ class Dispatcher:
     ) -> None:
         self.db = db
         self.session_id = session_id
-        self.endpoint = Endpoint(url)
+        self.endpoint = Endpoint(session_id, url)
         self._secret = secret
         self._types = set(event_types)
         self._owns_session = owns_session
@@ -116,20 +128,25 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="webhook", daemon=True)
         self.status = EndpointStatus(self.endpoint.shown)
-        self._settled: int | None = None
+        self._registered = False
 
     def start(self) -> None:
         """Before the session's first event: a new endpoint gets everything from this start on."""
         try:
-            self._register()
+            self._settled_mark()
         except Exception as exc:  # the database is away: the thread registers once it is back
             log.warning("webhook %s: %s", self.endpoint.shown, first_line(exc))
         self._thread.start()
 
-    def _register(self) -> int:
-        if self._settled is None:
-            self._settled = self.status.settled_through = self.db.register_endpoint(self.endpoint.key, self.session_id)
-        return self._settled
+    def _settled_mark(self) -> int:
+        """Read at every pass: another instance may have owned the session meanwhile and moved it."""
+        if not self._registered:
+            mark = self.db.register_endpoint(self.endpoint.key, self.session_id)
+            self._registered = True
+        else:
+            mark = self.db.settled_through(self.endpoint.key, self.session_id)
+        self.status.settled_through = mark
+        return mark
 
     def stop(self) -> None:
         self._stopping.set()
@@ -148,10 +165,18 @@ class Dispatcher:
 
     def deliver_once(self) -> bool:
         """One pass; True when it delivered or settled something (another pass may find more)."""
-        after = self._register()
+        after = self._settled_mark()
         events = self.db.events_after(self.session_id, after, BATCH)
         if not events:
             return False
+        # Past a chat that waits for a retry, later pages are read too: other chats go on.
+        for _ in range(PAGES_PER_PASS - 1):
+            if len(events) % BATCH:
+                break
+            more = self.db.events_after(self.session_id, events[-1].id, BATCH)
+            if not more:
+                break
+            events += more
         tried, settled = self.db.open_deliveries(self.endpoint.key, after)
         now = self._clock()
         waiting: set[str] = set()  # chats whose oldest open event is not delivered yet
@@ -161,8 +186,8 @@ class Dispatcher:
             chat = event.chat_jid or ""
             if event.id in settled or event.event_type not in self._types:
                 continue
-            if chat in waiting or self._stopping.is_set():
-                waiting.add(chat)
+            if chat in waiting or self._stopping.is_set() or not self._owns_session():
+                waiting.add(chat)  # (demoted meanwhile: the new owner delivers it)
                 continue
             earlier = tried.get(event.id)
             if earlier is not None and earlier.next_attempt_at is not None and earlier.next_attempt_at > now:
@@ -218,7 +243,7 @@ class Dispatcher:
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+            with _OPENER.open(request, timeout=self._timeout) as response:
                 response.read(65536)
                 return None
         except urllib.error.HTTPError as exc:
@@ -275,6 +300,8 @@ class StateJournal:
             "previous": self._previous_state,
             "reason": readiness_of(status).reason,
             "last_error": status.last_error,
+            "owner_id": status.owner_id,  # every instance tells its own state: a standby says so
+            "owns_session": status.owns_session,
         }
         self._previous_state = status.state
         self._noted.put(("session.state", payload))
@@ -287,7 +314,8 @@ class StateJournal:
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self.write()  # the last states (stopped), when the database still answers
+        if not self._thread.is_alive():
+            self.write()  # the last states (stopped), when the database still answers
 
     def _run(self) -> None:
         pruned = 0.0
@@ -311,6 +339,8 @@ class StateJournal:
             event_type, payload = self._pending[0]
             try:
                 self.db.record_event(self.session_id, event_type, None, payload)
-            except Exception:  # the database is away: the events wait here until it is back
-                return
+            except Exception as exc:
+                if is_unavailable(exc):
+                    return  # the database is away: the events wait here until it is back
+                log.error("session %s: %s event refused: %s", self.session_id, event_type, first_line(exc))
             self._pending.pop(0)

@@ -31,6 +31,7 @@ def create_app(
     reply_expiry: timedelta = timedelta(hours=24),
     failed_attempts: FailedAttempts | None = None,
     webhooks: list[Dispatcher] | None = None,
+    sign_in_attempts: FailedAttempts | None = None,
 ) -> Flask:
     """With an outbox, /api/messages/send queues (and the message waits out a disconnection);
     without one it sends at once or answers 409. ``failed_attempts``: how wrong tokens are slowed
@@ -51,7 +52,7 @@ def create_app(
     app.extensions["zapkeep.webhooks"] = webhooks or []
     app.extensions["zapkeep.failed_attempts"] = failed_attempts or FailedAttempts()
     app.extensions["zapkeep.console_sessions"] = ConsoleSessions()
-    app.extensions["zapkeep.console_attempts"] = console.sign_in_attempts()
+    app.extensions["zapkeep.console_attempts"] = sign_in_attempts or console.sign_in_attempts()
     app.extensions["zapkeep.event_streams"] = live.stream_slots()
     app.config["REPLY_EXPIRY"] = reply_expiry
     app.register_blueprint(bp)

@@ -67,6 +67,11 @@ def sign_in() -> Response:
     if not cookie_token or not hmac.compare_digest(form_token.encode(), cookie_token.encode()):
         return _sign_in_page(words()["failed"].format(reason="CSRF"), 403)
     attempts: FailedAttempts = current_app.extensions["zapkeep.console_attempts"]
+    # Unlike the API's random token, a console password is chosen by a person: over the budget,
+    # no password is even compared (the right one waits too), so guessing stays slow.
+    wait = attempts.waiting(request.remote_addr or "-")
+    if wait is not None:
+        return _sign_in_page(words()["too_many"].format(seconds=math.ceil(wait)), 429)
     given = request.form.get("password", "")
     if not any(hmac.compare_digest(given.encode(), secret.encode()) for secret in _passwords()):
         wait = attempts.fail(request.remote_addr or "-")

@@ -17,7 +17,7 @@ from flask import abort, current_app, request
 COOKIE = "zapkeep_console"
 SIGN_IN_COOKIE = "zapkeep_sign_in"  # the sign-in form's own CSRF token (double submit)
 CSRF_HEADER = "X-CSRF-Token"
-IDLE_SECONDS = 12 * 3600  # a console left alone this long signs out
+LIFETIME_SECONDS = 12 * 3600  # then the console signs in again (an open tab polls: no idle timeout)
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
@@ -37,7 +37,7 @@ class ConsoleSessions:
 
     def create(self) -> tuple[str, ConsoleSession]:
         session_id = secrets.token_urlsafe(32)
-        session = ConsoleSession(secrets.token_urlsafe(32), self._clock() + IDLE_SECONDS)
+        session = ConsoleSession(secrets.token_urlsafe(32), self._clock() + LIFETIME_SECONDS)
         with self._lock:
             now = self._clock()
             self._sessions = {k: v for k, v in self._sessions.items() if v.expires_at > now}
@@ -52,7 +52,6 @@ class ConsoleSessions:
             if session is None or session.expires_at <= self._clock():
                 self._sessions.pop(session_id, None)
                 return None
-            session.expires_at = self._clock() + IDLE_SECONDS  # sliding
             return session
 
     def end(self, session_id: str | None) -> None:

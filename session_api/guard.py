@@ -30,6 +30,13 @@ class FailedAttempts:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, at)
         self._limited: set[str] = set()  # addresses told about in the log (until their budget refills)
 
+    def waiting(self, address: str) -> float | None:
+        """Seconds until ``address`` may try again, when it spent its budget; else None (nothing counted)."""
+        with self._lock:
+            tokens, at = self._buckets.get(address, (float(self.budget.burst), self._clock()))
+            tokens = min(float(self.budget.burst), tokens + (self._clock() - at) / self.budget.refill_seconds)
+        return None if tokens >= 1.0 else (1.0 - tokens) * self.budget.refill_seconds
+
     def fail(self, address: str) -> float | None:
         """A wrong token from ``address``: None while it is within its budget, else the seconds
         until it may try again."""

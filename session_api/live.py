@@ -87,7 +87,8 @@ def _last_event_id() -> int | None:
 
 
 def _stream(live: Runtime, database: Database, after: int) -> Iterator[str]:
-    yield "retry: 2000\n\n"
+    # The id up front: a client that reconnects before any event resumes from here, not from "now".
+    yield f"retry: 2000\nid: {after}\n\n"
     ends = time.monotonic() + STREAM_SECONDS
     sent: dict[str, Any] | None = None
     beat = time.monotonic()

@@ -323,3 +323,29 @@ def test_the_api_exports_sealed_unless_asked_and_imports_a_sealed_export(
     body["sealed"] = body["sealed"][:-8] + "AAAAAAA="  # a flipped byte of the ciphertext
     tampered = client.post("/api/session/backup", json={"session_id": "copy", "session_data": body}, headers=headers)
     assert tampered.status_code == 400 and "does not decrypt" in tampered.get_json()["message"]
+
+
+def test_an_instance_without_the_key_never_takes_over_the_session(
+    db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
+) -> None:
+    """A standby started with the old configuration (no key) while the stored session moved to a
+    key: at take-over it must neither restore an older snapshot nor write; it gives the lease up."""
+    from bot.runtime import Runtime
+
+    sealed = open_db(Sealer(KEY_A))
+    paired_session(sealed, tmp_path / "stored")
+    before = everything_stored(sealed, files=False)
+    config = make_config(tmp_path)  # no SESSION_ENCRYPTION_KEY
+    runtime = Runtime(config, open_db(same=sealed), network.factory, timing=FAST)
+    try:
+        runtime.start()
+        wait_until(lambda: "encrypted with key" in (runtime.status().last_error or ""), message="refused")
+        assert runtime.state is State.STANDBY and not runtime.status().owns_session
+        assert not config.store_path.exists() and network.clients == []
+    finally:
+        runtime.stop()
+    lease = sealed.lease("default")
+    assert lease is not None and lease.owner_id is None  # handed back at once: an instance with the key may take it
+    assert sealed.key_ids("default") == {key_id_of(KEY_A)}
+    after = everything_stored(sealed, files=False)
+    assert after.count(b"zk1:") == before.count(b"zk1:")  # nothing restored, rolled back or re-sealed

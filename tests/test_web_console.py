@@ -20,7 +20,9 @@ from bot.runtime import Runtime
 from bot.services import build_services
 from database import SqliteDatabase
 from session_api import create_app
+from session_api.console import SIGN_IN_BUDGET
 from session_api.console_auth import CSRF_HEADER
+from session_api.guard import FailedAttempts
 from session_api.server import ApiServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST
@@ -53,6 +55,7 @@ class Daemon:
     db: SqliteDatabase
     network: FakeWhatsApp
     shots: Path
+    clock: list[float]  # the sign-in limiter's: a test moves time on instead of waiting
 
 
 @pytest.fixture
@@ -71,13 +74,16 @@ def daemon(whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
     services = build_services(
         config, db, network.factory, replace(load_rules(SHIPPED_REPLIES), typing_seconds=0), timing=FAST
     )
-    server = ApiServer(create_app(services.runtime, db, outbox=services.outbox), "127.0.0.1", 0)
+    clock = [0.0]
+    attempts = FailedAttempts(SIGN_IN_BUDGET, clock=lambda: clock[0])
+    app = create_app(services.runtime, db, outbox=services.outbox, sign_in_attempts=attempts)
+    server = ApiServer(app, "127.0.0.1", 0)
     server.start()
     services.start()
     shots = tmp_path / "screenshots"
     shots.mkdir()
     try:
-        yield Daemon(f"http://127.0.0.1:{server.port}", services.runtime, db, network, shots)
+        yield Daemon(f"http://127.0.0.1:{server.port}", services.runtime, db, network, shots, clock)
     finally:
         server.stop()
         services.stop()
@@ -182,9 +188,11 @@ def test_wrong_passwords_and_forged_requests_are_refused(daemon: Daemon, browser
         sign_in(page, daemon, password=f"wrong-{attempt}")
         assert page.inner_text("#sign-in-error") == "Wrong password."
     sign_in(page, daemon, password="wrong-again")
+    assert page.inner_text("#sign-in-error") == "Too many wrong attempts. Wait 10 s and try again."
+    sign_in(page, daemon)  # over the budget no password is compared: guessing stays slow
     assert "Too many wrong attempts" in page.inner_text("#sign-in-error")
 
-    # The right password still passes (an attacker on the same address cannot lock the operator out).
+    daemon.clock[0] += 10  # one attempt comes back
     sign_in(page, daemon)
     page.wait_for_selector("#badge")
     page.screenshot(path=daemon.shots / "5-session-en.png", full_page=True)

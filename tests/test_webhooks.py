@@ -51,9 +51,11 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                if receiver.mode == "down":
+                if receiver.mode in ("down", "redirect"):
                     receiver.refused += 1
-                    self.send_response(503)
+                    self.send_response(503 if receiver.mode == "down" else 302)
+                    if receiver.mode == "redirect":
+                        self.send_header("Location", receiver.url)
                 else:
                     if receiver.mode == "hang":
                         receiver.hanging.set()
@@ -252,8 +254,9 @@ def test_the_event_stream_resumes_from_last_event_id_without_gaps(start_daemon, 
             seen.append(int(line[4:]))
         status_seen = status_seen or line == "event: status"
     conn.close()
+    assert seen[0] == resume_from  # said first: a reconnect before any event resumes from there
     # Every event after the one named, in order, none missing (replies logged meanwhile may follow).
-    assert seen[: len(logged) - logged.index(resume_from) - 1] == [i for i in logged if i > resume_from]
+    assert seen[1 : len(logged) - logged.index(resume_from)] == [i for i in logged if i > resume_from]
     assert status_seen
 
 
@@ -309,3 +312,32 @@ def test_a_message_logged_before_a_kill_9_reaches_the_webhook_after_the_restart(
             daemon.stop_if_running()
         db.close()
         server.close()
+
+
+def test_a_redirect_is_a_failed_delivery_not_a_lost_one(start_daemon, receiver) -> None:
+    """urllib would follow a 302 as a GET without the body, and a 2xx there would count as taken."""
+    receiver.mode = "redirect"
+    daemon = start_daemon()
+    wait_until(lambda: receiver.refused >= 2, message="redirects")
+    endpoint = daemon.call("GET", "/api/webhooks")["endpoints"][0]
+    assert endpoint["delivered"] == 0 and endpoint["last_error"] == "HTTP 302"
+    receiver.mode = "ok"
+    wait_until(lambda: any(e["type"] == "session.state" for e in receiver.events()), message="delivered after all")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WEBHOOK_URL": "https://crm.example.com/hook"}, "WEBHOOK_SECRET must be set"),
+        ({"WEBHOOK_URL": "ftp://crm.example.com/hook", "WEBHOOK_SECRET": "s"}, "http:// or https://"),
+        ({"WEBHOOK_URL": "https://user:pa55@crm.example.com/", "WEBHOOK_SECRET": "s"}, "must not carry a user"),
+        ({"WEBHOOK_URL": "https://crm.example.com:port/", "WEBHOOK_SECRET": "s"}, "does not parse"),
+        ({"WEBHOOK_EVENTS": "message.received,message.deleted"}, "unknown event 'message.deleted'"),
+    ],
+)
+def test_webhook_settings_are_checked_at_boot(env: dict[str, str], message: str) -> None:
+    from bot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        Config.from_env(env)
+    assert "pa55" not in str(caught.value)

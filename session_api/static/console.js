@@ -87,6 +87,10 @@ function follow(onStatus) {
   source.onerror = () => {
     live.className = "live";
     live.title = W.offline;
+    if (source.readyState === EventSource.CLOSED) {
+      // Refused (e.g. 503: every stream slot taken): EventSource gives up for good; we do not.
+      setTimeout(() => follow(onStatus), 5000);
+    }
   };
 }
 
@@ -370,7 +374,7 @@ function messagesPage() {
   const refresh = () => Promise.all([loadBot(), loadChats(), loadOutbox()]).catch((error) => notify(error.message, false));
   refresh();
   setInterval(refresh, 5000);
-  follow(() => {});
+  $("live").hidden = true; // this page polls: it takes none of the daemon's few event streams
 }
 
 if (document.body.dataset.page === "session") sessionPage();
