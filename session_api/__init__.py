@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -54,6 +55,7 @@ def create_app(
     app.extensions["zapkeep.console_sessions"] = ConsoleSessions()
     app.extensions["zapkeep.console_attempts"] = sign_in_attempts or console.sign_in_attempts()
     app.extensions["zapkeep.event_streams"] = live.stream_slots()
+    app.extensions["zapkeep.streams_end"] = threading.Event()
     app.config["REPLY_EXPIRY"] = reply_expiry
     app.register_blueprint(bp)
     app.register_blueprint(conversations.bp)

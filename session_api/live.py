@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
-from flask import Blueprint, Response, abort, current_app, request
+from flask import Blueprint, Flask, Response, abort, current_app, request
 
 from bot.runtime import Runtime
 from bot.session_state import State
@@ -42,6 +42,13 @@ def stream_slots() -> threading.BoundedSemaphore:
     return threading.BoundedSemaphore(MAX_STREAMS)
 
 
+def end_streams(app: Flask) -> None:
+    """The server is stopping: open streams end now, not at their next heartbeat."""
+    ending = app.extensions.get("zapkeep.streams_end")
+    if ending is not None:
+        ending.set()
+
+
 @bp.get("/api/events")
 def events() -> Response:
     after = _last_event_id()
@@ -51,7 +58,7 @@ def events() -> Response:
     if not slots.acquire(blocking=False):
         abort(503, f"{MAX_STREAMS} event streams are open already; close one")
     response = Response(
-        _stream(runtime(), db(), after),
+        _stream(runtime(), db(), after, current_app.extensions["zapkeep.streams_end"]),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -86,7 +93,7 @@ def _last_event_id() -> int | None:
     return int(raw)
 
 
-def _stream(live: Runtime, database: Database, after: int) -> Iterator[str]:
+def _stream(live: Runtime, database: Database, after: int, ending: threading.Event) -> Iterator[str]:
     # The id up front: a client that reconnects before any event resumes from here, not from "now".
     yield f"retry: 2000\nid: {after}\n\n"
     ends = time.monotonic() + STREAM_SECONDS
@@ -94,7 +101,7 @@ def _stream(live: Runtime, database: Database, after: int) -> Iterator[str]:
     beat = time.monotonic()
     lease: LeaseInfo | None = None
     lease_read = 0.0
-    while time.monotonic() < ends:
+    while time.monotonic() < ends and not ending.is_set():
         if time.monotonic() - lease_read >= LEASE_SECONDS:
             lease_read = time.monotonic()
             try:
@@ -120,4 +127,4 @@ def _stream(live: Runtime, database: Database, after: int) -> Iterator[str]:
         elif time.monotonic() - beat >= HEARTBEAT_SECONDS:
             beat = time.monotonic()
             yield ": keep-alive\n\n"  # also keeps waitress's idle timeout away
-        time.sleep(TICK_SECONDS)
+        ending.wait(TICK_SECONDS)

@@ -6,6 +6,8 @@ import logging
 import threading
 
 from flask import Flask
+
+from session_api.live import end_streams
 from waitress import wasyncore
 from waitress.server import create_server
 
@@ -36,6 +38,7 @@ class ApiServer:
             max_request_body_size=MAX_BODY_BYTES,
             max_request_header_size=64 * 1024,
         )
+        self._app = app
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -62,6 +65,7 @@ class ApiServer:
     def stop(self) -> None:
         if self._thread is None:
             return
+        end_streams(self._app)  # they hold worker threads that waitress would wait for
         self._stopping.set()
         self._thread.join(timeout=10)
         self._thread = None
