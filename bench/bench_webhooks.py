@@ -21,36 +21,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from bot.webhooks import Dispatcher
 from database import Database, PostgresDatabase, SqliteDatabase
 from tests.pg_cluster import PostgresCluster
+from tests.test_webhooks import Receiver
 
 SESSION = "default"
 CHATS = 50
-
-
-class Receiver:
-    def __init__(self) -> None:
-        self.arrivals: dict[int, float] = {}
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.arrivals.setdefault(int(self.headers["X-Zapkeep-Event-Id"]), time.monotonic())
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def write_event(db: Database, n: int) -> None:
@@ -94,7 +73,7 @@ def measure(db: Database, args: argparse.Namespace) -> dict[str, float]:
         wait_for(lambda: all(i in receiver.arrivals for i in committed), 120)
     finally:
         dispatcher.stop()
-        receiver.server.shutdown()
+        receiver.close()
     latencies = sorted((receiver.arrivals[i] - t) * 1000 for i, t in committed.items())
     return {
         "burst_rate": args.burst / burst_seconds,

@@ -80,14 +80,7 @@ def sign_in() -> Response:
         return _sign_in_page(words()["wrong_password"], 401)
     session_id, _ = console_auth.sessions().create()
     response = redirect("/", code=303)
-    response.set_cookie(
-        console_auth.COOKIE,
-        session_id,
-        httponly=True,
-        samesite="Strict",
-        secure=console_auth.cookie_is_secure(),
-        path="/",
-    )
+    _set_cookie(response, console_auth.COOKIE, session_id)
     response.delete_cookie(console_auth.SIGN_IN_COOKIE, path="/")
     return response  # type: ignore[return-value]
 
@@ -113,15 +106,13 @@ def _sign_in_page(message: str | None = None, status: int = 200) -> Response:
     token = secrets.token_urlsafe(24)
     body = render_template("console/sign_in.html", w=words(), lang=language(), csrf_token=token, message=message)
     response = Response(body, status=status, mimetype="text/html")
-    response.set_cookie(
-        console_auth.SIGN_IN_COOKIE,
-        token,
-        httponly=True,
-        samesite="Strict",
-        secure=console_auth.cookie_is_secure(),
-        path="/",
-    )
+    _set_cookie(response, console_auth.SIGN_IN_COOKIE, token)
     return response
+
+
+def _set_cookie(response: Response, name: str, value: str) -> None:
+    """Never readable by script, never sent by another site, only over HTTPS when that is how we are reached."""
+    response.set_cookie(name, value, httponly=True, samesite="Strict", secure=console_auth.cookie_is_secure(), path="/")
 
 
 def _page(template: str, session: console_auth.ConsoleSession) -> Response:

@@ -125,34 +125,20 @@ def test_pip_install_gives_a_working_zapkeep_command(tmp_path: Path) -> None:
     assert "DATABASE_URL" in zapkeep("export", "--help").stdout and "SESSION_ID" in zapkeep("status", "--help").stdout
     status = zapkeep("status")  # the installed modules, the embedded database, no source tree
     assert status.returncode == 0 and json.loads(status.stdout)["sessions"] == [], status.stderr[-2000:]
-    rules = subprocess.run(
-        [
-            venv / "bin" / "python",
-            "-c",
-            "from bot import chatbot, config, store_schema as s; "
-            "print(config.SHIPPED_REPLIES, chatbot.load_rules(config.SHIPPED_REPLIES).business, s.whatsmeow_schema().version)",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+
+    def installed_python(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [venv / "bin" / "python", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    rules = installed_python(
+        "from bot import chatbot, config, store_schema as s; "
+        "print(config.SHIPPED_REPLIES, chatbot.load_rules(config.SHIPPED_REPLIES).business, s.whatsmeow_schema().version)"
     )
     assert rules.returncode == 0 and str(site) in rules.stdout and " 15" in rules.stdout, rules.stderr[-2000:]
-    console = subprocess.run(  # the web console's pages and script travel with the package
-        [
-            venv / "bin" / "python",
-            "-c",
-            "import pathlib, session_api; p = pathlib.Path(session_api.__file__).parent; "
-            "print(all((p / f).is_file() for f in ('templates/console/session.html', 'static/console.js', 'static/console.css')))",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    console = installed_python(  # the web console's pages and script travel with the package
+        "import pathlib, session_api; p = pathlib.Path(session_api.__file__).parent; "
+        "print(all((p / f).is_file() for f in ('templates/console/session.html', 'static/console.js', 'static/console.css')))"
     )
     assert console.stdout.strip() == "True", console.stderr[-2000:]
 

@@ -43,6 +43,7 @@ class Receiver:
     def __init__(self) -> None:
         self.mode = "ok"
         self.accepted: list[tuple[dict[str, str], bytes]] = []
+        self.arrivals: dict[int, float] = {}  # event id -> when first accepted (monotonic)
         self.refused = 0
         self.hanging = threading.Event()
         self.release = threading.Event()
@@ -61,6 +62,7 @@ class Receiver:
                         receiver.hanging.set()
                         receiver.release.wait(30)
                     receiver.accepted.append((dict(self.headers), body))
+                    receiver.arrivals.setdefault(int(self.headers["X-Zapkeep-Event-Id"]), time.monotonic())
                     self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
