@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
 _LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' advisory locks
@@ -83,6 +83,10 @@ def row_context(session_id: str, table: str, key: str) -> tuple[str, ...]:
 
 def history_context(session_id: str, version: int) -> tuple[str, ...]:
     return ("history", session_id, str(version))
+
+
+def media_context(session_id: str, whatsapp_id: str | None) -> tuple[str, ...]:
+    return ("media", session_id, whatsapp_id or "")
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ class ResealCount:
     rows: int
     snapshots: int
     unreadable: int = 0
+    media: int = 0  # references to received files (their media keys)
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,27 @@ class Inbound:
     text: str
     received_at: datetime
     message_type: str = "text"
+    mimetype: str | None = None
+    size: int | None = None
+    file_name: str | None = None
+    media: str | None = None  # whatsmeow's reference to download the file (sealed when stored)
+
+
+@dataclass(frozen=True)
+class OutgoingFile:
+    """A file to send (an image, document, audio or video), kept with its message until it is sent."""
+
+    kind: str
+    data: bytes
+    mimetype: str
+    file_name: str | None = None
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    mimetype: str | None
+    file_name: str | None
+    media: str  # opened
 
 
 @dataclass(frozen=True)
@@ -275,12 +301,13 @@ class OutgoingMessage:
     attempts: int
     next_attempt_at: datetime | None
     expires_at: datetime | None
+    message_type: str = "text"
 
 
 # (a fixed list, for every query that reads LoggedMessage rows)
 LOGGED_MESSAGE_COLUMNS = (
     "id, chat_jid, sender, message_id, direction, text, status, reason, created_at, sent_at,"
-    " attempts, last_error, message_type"
+    " attempts, last_error, message_type, mimetype, media_size, file_name"
 )
 
 
@@ -311,6 +338,9 @@ class LoggedMessage:
     attempts: int
     last_error: str | None
     message_type: str = "text"
+    mimetype: str | None = None
+    media_size: int | None = None
+    file_name: str | None = None
 
 
 # --- schema ---------------------------------------------------------------------------
@@ -450,6 +480,23 @@ def _events(serial_key: str) -> list[str]:
     ]
 
 
+def _media(blob: str) -> list[str]:
+    """Files: what a received one is and how to download it; the bytes of one waiting to be sent."""
+    return [
+        "ALTER TABLE whatsapp_messages ADD COLUMN mimetype TEXT",
+        "ALTER TABLE whatsapp_messages ADD COLUMN media_size BIGINT",
+        "ALTER TABLE whatsapp_messages ADD COLUMN file_name TEXT",
+        "ALTER TABLE whatsapp_messages ADD COLUMN media_ref TEXT",
+        "ALTER TABLE whatsapp_messages ADD COLUMN media_key_id TEXT",
+        f"""CREATE TABLE whatsapp_outgoing_files (
+            message_id BIGINT PRIMARY KEY,
+            data {blob} NOT NULL,
+            mimetype TEXT NOT NULL,
+            file_name TEXT
+        )""",
+    ]
+
+
 POSTGRES_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE IF NOT EXISTS whatsapp_sessions (
@@ -476,6 +523,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
     _bot_settings_and_receipts(),
     _key_ids(),
     _events("BIGSERIAL PRIMARY KEY"),
+    _media("BYTEA"),
 ]
 
 SQLITE_MIGRATIONS: list[list[str]] = [
@@ -504,6 +552,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
     _bot_settings_and_receipts(),
     _key_ids(),
     _events("INTEGER PRIMARY KEY AUTOINCREMENT"),
+    _media("BLOB"),
 ]
 
 CREATE_SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS zapkeep_schema (version INTEGER NOT NULL)"
@@ -867,12 +916,14 @@ class Database:
     SELECT_KEY_IDS = """
         SELECT DISTINCT key_id FROM whatsapp_session_rows WHERE session_id = %s
         UNION SELECT DISTINCT key_id FROM whatsapp_session_history WHERE session_id = %s
+        UNION SELECT DISTINCT media_key_id FROM whatsapp_messages WHERE session_id = %s AND media_ref IS NOT NULL
     """
 
     def key_ids(self, session_id: str) -> set[str | None]:
         """The keys the session's stored credentials are sealed with (None: some are in clear)."""
         with self.transaction() as tx:
-            return {row["key_id"] for row in tx.execute(self.SELECT_KEY_IDS, (session_id, session_id)).fetchall()}
+            found = tx.execute(self.SELECT_KEY_IDS, (session_id, session_id, session_id)).fetchall()
+            return {row["key_id"] for row in found}
 
     RESEAL_BATCH = 500
     # COALESCE: in clear is key '' here, so one query serves "encrypt", "rotate" and "decrypt".
@@ -899,6 +950,35 @@ class Database:
         UPDATE whatsapp_session_history SET session_data = %s, key_id = %s
         WHERE session_id = %s AND version = %s AND checksum = %s AND {FENCE_HOLDS}
     """
+
+    SELECT_MEDIA_TO_RESEAL = """
+        SELECT id, message_id, media_ref, media_key_id FROM whatsapp_messages
+        WHERE session_id = %s AND media_ref IS NOT NULL AND COALESCE(media_key_id, '') <> %s AND id > %s
+        ORDER BY id LIMIT %s
+    """
+    RESEAL_MEDIA = "UPDATE whatsapp_messages SET media_ref = %s, media_key_id = %s WHERE id = %s AND media_ref = %s"
+
+    def _reseal_media(self, session_id: str, current: str) -> tuple[int, int]:
+        """(resealed, unreadable) media references; the message log is not fenced, the update compares."""
+        resealed = unreadable = 0
+        after = 0
+        while True:
+            with self.transaction() as tx:
+                found = tx.execute(
+                    self.SELECT_MEDIA_TO_RESEAL, (session_id, current, after, self.RESEAL_BATCH)
+                ).fetchall()
+                for row in found:
+                    context = media_context(session_id, row["message_id"])
+                    try:
+                        text = self.sealer.open(row["media_ref"], row["media_key_id"], context)
+                    except Exception:
+                        unreadable += 1
+                        continue
+                    params = (self.sealer.seal(text, context), self.sealer.key_id, row["id"], row["media_ref"])
+                    resealed += tx.execute(self.RESEAL_MEDIA, params).rowcount
+            if len(found) < self.RESEAL_BATCH:
+                return resealed, unreadable
+            after = found[-1]["id"]
 
     def reseal(self, session_id: str, fence: Fence | None = None) -> ResealCount:
         """Re-encrypt every stored credential payload of the session that is not under the
@@ -945,7 +1025,8 @@ class Database:
                 params = (self.json_param(self.sealer.seal(text, context)), self.sealer.key_id, session_id, version)
                 snapshots += tx.execute(self.RESEAL_SNAPSHOT, (*params, row["checksum"], *fence_params)).rowcount
                 self._require_fence(tx, fence, fence_params)
-        return ResealCount(rows, snapshots, unreadable)
+        media, unreadable_media = self._reseal_media(session_id, current)
+        return ResealCount(rows, snapshots, unreadable + unreadable_media, media)
 
     DELETE_SESSION = f"DELETE FROM whatsapp_sessions WHERE session_id = %s AND {FENCE_HOLDS}"
     DELETE_HISTORY = "DELETE FROM whatsapp_session_history WHERE session_id = %s"
@@ -977,8 +1058,8 @@ class Database:
     INSERT_MESSAGE = """
         INSERT INTO whatsapp_messages (session_id, chat_jid, sender, message_id, dedupe_key, direction, text,
                                        status, reason, created_at, sent_at, next_attempt_at, expires_at,
-                                       message_type)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                       message_type, mimetype, media_size, file_name, media_ref, media_key_id)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (session_id, dedupe_key) DO NOTHING
         RETURNING id
     """
@@ -1031,8 +1112,14 @@ class Database:
         next_attempt_at: datetime | None = None,
         expires_at: datetime | None = None,
         message_type: str = "text",
+        mimetype: str | None = None,
+        media_size: int | None = None,
+        file_name: str | None = None,
+        media: str | None = None,
     ) -> int | None:
-        """One row of the message log; None when its dedupe key was recorded before."""
+        """One row of the message log; None when its dedupe key was recorded before. ``media``
+        (what downloads a received file, and the key to decrypt it) is sealed like credentials."""
+        media_ref = None if media is None else self.sealer.seal(media, media_context(session_id, message_id))
         params = (
             session_id,
             chat_jid,
@@ -1048,6 +1135,11 @@ class Database:
             _naive(next_attempt_at),
             _naive(expires_at),
             message_type,
+            mimetype,
+            media_size,
+            file_name,
+            media_ref,
+            None if media is None else self.sealer.key_id,
         )
         return tx.scalar(self.INSERT_MESSAGE, params)
 
@@ -1068,6 +1160,10 @@ class Database:
                 status="received",
                 created_at=message.received_at,
                 message_type=message.message_type,
+                mimetype=message.mimetype,
+                media_size=message.size,
+                file_name=message.file_name,
+                media=message.media,
             )
             if inbound_id is None:
                 return InboundResult(duplicate=True, reply_id=None)
@@ -1143,9 +1239,27 @@ class Database:
             self._event(tx, message.session_id, "message.sent", message.chat_jid, payload)
         return True
 
+    INSERT_OUTGOING_FILE = (
+        "INSERT INTO whatsapp_outgoing_files (message_id, data, mimetype, file_name) VALUES (%s, %s, %s, %s)"
+    )
+    SELECT_OUTGOING_FILE = """
+        SELECT m.message_type AS kind, f.data, f.mimetype, f.file_name
+        FROM whatsapp_outgoing_files f JOIN whatsapp_messages m ON m.id = f.message_id WHERE f.message_id = %s
+    """
+    DELETE_OUTGOING_FILE = "DELETE FROM whatsapp_outgoing_files WHERE message_id = %s"
+
     def enqueue_outgoing(
-        self, session_id: str, chat_jid: str, text: str, *, reason: str, expires_at: datetime | None, now: datetime
+        self,
+        session_id: str,
+        chat_jid: str,
+        text: str,
+        *,
+        reason: str,
+        expires_at: datetime | None,
+        now: datetime,
+        file: OutgoingFile | None = None,
     ) -> int:
+        """A message to send (``text`` is a file's caption); the file is kept with it until it is sent."""
         with self.transaction() as tx:
             message_id = self._insert_message(
                 tx,
@@ -1158,12 +1272,39 @@ class Database:
                 created_at=now,
                 next_attempt_at=now,
                 expires_at=expires_at,
+                message_type=file.kind if file else "text",
+                mimetype=file.mimetype if file else None,
+                media_size=len(file.data) if file else None,
+                file_name=file.file_name if file else None,
             )
-        assert message_id is not None  # no dedupe key: never a conflict
+            assert message_id is not None  # no dedupe key: never a conflict
+            if file is not None:
+                tx.execute(self.INSERT_OUTGOING_FILE, (message_id, file.data, file.mimetype, file.file_name))
         return message_id
 
+    def outgoing_file(self, message_id: int) -> OutgoingFile | None:
+        with self.transaction() as tx:
+            row = tx.execute(self.SELECT_OUTGOING_FILE, (message_id,)).fetchone()
+        return None if row is None else OutgoingFile(row["kind"], bytes(row["data"]), row["mimetype"], row["file_name"])
+
+    SELECT_MEDIA_REF = """
+        SELECT message_id, mimetype, file_name, media_ref, media_key_id FROM whatsapp_messages
+        WHERE session_id = %s AND id = %s AND media_ref IS NOT NULL
+    """
+
+    def media_ref(self, session_id: str, row_id: int) -> MediaRef | None:
+        """How to download a received file (None: the message has none)."""
+        with self.transaction() as tx:
+            row = tx.execute(self.SELECT_MEDIA_REF, (session_id, row_id)).fetchone()
+        if row is None:
+            return None
+        context = media_context(session_id, row["message_id"])
+        return MediaRef(
+            row["mimetype"], row["file_name"], self.sealer.open(row["media_ref"], row["media_key_id"], context)
+        )
+
     SELECT_QUEUED = """
-        SELECT id, chat_jid, text, attempts, next_attempt_at, expires_at FROM whatsapp_messages
+        SELECT id, chat_jid, text, attempts, next_attempt_at, expires_at, message_type FROM whatsapp_messages
         WHERE session_id = %s AND status = 'queued' ORDER BY id LIMIT %s
     """
 
@@ -1211,6 +1352,7 @@ class Database:
 
     def mark_sent(self, message_id: int, whatsapp_id: str, at: datetime) -> None:
         with self.transaction() as tx:
+            tx.execute(self.DELETE_OUTGOING_FILE, (message_id,))  # sent: its bytes are WhatsApp's now
             for row in tx.execute(self.MARK_SENT, (whatsapp_id, _naive(at), message_id)).fetchall():
                 payload = {
                     "id": row["id"],
@@ -1241,6 +1383,8 @@ class Database:
     def _status_events(self, tx: Transaction, rows: list[Any], status: str) -> int:
         """A message.status event for each of our messages whose status moved (rows of a RETURNING)."""
         for row in rows:
+            if status == "failed":
+                tx.execute(self.DELETE_OUTGOING_FILE, (row["id"],))  # never sent: nothing will need it
             payload = {"id": row["id"], "chat": row["chat_jid"], "whatsapp_id": row["message_id"], "status": status}
             if row.get("last_error"):
                 payload["error"] = row["last_error"]
@@ -1733,6 +1877,11 @@ def _message_event(row_id: int, message: Inbound, direction: str, status: str, r
         "status": status,
         "reason": reason,
         "at": message.received_at,
+        **(
+            {"mimetype": message.mimetype, "size": message.size, "file_name": message.file_name}
+            if message.media
+            else {}
+        ),
     }
 
 

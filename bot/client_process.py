@@ -34,7 +34,16 @@ from bot.errors import SendOutcomeUnknown, ZapkeepError
 
 log = logging.getLogger(__name__)
 
-CALLS = ("send_text", "logout", "request_pairing_code", "mark_read", "set_typing", "check_numbers")
+CALLS = (
+    "send_text",
+    "logout",
+    "request_pairing_code",
+    "mark_read",
+    "set_typing",
+    "check_numbers",
+    "download",
+    "send_media",
+)
 STOP_GRACE_SECONDS = 10.0  # whatsmeow's stop() waits for a slow dial (up to 60 s): not that long
 CALL_TIMEOUT_SECONDS = 60.0
 # Messages handed to the daemon and not yet logged, at most; a handler waits this long for room (see serve()).
@@ -165,6 +174,14 @@ class ProcessClient:
 
     def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
         return list(self._call("check_numbers", numbers))  # type: ignore[call-overload]
+
+    def download(self, media: str) -> str:
+        return str(self._call("download", media))
+
+    def send_media(
+        self, to_jid: str, kind: str, data: str, mimetype: str, file_name: str | None, caption: str | None
+    ) -> str:
+        return str(self._call("send_media", to_jid, kind, data, mimetype, file_name, caption))
 
     def message_handled(self, message_id: str) -> None:
         with self._lock:

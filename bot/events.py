@@ -80,6 +80,11 @@ class IncomingMessage:
     is_group: bool
     timestamp: int  # unix seconds
     kind: str = "text"  # see message_kind: text, audio, image, ..., reaction, edit, revoke, protocol
+    # A photo, voice note, video, document or sticker (the caption is ``text``):
+    mimetype: str | None = None
+    size: int | None = None  # bytes
+    file_name: str | None = None  # documents
+    media: str | None = None  # what whatsmeow needs to download it later (base64; holds its media key)
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,14 @@ class WhatsAppClient(Protocol):
     def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
         """Whether each phone number (digits with country code) is on WhatsApp:
         ``[{"number": ..., "on_whatsapp": bool, "jid": str | None}]``, in the order asked."""
+
+    def download(self, media: str) -> str:
+        """A received file's bytes (base64), fetched and decrypted by whatsmeow from ``media``."""
+
+    def send_media(
+        self, to_jid: str, kind: str, data: str, mimetype: str, file_name: str | None, caption: str | None
+    ) -> str:
+        """Upload and send a file (``kind``: image, document, audio, video; ``data``: base64); its message id."""
 
 
 ClientFactory = Callable[[Path, EventSink], WhatsAppClient]

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 from collections.abc import Callable
 
 from bot import events
 from bot.errors import StateConflictError
+from database import OutgoingFile
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,14 @@ class SendGateway:
 
     def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
         return self._client().check_numbers(numbers)
+
+    def send_file(self, to_jid: str, file: OutgoingFile, caption: str) -> str:
+        data = base64.b64encode(file.data).decode("ascii")
+        return self._client().send_media(to_jid, file.kind, data, file.mimetype, file.file_name, caption or None)
+
+    def download(self, media: str) -> bytes:
+        """A received file, fetched through whatsmeow now (nothing is kept on disk)."""
+        return base64.b64decode(self._client().download(media))
 
     def mark_read(self, message: events.IncomingMessage) -> None:
         self._client().mark_read(message.chat, message.sender, message.message_id)

@@ -161,6 +161,10 @@ class Chatbot:
             storable(message.text),
             now,
             message_type=message.kind,
+            mimetype=None if message.mimetype is None else storable(message.mimetype),
+            size=message.size,
+            file_name=None if message.file_name is None else storable(message.file_name),
+            media=message.media,
         )
         reason = ignore_reason(message)
         if reason is None and (message.kind in events.PROTOCOL_KINDS or self.rules.ignores(message.kind)):

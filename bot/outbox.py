@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from bot import events
 from bot.errors import SendOutcomeUnknown, StateConflictError, first_line
 from bot.metrics import Metrics
-from database import Database
+from database import Database, OutgoingFile, OutgoingMessage
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Channel:
     send_text: Callable[[str, str], str]  # (chat jid, text) -> message id; StateConflictError when offline
     is_connected: Callable[[], bool]
     show_typing: Callable[[str, float], None]  # (chat jid, seconds): may sleep that long
+    send_file: Callable[[str, OutgoingFile, str], str] | None = None  # (chat jid, file, caption) -> message id
 
 
 class Outbox:
@@ -102,7 +103,16 @@ class Outbox:
         if moved:
             log.debug("outbox: %d message(s) to %s %s", moved, receipt.chat, receipt.status)
 
-    def enqueue(self, chat_jid: str, text: str, *, reason: str, expires_in: timedelta | None) -> int:
+    def enqueue(
+        self,
+        chat_jid: str,
+        text: str,
+        *,
+        reason: str,
+        expires_in: timedelta | None,
+        file: OutgoingFile | None = None,
+    ) -> int:
+        """Queue a text (or a file, ``text`` its caption); sent in order per chat once connected."""
         now = self._clock()
         message_id = self.db.enqueue_outgoing(
             self.session_id,
@@ -111,6 +121,7 @@ class Outbox:
             reason=reason,
             expires_at=None if expires_in is None else now + expires_in,
             now=now,
+            file=file,
         )
         self.notify()
         return message_id
@@ -147,9 +158,7 @@ class Outbox:
                 if message.next_attempt_at is not None and message.next_attempt_at > now:
                     held.add(message.chat_jid)
                     continue
-                if not self._send(
-                    message.id, message.chat_jid, message.text, message.attempts, typing=len(queued) < TYPING_ONLY_BELOW
-                ):
+                if not self._send(message, typing=len(queued) < TYPING_ONLY_BELOW):
                     if not self.channel.is_connected():
                         return sent  # wait for the reconnect; the rest stays queued in order
                     held.add(message.chat_jid)
@@ -157,13 +166,21 @@ class Outbox:
                 sent += 1
             return sent
 
-    def _send(self, row_id: int, chat_jid: str, text: str, attempts: int, *, typing: bool) -> bool:
+    def _send(self, message: OutgoingMessage, *, typing: bool) -> bool:
+        row_id, chat_jid, text, attempts = message.id, message.chat_jid, message.text, message.attempts
+        file = self.db.outgoing_file(row_id) if message.message_type != "text" else None
+        if message.message_type != "text" and (file is None or self.channel.send_file is None):
+            self.db.mark_failed(row_id, "its file is gone (or files cannot be sent here)")
+            return False
         if not self.db.claim_outgoing(row_id):
             return False  # someone else took it
         try:
-            if typing and self.typing_seconds > 0:
+            if typing and self.typing_seconds > 0 and file is None:
                 self.channel.show_typing(chat_jid, self.typing_seconds)
-            whatsapp_id = self.channel.send_text(chat_jid, text)
+            if file is not None and self.channel.send_file is not None:
+                whatsapp_id = self.channel.send_file(chat_jid, file, text)
+            else:
+                whatsapp_id = self.channel.send_text(chat_jid, text)
         except StateConflictError:
             self.db.mark_unsent(row_id)  # never reached WhatsApp: not an attempt
             return False

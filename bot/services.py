@@ -58,7 +58,12 @@ def build_services(
     outbox = Outbox(
         db,
         config.session_id,
-        Channel(runtime.gateway.send_text, runtime.gateway.is_connected, runtime.gateway.show_typing),
+        Channel(
+            runtime.gateway.send_text,
+            runtime.gateway.is_connected,
+            runtime.gateway.show_typing,
+            runtime.gateway.send_file,
+        ),
         typing_seconds=rules.typing_seconds,
         metrics=runtime.metrics,
     )

@@ -9,6 +9,7 @@ each one only translates the event and hands it to the sink.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from pathlib import Path
@@ -89,6 +90,25 @@ class NeonizeClient:
             found.append({"number": number, "on_whatsapp": on, "jid": Jid2String(answer.JID) if on else None})
         return found
 
+    def download(self, media: str) -> str:
+        data = self._client.download_any(Message.FromString(base64.b64decode(media)))
+        return base64.b64encode(data or b"").decode("ascii")
+
+    def send_media(
+        self, to_jid: str, kind: str, data: str, mimetype: str, file_name: str | None, caption: str | None
+    ) -> str:
+        content = base64.b64decode(data)
+        build = {
+            "image": lambda: self._client.build_image_message(content, caption),
+            "video": lambda: self._client.build_video_message(content, caption),
+            "audio": lambda: self._client.build_audio_message(content),
+            "document": lambda: self._client.build_document_message(
+                content, caption=caption, filename=file_name, mimetype=mimetype
+            ),
+        }[kind]
+        response = self._client.send_message(parse_jid(to_jid), build())  # uploaded by whatsmeow, then sent
+        return str(response.ID)
+
     def set_typing(self, chat_jid: str, typing: bool) -> None:
         state = ChatPresence.CHAT_PRESENCE_COMPOSING if typing else ChatPresence.CHAT_PRESENCE_PAUSED
         self._client.send_chat_presence(parse_jid(chat_jid), state, ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT)
@@ -140,6 +160,7 @@ class NeonizeClient:
                     is_group=source.IsGroup,
                     timestamp=_unix_seconds(ev.Info.Timestamp),
                     kind=kind_of(ev.Message),
+                    **media_of(ev.Message),
                 )
             )
 
@@ -160,13 +181,41 @@ def receipt_of(ev: ReceiptEv) -> events.Receipt | None:
 _WRAPPERS = ("ephemeralMessage", "viewOnceMessage", "viewOnceMessageV2", "viewOnceMessageV2Extension")
 
 
-def kind_of(message: Message) -> str:
-    """text, audio, image, ..., reaction, edit, revoke (see ``events.message_kind``)."""
+_MEDIA = ("imageMessage", "audioMessage", "videoMessage", "documentMessage", "stickerMessage")
+
+
+def unwrapped(message: Message) -> Message:
     for _ in range(3):  # disappearing and view-once messages wrap the real one
         wrapper = next((w for w in _WRAPPERS if message.HasField(w)), None)
         if wrapper is None:
             break
         message = getattr(message, wrapper).message
+    if message.HasField("documentWithCaptionMessage"):
+        message = message.documentWithCaptionMessage.message
+    return message
+
+
+def media_of(message: Message) -> dict[str, object]:
+    """A file's mimetype, size and name, and what whatsmeow needs to download it (only that media
+    part of the message, serialised); nothing for a message without a file."""
+    message = unwrapped(message)
+    field = next((f for f in _MEDIA if message.HasField(f)), None)
+    if field is None:
+        return {}
+    part = getattr(message, field)
+    only = Message()
+    getattr(only, field).CopyFrom(part)
+    return {
+        "mimetype": part.mimetype or None,
+        "size": int(part.fileLength) if part.fileLength else None,
+        "file_name": (part.fileName or None) if field == "documentMessage" else None,
+        "media": base64.b64encode(only.SerializeToString()).decode("ascii"),
+    }
+
+
+def kind_of(message: Message) -> str:
+    """text, audio, image, ..., reaction, edit, revoke (see ``events.message_kind``)."""
+    message = unwrapped(message)
     fields = [descriptor.name for descriptor, _ in message.ListFields()]
     protocol_type = None
     if message.HasField("protocolMessage"):

@@ -12,7 +12,8 @@ from typing import Any
 from flask import Blueprint, Response, abort, current_app, request
 
 from database import LoggedMessage
-from session_api.routes import db, jsonable, ok, require_token, session_id_from
+from bot.errors import SessionDocumentError, StateConflictError, first_line
+from session_api.routes import db, jsonable, ok, require_token, runtime, session_id_from
 
 bp = Blueprint("conversations", __name__)
 bp.before_request(require_token)
@@ -68,6 +69,32 @@ def message(row_id: int) -> tuple[Response, int]:
     if found is None:
         abort(404, f"no message {row_id} in session {session_id}")
     return ok(session_id=session_id, message=_message(found))
+
+
+@bp.get("/api/messages/<int:row_id>/media")
+def media(row_id: int) -> Response:
+    """A received file, downloaded through whatsmeow now (nothing of it is kept by zapkeep)."""
+    session_id = session_id_from()
+    if session_id != runtime().config.session_id:
+        abort(409, f"this daemon runs session {runtime().config.session_id}, not {session_id}")
+    try:
+        found = db().media_ref(session_id, row_id)
+    except SessionDocumentError as exc:  # sealed with a key this daemon lacks
+        abort(409, first_line(exc))
+    if found is None:
+        abort(404, f"message {row_id} of session {session_id} has no file")
+    try:
+        data = runtime().gateway.download(found.media)
+    except StateConflictError as exc:
+        abort(409, str(exc))
+    except Exception as exc:  # whatsmeow's own errors: expired on WhatsApp's servers, refused
+        abort(502, f"WhatsApp gave no file: {first_line(exc)}")
+    name = re.sub(r"[^A-Za-z0-9._ -]", "_", found.file_name or f"message-{row_id}")
+    return Response(
+        data,
+        mimetype=found.mimetype or "application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"},
+    )
 
 
 @bp.get("/api/outbox")

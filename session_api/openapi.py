@@ -359,6 +359,28 @@ def _document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/messages/{row_id}/media": {
+                "get": {
+                    "summary": "A received file (photo, voice note, video, document, sticker), downloaded through "
+                    "whatsmeow now; nothing of it is kept",
+                    "parameters": [
+                        SESSION_ID,
+                        {"name": "row_id", "in": "path", "required": True, "schema": {"type": "integer"}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The file, with its mimetype",
+                            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                        },
+                        "401": UNAUTHORIZED,
+                        "404": _error("No such message, or it has no file"),
+                        "409": _error(
+                            "Not this daemon's session, not connected, or sealed with a key this daemon lacks"
+                        ),
+                        "502": _error("WhatsApp gave no file (expired on its servers, refused)"),
+                    },
+                }
+            },
             "/api/messages/{row_id}": {
                 "get": {
                     "summary": "One logged message (its id in the log, as the lists give it)",
@@ -505,14 +527,35 @@ def _document() -> dict[str, Any]:
             },
             "/api/messages/send": {
                 "post": {
-                    "summary": "Send a text message",
-                    "requestBody": _body(
-                        {
-                            "to": {"type": "string", "description": "Phone with country code, a JID, or NUMBER@c.us"},
-                            "message": {"type": "string", "maxLength": 4096},
+                    "summary": "Send a text message (JSON), or a file (multipart/form-data: to, file, caption, "
+                    "type: image, document, audio or video, else from the file's type)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            **_body(
+                                {
+                                    "to": {
+                                        "type": "string",
+                                        "description": "Phone with country code, a JID, or NUMBER@c.us",
+                                    },
+                                    "message": {"type": "string", "maxLength": 4096},
+                                },
+                                ["to", "message"],
+                            )["content"],
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["to", "file"],
+                                    "properties": {
+                                        "to": {"type": "string"},
+                                        "file": {"type": "string", "format": "binary", "maxLength": 33554432},
+                                        "caption": {"type": "string", "maxLength": 4096},
+                                        "type": {"type": "string", "enum": ["image", "document", "audio", "video"]},
+                                    },
+                                }
+                            },
                         },
-                        ["to", "message"],
-                    ),
+                    },
                     "responses": {
                         "200": _ok("Sent at once (daemon without an outbox)", {"message_id": {"type": "string"}}),
                         "202": _ok("Queued in the outbox; sent now or on reconnect", {"id": {"type": "integer"}}),

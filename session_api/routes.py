@@ -25,7 +25,7 @@ from bot.persistence import export_document, import_document
 from bot.runtime import Runtime
 from bot.sealing import Sealer
 from bot.session_state import State
-from database import Database, Fence, FencedOut
+from database import Database, Fence, FencedOut, OutgoingFile
 from session_api.console_auth import signed_in_browser
 from session_api.openapi import openapi_document
 
@@ -354,14 +354,25 @@ def _connection_action(action: Callable[[Runtime], None]) -> tuple[Response, int
 
 @bp.post("/api/messages/send")
 def send() -> tuple[Response, int]:
-    body = json_body(required=True)
-    to, text = body.get("to"), body.get("message")
+    """JSON ``{"to", "message"}``; or multipart/form-data with ``to``, ``file`` and an optional
+    ``caption`` (an image, document, audio or video, sent through the outbox like a text)."""
+    file = None
+    if request.mimetype == "multipart/form-data":
+        to, text = request.form.get("to"), request.form.get("caption", "")
+        file = _uploaded_file()
+    else:
+        body = json_body(required=True)
+        to, text = body.get("to"), body.get("message")
     if not isinstance(to, str) or not (jid := normalise_recipient(to)):
         abort(400, "to must be a phone number with country code (10-15 digits) or a WhatsApp JID")
-    if not isinstance(text, str) or not text.strip() or len(text) > MAX_MESSAGE_CHARS:
+    if not isinstance(text, str) or len(text) > MAX_MESSAGE_CHARS or (file is None and not text.strip()):
         abort(400, f"message must be a non-empty text of at most {MAX_MESSAGE_CHARS} characters")
+    if UNSTORABLE.search(text):
+        abort(400, "message must not hold NUL or lone surrogates")
     require_own_session(runtime().config.session_id)
     outbox: Outbox | None = current_app.extensions["zapkeep.outbox"]
+    if file is not None and outbox is None:
+        abort(409, "files are sent through the outbox, which this daemon does not run")
     if outbox is None:
         try:
             message_id = runtime().gateway.send_text(jid, text)
@@ -374,8 +385,31 @@ def send() -> tuple[Response, int]:
             f"session {runtime().config.session_id} is not paired ({runtime().state.value}); "
             "nothing could deliver the message",
         )
-    queued = outbox.enqueue(jid, text, reason="api", expires_in=current_app.config["REPLY_EXPIRY"])
+    queued = outbox.enqueue(jid, text, reason="api", expires_in=current_app.config["REPLY_EXPIRY"], file=file)
     return ok(202, to=jid, id=queued, status="queued", connected=runtime().gateway.is_connected())
+
+
+MAX_FILE_BYTES = 32 * 1024 * 1024  # (WhatsApp's own limits: 16 MB for media, 100 MB+ for documents)
+FILE_KINDS = ("image", "document", "audio", "video")
+
+
+def _uploaded_file() -> OutgoingFile:
+    upload = request.files.get("file")
+    if upload is None:
+        abort(400, "a multipart send needs a file field")
+    data = upload.read(MAX_FILE_BYTES + 1)
+    if not data or len(data) > MAX_FILE_BYTES:
+        abort(400, f"file must hold 1 byte to {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+    mimetype = upload.mimetype or "application/octet-stream"
+    kind = request.form.get("type") or next(
+        (k for k in ("image", "audio", "video") if mimetype.startswith(f"{k}/")), "document"
+    )
+    if kind not in FILE_KINDS:
+        abort(400, f"type must be one of {', '.join(FILE_KINDS)}")
+    name = upload.filename or None
+    if name is not None and (UNSTORABLE.search(name) or len(name) > 255):
+        abort(400, "the file's name must be at most 255 characters, without NUL or lone surrogates")
+    return OutgoingFile(kind, data, mimetype, name)
 
 
 MAX_NUMBERS = 50

@@ -8,6 +8,8 @@ time from its own thread, the way Go calls neonize's handlers.
 
 from __future__ import annotations
 
+import base64
+
 import itertools
 import queue
 import sqlite3
@@ -24,8 +26,12 @@ from tests.synthetic import DEVICE_JID, SMALL, fill_store
 @dataclass
 class SentMessage:
     to: str
-    text: str
+    text: str  # a file's caption
     message_id: str
+    kind: str = "text"
+    data: bytes | None = None
+    mimetype: str | None = None
+    file_name: str | None = None
 
 
 @dataclass
@@ -39,6 +45,7 @@ class FakeWhatsApp:
     registered: set[str] = field(default_factory=set)  # phone numbers that are on WhatsApp
     typing: list[tuple[str, bool]] = field(default_factory=list)
     send_failures: list[str] = field(default_factory=list)  # errors for the next sends
+    files: dict[str, bytes] = field(default_factory=dict)  # on WhatsApp's media servers, by media reference
     connected: bool = True  # the servers answer; set False to make every connect fail
     offline_error: str = "failed to dial whatsapp web websocket: proxyconnect tcp: connection refused"
 
@@ -102,6 +109,24 @@ class FakeClient:
         message_id = f"3EB0{next(self._ids):016X}"
         self.network.sent.append(SentMessage(to_jid, text, message_id))
         return message_id
+
+    def send_media(
+        self, to_jid: str, kind: str, data: str, mimetype: str, file_name: str | None, caption: str | None
+    ) -> str:
+        self.send_text(to_jid, caption or "")  # (the same checks and id; replaced below by the file)
+        sent = self.network.sent.pop()
+        content = base64.b64decode(data)
+        self.network.sent.append(
+            SentMessage(to_jid, caption or "", sent.message_id, kind, content, mimetype, file_name)
+        )
+        return sent.message_id
+
+    def download(self, media: str) -> str:
+        if not self.running.is_set() or self.stopped.is_set():
+            raise RuntimeError("client is nil")
+        if media not in self.network.files:
+            raise RuntimeError("failed to download media: 404 (expired on the server)")
+        return base64.b64encode(self.network.files[media]).decode("ascii")
 
     def logout(self) -> None:
         self.unlink()

@@ -763,3 +763,81 @@ def test_contacts_check_asks_whatsapp_which_numbers_are_on_it(api: Api) -> None:
         {"numbers": ["5511912345678"] * 51},
     ):
         assert api.call("POST", "/api/contacts/check", body=bad).status == 400, bad
+
+
+def multipart(fields: dict[str, str], file: tuple[str, str, bytes] | None) -> tuple[bytes, str]:
+    """A multipart/form-data body as a browser or curl -F sends it: (body, content type)."""
+    boundary = "zapkeep-test-boundary-7f3a"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    if file is not None:
+        name, mimetype, data = file
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\nContent-Type: {mimetype}\r\n\r\n'
+        parts.append(head.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_received_photo_is_logged_with_its_file_and_downloads_through_the_api(api: Api) -> None:
+    api.pair()
+    photo = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40  # (a JPEG's first bytes, then anything)
+    api.network.files["MEDIA-REF-1"] = photo
+    client = api.network.current()
+    client.emit(
+        events.IncomingMessage(
+            "3EB0PHOTO1",
+            CUSTOMER,
+            CUSTOMER,
+            "Ana",
+            "olha a foto",
+            False,
+            False,
+            int(time.time()),
+            kind="image",
+            mimetype="image/jpeg",
+            size=len(photo),
+            media="MEDIA-REF-1",
+        )
+    )
+    client.emit(events.IncomingMessage("3EB0TEXT1", CUSTOMER, CUSTOMER, "Ana", "oi", False, False, int(time.time())))
+    wait_until(lambda: len(api.db.list_messages("default", CUSTOMER)) >= 3, message="logged")
+    listed = api.call("GET", f"/api/chats/{CUSTOMER}/messages").json()["messages"]
+    (logged,) = [m for m in listed if m["message_id"] == "3EB0PHOTO1"]
+    assert (logged["type"], logged["mimetype"], logged["media_size"], logged["text"]) == (
+        "image",
+        "image/jpeg",
+        len(photo),
+        "olha a foto",
+    )
+    download = api.call("GET", f"/api/messages/{logged['id']}/media")
+    assert download.status == 200 and download.body == photo
+    assert download.headers["content-type"] == "image/jpeg" and "attachment" in download.headers["content-disposition"]
+    text_only = next(m for m in listed if m["message_id"] == "3EB0TEXT1")
+    assert api.call("GET", f"/api/messages/{text_only['id']}/media").status == 404
+    del api.network.files["MEDIA-REF-1"]  # expired on WhatsApp's servers
+    gone = api.call("GET", f"/api/messages/{logged['id']}/media")
+    assert gone.status == 502 and "expired" in gone.json()["message"]
+
+
+def test_files_sent_through_the_api_go_out_through_the_outbox(api: Api) -> None:
+    api.pair()
+    image = b"\x89PNG\r\n\x1a\n" + b"\x00" * 300
+    body, content_type = multipart(
+        {"to": "5511912345678", "caption": "nosso cardápio"}, ("menu.png", "image/png", image)
+    )
+    queued = api.call("POST", "/api/messages/send", raw=body, headers={"Content-Type": content_type})
+    assert queued.status == 202, queued.body
+    pdf = b"%PDF-1.7 " + b"x" * 1000
+    body, content_type = multipart({"to": "5511912345678"}, ("orçamento.pdf", "application/pdf", pdf))
+    assert api.call("POST", "/api/messages/send", raw=body, headers={"Content-Type": content_type}).status == 202
+    wait_until(lambda: len([s for s in api.network.sent if s.kind != "text"]) == 2, message="both files sent")
+    first, second = [s for s in api.network.sent if s.kind != "text"]
+    assert (first.kind, first.data, first.mimetype, first.text) == ("image", image, "image/png", "nosso cardápio")
+    assert (second.kind, second.data, second.file_name) == ("document", pdf, "orçamento.pdf")
+    row = api.db.message("default", queued.json()["id"])
+    assert row is not None and (row.status, row.message_type, row.media_size) == ("sent", "image", len(image))
+    assert api.db.outgoing_file(row.id) is None  # sent: the bytes are not kept
+
+    body, content_type = multipart({"to": "5511912345678", "caption": "sem arquivo"}, None)
+    refused = api.call("POST", "/api/messages/send", raw=body, headers={"Content-Type": content_type})
+    assert refused.status == 400 and "file" in refused.json()["message"]

@@ -265,3 +265,70 @@ print(json.dumps({kind: receipt(kind) for kind in ("DELIVERED", "READ", "PLAYED"
     assert found["READ"] == [ids, chat, "read", 1700000000] and found["PLAYED"][2] == "read"
     assert found["READ_SELF"] is None and found["RETRY"] is None and found["SERVER_ERROR"] is None
     assert found["READ from our own device"] is None
+
+
+MEDIA_SCRIPT = """
+import base64, json, logging, sys
+from bot import logs
+logs.configure(logging.WARNING)
+from bot import whatsapp
+from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import DocumentMessage, FutureProofMessage, ImageMessage, Message
+key = b"k" * 32
+photo = Message(ephemeralMessage=FutureProofMessage(message=Message(imageMessage=ImageMessage(
+    mimetype="image/jpeg", fileLength=1234, caption="olha", mediaKey=key, directPath="/v/t62.7118-24/x"))))
+document = Message(documentWithCaptionMessage=FutureProofMessage(message=Message(documentMessage=DocumentMessage(
+    mimetype="application/pdf", fileLength=99, fileName="orcamento.pdf", caption="segue"))))
+found = {}
+for name, message in (("photo", photo), ("document", document), ("text", Message(conversation="oi"))):
+    media = whatsapp.media_of(message)
+    if "media" in media:
+        again = Message.FromString(base64.b64decode(media.pop("media")))
+        media["ref"] = [field.name for field, _ in again.ListFields()]
+        media["key_kept"] = again.imageMessage.mediaKey == key if name == "photo" else None
+    found[name] = {**media, "kind": whatsapp.kind_of(message)}
+# Offline, through the real client: the calls reach whatsmeow (its own error), never a wrong signature.
+client = whatsapp.NeonizeClient(sys.argv[1], lambda event: None)
+errors = {}
+for name, call in (
+    ("download", lambda: client.download(base64.b64encode(photo.ephemeralMessage.message.SerializeToString()).decode())),
+    ("send_document", lambda: client.send_media("5511912345678@s.whatsapp.net", "document",
+                                                base64.b64encode(b"%PDF-1.7").decode(), "application/pdf", "a.pdf", "c")),
+):
+    try:
+        call()
+        errors[name] = None
+    except Exception as exc:
+        errors[name] = type(exc).__name__
+print(json.dumps({"found": found, "errors": errors}))
+"""
+
+
+def test_neonizes_media_messages_give_their_file_and_a_reference_to_download_it(tmp_path: Path) -> None:
+    """bot.whatsapp's reading of photos and documents (wrapped as WhatsApp wraps them), and its
+    download and send calls against the real library offline (in a child: never in this process)."""
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    result = subprocess.run(
+        [sys.executable, "-c", MEDIA_SCRIPT, str(store)],
+        cwd=ROOT,
+        env={**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    found = answer["found"]
+    assert found["photo"] == {
+        "mimetype": "image/jpeg",
+        "size": 1234,
+        "file_name": None,
+        "ref": ["imageMessage"],
+        "key_kept": True,
+        "kind": "image",
+    }
+    assert found["document"]["file_name"] == "orcamento.pdf" and found["document"]["ref"] == ["documentMessage"]
+    assert found["document"]["kind"] == "document" and found["text"] == {"kind": "text"}
+    for name, error in answer["errors"].items():  # offline: whatsmeow says no, in its own words
+        assert error not in (None, "TypeError", "KeyError", "AttributeError"), (name, error, result.stderr[-2000:])

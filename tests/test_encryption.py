@@ -28,6 +28,7 @@ from tests.synthetic import create_paired_store, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_A, KEY_B = os.urandom(32), os.urandom(32)
+ANA = "5511912345678@s.whatsapp.net"
 SECRET_COLUMNS = {  # what whoever holds these can impersonate the number with
     "whatsmeow_device": ("noise_key", "identity_key", "signed_pre_key", "adv_key"),
     "whatsmeow_pre_keys": ("key",),
@@ -349,3 +350,25 @@ def test_an_instance_without_the_key_never_takes_over_the_session(
     assert sealed.key_ids("default") == {key_id_of(KEY_A)}
     after = everything_stored(sealed, files=False)
     assert after.count(b"zk1:") == before.count(b"zk1:")  # nothing restored, rolled back or re-sealed
+
+
+def test_a_received_files_download_reference_is_sealed_too(db: Database, open_db: OpenDb) -> None:
+    """It holds the media key that decrypts the file on WhatsApp's servers."""
+    from datetime import UTC, datetime
+
+    from database import Inbound, InboundOutcome
+
+    sealed = open_db(Sealer(KEY_A))
+    reference = base64.b64encode(b"media-key:" + KEY_B).decode()  # (any secret will do)
+    inbound = Inbound(
+        "default", ANA, ANA, "3EB0FILE", "olha", datetime.now(UTC), "image", "image/jpeg", 10, None, reference
+    )
+    sealed.record_inbound(inbound, lambda chat: InboundOutcome("ignored", "test"))
+    (logged,) = sealed.list_messages("default")
+    assert sealed.media_ref("default", logged.id).media == reference
+    assert reference.encode() not in everything_stored(sealed)
+    assert sealed.key_ids("default") == {key_id_of(KEY_A)}
+
+    rotated = open_db(Sealer(KEY_B, [KEY_A]), same=sealed)
+    assert rotated.reseal("default").media == 1
+    assert open_db(Sealer(KEY_B), same=sealed).media_ref("default", logged.id).media == reference
