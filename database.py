@@ -272,6 +272,7 @@ class OutgoingFile:
 class MediaRef:
     mimetype: str | None
     file_name: str | None
+    size: int | None
     media: str  # opened
 
 
@@ -1215,6 +1216,7 @@ class Database:
     def record_operator_message(self, message: Inbound, paused_until: datetime) -> bool:
         """An answer typed on the phone: logged as outgoing, and the bot steps back in that chat."""
         with self.transaction() as tx:
+            self._lock_events(tx, message.session_id)  # before the chat's row, as record_inbound: no deadlock
             logged = self._insert_message(
                 tx,
                 session_id=message.session_id,
@@ -1288,7 +1290,7 @@ class Database:
         return None if row is None else OutgoingFile(row["kind"], bytes(row["data"]), row["mimetype"], row["file_name"])
 
     SELECT_MEDIA_REF = """
-        SELECT message_id, mimetype, file_name, media_ref, media_key_id FROM whatsapp_messages
+        SELECT message_id, mimetype, file_name, media_size, media_ref, media_key_id FROM whatsapp_messages
         WHERE session_id = %s AND id = %s AND media_ref IS NOT NULL
     """
 
@@ -1299,9 +1301,8 @@ class Database:
         if row is None:
             return None
         context = media_context(session_id, row["message_id"])
-        return MediaRef(
-            row["mimetype"], row["file_name"], self.sealer.open(row["media_ref"], row["media_key_id"], context)
-        )
+        opened = self.sealer.open(row["media_ref"], row["media_key_id"], context)
+        return MediaRef(row["mimetype"], row["file_name"], row["media_size"], opened)
 
     SELECT_QUEUED = """
         SELECT id, chat_jid, text, attempts, next_attempt_at, expires_at, message_type FROM whatsapp_messages
@@ -1532,6 +1533,7 @@ class Database:
     def release_chat(self, session_id: str, chat_jid: str) -> bool:
         """Give a chat paused by a hand-off (or an operator's answer) back to the bot; False: it was not paused."""
         with self.transaction() as tx:
+            self._lock_events(tx, session_id)  # before the chat's row, as record_inbound: no deadlock
             released = tx.execute(self.RELEASE_CHAT, (session_id, chat_jid, _utcnow())).rowcount == 1
             if released:
                 self._event(tx, session_id, "chat.released", chat_jid, {"chat": chat_jid})

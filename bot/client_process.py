@@ -52,6 +52,8 @@ HANDLED_WAIT_SECONDS = 5.0
 _NO_END = object()
 # whatsmeow's errors after the message node was sent, while it waited for the server's answer
 # (ErrIQTimedOut, ErrIQDisconnected, a cancelled context): the customer may already have it.
+MEDIA_CALLS = ("download", "send_media")
+MEDIA_CALL_TIMEOUT_SECONDS = 300.0
 AMBIGUOUS_SEND_ERROR = re.compile(r"timed out|deadline exceeded|disconnected before|context canceled", re.IGNORECASE)
 
 
@@ -153,8 +155,11 @@ class ProcessClient:
             process.wait()
 
     def send_text(self, to_jid: str, text: str) -> str:
+        return str(self._send_call("send_text", to_jid, text))
+
+    def _send_call(self, op: str, *args: object, timeout: float | None = None) -> object:
         try:
-            return str(self._call("send_text", to_jid, text))
+            return self._call(op, *args, timeout=timeout)
         except ClientCallError as exc:
             if AMBIGUOUS_SEND_ERROR.search(str(exc)):
                 raise SendOutcomeUnknown(str(exc)) from None  # the message may be on its way already
@@ -176,12 +181,14 @@ class ProcessClient:
         return list(self._call("check_numbers", numbers))  # type: ignore[call-overload]
 
     def download(self, media: str) -> str:
-        return str(self._call("download", media))
+        return str(self._call("download", media, timeout=MEDIA_CALL_TIMEOUT_SECONDS))
 
     def send_media(
         self, to_jid: str, kind: str, data: str, mimetype: str, file_name: str | None, caption: str | None
     ) -> str:
-        return str(self._call("send_media", to_jid, kind, data, mimetype, file_name, caption))
+        # An upload of megabytes takes its time: a timeout while it is sent would leave it unknown.
+        args = (to_jid, kind, data, mimetype, file_name, caption)
+        return str(self._send_call("send_media", *args, timeout=MEDIA_CALL_TIMEOUT_SECONDS))
 
     def message_handled(self, message_id: str) -> None:
         with self._lock:
@@ -189,7 +196,7 @@ class ProcessClient:
         if running:
             self._write({"op": "handled", "id": message_id})
 
-    def _call(self, op: str, *args: object) -> object:
+    def _call(self, op: str, *args: object, timeout: float | None = None) -> object:
         with self._lock:
             process = self._process
             if process is None or process.poll() is not None or self._stopped:
@@ -198,8 +205,9 @@ class ProcessClient:
             call = self._calls[call_id] = _Call()
         try:
             self._write({"op": op, "id": call_id, "args": list(args)})
-            if not call.done.wait(CALL_TIMEOUT_SECONDS):
-                call.error, call.unknown = f"no answer from the client within {CALL_TIMEOUT_SECONDS:.0f} s", True
+            limit = timeout or CALL_TIMEOUT_SECONDS
+            if not call.done.wait(limit):
+                call.error, call.unknown = f"no answer from the client within {limit:.0f} s", True
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
@@ -317,6 +325,8 @@ def serve(client_factory: ChildClientFactory, store_path: Path, commands: IO[byt
 
     client = client_factory(store_path, sink)
     workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="call")
+    # Files take long: they get workers of their own, so a slow upload never holds up a text.
+    media_workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="media")
 
     def answer(call_id: object, op: str, args: list[object]) -> None:
         try:
@@ -336,7 +346,8 @@ def serve(client_factory: ChildClientFactory, store_path: Path, commands: IO[byt
             elif op == "handled":
                 window.logged(str(command.get("id")))
             elif op in CALLS:
-                workers.submit(answer, command.get("id"), op, list(command.get("args", [])))
+                pool = media_workers if op in MEDIA_CALLS else workers
+                pool.submit(answer, command.get("id"), op, list(command.get("args", [])))
         # stdin closed: the daemon is gone. Stop the round, and leave soon whether it stops or not.
         threading.Thread(target=client.stop, daemon=True).start()
         threading.Timer(3.0, os._exit, args=(0,)).start()

@@ -168,12 +168,12 @@ class Outbox:
 
     def _send(self, message: OutgoingMessage, *, typing: bool) -> bool:
         row_id, chat_jid, text, attempts = message.id, message.chat_jid, message.text, message.attempts
+        if not self.db.claim_outgoing(row_id):
+            return False  # someone else took it
         file = self.db.outgoing_file(row_id) if message.message_type != "text" else None
         if message.message_type != "text" and (file is None or self.channel.send_file is None):
             self.db.mark_failed(row_id, "its file is gone (or files cannot be sent here)")
             return False
-        if not self.db.claim_outgoing(row_id):
-            return False  # someone else took it
         try:
             if typing and self.typing_seconds > 0 and file is None:
                 self.channel.show_typing(chat_jid, self.typing_seconds)

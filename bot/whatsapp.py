@@ -38,11 +38,13 @@ from bot import events
 
 log = logging.getLogger(__name__)
 
+MAX_DOWNLOAD_BYTES = 64 * 2**20  # what crosses the pipe as one line (base64: a third more)
+
 
 def configure_library_logging(level: int) -> None:
     """Go's log level follows this logger; left unset, Go would send DEBUG lines too."""
     logging.getLogger("neonize.utils.log").setLevel(level)
-    logging.getLogger("neonize.utils.ffmpeg").setLevel(logging.ERROR)  # media is not used
+    logging.getLogger("neonize.utils.ffmpeg").setLevel(logging.ERROR)  # (audio and video sends say it themselves)
 
 
 class NeonizeClient:
@@ -92,7 +94,11 @@ class NeonizeClient:
 
     def download(self, media: str) -> str:
         data = self._client.download_any(Message.FromString(base64.b64decode(media)))
-        return base64.b64encode(data or b"").decode("ascii")
+        if not data:
+            raise RuntimeError("whatsmeow returned no file")
+        if len(data) > MAX_DOWNLOAD_BYTES:
+            raise RuntimeError(f"the file is over {MAX_DOWNLOAD_BYTES // 2**20} MiB: not passed through the daemon")
+        return base64.b64encode(data).decode("ascii")
 
     def send_media(
         self, to_jid: str, kind: str, data: str, mimetype: str, file_name: str | None, caption: str | None
@@ -207,7 +213,7 @@ def media_of(message: Message) -> dict[str, object]:
     getattr(only, field).CopyFrom(part)
     return {
         "mimetype": part.mimetype or None,
-        "size": int(part.fileLength) if part.fileLength else None,
+        "size": int(part.fileLength) if 0 < part.fileLength < 2**63 else None,  # (a uint64: a sender may lie)
         "file_name": (part.fileName or None) if field == "documentMessage" else None,
         "media": base64.b64encode(only.SerializeToString()).decode("ascii"),
     }

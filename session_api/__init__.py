@@ -56,6 +56,7 @@ def create_app(
     app.extensions["zapkeep.console_attempts"] = sign_in_attempts or console.sign_in_attempts()
     app.extensions["zapkeep.event_streams"] = live.stream_slots()
     app.extensions["zapkeep.streams_end"] = threading.Event()
+    app.extensions["zapkeep.downloads"] = threading.BoundedSemaphore(2)  # of the server's 8 threads
     app.config["REPLY_EXPIRY"] = reply_expiry
     app.register_blueprint(bp)
     app.register_blueprint(conversations.bp)

@@ -5,15 +5,17 @@ resuming the whole bot's replies."""
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from flask import Blueprint, Response, abort, current_app, request
 
 from database import LoggedMessage
 from bot.errors import SessionDocumentError, StateConflictError, first_line
-from session_api.routes import db, jsonable, ok, require_token, runtime, session_id_from
+from session_api.routes import MIMETYPE, db, jsonable, ok, require_token, runtime, session_id_from
 
 bp = Blueprint("conversations", __name__)
 bp.before_request(require_token)
@@ -62,7 +64,7 @@ def chat_messages(chat: str) -> tuple[Response, int]:
     return ok(session_id=session_id, chat=chat, messages=[_message(m) for m in page], next_before=next_before)
 
 
-@bp.get("/api/messages/<int:row_id>")
+@bp.get(f"/api/messages/<int(max={MAX_ID}):row_id>")
 def message(row_id: int) -> tuple[Response, int]:
     session_id = session_id_from()
     found = db().message(session_id, row_id)
@@ -71,7 +73,10 @@ def message(row_id: int) -> tuple[Response, int]:
     return ok(session_id=session_id, message=_message(found))
 
 
-@bp.get("/api/messages/<int:row_id>/media")
+MAX_DOWNLOAD_BYTES = 64 * 2**20
+
+
+@bp.get(f"/api/messages/<int(max={MAX_ID}):row_id>/media")
 def media(row_id: int) -> Response:
     """A received file, downloaded through whatsmeow now (nothing of it is kept by zapkeep)."""
     session_id = session_id_from()
@@ -83,17 +88,28 @@ def media(row_id: int) -> Response:
         abort(409, first_line(exc))
     if found is None:
         abort(404, f"message {row_id} of session {session_id} has no file")
+    if found.size is not None and found.size > MAX_DOWNLOAD_BYTES:
+        abort(413, f"the file is over {MAX_DOWNLOAD_BYTES // 2**20} MiB; open it on the phone")
+    downloads: threading.BoundedSemaphore = current_app.extensions["zapkeep.downloads"]
+    if not downloads.acquire(blocking=False):  # each holds a server thread for as long as WhatsApp takes
+        abort(503, "other downloads are running; try again in a moment")
     try:
         data = runtime().gateway.download(found.media)
     except StateConflictError as exc:
         abort(409, str(exc))
     except Exception as exc:  # whatsmeow's own errors: expired on WhatsApp's servers, refused
         abort(502, f"WhatsApp gave no file: {first_line(exc)}")
-    name = re.sub(r"[^A-Za-z0-9._ -]", "_", found.file_name or f"message-{row_id}")
+    finally:
+        downloads.release()
+    # The sender chose the type and the name: only a well-formed type is passed on, the name quoted both ways.
+    mimetype = found.mimetype if found.mimetype and MIMETYPE.fullmatch(found.mimetype) else "application/octet-stream"
+    name = found.file_name or f"message-{row_id}"
+    ascii_name = re.sub(r"[^A-Za-z0-9._ -]", "_", name)
+    disposition = f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
     return Response(
         data,
-        mimetype=found.mimetype or "application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"},
+        mimetype=mimetype,
+        headers={"Content-Disposition": disposition, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
     )
 
 

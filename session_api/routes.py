@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
@@ -356,15 +357,15 @@ def _connection_action(action: Callable[[Runtime], None]) -> tuple[Response, int
 def send() -> tuple[Response, int]:
     """JSON ``{"to", "message"}``; or multipart/form-data with ``to``, ``file`` and an optional
     ``caption`` (an image, document, audio or video, sent through the outbox like a text)."""
-    file = None
-    if request.mimetype == "multipart/form-data":
+    multipart = request.mimetype == "multipart/form-data"
+    if multipart:
         to, text = request.form.get("to"), request.form.get("caption", "")
-        file = _uploaded_file()
     else:
         body = json_body(required=True)
         to, text = body.get("to"), body.get("message")
     if not isinstance(to, str) or not (jid := normalise_recipient(to)):
         abort(400, "to must be a phone number with country code (10-15 digits) or a WhatsApp JID")
+    file = _uploaded_file() if multipart else None
     if not isinstance(text, str) or len(text) > MAX_MESSAGE_CHARS or (file is None and not text.strip()):
         abort(400, f"message must be a non-empty text of at most {MAX_MESSAGE_CHARS} characters")
     if UNSTORABLE.search(text):
@@ -389,6 +390,7 @@ def send() -> tuple[Response, int]:
     return ok(202, to=jid, id=queued, status="queued", connected=runtime().gateway.is_connected())
 
 
+MIMETYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,128}")
 MAX_FILE_BYTES = 32 * 1024 * 1024  # (WhatsApp's own limits: 16 MB for media, 100 MB+ for documents)
 FILE_KINDS = ("image", "document", "audio", "video")
 
@@ -401,11 +403,16 @@ def _uploaded_file() -> OutgoingFile:
     if not data or len(data) > MAX_FILE_BYTES:
         abort(400, f"file must hold 1 byte to {MAX_FILE_BYTES // (1024 * 1024)} MiB")
     mimetype = upload.mimetype or "application/octet-stream"
+    if not MIMETYPE.fullmatch(mimetype):
+        abort(400, "the file's Content-Type must be a media type such as image/png")
     kind = request.form.get("type") or next(
         (k for k in ("image", "audio", "video") if mimetype.startswith(f"{k}/")), "document"
     )
     if kind not in FILE_KINDS:
         abort(400, f"type must be one of {', '.join(FILE_KINDS)}")
+    if kind in ("audio", "video") and shutil.which("ffprobe") is None:
+        # neonize probes audio and video with ffmpeg's tools before it sends them.
+        abort(409, "audio and video need ffmpeg on this host (apt-get install ffmpeg); send it as a document")
     name = upload.filename or None
     if name is not None and (UNSTORABLE.search(name) or len(name) > 255):
         abort(400, "the file's name must be at most 255 characters, without NUL or lone surrogates")

@@ -506,7 +506,7 @@ def test_openapi_document_lists_exactly_the_served_routes(api: Api) -> None:
     documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
     app = create_app(api.runtime, api.db)
     served = {
-        (method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule))  # Flask's <int:x> is OpenAPI's {x}
+        (method, re.sub(r"<(?:[^:>]+:)?(\w+)>", r"{\1}", rule.rule))  # Flask's <int:x> is OpenAPI's {x}
         for rule in app.url_map.iter_rules()
         if not rule.endpoint.startswith("console.")  # the console's pages are HTML (README), not the API
         for method in rule.methods - {"HEAD", "OPTIONS"}
@@ -814,6 +814,30 @@ def test_a_received_photo_is_logged_with_its_file_and_downloads_through_the_api(
     assert download.headers["content-type"] == "image/jpeg" and "attachment" in download.headers["content-disposition"]
     text_only = next(m for m in listed if m["message_id"] == "3EB0TEXT1")
     assert api.call("GET", f"/api/messages/{text_only['id']}/media").status == 404
+    api.network.files["MEDIA-REF-2"] = b"%PDF-1.4 ..."
+    client.emit(  # what a sender chose: a type with a line break in it, a name in Portuguese
+        events.IncomingMessage(
+            "3EB0DOC1",
+            CUSTOMER,
+            CUSTOMER,
+            "Ana",
+            "",
+            False,
+            False,
+            int(time.time()),
+            kind="document",
+            mimetype="text/html\r\nSet-Cookie: x=1",
+            size=12,
+            file_name="orçamento.pdf",
+            media="MEDIA-REF-2",
+        )
+    )
+    wait_until(lambda: any(m.message_id == "3EB0DOC1" for m in api.db.list_messages("default", CUSTOMER)))
+    document = next(m for m in api.db.list_messages("default", CUSTOMER) if m.message_id == "3EB0DOC1")
+    served = api.call("GET", f"/api/messages/{document.id}/media")
+    assert served.status == 200 and served.headers["content-type"] == "application/octet-stream"
+    assert "set-cookie" not in served.headers and served.headers["x-content-type-options"] == "nosniff"
+    assert "filename*=UTF-8''or%C3%A7amento.pdf" in served.headers["content-disposition"]
     del api.network.files["MEDIA-REF-1"]  # expired on WhatsApp's servers
     gone = api.call("GET", f"/api/messages/{logged['id']}/media")
     assert gone.status == 502 and "expired" in gone.json()["message"]
