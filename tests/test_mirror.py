@@ -117,13 +117,18 @@ def test_a_dropped_trigger_is_detected_and_what_it_missed_repaired(
     create_paired_store(store)
     with mirroring(db, store):
         wait_until(lambda: in_sync(db, store), message="the first full sync")
-        conn = sqlite3.connect(store)
-        with conn:  # one transaction, so the mirror cannot put the trigger back before the rows are written
-            conn.execute("DROP TRIGGER zapkeep_capture_whatsmeow_contacts_insert")  # e.g. a table an upgrade rebuilt
-            conn.executemany(
-                "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
-                [(DEVICE_JID, f"55319{n:08d}@s.whatsapp.net", f"Contato {n}") for n in range(3)],
-            )
+        # One transaction, so the mirror cannot put the trigger back before the rows are written. (An
+        # explicit BEGIN: Python's sqlite3 runs DDL such as DROP TRIGGER outside its implicit
+        # transactions, so `with conn:` committed the drop alone, and a mirror that reinstalled the
+        # trigger in that gap logged the rows normally: nothing was missed, nothing reported.)
+        conn = sqlite3.connect(store, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DROP TRIGGER zapkeep_capture_whatsmeow_contacts_insert")  # e.g. a table an upgrade rebuilt
+        conn.executemany(
+            "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
+            [(DEVICE_JID, f"55319{n:08d}@s.whatsapp.net", f"Contato {n}") for n in range(3)],
+        )
+        conn.execute("COMMIT")
         wait_until(lambda: in_sync(db, store), timeout=5, message="the missed rows repaired")
         # Reported in the log (the status's last result may already be that of the reconciliation
         # that follows, when reinstalling the trigger changes the schema: "ok (0 rows written)").
