@@ -223,7 +223,7 @@ class Dispatcher:
         if mark > after or delivered:
             # (a crash before this line delivers this pass's events again: at least once)
             self.db.settle(self.endpoint.key, self.session_id, max(mark, after), [i for i in delivered if i > mark])
-            self._settled = self.status.settled_through = max(mark, after)
+            self.status.settled_through = max(mark, after)
             progressed = True
         return progressed
 
