@@ -172,6 +172,9 @@ def test_groups_broadcasts_newsletters_and_own_messages_get_no_reply(daemon: Dae
     daemon.deliver(customer)
     wait_until(lambda: len(daemon.network.sent) == 1)
     own = daemon.network.sent[0].message_id
+    # The echo of a message comes after its send returned and was recorded (the fake's send returns
+    # at once, before the outbox's mark_sent commits: under load the echo could overtake it).
+    wait_until(lambda: daemon.db.is_own_message("default", own), message="our reply recorded as sent")
     daemon.deliver(incoming("echo of our reply", message_id=own, from_me=True))
     time.sleep(0.8)
 
