@@ -163,6 +163,8 @@ ClientEvent = (
 )
 EventSink = Callable[[ClientEvent], None]
 
+MAX_DOWNLOAD_BYTES = 64 * 2**20  # a received file crosses the client pipe as one base64 line: at most this
+
 _EVENT_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (

@@ -38,8 +38,6 @@ from bot import events
 
 log = logging.getLogger(__name__)
 
-MAX_DOWNLOAD_BYTES = 64 * 2**20  # what crosses the pipe as one line (base64: a third more)
-
 
 def configure_library_logging(level: int) -> None:
     """Go's log level follows this logger; left unset, Go would send DEBUG lines too."""
@@ -96,8 +94,9 @@ class NeonizeClient:
         data = self._client.download_any(Message.FromString(base64.b64decode(media)))
         if not data:
             raise RuntimeError("whatsmeow returned no file")
-        if len(data) > MAX_DOWNLOAD_BYTES:
-            raise RuntimeError(f"the file is over {MAX_DOWNLOAD_BYTES // 2**20} MiB: not passed through the daemon")
+        if len(data) > events.MAX_DOWNLOAD_BYTES:
+            limit = events.MAX_DOWNLOAD_BYTES // 2**20
+            raise RuntimeError(f"the file is over {limit} MiB: not passed through the daemon")
         return base64.b64encode(data).decode("ascii")
 
     def send_media(

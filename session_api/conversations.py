@@ -14,6 +14,7 @@ from urllib.parse import quote
 from flask import Blueprint, Response, abort, current_app, request
 
 from database import LoggedMessage
+from bot.events import MAX_DOWNLOAD_BYTES
 from bot.errors import SessionDocumentError, StateConflictError, first_line
 from session_api.routes import MIMETYPE, db, jsonable, ok, require_token, runtime, session_id_from
 
@@ -71,9 +72,6 @@ def message(row_id: int) -> tuple[Response, int]:
     if found is None:
         abort(404, f"no message {row_id} in session {session_id}")
     return ok(session_id=session_id, message=_message(found))
-
-
-MAX_DOWNLOAD_BYTES = 64 * 2**20
 
 
 @bp.get(f"/api/messages/<int(max={MAX_ID}):row_id>/media")
