@@ -28,7 +28,7 @@ for run in $(seq "$runs"); do
         echo "run $run/$runs: $(tail -1 "/tmp/zapkeep-stress-$pg_load-$run.log") ($(( $(date +%s) - started )) s)"
     else
         echo "run $run/$runs FAILED ($(( $(date +%s) - started )) s): log in /tmp/zapkeep-stress-$pg_load-$run.log"
-        grep -E '^(FAILED|ERROR)' "/tmp/zapkeep-stress-$pg_load-$run.log" || tail -20 "/tmp/zapkeep-stress-$pg_load-$run.log"
+        grep -E '^(FAILED|ERROR) tests/' "/tmp/zapkeep-stress-$pg_load-$run.log" || tail -20 "/tmp/zapkeep-stress-$pg_load-$run.log"
         exit 1
     fi
 done
