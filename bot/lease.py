@@ -46,6 +46,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._fence: Fence | None = None
         self._renewed_at = 0.0  # monotonic time of the last successful acquire or renewal
+        self._attempted_at = 0.0  # ... and of the last attempt, successful or not
         self._standby_since: float | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -84,7 +85,7 @@ class LeaseKeeper:
             return False
         with self._lock:
             self._fence = fence
-            self._renewed_at = requested
+            self._renewed_at = self._attempted_at = requested
             waited = None if self._standby_since is None else time.monotonic() - self._standby_since
             self._standby_since = None
         if waited is not None:
@@ -143,16 +144,27 @@ class LeaseKeeper:
                     continue
                 delay = self._poll_every
             else:
-                delay = self._renew_every if self.fresh() else 1.0  # behind: retry sooner
+                delay = self._renewal_delay()
             self._wake.wait(delay)
             self._wake.clear()
             if not self._stopping.is_set() and self._fence is not None:
                 self._renew()
 
+    def _renewal_delay(self) -> float:
+        """Renewals are due ``renew_seconds`` after the last one, counted from when it was asked
+        for: a take-over that spent that long restoring the session is renewed at once, not a whole
+        interval later (by then the lease could have run out in the database). Behind schedule
+        (failed renewals), one attempt a second."""
+        now = time.monotonic()
+        due = self._renewed_at + self._renew_every
+        if due <= now:
+            due = self._attempted_at + 1.0
+        return max(0.0, due - now)
+
     def _renew(self) -> None:
         fence = self._fence
         assert fence is not None
-        requested = time.monotonic()  # (see try_acquire)
+        requested = self._attempted_at = time.monotonic()  # (see try_acquire)
         try:
             renewed = self.db.renew_lease(fence, self._ttl)
         except Exception as exc:

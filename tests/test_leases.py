@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
 from database import Database, Fence, FencedOut, HeadWrite, MirrorBatch, RowChange, SessionWrite
+from tests.fake_whatsapp import wait_until
 
 JID = "5511:1@s.whatsapp.net"
 
@@ -100,10 +102,11 @@ def test_an_expired_owner_cannot_write_even_if_nobody_took_over(db: Database) ->
 def test_an_expired_owner_cannot_change_a_stored_session_either(db: Database) -> None:
     db.replace_session(_head(1), [_row(1)], 1)  # stored by an admin (unfenced)
     db.save_history(_write(1))
-    stale = db.acquire_lease("default", "host-a/1", ttl_seconds=0.3)
+    stale = db.acquire_lease("default", "host-a/1", ttl_seconds=60)
     db.write_batch(MirrorBatch("default", 2, [_row(2)], checksum="sha256:" + "b" * 64), stale)  # while it holds
     assert db.load_session("default").mirror_sequence == 2 and len(db.load_rows("default")) == 2
-    time.sleep(0.5)
+    with db.transaction() as tx:  # then its lease runs out (a pause longer than the lease)
+        tx.execute("UPDATE whatsapp_session_leases SET expires_at = 0")
     row, rows = db.load_session("default"), db.load_rows("default")
 
     _stale_writes(db, stale)
@@ -153,3 +156,43 @@ def test_a_slow_renewal_never_makes_a_lease_look_longer_than_the_database_holds_
         time.sleep(0.02)
     assert not keeper.fresh()
     keeper.stop()
+
+
+def test_a_take_over_longer_than_the_renewal_interval_is_renewed_at_once(db: Database) -> None:
+    """Restoring a large session at take-over may take longer than the renewal interval; the lease
+    must be renewed as soon as it ends, not a whole interval later, when the watchdog (which gives
+    the lease up ttl - renew seconds after the last renewal) would already have declared it lost."""
+    from bot.lease import LeaseKeeper
+
+    lost: list[str] = []
+    restored = threading.Event()
+
+    def restore(fence: Fence, waited: float | None) -> None:
+        time.sleep(5)  # 5 + 4 > 12 - 4: a renewal a whole interval later comes after the watchdog's limit
+        restored.set()
+
+    keeper = LeaseKeeper(
+        db,
+        "default",
+        "host-a",
+        ttl_seconds=12,
+        renew_seconds=4,
+        poll_seconds=0.5,
+        on_acquired=restore,
+        on_lost=lost.append,
+        on_standby=lambda: None,
+    )
+    keeper.start()
+    try:
+        wait_until(lambda: keeper.fence is not None, message="the take-over")
+        taken = keeper.fence
+        wait_until(restored.is_set, timeout=30, message="the restore")
+
+        def renewed() -> bool:
+            keeper.check()  # what the runtime's watchdog does every few seconds
+            return db.lease("default").expires_in_seconds > 10  # ~7 s were left after the restore
+
+        wait_until(renewed, timeout=30, message="the renewal")
+        assert lost == [] and keeper.fence == taken and keeper.fresh()
+    finally:
+        keeper.stop()
