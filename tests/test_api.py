@@ -32,7 +32,7 @@ from session_api import create_app
 from session_api.guard import FailedAttempts, FailureBudget
 from session_api.openapi import openapi_document
 from session_api.routes import TooManyWrongTokens
-from session_api.server import ApiServer
+from session_api.server import IDLE_TIMEOUT_SECONDS, ApiServer
 from tests.test_document_validation import CORRUPTIONS
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.synthetic import DEVICE_JID, table_rows
@@ -480,9 +480,8 @@ def test_a_huge_body_is_refused_from_its_headers_before_any_of_it_is_read(api: A
             b"POST /api/session/backup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 300000000\r\n\r\n{"
         )
-        started = time.monotonic()
-        answer = sock.recv(4096)  # not after 300 MB: nothing more is sent
-    assert answer.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 2
+        answer = sock.recv(4096)  # within the socket's 5 s, and nothing more is sent: from the headers
+    assert answer.startswith(b"HTTP/1.1 413")
 
 
 def test_idle_and_half_sent_connections_do_not_starve_the_health_check(api: Api) -> None:
@@ -495,7 +494,8 @@ def test_idle_and_half_sent_connections_do_not_starve_the_health_check(api: Api)
             idle.append(sock)
         started = time.monotonic()
         assert api.call("GET", "/healthz", token=None).status == 200
-        assert time.monotonic() - started < 1
+        # Starved, it would be answered only once the idle ones are dropped (or never).
+        assert time.monotonic() - started < IDLE_TIMEOUT_SECONDS
     finally:
         for sock in idle:
             sock.close()

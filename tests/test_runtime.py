@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import json
-import time
 from collections import Counter
 
 import pytest
@@ -49,7 +48,8 @@ def test_pairing_from_an_empty_start_is_backed_up(runtime_factory, db: Database,
 def test_a_burst_of_store_changes_is_mirrored_row_by_row_without_a_snapshot(
     runtime_factory, db: Database, network
 ) -> None:
-    runtime = runtime_factory()
+    # A poll far longer than the waits below: what is mirrored was woken by the commits themselves.
+    runtime = runtime_factory(timing=replace(FAST, mirror_poll_seconds=600))
     client = start_paired(runtime, network, db)
     before = db.load_session("default")
     history = db.list_history("default")
@@ -57,9 +57,9 @@ def test_a_burst_of_store_changes_is_mirrored_row_by_row_without_a_snapshot(
 
     for _ in range(4):  # four whatsmeow transactions in quick succession
         client.write_store()
-    written_at = time.monotonic()
-    wait_until(lambda: len(stored_rows(db, "whatsmeow_contacts")) == 30, message="the new contacts mirrored")
-    assert time.monotonic() - written_at < 1.0  # within about a poll interval, not on a timer
+    wait_until(
+        lambda: len(stored_rows(db, "whatsmeow_contacts")) == 30, timeout=60, message="the new contacts mirrored"
+    )
 
     assert mirrored(runtime, db)  # the checksum moved in the same transaction as the rows
     contacts = "\n".join(stored_rows(db, "whatsmeow_contacts"))
@@ -68,7 +68,7 @@ def test_a_burst_of_store_changes_is_mirrored_row_by_row_without_a_snapshot(
     assert after.mirror_sequence > before.mirror_sequence and after.updated_at > before.updated_at
     assert after.lineage == before.lineage and after.version == before.version
     assert db.list_history("default") == history  # rows are mirrored; no full snapshot for them
-    assert runtime.status().mirror_sequence == after.mirror_sequence
+    wait_until(lambda: runtime.status().mirror_sequence == after.mirror_sequence, message="the status told")
 
 
 def test_an_unchanged_store_is_never_written_again(runtime_factory, db: Database, network) -> None:
@@ -174,7 +174,7 @@ def test_jitter_keeps_each_delay_between_half_and_the_full_ceiling() -> None:
 
 
 def test_expired_qr_round_starts_a_fresh_one(runtime_factory, network) -> None:
-    runtime = runtime_factory()
+    runtime = runtime_factory(timing=replace(FAST, qr_round_seconds=1.0))
     runtime.start()
     wait_until(lambda: runtime.state is State.QR)
     first = network.current()
