@@ -3,7 +3,10 @@
 Only the network is fake: the client works on the real store file the runtime gave it,
 creates whatsmeow's schema there as neonize does, writes the device row when "the phone"
 scans the QR, deletes it on an unlink (as whatsmeow does), and delivers events one at a
-time from its own thread, the way Go calls neonize's handlers.
+time from its own thread, the way Go calls neonize's handlers. Like the client process
+(``bot.client_process.serve``), it lets at most ``UNLOGGED_WINDOW`` received messages be with the
+daemon unlogged: the next one waits until the daemon hands one back (``HANDLED_WAIT_SECONDS`` at
+most), so a test's customers cannot pile up more than the real client would let through.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot import events
+from bot.client_process import HANDLED_WAIT_SECONDS, UNLOGGED_WINDOW, UnloggedWindow
 from tests.synthetic import DEVICE_JID, SMALL, fill_store
 
 
@@ -77,6 +81,9 @@ class FakeClient:
         self.stopped = threading.Event()
         self._outbox: queue.Queue[events.ClientEvent | None] = queue.Queue()
         self._go_thread = threading.Thread(target=self._deliver, name="fake-go", daemon=True)
+        # The client process's own window (one per round, as one process per round): received
+        # messages with the daemon and not handed back yet.
+        self._unlogged = UnloggedWindow(UNLOGGED_WINDOW, HANDLED_WAIT_SECONDS)
         self.qr_codes: list[str] = []
 
     # --- the client interface -----------------------------------------------------------
@@ -139,6 +146,7 @@ class FakeClient:
 
     def message_handled(self, message_id: str) -> None:
         self.network.handled.append(message_id)
+        self._unlogged.logged(message_id)
 
     def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
         if not self.running.is_set() or self.stopped.is_set():
@@ -158,6 +166,11 @@ class FakeClient:
     # --- what the phone and the servers do --------------------------------------------------
 
     def emit(self, event: events.ClientEvent) -> None:
+        """The servers hand the client an event. A received message waits (5 s at most) while the
+        window of unlogged messages is full, as the client process's handler does: whatsmeow takes
+        no more meanwhile, and the rest wait at the server."""
+        if isinstance(event, events.IncomingMessage):
+            self._unlogged.enter(event.message_id)
         self._outbox.put(event)
 
     def rotate_qr(self) -> str:
@@ -221,7 +234,9 @@ class FakeClient:
             self._sink(event)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, message: str = "condition") -> None:
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, message: str = "condition") -> None:
+    """Poll until ``predicate`` holds. The deadline bounds a hang, it is not a speed: a machine
+    whose cores are busy makes everything slower, never different (speeds are measured in bench/)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

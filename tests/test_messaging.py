@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -88,6 +89,26 @@ def replies_to(network: FakeWhatsApp, chat: str = CUSTOMER) -> list[str]:
     return [m.text for m in network.sent if m.to == chat]
 
 
+def processed(daemon: Daemon, *delivered: events.IncomingMessage) -> None:
+    """Wait until the chatbot is done with each delivery (logged with its decision, and any reply
+    queued with it, in one transaction; then handed back to the client) and the outbox with every
+    reply queued (none left queued or being sent; the fake records a send before it is marked sent).
+    From then on nothing more goes out for them: asserting that nothing did is not a race."""
+    wanted = Counter(m.message_id for m in delivered)  # a redelivery is handed back once more
+    wait_until(
+        lambda: all(Counter(daemon.network.handled)[i] >= n for i, n in wanted.items()),
+        message="the messages logged and handed back",
+    )
+    wait_until(
+        lambda: (
+            not any(
+                m.direction == "out" and m.status in ("queued", "sending") for m in daemon.db.list_messages("default")
+            )
+        ),
+        message="every reply decided on sent",
+    )
+
+
 def test_a_customer_gets_a_greeting_then_menu_answers(daemon: Daemon) -> None:
     daemon.paired()
     first = incoming("Oi, bom dia!")
@@ -111,16 +132,16 @@ def test_a_redelivered_message_is_answered_once_also_after_a_restart(daemon: Dae
     message = incoming("Qual o preço?")
     daemon.deliver(message)
     daemon.deliver(message)  # whatsmeow redelivers
-    wait_until(lambda: len(replies_to(daemon.network)) == 1)
-    time.sleep(0.5)
+    processed(daemon, message, message)
+    assert len(replies_to(daemon.network)) == 1
 
     daemon.stop()  # a restart (or a restore) of the runtime...
     services = daemon.start()
     wait_until(lambda: services.runtime.state is State.CONNECTED, message="reconnected")
     daemon.deliver(message)  # ...after which whatsmeow delivers it again
-    daemon.deliver(incoming("obrigado"))
-    wait_until(lambda: len(replies_to(daemon.network)) == 2)
-    time.sleep(0.5)
+    thanks = incoming("obrigado")
+    daemon.deliver(thanks)
+    processed(daemon, message, message, message, thanks)
 
     assert len(replies_to(daemon.network)) == 2
     logged = [m for m in daemon.db.list_messages("default") if m.message_id == message.message_id]
@@ -176,7 +197,11 @@ def test_groups_broadcasts_newsletters_and_own_messages_get_no_reply(daemon: Dae
     # at once, before the outbox's mark_sent commits: under load the echo could overtake it).
     wait_until(lambda: daemon.db.is_own_message("default", own), message="our reply recorded as sent")
     daemon.deliver(incoming("echo of our reply", message_id=own, from_me=True))
-    time.sleep(0.8)
+    # Each one, answered or not, is handed back to the client once logged (it may take the next).
+    wait_until(lambda: len(daemon.network.handled) == 5, message="every message handed back")
+    processed(daemon)  # (and nothing queued to send)
+    # Marked read after its hand-back (a round trip to WhatsApp); the ignored ones came before it.
+    wait_until(lambda: customer.message_id in daemon.network.read, message="the customer's message marked read")
 
     assert len(daemon.network.sent) == 1
     statuses = {m.text: (m.status, m.reason) for m in daemon.db.list_messages("default") if m.direction == "in"}
@@ -185,8 +210,6 @@ def test_groups_broadcasts_newsletters_and_own_messages_get_no_reply(daemon: Dae
     assert statuses["news"] == ("ignored", "newsletter")
     assert daemon.network.read == [customer.message_id]  # ignored chats are not even marked read
     assert "echo of our reply" not in {m.text for m in daemon.db.list_messages("default")}
-    # Each one, answered or not, was handed back to the client once logged (it may take the next).
-    wait_until(lambda: len(daemon.network.handled) == 5, message="every message handed back")
     logged = {m.message_id for m in daemon.db.list_messages("default") if m.direction == "in"}
     assert set(daemon.network.handled) == logged | {own}
 
@@ -195,9 +218,11 @@ def test_an_operator_answering_from_the_phone_pauses_the_bot_in_that_chat(daemon
     daemon.paired()
     daemon.deliver(incoming("oi"))
     wait_until(lambda: len(replies_to(daemon.network)) == 1)
-    daemon.deliver(incoming("Oi Ana, aqui é a Maria!", from_me=True))  # typed on the phone
-    daemon.deliver(incoming("oi Maria, quero um bolo"))
-    time.sleep(0.8)
+    operator = incoming("Oi Ana, aqui é a Maria!", from_me=True)  # typed on the phone
+    customer = incoming("oi Maria, quero um bolo")
+    daemon.deliver(operator)
+    daemon.deliver(customer)
+    processed(daemon, operator, customer)
     assert len(replies_to(daemon.network)) == 1  # the bot stays quiet while a person talks
     log = daemon.db.list_messages("default", CUSTOMER)
     assert [(m.direction, m.status, m.reason) for m in log][-2:] == [
@@ -222,10 +247,11 @@ def test_a_failing_send_is_retried_then_given_up(daemon: Daemon) -> None:
 
 def test_messages_delivered_long_after_they_were_sent_get_no_automatic_reply(daemon: Daemon) -> None:
     daemon.paired()
-    daemon.deliver(incoming("oi, tem bolo?", sent=time.time() - 3 * 3600))  # sent during a 3-hour outage
-    daemon.deliver(incoming("oi"))
-    wait_until(lambda: len(daemon.network.sent) == 1)
-    time.sleep(0.5)
+    late = incoming("oi, tem bolo?", sent=time.time() - 3 * 3600)  # sent during a 3-hour outage
+    greeted = incoming("oi")
+    daemon.deliver(late)
+    daemon.deliver(greeted)
+    processed(daemon, late, greeted)
     assert len(daemon.network.sent) == 1
     stale = next(m for m in daemon.db.list_messages("default") if m.text == "oi, tem bolo?")
     assert (stale.status, stale.reason) == ("ignored", "stale")
@@ -270,9 +296,11 @@ def test_a_stale_message_does_not_end_a_hand_off_pause(daemon: Daemon) -> None:
     daemon.paired()
     daemon.deliver(incoming("atendente"))
     wait_until(lambda: len(daemon.network.sent) == 1, message="hand-off reply")
-    daemon.deliver(incoming("oi??", sent=time.time() - 3 * 3600))  # a late delivery, ignored
-    daemon.deliver(incoming("alguém?"))
-    time.sleep(0.8)
+    late = incoming("oi??", sent=time.time() - 3 * 3600)  # a late delivery, ignored
+    waiting = incoming("alguém?")
+    daemon.deliver(late)
+    daemon.deliver(waiting)
+    processed(daemon, late, waiting)
     assert len(daemon.network.sent) == 1  # still paused for the person who was called
     last = daemon.db.list_messages("default", CUSTOMER)[-1]
     assert (last.text, last.status) == ("alguém?", "paused")
@@ -327,12 +355,15 @@ def test_only_a_take_over_settles_what_the_last_owner_left_mid_send(daemon: Daem
     db = daemon.db
     row = db.enqueue_outgoing("default", CUSTOMER, "Já chamei um atendente", reason="api", expires_at=None, now=now())
     assert db.claim_outgoing(row)  # the owner is sending it right now
-    owner = db.acquire_lease("default", "host-a/deploy/1", ttl_seconds=3)
+    # Held for as long as the test needs it (a short TTL could run out before the daemon is even up).
+    owner = db.acquire_lease("default", "host-a/deploy/1", ttl_seconds=3600)
+    assert owner is not None
     services = daemon.start()
     wait_until(lambda: services.runtime.state is State.STANDBY, message="standby")
-    time.sleep(0.5)
+    time.sleep(0.5)  # time enough to misbehave, if it would
     assert status_of(db, row) == "sending"  # a standby never touches the live owner's sends
-    assert owner is not None  # ...which then crashes: its lease runs out
+    with db.transaction() as tx:  # ...which then crashes: its lease runs out, in one step
+        tx.execute("UPDATE whatsapp_session_leases SET expires_at = 0 WHERE owner_id = 'host-a/deploy/1'")
     wait_until(lambda: services.runtime.fence is not None, timeout=15, message="the take-over")
     wait_until(lambda: status_of(db, row) == "failed", message="the interrupted send settled")
 
@@ -356,7 +387,7 @@ def test_reactions_edits_revokes_and_stickers_are_logged_and_never_answered(daem
     wait_until(lambda: any(m.message_id == protocol.message_id for m in daemon.db.list_messages("default")))
     (logged,) = [m for m in daemon.db.list_messages("default") if m.message_id == protocol.message_id]
     assert (logged.status, logged.message_type) == ("ignored", kind)
-    time.sleep(0.3)
+    processed(daemon, protocol)
     assert len(replies_to(daemon.network)) == 1  # no "não entendi" and no menu
 
 
@@ -370,8 +401,9 @@ def test_a_voice_note_gets_its_reply_and_a_person(daemon: Daemon) -> None:
     assert "Recebi seu áudio" in replies_to(daemon.network)[-1]
     (logged,) = [m for m in daemon.db.list_messages("default") if m.message_id == voice.message_id]
     assert logged.message_type == "audio" and logged.reason == "media:audio"
-    daemon.deliver(incoming("alô?"))  # a person takes it from here: the bot stays quiet
-    time.sleep(0.5)
+    hello = incoming("alô?")
+    daemon.deliver(hello)  # a person takes it from here: the bot stays quiet
+    processed(daemon, hello)
     assert len(replies_to(daemon.network)) == 2
 
 
@@ -392,7 +424,11 @@ def test_receipts_move_a_sent_reply_to_delivered_then_read_and_never_back(daemon
     wait_until(lambda: reply_status() == "read", message="read")
     client.emit(events.Receipt(message_ids=[reply_id], chat=CUSTOMER, status="delivered", timestamp=0))  # late
     client.emit(events.Receipt(message_ids=[], chat=CUSTOMER, status="read", timestamp=0))  # (a marker)
-    time.sleep(0.5)
+    # Receipts are stored on the events thread, in order, before the next event's handlers run: once
+    # a message delivered after them is handed back, both late receipts have been applied (or refused).
+    after = incoming("entrou no grupo", chat="120363025246125888@g.us", is_group=True)  # ignored, no reply
+    client.emit(after)
+    processed(daemon, after)
     assert reply_status() == "read"
     inbound = next(m for m in daemon.db.list_messages("default", CUSTOMER) if m.direction == "in")
     assert inbound.status == "replied"  # receipts are about what we sent only

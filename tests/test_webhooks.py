@@ -158,10 +158,18 @@ def test_signed_events_reach_a_receiver_that_was_down_in_order_per_chat_and_once
     daemon.pair()
     daemon.customer(ANA, "oi", 1)
     wait_until(lambda: len(daemon.network.sent) == 1, message="the greeting")
+    # The fake's send returns before the outbox's mark_sent commits (and logs message.sent): the
+    # customer answers a greeting they have, so the next message comes once it is recorded as sent.
+    greeting = daemon.network.sent[0].message_id
+    wait_until(lambda: daemon.db.is_own_message("default", greeting), message="the greeting recorded as sent")
     daemon.customer(ANA, "quero falar com um atendente", 2)  # a hand-off
     daemon.customer(BETO, "bom dia", 3)
     wait_until(lambda: len(daemon.network.sent) == 3, message="both replies")
-    greeting = daemon.network.sent[0].message_id
+    # (Each reply's message.sent is logged once it is recorded as sent: the events checked below.)
+    wait_until(
+        lambda: all(daemon.db.is_own_message("default", m.message_id) for m in daemon.network.sent),
+        message="every reply recorded as sent",
+    )
     client = daemon.network.current()
     client.emit(events.Receipt([greeting], ANA, "delivered", int(time.time())))
     client.emit(events.Receipt([greeting], ANA, "read", int(time.time())))
@@ -275,13 +283,19 @@ def test_a_message_logged_before_a_kill_9_reaches_the_webhook_after_the_restart(
     server = FakeServer()
     env = {"WEBHOOK_URL": receiver.url, "WEBHOOK_SECRET": SECRET, "LEASE_TTL_SECONDS": "3", "LEASE_RENEW_SECONDS": "1"}
     command = [sys.executable, "-m", "tests.fake_daemon", server.address]
-    daemons = [RealDaemon(tmp_path / f"host{n}", database_url, command=command, env=env) for n in (1, 2)]
-    create_paired_store(daemons[0].store)
+    daemons: list[RealDaemon] = []
+
+    def daemon(host: str) -> RealDaemon:  # made when started: its port is picked then, not a whole run earlier
+        daemons.append(RealDaemon(tmp_path / host, database_url, command=command, env=env))
+        return daemons[-1]
+
+    first = daemon("host1")
+    create_paired_store(first.store)
     db = PostgresDatabase(database_url)
     db.open()
     try:
         receiver.mode = "down"
-        first = daemons[0].start()
+        first.start()
         wait_until(lambda: first.status()["state"] == "connected", timeout=60, message="the first daemon connected")
         server.customer_sends(
             {
@@ -301,7 +315,7 @@ def test_a_message_logged_before_a_kill_9_reaches_the_webhook_after_the_restart(
         assert receiver.accepted == []
 
         receiver.mode = "ok"
-        daemons[1].start()  # another host: the stored session, the lease once the dead one's runs out
+        daemon("host2").start()  # another host: the stored session, the lease once the dead one's runs out
         wait_until(
             lambda: any(e["data"].get("whatsapp_id") == "3EB0KILL9" for e in receiver.events()),
             timeout=60,
