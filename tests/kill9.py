@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot import session_store
+from bot.errors import NotFoundError
 from bot.persistence import export_document
 from bot.store_worker import restore_store
 from database import PostgresDatabase
 from tests.backup_loop import push_name
+from tests.fake_whatsapp import wait_until
 from tests.synthetic import table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,13 +45,15 @@ def kill_during_backups(store: Path, database_url: str, scratch: Path, iteration
     store_rows = sum(len(r) for r in table_rows(store).values())  # the victim rewrites rows, never adds any
     try:
         for iteration in range(iterations):
+            name = f"kill9-victim-{os.getpid()}-{iteration}"  # its connections' application_name (libpq)
             victim = subprocess.Popen(
                 [sys.executable, str(ROOT / "tests" / "backup_loop.py"), str(store), database_url],
                 stdout=subprocess.PIPE,
                 text=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PGAPPNAME": name},
             )
             lines = _read_until(victim, "done")  # at least one sync committed: the kill lands mid-loop
+            assert _backends(db, name) > 0, "the victim's connections do not carry its application_name"
             if iteration % 2:
                 lines += _read_until(victim, "wrote")  # how long one round's write takes
                 took = float(lines[-1].split()[2])
@@ -64,9 +68,17 @@ def kill_during_backups(store: Path, database_url: str, scratch: Path, iteration
             counts.append(len(reported))
             inside += lines[-1].startswith("write ")
 
-            record = db.load_session("default")
-            assert record is not None, f"iteration {iteration}: the stored session vanished"
-            _, text = export_document(db, "default")
+            # A COMMIT the victim sent before it died still runs in its server process: what the
+            # kill left is known once that process is gone (else it may land in the next iteration).
+            wait_until(
+                lambda: _backends(db, name) == 0,
+                timeout=60,
+                message=f"iteration {iteration}: the victim's backends gone",
+            )
+            try:  # the head and its rows read as of one moment (one REPEATABLE READ transaction)
+                record, text = export_document(db, "default")
+            except NotFoundError:
+                raise AssertionError(f"iteration {iteration}: the stored session vanished") from None
             decoded = session_store.validate_document(session_store.parse_document(text))  # raises when torn
             assert decoded.checksum == record.checksum, f"iteration {iteration}: head and rows disagree"
             assert decoded.row_count == store_rows, f"iteration {iteration}: rows missing"
@@ -81,6 +93,13 @@ def kill_during_backups(store: Path, database_url: str, scratch: Path, iteration
     finally:
         db.close()
     return KillReport(iterations, counts, rows, inside)
+
+
+def _backends(db: PostgresDatabase, application_name: str) -> int:
+    """The server processes still serving the victim's connections."""
+    with db.transaction() as tx:
+        query = "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = %s"
+        return int(tx.scalar(query, (application_name,)))
 
 
 def _read_until(victim: subprocess.Popen[str], word: str) -> list[str]:

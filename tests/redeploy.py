@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from database import PostgresDatabase
 from tests.fake_whatsapp import wait_until
 from tests.pg_cluster import free_port
 from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, neonize, table_rows
@@ -98,11 +99,89 @@ class Daemon:
         self.process.wait(timeout=10)
 
 
+# The tests' own record of every version of the lease row, in the order they were written, with
+# the database's times: what a hand-over and a take-over are judged by (not a host's clock, nor a
+# status poll that sees the new owner some time after the fact).
+RECORD_LEASE_VERSIONS = (
+    """CREATE TABLE test_lease_versions (
+        id BIGSERIAL PRIMARY KEY,
+        owner_id TEXT,
+        fencing_token BIGINT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        acquired_at DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE FUNCTION test_record_lease_version() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO test_lease_versions (owner_id, fencing_token, expires_at, acquired_at)
+        VALUES (NEW.owner_id, NEW.fencing_token, NEW.expires_at, NEW.acquired_at);
+        RETURN NULL;
+    END $$""",
+    """CREATE TRIGGER test_record_lease_version AFTER INSERT OR UPDATE ON whatsapp_session_leases
+        FOR EACH ROW EXECUTE FUNCTION test_record_lease_version()""",
+)
+
+
+@dataclass(frozen=True)
+class LeaseVersion:
+    id: int
+    owner_id: str | None  # None: released
+    fencing_token: int
+    expires_at: float  # by the database's clock; a release sets it to the moment of the release
+    acquired_at: float
+
+
+@dataclass(frozen=True)
+class TakeOver:
+    """How a new owner got the lease, by the database's clock."""
+
+    released_at: float | None  # the old owner's release of the lease the new one took; None: never released
+    expires_at: float  # when the old owner's lease would have run out (its last renewal's expiry)
+    taken_at: float  # the new owner's acquisition
+
+
+def record_lease_versions(database_url: str) -> PostgresDatabase:
+    """The session's database, open and migrated, recording each lease version in
+    ``test_lease_versions`` from now on (before any daemon takes the lease)."""
+    db = PostgresDatabase(database_url)
+    db.open()
+    try:
+        with db.transaction() as tx:
+            for statement in RECORD_LEASE_VERSIONS:
+                tx.execute(statement)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def take_over_by(db: PostgresDatabase, old_owner: str, new_owner: str) -> TakeOver:
+    """The first acquisition of ``new_owner``, and the lease of ``old_owner`` it replaced."""
+    with db.transaction() as tx:
+        versions = tx.all(LeaseVersion, "SELECT * FROM test_lease_versions ORDER BY id")
+    taken = next((n for n, v in enumerate(versions) if v.owner_id == new_owner), None)
+    assert taken is not None and taken >= 1, f"{new_owner} never took the lease: {versions}"
+    before = versions[taken - 1]  # the version the new owner found
+    held = before if before.owner_id is not None else versions[taken - 2]
+    assert held.owner_id == old_owner and held.fencing_token == before.fencing_token, versions[: taken + 1]
+    return TakeOver(
+        released_at=None if before.owner_id is not None else before.expires_at,
+        expires_at=held.expires_at,
+        taken_at=versions[taken].acquired_at,
+    )
+
+
 @dataclass
 class HandoverReport:
     iterations: int
-    handover_seconds: list[float]
+    handover_seconds: list[float]  # SIGTERM of the old owner -> the new one's status says it owns (bench/)
     takeover_after_crash_seconds: float | None = None
+    handovers: list[TakeOver] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CrashReport:
+    waited_seconds: float  # kill -9 of the owner -> the standby's status says it took over (bench/)
+    take_over: TakeOver
 
 
 def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> HandoverReport:
@@ -111,9 +190,11 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
     create_paired_store(first.store)
     original = table_rows(first.store)
     started = [first]
-    owner = first.start()
+    db = record_lease_versions(database_url)
     handovers = []
+    take_overs = []
     try:
+        owner = first.start()
         wait_until(lambda: owner.status()["owns_session"], timeout=20, message="the first owner")
         token = owner.status()["fencing_token"]
         for n in range(1, iterations + 1):
@@ -127,6 +208,7 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
             assert not new.store.exists(), "a standby daemon touched the store"
             assert "connecting" not in new.log(), "a standby daemon built a client"
 
+            old_owner = owner.status()["owner_id"]
             stopped_at = time.monotonic()
             code = owner.terminate()
             assert code == 0, owner.log()[-3000:]
@@ -140,26 +222,35 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
             # loaded machine and the new owner took its lease again: still the only owner).
             assert status["owns_session"] and status["fencing_token"] > token, status
             token = status["fencing_token"]
+            take_overs.append(take_over_by(db, old_owner, status["owner_id"]))
             assert table_rows(new.store) == original
             owner = new
         assert neonize("devices", owner.store) == [{"jid": DEVICE_JID, "push_name": PUSH_NAME}]
     finally:
         for daemon in started:
             daemon.stop_if_running()
-    return HandoverReport(iterations, handovers)
+        db.close()
+    return HandoverReport(iterations, handovers, handovers=take_overs)
 
 
 def crash_takeover(database_url: str, workdir: Path) -> float:
-    """kill -9 the owner: a standby takes over once the lease expires, from the last complete snapshot."""
+    """kill -9 the owner: a standby takes over once the lease expires, from the last complete snapshot.
+    Returns the seconds from the kill to the take-over (``crash_takeover_report``: by the database)."""
+    return crash_takeover_report(database_url, workdir).waited_seconds
+
+
+def crash_takeover_report(database_url: str, workdir: Path) -> CrashReport:
     owner = Daemon(workdir / "crash-a", database_url)
     standby = Daemon(workdir / "crash-b", database_url)
     create_paired_store(owner.store)
     original = table_rows(owner.store)
+    db = record_lease_versions(database_url)
     try:
         owner.start()
         wait_until(lambda: owner.status()["owns_session"], timeout=20, message="owner")
         standby.start()
         wait_until(lambda: standby.status()["state"] == "standby", timeout=10, message="standby")
+        old_owner = owner.status()["owner_id"]
         owner.kill()
         killed_at = time.monotonic()
         wait_until(
@@ -169,8 +260,11 @@ def crash_takeover(database_url: str, workdir: Path) -> float:
         )
         waited = time.monotonic() - killed_at
         assert table_rows(standby.store) == original
-        assert standby.status()["handover_seconds"] is not None
+        status = standby.status()
+        assert status["handover_seconds"] is not None
+        take_over = take_over_by(db, old_owner, status["owner_id"])
     finally:
         owner.stop_if_running()
         standby.stop_if_running()
-    return waited
+        db.close()
+    return CrashReport(waited, take_over)

@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 
+from bot.client_process import STOP_GRACE_SECONDS
 from bot.persistence import sync_session
 from database import PostgresDatabase
 from tests.fake_whatsapp import wait_until
@@ -21,6 +22,13 @@ from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, neonize,
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_ENV = {"HTTPS_PROXY": "http://127.0.0.1:9", "PYTHONPATH": str(ROOT)}
+# A signal may land while the first client process is still starting (importing neonize): the
+# daemon gives it STOP_GRACE_SECONDS to end its round, then kills it. The rest of the shutdown
+# (the scheduler, the mirror's last read, the final backup, the lease) is quick; this is its room
+# on a loaded machine.
+SHUTDOWN_MARGIN_SECONDS = 15.0
+# Longer than any wait below: a session stored within one was stored at boot, not by the interval's backup.
+NO_INTERVAL_BACKUP = {"BACKUP_INTERVAL_SECONDS": "3600"}
 
 
 def test_restored_paired_store_reconnects_with_capped_backoff_and_never_shows_a_qr(
@@ -56,7 +64,7 @@ def test_restored_paired_store_reconnects_with_capped_backoff_and_never_shows_a_
     assert report["supervisor_alive"]
 
 
-def _start_daemon(data_dir: Path, database_url: str, port: int) -> subprocess.Popen[str]:
+def _start_daemon(data_dir: Path, database_url: str, port: int, **extra_env: str) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         **OFFLINE_ENV,
@@ -64,6 +72,7 @@ def _start_daemon(data_dir: Path, database_url: str, port: int) -> subprocess.Po
         "DATABASE_URL": database_url,
         "PORT": str(port),
         "API_TOKEN": "daemon-test-token-123456",
+        **extra_env,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "bot"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -86,15 +95,14 @@ def test_daemon_backs_up_a_local_store_then_rebuilds_it_after_data_dir_is_lost(
     db = PostgresDatabase(database_url)
     db.open()
     try:
-        daemon = _start_daemon(data_dir, database_url, free_port())
+        daemon = _start_daemon(data_dir, database_url, free_port(), **NO_INTERVAL_BACKUP)
         processes.append(daemon)
-        started = time.monotonic()
-        wait_until(lambda: db.load_session("default") is not None, timeout=20, message="the session in the DB")
-        appeared_after = time.monotonic() - started
+        wait_until(
+            lambda: db.load_session("default") is not None, timeout=60, message="the session in the DB (at boot)"
+        )
         code, output = _stop(daemon)
         assert code == 0, output[-3000:]
         assert "stopped cleanly" in output
-        assert appeared_after < 10
 
         import shutil
 
@@ -146,12 +154,30 @@ def test_signals_stop_the_daemon_within_seconds(tmp_path: Path, signum: int, pro
     )
     processes.append(daemon)
     wait_until(lambda: _healthy(port), timeout=20, message="healthz")
-    started = time.monotonic()
+    bound = STOP_GRACE_SECONDS + SHUTDOWN_MARGIN_SECONDS  # stops within seconds: never hangs on a client
     daemon.send_signal(signum)
-    output, _ = daemon.communicate(timeout=20)
+    try:
+        output, _ = daemon.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the daemon was still running {bound:.0f} s after {signal.Signals(signum).name}")
     assert daemon.returncode == 0, output[-2000:]
-    assert time.monotonic() - started < 5
     assert "API_TOKEN is not set; generated one" in output  # never an open API
+
+
+def _read_output(process: subprocess.Popen[str]) -> tuple[list[str], threading.Thread]:
+    """The process's output lines as they come (read by a thread of their own until it ends)."""
+    lines: list[str] = []
+
+    def read() -> None:
+        try:
+            for line in process.stdout:
+                lines.append(line)
+        except (OSError, ValueError):  # closed by the clean-up of a failed test
+            pass
+
+    reader = threading.Thread(target=read, name="daemon-output", daemon=True)
+    reader.start()
+    return lines, reader
 
 
 def _healthy(port: int) -> bool:
@@ -175,13 +201,26 @@ def test_a_second_signal_never_skips_the_final_backup_and_the_lease_release(
     try:
         daemon = _start_daemon(data_dir, database_url, free_port())
         processes.append(daemon)
-        wait_until(lambda: db.load_session("default") is not None, timeout=20, message="the session in the DB")
-        for _ in range(3):  # what `timeout`, `docker stop` and an impatient operator send
-            daemon.send_signal(signal.SIGTERM)
-            time.sleep(0.05)
-        output, _ = daemon.communicate(timeout=30)
-        assert daemon.returncode == 0, output[-3000:]
-        assert "received SIGTERM again" in output and "stopped cleanly" in output
+        lines, reader = _read_output(daemon)
+        wait_until(lambda: db.load_session("default") is not None, timeout=60, message="the session in the DB")
+        with db.transaction() as tx:
+            # The lease row held: the daemon cannot release the lease, so cannot finish its
+            # shutdown, before every signal has landed in it.
+            tx.execute("SELECT 1 FROM whatsapp_session_leases WHERE session_id = %s FOR UPDATE", ("default",))
+            for n in range(1, 4):  # what `timeout`, `docker stop` and an impatient operator send
+                daemon.send_signal(signal.SIGTERM)
+                # The next one only once the daemon's handler ran: two pending signals are one.
+                wait_until(
+                    lambda: sum("received SIGTERM" in line for line in lines) >= n,
+                    timeout=30,
+                    message=f"SIGTERM #{n} handled",
+                )
+        code = daemon.wait(timeout=60)
+        reader.join(timeout=10)
+        output = "".join(lines)
+        assert code == 0, output[-3000:]
+        assert sum("received SIGTERM again" in line for line in lines) == 2, output[-3000:]
+        assert "stopped cleanly" in output
         lease = db.lease("default")
         assert lease is not None and lease.owner_id is None  # released: the next start takes over at once
     finally:

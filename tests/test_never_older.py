@@ -11,7 +11,7 @@ from tests.fake_whatsapp import wait_until
 from tests.pg_cluster import PostgresCluster
 from tests.test_ownership import _freeze as freeze
 from tests.test_mirror import stored_rows
-from tests.test_ownership import owner, paired
+from tests.test_ownership import LONG_LEASE, owner, paired
 from tests.synthetic import table_rows
 from bot.session_state import State
 
@@ -54,7 +54,7 @@ def test_changes_made_while_postgresql_is_down_are_stored_once_it_is_back(
 def test_a_crash_right_after_an_admins_restore_boots_into_the_restored_version(
     db: Database, whatsmeow_template: Path, tmp_path: Path
 ) -> None:
-    a, network_a = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
+    a, network_a = owner(db, whatsmeow_template, tmp_path / "a", "host-a", LONG_LEASE)
     b = c = None
     try:
         paired(a, network_a, db)
@@ -70,12 +70,12 @@ def test_a_crash_right_after_an_admins_restore_boots_into_the_restored_version(
             tx.execute("UPDATE whatsapp_session_leases SET expires_at = 0")
 
         # The same host restarting on its disk, and a new host with an empty one, both boot the restored version.
-        b, network_b = owner(db, whatsmeow_template, tmp_path / "a", "host-a2")
+        b, network_b = owner(db, whatsmeow_template, tmp_path / "a", "host-a2", LONG_LEASE)
         b.start()
         wait_until(lambda: b.state is State.CONNECTED, timeout=15, message="restarted")
         assert contact_count(table_rows(b.config.store_path)) == 10
         b.stop()
-        c, network_c = owner(db, whatsmeow_template, tmp_path / "c", "host-c")
+        c, network_c = owner(db, whatsmeow_template, tmp_path / "c", "host-c", LONG_LEASE)
         c.start()
         wait_until(lambda: c.state is State.CONNECTED, timeout=15, message="new host")
         assert contact_count(table_rows(c.config.store_path)) == 10

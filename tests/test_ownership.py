@@ -15,12 +15,17 @@ from tests.synthetic import table_rows
 from tests.runtime_helpers import FAST, make_config, mirrored
 
 QUICK_LEASE = {"LEASE_TTL_SECONDS": "3", "LEASE_RENEW_SECONDS": "1", "API_TOKEN": "t" * 20}
+# The default lease (30 s, renewed every 10 s), for a test that expires the lease itself: the quick
+# one runs out after two slow renewals on a loaded machine, and a demoted owner refuses what is asked.
+LONG_LEASE = {"API_TOKEN": QUICK_LEASE["API_TOKEN"]}
 TIMING = replace(FAST, standby_poll_seconds=0.2)
 
 
-def owner(db: Database, template: Path, data_dir: Path, name: str) -> tuple[Runtime, FakeWhatsApp]:
+def owner(
+    db: Database, template: Path, data_dir: Path, name: str, lease: dict[str, str] = QUICK_LEASE
+) -> tuple[Runtime, FakeWhatsApp]:
     network = FakeWhatsApp(schema_template=template)
-    runtime = Runtime(make_config(data_dir, **QUICK_LEASE), db, network.factory, timing=TIMING, owner_id=name)
+    runtime = Runtime(make_config(data_dir, **lease), db, network.factory, timing=TIMING, owner_id=name)
     return runtime, network
 
 

@@ -3,21 +3,26 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from tests.redeploy import LEASE, crash_takeover, overlapping_redeploys
+from tests.redeploy import crash_takeover_report, overlapping_redeploys
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_overlapping_redeploys_hand_the_session_over_without_overlap(database_url: str, tmp_path: Path) -> None:
     report = overlapping_redeploys(database_url, tmp_path, iterations=3)
-    assert len(report.handover_seconds) == 3
-    assert max(report.handover_seconds) < 10
+    assert len(report.handovers) == 3
+    for handover in report.handovers:  # by the database's clock
+        # A hand-over, not an expiry: the new owner took the lease the old one had released (how
+        # soon after is a speed: bench/soak_redeploy.py measures it).
+        assert handover.released_at is not None and handover.released_at <= handover.taken_at, handover
 
 
 def test_a_crashed_owner_is_taken_over_after_its_lease_expires(database_url: str, tmp_path: Path) -> None:
-    waited = crash_takeover(database_url, tmp_path)
-    ttl = float(LEASE["LEASE_TTL_SECONDS"])
-    assert ttl - 2.5 <= waited <= ttl + 10  # not before the lease could have expired
+    take_over = crash_takeover_report(database_url, tmp_path).take_over
+    assert take_over.released_at is None, take_over  # killed: nothing was released
+    # Not before the lease could have expired: the expiry of the killed owner's last renewal, by the
+    # database's clock (a renewal the kill interrupted, if it committed, counted).
+    assert take_over.taken_at >= take_over.expires_at, take_over
 
 
 def test_railway_config_names_the_health_check_the_app_serves() -> None:
