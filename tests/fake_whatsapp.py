@@ -3,10 +3,8 @@
 Only the network is fake: the client works on the real store file the runtime gave it,
 creates whatsmeow's schema there as neonize does, writes the device row when "the phone"
 scans the QR, deletes it on an unlink (as whatsmeow does), and delivers events one at a
-time from its own thread, the way Go calls neonize's handlers. Like the client process
-(``bot.client_process.serve``), it lets at most ``UNLOGGED_WINDOW`` received messages be with the
-daemon unlogged: the next one waits until the daemon hands one back (``HANDLED_WAIT_SECONDS`` at
-most), so a test's customers cannot pile up more than the real client would let through.
+time from its own thread, the way Go calls neonize's handlers, and like the client process lets
+at most ``UNLOGGED_WINDOW`` received messages be with the daemon unlogged (see ``emit``).
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class LeaseVersion:
 class TakeOver:
     """How a new owner got the lease, by the database's clock."""
 
-    released_at: float | None  # the old owner's release of the lease the new one took; None: never released
+    released: bool  # the new owner took the lease the old one had released (else it had run out)
     expires_at: float  # when the old owner's lease would have run out (its last renewal's expiry)
     taken_at: float  # the new owner's acquisition
 
@@ -161,20 +161,17 @@ def take_over_by(db: PostgresDatabase, old_owner: str, new_owner: str) -> TakeOv
     taken = next((n for n, v in enumerate(versions) if v.owner_id == new_owner), None)
     assert taken is not None and taken >= 1, f"{new_owner} never took the lease: {versions}"
     before = versions[taken - 1]  # the version the new owner found
-    held = before if before.owner_id is not None else versions[taken - 2]
+    released = before.owner_id is None
+    assert not released or taken >= 2, versions[: taken + 1]
+    held = versions[taken - 2] if released else before
     assert held.owner_id == old_owner and held.fencing_token == before.fencing_token, versions[: taken + 1]
-    return TakeOver(
-        released_at=None if before.owner_id is not None else before.expires_at,
-        expires_at=held.expires_at,
-        taken_at=versions[taken].acquired_at,
-    )
+    return TakeOver(released=released, expires_at=held.expires_at, taken_at=versions[taken].acquired_at)
 
 
 @dataclass
 class HandoverReport:
     iterations: int
     handover_seconds: list[float]  # SIGTERM of the old owner -> the new one's status says it owns (bench/)
-    takeover_after_crash_seconds: float | None = None
     handovers: list[TakeOver] = field(default_factory=list)
 
 
@@ -191,7 +188,7 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
     original = table_rows(first.store)
     started = [first]
     db = record_lease_versions(database_url)
-    handovers = []
+    handover_seconds = []
     take_overs = []
     try:
         owner = first.start()
@@ -216,7 +213,7 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
             wait_until(
                 lambda: new.status()["state"] in ("connecting", "reconnecting"), timeout=15, message=f"take-over #{n}"
             )
-            handovers.append(time.monotonic() - stopped_at)
+            handover_seconds.append(time.monotonic() - stopped_at)
             status = new.status()
             # Each take-over a larger token (more than one larger if a renewal came too late on a
             # loaded machine and the new owner took its lease again: still the only owner).
@@ -230,7 +227,7 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
         for daemon in started:
             daemon.stop_if_running()
         db.close()
-    return HandoverReport(iterations, handovers, handovers=take_overs)
+    return HandoverReport(iterations, handover_seconds, handovers=take_overs)
 
 
 def crash_takeover(database_url: str, workdir: Path) -> float:

@@ -81,7 +81,7 @@ def _start_daemon(data_dir: Path, database_url: str, port: int, **extra_env: str
 
 def _stop(process: subprocess.Popen[str]) -> tuple[int, str]:
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=20)
+    output, _ = process.communicate(timeout=STOP_GRACE_SECONDS + SHUTDOWN_MARGIN_SECONDS)
     return process.returncode, output
 
 
