@@ -1736,8 +1736,8 @@ class PostgresDatabase(Database):
             max_lifetime=1800,
             timeout=wait_timeout,  # a caller waits this long for a connection, not psycopg's 30 s
             # psycopg_pool retries a lost connection with a doubling delay (1, 2, 4, 8... s) for this
-            # long: with its default 300 s, the daemon stayed offline after an outage for up to half
-            # as long again as the outage had lasted. A series given up, the next caller starts a
+            # long: with its default 300 s, the daemon stayed offline after an outage for about as
+            # long again as the outage had lasted. A series given up, the next caller starts a
             # fresh one at once (bench/bench_db_outage.py).
             reconnect_timeout=reconnect_series_seconds,
             kwargs={"connect_timeout": max(1, int(connect_timeout))},
