@@ -1702,9 +1702,6 @@ class Database:
             return tx.one(LeaseInfo, self.SELECT_LEASE, (tx.scalar(self.NOW), session_id))
 
 
-RECONNECT_SERIES_SECONDS = 10.0  # as long as the connect timeout, so a boot waiting for the database keeps trying
-
-
 class PostgresDatabase(Database):
     backend = "postgresql"
     migrations = POSTGRES_MIGRATIONS
@@ -1717,7 +1714,6 @@ class PostgresDatabase(Database):
         max_size: int = 8,
         connect_timeout: float = 10.0,
         wait_timeout: float = 10.0,
-        reconnect_series_seconds: float = RECONNECT_SERIES_SECONDS,
         sealer: PayloadSealer | None = None,
     ) -> None:
         from psycopg_pool import ConnectionPool
@@ -1735,11 +1731,6 @@ class PostgresDatabase(Database):
             max_idle=60,
             max_lifetime=1800,
             timeout=wait_timeout,  # a caller waits this long for a connection, not psycopg's 30 s
-            # psycopg_pool retries a lost connection with a doubling delay (1, 2, 4, 8... s) for this
-            # long: with its default 300 s, the daemon stayed offline after an outage for about as
-            # long again as the outage had lasted. A series given up, the next caller starts a
-            # fresh one at once (bench/bench_db_outage.py).
-            reconnect_timeout=reconnect_series_seconds,
             kwargs={"connect_timeout": max(1, int(connect_timeout))},
             name="zapkeep",
         )
