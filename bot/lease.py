@@ -161,9 +161,16 @@ class LeaseKeeper:
             due = self._attempted_at + 1.0
         return max(0.0, due - now)
 
+    def renew_now(self) -> bool:
+        """Renew at once, on the lease thread (a long take-over held renewals up); true if the lease
+        is held and fresh afterwards."""
+        self._renew()
+        return self.fresh()
+
     def _renew(self) -> None:
         fence = self._fence
-        assert fence is not None
+        if fence is None:
+            return  # lost meanwhile (the watchdog runs on another thread)
         requested = self._attempted_at = time.monotonic()  # (see try_acquire)
         try:
             renewed = self.db.renew_lease(fence, self._ttl)

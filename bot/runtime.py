@@ -304,6 +304,13 @@ class Runtime:
                 listener()
             except Exception as exc:  # e.g. the database blinked: not a reason to stay offline
                 log.error("session %s: take-over step failed: %s", self.config.session_id, first_line(exc))
+        # Renewals wait on this thread while the session is restored, which (a big session, a slow
+        # database, a busy machine) can outlast the lease's fresh window; the supervisor never
+        # connects on a lease that may have run out, and would end at once, leaving the session
+        # owned and never connected.
+        if not self._lease.renew_now():
+            self._lease.lose("the lease could not be renewed after taking over; taking it again", fence)
+            return
         self._start_supervisor()
 
     def _start_supervisor(self) -> None:

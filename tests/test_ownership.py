@@ -156,6 +156,31 @@ def test_owner_disconnects_before_its_lease_can_expire_when_the_database_is_gone
         cluster.stop()
 
 
+def test_a_take_over_that_ends_just_past_the_fresh_window_still_connects(
+    db: Database, whatsmeow_template: Path, tmp_path: Path
+) -> None:
+    """Renewals wait while a take-over restores the session (a big one, a slow database, a busy
+    machine), and the supervisor never connects on a lease that may have run out. A take-over that
+    ended just past the fresh window (ttl - renew), before the watchdog looked, left the session
+    owned and never connected: the supervisor saw a stale lease and ended, the renewal came next."""
+    a, _network = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
+    slow_restores = [a]
+
+    def restore_slowly() -> None:  # once: outlast the fresh window, by as little as possible
+        if slow_restores:
+            slow_restores.pop()
+            wait_until(lambda: not a._lease.fresh(), timeout=10, message="the lease past its fresh window")
+
+    a.take_over_listeners.append(restore_slowly)
+    try:
+        a.start()
+        wait_until(lambda: a.state is State.QR, message="connected, showing the QR")
+        assert not slow_restores
+        assert a.status().owns_session
+    finally:
+        a.stop()
+
+
 def _freeze(runtime: Runtime) -> None:
     """Stop a runtime's lease renewals and backups as a SIGKILL would, leaving its lease to expire."""
     runtime._stopping.set()
