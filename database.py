@@ -1710,9 +1710,9 @@ def _connection_pool(url: str, delay_cap: float | None, **options: Any) -> Any:
 
     The pool retries a lost connection with a doubling delay (1, 2, 4, 8, 16... s, for
     ``reconnect_timeout``), and a caller waiting for a connection starts no attempt of its own while
-    one is scheduled: after an outage the daemon stayed away until the next attempt, as long again
-    as the outage had lasted (a 20 s outage, 27 s of silence). Capped, it is back within about
-    ``delay_cap`` of the database; a refused connect costs next to nothing (bench/bench_db_outage.py).
+    one is scheduled: after an outage the daemon stayed away until the next attempt, up to half as
+    long again as the outage (a 40 s outage: usable 20.3 s after the database was back; capped at
+    2 s: 0.8 s, bench/bench_db_outage.py). A refused connect costs next to nothing.
     """
     from psycopg_pool import ConnectionPool
     from psycopg_pool.base import AttemptWithBackoff
