@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -164,18 +165,18 @@ def test_a_take_over_that_ends_just_past_the_fresh_window_still_connects(
     ended just past the fresh window (ttl - renew), before the watchdog looked, left the session
     owned and never connected: the supervisor saw a stale lease and ended, the renewal came next."""
     a, _network = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
-    slow_restores = [a]
+    slowed = threading.Event()
 
     def restore_slowly() -> None:  # once: outlast the fresh window, by as little as possible
-        if slow_restores:
-            slow_restores.pop()
+        if not slowed.is_set():
+            slowed.set()
             wait_until(lambda: not a._lease.fresh(), timeout=10, message="the lease past its fresh window")
 
     a.take_over_listeners.append(restore_slowly)
     try:
         a.start()
         wait_until(lambda: a.state is State.QR, message="connected, showing the QR")
-        assert not slow_restores
+        assert slowed.is_set()
         assert a.status().owns_session
     finally:
         a.stop()
