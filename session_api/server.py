@@ -20,7 +20,9 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # a large store's document is a few MB; anyth
 
 
 class ApiServer:
-    def __init__(self, app: Flask, host: str, port: int, *, threads: int = 8) -> None:
+    # 10: the calls that wait on someone else (at most 4 event streams, 2 downloads, 2 number checks)
+    # leave 2 for the probes and the rest of the API.
+    def __init__(self, app: Flask, host: str, port: int, *, threads: int = 10) -> None:
         self._server = create_server(
             app,
             host=host,
