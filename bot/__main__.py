@@ -6,7 +6,8 @@
     python -m bot restore [-v N]   rewrite the local store from the database (daemon stopped)
     python -m bot delete [--purge] delete the stored session (--purge: its history too)
     python -m bot export FILE      write the stored document to FILE ('-': stdout; sealed with a key)
-    python -m bot import FILE      validate FILE and store it as the session
+    python -m bot import FILE      validate FILE and store it as the session (an export, sealed or
+                                   not, or the saved answer of GET /api/session/restore)
     python -m bot rekey            re-encrypt the stored session under SESSION_ENCRYPTION_KEY
     python -m bot console          chat with the rules in the terminal (no WhatsApp)
 
@@ -113,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
         "--clear", action="store_true", help="unencrypted, even with SESSION_ENCRYPTION_KEY set (it holds the keys!)"
     )
     import_ = command("import", "validate FILE and store it as the session", STORED)
-    import_.add_argument("file")
+    import_.add_argument(
+        "file",
+        help="'-' for stdin; each of these as it is: what `export` writes (clear, or sealed with a key), "
+        "the answer of GET /api/session/restore saved with curl (?clear=true or sealed), or the bare session document",
+    )
     command(
         "rekey",
         "re-encrypt every stored credential of the session under SESSION_ENCRYPTION_KEY (unset: decrypt); "

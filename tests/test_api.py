@@ -865,3 +865,31 @@ def test_files_sent_through_the_api_go_out_through_the_outbox(api: Api) -> None:
     body, content_type = multipart({"to": "5511912345678", "caption": "sem arquivo"}, None)
     refused = api.call("POST", "/api/messages/send", raw=body, headers={"Content-Type": content_type})
     assert refused.status == 400 and "file" in refused.json()["message"]
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_a_deeply_nested_session_document_gets_400_with_a_message_and_changes_nothing(api: Api) -> None:
+    api.pair()
+    before = (api.db.load_session("default"), api.db.list_history("default"), api.db.list_sessions())
+    client = api.network.current()
+    for session_id in ("default", "copy"):  # applied live, and an admin's import of another session
+        for text in (
+            _nested(100_000),
+            '{"format": "zapkeep.session", "tables": ' + _nested(5000) + "}",
+            '{"format": "zapkeep.sealed-session", "sealed": ' + _nested(5000) + "}",
+        ):
+            reply = api.call("POST", "/api/session/backup", body={"session_id": session_id, "session_data": text})
+            assert reply.status == 400, (session_id, len(text), reply.status, reply.body[:200])
+            assert "nested too deeply" in reply.json()["message"]
+        # As JSON in the body: every depth up to the one where the body's own parser gives up.
+        for depth in range(850, 1010, 5):
+            for inner in (_nested(depth), '{"a": ' * depth + "1" + "}" * depth):
+                raw = f'{{"session_id": "{session_id}", "session_data": {inner}}}'.encode()
+                reply = api.call("POST", "/api/session/backup", raw=raw)
+                assert reply.status == 400, (session_id, depth, reply.status, reply.body[:200])
+                assert reply.json()["success"] is False and reply.json()["message"]
+    assert (api.db.load_session("default"), api.db.list_history("default"), api.db.list_sessions()) == before
+    assert not client.stopped.is_set() and api.runtime.state is State.CONNECTED
