@@ -99,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         "run the daemon (the default)",
         "Reads every variable in .env.example: DATABASE_URL, SESSION_ID, DATA_DIR, PORT, API_TOKEN, "
         "METRICS_TOKEN, CONSOLE_PASSWORD, WEBHOOK_URL, WEBHOOK_SECRET, WEBHOOK_EVENTS, BACKUP_INTERVAL_SECONDS, PAIR_PHONE, BOT_REPLIES, LOG_LEVEL, LOG_FORMAT, "
-        "LEASE_TTL_SECONDS, LEASE_RENEW_SECONDS, SESSION_ENCRYPTION_KEY, SESSION_ENCRYPTION_KEY_OLD, HTTPS_PROXY, "
+        "LEASE_TTL_SECONDS, LEASE_RENEW_SECONDS, SESSION_ENCRYPTION_KEY, SESSION_ENCRYPTION_KEY_OLD, TRUST_PROXY, "
+        "HTTPS_PROXY, "
         "RAILWAY_DEPLOYMENT_ID.",
     )
     command("status", "stored sessions and their history, as JSON", STORED)
@@ -195,7 +196,7 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
         services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry, webhooks=services.webhooks
     )
     try:
-        server = ApiServer(app, "0.0.0.0", config.port)
+        server = ApiServer(app, "0.0.0.0", config.port, trusted_proxy=config.trusted_proxy)
     except OSError as exc:
         db.close()
         raise ZapkeepError(f"cannot listen on PORT {config.port}: {exc.strerror or exc}") from None

@@ -210,6 +210,7 @@ WORDS: dict[str, dict[str, str]] = {
     },
 }
 
+
 def language() -> str:
     """The browser's preference among ours; Portuguese unless it asks for English first."""
     best = request.accept_languages.best_match(["pt-BR", "pt", "en"], default=DEFAULT)

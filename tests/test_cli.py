@@ -212,7 +212,9 @@ def test_every_export_form_imports_as_it_is(db: Database, network: FakeWhatsApp,
         answers = {}
         for name, query in (("api-sealed", ""), ("api-clear", "&clear=true")):
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-            conn.request("GET", f"/api/session/restore?session_id=shop{query}", headers={"Authorization": "Bearer " + "t" * 32})
+            conn.request(
+                "GET", f"/api/session/restore?session_id=shop{query}", headers={"Authorization": "Bearer " + "t" * 32}
+            )
             response = conn.getresponse()
             assert response.status == 200
             answers[name] = response.read()  # as `curl ... > file` saves it

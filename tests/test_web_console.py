@@ -22,9 +22,8 @@ from bot.services import build_services
 from bot.session_state import State
 from database import SqliteDatabase
 from session_api import console_words, create_app
-from session_api.console import SIGN_IN_BUDGET
+from session_api.console import sign_in_attempts
 from session_api.console_auth import CSRF_HEADER
-from session_api.guard import FailedAttempts
 from session_api.server import ApiServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST
@@ -44,7 +43,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
 
 
 @dataclass
@@ -74,7 +72,7 @@ def daemon(whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
         config, db, network.factory, replace(load_rules(SHIPPED_REPLIES), typing_seconds=0), timing=FAST
     )
     clock = [0.0]
-    attempts = FailedAttempts(SIGN_IN_BUDGET, clock=lambda: clock[0])
+    attempts = sign_in_attempts(clock=lambda: clock[0])  # the daemon's own budgets, on a clock the test moves
     app = create_app(services.runtime, db, outbox=services.outbox, sign_in_attempts=attempts)
     server = ApiServer(app, "127.0.0.1", 0)
     server.start()
