@@ -250,7 +250,7 @@ def load_json(text: str | bytes, what: str) -> Any:
     try:
         return json.loads(text)
     except RecursionError:
-        raise SessionDocumentError(f"{what} is nested too deeply (a session document nests a few levels)") from None
+        raise SessionDocumentError(f"{what} is nested too deeply (a session document is a few levels deep)") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise SessionDocumentError(f"{what} is not valid JSON ({exc.__class__.__name__})") from None
 
