@@ -1,13 +1,14 @@
 """Mutation check: put each small bug of scripts/mutations.toml into a copy of the tree, alone, run
 the tests that should catch it, and print a table of caught / missed with the test's name.
 
-    .venv/bin/python scripts/mutations.py [--only TEXT]... [--no-baseline] [--check] [--keep]
+    .venv/bin/python scripts/mutations.py [--only TEXT]... [--no-baseline] [--check] [--keep] [--table FILE]
 
 A mutation is caught when one of its tests fails (pytest exit code 1). Anything else is a miss:
 every test passed, a test was skipped, a node id does not exist, or the mutated tree did not even
 import (the mutation is then no meaningful bug and must be fixed). First, unless --no-baseline,
 the same tests run once on an unmutated copy: a test that fails there proves nothing about a
-mutation. Exits 1 when anything is missed, 2 when the table does not apply to this tree.
+mutation. Exits 1 when anything is missed, 2 when the table does not apply to this tree or a test
+fails without any mutation.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Outcome:
     log: Path
 
 
-def load_table(path: Path = TABLE) -> list[Mutation]:
+def load_table(path: Path) -> list[Mutation]:
     data = tomllib.loads(path.read_text())
     mutations = []
     for entry in data["mutation"]:
@@ -117,13 +118,19 @@ def run_tests(tree: Path, tests: tuple[str, ...], log: Path, *, stop_at_first: b
     env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONPATH", None)
     with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            return process.wait(timeout=RUN_TIMEOUT_SECONDS), report
+            code: int | None = process.wait(timeout=RUN_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # pytest and every child it started
-            process.wait()
-            return None, report
+            code = None
+        try:  # pytest's own group: whatever a mutant left running must not outlive its deleted tree
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+        return code, report
 
 
 def read_report(report: Path) -> tuple[list[tuple[str, str]], list[str], list[str]]:
@@ -134,14 +141,17 @@ def read_report(report: Path) -> tuple[list[tuple[str, str]], list[str], list[st
     if not report.is_file():
         return failed, passed, skipped
     for case in ET.parse(report).getroot().iter("testcase"):
-        module = case.get("classname", "").rsplit(".", 1)[-1]
-        name = f"{module}::{case.get('name')}"
+        name = f"{case.get('classname', '').removeprefix('tests.')}::{case.get('name')}"
         problem = case.find("failure")
+        kind = ""
         if problem is None:
-            problem = case.find("error")
+            problem, kind = case.find("error"), "error, not an assertion: "  # e.g. a fixture's setup
         if problem is not None:
             why = (problem.get("message") or problem.text or "").strip().splitlines()
-            failed.append((name, why[0][:160] if why else ""))
+            # The failing line in the test itself (the first line pytest marks ">"): "assert False" says little.
+            at = [line[1:].strip() for line in (problem.text or "").splitlines() if line.startswith(">")]
+            where = f" at `{at[0][:100]}`" if at else ""
+            failed.append((name, kind + (why[0][:120] if why else "") + where))
         elif case.find("skipped") is not None:
             skipped.append(name)
         else:
@@ -164,7 +174,7 @@ def judge(code: int | None, report: Path, seconds: float, log: Path) -> Outcome:
         return Outcome("skipped", "skipped: " + ", ".join(skipped), seconds, log)
     if code == 0:
         return Outcome("missed", "passed: " + ", ".join(passed), seconds, log)
-    if code in (4, 5):
+    if code in (4, 5) and re.search(r"ERROR: not found:|no tests ran", log.read_text(errors="replace")):
         return Outcome("not found", "pytest found no such test (see the log)", seconds, log)
     return Outcome("broken", f"pytest exit code {code}: the tree did not import or collect (see the log)", seconds, log)
 
@@ -186,15 +196,14 @@ def check_one(mutation: Mutation, keep: bool) -> Outcome:
             shutil.rmtree(tree, ignore_errors=True)
 
 
-def baseline(mutations: list[Mutation]) -> tuple[list[tuple[str, str]], float]:
+def baseline(tests: tuple[str, ...]) -> tuple[list[tuple[str, str]], float]:
     """Every selected test once on an unmutated copy: (the failing tests, seconds)."""
-    tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
     tree = Path(tempfile.mkdtemp(prefix="zapkeep-unmutated-"))
     try:
         copy_tree(tree)
         started = time.monotonic()
         code, report = run_tests(tree, tests, LOG_DIR / "baseline.log", stop_at_first=False)
-        failed, passed, _ = read_report(report)
+        failed, _, _ = read_report(report)
         if code not in (0, 1) or (code == 1 and not failed):
             failed = [("(baseline run)", f"pytest exit code {code}; see {LOG_DIR / 'baseline.log'}")]
         return failed, time.monotonic() - started
@@ -207,11 +216,13 @@ def print_table(rows: list[tuple[Mutation, Outcome]]) -> None:
     print("|---|---|---|---|")
     for mutation, outcome in rows:
         mark = " (pending)" if mutation.pending and outcome.verdict != "caught" else ""
-        print(f"| {mutation.name} | {outcome.verdict}{mark} | {outcome.detail} | {outcome.seconds:.0f} |")
+        detail = outcome.detail.replace("|", "\\|")
+        print(f"| {mutation.name} | {outcome.verdict}{mark} | {detail} | {outcome.seconds:.0f} |")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", type=Path, default=TABLE, help="another mutation table (default: %(default)s)")
     parser.add_argument("--only", action="append", default=[], help="run the mutations whose name contains this")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on the unmutated tree")
     parser.add_argument("--check", action="store_true", help="only check that every mutation applies; run nothing")
@@ -219,7 +230,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     started = time.monotonic()
-    mutations = load_table()
+    try:
+        mutations = load_table(args.table)
+    except (OSError, KeyError, TableError, tomllib.TOMLDecodeError) as exc:
+        print(f"{args.table}: cannot read the mutation table: {exc!r}", file=sys.stderr)
+        return 2
     if args.only:
         mutations = [m for m in mutations if any(o.lower() in m.name.lower() for o in args.only)]
         if not mutations:
@@ -229,7 +244,7 @@ def main(argv: list[str]) -> int:
         for mutation in mutations:  # every snippet checked before anything runs
             mutated(mutation, ROOT)
     except TableError as exc:
-        print(f"mutations.toml does not apply to this tree: {exc}", file=sys.stderr)
+        print(f"{args.table} does not apply to this tree: {exc}", file=sys.stderr)
         return 2
     print(f"{len(mutations)} mutations apply to this tree", flush=True)
     if args.check:
@@ -237,8 +252,9 @@ def main(argv: list[str]) -> int:
 
     LOG_DIR.mkdir(exist_ok=True)
     if not args.no_baseline:
-        failing, seconds = baseline(mutations)
-        print(f"baseline: the {sum(len(m.tests) for m in mutations)} selected tests on the unmutated tree, {seconds:.0f} s")
+        tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+        failing, seconds = baseline(tests)
+        print(f"baseline: the {len(tests)} selected tests on the unmutated tree, {seconds:.0f} s")
         if failing:
             for test, why in failing:
                 print(f"  FAILS WITHOUT ANY MUTATION: {test}: {why}", file=sys.stderr)

@@ -2,7 +2,7 @@
 # Put each small bug of scripts/mutations.toml into a copy of the tree, one at a time, run the tests
 # that should catch it, and print caught or missed with the test's name (docs/testing.md).
 #
-#   ./scripts/mutations.sh [--only TEXT]... [--no-baseline] [--check] [--keep]
+#   ./scripts/mutations.sh [--only TEXT]... [--no-baseline] [--check] [--keep] [--table FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh requirements-dev.txt
