@@ -238,13 +238,21 @@ def _metadata(conn: sqlite3.Connection, tables: list[dict[str, Any]], started: f
 def parse_document(text: str | bytes) -> dict[str, Any]:
     if not text or not text.strip():
         raise SessionDocumentError("the session document is empty")
-    try:
-        document = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SessionDocumentError(f"the session document is not valid JSON ({exc.__class__.__name__})") from None
+    document = load_json(text, "the session document")
     if not isinstance(document, dict):
         raise SessionDocumentError("the session document must be a JSON object")
     return document
+
+
+def load_json(text: str | bytes, what: str) -> Any:
+    """JSON from outside, or SessionDocumentError: also for a text nested deeper than Python's
+    parser follows (it raises RecursionError, which would otherwise surface as an internal error)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise SessionDocumentError(f"{what} is nested too deeply (a session document is a few levels deep)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SessionDocumentError(f"{what} is not valid JSON ({exc.__class__.__name__})") from None
 
 
 def validate_document(document: Any) -> DecodedSession:

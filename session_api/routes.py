@@ -226,7 +226,13 @@ def export() -> Response:
         }
     )
     # The document is already JSON: splice it in rather than parse and re-encode megabytes.
-    return Response(head[:-1] + ', "session_data": ' + document_text + "}", mimetype="application/json")
+    # Never kept by a browser or a proxy cache: a clear export (or any export without a key) holds
+    # the private keys, and a sealed one is still the whole session.
+    return Response(
+        head[:-1] + ', "session_data": ' + document_text + "}",
+        mimetype="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @bp.post("/api/session/restore")

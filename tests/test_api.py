@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from database import Database
 from prometheus_client.parser import text_string_to_metric_families
 
 from session_api import create_app
+from session_api.console import SIGN_IN_OVERALL_BUDGET, sign_in_attempts
 from session_api.guard import FailedAttempts, FailureBudget
 from session_api.openapi import openapi_document
 from session_api.routes import TooManyWrongTokens
@@ -978,3 +980,124 @@ def test_files_sent_through_the_api_go_out_through_the_outbox(api: Api) -> None:
     body, content_type = multipart({"to": "5511912345678", "caption": "sem arquivo"}, None)
     refused = api.call("POST", "/api/messages/send", raw=body, headers={"Content-Type": content_type})
     assert refused.status == 400 and "file" in refused.json()["message"]
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_a_deeply_nested_session_document_gets_400_with_a_message_and_changes_nothing(api: Api) -> None:
+    api.pair()
+    before = (api.db.load_session("default"), api.db.list_history("default"), api.db.list_sessions())
+    client = api.network.current()
+    for session_id in ("default", "copy"):  # applied live, and an admin's import of another session
+        for text in (
+            _nested(100_000),
+            '{"format": "zapkeep.session", "tables": ' + _nested(5000) + "}",
+            '{"format": "zapkeep.sealed-session", "sealed": ' + _nested(5000) + "}",
+        ):
+            reply = api.call("POST", "/api/session/backup", body={"session_id": session_id, "session_data": text})
+            assert reply.status == 400, (session_id, len(text), reply.status, reply.body[:200])
+            assert "nested too deeply" in reply.json()["message"]
+        # As JSON in the body: every depth up to the one where the body's own parser gives up.
+        for depth in range(850, 1010, 5):
+            for inner in (_nested(depth), '{"a": ' * depth + "1" + "}" * depth):
+                raw = f'{{"session_id": "{session_id}", "session_data": {inner}}}'.encode()
+                reply = api.call("POST", "/api/session/backup", raw=raw)
+                assert reply.status == 400, (session_id, depth, reply.status, reply.body[:200])
+                assert reply.json()["success"] is False and reply.json()["message"]
+    assert (api.db.load_session("default"), api.db.list_history("default"), api.db.list_sessions()) == before
+    assert not client.stopped.is_set() and api.runtime.state is State.CONNECTED
+
+
+@contextmanager
+def serving(
+    api: Api, *, trusted_proxy: str | None = None, sign_in_attempts: FailedAttempts | None = None
+) -> Iterator[int]:
+    """Another real waitress server over the same runtime, as the daemon builds it with these settings."""
+    app = create_app(api.runtime, api.db, sign_in_attempts=sign_in_attempts)
+    server = ApiServer(app, "127.0.0.1", 0, threads=4, trusted_proxy=trusted_proxy)
+    server.start()
+    try:
+        yield server.port
+    finally:
+        server.stop()
+
+
+def raw_request(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    source: str = "127.0.0.1",
+) -> tuple[int, list[tuple[str, str]]]:
+    """Status and every header (Set-Cookie may come twice), from a chosen loopback address."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheaders()
+    finally:
+        conn.close()
+
+
+def console_sign_in(
+    port: int, password: str, *, headers: dict[str, str] | None = None, source: str = "127.0.0.1"
+) -> tuple[int, list[tuple[str, str]]]:
+    """The sign-in form as a browser posts it (its CSRF token in the form and in its cookie)."""
+    form = f"csrf_token=form-token&password={password}".encode()
+    sent = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Cookie": "zapkeep_sign_in=form-token",
+        **(headers or {}),
+    }
+    return raw_request(port, "POST", "/console/sign-in", body=form, headers=sent, source=source)
+
+
+def test_behind_a_trusted_proxy_the_console_cookie_is_secure_and_the_client_is_the_forwarded_one(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="session_api.access")
+    # Railway's proxy appends the address it saw; whatever the client wrote before it is not believed.
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.1, 203.0.113.9"}
+    for trusted, believed in ((None, False), ("10.9.9.9", False), ("*", True), ("127.0.0.1", True)):
+        caplog.clear()
+        with serving(api, trusted_proxy=trusted) as port:
+            _, page = raw_request(port, "GET", "/", headers=forwarded)
+            status, signed = console_sign_in(port, TOKEN, headers=forwarded)
+        assert status == 303, trusted
+        cookies = [v for n, v in page + signed if n.lower() == "set-cookie" and "Max-Age=0" not in v]  # (not deletions)
+        assert {cookie.split("=", 1)[0] for cookie in cookies} >= {"zapkeep_sign_in", "zapkeep_console"}
+        for cookie in cookies:
+            assert ("; Secure" in cookie) is believed, (trusted, cookie)
+        clients = {r.client for r in caplog.records if getattr(r, "route", None) == "/console/sign-in"}
+        assert clients == {"203.0.113.9" if believed else "127.0.0.1"}, trusted
+    # Without TRUST_PROXY a client cannot make itself look like HTTPS or like another address.
+    refused = api.call("GET", "/api/session/status", token="wrong", headers={"X-Forwarded-For": "203.0.113.50"})
+    assert refused.status == 401 and api.failed_attempts.waiting("203.0.113.50") is None
+
+
+def test_the_export_is_never_cached(api: Api) -> None:
+    api.pair()
+    for query in ("?clear=true", "?session_id=default", f"?version={api.db.list_history('default')[0].version}"):
+        exported = api.call("GET", "/api/session/restore" + query)
+        assert exported.status == 200 and exported.headers["cache-control"] == "no-store", query
+
+
+def test_the_console_sign_in_limit_holds_across_addresses(api: Api) -> None:
+    """100 wrong passwords within a moment from 20 loopback addresses: most are not even compared."""
+    clock = [0.0]
+    with serving(api, sign_in_attempts=sign_in_attempts(clock=lambda: clock[0])) as port:
+        statuses = [
+            console_sign_in(port, f"guess-{attempt}", source=f"127.0.0.{2 + attempt % 20}")[0] for attempt in range(100)
+        ]
+        compared = statuses.count(401)
+        assert statuses.count(429) == 100 - compared and compared <= SIGN_IN_OVERALL_BUDGET.burst
+        refused, _ = console_sign_in(port, TOKEN, source="127.0.0.99")  # a fresh address waits too
+        assert refused == 429
+        clock[0] += SIGN_IN_OVERALL_BUDGET.refill_seconds  # the guessing stops: one attempt comes back
+        status, headers = console_sign_in(port, TOKEN, source="127.0.0.99")
+        assert status == 303 and any(v.startswith("zapkeep_console=") for n, v in headers if n.lower() == "set-cookie")
