@@ -249,7 +249,7 @@ class FakeServer:
 
 
 NEONIZE_BUFFER = 100
-IQ_TIMEOUT_SECONDS = 75.0
+IQ_TIMEOUT_SECONDS = 75.0  # the fake's stand-in for whatsmeow's own limit on an info query
 
 
 class NetworkClient:
