@@ -34,6 +34,11 @@ class SendOutcomeUnknown(ZapkeepError):
     mid-send). Never retried: a message goes out at most once."""
 
 
+class CallTimeout(ZapkeepError):
+    """WhatsApp's client gave no answer in time; its answer may still come (a send that times out
+    is a ``SendOutcomeUnknown``)."""
+
+
 class StateConflictError(ZapkeepError):
     """The session is not in a state that allows this (not connected, replaced, not owned...)."""
 

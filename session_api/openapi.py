@@ -64,8 +64,9 @@ def openapi_document() -> dict[str, Any]:
     document = _document()
     for operations in document["paths"].values():
         for operation in operations.values():
-            if "401" in operation["responses"]:
-                operation["responses"] = {**operation["responses"], **EVERY_PROTECTED_ROUTE}
+            if "401" in operation["responses"]:  # a route's own description of a code comes first
+                own = operation["responses"]
+                operation["responses"] = {**own, **{k: v for k, v in EVERY_PROTECTED_ROUTE.items() if k not in own}}
     return document
 
 
@@ -522,6 +523,11 @@ def _document() -> dict[str, Any]:
                         "400": BAD_REQUEST,
                         "401": UNAUTHORIZED,
                         "409": _error("Not connected to WhatsApp"),
+                        "429": _error(
+                            "2 number checks are running already (see Retry-After), or too many wrong tokens"
+                        ),
+                        "502": _error("WhatsApp's client refused the check (the message says why)"),
+                        "504": _error("WhatsApp's servers did not answer in time; try again later"),
                     },
                 }
             },

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
@@ -20,7 +21,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, request
 
 from bot.config import is_valid_session_id
 from bot.messaging import UNSTORABLE
-from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, first_line
+from bot.errors import CallTimeout, NotFoundError, SessionDocumentError, StateConflictError, first_line
 from bot.outbox import Outbox
 from bot.persistence import export_document, import_document
 from bot.runtime import Runtime
@@ -35,6 +36,9 @@ bp = Blueprint("session_api", __name__)
 PHONE = re.compile(r"[0-9]{10,15}")  # ASCII only: \d would take Arabic-Indic or fullwidth digits
 JID = re.compile(r"[0-9A-Za-z.:_-]{1,64}@(s\.whatsapp\.net|g\.us|lid)")
 MAX_MESSAGE_CHARS = 4096
+# Number checks at once: each holds a server thread for as long as WhatsApp's servers take, and the
+# probes and the rest of the API need theirs (the client process runs checks beside the replies).
+MAX_CONCURRENT_CHECKS = 2
 
 
 def runtime() -> Runtime:
@@ -47,6 +51,10 @@ def db() -> Database:
 
 class TooManyWrongTokens(TooManyRequests):
     description = "too many wrong tokens from this address; wait and try again"
+
+
+class TooManyChecks(TooManyRequests):
+    description = f"{MAX_CONCURRENT_CHECKS} number checks are running already; try again when one has answered"
 
 
 @bp.before_request
@@ -439,10 +447,19 @@ def check_contacts() -> tuple[Response, int]:
         abort(400, "each number must be a phone number with country code (10-15 digits)")
     require_own_session(runtime().config.session_id)
     digits = [jid.split("@", 1)[0] for jid in jids if jid is not None]
+    checks: threading.BoundedSemaphore = current_app.extensions["zapkeep.number_checks"]
+    if not checks.acquire(blocking=False):
+        raise TooManyChecks(retry_after=5)
     try:
         contacts = runtime().gateway.check_numbers(digits)
     except StateConflictError as exc:
         abort(409, str(exc))
+    except CallTimeout as exc:
+        abort(504, f"WhatsApp did not answer the number check in time ({first_line(exc)}); try again later")
+    except Exception as exc:  # neonize's own errors (the servers refused, the connection dropped)
+        abort(502, f"WhatsApp gave no answer: {first_line(exc)}")
+    finally:
+        checks.release()
     return ok(contacts=contacts)
 
 

@@ -25,7 +25,11 @@ TRUSTED_PROXY_HEADERS = {"x-forwarded-for", "x-forwarded-proto"}
 
 
 class ApiServer:
-    def __init__(self, app: Flask, host: str, port: int, *, threads: int = 8, trusted_proxy: str | None = None) -> None:
+    # 10: the calls that wait on someone else (at most 4 event streams, 2 downloads, 2 number checks)
+    # leave 2 for the probes and the rest of the API.
+    def __init__(
+        self, app: Flask, host: str, port: int, *, threads: int = 10, trusted_proxy: str | None = None
+    ) -> None:
         """``trusted_proxy``: "*" or an address whose X-Forwarded-For/-Proto are believed; None:
         those headers are dropped from every request (a client could forge them)."""
         proxy = (

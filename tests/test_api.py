@@ -9,8 +9,11 @@ import json
 import logging
 import re
 import socket
+import sys
+import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,8 +39,11 @@ from session_api.openapi import openapi_document
 from session_api.routes import TooManyWrongTokens
 from session_api.server import IDLE_TIMEOUT_SECONDS, ApiServer
 from tests.test_document_validation import CORRUPTIONS
+from tests.fake_network import FakeServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
-from tests.synthetic import DEVICE_JID, table_rows
+from tests.redeploy import TOKEN as REDEPLOY_TOKEN
+from tests.redeploy import Daemon
+from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
 from tests.runtime_helpers import FAST, mirrored
 
 TOKEN = "test-token-0123456789abcdef"
@@ -765,6 +771,113 @@ def test_contacts_check_asks_whatsapp_which_numbers_are_on_it(api: Api) -> None:
         {"numbers": ["5511912345678"] * 51},
     ):
         assert api.call("POST", "/api/contacts/check", body=bad).status == 400, bad
+
+
+def daemon_call(port: int, method: str, path: str, body: Any = None, timeout: float = 60) -> Reply:
+    """A call to a real daemon's API (``tests.redeploy.Daemon``), its answer seen for the OpenAPI check."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"Authorization": f"Bearer {REDEPLOY_TOKEN}", "Content-Type": "application/json"}
+    conn.request(method, path, body=None if body is None else json.dumps(body).encode(), headers=headers)
+    response = conn.getresponse()
+    reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    conn.close()
+    ANSWERS.add((method, path.split("?", 1)[0], reply.status))
+    return reply
+
+
+@pytest.fixture
+def loopback_whatsapp(tmp_path: Path) -> Iterator[Callable[..., tuple[FakeServer, Daemon]]]:
+    """A real daemon (``tests.fake_daemon``, embedded SQLite) connected to a loopback WhatsApp."""
+    server = FakeServer()
+    daemons: list[Daemon] = []
+
+    def start(**env: str) -> tuple[FakeServer, Daemon]:
+        command = [sys.executable, "-m", "tests.fake_daemon", server.address]
+        daemon = Daemon(tmp_path / f"host{len(daemons)}", "", command=command, env=env)
+        daemons.append(daemon)
+        create_paired_store(daemon.store)
+        daemon.start()
+        wait_until(lambda: daemon.status()["state"] == "connected", timeout=60, message="the daemon connected")
+        return server, daemon
+
+    try:
+        yield start
+    finally:
+        server.release_checks()
+        for daemon in daemons:
+            daemon.stop_if_running()
+        server.close()
+
+
+def test_slow_number_checks_hold_up_neither_customer_replies_nor_the_probes(loopback_whatsapp) -> None:
+    """Issue 23: 8 number checks WhatsApp's servers were slow to answer held every server thread
+    (/healthz waited) and every worker of the client process (a customer's reply waited)."""
+    server, daemon = loopback_whatsapp()
+    server.hold_checks()
+    server.registered.add("5511912345678")
+    answers: list[Reply] = []
+    checks = [
+        threading.Thread(
+            target=lambda: answers.append(
+                daemon_call(daemon.port, "POST", "/api/contacts/check", {"numbers": ["5511912345678"]}, timeout=120)
+            )
+        )
+        for _ in range(8)
+    ]
+    for thread in checks:
+        thread.start()
+    refused = lambda: [a for a in answers if a.status == 429]  # noqa: E731
+    wait_until(
+        lambda: len(refused()) == 6 and server.checks_waiting() == 2,
+        timeout=30,
+        message="2 checks waiting for WhatsApp, 6 refused",
+    )
+    assert all(a.json()["message"].startswith("2 number checks are running") for a in refused())
+    assert all(a.headers["retry-after"] == "5" for a in refused())
+    # Meanwhile the probes answer, and so does a customer: read, typed to and replied to.
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/healthz", timeout=30) as response:
+        assert response.status == 200
+    server.customer_sends(
+        {
+            "message_id": "3EB0CUSTOMER",
+            "chat": "5511987654321@s.whatsapp.net",
+            "sender": "5511987654321@s.whatsapp.net",
+            "push_name": "Ana",
+            "text": "oi",
+            "from_me": False,
+            "is_group": False,
+            "timestamp": int(time.time()),
+            "kind": "text",
+        }
+    )
+    wait_until(lambda: "3EB0CUSTOMER" in server.read, timeout=30, message="the customer's message read")
+    wait_until(
+        lambda: any(s.to == "5511987654321@s.whatsapp.net" for s in server.sent), timeout=30, message="the reply"
+    )
+    assert server.checks_waiting() == 2  # the reply went past them
+    server.release_checks()
+    for thread in checks:
+        thread.join(timeout=60)
+    answered = [a for a in answers if a.status == 200]
+    assert len(answered) == 2 and len(answers) == 8
+    assert all(a.json()["contacts"][0]["on_whatsapp"] is True for a in answered)
+    # The cap counts checks running, not checks ever made: both places are free again.
+    assert daemon_call(daemon.port, "POST", "/api/contacts/check", {"numbers": ["5511900000000"]}).status == 200
+
+
+def test_a_number_check_whatsapp_does_not_answer_in_time_is_a_504_that_says_so(loopback_whatsapp) -> None:
+    server, daemon = loopback_whatsapp(ZAPKEEP_FAKE_CALL_TIMEOUT="5")
+    server.hold_checks()
+    reply = daemon_call(daemon.port, "POST", "/api/contacts/check", {"numbers": ["5511912345678"]})
+    assert reply.status == 504, reply.body
+    assert reply.json()["message"] == (
+        "WhatsApp did not answer the number check in time "
+        "(check_numbers: no answer from the client within 5 s); try again later"
+    )
+    assert "SendOutcomeUnknown" not in daemon.log()
+    server.release_checks()  # (WhatsApp's late answer: nobody waits for it any more)
+    reply = daemon_call(daemon.port, "POST", "/api/contacts/check", {"numbers": ["5511912345678"]})
+    assert reply.status == 200, reply.body
 
 
 def multipart(fields: dict[str, str], file: tuple[str, str, bytes] | None) -> tuple[bytes, str]:
