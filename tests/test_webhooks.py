@@ -473,8 +473,8 @@ def test_a_broken_receiver_is_a_failed_attempt_with_backoff_shown_and_other_chat
 
 def test_a_stop_ends_an_attempt_under_way_at_once_and_counts_no_failure(db: Database) -> None:
     """A receiver that trickles its headers held an attempt until the socket timeout (never, at
-    one line a second) and the shutdown waited for it."""
-    broken = BrokenReceiver("trickle", trickle_seconds=0.2)
+    one line a second; http.client gives up at its 100th line) and the shutdown waited for it."""
+    broken = BrokenReceiver("trickle", trickle_seconds=1.0)
     dispatcher = Dispatcher(
         db, "default", broken.url, SECRET, event_types=("message.received",), owns_session=lambda: True, post_timeout=20
     )
@@ -489,6 +489,34 @@ def test_a_stop_ends_an_attempt_under_way_at_once_and_counts_no_failure(db: Data
             {},
             set(),
         )  # nothing recorded: the next start delivers it
+    finally:
+        dispatcher.stop()
+        broken.close()
+
+
+def test_the_wait_before_a_retry_counts_from_the_end_of_the_failed_attempt(db: Database) -> None:
+    """It counted from the start of the pass: a receiver that took 10 s to fail was tried again at
+    once instead of 5 s later. Here the dispatcher's clock moves an hour while each attempt runs."""
+    broken = BrokenReceiver("garbage", poisoned=ANA)
+    began = datetime.now(UTC)
+    dispatcher = Dispatcher(
+        db,
+        "default",
+        broken.url,
+        SECRET,
+        event_types=("message.received",),
+        owns_session=lambda: True,
+        retry_seconds=(60,),
+        clock=lambda: began + timedelta(hours=sum(len(came) for came in broken.attempts.values())),
+    )
+    try:
+        dispatcher.start()
+        db.record_event("default", "message.received", ANA, {"chat": ANA, "text": "oi"})
+        wait_until(lambda: dispatcher.status.failed_attempts == 1, message="the first attempt failed")
+        db.record_event("default", "message.received", BETO, {"chat": BETO, "text": "oi"})
+        wait_until(lambda: broken.accepted, message="a later pass delivered another chat's event")
+        assert [len(came) for came in broken.attempts.values()] == [1]  # ANA's waits its minute
+        assert dispatcher.status.failed_attempts == 1
     finally:
         dispatcher.stop()
         broken.close()
