@@ -1,6 +1,6 @@
 """Benchmark: webhook delivery throughput and latency, PostgreSQL and SQLite side by side.
 
-    .venv/bin/python -m bench.bench_webhooks [--burst 2000] [--rate 50] [--seconds 20]
+    .venv/bin/python -m bench.bench_webhooks [--burst 2000] [--rate 50] [--seconds 20] [--compare main]
     .venv/bin/python -m bench.bench_webhooks --broken [--window 30] [--compare main]
 
 A ``bot.webhooks.Dispatcher`` delivers to a receiver on loopback (Python's threading HTTP server,
@@ -39,7 +39,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import bot.webhooks
-from bot.webhooks import Dispatcher
 from database import Database, PostgresDatabase, SqliteDatabase
 from tests.pg_cluster import PostgresCluster
 from tests.test_webhooks import BROKEN_ANSWERS, BrokenReceiver, Receiver
@@ -62,10 +61,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.005)
 
 
-def measure(db: Database, args: argparse.Namespace) -> dict[str, float]:
+def measure(db: Database, args: argparse.Namespace, module: types.ModuleType = bot.webhooks) -> dict[str, float]:
     receiver = Receiver()
     owning = threading.Event()  # set once the burst is written: delivery starts then
-    dispatcher = Dispatcher(
+    dispatcher = module.Dispatcher(
         db, SESSION, receiver.url, "bench-secret", event_types=("message.received",), owns_session=owning.is_set
     )
     dispatcher.start()  # registered: it takes every event from now on
@@ -195,27 +194,35 @@ def main() -> None:
     if args.broken:
         main_broken(args)
         return
+    versions = [("this tree", bot.webhooks)]
+    if args.compare:
+        versions.insert(0, (args.compare, webhooks_at(args.compare)))
     cluster = PostgresCluster(durable=True).start()
     results = {}
     try:
         with tempfile.TemporaryDirectory(prefix="zapkeep-bench-webhooks-") as scratch:
-            for name, db in (
-                ("postgresql", PostgresDatabase(cluster.create_database())),
-                ("sqlite", SqliteDatabase(Path(scratch) / "bench.sqlite3")),
-            ):
-                db.open()
-                try:
-                    results[name] = measure(db, args)
-                finally:
-                    db.close()
+            for backend in ("postgresql", "sqlite"):
+                for version, module in versions:
+                    if backend == "postgresql":
+                        db: Database = PostgresDatabase(cluster.create_database())
+                    else:
+                        db = SqliteDatabase(Path(scratch) / f"bench-{len(results)}.sqlite3")
+                    db.open()
+                    try:
+                        results[(backend, version)] = measure(db, args, module)
+                    finally:
+                        db.close()
     finally:
         cluster.stop()
     print(f"\nWebhook deliveries to a receiver on loopback ({CHATS} chats; one dispatcher, one endpoint)\n")
-    print(f"| back-end | burst of {args.burst:,}: events/s | steady {args.rate:.0f}/s: p50 | p99 | max | delivered |")
-    print("|---|---|---|---|---|---|")
-    for name, r in results.items():
+    print(
+        f"| back-end | code | burst of {args.burst:,}: events/s | steady {args.rate:.0f}/s: p50 | p99 | max | delivered |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for (backend, version), r in results.items():
         print(
-            f"| {name} | {r['burst_rate']:,.0f} | {r['p50']:.0f} ms | {r['p99']:.0f} ms | {r['max']:.0f} ms | {r['delivered']:,} |"
+            f"| {backend} | {version} | {r['burst_rate']:,.0f} | {r['p50']:.0f} ms | {r['p99']:.0f} ms | "
+            f"{r['max']:.0f} ms | {r['delivered']:,} |"
         )
 
 
