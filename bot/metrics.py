@@ -131,7 +131,7 @@ class WebhookCollector(Collector):
             "zapkeep_webhook_given_up", "Events given up after a day of retries", labels=labels
         )
         failing = GaugeMetricFamily(
-            "zapkeep_webhook_failing", "1 while the endpoint's last delivery failed", labels=labels
+            "zapkeep_webhook_failing", "1 while an event waits for a retry or the last delivery failed", labels=labels
         )
         for endpoint in self._endpoints():
             delivered.add_metric([endpoint.url], endpoint.delivered)

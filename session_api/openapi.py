@@ -476,7 +476,7 @@ def _document() -> dict[str, Any]:
             "/api/webhooks": {
                 "get": {
                     "summary": "Each WEBHOOK_URL's deliveries: settled through which event, pending, delivered, "
-                    "failed attempts, given up, the last error and since when it fails",
+                    "failed attempts, given up, retrying (events waiting for a retry), the last error and since when it fails",
                     "responses": {"200": _ok("Endpoints", {"endpoints": {"type": "array"}}), "401": UNAUTHORIZED},
                 }
             },
