@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("HTTPS_PROXY", "http://127.0.0.1:9")  # connect() must never leave the machine
 
-from bot import client_process, events  # noqa: E402
+from bot import client_process, events
 
 # The customers of the script (tests/test_neonize_events.py checks what each becomes).
 PHONE = "5511912345678"
@@ -90,9 +90,7 @@ def scripted_events() -> list[object]:
         return MessageEv(Info=info, Message=Message(extendedTextMessage=ExtendedTextMessage(text=text)))
 
     pairing = PairStatusEv.PStatus
-    return [
-        as_go_fills_it(event)
-        for event in (
+    scripted = [
         PairStatusEv(ID=jid(DEVICE, device=7), Platform="android", Status=pairing.Value("SUCCESS")),
         PairStatusEv(ID=jid(""), Status=pairing.Value("ERROR"), Error="key mismatch"),
         ConnectedEv(status=True),
@@ -130,8 +128,8 @@ def scripted_events() -> list[object]:
             recipient_alt=jid(ANSWERED_LID_PHONE),
         ),
         message("GROUP1", jid(GROUP, "g.us"), jid(PHONE, device=2), "oi grupo", group=True),
-        )
     ]
+    return [as_go_fills_it(event) for event in scripted]
 
 
 def as_go_fills_it(event: object) -> object:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections import Counter
@@ -37,16 +38,19 @@ def incoming(
     from_me: bool = False,
     is_group: bool = False,
     sent: float | None = None,
+    sender: str | None = None,
+    chat_phone: str | None = None,
 ) -> events.IncomingMessage:
     return events.IncomingMessage(
         message_id=message_id or f"WAMSG{next(_ids):08d}",
         chat=chat,
-        sender=chat,
+        sender=sender or chat,
         push_name="Ana",
         text=text,
         from_me=from_me,
         is_group=is_group,
         timestamp=int(sent or time.time()),
+        chat_phone=chat_phone,
     )
 
 
@@ -434,3 +438,28 @@ def test_receipts_move_a_sent_reply_to_delivered_then_read_and_never_back(daemon
     assert reply_status() == "read"
     inbound = next(m for m in daemon.db.list_messages("default", CUSTOMER) if m.direction == "in")
     assert inbound.status == "replied"  # receipts are about what we sent only
+
+
+LID_CHAT = "987654321012345@lid"  # the same customer, as WhatsApp addresses one-to-one chats more and more
+
+
+def test_a_customer_writing_from_a_lid_chat_is_answered_there_and_listed_once_with_the_phone(daemon: Daemon) -> None:
+    daemon.paired()
+    first = incoming("Oi, bom dia!", chat=LID_CHAT, sender="987654321012345:3@lid", chat_phone=CUSTOMER)
+    daemon.deliver(first)
+    wait_until(lambda: len(daemon.network.sent) == 1, message="the greeting")
+    # whatsmeow gives the phone with some messages only (SenderAlt, or its LID map): it is kept.
+    second = incoming("2", chat=LID_CHAT, sender="987654321012345:3@lid")
+    daemon.deliver(second)
+    processed(daemon, first, second)
+
+    assert [m.to for m in daemon.network.sent] == [LID_CHAT, LID_CHAT]  # in the chat they wrote from
+    assert daemon.network.sent[0].text.startswith("Olá, Ana!") and "Rua das Flores" in daemon.network.sent[1].text
+    assert (LID_CHAT, True) in daemon.network.typing and first.message_id in daemon.network.read
+    logged = [(m.direction, m.status) for m in daemon.db.list_messages("default", LID_CHAT)]
+    assert logged == [("in", "replied"), ("out", "sent")] * 2
+    assert daemon.db.list_messages("default", CUSTOMER) == []  # never a second chat at the phone JID
+    (chat,) = daemon.db.list_chats("default")
+    assert (chat.chat_jid, chat.phone_jid, chat.unanswered) == (LID_CHAT, CUSTOMER, 0)
+    received = [e for e in daemon.db.events_after("default", 0) if e.event_type == "message.received"]
+    assert [json.loads(e.payload)["chat_phone"] for e in received] == [CUSTOMER, CUSTOMER]

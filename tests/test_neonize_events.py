@@ -75,7 +75,9 @@ def test_neonizes_events_reach_the_daemon_as_what_they_mean(scripted_round) -> N
         events.ConnectFailure("CLIENT_OUTDATED: update the client"),  # neonize's reason numbers mean nothing
         events.LoggedOut(reason="MAIN_DEVICE_GONE"),
         events.StreamReplaced(),
-        events.Receipt(message_ids=["3EB0A"], chat=f"{script.PHONE}@s.whatsapp.net", status="read", timestamp=1700000000),
+        events.Receipt(
+            message_ids=["3EB0A"], chat=f"{script.PHONE}@s.whatsapp.net", status="read", timestamp=1700000000
+        ),
     ]
     messages = {m.message_id: m for m in got[12:] if isinstance(m, events.IncomingMessage)}
     assert len(messages) == 6
