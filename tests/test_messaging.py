@@ -463,3 +463,80 @@ def test_a_customer_writing_from_a_lid_chat_is_answered_there_and_listed_once_wi
     assert (chat.chat_jid, chat.phone_jid, chat.unanswered) == (LID_CHAT, CUSTOMER, 0)
     received = [e for e in daemon.db.events_after("default", 0) if e.event_type == "message.received"]
     assert [json.loads(e.payload)["chat_phone"] for e in received] == [CUSTOMER, CUSTOMER]
+
+
+# --- with the fake as harsh as whatsmeow (tests/fake_whatsapp.py's switches) ---------------------
+
+
+def test_messages_delivered_before_connected_are_logged_marked_read_and_answered_once(daemon: Daemon) -> None:
+    """whatsmeow delivers what the server queued while the client was away before it dispatches
+    Connected (which waits for its pre-key check): those customers get their blue ticks and one
+    answer each, once connected."""
+    daemon.paired()
+    daemon.stop()
+    other = "5511955554444@s.whatsapp.net"
+    backlog = [incoming("oi, vocês abrem hoje?"), incoming("bom dia", chat=other)]
+    pre_keys = threading.Event()
+    daemon.network.offline_backlog = list(backlog)
+    daemon.network.store_writes_before_connected = 5
+    daemon.network.connected_gate = pre_keys
+    try:
+        services = daemon.start()
+        wait_until(
+            lambda: (
+                {m.message_id for m in daemon.db.list_messages("default") if m.direction == "in"}
+                == {m.message_id for m in backlog}
+            ),
+            message="the backlog logged",
+        )
+        # The connection is up (the messages came over it): they are marked read before Connected.
+        wait_until(lambda: set(daemon.network.read) == {m.message_id for m in backlog}, message="blue ticks")
+        assert services.runtime.state is not State.CONNECTED and daemon.network.sent == []
+    finally:
+        pre_keys.set()
+    wait_until(lambda: services.runtime.state is State.CONNECTED, message="connected")
+    processed(daemon, *backlog)
+    assert sorted(m.to for m in daemon.network.sent) == sorted([CUSTOMER, other])  # one answer each
+    assert all(m.text.startswith("Olá, Ana!") for m in daemon.network.sent)
+
+
+def test_a_reply_whose_send_has_no_answer_is_never_sent_again(daemon: Daemon) -> None:
+    """The send went out and its answer never came (the customer may well have it): failed, never
+    retried, not after the next sends nor after a reconnect."""
+    services = daemon.paired()
+    daemon.network.unknown_send_outcomes.append("send_text: no answer from the client within 60 s")
+    daemon.deliver(incoming("oi"))
+    wait_until(
+        lambda: any(m.status == "failed" for m in daemon.db.list_messages("default", CUSTOMER)),
+        message="the reply settled as failed",
+    )
+    client = daemon.network.current()
+    client.emit(events.Disconnected())
+    wait_until(lambda: services.runtime.state is State.RECONNECTING)
+    client.emit(events.Connected())  # the outbox looks at its queue again on every connect...
+    later = services.outbox.enqueue(CUSTOMER, "Seu pedido saiu", reason="api", expires_in=None)
+    # ...and once this later message went out, the outbox has been over its queue since the failure.
+    wait_until(lambda: status_of(daemon.db, later) == "sent", message="the later message sent")
+    assert [m.text[:9] for m in daemon.network.sent] == ["Olá, Ana!", "Seu pedid"]  # one copy of the reply
+    (reply,) = [m for m in daemon.db.list_messages("default", CUSTOMER) if m.reason not in ("api", None)][1:]
+    assert reply.status == "failed" and "outcome unknown" in (reply.last_error or "") and reply.attempts == 1
+
+
+def test_a_slow_send_does_not_hold_up_the_blue_ticks_of_other_messages(daemon: Daemon) -> None:
+    daemon.paired()
+    sending = threading.Event()
+    daemon.network.send_gate = sending
+    other = "5511955554444@s.whatsapp.net"
+    try:
+        first = incoming("oi")
+        daemon.deliver(first)
+        wait_until(lambda: CUSTOMER in daemon.network.sends_started, message="the first reply on its way")
+        second = incoming("bom dia", chat=other)
+        daemon.deliver(second)
+        # WhatsApp has not answered the first send yet: the second customer's ticks do not wait for it.
+        wait_until(lambda: second.message_id in daemon.network.read, message="the second message marked read")
+        assert daemon.network.sent == [] and not sending.is_set()
+    finally:
+        sending.set()
+    processed(daemon, first, second)
+    assert sorted(m.to for m in daemon.network.sent) == sorted([CUSTOMER, other])
