@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,10 @@ class NeonizeClient:
     def __init__(self, store_path: Path, sink: events.EventSink) -> None:
         self._client = NewClient(str(store_path))
         self._sink = sink
+        # goneonize's GetPNFromLID has no nil check: after stop() it is a Go panic that ends the
+        # process, with a message acknowledged and not yet handed over. Lookups and stop() take turns.
+        self._lookups = threading.Lock()
+        self._stopped = False
         self._register_handlers()
 
     def run(self) -> str | None:
@@ -62,6 +67,8 @@ class NeonizeClient:
         return None
 
     def stop(self) -> None:
+        with self._lookups:
+            self._stopped = True
         try:
             self._client.stop()
         except Exception as exc:
@@ -175,11 +182,14 @@ class NeonizeClient:
         alt = source.RecipientAlt if source.IsFromMe else source.SenderAlt
         if alt.User and alt.Server == PHONE_SERVER:
             return Jid2String(JIDToNonAD(alt))
-        try:
-            known = self._client.get_pn_from_lid(JIDToNonAD(source.Chat))
-        except Exception as exc:  # the map is a nicety: the chat is answered by its LID anyway
-            log.debug("LID map lookup failed: %s", exc)
-            return None
+        with self._lookups:
+            if self._stopped:
+                return None
+            try:
+                known = self._client.get_pn_from_lid(JIDToNonAD(source.Chat))
+            except Exception as exc:  # the map is a nicety: the chat is answered by its LID anyway
+                log.debug("LID map lookup failed: %s", exc)
+                return None
         return Jid2String(JIDToNonAD(known)) if known.User and known.Server == PHONE_SERVER else None
 
 

@@ -202,3 +202,42 @@ def test_jids_read_back_as_neonize_writes_them_and_numbers_are_checked_in_the_or
         {"number": "5511912345678", "on_whatsapp": True, "jid": "551112345678@s.whatsapp.net"},
         {"number": "5511977776666", "on_whatsapp": False, "jid": None},  # no answer: not on WhatsApp
     ]
+
+
+STOPPED_SCRIPT = """
+import ctypes, json, logging, os, sys
+from bot import logs
+logs.configure(logging.WARNING)
+from bot import events, whatsapp
+from neonize.events import EVENT_TO_INT
+from tests.neonize_events import scripted_events
+got = []
+client = whatsapp.NeonizeClient(sys.argv[1], got.append)
+client.run()  # offline: refused at the proxy
+client.stop()  # the round ends while Go still hands over a message from a LID chat without its phone
+(late,) = [e for e in scripted_events() if getattr(e, "Info", None) is not None and e.Info.ID == "LID1"]
+data = late.SerializeToString()
+buffer = ctypes.create_string_buffer(data, len(data))
+client._client.event.execute(0, ctypes.addressof(buffer), len(data), EVENT_TO_INT[type(late)])
+print(json.dumps([events.to_wire(e) for e in got]), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_lid_message_handled_as_the_round_stops_is_still_handed_over(tmp_path: Path) -> None:
+    """whatsmeow's LID map is asked from the message handler; after stop() neonize's lookup is a Go
+    panic that ends the process, losing a message whatsmeow already acknowledged."""
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    result = subprocess.run(
+        [sys.executable, "-c", STOPPED_SCRIPT, str(store)],
+        cwd=ROOT,
+        env=OFFLINE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (late,) = [events.from_wire(e) for e in json.loads(result.stdout.strip().splitlines()[-1])]
+    assert isinstance(late, events.IncomingMessage) and late.chat == f"{script.LID}@lid"
+    assert late.chat_phone is None  # (the map is not asked once the round is stopping)
