@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
 _LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' advisory locks
@@ -239,6 +239,7 @@ class ChatState:
     pause_reason: str | None
     last_reply_reason: str | None = None
     last_reply_at: datetime | None = None
+    phone_jid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,7 @@ class Inbound:
     size: int | None = None
     file_name: str | None = None
     media: str | None = None  # whatsmeow's reference to download the file (sealed when stored)
+    chat_phone: str | None = None  # a LID chat's phone JID, where WhatsApp or whatsmeow's LID map tells it
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,7 @@ class ChatSummary:
     last_at: datetime
     paused_until: datetime | None  # the bot is quiet in this chat until then (a hand-off)
     pause_reason: str | None
+    phone_jid: str | None = None  # a LID chat's phone JID, once known
 
 
 @dataclass(frozen=True)
@@ -498,6 +501,11 @@ def _media(blob: str) -> list[str]:
     ]
 
 
+def _lid_chats() -> list[str]:
+    """A chat WhatsApp addresses by LID ("<lid>@lid") stays that chat; its phone JID, once known, beside it."""
+    return ["ALTER TABLE whatsapp_chats ADD COLUMN phone_jid TEXT"]
+
+
 POSTGRES_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE IF NOT EXISTS whatsapp_sessions (
@@ -525,6 +533,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
     _key_ids(),
     _events("BIGSERIAL PRIMARY KEY"),
     _media("BYTEA"),
+    _lid_chats(),
 ]
 
 SQLITE_MIGRATIONS: list[list[str]] = [
@@ -554,6 +563,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
     _key_ids(),
     _events("INTEGER PRIMARY KEY AUTOINCREMENT"),
     _media("BLOB"),
+    _lid_chats(),
 ]
 
 CREATE_SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS zapkeep_schema (version INTEGER NOT NULL)"
@@ -1065,19 +1075,21 @@ class Database:
         RETURNING id
     """
     SELECT_CHAT = """
-        SELECT chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at
+        SELECT chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at, phone_jid
         FROM whatsapp_chats WHERE session_id = %s AND chat_jid = %s
     """
     UPSERT_CHAT = """
         INSERT INTO whatsapp_chats
-            (session_id, chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at)
-        VALUES (%s, %s, %s, %s, %s, %s, %s)
+            (session_id, chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at,
+             phone_jid)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (session_id, chat_jid) DO UPDATE SET
             last_incoming_at = COALESCE(excluded.last_incoming_at, whatsapp_chats.last_incoming_at),
             paused_until = excluded.paused_until,
             pause_reason = excluded.pause_reason,
             last_reply_reason = COALESCE(excluded.last_reply_reason, whatsapp_chats.last_reply_reason),
-            last_reply_at = COALESCE(excluded.last_reply_at, whatsapp_chats.last_reply_at)
+            last_reply_at = COALESCE(excluded.last_reply_at, whatsapp_chats.last_reply_at),
+            phone_jid = COALESCE(excluded.phone_jid, whatsapp_chats.phone_jid)
     """
     SET_MESSAGE_STATUS = "UPDATE whatsapp_messages SET status = %s, reason = %s WHERE id = %s"
     INSERT_EVENT = """
@@ -1170,6 +1182,8 @@ class Database:
                 return InboundResult(duplicate=True, reply_id=None)
             chat = tx.one(ChatState, self.SELECT_CHAT, (message.session_id, message.chat_jid))
             before = None if chat is None else _aware_chat(chat)
+            if message.chat_phone is None and before is not None and before.phone_jid is not None:
+                message = replace(message, chat_phone=before.phone_jid)  # (known from an earlier message)
             outcome = decide(before)
             tx.execute(self.SET_MESSAGE_STATUS, (outcome.status, outcome.reason, inbound_id))
             payload = _message_event(inbound_id, message, "in", outcome.status, outcome.reason)
@@ -1194,6 +1208,7 @@ class Database:
                     outcome.pause_reason,
                     outcome.reason if replied else None,
                     received if replied else None,
+                    message.chat_phone,
                 ),
             )
             reply_id = None
@@ -1235,7 +1250,16 @@ class Database:
                 return False
             tx.execute(
                 self.UPSERT_CHAT,
-                (message.session_id, message.chat_jid, None, _naive(paused_until), "operator", None, None),
+                (
+                    message.session_id,
+                    message.chat_jid,
+                    None,
+                    _naive(paused_until),
+                    "operator",
+                    None,
+                    None,
+                    message.chat_phone,
+                ),
             )
             payload = _message_event(logged, message, "out", "sent", "operator")
             self._event(tx, message.session_id, "message.sent", message.chat_jid, payload)
@@ -1435,7 +1459,7 @@ class Database:
 
     SELECT_CHATS = """
         SELECT s.chat_jid, s.unanswered, l.text AS last_text, l.direction AS last_direction,
-               l.message_type AS last_type, l.created_at AS last_at, c.paused_until, c.pause_reason
+               l.message_type AS last_type, l.created_at AS last_at, c.paused_until, c.pause_reason, c.phone_jid
         FROM (
             SELECT m.chat_jid, MAX(m.id) AS last_id,
                    SUM(CASE WHEN m.direction = 'in' AND m.id > COALESCE((
@@ -1902,6 +1926,7 @@ def _message_event(row_id: int, message: Inbound, direction: str, status: str, r
     return {
         "id": row_id,
         "chat": message.chat_jid,
+        **({"chat_phone": message.chat_phone} if message.chat_phone else {}),
         "whatsapp_id": message.message_id,
         "sender": message.sender,
         "direction": direction,

@@ -46,7 +46,8 @@ CHAT = {
     "name": "chat",
     "in": "path",
     "required": True,
-    "description": "The chat's JID, e.g. 5511999999999@s.whatsapp.net",
+    "description": "The chat's JID, e.g. 5511999999999@s.whatsapp.net, or 123456789012345@lid for a chat"
+    " WhatsApp addresses by LID",
     "schema": {"type": "string"},
 }
 UNAUTHORIZED = _error("Missing or wrong bearer token")
@@ -313,7 +314,8 @@ def _document() -> dict[str, Any]:
             },
             "/api/chats": {
                 "get": {
-                    "summary": "Chats, latest message first: last message, unanswered count, paused or not",
+                    "summary": "Chats, latest message first: last message, unanswered count, paused or not, and"
+                    " the customer's phone number (null for groups and for a LID chat whose number is not known)",
                     "parameters": [SESSION_ID, LIMIT],
                     "responses": {
                         "200": _ok("Chats", {"chats": {"type": "array", "items": {"type": "object"}}}),

@@ -727,6 +727,44 @@ def test_the_read_api_lists_chats_pages_messages_shows_the_outbox_and_releases_a
     wait_until(lambda: any(s.to == CUSTOMER and s.text for s in api.network.sent[3:]), message="answered again")
 
 
+def test_lid_chats_are_listed_with_their_phone_and_taken_wherever_the_api_takes_a_chat(api: Api) -> None:
+    api.pair()
+    client = api.network.current()
+    lid_chat = "987654321012345@lid"
+
+    def customer(text: str, n: int, phone: str | None = None) -> None:
+        client.emit(
+            events.IncomingMessage(
+                f"3EB0LID{n:04d}",
+                lid_chat,
+                "987654321012345:3@lid",
+                "Ana",
+                text,
+                False,
+                False,
+                int(time.time()),
+                chat_phone=phone,
+            )
+        )
+
+    customer("oi", 1, phone=CUSTOMER)
+    wait_until(lambda: len(api.network.sent) == 1, message="the greeting")
+    customer("quero falar com um atendente", 2)  # a hand-off pauses the LID chat
+    wait_until(lambda: len(api.network.sent) == 2, message="the hand-off reply")
+    wait_until(lambda: len(api.db.list_messages("default")) == 4, message="all logged")
+
+    (listed,) = api.call("GET", "/api/chats").json()["chats"]
+    assert (listed["chat"], listed["phone"], listed["paused"]) == (lid_chat, CUSTOMER.split("@")[0], True)
+    page = api.call("GET", f"/api/chats/{lid_chat}/messages").json()
+    assert page["chat"] == lid_chat and [m["text"] for m in page["messages"]][-1] == "oi"
+    assert api.call("POST", f"/api/chats/{lid_chat}/release").json()["released"] is True
+    sent = api.call("POST", "/api/messages/send", body={"to": lid_chat, "message": "Seu pedido saiu"})
+    assert sent.status in (200, 202) and sent.json()["to"] == lid_chat
+    wait_until(lambda: len(api.network.sent) == 3, message="the operator's message")
+    assert [m.to for m in api.network.sent] == [lid_chat] * 3  # never at the phone JID
+    assert api.call("GET", "/api/chats/987654321012345@lidx/messages").status == 400
+
+
 def test_pausing_the_whole_bot_stops_replies_and_keeps_logging(api: Api) -> None:
     api.pair()
     client = api.network.current()

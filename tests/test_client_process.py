@@ -141,6 +141,9 @@ def _zombie(pid: int) -> bool:
         events.IncomingMessage(
             "3EB0", "5511@s.whatsapp.net", "5511@s.whatsapp.net", "Zé \ud800", "oi\x00", False, False, 1
         ),
+        events.IncomingMessage(
+            "3EB1", "98765@lid", "98765:3@lid", "Ana", "oi", False, False, 1, chat_phone="5511@s.whatsapp.net"
+        ),
         events.Receipt(message_ids=["3EB0A", "3EB0B"], chat="5511@s.whatsapp.net", status="read", timestamp=1),
     ],
 )

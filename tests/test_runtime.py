@@ -218,3 +218,55 @@ def test_pair_phone_asks_for_a_pairing_code_instead_of_a_qr(runtime_factory, net
     runtime.start()
     wait_until(lambda: runtime.status().pairing_code == "ABCD-EFGH", message="pairing code")
     assert runtime.state is State.QR
+
+
+# --- with the fake as harsh as whatsmeow (tests/fake_whatsapp.py's switches) ---------------------
+
+
+def _wiped_and_pairing_again(runtime, db: Database, network: FakeWhatsApp, first, history) -> None:
+    wait_until(lambda: runtime.state is State.QR, message="back to qr")
+    second = network.current()
+    assert second is not first and second.device_jid() is None  # a new, unpaired store
+    assert db.load_session("default") is None and db.load_rows("default") == []
+    assert db.list_history("default") == history  # an admin can still roll back
+    assert runtime.status().jid is None
+
+
+def test_an_unlink_announced_before_whatsmeow_deletes_the_device_still_wipes_everything(
+    runtime_factory, db: Database, network: FakeWhatsApp
+) -> None:
+    network.logged_out_before_wipe = True  # whatsmeow: LoggedOut dispatched, then the device deleted
+    runtime = runtime_factory()
+    first = start_paired(runtime, network, db)
+    history = db.list_history("default")
+    first.unlink()  # returns once whatsmeow's delete landed, after the daemon had the event
+    _wiped_and_pairing_again(runtime, db, network, first, history)
+    network.current().scan_qr()  # and pairing again is stored as before
+    wait_until(lambda: runtime.state is State.CONNECTED, message="paired again")
+    wait_until(lambda: mirrored(runtime, db), message="the new store mirrored")
+    assert db.load_session("default").device_jid == DEVICE_JID
+
+
+def test_a_logout_whose_request_fails_still_wipes_locally_and_pairs_again(
+    runtime_factory, db: Database, network: FakeWhatsApp
+) -> None:
+    """whatsmeow's Logout raises when its request fails, and then deletes nothing and says nothing:
+    the admin asked to unlink, so this device forgets the session all the same."""
+    network.logout_error = "error sending logout request: websocket not connected"
+    runtime = runtime_factory()
+    first = start_paired(runtime, network, db)
+    history = db.list_history("default")
+    assert runtime.logout() is False  # not unlinked on the phone's side: the API says so
+    _wiped_and_pairing_again(runtime, db, network, first, history)
+    assert runtime.status().last_error == "logged out by an admin"
+
+
+def test_whatsmeows_logout_emits_no_logged_out_and_the_daemon_still_wipes(
+    runtime_factory, db: Database, network: FakeWhatsApp
+) -> None:
+    network.logout_emits_logged_out = False
+    runtime = runtime_factory()
+    first = start_paired(runtime, network, db)
+    history = db.list_history("default")
+    assert runtime.logout() is True
+    _wiped_and_pairing_again(runtime, db, network, first, history)
