@@ -303,10 +303,10 @@ def test_kill_9_during_a_write_burst_leaves_a_committed_prefix_that_kept_up_with
     report = kill_during_writes(tmp_path, database_url, kills=4, seed=7)
     assert report.kills == 4
     assert all(prefix % 10 == 0 for prefix in report.stored_prefixes)  # whole transactions only
-    # Kept up (a stalled mirror lags by the whole burst). How far behind is a speed, measured by
-    # bench/soak_mirror_kill9.py (max 0.11 s over 20 kills): a 1 s bound here failed once on a
-    # machine with both cores and the database loaded (1.16 s).
-    assert max(report.lag_seconds) <= 10.0, report
+    # Kept up: every victim's own batches stored writes committed after it caught up (a mirror that
+    # never writes them stores nothing past its start-up comparison). How far behind is a speed,
+    # measured by bench/soak_mirror_kill9.py (max 0.11 s over 20 kills), never asserted here.
+    assert all(stored > 0 for stored in report.stored_by_batches), report
 
 
 def test_each_commit_wakes_the_mirror_without_waiting_for_its_next_poll(db: Database, tmp_path: Path) -> None:
