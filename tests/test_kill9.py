@@ -12,5 +12,6 @@ def test_kill_minus_9_during_backups_always_leaves_a_complete_snapshot(database_
 
     report = kill_during_backups(store, database_url, tmp_path, iterations=4)
 
+    # (Each victim is killed only after it reported a committed backup: kill_during_backups waits for
+    # one, so counting them here asserted nothing.)
     assert report.restored_rows > 2000
-    assert sum(report.backups_before_kill) >= 4
