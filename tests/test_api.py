@@ -785,7 +785,9 @@ def test_contacts_check_asks_whatsapp_which_numbers_are_on_it(api: Api) -> None:
     api.network.registered.add("5511912345678")
     reply = api.call("POST", "/api/contacts/check", body=body)
     assert reply.status == 200, reply.body
-    assert reply.json()["contacts"] == [
+    # WhatsApp was asked once, for the numbers as it knows them (digits with the country code)...
+    assert api.network.number_checks == [["5511912345678", "5511900000000"]]
+    assert reply.json()["contacts"] == [  # ...and its answer is the API's, number by number
         {"number": "5511912345678", "on_whatsapp": True, "jid": "5511912345678@s.whatsapp.net"},
         {"number": "5511900000000", "on_whatsapp": False, "jid": None},
     ]
@@ -796,8 +798,10 @@ def test_contacts_check_asks_whatsapp_which_numbers_are_on_it(api: Api) -> None:
         {"numbers": [5511]},
         {"numbers": ["120363025246125888@g.us"]},
         {"numbers": ["5511912345678"] * 51},
+        {"numbers": ["5511912345678", "123"]},
     ):
         assert api.call("POST", "/api/contacts/check", body=bad).status == 400, bad
+    assert len(api.network.number_checks) == 1  # a refused request asks WhatsApp nothing
 
 
 def multipart(fields: dict[str, str], file: tuple[str, str, bytes] | None) -> tuple[bytes, str]:
