@@ -20,6 +20,7 @@ import pytest
 from bot import events
 from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
+from bot.outbox import Outbox
 from bot.services import build_services
 from bot.runtime import Runtime
 from bot.session_state import State
@@ -36,7 +37,7 @@ from session_api.server import IDLE_TIMEOUT_SECONDS, ApiServer
 from tests.test_document_validation import CORRUPTIONS
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.synthetic import DEVICE_JID, table_rows
-from tests.runtime_helpers import FAST, mirrored
+from tests.runtime_helpers import FAST, Calls, mirrored
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -59,6 +60,7 @@ class Api:
     network: FakeWhatsApp
     bodies: list[bytes]
     failed_attempts: FailedAttempts
+    outbox: Outbox
 
     def call(
         self,
@@ -129,7 +131,7 @@ def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]
     server.start()
     services.start()
     try:
-        yield Api(server.port, services.runtime, db, network, [], failed_attempts)
+        yield Api(server.port, services.runtime, db, network, [], failed_attempts, services.outbox)
     finally:
         server.stop()
         services.stop()
@@ -459,9 +461,11 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
 
     api.network.current().emit(events.Disconnected())
     wait_until(lambda: api.runtime.state is State.RECONNECTING)
+    api.outbox.flush = passes = Calls(api.outbox.flush)  # (its thread calls self.flush)
     later = api.call("POST", "/api/messages/send", body={"to": "5511999999999", "message": "Seu pedido saiu"})
     assert later.status == 202 and later.json()["connected"] is False
-    time.sleep(0.3)
+    passes.mark()
+    passes.wait(message="an outbox pass over the queued message")  # one that could have sent it
     assert len(api.network.sent) == 2
     api.network.current().emit(events.Connected())
     wait_until(lambda: [m.text for m in api.network.sent][2:] == ["Seu pedido saiu"], message="on reconnect")
