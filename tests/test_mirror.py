@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from bot import session_store
-from bot.mirror import Mirror
+from bot.mirror import Mirror, MirrorProcess
 from bot.persistence import export_document, sync_session
 from database import Database, Fence, FencedOut
 from tests.fake_whatsapp import wait_until
+from tests.runtime_helpers import Calls
 from tests.synthetic import DEVICE_JID, HELPER, GeneratedRow, create_paired_store, generated_rows, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,14 +164,19 @@ def test_inserts_updates_and_deletes_in_every_whatsmeow_table_are_mirrored(db: D
     conn.close()
 
 
-def test_an_unchanged_store_writes_nothing(db: Database, tmp_path: Path) -> None:
+def test_an_unchanged_store_writes_nothing(db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "whatsmeow.sqlite3"
     create_paired_store(store)
     assert sync_session(db, "default", store).written_rows > 0
     stored = db.load_session("default")
+    polls = Calls(MirrorProcess.request, counts=lambda _, payload: payload["op"] == "poll")
+    monkeypatch.setattr(MirrorProcess, "request", lambda process, payload: polls(process, payload))
     with mirroring(db, store) as (mirror, _, _):
         result = mirror.reconcile("test")
-        time.sleep(0.5)  # a few polls of an idle store
+        polls.mark()
+        # Two polls of the idle store begun since: the first one's answer was handled (written, if
+        # it held anything) before the second was asked.
+        polls.wait(2, message="two polls of the idle store")
     assert result.written_rows == 0 and result.missed == 0
     assert db.load_session("default") == stored  # not even updated_at moved
 
