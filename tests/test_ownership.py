@@ -130,7 +130,7 @@ def test_owner_disconnects_before_its_lease_can_expire_when_the_database_is_gone
     whatsmeow_template: Path, tmp_path: Path
 ) -> None:
     cluster = PostgresCluster().start()
-    db = PostgresDatabase(cluster.create_database(), connect_timeout=2, wait_timeout=2)
+    db = PostgresDatabase(cluster.create_database(), connect_timeout=2)
     db.open()
     db.acquire_lease = attempts = Calls(db.acquire_lease)  # (the lease keeper calls db.acquire_lease)
     a, network = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
