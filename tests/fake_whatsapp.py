@@ -57,6 +57,7 @@ class FakeWhatsApp:
     read: list[str] = field(default_factory=list)  # message ids marked read
     handled: list[str] = field(default_factory=list)  # message ids the daemon said it logged
     registered: set[str] = field(default_factory=set)  # phone numbers that are on WhatsApp
+    number_checks: list[list[str]] = field(default_factory=list)  # the numbers of each check asked
     typing: list[tuple[str, bool]] = field(default_factory=list)
     send_failures: list[str] = field(default_factory=list)  # errors for the next sends
     files: dict[str, bytes] = field(default_factory=dict)  # on WhatsApp's media servers, by media reference
@@ -200,6 +201,7 @@ class FakeClient:
     def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
         if not self.running.is_set() or self.stopped.is_set():
             raise RuntimeError("client is nil")
+        self.network.number_checks.append(list(numbers))
         return [
             {"number": n, "on_whatsapp": n in self.network.registered, "jid": f"{n}@s.whatsapp.net"}
             if n in self.network.registered

@@ -24,6 +24,7 @@ import pytest
 from bot import events
 from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
+from bot.outbox import Outbox
 from bot.services import build_services
 from bot.runtime import Runtime
 from bot.session_state import State
@@ -44,7 +45,7 @@ from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.redeploy import TOKEN as REDEPLOY_TOKEN
 from tests.redeploy import Daemon
 from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
-from tests.runtime_helpers import FAST, mirrored
+from tests.runtime_helpers import FAST, Calls, mirrored
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -67,6 +68,7 @@ class Api:
     network: FakeWhatsApp
     bodies: list[bytes]
     failed_attempts: FailedAttempts
+    outbox: Outbox
 
     def call(
         self,
@@ -137,36 +139,59 @@ def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]
     server.start()
     services.start()
     try:
-        yield Api(server.port, services.runtime, db, network, [], failed_attempts)
+        yield Api(server.port, services.runtime, db, network, [], failed_attempts, services.outbox)
     finally:
         server.stop()
         services.stop()
 
 
-PROTECTED = [
-    ("POST", "/api/session/backup"),
-    ("GET", "/api/session/restore"),
-    ("POST", "/api/session/restore"),
-    ("GET", "/api/session/status"),
-    ("DELETE", "/api/session/delete"),
-    ("GET", "/api/session/qr"),
-    ("POST", "/api/session/logout"),
-    ("POST", "/api/session/reconnect"),
-    ("POST", "/api/session/stop"),
-    ("POST", "/api/session/start"),
-    ("POST", "/api/messages/send"),
-    ("POST", "/api/contacts/check"),
-    ("GET", "/api/chats"),
-    ("GET", "/api/outbox"),
-    ("POST", "/api/bot/pause"),
-    ("GET", "/api/openapi.json"),
-]
+OPEN = {("GET", "/healthz"), ("GET", "/readyz")}  # README: every route but these needs the token
+SAMPLE_PARAMETERS = {"integer": "1", "string": "5511912345678@s.whatsapp.net"}
+
+
+def _openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[^:>]+:)?(\w+)>", r"{\1}", rule)  # Flask's <int:x> is OpenAPI's {x}
+
+
+def api_routes(app: Any) -> dict[tuple[str, str], str]:
+    """Every route of the API, (method, OpenAPI path) -> a concrete path to call: those the OpenAPI
+    document lists and those Flask serves (the console's HTML pages aside, README), so a route
+    missing from either is still called."""
+    paths = openapi_document()["paths"]
+    routes = {}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            kinds = {p["name"]: p["schema"].get("type", "string") for p in operation.get("parameters", [])}
+            concrete = re.sub(r"\{(\w+)\}", lambda m: SAMPLE_PARAMETERS[kinds.get(m[1], "string")], path)
+            routes[(method.upper(), path)] = concrete
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith("console.") or rule.endpoint == "static":
+            continue
+        concrete = re.sub(r"<(int)?[^>]*>", lambda m: SAMPLE_PARAMETERS["integer" if m[1] else "string"], rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            routes.setdefault((method, _openapi_path(rule.rule)), concrete)
+    return routes
+
+
+def status_without_waiting_for_the_body(api: Api, method: str, path: str, headers: dict[str, str]) -> Reply:
+    """The status (and a 401's body): a route served without its token may be an endless stream."""
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=60)
+    try:
+        conn.request(method, path, body=b"{}", headers={"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        body = response.read() if response.status == 401 else b""
+        ANSWERS.add((method, path.split("?", 1)[0], response.status))
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+    finally:
+        conn.close()
 
 
 def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
+    """Every route of the OpenAPI document and of Flask's URL map, every method, without the
+    token or with a wrong one: 401, nothing done; only the documented probes answer anyone."""
     almost = TOKEN[:-1] + ("0" if TOKEN[-1] != "0" else "1")
-    attempts: list[dict[str, str] | None] = [
-        None,
+    attempts: list[dict[str, str]] = [
+        {},
         {"Authorization": ""},
         {"Authorization": "Bearer "},
         {"Authorization": "Bearer wrong"},
@@ -175,14 +200,26 @@ def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
         {"Authorization": f"Basic {TOKEN}"},
         {"Authorization": TOKEN},
     ]
+    routes = api_routes(create_app(api.runtime, api.db))
+    documented_open = {
+        (method.upper(), path)
+        for path, operations in openapi_document()["paths"].items()
+        for method, operation in operations.items()
+        if operation.get("security") == []
+    }
+    assert documented_open == OPEN
+    protected = {route: path for route, path in routes.items() if route not in OPEN}
+    assert ("GET", "/api/events") in protected and len(protected) >= 25  # (the enumeration itself works)
     # (This checks every route, not the slowdown of repeated wrong tokens, tested on its own below.)
-    api.failed_attempts.budget = FailureBudget(burst=len(PROTECTED) * len(attempts))
-    for method, path in PROTECTED:
+    api.failed_attempts.budget = FailureBudget(burst=len(protected) * len(attempts))
+    for (method, _), path in sorted(protected.items()):
         for headers in attempts:
-            reply = api.call(method, path, token=None, headers=headers, body={})
-            assert reply.status == 401, (method, path, headers)
+            reply = status_without_waiting_for_the_body(api, method, path, headers)
+            assert reply.status == 401, (method, path, headers, reply.status)
             assert reply.json() == {"success": False, "message": "missing or wrong bearer token"}
     assert api.db.list_sessions() == []  # nothing happened behind a refused call
+    for method, path in OPEN:
+        assert api.call(method, path, token=None).status in (200, 503)  # (readyz: 503 until connected)
     health = api.call("GET", "/healthz", token=None)
     assert health.status == 200 and health.json()["success"] is True
 
@@ -432,9 +469,11 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
 
     api.network.current().emit(events.Disconnected())
     wait_until(lambda: api.runtime.state is State.RECONNECTING)
+    api.outbox.flush = passes = Calls(api.outbox.flush)  # (its thread calls self.flush)
     later = api.call("POST", "/api/messages/send", body={"to": "5511999999999", "message": "Seu pedido saiu"})
     assert later.status == 202 and later.json()["connected"] is False
-    time.sleep(0.3)
+    passes.mark()
+    passes.wait(message="an outbox pass over the queued message")  # one that could have sent it
     assert len(api.network.sent) == 2
     api.network.current().emit(events.Connected())
     wait_until(lambda: [m.text for m in api.network.sent][2:] == ["Seu pedido saiu"], message="on reconnect")
@@ -796,7 +835,9 @@ def test_contacts_check_asks_whatsapp_which_numbers_are_on_it(api: Api) -> None:
     api.network.registered.add("5511912345678")
     reply = api.call("POST", "/api/contacts/check", body=body)
     assert reply.status == 200, reply.body
-    assert reply.json()["contacts"] == [
+    # WhatsApp was asked once, for the numbers as it knows them (digits with the country code)...
+    assert api.network.number_checks == [["5511912345678", "5511900000000"]]
+    assert reply.json()["contacts"] == [  # ...and its answer is the API's, number by number
         {"number": "5511912345678", "on_whatsapp": True, "jid": "5511912345678@s.whatsapp.net"},
         {"number": "5511900000000", "on_whatsapp": False, "jid": None},
     ]
@@ -807,8 +848,10 @@ def test_contacts_check_asks_whatsapp_which_numbers_are_on_it(api: Api) -> None:
         {"numbers": [5511]},
         {"numbers": ["120363025246125888@g.us"]},
         {"numbers": ["5511912345678"] * 51},
+        {"numbers": ["5511912345678", "123"]},
     ):
         assert api.call("POST", "/api/contacts/check", body=bad).status == 400, bad
+    assert len(api.network.number_checks) == 1  # a refused request asks WhatsApp nothing
 
 
 def daemon_call(port: int, method: str, path: str, body: Any = None, timeout: float = 60) -> Reply:

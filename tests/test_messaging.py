@@ -23,7 +23,7 @@ from bot.session_state import State
 from bot.services import Services, build_services
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
-from tests.runtime_helpers import FAST, make_config
+from tests.runtime_helpers import FAST, Calls, make_config
 
 CUSTOMER = "5511912345678@s.whatsapp.net"
 RULES = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0.05)
@@ -156,9 +156,11 @@ def test_messages_queued_while_offline_go_out_in_order_after_reconnecting(daemon
     services = daemon.paired()
     daemon.network.current().emit(events.Disconnected())
     wait_until(lambda: services.runtime.state is State.RECONNECTING)
+    services.outbox.flush = passes = Calls(services.outbox.flush)  # (its thread calls self.flush)
     for n in range(5):
         services.outbox.enqueue(CUSTOMER, f"aviso {n}", reason="api", expires_in=None)
-    time.sleep(0.5)
+    passes.mark()
+    passes.wait(message="an outbox pass over the queued messages")  # one that could have sent them
     assert daemon.network.sent == []
 
     daemon.network.current().emit(events.Connected())  # whatsmeow reconnected by itself
@@ -364,9 +366,14 @@ def test_only_a_take_over_settles_what_the_last_owner_left_mid_send(daemon: Daem
     # Held for as long as the test needs it (a short TTL could run out before the daemon is even up).
     owner = db.acquire_lease("default", "host-a/deploy/1", ttl_seconds=3600)
     assert owner is not None
+    db.acquire_lease = attempts = Calls(db.acquire_lease)  # (the standby's lease keeper calls db.acquire_lease)
     services = daemon.start()
     wait_until(lambda: services.runtime.state is State.STANDBY, message="standby")
-    time.sleep(0.5)  # time enough to misbehave, if it would
+    services.outbox.flush = passes = Calls(services.outbox.flush)
+    attempts.mark()
+    passes.mark()
+    attempts.wait(2, message="two more take-over attempts of the standby")  # each refused: the owner is live
+    passes.wait(message="an outbox pass of the standby")
     assert status_of(db, row) == "sending"  # a standby never touches the live owner's sends
     with db.transaction() as tx:  # ...which then crashes: its lease runs out, in one step
         tx.execute("UPDATE whatsapp_session_leases SET expires_at = 0 WHERE owner_id = 'host-a/deploy/1'")

@@ -13,7 +13,7 @@ from database import Database, PostgresDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.pg_cluster import PostgresCluster
 from tests.synthetic import table_rows
-from tests.runtime_helpers import FAST, make_config, mirrored
+from tests.runtime_helpers import FAST, Calls, make_config, mirrored
 
 QUICK_LEASE = {"LEASE_TTL_SECONDS": "3", "LEASE_RENEW_SECONDS": "1", "API_TOKEN": "t" * 20}
 # The default lease (30 s, renewed every 10 s), for a test that expires the lease itself: the quick
@@ -132,6 +132,7 @@ def test_owner_disconnects_before_its_lease_can_expire_when_the_database_is_gone
     cluster = PostgresCluster().start()
     db = PostgresDatabase(cluster.create_database(), connect_timeout=2)
     db.open()
+    db.acquire_lease = attempts = Calls(db.acquire_lease)  # (the lease keeper calls db.acquire_lease)
     a, network = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
     try:
         paired(a, network, db)
@@ -142,7 +143,12 @@ def test_owner_disconnects_before_its_lease_can_expire_when_the_database_is_gone
         wait_until(client.stopped.is_set, timeout=10, message="disconnect while the DB is unreachable")
         assert time.monotonic() - lost_at < 3  # the lease TTL: nobody else could have taken it yet
         assert a.state is State.STANDBY
-        time.sleep(1.5)
+        # What could reconnect: the round's supervisor (it must end, its lease gone) and the lease
+        # keeper's attempts to take the lease back (each fails after the pool's 10 s wait).
+        supervisor = a._supervisor
+        attempts.mark()
+        wait_until(lambda: supervisor is None or not supervisor.is_alive(), message="the supervisor gave up")
+        attempts.wait(message="an attempt to take the lease back", timeout=60)
         assert len(network.clients) == 1  # no reconnect without a lease
 
         cluster.start_server()

@@ -89,8 +89,13 @@ def daemon(whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
 
 @pytest.fixture
 def browser() -> Iterator:
+    # Never a skip: these tests guard the console's promises, and a suite that skipped them passed.
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: ./scripts/test.sh installs Debian's chromium")
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: the web console's browser tests need it. Install Debian's chromium "
+            "(apt-get install chromium; ./scripts/test.sh does so when run as root) or set CHROMIUM to its path.",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
