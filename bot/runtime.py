@@ -656,9 +656,24 @@ class Runtime:
                 self._set(state=State.DISCONNECTED)
         self._stop_client(_Pending.NEW_ROUND)
 
-    def start_connection(self) -> None:
-        """Undo ``stop_connection`` (and, like ``reconnect``, leave "replaced")."""
+    def start_connection(self) -> bool:
+        """Undo ``stop_connection`` (and, like ``reconnect``, leave "replaced"). A healthy
+        connection is left alone: False, nothing was done (a new round would drop it for nothing)."""
+        self._require_owner("start")
+        with self._lock:
+            supervisor = self._supervisor
+            healthy = (
+                not self._held
+                and self.state is State.CONNECTED
+                and self._pending is None
+                and not self._supervisor_ending
+                and supervisor is not None
+                and supervisor.is_alive()
+            )
+        if healthy:
+            return False
         self.reconnect()
+        return True
 
     def _require_owner(self, action: str) -> None:
         if self.state in (State.STOPPED, State.STANDBY, State.STARTING) or self.fence is None:

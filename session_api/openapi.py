@@ -294,6 +294,20 @@ def _document() -> dict[str, Any]:
                         "summary": summary,
                         "requestBody": {**_body({"session_id": {"type": "string"}}), "required": False},
                         "responses": {
+                            **(
+                                {
+                                    "200": _ok(
+                                        "Already connected: the connection was left alone",
+                                        {
+                                            "state": {"type": "string"},
+                                            "connected": {"type": "boolean"},
+                                            "phone": {"type": "string", "nullable": True},
+                                        },
+                                    )
+                                }
+                                if action == "start"
+                                else {}
+                            ),
                             "202": _ok(
                                 "Accepted; follow the state in /api/session/status", {"state": {"type": "string"}}
                             ),

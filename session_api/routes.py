@@ -340,7 +340,16 @@ def stop_connection() -> tuple[Response, int]:
 
 @bp.post("/api/session/start")
 def start_connection() -> tuple[Response, int]:
-    return _connection_action(Runtime.start_connection)
+    session_id = session_id_from(json_body())
+    require_own_session(session_id)
+    try:
+        started = runtime().start_connection()
+    except StateConflictError as exc:
+        abort(409, str(exc))
+    if started:
+        return ok(202, session_id=session_id, state=runtime().state.value)
+    live = runtime().status()  # already connected: left alone
+    return ok(session_id=session_id, state=live.state, connected=live.connected, phone=live.phone)
 
 
 def _connection_action(action: Callable[[Runtime], None]) -> tuple[Response, int]:

@@ -439,6 +439,30 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
     )
 
 
+def test_start_on_a_healthy_connection_leaves_it_alone_and_says_it_is_connected(api: Api) -> None:
+    api.pair()
+    client = api.network.current()
+
+    reply = api.call("POST", "/api/session/start")
+
+    assert reply.status == 200, reply.body
+    assert reply.json() == {
+        "success": True,
+        "session_id": "default",
+        "state": "connected",
+        "connected": True,
+        "phone": DEVICE_JID.split(":", 1)[0].split("@", 1)[0],
+    }
+    assert len(api.network.clients) == 1 and not client.stopped.is_set()  # one connection, still up
+    assert api.runtime.state is State.CONNECTED
+    # After a stop, start is what connects again.
+    assert api.call("POST", "/api/session/stop").status == 202
+    wait_until(lambda: api.runtime.state is State.DISCONNECTED, message="stopped")
+    assert api.call("POST", "/api/session/start").status == 202
+    wait_until(lambda: api.runtime.state is State.CONNECTED, message="connected again")
+    assert len(api.network.clients) == 2
+
+
 def test_logout_unlinks_and_pairs_again(api: Api) -> None:
     api.pair()
     logout = api.call("POST", "/api/session/logout")
