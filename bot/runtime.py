@@ -405,6 +405,7 @@ class Runtime:
         with self._lock:
             retry = None if self._next_retry_at is None else max(0.0, self._next_retry_at - time.monotonic())
             mirror = self._mirror.status()
+            cause = self._lease.standby_cause if self.state is State.STANDBY else None
             return replace(
                 self._status,
                 mirror_running=mirror.running,
@@ -419,6 +420,8 @@ class Runtime:
                 qr_available=self._pairing.qr is not None,
                 qr_expires_at=self._pairing.qr_expires_at,
                 next_retry_in_seconds=None if retry is None else round(retry, 1),
+                standby_cause=None if cause is None else cause.value,
+                database_unreachable_since=self.db.unreachable_since,
             )
 
     def qr_code(self) -> str | None:

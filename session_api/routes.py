@@ -10,7 +10,7 @@ import math
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ from bot.persistence import export_document, import_document
 from bot.runtime import Runtime
 from bot.sealing import Sealer
 from bot.session_state import State
-from database import Database, Fence, FencedOut, OutgoingFile
+from database import Database, Fence, FencedOut, LeaseInfo, OutgoingFile, SessionSummary, is_unavailable
 from session_api.console_auth import signed_in_browser
 from session_api.openapi import openapi_document
 
@@ -242,21 +242,24 @@ def status() -> tuple[Response, int]:
     if wanted is not None:
         session_id_from()  # validates
     live = runtime().status()
-    stored = {s.session_id: s for s in db().list_sessions()}
-    ids = sorted(set(stored) | {live.session_id})
+    stored = _stored_view(live.session_id)
+    away = db().unreachable_since
+    ids = sorted(set(stored.sessions) | {live.session_id}) if stored is not None else [live.session_id]
     sessions = []
     for session_id in ids:
         entry: dict[str, Any] = {"session_id": session_id}
         if session_id == live.session_id:
+            # What this process knows answers also while the database is away, and says so.
             entry.update(jsonable(asdict(live)))
-            entry["history"] = [jsonable(asdict(h)) for h in db().list_history(session_id)]
-        lease = db().lease(session_id)
+            entry["database"] = "reachable" if away is None else f"unreachable since {_iso(away)}"
+            entry["history"] = None if stored is None else stored.history
+        lease = None if stored is None else stored.leases.get(session_id)
         held = lease is not None and lease.owner_id is not None and lease.expires_in_seconds > 0
         if session_id != live.session_id:
             # Another daemon's session: what the database says of it.
             entry.update(state="running_elsewhere" if held else "not_running", connected=None)
         entry["lease"] = None if lease is None else {**asdict(lease), "held": held}
-        summary = stored.get(session_id)
+        summary = None if stored is None else stored.sessions.get(session_id)
         entry["stored"] = None if summary is None else jsonable(asdict(summary))
         sessions.append(entry)
     if wanted is not None:
@@ -265,6 +268,28 @@ def status() -> tuple[Response, int]:
             abort(404, f"no session {wanted}")
         return ok(session=match[0])
     return ok(sessions=sessions)
+
+
+@dataclass(frozen=True)
+class StoredView:
+    sessions: dict[str, SessionSummary]
+    history: list[dict[str, Any]]  # of this daemon's session
+    leases: dict[str, LeaseInfo | None]
+
+
+def _stored_view(own_session: str) -> StoredView | None:
+    """What the database says of the sessions; None while it is unreachable (never waited for)."""
+    if db().unreachable_since is not None:
+        return None
+    try:
+        sessions = {s.session_id: s for s in db().list_sessions()}
+        history = [jsonable(asdict(h)) for h in db().list_history(own_session)]
+        leases = {session_id: db().lease(session_id) for session_id in sorted(set(sessions) | {own_session})}
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        return None
+    return StoredView(sessions, history, leases)
 
 
 @bp.delete("/api/session/delete")

@@ -11,6 +11,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from bot.runtime import Runtime
 from bot.session_state import State
 from bot.persistence import export_document, import_document
 from bot.session_store import restore_snapshot, validate_document
-from database import Database
+from database import Database, PostgresDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
 from session_api import create_app
@@ -35,6 +36,7 @@ from session_api.routes import TooManyWrongTokens
 from session_api.server import IDLE_TIMEOUT_SECONDS, ApiServer
 from tests.test_document_validation import CORRUPTIONS
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.pg_cluster import PostgresCluster
 from tests.synthetic import DEVICE_JID, table_rows
 from tests.runtime_helpers import FAST, mirrored
 
@@ -116,9 +118,15 @@ def every_answer_seen_is_documented() -> Iterator[None]:
 
 @pytest.fixture
 def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]:
+    with serving(db, whatsmeow_template, tmp_path) as served:
+        yield served
+
+
+@contextmanager
+def serving(db: Database, whatsmeow_template: Path, tmp_path: Path, **env: str) -> Iterator[Api]:
     """The daemon's own assembly (runtime, chatbot, outbox) behind a real waitress server."""
     config = Config.from_env(
-        {"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600"}
+        {"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600", **env}
     )
     network = FakeWhatsApp(schema_template=whatsmeow_template)
     rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
@@ -683,6 +691,55 @@ def test_metrics_still_answer_while_the_database_is_away(api: Api, monkeypatch: 
     assert during[("zapkeep_database_up", ())] == 0.0
     assert during[("zapkeep_state", (("state", "connected"),))] == 1.0
     assert ("zapkeep_outbox_queued", ()) not in during
+
+
+def test_during_a_postgresql_outage_the_status_answers_from_the_process_and_readiness_names_the_database(
+    whatsmeow_template: Path, tmp_path: Path
+) -> None:
+    cluster = PostgresCluster().start()
+    # Production waits 10 s for a pooled connection; here a request that waited for the pool would
+    # hang past the client's 60 s: the outage must be known and not waited for.
+    db = PostgresDatabase(cluster.create_database(), connect_timeout=2, wait_timeout=600)
+    db.open()
+    down = False
+    try:
+        with serving(db, whatsmeow_template, tmp_path, LEASE_TTL_SECONDS="3", LEASE_RENEW_SECONDS="1") as api:
+            api.pair()
+            assert api.call("GET", "/readyz").status == 200
+            phone = api.runtime.status().phone
+            cluster.stop_server()
+            down = True
+
+            status = api.call("GET", "/api/session/status?session_id=default")
+            assert status.status == 200, status.body
+            session = status.json()["session"]
+            assert session["database"].startswith("unreachable since "), session["database"]
+            assert session["phone"] == phone and session["stored"] is None and session["history"] is None
+            ready = api.call("GET", "/readyz")
+            assert ready.status == 503 and ready.json()["reason"].startswith("database unreachable since "), ready.body
+            metrics = scrape(api)
+            assert metrics[("zapkeep_database_up", ())] == 0.0 and ("zapkeep_outbox_queued", ()) not in metrics
+            chats = api.call("GET", "/api/chats")  # it needs the database: refused, not waited for
+            assert chats.status == 503 and chats.headers["retry-after"] == "5", chats.body
+
+            # The lease cannot be renewed: disconnected. That is the database's doing, not another instance's.
+            wait_until(lambda: api.runtime.state is State.STANDBY, message="disconnected without a lease")
+            standby = api.call("GET", "/readyz").json()
+            assert standby["state"] == "standby" and "another instance" not in standby["reason"], standby
+            assert standby["reason"].startswith("database unreachable since "), standby
+            assert api.call("GET", "/api/session/status").status == 200
+
+            cluster.start_server()
+            down = False
+            wait_until(lambda: api.runtime.state is State.CONNECTED, timeout=60, message="owner again")
+            assert api.call("GET", "/readyz").status == 200
+            back = api.call("GET", "/api/session/status?session_id=default").json()["session"]
+            assert back["database"] == "reachable" and back["stored"] is not None and back["history"]
+    finally:
+        if down:
+            cluster.start_server()  # (a failed run: the shutdown stores what it can)
+        db.close()
+        cluster.stop()
 
 
 def test_the_read_api_lists_chats_pages_messages_shows_the_outbox_and_releases_a_paused_chat(api: Api) -> None:
