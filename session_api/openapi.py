@@ -182,6 +182,7 @@ def _document() -> dict[str, Any]:
                         "401": UNAUTHORIZED,
                         "409": _error("No paired live session, or another session"),
                         "413": _error("Body too large"),
+                        "507": _error("DATA_DIR's disk has no room for the imported local store; nothing changed"),
                     },
                 }
             },
@@ -228,6 +229,7 @@ def _document() -> dict[str, Any]:
                         "401": UNAUTHORIZED,
                         "404": _error("No such session or version"),
                         "409": _error("Not this daemon's session, a state that forbids it, or a corrupt snapshot"),
+                        "507": _error("DATA_DIR's disk has no room for the restored local store; nothing changed"),
                     },
                 },
             },

@@ -15,12 +15,12 @@ from datetime import datetime
 from typing import Any
 
 import segno
-from werkzeug.exceptions import TooManyRequests
+from werkzeug.exceptions import HTTPException, TooManyRequests
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 
 from bot.config import is_valid_session_id
 from bot.messaging import UNSTORABLE
-from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, first_line
+from bot.errors import DiskFullError, NotFoundError, SessionDocumentError, StateConflictError, first_line
 from bot.outbox import Outbox
 from bot.persistence import export_document, import_document
 from bot.runtime import Runtime
@@ -47,6 +47,13 @@ def db() -> Database:
 
 class TooManyWrongTokens(TooManyRequests):
     description = "too many wrong tokens from this address; wait and try again"
+
+
+class InsufficientStorage(HTTPException):
+    """507 (werkzeug has no class for it): the disk has no room for what was asked."""
+
+    code = 507
+    description = "no space left on the disk"
 
 
 @bp.before_request
@@ -174,6 +181,8 @@ def backup() -> tuple[Response, int]:
                 version = import_document(db(), session_id, text)
         except SessionDocumentError as exc:
             abort(400, f"session_data refused: {exc}")
+        except DiskFullError as exc:
+            raise InsufficientStorage(first_line(exc)) from None
         except (FencedOut, StateConflictError) as exc:
             abort(409, first_line(exc))
         return ok(201, session_id=session_id, imported=True, version=version, applied_live=fence is not None)
@@ -231,6 +240,8 @@ def restore() -> tuple[Response, int]:
         outcome = runtime().restore(version)
     except NotFoundError as exc:
         abort(404, str(exc))
+    except DiskFullError as exc:
+        raise InsufficientStorage(first_line(exc)) from None
     except (StateConflictError, SessionDocumentError) as exc:
         abort(409, first_line(exc))
     return ok(**asdict(outcome), state=runtime().state.value)

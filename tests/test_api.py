@@ -7,8 +7,10 @@ import http.client
 import io
 import json
 import logging
+import os
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -365,6 +367,71 @@ def test_restore_rolls_the_running_client_back_to_a_historical_version(api: Api)
     assert api.call("POST", "/api/session/restore", body={"version": 999}).status == 404
     assert api.call("POST", "/api/session/restore", body={"version": "x"}).status == 400
     assert api.call("POST", "/api/session/restore", body={"session_id": "other"}).status == 409
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """DATA_DIR on a 16 MiB tmpfs of its own: a disk that really fills up (ENOSPC, SQLITE_FULL)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(data)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"a full disk needs a small filesystem of its own; mount refused: {mounted.stderr.strip()}")
+    try:
+        yield data
+    finally:
+        subprocess.run(["umount", "--lazy", str(data)], check=True)
+
+
+def fill(disk: Path, leave_bytes: int) -> Path:
+    """A file that takes all of the disk's free space but ``leave_bytes``."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        handle.write(b"\0" * max(0, free - leave_bytes))
+    return filler
+
+
+def test_a_restore_on_a_full_data_dir_answers_507_changes_nothing_and_raises_no_false_alarm(
+    db: Database, whatsmeow_template: Path, tmp_path: Path, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serving(db, whatsmeow_template, tmp_path) as api:
+        api.pair()
+        first_version = api.db.load_session("default").version
+        client = api.network.current()
+        client.write_store(rows=9)
+        wait_until(lambda: mirrored(api.runtime, api.db), message="the 9 contacts mirrored")
+        assert api.call("POST", "/api/session/backup").json()["new_snapshot"] is True
+        store = api.runtime.config.store_path
+        stored = api.db.load_session("default"), api.db.load_rows("default"), api.db.list_history("default")
+        local = table_rows(store)
+        # Room for the live store's small writes, none for a new store (180 KB and more).
+        filler = fill(small_disk, leave_bytes=64 * 1024)
+
+        with caplog.at_level(logging.INFO):
+            reply = api.call("POST", "/api/session/restore", body={"version": first_version})
+
+            assert reply.status == 507, reply.body
+            message = reply.json()["message"]
+            assert "DATA_DIR's disk is full" in message and str(small_disk) in message, message
+            assert "left as they were" in message
+            filler.unlink()
+            wait_until(lambda: api.runtime.state is State.CONNECTED, message="connected again after the refusal")
+            # A whole-store comparison: the local store and the stored session still agree.
+            backup = api.call("POST", "/api/session/backup")
+            assert backup.status == 200 and backup.json()["written_rows"] == 0, backup.body
+
+        assert (api.db.load_session("default"), api.db.load_rows("default"), api.db.list_history("default")) == stored
+        assert table_rows(store) == local and contacts_in(store) == 19
+        assert not list(store.parent.glob(".*restore-*"))  # nothing built aside is left behind
+        alarms = [r.getMessage() for r in caplog.records if "missed" in r.getMessage()]
+        assert alarms == []
+        # With room on the disk, the same restore goes through.
+        assert api.call("POST", "/api/session/restore", body={"version": first_version}).status == 200
+        wait_until(lambda: api.runtime.state is State.CONNECTED, message="reconnected after the restore")
+        assert contacts_in(api.network.current().store_path) == 10
 
 
 def test_importing_the_live_session_applies_it_and_the_client_does_not_undo_it(api: Api) -> None:
