@@ -605,9 +605,10 @@ class Reachability:
     could not reach it until the next one that did. Callers that meet a database known to be away
     fail at once instead of waiting out the pool's timeout each."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_lost: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._since: datetime | None = None
+        self._on_lost = on_lost
 
     @property
     def unreachable_since(self) -> datetime | None:
@@ -619,6 +620,8 @@ class Reachability:
                 return
             self._since = datetime.now(UTC)
         log.warning("the database is unreachable; callers fail at once until it answers again")
+        if self._on_lost is not None:
+            self._on_lost()
 
     def reached(self) -> None:
         with self._lock:
@@ -1810,7 +1813,7 @@ class PostgresDatabase(Database):
         self._url = url
         self._connect_timeout = connect_timeout
         self._wait_timeout = wait_timeout
-        self.reachability = Reachability()
+        self.reachability = Reachability(on_lost=self._drop_broken_idle)
         self.pool = _connection_pool(
             url,
             reconnect_delay_cap,
@@ -1846,6 +1849,19 @@ class PostgresDatabase(Database):
     @property
     def unreachable_since(self) -> datetime | None:
         return self.reachability.unreachable_since
+
+    def _drop_broken_idle(self) -> None:
+        """The connections idle in the pool when the database went away are broken too: replaced
+        now (in the background), not one by one after it is back, each failing its caller and
+        calling the database away again."""
+
+        def check() -> None:
+            try:
+                self.pool.check()
+            except Exception as exc:  # (the pool is closing)
+                log.debug("checking the idle connections failed: %s", exc)
+
+        threading.Thread(target=check, name="pool-check", daemon=True).start()
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:

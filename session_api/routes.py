@@ -252,9 +252,9 @@ def status() -> tuple[Response, int]:
     wanted = request.args.get("session_id")
     if wanted is not None:
         session_id_from()  # validates
-    live = runtime().status()
-    stored = _stored_view(live.session_id)
-    away = db().unreachable_since
+    stored = _stored_view(runtime().config.session_id)
+    live = runtime().status()  # (after: it says what the reads just found of the database)
+    away = live.database_unreachable_since
     ids = sorted(set(stored.sessions) | {live.session_id}) if stored is not None else [live.session_id]
     sessions = []
     for session_id in ids:
