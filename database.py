@@ -10,7 +10,10 @@ that a multi-megabyte document is never encoded twice.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -25,6 +28,7 @@ _LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' a
 _EVENTS_LOCK_SPACE = 72_661_331  # ... and of the locks that make a session's events commit in id order
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class DatabaseError(Exception):
@@ -606,6 +610,37 @@ class Transaction:
         return [cls(**row) for row in self.execute(query, params).fetchall()]
 
 
+class Reachability:
+    """Whether the database answers: unreachable from the first call (or connection attempt) that
+    could not reach it until the next one that did. Callers that meet a database known to be away
+    fail at once instead of waiting out the pool's timeout each."""
+
+    def __init__(self, on_lost: Callable[[], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._since: datetime | None = None
+        self._on_lost = on_lost
+
+    @property
+    def unreachable_since(self) -> datetime | None:
+        return self._since
+
+    def lost(self) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = datetime.now(UTC)
+        log.warning("the database is unreachable; callers fail at once until it answers again")
+        if self._on_lost is not None:
+            self._on_lost()
+
+    def reached(self) -> None:
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            away = (datetime.now(UTC) - since).total_seconds()
+            log.info("the database answers again after %.1f s", away)
+
+
 class Database:
     """The session tables, over whichever back-end the configuration chose."""
 
@@ -613,6 +648,12 @@ class Database:
     migrations: list[list[str]] = []
     sealer: PayloadSealer = ClearPayloads()
     NOW = ""  # the database's clock in unix seconds; leases never trust a host's clock
+
+    @property
+    def unreachable_since(self) -> datetime | None:
+        """Since when the database has been found unreachable; None while it answers (the
+        embedded SQLite file is never "away": a busy one is waited for)."""
+        return None
 
     def open(self) -> None:
         """Connect and bring the schema up to date (idempotent)."""
@@ -1727,9 +1768,17 @@ class Database:
 
 
 RECONNECT_DELAY_CAP_SECONDS = 2.0
+# A caller waits for a pooled connection in slices this long: when the database is found away
+# meanwhile (a connection attempt of the pool failed), it stops waiting at the next slice.
+WAIT_SLICE_SECONDS = 0.25
+# While the database is known away, a caller waits at most this long for a connection (one that the
+# pool's reconnect attempts got back); then it fails, and the API answers 503 at once.
+AWAY_WAIT_SECONDS = 0.5
 
 
-def _connection_pool(url: str, delay_cap: float | None, **options: Any) -> Any:
+def _connection_pool(
+    url: str, delay_cap: float | None, reachability: Reachability | None = None, **options: Any
+) -> Any:
     """psycopg_pool's ConnectionPool, with the delay between reconnect attempts capped.
 
     The pool retries a lost connection with a doubling delay (1, 2, 4, 8, 16... s, for
@@ -1754,6 +1803,18 @@ def _connection_pool(url: str, delay_cap: float | None, **options: Any) -> Any:
         def _add_connection(self, attempt: Any, growing: bool = False) -> None:
             super()._add_connection(attempt or CappedBackoff(timeout=self.reconnect_timeout), growing)
 
+        # (Another: every new connection, the pool's reconnect attempts included, is made here.)
+        def _connect(self, timeout: float | None = None) -> Any:
+            try:
+                conn = super()._connect(timeout)
+            except Exception:
+                if reachability is not None:
+                    reachability.lost()
+                raise
+            if reachability is not None:
+                reachability.reached()
+            return conn
+
     return Pool(url, **options)
 
 
@@ -1775,9 +1836,12 @@ class PostgresDatabase(Database):
         self.sealer = sealer or ClearPayloads()
         self._url = url
         self._connect_timeout = connect_timeout
+        self._wait_timeout = wait_timeout
+        self.reachability = Reachability(on_lost=self._drop_broken_idle)
         self.pool = _connection_pool(
             url,
             reconnect_delay_cap,
+            self.reachability,
             open=False,
             min_size=1,
             max_size=max_size,
@@ -1806,13 +1870,58 @@ class PostgresDatabase(Database):
     def close(self) -> None:
         self.pool.close()
 
+    @property
+    def unreachable_since(self) -> datetime | None:
+        return self.reachability.unreachable_since
+
+    def _drop_broken_idle(self) -> None:
+        """The connections idle in the pool when the database went away are broken too: replaced
+        now (in the background), not one by one after it is back, each failing its caller and
+        calling the database away again."""
+
+        def check() -> None:
+            try:
+                self.pool.check()
+            except Exception as exc:  # (the pool is closing)
+                log.debug("checking the idle connections failed: %s", exc)
+
+        threading.Thread(target=check, name="pool-check", daemon=True).start()
+
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
+        from psycopg import OperationalError
         from psycopg.rows import dict_row
 
-        with self.pool.connection() as conn, conn.transaction():
-            cursor = conn.cursor(row_factory=dict_row)
-            yield Transaction(cursor.execute, cursor.executemany)
+        conn = self._checkout()
+        try:
+            with conn, conn.transaction():  # (as the pool's own connection() does)
+                cursor = conn.cursor(row_factory=dict_row)
+                yield Transaction(cursor.execute, cursor.executemany)
+        except OperationalError:
+            if conn.broken:  # the server went away under it (not a statement refused)
+                self.reachability.lost()
+            raise
+        finally:
+            self.pool.putconn(conn)
+        self.reachability.reached()
+
+    def _checkout(self) -> Any:
+        """A pooled connection: waited for up to the pool's timeout, or only briefly while the
+        database is known to be away (then PoolTimeout, which the API answers with 503)."""
+        from psycopg_pool import PoolTimeout
+
+        deadline = time.monotonic() + self._wait_timeout
+        while True:
+            away = self.reachability.unreachable_since is not None
+            left = deadline - time.monotonic()
+            wait = min(left, AWAY_WAIT_SECONDS if away else WAIT_SLICE_SECONDS)
+            try:
+                return self.pool.getconn(timeout=max(wait, 0.001))
+            except PoolTimeout:
+                if away:
+                    raise PoolTimeout("the database is unreachable") from None
+                if time.monotonic() >= deadline:  # (busy, or away: the pool's attempts tell which)
+                    raise PoolTimeout(f"no database connection within {self._wait_timeout:.0f} s") from None
 
     def json_param(self, text: str) -> Any:
         from psycopg.types.json import Jsonb

@@ -25,6 +25,10 @@ class RestoreError(ZapkeepError):
     """A session document could not be written over the local store; the old store is untouched."""
 
 
+class DiskFullError(RestoreError):
+    """The disk holding DATA_DIR has no room for the new local store; nothing was changed."""
+
+
 class NotFoundError(ZapkeepError):
     """No such session, snapshot or QR code."""
 

@@ -102,6 +102,8 @@ class SessionCollector(Collector):
         age = (now - status.last_mirrored_at).total_seconds() if status.last_mirrored_at else float("nan")
         yield GaugeMetricFamily("zapkeep_mirror_last_write_age_seconds", "Seconds since the last mirrored change", age)
         try:
+            if status.database_unreachable_since is not None:  # known away: not waited for
+                raise ConnectionError("the database is unreachable")
             queued, oldest = self._db.outbox_depth(self._session_id)
         except Exception:  # the database is away: every other number still matters, most of all now
             yield GaugeMetricFamily("zapkeep_database_up", "1 when the database answered this scrape", 0.0)

@@ -184,6 +184,7 @@ def _document() -> dict[str, Any]:
                         "401": UNAUTHORIZED,
                         "409": _error("No paired live session, or another session"),
                         "413": _error("Body too large"),
+                        "507": _error("DATA_DIR's disk has no room for the imported local store; nothing changed"),
                     },
                 }
             },
@@ -230,6 +231,7 @@ def _document() -> dict[str, Any]:
                         "401": UNAUTHORIZED,
                         "404": _error("No such session or version"),
                         "409": _error("Not this daemon's session, a state that forbids it, or a corrupt snapshot"),
+                        "507": _error("DATA_DIR's disk has no room for the restored local store; nothing changed"),
                     },
                 },
             },
@@ -296,6 +298,20 @@ def _document() -> dict[str, Any]:
                         "summary": summary,
                         "requestBody": {**_body({"session_id": {"type": "string"}}), "required": False},
                         "responses": {
+                            **(
+                                {
+                                    "200": _ok(
+                                        "Already connected: the connection was left alone",
+                                        {
+                                            "state": {"type": "string"},
+                                            "connected": {"type": "boolean"},
+                                            "phone": {"type": "string", "nullable": True},
+                                        },
+                                    )
+                                }
+                                if action == "start"
+                                else {}
+                            ),
                             "202": _ok(
                                 "Accepted; follow the state in /api/session/status", {"state": {"type": "string"}}
                             ),

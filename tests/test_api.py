@@ -7,8 +7,10 @@ import http.client
 import io
 import json
 import logging
+import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -30,7 +32,7 @@ from bot.runtime import Runtime
 from bot.session_state import State
 from bot.persistence import export_document, import_document
 from bot.session_store import restore_snapshot, validate_document
-from database import Database
+from database import Database, PostgresDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
 from session_api import create_app
@@ -42,6 +44,7 @@ from session_api.server import IDLE_TIMEOUT_SECONDS, ApiServer
 from tests.test_document_validation import CORRUPTIONS
 from tests.fake_network import FakeServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
+from tests.pg_cluster import PostgresCluster
 from tests.redeploy import TOKEN as REDEPLOY_TOKEN
 from tests.redeploy import Daemon
 from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
@@ -126,9 +129,15 @@ def every_answer_seen_is_documented() -> Iterator[None]:
 
 @pytest.fixture
 def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]:
+    with serving(db, whatsmeow_template, tmp_path) as served:
+        yield served
+
+
+@contextmanager
+def serving(db: Database, whatsmeow_template: Path, tmp_path: Path, **env: str) -> Iterator[Api]:
     """The daemon's own assembly (runtime, chatbot, outbox) behind a real waitress server."""
     config = Config.from_env(
-        {"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600"}
+        {"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600", **env}
     )
     network = FakeWhatsApp(schema_template=whatsmeow_template)
     rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
@@ -404,6 +413,71 @@ def test_restore_rolls_the_running_client_back_to_a_historical_version(api: Api)
     assert api.call("POST", "/api/session/restore", body={"session_id": "other"}).status == 409
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """DATA_DIR on a 16 MiB tmpfs of its own: a disk that really fills up (ENOSPC, SQLITE_FULL)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(data)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"a full disk needs a small filesystem of its own; mount refused: {mounted.stderr.strip()}")
+    try:
+        yield data
+    finally:
+        subprocess.run(["umount", "--lazy", str(data)], check=True)
+
+
+def fill(disk: Path, leave_bytes: int) -> Path:
+    """A file that takes all of the disk's free space but ``leave_bytes``."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        handle.write(b"\0" * max(0, free - leave_bytes))
+    return filler
+
+
+def test_a_restore_on_a_full_data_dir_answers_507_changes_nothing_and_raises_no_false_alarm(
+    db: Database, whatsmeow_template: Path, tmp_path: Path, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serving(db, whatsmeow_template, tmp_path) as api:
+        api.pair()
+        first_version = api.db.load_session("default").version
+        client = api.network.current()
+        client.write_store(rows=9)
+        wait_until(lambda: mirrored(api.runtime, api.db), message="the 9 contacts mirrored")
+        assert api.call("POST", "/api/session/backup").json()["new_snapshot"] is True
+        store = api.runtime.config.store_path
+        stored = api.db.load_session("default"), api.db.load_rows("default"), api.db.list_history("default")
+        local = table_rows(store)
+        # Room for the live store's small writes, none for a new store (180 KB and more).
+        filler = fill(small_disk, leave_bytes=64 * 1024)
+
+        with caplog.at_level(logging.INFO):
+            reply = api.call("POST", "/api/session/restore", body={"version": first_version})
+
+            assert reply.status == 507, reply.body
+            message = reply.json()["message"]
+            assert "DATA_DIR's disk is full" in message and str(small_disk) in message, message
+            assert "left as they were" in message
+            filler.unlink()
+            wait_until(lambda: api.runtime.state is State.CONNECTED, message="connected again after the refusal")
+            # A whole-store comparison: the local store and the stored session still agree.
+            backup = api.call("POST", "/api/session/backup")
+            assert backup.status == 200 and backup.json()["written_rows"] == 0, backup.body
+
+        assert (api.db.load_session("default"), api.db.load_rows("default"), api.db.list_history("default")) == stored
+        assert table_rows(store) == local and contacts_in(store) == 19
+        assert not list(store.parent.glob(".*restore-*"))  # nothing built aside is left behind
+        alarms = [r.getMessage() for r in caplog.records if "missed" in r.getMessage()]
+        assert alarms == []
+        # With room on the disk, the same restore goes through.
+        assert api.call("POST", "/api/session/restore", body={"version": first_version}).status == 200
+        wait_until(lambda: api.runtime.state is State.CONNECTED, message="reconnected after the restore")
+        assert contacts_in(api.network.current().store_path) == 10
+
+
 def test_importing_the_live_session_applies_it_and_the_client_does_not_undo_it(api: Api) -> None:
     api.pair()
     exported = api.call("GET", "/api/session/restore").json()["session_data"]  # 10 contacts
@@ -484,6 +558,30 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
         ),
         message="logged as sent",
     )
+
+
+def test_start_on_a_healthy_connection_leaves_it_alone_and_says_it_is_connected(api: Api) -> None:
+    api.pair()
+    client = api.network.current()
+
+    reply = api.call("POST", "/api/session/start")
+
+    assert reply.status == 200, reply.body
+    assert reply.json() == {
+        "success": True,
+        "session_id": "default",
+        "state": "connected",
+        "connected": True,
+        "phone": DEVICE_JID.split(":", 1)[0].split("@", 1)[0],
+    }
+    assert len(api.network.clients) == 1 and not client.stopped.is_set()  # one connection, still up
+    assert api.runtime.state is State.CONNECTED
+    # After a stop, start is what connects again.
+    assert api.call("POST", "/api/session/stop").status == 202
+    wait_until(lambda: api.runtime.state is State.DISCONNECTED, message="stopped")
+    assert api.call("POST", "/api/session/start").status == 202
+    wait_until(lambda: api.runtime.state is State.CONNECTED, message="connected again")
+    assert len(api.network.clients) == 2
 
 
 def test_logout_unlinks_and_pairs_again(api: Api) -> None:
@@ -706,6 +804,55 @@ def test_metrics_still_answer_while_the_database_is_away(api: Api, monkeypatch: 
     assert during[("zapkeep_database_up", ())] == 0.0
     assert during[("zapkeep_state", (("state", "connected"),))] == 1.0
     assert ("zapkeep_outbox_queued", ()) not in during
+
+
+def test_during_a_postgresql_outage_the_status_answers_from_the_process_and_readiness_names_the_database(
+    whatsmeow_template: Path, tmp_path: Path
+) -> None:
+    cluster = PostgresCluster().start()
+    # Production waits 10 s for a pooled connection; here a request that waited for the pool would
+    # hang past the client's 60 s: the outage must be known and not waited for.
+    db = PostgresDatabase(cluster.create_database(), connect_timeout=2, wait_timeout=600)
+    db.open()
+    down = False
+    try:
+        with serving(db, whatsmeow_template, tmp_path, LEASE_TTL_SECONDS="3", LEASE_RENEW_SECONDS="1") as api:
+            api.pair()
+            assert api.call("GET", "/readyz").status == 200
+            phone = api.runtime.status().phone
+            cluster.stop_server()
+            down = True
+
+            status = api.call("GET", "/api/session/status?session_id=default")
+            assert status.status == 200, status.body
+            session = status.json()["session"]
+            assert session["database"].startswith("unreachable since "), session["database"]
+            assert session["phone"] == phone and session["stored"] is None and session["history"] is None
+            ready = api.call("GET", "/readyz")
+            assert ready.status == 503 and ready.json()["reason"].startswith("database unreachable since "), ready.body
+            metrics = scrape(api)
+            assert metrics[("zapkeep_database_up", ())] == 0.0 and ("zapkeep_outbox_queued", ()) not in metrics
+            chats = api.call("GET", "/api/chats")  # it needs the database: refused, not waited for
+            assert chats.status == 503 and chats.headers["retry-after"] == "5", chats.body
+
+            # The lease cannot be renewed: disconnected. That is the database's doing, not another instance's.
+            wait_until(lambda: api.runtime.state is State.STANDBY, message="disconnected without a lease")
+            standby = api.call("GET", "/readyz").json()
+            assert standby["state"] == "standby" and "another instance" not in standby["reason"], standby
+            assert standby["reason"].startswith("database unreachable since "), standby
+            assert api.call("GET", "/api/session/status").status == 200
+
+            cluster.start_server()
+            down = False
+            wait_until(lambda: api.runtime.state is State.CONNECTED, timeout=60, message="owner again")
+            assert api.call("GET", "/readyz").status == 200
+            back = api.call("GET", "/api/session/status?session_id=default").json()["session"]
+            assert back["database"] == "reachable" and back["stored"] is not None and back["history"]
+    finally:
+        if down:
+            cluster.start_server()  # (a failed run: the shutdown stores what it can)
+        db.close()
+        cluster.stop()
 
 
 def test_the_read_api_lists_chats_pages_messages_shows_the_outbox_and_releases_a_paused_chat(api: Api) -> None:
@@ -1092,7 +1239,7 @@ def test_a_deeply_nested_session_document_gets_400_with_a_message_and_changes_no
 
 
 @contextmanager
-def serving(
+def another_server(
     api: Api, *, trusted_proxy: str | None = None, sign_in_attempts: FailedAttempts | None = None
 ) -> Iterator[int]:
     """Another real waitress server over the same runtime, as the daemon builds it with these settings."""
@@ -1146,7 +1293,7 @@ def test_behind_a_trusted_proxy_the_console_cookie_is_secure_and_the_client_is_t
     forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.1, 203.0.113.9"}
     for trusted, believed in ((None, False), ("10.9.9.9", False), ("*", True), ("127.0.0.1", True)):
         caplog.clear()
-        with serving(api, trusted_proxy=trusted) as port:
+        with another_server(api, trusted_proxy=trusted) as port:
             _, page = raw_request(port, "GET", "/", headers=forwarded)
             status, signed = console_sign_in(port, TOKEN, headers=forwarded)
         assert status == 303, trusted
@@ -1171,7 +1318,7 @@ def test_the_export_is_never_cached(api: Api) -> None:
 def test_the_console_sign_in_limit_holds_across_addresses(api: Api) -> None:
     """100 wrong passwords within a moment from 20 loopback addresses: most are not even compared."""
     clock = [0.0]
-    with serving(api, sign_in_attempts=sign_in_attempts(clock=lambda: clock[0])) as port:
+    with another_server(api, sign_in_attempts=sign_in_attempts(clock=lambda: clock[0])) as port:
         statuses = [
             console_sign_in(port, f"guess-{attempt}", source=f"127.0.0.{2 + attempt % 20}")[0] for attempt in range(100)
         ]

@@ -15,7 +15,7 @@ from bot.session_state import State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config, mirrored, start_paired, stored_rows, versions
-from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
+from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, table_rows
 
 
 def test_pairing_from_an_empty_start_is_backed_up(runtime_factory, db: Database, network: FakeWhatsApp) -> None:
@@ -150,6 +150,27 @@ def test_restores_from_the_database_at_boot_and_connects_without_qr(runtime_fact
     result = runtime.backup_now("test")
     assert result.written_rows == 0 and result.checksum == stored.checksum == seeded.checksum
     assert db.load_session("default").checksum == stored.checksum
+
+
+def test_a_migrated_boot_keeps_a_first_snapshot_at_once_and_shows_the_push_name(
+    runtime_factory, db: Database, network: FakeWhatsApp
+) -> None:
+    runtime = runtime_factory()
+    create_paired_store(runtime.config.store_path)  # paired before this daemon stored anything
+    assert db.load_session("default") is None
+
+    runtime.start()
+
+    wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
+    wait_until(lambda: mirrored(runtime, db), message="the local store stored")
+    assert all(not c.qr_codes for c in network.clients)
+    stored = db.load_session("default")
+    assert stored.push_name == PUSH_NAME
+    history = db.list_history("default")  # no shutdown, no periodic job: the boot kept it
+    assert [h.checksum for h in history] == [stored.checksum]
+    status = runtime.status()
+    assert status.push_name == PUSH_NAME and status.last_backup_version == stored.version
+    assert status.jid == DEVICE_JID
 
 
 def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db, network) -> None:
