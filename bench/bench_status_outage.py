@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
-from bot.services import build_services
+from bot.wiring import build_services
 from bot.session_state import State
 from database import PostgresDatabase
 from session_api import create_app

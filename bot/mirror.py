@@ -26,13 +26,14 @@ from pathlib import Path
 
 from bot.change_capture import Batch
 from bot.errors import ZapkeepError, first_line
+from bot.process.retry import RetrySchedule
 from bot.persistence import MirroredRows, StoredHead, SyncResult, build_head, row_changes, write_scan
 from database import Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
 
 log = logging.getLogger(__name__)
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)
+RETRY = RetrySchedule((1.0, 2.0, 5.0, 10.0))  # then every 10 s
 
 
 class MirrorProcessError(ZapkeepError):
@@ -253,7 +254,7 @@ class Mirror:
                 if final:
                     return
                 if failures:
-                    self._stopping.wait(RETRY_SECONDS[min(failures, len(RETRY_SECONDS)) - 1])
+                    self._stopping.wait(RETRY.delay(failures))
         finally:
             self._close_process()
             self._fail_requests(ZapkeepError("the mirror stopped"))

@@ -209,14 +209,14 @@ def test_rows_moved_between_sessions_or_rows_are_detected(db: Database, open_db:
 def test_plaintext_is_encrypted_by_the_first_boot_with_a_key(
     db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
 ) -> None:
-    from bot.runtime import Runtime
+    from bot.wiring import build_runtime
 
     store = paired_session(db, tmp_path / "before")
     original = table_rows(store)
     assert db.key_ids("default") == {None}
     config = make_config(tmp_path, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode())
     sealed = open_db(Sealer.from_config(config), same=db)
-    runtime = Runtime(config, sealed, network.factory, timing=FAST)
+    runtime = build_runtime(config, sealed, network.factory, timing=FAST)
     try:
         runtime.start()
         wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
@@ -301,13 +301,13 @@ def test_a_malformed_key_is_a_config_error_that_does_not_repeat_it(value: str, e
 def test_the_api_exports_sealed_unless_asked_and_imports_a_sealed_export(
     db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
 ) -> None:
-    from bot.runtime import Runtime
+    from bot.wiring import build_runtime
     from session_api import create_app
 
     config = make_config(tmp_path, API_TOKEN="t" * 32, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode())
     sealed = open_db(Sealer.from_config(config))
     store = paired_session(sealed, tmp_path, "shop")
-    client = create_app(Runtime(config, sealed, network.factory, timing=FAST), sealed).test_client()
+    client = create_app(build_runtime(config, sealed, network.factory, timing=FAST), sealed).test_client()
     headers = {"Authorization": "Bearer " + "t" * 32}
 
     export = client.get("/api/session/restore?session_id=shop", headers=headers)
@@ -331,13 +331,13 @@ def test_an_instance_without_the_key_never_takes_over_the_session(
 ) -> None:
     """A standby started with the old configuration (no key) while the stored session moved to a
     key: at take-over it must neither restore an older snapshot nor write; it gives the lease up."""
-    from bot.runtime import Runtime
+    from bot.wiring import build_runtime
 
     sealed = open_db(Sealer(KEY_A))
     paired_session(sealed, tmp_path / "stored")
     before = everything_stored(sealed, files=False)
     config = make_config(tmp_path)  # no SESSION_ENCRYPTION_KEY
-    runtime = Runtime(config, open_db(same=sealed), network.factory, timing=FAST)
+    runtime = build_runtime(config, open_db(same=sealed), network.factory, timing=FAST)
     try:
         runtime.start()
         wait_until(lambda: "encrypted with key" in (runtime.status().last_error or ""), message="refused")

@@ -18,7 +18,7 @@ from bot import events
 from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
 from bot.runtime import Runtime
-from bot.services import build_services
+from bot.wiring import build_services
 from bot.session_state import State
 from database import SqliteDatabase
 from session_api import console_words, create_app

@@ -25,7 +25,7 @@ import pytest
 from bot import events
 from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
-from bot.services import Services, build_services
+from bot.wiring import Services, build_services
 from bot.session_state import State
 from bot.webhooks import Dispatcher
 from database import Database
