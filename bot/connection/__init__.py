@@ -1,1 +1,1 @@
-"""The WhatsApp connection: the client, pairing, the send gateway and the connection rounds."""
+"""The WhatsApp connection: the neonize adapter, the client process, pairing, the send gateway, events."""

@@ -1,1 +1,1 @@
-"""The session's persistence: the local store, its mirror, snapshots, restores and the lease."""
+"""The session's persistence: change capture, the mirror, the store document, backups, restores, leases."""
