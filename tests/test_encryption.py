@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from bot.store_worker import restore_store
 from database import Database, PostgresDatabase, SqliteDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config
-from tests.synthetic import create_paired_store, table_rows
+from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_A, KEY_B = os.urandom(32), os.urandom(32)
@@ -373,3 +374,93 @@ def test_a_received_files_download_reference_is_sealed_too(db: Database, open_db
     rotated = open_db(Sealer(KEY_B, [KEY_A]), same=sealed)
     assert rotated.reseal("default").media == 1
     assert open_db(Sealer(KEY_B), same=sealed).media_ref("default", logged.id).media == reference
+
+
+class ContactWriter:
+    """Writes contacts into a daemon's live store, one transaction each, as whatsmeow would, until
+    stopped; ``prefix`` may change while it runs (contacts written after a moment are told apart)."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.prefix = "55319"
+        self.written = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="contact-writer", daemon=True)
+
+    def __enter__(self) -> ContactWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.store, timeout=30)
+        try:
+            while not self._stop.wait(0.01):
+                with conn:
+                    conn.execute(
+                        "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
+                        (DEVICE_JID, f"{self.prefix}{self.written:08d}@s.whatsapp.net", f"Contato {self.written}"),
+                    )
+                self.written += 1
+        finally:
+            conn.close()
+
+
+def contacts_stored(db: Database, prefix: str) -> int:
+    with db.transaction() as tx:
+        found = tx.execute(
+            "SELECT row_key FROM whatsapp_session_rows WHERE session_id = 'default' AND table_name = %s",
+            ("whatsmeow_contacts",),
+        ).fetchall()
+    return sum(1 for row in found if f"'{prefix}" in row["row_key"])
+
+
+def test_rekey_beside_a_daemon_with_the_old_key_leaves_nothing_under_it(
+    db: Database, open_db: OpenDb, tmp_path: Path
+) -> None:
+    """A real daemon (the loopback WhatsApp) runs with key A while its store keeps changing, and
+    ``python -m bot rekey`` moves the session to key B. Either rekey says what it could not move
+    (non-zero), or nothing is left under A: the daemon stops writing under a key it no longer
+    holds, at its very next write after the rekey moved the session (issue 23, item 10)."""
+    from tests.fake_network import FakeServer
+    from tests.redeploy import Daemon
+
+    key_a, key_b = base64.b64encode(KEY_A).decode(), base64.b64encode(KEY_B).decode()
+    if isinstance(db, PostgresDatabase):
+        url, data_dir = db._url, tmp_path / "host"
+    else:  # the daemon's embedded database is the test's: DATA_DIR/zapkeep.sqlite3
+        url, data_dir = "", db.path.parent
+    server = FakeServer()
+    env = {"SESSION_ENCRYPTION_KEY": key_a, "BACKUP_INTERVAL_SECONDS": "3600"}
+    daemon = Daemon(data_dir, url, command=[sys.executable, "-m", "tests.fake_daemon", server.address], env=env)
+    sealed = open_db(Sealer(KEY_B, [KEY_A]), same=db)
+    try:
+        create_paired_store(daemon.store)
+        daemon.start()
+        wait_until(lambda: daemon.status()["state"] == "connected", timeout=60, message="the daemon connected")
+        with ContactWriter(daemon.store) as writer:
+            wait_until(lambda: contacts_stored(sealed, "55319") > 20, timeout=30, message="contacts mirrored")
+            rotate = {"DATABASE_URL": url, "DATA_DIR": str(data_dir), "SESSION_ENCRYPTION_KEY": key_b}
+            rekey = _daemon({**rotate, "SESSION_ENCRYPTION_KEY_OLD": key_a, "ARGS": "rekey"})
+            writer.prefix = "55318"  # written once the rekey has ended
+            # The daemon's next batch either lands (under A) or finds the session moved and stops.
+            wait_until(
+                lambda: contacts_stored(sealed, "55318") > 0 or not daemon.status()["owns_session"],
+                timeout=60,
+                message="the daemon's next batch after the rekey",
+            )
+            after = writer.written
+            wait_until(lambda: writer.written > after + 20, message="the store kept changing")
+        status = daemon.status()
+    finally:
+        daemon.stop_if_running()
+        server.close()
+    left = sealed.key_ids("default") - {key_id_of(KEY_B)}
+    assert rekey.returncode != 0 or not left, f"rekey exited 0 and left payloads under {left}"
+    assert rekey.returncode == 0, rekey.stderr  # (with the daemon fenced off by the move, nothing is left)
+    assert left == set()
+    assert contacts_stored(sealed, "55318") == 0  # not one row written under the old key after the rekey
+    assert not status["owns_session"] and "key" in (status["last_error"] or ""), status
