@@ -149,6 +149,16 @@ class StoredRow:
 
 
 @dataclass(frozen=True)
+class OpenedRow:
+    """A stored row as a check of what is stored sees it: ``row_text`` None when it does not decrypt."""
+
+    table: str
+    key: str
+    row_text: str | None
+    row_hash: str
+
+
+@dataclass(frozen=True)
 class StoredEvent:
     """Something that happened, written in the same transaction as its cause (webhooks, /api/events)."""
 
@@ -856,6 +866,21 @@ class Database:
             )
             for row in tx.execute(self.SELECT_ROWS, (session_id,)).fetchall()
         ]
+
+    def open_rows(self, session_id: str) -> list[OpenedRow]:
+        """Every stored row of the session, opened where it opens: what a reconciliation checks."""
+        open_ = self.sealer.open
+        opened = []
+        with self.transaction() as tx:
+            found = tx.execute(self.SELECT_ROWS, (session_id,)).fetchall()
+        for row in found:
+            table, key = row["table_name"], row["row_key"]
+            try:
+                text: str | None = open_(row["row_text"], row["key_id"], row_context(session_id, table, key))
+            except Exception:  # (altered, or moved from another row: the caller reports and repairs it)
+                text = None
+            opened.append(OpenedRow(table, key, text, row["row_hash"]))
+        return opened
 
     def load_session_and_rows(self, session_id: str) -> tuple[SessionRecord, list[StoredRow]] | None:
         """The head and the rows as of one moment (the mirror may be writing meanwhile)."""

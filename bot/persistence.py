@@ -18,7 +18,13 @@ from pathlib import Path
 
 from bot import session_store
 from bot.change_capture import Batch, Device, TableDef, new_lineage
-from bot.errors import NotFoundError, SessionDocumentError, UnreadableCredentials
+from bot.errors import (
+    NotFoundError,
+    SessionDocumentError,
+    StoredSessionUnreadable,
+    UnreadableCredentials,
+    first_line,
+)
 from bot.store_worker import StoreInfo, document_rows, inspect_store, restore_store, scan_store
 from database import Database, Fence, HeadWrite, MirrorBatch, RowChange, SessionRecord, SessionWrite
 
@@ -52,6 +58,53 @@ class SyncResult:
     push_name: str | None
     total_rows: int
     duration_ms: float
+    unreadable: int = 0  # stored rows that did not open (altered or corrupt), rewritten from the local store
+
+
+@dataclass(frozen=True)
+class StoredCheck:
+    """What is stored, checked: the hash of every row that opens and hashes to its stored hash,
+    and where the others are (table, key): altered, corrupt, or moved from another row."""
+
+    hashes: dict[str, dict[str, str]]
+    unreadable: list[tuple[str, str]]
+
+    def known(self) -> dict[str, dict[str, str]]:
+        """The hashes a whole-store comparison starts from: a row that does not open counts as
+        different from anything, so the local store's row is written over it (or it is deleted)."""
+        known = {table: dict(rows) for table, rows in self.hashes.items()}
+        for table, key in self.unreadable:
+            known.setdefault(table, {})[key] = UNREADABLE_HASH
+        return known
+
+    def tables(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for table, _ in self.unreadable:
+            counts[table] = counts.get(table, 0) + 1
+        return counts
+
+
+UNREADABLE_HASH = "0" * 64  # (no row hashes to it: a SHA-256 of zero)
+
+
+def check_stored_rows(db: Database, session_id: str) -> StoredCheck:
+    """Open every stored row and hash what it holds: a row that does not decrypt, or whose content
+    is not what its stored hash says, is found here rather than at the next restore."""
+    hashes: dict[str, dict[str, str]] = {}
+    unreadable = []
+    for row in db.open_rows(session_id):
+        if row.row_text is not None and _hash_of(row.row_text) == row.row_hash:
+            hashes.setdefault(row.table, {})[row.key] = row.row_hash
+        else:
+            unreadable.append((row.table, row.key))
+    return StoredCheck(hashes, unreadable)
+
+
+def _hash_of(row_text: str) -> str | None:
+    try:
+        return session_store.row_hash(json.loads(row_text))
+    except (ValueError, TypeError):
+        return None
 
 
 # --- the document head ---------------------------------------------------------------------------
@@ -405,8 +458,9 @@ def prepare_local_store(db: Database, session_id: str, store_path: Path, fence: 
 
 
 def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path, fence: Fence | None) -> BootResult:
-    """Restore the stored session; if it is refused, the newest history entry that is not (which
-    then becomes the stored session). Older documents are read only when needed."""
+    """Restore the stored session; if it is refused for its content, the newest history entry that
+    is not (which then becomes the stored session; older documents are read only when needed).
+    Stored rows that do not open are never rolled back over: StoredSessionUnreadable."""
     session_id = record.session_id
     try:
         found = current_document(db, session_id, record)  # a row that does not decrypt is refused here
@@ -417,11 +471,21 @@ def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path,
             session_id, record.version, found[1], store_path, lineage=lineage, sequence=record.mirror_sequence
         )
         return BootResult(BootOutcome.RESTORED, replace(record, lineage=lineage), record.device_jid)
+    except UnreadableCredentials as exc:
+        # Rows that do not open: rolling back to a snapshot would silently drop everything mirrored
+        # since it, and the owner's local store (on a host that may come back) still holds them.
+        check = check_stored_rows(db, session_id)
+        raise StoredSessionUnreadable(
+            f"session {session_id}: {max(1, len(check.unreadable))} stored rows do not open ({first_line(exc)}); "
+            "nothing was rolled back\n"
+            'Restore a history version on purpose (POST /api/session/restore with {"version": N}), import a '
+            "document, or start the host whose local store holds the session: its owner repairs the rows.",
+            len(check.unreadable),
+            check.tables(),
+        ) from None
     except SessionDocumentError as exc:
         log.error("session %s version %d refused: %s", session_id, record.version, exc)
-        # A document refused for its content is refused again under the same checksum; rows that
-        # do not decrypt say nothing of a snapshot with that checksum (sealed as a whole, apart).
-        refused = None if isinstance(exc, UnreadableCredentials) else record.checksum
+        refused = record.checksum  # a document refused for its content is refused again under its checksum
     for entry in db.list_history(session_id):
         if entry.checksum == refused:
             continue

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.change_capture import new_lineage
-from bot.errors import ZapkeepError
+from bot.errors import UnreadableCredentials, ZapkeepError, first_line
 from bot.mirror import Mirror
 from bot.persistence import export_document, make_current, restore_document, snapshot_to_history
 from bot.session_store import STORE_SIBLING_SUFFIXES
@@ -65,7 +65,10 @@ class Restores:
         session_id, fence = self.session_id, self._fence()
         with self._lock:
             self._mirror.stop()  # what the client wrote last is in the database first...
-            snapshot_to_history(self.db, session_id, fence, f"before-{request.kind}")  # ...and kept
+            try:
+                snapshot_to_history(self.db, session_id, fence, f"before-{request.kind}")  # ...and kept
+            except UnreadableCredentials as exc:  # the operator replaces a stored session that does not open
+                log.warning("session %s: no snapshot kept of the replaced session: %s", session_id, first_line(exc))
             # The database takes the new version before the local store does: a crash in between
             # boots into it, never back into the replaced one.
             text, version = request.document_text, request.version

@@ -455,8 +455,8 @@ def _document() -> dict[str, Any]:
             "/api/events": {
                 "get": {
                     "summary": "Server-sent events: the logged events (message.received, message.sent, "
-                    "message.status, chat.handoff, chat.released, session.state, backup.failed), each with its id and "
-                    "resumable from Last-Event-ID (or ?after=); and the status each time it changes (event: status, no "
+                    "message.status, chat.handoff, chat.released, session.state, backup.failed, session.corrupt), "
+                    "each with its id and resumable from Last-Event-ID (or ?after=); and the status each time it changes (event: status, no "
                     "id). A stream ends after 2 minutes; EventSource reconnects and resumes",
                     "parameters": [
                         {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}

@@ -4,6 +4,7 @@ round trips through restore and rotation, a wrong key refused at boot, moved cip
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sqlite3
 import subprocess
@@ -17,8 +18,8 @@ import pytest
 from bot import persistence
 from bot.config import Config
 from bot.errors import ConfigError
-from bot.persistence import BootOutcome, prepare_local_store, snapshot_to_history, sync_session
-from bot.errors import UnreadableCredentials
+from bot.persistence import prepare_local_store, snapshot_to_history, sync_session
+from bot.errors import StoredSessionUnreadable, UnreadableCredentials
 from bot.sealing import Sealer, key_id_of
 from bot.session_state import State
 from bot.store_worker import restore_store
@@ -187,10 +188,16 @@ def test_rows_moved_between_sessions_or_rows_are_detected(db: Database, open_db:
     with pytest.raises(UnreadableCredentials, match=r"table whatsmeow_device row .* does not decrypt"):
         persistence.current_document(sealed, "default")
 
-    # The boot refuses the tampered rows and falls back to the newest history snapshot that opens.
+    # The boot refuses the tampered rows and rolls nothing back (only an operator restores history).
     local = tmp_path / "boot" / "whatsmeow.sqlite3"
-    assert prepare_local_store(sealed, "default", local).outcome is BootOutcome.RESTORED
-    assert table_rows(local) == original
+    before = everything_stored(sealed, files=False)
+    with pytest.raises(StoredSessionUnreadable, match="1 stored rows do not open") as refused:
+        prepare_local_store(sealed, "default", local)
+    assert refused.value.tables == {"whatsmeow_device": 1}
+    assert not local.exists() and everything_stored(sealed, files=False) == before
+    restored = tmp_path / "history" / "whatsmeow.sqlite3"
+    persistence.restore_record(sealed, sealed.load_history_version("default", 1), restored)
+    assert table_rows(restored) == original
 
     with sealed.transaction() as tx:  # two rows of one session swapped: also detected
         rows = tx.execute(
@@ -464,3 +471,133 @@ def test_rekey_beside_a_daemon_with_the_old_key_leaves_nothing_under_it(
     assert left == set()
     assert contacts_stored(sealed, "55318") == 0  # not one row written under the old key after the rekey
     assert not status["owns_session"] and "key" in (status["last_error"] or ""), status
+
+
+def flip_a_ciphertext_byte(db: Database, table: str = "whatsmeow_pre_keys") -> tuple[str, str]:
+    """One byte of one stored row's ciphertext flipped, as a disk or a hand with write access
+    would; returns the row (table, key). The row keeps its hash: only opening it tells."""
+    with db.transaction() as tx:
+        row = tx.execute(
+            "SELECT row_key, CAST(row_data AS TEXT) AS row_text FROM whatsapp_session_rows"
+            " WHERE session_id = 'default' AND table_name = %s ORDER BY row_key LIMIT 1",
+            (table,),
+        ).fetchone()
+        prefix, nonce, ciphertext = json.loads(row["row_text"]).rsplit(":", 2)
+        raw = bytearray(base64.b64decode(ciphertext))
+        raw[len(raw) // 2] ^= 0x01
+        tampered = f"{prefix}:{nonce}:{base64.b64encode(bytes(raw)).decode()}"
+        tx.execute(
+            "UPDATE whatsapp_session_rows SET row_data = %s WHERE session_id = 'default' AND table_name = %s"
+            " AND row_key = %s",
+            (db.json_param(json.dumps(tampered)), table, row["row_key"]),
+        )
+    return table, row["row_key"]
+
+
+def corrupt_events(db: Database) -> list[dict]:
+    return [json.loads(e.payload) for e in db.events_after("default", 0) if e.event_type == "session.corrupt"]
+
+
+def test_a_stored_row_that_does_not_open_is_found_reported_and_repaired_by_its_owner(
+    db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
+) -> None:
+    """Issue 23, item 3: one flipped ciphertext byte in the database while the owner runs. The next
+    reconciliation (here: a backup asked over the API) opens what is stored, finds the row, says
+    so (status, event, metric) and rewrites it from the local store. Found once, repaired once."""
+    from bot.runtime import Runtime
+
+    config = make_config(tmp_path, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode())
+    sealed = open_db(Sealer.from_config(config), same=db)
+    paired_session(sealed, tmp_path / "before")
+    runtime = Runtime(config, sealed, network.factory, timing=FAST)
+    try:
+        runtime.start()
+        wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
+        flip_a_ciphertext_byte(sealed)
+        with pytest.raises(UnreadableCredentials):
+            persistence.current_document(sealed, "default")
+        # (The reconciliation after connecting may come first and find it: either one must.)
+        assert runtime.backup_now("api") is not None
+        status = runtime.status()
+        metrics = runtime.metrics.exposition().decode()
+        local = table_rows(config.store_path)
+    finally:
+        runtime.stop()
+    assert status.unreadable_rows == 1 and status.last_unreadable_at is not None
+    assert "repaired 1 stored rows that did not open" in (status.last_reconcile_result or "")
+    assert "zapkeep_stored_rows_unreadable_total 1.0" in metrics
+    assert corrupt_events(sealed) == [
+        {
+            "unreadable_rows": 1,
+            "tables": {"whatsmeow_pre_keys": 1},
+            "repaired": True,
+            "action": "rewritten from the local store",
+        }
+    ]
+    assert restored_rows(sealed, tmp_path / "after") == local  # what is stored opens, and is the store
+
+
+def test_a_new_host_never_rolls_back_over_stored_rows_that_do_not_open(
+    db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
+) -> None:
+    """Issue 23, item 3: the owner is gone (kill -9) with a tampered row stored, and 20 rows were
+    mirrored after the last history snapshot. A new host must not restore that snapshot and drop
+    them: it stays off WhatsApp, says why in the status and /readyz (503, the remedy), changes
+    nothing, and rolls back only when an operator restores a history version."""
+    from bot.runtime import Runtime
+    from session_api import create_app
+
+    config = make_config(
+        tmp_path / "new-host", API_TOKEN="t" * 32, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode()
+    )
+    sealed = open_db(Sealer.from_config(config), same=db)
+    store = paired_session(sealed, tmp_path / "old-host")  # history version 1
+    conn = sqlite3.connect(store)
+    with conn:
+        conn.executemany(
+            "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
+            [(DEVICE_JID, f"55319{n:08d}@s.whatsapp.net", f"Contato {n}") for n in range(20)],
+        )
+    conn.close()
+    assert sync_session(sealed, "default", store).written_rows == 20
+    flip_a_ciphertext_byte(sealed)
+    before, history = everything_stored(sealed, files=False), sealed.list_history("default")
+    rows_before = contacts_stored(sealed, "55319")
+
+    runtime = Runtime(config, sealed, network.factory, timing=FAST)
+    client = create_app(runtime, sealed).test_client()
+    try:
+        runtime.start()
+        wait_until(lambda: runtime.state is State.RESTORE_NEEDED, message="restore_needed")
+        ready = client.get("/readyz")
+        status = runtime.status()
+        assert ready.status_code == 503 and ready.get_json()["state"] == "restore_needed"
+        assert (
+            "does not open" in ready.get_json()["reason"] and "POST /api/session/restore" in ready.get_json()["reason"]
+        )
+        assert "1 stored rows do not open" in (status.boot_error or "") and status.unreadable_rows == 1
+        assert status.phone is not None  # the stored head still says which number it is
+        assert network.clients == [] and not config.store_path.exists()  # never connected, nothing restored
+        assert corrupt_events(sealed) == [
+            {
+                "unreadable_rows": 1,
+                "tables": {"whatsmeow_pre_keys": 1},
+                "repaired": False,
+                "action": "refused at boot: nothing rolled back; an operator restores a history version or imports",
+            }
+        ]
+        events = [e for e in sealed.events_after("default", 0) if e.event_type == "session.corrupt"]
+        assert events  # (a webhook event like the others: WEBHOOK_EVENTS knows it)
+        assert contacts_stored(sealed, "55319") == rows_before == 20  # not one mirrored row dropped
+        assert sealed.list_history("default") == history
+        assert everything_stored(sealed, files=False).count(b"zk1:") == before.count(b"zk1:")
+
+        # The operator's explicit roll-back to history version 1 is the one way back.
+        headers = {"Authorization": "Bearer " + "t" * 32}
+        restored = client.post("/api/session/restore", json={"version": history[0].version}, headers=headers)
+        assert restored.status_code == 200, restored.get_json()
+        wait_until(lambda: runtime.state is State.CONNECTED, message="connected after the restore")
+        assert client.get("/readyz").status_code == 200 and runtime.status().boot_error is None
+    finally:
+        runtime.stop()
+    assert contacts_stored(sealed, "55319") == 0  # (what version 1 held: the operator chose it)
