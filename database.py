@@ -149,12 +149,13 @@ class StoredRow:
 
 
 @dataclass(frozen=True)
-class OpenedRow:
-    """A stored row as a check of what is stored sees it: ``row_text`` None when it does not decrypt."""
+class StoredForm:
+    """A stored row as it is stored (sealed or not): what a check of what is stored opens."""
 
     table: str
     key: str
-    row_text: str | None
+    stored_text: str
+    key_id: str | None
     row_hash: str
 
 
@@ -867,20 +868,11 @@ class Database:
             for row in tx.execute(self.SELECT_ROWS, (session_id,)).fetchall()
         ]
 
-    def open_rows(self, session_id: str) -> list[OpenedRow]:
-        """Every stored row of the session, opened where it opens: what a reconciliation checks."""
-        open_ = self.sealer.open
-        opened = []
+    def stored_forms(self, session_id: str) -> list[StoredForm]:
+        """Every stored row of the session as it is stored: a reconciliation opens and checks them."""
         with self.transaction() as tx:
             found = tx.execute(self.SELECT_ROWS, (session_id,)).fetchall()
-        for row in found:
-            table, key = row["table_name"], row["row_key"]
-            try:
-                text: str | None = open_(row["row_text"], row["key_id"], row_context(session_id, table, key))
-            except Exception:  # (altered, or moved from another row: the caller reports and repairs it)
-                text = None
-            opened.append(OpenedRow(table, key, text, row["row_hash"]))
-        return opened
+        return [StoredForm(r["table_name"], r["row_key"], r["row_text"], r["key_id"], r["row_hash"]) for r in found]
 
     def load_session_and_rows(self, session_id: str) -> tuple[SessionRecord, list[StoredRow]] | None:
         """The head and the rows as of one moment (the mirror may be writing meanwhile)."""

@@ -154,6 +154,7 @@ class Mirror:
         self._thread: threading.Thread | None = None
         self._process: MirrorProcess | None = None
         self._requests: list[_ReconcileRequest] = []
+        self._verified: dict[tuple[str, str], int] = {}  # stored forms found to open (check_stored_rows)
         self._rows = MirroredRows()
         self._stored: StoredHead | None = None
         self._tables: list = []
@@ -363,7 +364,8 @@ class Mirror:
         process = self._ensure_process()
         # What is stored is opened and hashed, not only listed: a row that does not open would be
         # found by the next restore (on another host, after this one is gone) instead of here.
-        check = check_stored_rows(self.db, self.session_id) if self._stored is not None else StoredCheck({}, [])
+        stored = self._stored is not None
+        check = check_stored_rows(self.db, self.session_id, self._verified) if stored else StoredCheck({}, [])
         self._rows = MirroredRows(check.known())
         batch = process.request({"op": "scan", "after": self._after, "known": self._rows.hashes})
         self._tables, self._device = batch.tables or [], batch.device

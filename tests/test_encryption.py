@@ -4,7 +4,6 @@ round trips through restore and rotation, a wrong key refused at boot, moved cip
 from __future__ import annotations
 
 import base64
-import json
 import os
 import sqlite3
 import subprocess
@@ -27,6 +26,7 @@ from database import Database, PostgresDatabase, SqliteDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config
 from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
+from tests.tamper import contacts_stored, corrupt_events, flip_a_ciphertext_byte
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_A, KEY_B = os.urandom(32), os.urandom(32)
@@ -416,15 +416,6 @@ class ContactWriter:
             conn.close()
 
 
-def contacts_stored(db: Database, prefix: str) -> int:
-    with db.transaction() as tx:
-        found = tx.execute(
-            "SELECT row_key FROM whatsapp_session_rows WHERE session_id = 'default' AND table_name = %s",
-            ("whatsmeow_contacts",),
-        ).fetchall()
-    return sum(1 for row in found if f"'{prefix}" in row["row_key"])
-
-
 def test_rekey_beside_a_daemon_with_the_old_key_leaves_nothing_under_it(
     db: Database, open_db: OpenDb, tmp_path: Path
 ) -> None:
@@ -471,31 +462,6 @@ def test_rekey_beside_a_daemon_with_the_old_key_leaves_nothing_under_it(
     assert left == set()
     assert contacts_stored(sealed, "55318") == 0  # not one row written under the old key after the rekey
     assert not status["owns_session"] and "key" in (status["last_error"] or ""), status
-
-
-def flip_a_ciphertext_byte(db: Database, table: str = "whatsmeow_pre_keys") -> tuple[str, str]:
-    """One byte of one stored row's ciphertext flipped, as a disk or a hand with write access
-    would; returns the row (table, key). The row keeps its hash: only opening it tells."""
-    with db.transaction() as tx:
-        row = tx.execute(
-            "SELECT row_key, CAST(row_data AS TEXT) AS row_text FROM whatsapp_session_rows"
-            " WHERE session_id = 'default' AND table_name = %s ORDER BY row_key LIMIT 1",
-            (table,),
-        ).fetchone()
-        prefix, nonce, ciphertext = json.loads(row["row_text"]).rsplit(":", 2)
-        raw = bytearray(base64.b64decode(ciphertext))
-        raw[len(raw) // 2] ^= 0x01
-        tampered = f"{prefix}:{nonce}:{base64.b64encode(bytes(raw)).decode()}"
-        tx.execute(
-            "UPDATE whatsapp_session_rows SET row_data = %s WHERE session_id = 'default' AND table_name = %s"
-            " AND row_key = %s",
-            (db.json_param(json.dumps(tampered)), table, row["row_key"]),
-        )
-    return table, row["row_key"]
-
-
-def corrupt_events(db: Database) -> list[dict]:
-    return [json.loads(e.payload) for e in db.events_after("default", 0) if e.event_type == "session.corrupt"]
 
 
 def test_a_stored_row_that_does_not_open_is_found_reported_and_repaired_by_its_owner(
