@@ -514,7 +514,8 @@ def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path,
             f"session {session_id}: {max(1, len(check.unreadable))} stored rows do not open ({first_line(exc)}); "
             "nothing was rolled back\n"
             'Restore a history version on purpose (POST /api/session/restore with {"version": N}), import a '
-            "document, or start the host whose local store holds the session: its owner repairs the rows.",
+            "document, or stop this instance and start the host that still has the session's local store: "
+            "its owner repairs the rows.",
             len(check.unreadable),
             check.tables(),
         ) from None

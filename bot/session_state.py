@@ -39,7 +39,8 @@ _NOT_READY_BECAUSE = {
     State.RESTORE_NEEDED: (
         "the stored session does not open (stored rows altered or corrupt) and nothing was rolled back: "
         'restore a history version on purpose (POST /api/session/restore with {{"version": N}}; the versions '
-        "are in GET /api/session/status), import a document, or start the host whose local store holds it"
+        "are in GET /api/session/status), import a document, or stop this instance and start the host that "
+        "still has the session's local store"
     ),
     State.STOPPED: "shutting down",
 }
