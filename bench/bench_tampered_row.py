@@ -79,12 +79,14 @@ def daemon(scratch: Path, name: str, url: str, server: FakeServer, **env: str) -
     return Daemon(scratch / name, url, command=command, env=environment)
 
 
-def new_host(url: str, scratch: Path) -> None:
+def new_host(url: str, scratch: Path, ending: str) -> None:
+    """``ending``: "operator" restores the history snapshot on host2; "old host": host2 is stopped and
+    host1 comes back with its local store."""
     db = PostgresDatabase(url, sealer=Sealer(KEY))
     db.open()
     server = FakeServer()
-    first = daemon(scratch, "host1", url, server, BACKUP_INTERVAL_SECONDS="3600")
-    second = daemon(scratch, "host2", url, server)
+    first = daemon(scratch / ending, "host1", url, server, BACKUP_INTERVAL_SECONDS="3600")
+    second = daemon(scratch / ending, "host2", url, server)
     try:
         create_paired_store(first.store)
         first.start()
@@ -104,13 +106,28 @@ def new_host(url: str, scratch: Path) -> None:
         ready_code, ready = call(second, "GET", "/readyz")
         dropped = stored_before - contacts_stored(db, "55318")
         events = corrupt_events(db)
-        print("1. new host boots over a tampered row (owner killed with -9, 20 rows after the last snapshot)")
+        print(
+            f"1. new host boots over a tampered row (owner killed with -9, 20 rows after the last snapshot): {ending}"
+        )
         print(f"   rows dropped:          {dropped} (of {stored_before} mirrored after the snapshot)")
         print(f"   host2 state:           {status['state']} after {refused_after:.1f} s (host1's lease ran out first)")
         print(f"   /readyz:               {ready_code} {ready.get('reason')}")
         print(f"   status boot_error:     {status['boot_error']}")
         print(f"   session.corrupt:       {events}")
-        print(f"   connections to server: {'none' if server.connected_pid() is None else server.connected_pid()}")
+        print(f"   host2 dials:           {status['reconnect_count']}, connected_since {status['connected_since']}")
+        if ending == "old host":
+            second.terminate()  # SIGTERM: the lease is handed back
+            started = time.monotonic()
+            first.start()
+            wait_until(lambda: first.status()["state"] == "connected", timeout=60, message="host1 back")
+            wait_until(lambda: first.status()["unreadable_rows"] > 0, timeout=60, message="host1 repaired")
+            status = first.status()
+            current_document(db, "default")  # raises if it still does not open
+            print(
+                f"   host1 back with its local store: connected and repaired after {time.monotonic() - started:.1f} s"
+                f" ({status['last_reconcile_result']}); contacts stored {contacts_stored(db, '55318')}"
+            )
+            return
         version = status["history"][0]["version"]
         started = time.monotonic()
         code, _ = call(second, "POST", "/api/session/restore", {"session_id": "default", "version": version})
@@ -227,7 +244,8 @@ def main() -> None:
     cluster = PostgresCluster().start()
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            new_host(cluster.create_database(), Path(scratch))
+            for ending in ("operator", "old host"):
+                new_host(cluster.create_database(), Path(scratch), ending)
             owner_repairs(cluster.create_database(), Path(scratch), args.interval)
             cost(cluster, Path(scratch), args.size)
     finally:

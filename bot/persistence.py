@@ -495,31 +495,34 @@ def prepare_local_store(db: Database, session_id: str, store_path: Path, fence: 
 def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path, fence: Fence | None) -> BootResult:
     """Restore the stored session; if it is refused for its content, the newest history entry that
     is not (which then becomes the stored session; older documents are read only when needed).
-    Stored rows that do not open are never rolled back over: StoredSessionUnreadable."""
+    Stored rows that do not open (altered or corrupt) are never rolled back over: StoredSessionUnreadable."""
     session_id = record.session_id
     try:
         found = current_document(db, session_id, record)  # a row that does not decrypt is refused here
         assert found is not None
         lineage = new_lineage()  # (the restore validates the document: never twice in the common case)
-        db.set_lineage(session_id, lineage, record.mirror_sequence, fence)
         restore_document(
             session_id, record.version, found[1], store_path, lineage=lineage, sequence=record.mirror_sequence
         )
+        # Only once the document restored: a refused one leaves the stored lineage alone, so the
+        # host whose local store descends from it can still come back and repair what is stored.
+        db.set_lineage(session_id, lineage, record.mirror_sequence, fence)
         return BootResult(BootOutcome.RESTORED, replace(record, lineage=lineage), record.device_jid)
-    except UnreadableCredentials as exc:
-        # Rows that do not open: rolling back to a snapshot would silently drop everything mirrored
-        # since it, and the owner's local store (on a host that may come back) still holds them.
-        check = check_stored_rows(db, session_id)
-        raise StoredSessionUnreadable(
-            f"session {session_id}: {max(1, len(check.unreadable))} stored rows do not open ({first_line(exc)}); "
-            "nothing was rolled back\n"
-            'Restore a history version on purpose (POST /api/session/restore with {"version": N}), import a '
-            "document, or stop this instance and start the host that still has the session's local store: "
-            "its owner repairs the rows.",
-            len(check.unreadable),
-            check.tables(),
-        ) from None
     except SessionDocumentError as exc:
+        # Rows that do not open (they do not decrypt, or their content is not their hash): rolling
+        # back to a snapshot would silently drop everything mirrored since it, and the owner's local
+        # store (on a host that may come back) still holds them.
+        check = check_stored_rows(db, session_id)
+        if isinstance(exc, UnreadableCredentials) or check.unreadable:
+            raise StoredSessionUnreadable(
+                f"session {session_id}: {max(1, len(check.unreadable))} stored rows do not open "
+                f"({first_line(exc)}); nothing was rolled back\n"
+                'Restore a history version on purpose (POST /api/session/restore with {"version": N}), import '
+                "a document, or stop this instance and start the host that still has the session's local store: "
+                "its owner repairs the rows.",
+                len(check.unreadable),
+                check.tables(),
+            ) from None
         log.error("session %s version %d refused: %s", session_id, record.version, exc)
         refused = record.checksum  # a document refused for its content is refused again under its checksum
     for entry in db.list_history(session_id):

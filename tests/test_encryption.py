@@ -567,3 +567,21 @@ def test_a_new_host_never_rolls_back_over_stored_rows_that_do_not_open(
     finally:
         runtime.stop()
     assert contacts_stored(sealed, "55319") == 0  # (what version 1 held: the operator chose it)
+
+
+def test_a_row_stored_in_clear_whose_content_is_not_its_hash_is_not_rolled_back_over_either(
+    db: Database, tmp_path: Path
+) -> None:
+    """Without a key, "does not open" is a row whose content is not what its hash says."""
+    paired_session(db, tmp_path / "old-host")
+    with db.transaction() as tx:
+        tx.execute(
+            "UPDATE whatsapp_session_rows SET row_data = %s WHERE table_name = %s",
+            (db.json_param('["tampered"]'), "whatsmeow_device"),
+        )
+    before = everything_stored(db, files=False)
+    local = tmp_path / "new-host" / "whatsmeow.sqlite3"
+    with pytest.raises(StoredSessionUnreadable, match="nothing was rolled back") as refused:
+        prepare_local_store(db, "default", local)
+    assert refused.value.tables == {"whatsmeow_device": 1}
+    assert not local.exists() and everything_stored(db, files=False) == before
