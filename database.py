@@ -10,7 +10,10 @@ that a multi-megabyte document is never encoded twice.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -18,13 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 HISTORY_KEEP = 5
 _MIGRATION_LOCK_ID = 7_266_133_001  # any constant: serialises concurrent boots on PostgreSQL
 _LEASE_LOCK_SPACE = 72_661_330  # any constant: the first key of the sessions' advisory locks
 _EVENTS_LOCK_SPACE = 72_661_331  # ... and of the locks that make a session's events commit in id order
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class DatabaseError(Exception):
@@ -255,6 +259,7 @@ class ChatState:
     pause_reason: str | None
     last_reply_reason: str | None = None
     last_reply_at: datetime | None = None
+    phone_jid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +277,7 @@ class Inbound:
     size: int | None = None
     file_name: str | None = None
     media: str | None = None  # whatsmeow's reference to download the file (sealed when stored)
+    chat_phone: str | None = None  # a LID chat's phone JID, where WhatsApp or whatsmeow's LID map tells it
 
 
 @dataclass(frozen=True)
@@ -338,6 +344,7 @@ class ChatSummary:
     last_at: datetime
     paused_until: datetime | None  # the bot is quiet in this chat until then (a hand-off)
     pause_reason: str | None
+    phone_jid: str | None = None  # a LID chat's phone JID, once known
 
 
 @dataclass(frozen=True)
@@ -514,6 +521,11 @@ def _media(blob: str) -> list[str]:
     ]
 
 
+def _lid_chats() -> list[str]:
+    """A chat WhatsApp addresses by LID ("<lid>@lid") stays that chat; its phone JID, once known, beside it."""
+    return ["ALTER TABLE whatsapp_chats ADD COLUMN phone_jid TEXT"]
+
+
 POSTGRES_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE IF NOT EXISTS whatsapp_sessions (
@@ -541,6 +553,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
     _key_ids(),
     _events("BIGSERIAL PRIMARY KEY"),
     _media("BYTEA"),
+    _lid_chats(),
 ]
 
 SQLITE_MIGRATIONS: list[list[str]] = [
@@ -570,6 +583,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
     _key_ids(),
     _events("INTEGER PRIMARY KEY AUTOINCREMENT"),
     _media("BLOB"),
+    _lid_chats(),
 ]
 
 CREATE_SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS zapkeep_schema (version INTEGER NOT NULL)"
@@ -612,6 +626,37 @@ class Transaction:
         return [cls(**row) for row in self.execute(query, params).fetchall()]
 
 
+class Reachability:
+    """Whether the database answers: unreachable from the first call (or connection attempt) that
+    could not reach it until the next one that did. Callers that meet a database known to be away
+    fail at once instead of waiting out the pool's timeout each."""
+
+    def __init__(self, on_lost: Callable[[], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._since: datetime | None = None
+        self._on_lost = on_lost
+
+    @property
+    def unreachable_since(self) -> datetime | None:
+        return self._since
+
+    def lost(self) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = datetime.now(UTC)
+        log.warning("the database is unreachable; callers fail at once until it answers again")
+        if self._on_lost is not None:
+            self._on_lost()
+
+    def reached(self) -> None:
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            away = (datetime.now(UTC) - since).total_seconds()
+            log.info("the database answers again after %.1f s", away)
+
+
 class Database:
     """The session tables, over whichever back-end the configuration chose."""
 
@@ -619,6 +664,12 @@ class Database:
     migrations: list[list[str]] = []
     sealer: PayloadSealer = ClearPayloads()
     NOW = ""  # the database's clock in unix seconds; leases never trust a host's clock
+
+    @property
+    def unreachable_since(self) -> datetime | None:
+        """Since when the database has been found unreachable; None while it answers (the
+        embedded SQLite file is never "away": a busy one is waited for)."""
+        return None
 
     def open(self) -> None:
         """Connect and bring the schema up to date (idempotent)."""
@@ -1130,19 +1181,21 @@ class Database:
         RETURNING id
     """
     SELECT_CHAT = """
-        SELECT chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at
+        SELECT chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at, phone_jid
         FROM whatsapp_chats WHERE session_id = %s AND chat_jid = %s
     """
     UPSERT_CHAT = """
         INSERT INTO whatsapp_chats
-            (session_id, chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at)
-        VALUES (%s, %s, %s, %s, %s, %s, %s)
+            (session_id, chat_jid, last_incoming_at, paused_until, pause_reason, last_reply_reason, last_reply_at,
+             phone_jid)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (session_id, chat_jid) DO UPDATE SET
             last_incoming_at = COALESCE(excluded.last_incoming_at, whatsapp_chats.last_incoming_at),
             paused_until = excluded.paused_until,
             pause_reason = excluded.pause_reason,
             last_reply_reason = COALESCE(excluded.last_reply_reason, whatsapp_chats.last_reply_reason),
-            last_reply_at = COALESCE(excluded.last_reply_at, whatsapp_chats.last_reply_at)
+            last_reply_at = COALESCE(excluded.last_reply_at, whatsapp_chats.last_reply_at),
+            phone_jid = COALESCE(excluded.phone_jid, whatsapp_chats.phone_jid)
     """
     SET_MESSAGE_STATUS = "UPDATE whatsapp_messages SET status = %s, reason = %s WHERE id = %s"
     INSERT_EVENT = """
@@ -1235,6 +1288,8 @@ class Database:
                 return InboundResult(duplicate=True, reply_id=None)
             chat = tx.one(ChatState, self.SELECT_CHAT, (message.session_id, message.chat_jid))
             before = None if chat is None else _aware_chat(chat)
+            if message.chat_phone is None and before is not None and before.phone_jid is not None:
+                message = replace(message, chat_phone=before.phone_jid)  # (known from an earlier message)
             outcome = decide(before)
             tx.execute(self.SET_MESSAGE_STATUS, (outcome.status, outcome.reason, inbound_id))
             payload = _message_event(inbound_id, message, "in", outcome.status, outcome.reason)
@@ -1259,6 +1314,7 @@ class Database:
                     outcome.pause_reason,
                     outcome.reason if replied else None,
                     received if replied else None,
+                    message.chat_phone,
                 ),
             )
             reply_id = None
@@ -1300,7 +1356,16 @@ class Database:
                 return False
             tx.execute(
                 self.UPSERT_CHAT,
-                (message.session_id, message.chat_jid, None, _naive(paused_until), "operator", None, None),
+                (
+                    message.session_id,
+                    message.chat_jid,
+                    None,
+                    _naive(paused_until),
+                    "operator",
+                    None,
+                    None,
+                    message.chat_phone,
+                ),
             )
             payload = _message_event(logged, message, "out", "sent", "operator")
             self._event(tx, message.session_id, "message.sent", message.chat_jid, payload)
@@ -1500,7 +1565,7 @@ class Database:
 
     SELECT_CHATS = """
         SELECT s.chat_jid, s.unanswered, l.text AS last_text, l.direction AS last_direction,
-               l.message_type AS last_type, l.created_at AS last_at, c.paused_until, c.pause_reason
+               l.message_type AS last_type, l.created_at AS last_at, c.paused_until, c.pause_reason, c.phone_jid
         FROM (
             SELECT m.chat_jid, MAX(m.id) AS last_id,
                    SUM(CASE WHEN m.direction = 'in' AND m.id > COALESCE((
@@ -1768,9 +1833,17 @@ class Database:
 
 
 RECONNECT_DELAY_CAP_SECONDS = 2.0
+# A caller waits for a pooled connection in slices this long: when the database is found away
+# meanwhile (a connection attempt of the pool failed), it stops waiting at the next slice.
+WAIT_SLICE_SECONDS = 0.25
+# While the database is known away, a caller waits at most this long for a connection (one that the
+# pool's reconnect attempts got back); then it fails, and the API answers 503 at once.
+AWAY_WAIT_SECONDS = 0.5
 
 
-def _connection_pool(url: str, delay_cap: float | None, **options: Any) -> Any:
+def _connection_pool(
+    url: str, delay_cap: float | None, reachability: Reachability | None = None, **options: Any
+) -> Any:
     """psycopg_pool's ConnectionPool, with the delay between reconnect attempts capped.
 
     The pool retries a lost connection with a doubling delay (1, 2, 4, 8, 16... s, for
@@ -1795,6 +1868,18 @@ def _connection_pool(url: str, delay_cap: float | None, **options: Any) -> Any:
         def _add_connection(self, attempt: Any, growing: bool = False) -> None:
             super()._add_connection(attempt or CappedBackoff(timeout=self.reconnect_timeout), growing)
 
+        # (Another: every new connection, the pool's reconnect attempts included, is made here.)
+        def _connect(self, timeout: float | None = None) -> Any:
+            try:
+                conn = super()._connect(timeout)
+            except Exception:
+                if reachability is not None:
+                    reachability.lost()
+                raise
+            if reachability is not None:
+                reachability.reached()
+            return conn
+
     return Pool(url, **options)
 
 
@@ -1816,9 +1901,12 @@ class PostgresDatabase(Database):
         self.sealer = sealer or ClearPayloads()
         self._url = url
         self._connect_timeout = connect_timeout
+        self._wait_timeout = wait_timeout
+        self.reachability = Reachability(on_lost=self._drop_broken_idle)
         self.pool = _connection_pool(
             url,
             reconnect_delay_cap,
+            self.reachability,
             open=False,
             min_size=1,
             max_size=max_size,
@@ -1851,13 +1939,58 @@ class PostgresDatabase(Database):
     def close(self) -> None:
         self.pool.close()
 
+    @property
+    def unreachable_since(self) -> datetime | None:
+        return self.reachability.unreachable_since
+
+    def _drop_broken_idle(self) -> None:
+        """The connections idle in the pool when the database went away are broken too: replaced
+        now (in the background), not one by one after it is back, each failing its caller and
+        calling the database away again."""
+
+        def check() -> None:
+            try:
+                self.pool.check()
+            except Exception as exc:  # (the pool is closing)
+                log.debug("checking the idle connections failed: %s", exc)
+
+        threading.Thread(target=check, name="pool-check", daemon=True).start()
+
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
+        from psycopg import OperationalError
         from psycopg.rows import dict_row
 
-        with self.pool.connection() as conn, conn.transaction():
-            cursor = conn.cursor(row_factory=dict_row)
-            yield Transaction(cursor.execute, cursor.executemany)
+        conn = self._checkout()
+        try:
+            with conn, conn.transaction():  # (as the pool's own connection() does)
+                cursor = conn.cursor(row_factory=dict_row)
+                yield Transaction(cursor.execute, cursor.executemany)
+        except OperationalError:
+            if conn.broken:  # the server went away under it (not a statement refused)
+                self.reachability.lost()
+            raise
+        finally:
+            self.pool.putconn(conn)
+        self.reachability.reached()
+
+    def _checkout(self) -> Any:
+        """A pooled connection: waited for up to the pool's timeout, or only briefly while the
+        database is known to be away (then PoolTimeout, which the API answers with 503)."""
+        from psycopg_pool import PoolTimeout
+
+        deadline = time.monotonic() + self._wait_timeout
+        while True:
+            away = self.reachability.unreachable_since is not None
+            left = deadline - time.monotonic()
+            wait = min(left, AWAY_WAIT_SECONDS if away else WAIT_SLICE_SECONDS)
+            try:
+                return self.pool.getconn(timeout=max(wait, 0.001))
+            except PoolTimeout:
+                if away:
+                    raise PoolTimeout("the database is unreachable") from None
+                if time.monotonic() >= deadline:  # (busy, or away: the pool's attempts tell which)
+                    raise PoolTimeout(f"no database connection within {self._wait_timeout:.0f} s") from None
 
     def json_param(self, text: str) -> Any:
         from psycopg.types.json import Jsonb
@@ -1971,6 +2104,7 @@ def _message_event(row_id: int, message: Inbound, direction: str, status: str, r
     return {
         "id": row_id,
         "chat": message.chat_jid,
+        **({"chat_phone": message.chat_phone} if message.chat_phone else {}),
         "whatsapp_id": message.message_id,
         "sender": message.sender,
         "direction": direction,

@@ -6,7 +6,8 @@
     python -m bot restore [-v N]   rewrite the local store from the database (daemon stopped)
     python -m bot delete [--purge] delete the stored session (--purge: its history too)
     python -m bot export FILE      write the stored document to FILE ('-': stdout; sealed with a key)
-    python -m bot import FILE      validate FILE and store it as the session
+    python -m bot import FILE      validate FILE and store it as the session (an export, sealed or
+                                   not, or the saved answer of GET /api/session/restore)
     python -m bot rekey            re-encrypt the stored session under SESSION_ENCRYPTION_KEY
     python -m bot console          chat with the rules in the terminal (no WhatsApp)
 
@@ -98,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         "run the daemon (the default)",
         "Reads every variable in .env.example: DATABASE_URL, SESSION_ID, DATA_DIR, PORT, API_TOKEN, "
         "METRICS_TOKEN, CONSOLE_PASSWORD, WEBHOOK_URL, WEBHOOK_SECRET, WEBHOOK_EVENTS, BACKUP_INTERVAL_SECONDS, PAIR_PHONE, BOT_REPLIES, LOG_LEVEL, LOG_FORMAT, "
-        "LEASE_TTL_SECONDS, LEASE_RENEW_SECONDS, SESSION_ENCRYPTION_KEY, SESSION_ENCRYPTION_KEY_OLD, HTTPS_PROXY, "
+        "LEASE_TTL_SECONDS, LEASE_RENEW_SECONDS, SESSION_ENCRYPTION_KEY, SESSION_ENCRYPTION_KEY_OLD, TRUST_PROXY, "
+        "HTTPS_PROXY, "
         "RAILWAY_DEPLOYMENT_ID.",
     )
     command("status", "stored sessions and their history, as JSON", STORED)
@@ -113,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         "--clear", action="store_true", help="unencrypted, even with SESSION_ENCRYPTION_KEY set (it holds the keys!)"
     )
     import_ = command("import", "validate FILE and store it as the session", STORED)
-    import_.add_argument("file")
+    import_.add_argument(
+        "file",
+        help="'-' for stdin; each of these as it is: what `export` writes (clear, or sealed with a key), "
+        "the answer of GET /api/session/restore saved with curl (?clear=true or sealed), or the bare session document",
+    )
     command(
         "rekey",
         "re-encrypt every stored credential of the session under SESSION_ENCRYPTION_KEY (unset: decrypt); "
@@ -190,7 +196,7 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
         services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry, webhooks=services.webhooks
     )
     try:
-        server = ApiServer(app, "0.0.0.0", config.port)
+        server = ApiServer(app, "0.0.0.0", config.port, trusted_proxy=config.trusted_proxy)
     except OSError as exc:
         db.close()
         raise ZapkeepError(f"cannot listen on PORT {config.port}: {exc.strerror or exc}") from None

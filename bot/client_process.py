@@ -30,30 +30,31 @@ from pathlib import Path
 from typing import IO
 
 from bot import events
-from bot.errors import SendOutcomeUnknown, ZapkeepError
+from bot.errors import CallTimeout, SendOutcomeUnknown, ZapkeepError
 
 log = logging.getLogger(__name__)
 
-CALLS = (
-    "send_text",
-    "logout",
-    "request_pairing_code",
-    "mark_read",
-    "set_typing",
-    "check_numbers",
-    "download",
-    "send_media",
-)
 STOP_GRACE_SECONDS = 10.0  # whatsmeow's stop() waits for a slow dial (up to 60 s): not that long
 CALL_TIMEOUT_SECONDS = 60.0
 # Messages handed to the daemon and not yet logged, at most; a handler waits this long for room (see serve()).
 UNLOGGED_WINDOW = 16
 HANDLED_WAIT_SECONDS = 5.0
 _NO_END = object()
-# whatsmeow's errors after the message node was sent, while it waited for the server's answer
-# (ErrIQTimedOut, ErrIQDisconnected, a cancelled context): the customer may already have it.
 MEDIA_CALLS = ("download", "send_media")
 MEDIA_CALL_TIMEOUT_SECONDS = 300.0
+# The child's lanes, each with workers of its own, so that nothing an API caller asks can hold up a
+# customer's reply: texts, read receipts and typing in one; files (slow uploads) in another; number
+# checks (as slow as WhatsApp's servers are to answer) in a third. The API lets 2 checks run at
+# once; the lane has room for twice that, as a check the daemon gave up on (no answer within
+# CALL_TIMEOUT_SECONDS) may hold its worker until whatsmeow's own timeout ends it.
+LANES: dict[str, tuple[tuple[str, ...], int]] = {
+    "call": (("send_text", "mark_read", "set_typing", "logout", "request_pairing_code"), 4),
+    "media": (MEDIA_CALLS, 2),
+    "check": (("check_numbers",), 4),
+}
+CALLS = tuple(op for ops, _ in LANES.values() for op in ops)
+# whatsmeow's errors after the message node was sent, while it waited for the server's answer
+# (ErrIQTimedOut, ErrIQDisconnected, a cancelled context): the customer may already have it.
 AMBIGUOUS_SEND_ERROR = re.compile(r"timed out|deadline exceeded|disconnected before|context canceled", re.IGNORECASE)
 
 
@@ -79,6 +80,7 @@ class ProcessClient:
         *,
         log_level: int = logging.INFO,
         stop_grace_seconds: float = STOP_GRACE_SECONDS,
+        call_timeout_seconds: float = CALL_TIMEOUT_SECONDS,
         child: list[str] | None = None,
     ) -> None:
         # The child's command line before STORE LOG_LEVEL: the real client's (benchmarks run a fake).
@@ -86,6 +88,7 @@ class ProcessClient:
         self._command = [*child, str(store_path), str(log_level)]
         self._sink = sink
         self._stop_grace = stop_grace_seconds
+        self._call_timeout = call_timeout_seconds
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -160,6 +163,8 @@ class ProcessClient:
     def _send_call(self, op: str, *args: object, timeout: float | None = None) -> object:
         try:
             return self._call(op, *args, timeout=timeout)
+        except CallTimeout as exc:
+            raise SendOutcomeUnknown(str(exc)) from None  # asked, and never answered: it may have gone
         except ClientCallError as exc:
             if AMBIGUOUS_SEND_ERROR.search(str(exc)):
                 raise SendOutcomeUnknown(str(exc)) from None  # the message may be on its way already
@@ -205,12 +210,13 @@ class ProcessClient:
             call = self._calls[call_id] = _Call()
         try:
             self._write({"op": op, "id": call_id, "args": list(args)})
-            limit = timeout or CALL_TIMEOUT_SECONDS
-            if not call.done.wait(limit):
-                call.error, call.unknown = f"no answer from the client within {limit:.0f} s", True
+            limit = timeout or self._call_timeout
+            answered = call.done.wait(limit)
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
+        if not answered:
+            raise CallTimeout(f"{op}: no answer from the client within {limit:.0f} s")
         if call.error is not None:
             raise (SendOutcomeUnknown if call.unknown else ClientCallError)(f"{op}: {call.error}")
         return call.result
@@ -256,9 +262,13 @@ def _message_id_of(line: bytes) -> str | None:
         return None
 
 
-def process_client_factory(log_level: int, child: list[str] | None = None) -> events.ClientFactory:
+def process_client_factory(
+    log_level: int, child: list[str] | None = None, call_timeout_seconds: float = CALL_TIMEOUT_SECONDS
+) -> events.ClientFactory:
     def factory(store_path: Path, sink: events.EventSink) -> events.WhatsAppClient:
-        return ProcessClient(store_path, sink, log_level=log_level, child=child)
+        return ProcessClient(
+            store_path, sink, log_level=log_level, call_timeout_seconds=call_timeout_seconds, child=child
+        )
 
     return factory
 
@@ -324,9 +334,10 @@ def serve(client_factory: ChildClientFactory, store_path: Path, commands: IO[byt
         emit(events.to_wire(event))
 
     client = client_factory(store_path, sink)
-    workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="call")
-    # Files take long: they get workers of their own, so a slow upload never holds up a text.
-    media_workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="media")
+    lanes: dict[str, ThreadPoolExecutor] = {}
+    for name, (ops, workers) in LANES.items():
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        lanes.update(dict.fromkeys(ops, pool))
 
     def answer(call_id: object, op: str, args: list[object]) -> None:
         try:
@@ -346,8 +357,7 @@ def serve(client_factory: ChildClientFactory, store_path: Path, commands: IO[byt
             elif op == "handled":
                 window.logged(str(command.get("id")))
             elif op in CALLS:
-                pool = media_workers if op in MEDIA_CALLS else workers
-                pool.submit(answer, command.get("id"), op, list(command.get("args", [])))
+                lanes[op].submit(answer, command.get("id"), op, list(command.get("args", [])))
         # stdin closed: the daemon is gone. Stop the round, and leave soon whether it stops or not.
         threading.Thread(target=client.stop, daemon=True).start()
         threading.Timer(3.0, os._exit, args=(0,)).start()

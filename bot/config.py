@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 import re
 from collections.abc import Mapping
@@ -63,6 +64,9 @@ class Config:
     webhook_events: tuple[str, ...] = EVENT_TYPES  # the types delivered to the webhooks
     # Keys stored credentials may still be sealed with (rotation); never used to seal.
     session_encryption_keys_old: tuple[bytes, ...] = field(default=(), repr=False)
+    # TRUST_PROXY: whose X-Forwarded-For/-Proto the API believes: "*" (any peer: the platform's
+    # proxy is the only way in), one address, or None (nobody's: the headers are dropped).
+    trusted_proxy: str | None = None
 
     @property
     def session_dir(self) -> Path:
@@ -136,6 +140,8 @@ class Config:
         if unknown:
             raise ConfigError(f"WEBHOOK_EVENTS: unknown event {unknown[0]!r}; known: {', '.join(EVENT_TYPES)}")
 
+        trusted_proxy = _trusted_proxy(get("TRUST_PROXY"))
+
         return cls(
             database_url=database_url,
             session_id=session_id,
@@ -158,6 +164,7 @@ class Config:
             webhook_events=webhook_events,
             lease_ttl_seconds=lease_ttl,
             lease_renew_seconds=lease_renew,
+            trusted_proxy=trusted_proxy,
         )
 
     def python_log_level(self) -> int:
@@ -175,6 +182,18 @@ def _check_webhook_url(url: str) -> None:
         raise ConfigError("WEBHOOK_URL must be one or more http:// or https:// URLs, separated by commas")
     if parts.username is not None or parts.password is not None:
         raise ConfigError("WEBHOOK_URL must not carry a user or password (put a token in its path or query)")
+
+
+def _trusted_proxy(text: str | None) -> str | None:
+    """true (any peer), false, or the proxy's IP address."""
+    if text is None or text.lower() in ("0", "false", "no", "off"):
+        return None
+    if text.lower() in ("1", "true", "yes", "on"):
+        return "*"
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ConfigError(f"TRUST_PROXY must be true, false or the proxy's IP address, got {text[:60]!r}") from None
 
 
 def _encryption_key(text: str | None, name: str) -> bytes | None:

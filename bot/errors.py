@@ -35,6 +35,10 @@ class RestoreError(ZapkeepError):
     """A session document could not be written over the local store; the old store is untouched."""
 
 
+class DiskFullError(RestoreError):
+    """The disk holding DATA_DIR has no room for the new local store; nothing was changed."""
+
+
 class NotFoundError(ZapkeepError):
     """No such session, snapshot or QR code."""
 
@@ -42,6 +46,11 @@ class NotFoundError(ZapkeepError):
 class SendOutcomeUnknown(ZapkeepError):
     """A send that may or may not have reached WhatsApp (no answer in time, the client ended
     mid-send). Never retried: a message goes out at most once."""
+
+
+class CallTimeout(ZapkeepError):
+    """WhatsApp's client gave no answer in time; its answer may still come (a send that times out
+    is a ``SendOutcomeUnknown``)."""
 
 
 class StateConflictError(ZapkeepError):

@@ -72,7 +72,7 @@ class KeepAliveRestored:
 @dataclass(frozen=True)
 class IncomingMessage:
     message_id: str
-    chat: str  # JID string, e.g. 5511999999999@s.whatsapp.net
+    chat: str  # JID string, e.g. 5511999999999@s.whatsapp.net, or 123456789012345@lid
     sender: str
     push_name: str
     text: str
@@ -85,6 +85,9 @@ class IncomingMessage:
     size: int | None = None  # bytes
     file_name: str | None = None  # documents
     media: str | None = None  # what whatsmeow needs to download it later (base64; holds its media key)
+    # A one-to-one chat WhatsApp addresses by LID ("<lid>@lid", kept as the chat and answered there):
+    # the customer's phone JID, where the message or whatsmeow's LID map tells it.
+    chat_phone: str | None = None
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,13 @@ class SendGateway:
         return base64.b64decode(self._client().download(media))
 
     def mark_read(self, message: events.IncomingMessage) -> None:
-        self._client().mark_read(message.chat, message.sender, message.message_id)
+        """Blue ticks through the round's client, connected or not yet: whatsmeow delivers the messages
+        queued while it was away before it dispatches Connected (after its pre-key check), over a
+        connection that takes receipts already."""
+        client = self._round_client()
+        if client is None:
+            raise StateConflictError(self._not_connected())
+        client.mark_read(message.chat, message.sender, message.message_id)
 
     def message_handled(self, message: events.IncomingMessage) -> None:
         """Logged: the client may take the next message. (A message from an ended round: that

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from bot.errors import first_line
+from bot.session_state import StandbyCause
 from database import Database, Fence
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class LeaseKeeper:
         self._renewed_at = 0.0  # monotonic time of the last successful acquire or renewal
         self._attempted_at = 0.0  # ... and of the last attempt, successful or not
         self._standby_since: float | None = None
+        self._standby_cause: StandbyCause | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
@@ -55,6 +57,11 @@ class LeaseKeeper:
     @property
     def fence(self) -> Fence | None:
         return self._fence
+
+    @property
+    def standby_cause(self) -> StandbyCause | None:
+        """Why the lease is not held (None while it is)."""
+        return None if self._fence is not None else self._standby_cause
 
     def fresh(self) -> bool:
         """Held, and renewed recently enough that it cannot have expired in the database yet."""
@@ -79,9 +86,10 @@ class LeaseKeeper:
             fence = self.db.acquire_lease(self.session_id, self.owner_id, self._ttl)
         except Exception as exc:
             log.warning("session %s: cannot reach the database for the lease: %s", self.session_id, first_line(exc))
-            fence = None
+            self._standby(StandbyCause.DATABASE)
+            return False
         if fence is None:
-            self._standby()
+            self._standby(self._holder_cause())
             return False
         with self._lock:
             self._fence = fence
@@ -104,13 +112,14 @@ class LeaseKeeper:
             return False
         return True
 
-    def lose(self, reason: str, fence: Fence | None = None) -> None:
+    def lose(self, reason: str, fence: Fence | None = None, cause: StandbyCause = StandbyCause.LOST) -> None:
         """Give the lease up in this process. With ``fence``, only if that is still the one held: a
         late failure of an older lease's write says nothing about a newer lease."""
         with self._lock:
             if self._fence is None or (fence is not None and fence != self._fence):
                 return
             self._fence = None
+            self._standby_cause = cause
         log.error("session %s: %s", self.session_id, reason)
         self._on_lost(reason)
         self._wake.set()
@@ -120,7 +129,8 @@ class LeaseKeeper:
         if self._fence is not None and not self.fresh():
             self.lose(
                 "cannot renew the lease (database unreachable); disconnected so that no "
-                "other instance ever overlaps with this one"
+                "other instance ever overlaps with this one",
+                cause=StandbyCause.NOT_RENEWED,
             )
 
     def release(self) -> None:
@@ -182,17 +192,23 @@ class LeaseKeeper:
         if renewed:
             self._renewed_at = requested
         else:
-            self.lose("lease lost: another instance owns the session now", fence)
+            self.lose("lease lost: another instance owns the session now", fence, StandbyCause.HELD_ELSEWHERE)
 
-    def _standby(self) -> None:
+    def _holder_cause(self) -> StandbyCause:
+        """The lease was not free: another instance's, or this one's own that it gave up when it
+        could not renew it (it stays in the database until it runs out)."""
+        try:
+            holder = getattr(self.db.lease(self.session_id), "owner_id", None)
+        except Exception:
+            return StandbyCause.DATABASE
+        return StandbyCause.OWN_LEASE if holder == self.owner_id else StandbyCause.HELD_ELSEWHERE
+
+    def _standby(self, cause: StandbyCause) -> None:
         with self._lock:
             first_time = self._standby_since is None
             if first_time:
                 self._standby_since = time.monotonic()
+            self._standby_cause = cause
         self._on_standby()
         if first_time:
-            try:
-                holder = getattr(self.db.lease(self.session_id), "owner_id", None)
-            except Exception:
-                holder = None
-            log.info("session %s: owned by %s; standing by", self.session_id, holder or "another instance")
+            log.info("session %s: standing by (%s)", self.session_id, cause.value)

@@ -165,6 +165,7 @@ class Chatbot:
             size=message.size,
             file_name=None if message.file_name is None else storable(message.file_name),
             media=message.media,
+            chat_phone=None if message.chat_phone is None else storable(message.chat_phone),
         )
         reason = ignore_reason(message)
         if reason is None and (message.kind in events.PROTOCOL_KINDS or self.rules.ignores(message.kind)):

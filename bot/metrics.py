@@ -107,6 +107,8 @@ class SessionCollector(Collector):
         age = (now - status.last_mirrored_at).total_seconds() if status.last_mirrored_at else float("nan")
         yield GaugeMetricFamily("zapkeep_mirror_last_write_age_seconds", "Seconds since the last mirrored change", age)
         try:
+            if status.database_unreachable_since is not None:  # known away: not waited for
+                raise ConnectionError("the database is unreachable")
             queued, oldest = self._db.outbox_depth(self._session_id)
         except Exception:  # the database is away: every other number still matters, most of all now
             yield GaugeMetricFamily("zapkeep_database_up", "1 when the database answered this scrape", 0.0)
@@ -136,7 +138,7 @@ class WebhookCollector(Collector):
             "zapkeep_webhook_given_up", "Events given up after a day of retries", labels=labels
         )
         failing = GaugeMetricFamily(
-            "zapkeep_webhook_failing", "1 while the endpoint's last delivery failed", labels=labels
+            "zapkeep_webhook_failing", "1 while an event waits for a retry or the last delivery failed", labels=labels
         )
         for endpoint in self._endpoints():
             delivered.add_metric([endpoint.url], endpoint.delivered)

@@ -416,9 +416,11 @@ def make_current(
     *,
     sequence: int = 0,
     snapshot_reason: str | None = None,
+    lineage: str | None = None,
 ) -> tuple[session_store.DecodedSession, str]:
-    """Validate a document (format 1 or 2) and make it the stored session, with a new lineage.
-    Returns the decoded session and the lineage."""
+    """Validate a document (format 1 or 2) and make it the stored session, with a new lineage
+    (``lineage``, when the local store was built with it already). Returns the decoded session
+    and the lineage."""
     document = session_store.parse_document(document_text)
     session = session_store.validate_document(document)
     if session.device_field("jid") is None:
@@ -427,7 +429,7 @@ def make_current(
     changes = [RowChange(t, k, session_store.canonical_json(r).decode(), h) for t, k, r, h in keyed]
     rows = MirroredRows()
     rows.apply(changes)
-    lineage = new_lineage()
+    lineage = lineage or new_lineage()
     device = Device(
         session.device_field("jid"),
         session.device_field("push_name"),

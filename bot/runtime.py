@@ -36,12 +36,12 @@ from bot.lease import LeaseKeeper
 from bot.metrics import Metrics
 from bot.mirror import Mirror
 from bot.pairing import Pairing
-from bot.persistence import BootOutcome, export_document, prepare_local_store
+from bot.persistence import BootOutcome, export_document, prepare_local_store, sync_session
 from bot.restores import RestoreOutcome, RestoreRequest, Restores
 from bot.sealing import require_known_keys
 from bot.session_state import HISTORY_STATES, Readiness, SessionStatus, State, now, phone_of, readiness_of
 from bot.store_worker import document_rows, prepare_store
-from database import Database, Fence
+from database import Database, Fence, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +354,8 @@ class Runtime:
         if result.outcome is not BootOutcome.PAIRING_NEEDED:
             self._set(jid=result.device_jid, phone=phone_of(result.device_jid))
         record = result.record  # loaded once, by the boot rule
+        if result.outcome is BootOutcome.MIGRATED:
+            record = self._store_migrated()
         if record is not None:
             self._set(
                 last_backup_at=record.updated_at.replace(tzinfo=UTC),
@@ -386,6 +388,18 @@ class Runtime:
             self.db.record_event(session_id, "session.corrupt", None, payload)
         except Exception as event_error:  # (the status and /readyz still tell)
             log.error("session %s: session.corrupt event not recorded: %s", session_id, first_line(event_error))
+
+    def _store_migrated(self) -> SessionRecord | None:
+        """A paired local store met an empty database: stored whole and kept in history now, before
+        connecting, so that the first snapshot does not wait for the shutdown or the periodic job."""
+        try:
+            sync_session(self.db, self.config.session_id, self.config.store_path, self.fence)
+            self.backups.snapshot("migrated")
+            return self.db.load_session(self.config.session_id)
+        except Exception as exc:  # the mirror stores it once it runs; the snapshot follows then
+            log.warning("session %s: storing the migrated store failed: %s", self.config.session_id, first_line(exc))
+            self._schedule(self.backups.history, "after-pair", self._timing.after_pair_seconds)
+            return None
 
     def _reseal(self) -> None:
         """Stored credentials not under the current key (in clear before a key was set, or under a
@@ -420,6 +434,7 @@ class Runtime:
         with self._lock:
             retry = None if self._next_retry_at is None else max(0.0, self._next_retry_at - time.monotonic())
             mirror = self._mirror.status()
+            cause = self._lease.standby_cause if self.state is State.STANDBY else None
             return replace(
                 self._status,
                 mirror_running=mirror.running,
@@ -436,6 +451,8 @@ class Runtime:
                 qr_available=self._pairing.qr is not None,
                 qr_expires_at=self._pairing.qr_expires_at,
                 next_retry_in_seconds=None if retry is None else round(retry, 1),
+                standby_cause=None if cause is None else cause.value,
+                database_unreachable_since=self.db.unreachable_since,
             )
 
     def qr_code(self) -> str | None:
@@ -693,9 +710,24 @@ class Runtime:
                 self._set(state=State.DISCONNECTED)
         self._stop_client(_Pending.NEW_ROUND)
 
-    def start_connection(self) -> None:
-        """Undo ``stop_connection`` (and, like ``reconnect``, leave "replaced")."""
+    def start_connection(self) -> bool:
+        """Undo ``stop_connection`` (and, like ``reconnect``, leave "replaced"). A healthy
+        connection is left alone: False, nothing was done (a new round would drop it for nothing)."""
+        self._require_owner("start")
+        with self._lock:
+            supervisor = self._supervisor
+            healthy = (
+                not self._held
+                and self.state is State.CONNECTED
+                and self._pending is None
+                and not self._supervisor_ending
+                and supervisor is not None
+                and supervisor.is_alive()
+            )
+        if healthy:
+            return False
         self.reconnect()
+        return True
 
     def _require_owner(self, action: str) -> None:
         if self.state in (State.STOPPED, State.STANDBY, State.STARTING) or self.fence is None:

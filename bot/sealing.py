@@ -22,11 +22,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bot.config import Config
 from bot.errors import ConfigError, SessionDocumentError, UnreadableCredentials
+from bot.session_store import load_json
 from database import PayloadSealer
 
 ENVELOPE = "zk1"
 NONCE_BYTES = 12  # random per payload: 2^32 payloads a key stay far below GCM's collision bound
 EXPORT_FORMAT = "zapkeep.sealed-session"
+API_ANSWER_FIELD = "session_data"  # where GET /api/session/restore puts the export
 
 
 def key_id_of(key: bytes) -> str:
@@ -75,13 +77,16 @@ class Sealer:
         return json.dumps(body, indent=1)
 
     def open_export(self, text: str) -> str:
-        """A session document from an export, sealed or not (a clear one is returned as it is)."""
-        if EXPORT_FORMAT not in text:
+        """The session document in an export, in each form zapkeep writes, as it is: the document
+        itself (a clear export, returned unparsed), a sealed export, or the answer of
+        ``GET /api/session/restore`` (either of those under ``session_data``)."""
+        if EXPORT_FORMAT not in text and f'"{API_ANSWER_FIELD}"' not in text:
             return text
-        try:
-            body = json.loads(text)
-        except ValueError:
-            raise SessionDocumentError("the sealed export is not valid JSON") from None
+        body = load_json(text, "the export")
+        if isinstance(body, dict) and "format" not in body and isinstance(body.get(API_ANSWER_FIELD), dict | str):
+            inner = body[API_ANSWER_FIELD]  # the API's answer, saved with curl as it came
+            text = inner if isinstance(inner, str) else json.dumps(inner)
+            body = load_json(inner, "the export") if isinstance(inner, str) and EXPORT_FORMAT in inner else inner
         if not isinstance(body, dict) or body.get("format") != EXPORT_FORMAT:
             return text
         session_id, key_id = body.get("session_id"), body.get("key_id")

@@ -21,6 +21,16 @@ class State(str, enum.Enum):
     STOPPED = "stopped"
 
 
+class StandbyCause(str, enum.Enum):
+    """Why a standby daemon does not hold the lease: only one of them is another instance."""
+
+    LOST = "lost"  # just given up (a write was refused, a take-over failed); asking again
+    HELD_ELSEWHERE = "held_elsewhere"  # another instance holds it
+    NOT_RENEWED = "not_renewed"  # this instance could not renew it in time (the database did not answer)
+    OWN_LEASE = "own_lease"  # this instance's previous lease, given up, has not run out yet
+    DATABASE = "database"  # the database did not answer the request for the lease
+
+
 # States in which the local store holds this process's live session, worth backing up.
 BACKUP_STATES = frozenset({State.CONNECTING, State.QR, State.CONNECTED, State.RECONNECTING, State.DISCONNECTED})
 HISTORY_STATES = BACKUP_STATES | {State.LOGGED_OUT}
@@ -29,7 +39,7 @@ HISTORY_STATES = BACKUP_STATES | {State.LOGGED_OUT}
 _NOT_READY_BECAUSE = {
     State.CONNECTED: None,
     State.STARTING: "starting: restoring the stored session",
-    State.STANDBY: "standby: another instance holds session {session_id}",
+    State.STANDBY: "standby: another instance holds session {session_id}",  # (see _STANDBY_BECAUSE)
     State.CONNECTING: "connecting to WhatsApp",
     State.RECONNECTING: "reconnecting to WhatsApp (the last error is in /api/session/status)",
     State.QR: "not linked: scan the QR code (GET /api/session/qr) or request a pairing code",
@@ -43,6 +53,20 @@ _NOT_READY_BECAUSE = {
         "still has the session's local store"
     ),
     State.STOPPED: "shutting down",
+}
+
+_STANDBY_BECAUSE = {
+    StandbyCause.LOST: "standby: this instance lost the lease of session {session_id}; taking it again when it is free",
+    StandbyCause.HELD_ELSEWHERE: "standby: another instance holds session {session_id}",
+    StandbyCause.NOT_RENEWED: (
+        "standby: this instance could not renew its lease of session {session_id} in time (the database did not "
+        "answer); it takes the session again once it can"
+    ),
+    StandbyCause.OWN_LEASE: (
+        "standby: this instance's previous lease of session {session_id} has not run out yet; "
+        "it takes the session again then"
+    ),
+    StandbyCause.DATABASE: "standby: the database does not answer, so the lease of session {session_id} cannot be taken",
 }
 
 
@@ -81,6 +105,8 @@ class SessionStatus:
     qr_expires_at: datetime | None = None  # while a QR code is shown: when whatsmeow replaces it
     unreadable_rows: int = 0  # stored rows found not to open (altered or corrupt) since this process started
     last_unreadable_at: datetime | None = None
+    standby_cause: str | None = None  # in standby: why (a StandbyCause)
+    database_unreachable_since: datetime | None = None  # the first call that could not reach it, until one does
 
     @classmethod
     def initial(cls, session_id: str) -> SessionStatus:
@@ -123,7 +149,14 @@ class Readiness:
 def readiness_of(status: SessionStatus) -> Readiness:
     """Serving customers only when connected; otherwise the reason, in words a person can act on."""
     state = State(status.state)
+    if status.database_unreachable_since is not None and state is not State.STOPPED:
+        # Whatever the state says, replies, the mirror and the lease wait for the database.
+        since = status.database_unreachable_since.isoformat(timespec="seconds")
+        reason = f"database unreachable since {since}: replies, backups and the lease wait for it"
+        return Readiness(ready=False, state=state.value, reason=reason)
     reason = _NOT_READY_BECAUSE[state]
+    if state is State.STANDBY and status.standby_cause is not None:
+        reason = _STANDBY_BECAUSE[StandbyCause(status.standby_cause)]
     if reason is not None:
         reason = reason.format(session_id=status.session_id)
         if status.boot_error and state is not State.RESTORE_NEEDED:  # (the details need the token: the status)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bot import store_schema
-from bot.errors import RestoreError, SessionDocumentError, SnapshotError
+from bot.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError
 
 FORMAT = "zapkeep.session"
 FORMAT_VERSION = 2
@@ -52,6 +53,7 @@ REQUIRED_TABLES = (
     "whatsmeow_sessions",
 )
 STORE_SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
+_BUILT_PREFIX = "."  # a store built aside: ".whatsmeow.sqlite3.restore-<pid>-<random>"
 BUSY_TIMEOUT_SECONDS = 4.0  # below go-sqlite3's 5 s, so whatsmeow's own writes never time out on us
 
 _TABLE_NAME = re.compile(r"whatsmeow_[a-z0-9_]{1,64}")
@@ -238,13 +240,21 @@ def _metadata(conn: sqlite3.Connection, tables: list[dict[str, Any]], started: f
 def parse_document(text: str | bytes) -> dict[str, Any]:
     if not text or not text.strip():
         raise SessionDocumentError("the session document is empty")
-    try:
-        document = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SessionDocumentError(f"the session document is not valid JSON ({exc.__class__.__name__})") from None
+    document = load_json(text, "the session document")
     if not isinstance(document, dict):
         raise SessionDocumentError("the session document must be a JSON object")
     return document
+
+
+def load_json(text: str | bytes, what: str) -> Any:
+    """JSON from outside, or SessionDocumentError: also for a text nested deeper than Python's
+    parser follows (it raises RecursionError, which would otherwise surface as an internal error)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise SessionDocumentError(f"{what} is nested too deeply (a session document is a few levels deep)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SessionDocumentError(f"{what} is not valid JSON ({exc.__class__.__name__})") from None
 
 
 def validate_document(document: Any) -> DecodedSession:
@@ -330,22 +340,66 @@ def restore_snapshot(
     capture installed before whatsmeow ever opens it. The caller guarantees nothing has the store
     open. On any failure the existing store is left exactly as it was.
     """
+    session, temporary = build_aside(document, store_path, lineage=lineage, sequence=sequence)
+    try:
+        install_store(temporary, store_path)
+    finally:
+        discard_built(temporary)
+    return session
+
+
+def build_aside(
+    document: dict[str, Any], store_path: Path, *, lineage: str | None = None, sequence: int = 0
+) -> tuple[DecodedSession, Path]:
+    """The first half of a restore, which needs the disk space: the new store, built and checked
+    beside ``store_path`` (which is not touched). ``install_store`` puts it in place."""
     session = validate_document(document)
     _make_private_dirs(store_path.parent)
-    temporary = store_path.with_name(f".{store_path.name}.restore-{os.getpid()}-{secrets.token_hex(4)}")
+    temporary = store_path.with_name(f"{_BUILT_PREFIX}{store_path.name}.restore-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         _build_store(session, temporary, lineage=lineage, sequence=sequence)
+    except (OSError, sqlite3.Error) as exc:
+        discard_built(temporary)
+        if _disk_full(exc):
+            raise DiskFullError(
+                f"no space left on the disk of {store_path.parent} for the new local store: {exc}"
+            ) from exc
+        raise RestoreError(f"cannot write the local store {store_path}: {exc}") from exc
+    except BaseException:
+        discard_built(temporary)
+        raise
+    return session, temporary
+
+
+def install_store(built: Path, store_path: Path) -> None:
+    """The second half: a rename, which needs no space. Nothing may have the store open."""
+    try:
         for suffix in STORE_SIBLING_SUFFIXES:
             # Left behind, SQLite would replay the old journal into the new file.
             Path(f"{store_path}{suffix}").unlink(missing_ok=True)
-        os.replace(temporary, store_path)
+        os.replace(built, store_path)
         _fsync_directory(store_path.parent)
-    except (OSError, sqlite3.Error) as exc:
+    except OSError as exc:
         raise RestoreError(f"cannot write the local store {store_path}: {exc}") from exc
-    finally:
-        for leftover in (temporary, *(Path(f"{temporary}{s}") for s in STORE_SIBLING_SUFFIXES)):
+
+
+def discard_built(built: Path) -> None:
+    for leftover in (built, *(Path(f"{built}{s}") for s in STORE_SIBLING_SUFFIXES)):
+        leftover.unlink(missing_ok=True)
+
+
+def discard_stale_builds(store_path: Path) -> None:
+    """Stores built aside by a process that died before installing them (on a full disk they
+    would hold the very space a restore needs)."""
+    if store_path.parent.is_dir():
+        for leftover in store_path.parent.glob(f"{_BUILT_PREFIX}{store_path.name}.restore-*"):
             leftover.unlink(missing_ok=True)
-    return session
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def prepare_store_file(store_path: Path) -> None:
@@ -354,6 +408,7 @@ def prepare_store_file(store_path: Path) -> None:
     from bot.change_capture import ensure_capture
 
     _make_private_dirs(store_path.parent)
+    discard_stale_builds(store_path)
     if not store_path.exists():
         os.close(os.open(store_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     store_path.chmod(0o600)

@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bot.change_capture import Batch, TableDef
-from bot.errors import RestoreError, SessionDocumentError, SnapshotError, ZapkeepError
+from bot.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError, ZapkeepError
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _EXIT_DOCUMENT_ERROR = 3
+_EXIT_DISK_FULL = 4
 _EXIT_FAILED = 2
 DEFAULT_TIMEOUT_SECONDS = 60.0
 
@@ -58,6 +59,28 @@ def restore_store(
         tables=summary["tables"],
         rows=summary["rows"],
         duration_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
+@dataclass(frozen=True)
+class BuiltStore:
+    """A new local store built beside the live one, to be installed (a rename) or discarded."""
+
+    path: Path
+    summary: RestoreSummary
+
+
+def build_store(
+    document_text: str, store_path: Path, *, lineage: str, sequence: int, timeout: float = DEFAULT_TIMEOUT_SECONDS
+) -> BuiltStore:
+    """A restore's first half, the one that needs disk space: the store is built beside
+    ``store_path``, which is left as it is (DiskFullError when the disk has no room)."""
+    started = time.perf_counter()
+    output = _run("build", store_path, lineage, str(sequence), stdin=document_text, timeout=timeout, error=RestoreError)
+    summary = json.loads(output)
+    return BuiltStore(
+        Path(summary["built"]),
+        RestoreSummary(summary["checksum"], summary["tables"], summary["rows"], (time.perf_counter() - started) * 1000),
     )
 
 
@@ -107,6 +130,8 @@ def _run(command: str, store_path: Path, *args: str, stdin: str, timeout: float,
     message = result.stderr.decode(errors="replace").strip().splitlines()
     if result.returncode == _EXIT_DOCUMENT_ERROR:
         raise SessionDocumentError(message[-1] if message else "invalid session document")
+    if result.returncode == _EXIT_DISK_FULL:
+        raise DiskFullError(message[-1] if message else f"store {command}: no space left on the disk")
     if result.returncode != 0:
         raise error(message[-1] if message else f"store {command} failed with exit code {result.returncode}")
     return result.stdout.decode()
@@ -116,9 +141,12 @@ def main(argv: list[str]) -> int:
     """Child side: one command, the store's path, then its arguments; documents come on stdin."""
     from bot import change_capture, session_store
 
-    commands = {"restore": 4, "prepare": 2, "inspect": 2, "scan": 2, "rows": 2}
+    commands = {"restore": 4, "build": 4, "prepare": 2, "inspect": 2, "scan": 2, "rows": 2}
     if not argv or commands.get(argv[0]) != len(argv):
-        print("usage: python -m bot.store_worker restore|prepare|inspect|scan|rows STORE_PATH [...]", file=sys.stderr)
+        print(
+            "usage: python -m bot.store_worker restore|build|prepare|inspect|scan|rows STORE_PATH [...]",
+            file=sys.stderr,
+        )
         return _EXIT_FAILED
     command, store_path = argv[0], Path(argv[1])
     try:
@@ -139,6 +167,11 @@ def main(argv: list[str]) -> int:
             tables, rows = session_store.document_rows(document)
             output = {"tables": [asdict(t) for t in tables], "rows": rows}
             sys.stdout.buffer.write(session_store.canonical_json(output))
+        elif command == "build":
+            document = session_store.parse_document(sys.stdin.buffer.read())
+            session, built = session_store.build_aside(document, store_path, lineage=argv[2], sequence=int(argv[3]))
+            summary = {"checksum": session.checksum, "tables": len(session.tables), "rows": session.row_count}
+            sys.stdout.write(json.dumps({**summary, "built": str(built)}))
         else:
             document = session_store.parse_document(sys.stdin.buffer.read())
             session = session_store.restore_snapshot(document, store_path, lineage=argv[2], sequence=int(argv[3]))
@@ -147,6 +180,9 @@ def main(argv: list[str]) -> int:
     except SessionDocumentError as exc:
         print(exc, file=sys.stderr)
         return _EXIT_DOCUMENT_ERROR
+    except DiskFullError as exc:
+        print(exc, file=sys.stderr)
+        return _EXIT_DISK_FULL
     except ZapkeepError as exc:
         print(exc, file=sys.stderr)
         return _EXIT_FAILED

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 import urllib.error
@@ -37,7 +39,8 @@ RETRY_SECONDS = (5, 15, 60, 300, 900, 1800, 3600)  # then every hour
 GIVE_UP_AFTER = timedelta(hours=26)  # "at least a day" of retries, then the event is given up
 EVENT_RETENTION = timedelta(days=30)  # long past every retry; the event stream resumes within it
 PRUNE_EVERY_SECONDS = 3600
-POST_TIMEOUT_SECONDS = 10.0
+POST_TIMEOUT_SECONDS = 10.0  # an attempt's whole deadline: connect, send, status, headers and body
+ERROR_CHARS = 200  # of what a receiver answered, kept in the last error (it may be anything)
 POLL_SECONDS = 0.2  # how soon a new event is seen
 BATCH = 500
 PAGES_PER_PASS = 20  # events read past a waiting chat in one pass: 10,000
@@ -55,7 +58,120 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+class _Deadline:
+    """One endpoint's attempts, each with a deadline for the whole of it. A socket timeout is per
+    read: a receiver that trickles a header line every few seconds would hold an attempt (and a
+    shutdown) for ever. At the deadline, or at a stop, a watchdog thread shuts the attempt's
+    connection down, which ends the read or write blocked on it at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._running = False
+        self._ends_at = 0.0  # monotonic
+        self._socket: socket.socket | None = None  # a duplicate of the attempt's socket: ours to close
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.cut = False  # the attempt was cut short: whatever it read, it is not delivered
+
+    def begin(self, seconds: float) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="webhook-deadline", daemon=True)
+                self._thread.start()
+            self._running = True
+            self._ends_at = time.monotonic() + seconds
+            self.cut = self._stopped
+            self._lock.notify()
+
+    def end(self) -> None:
+        with self._lock:
+            self._running = False
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+
+    def stop(self) -> None:
+        """Cut the attempt under way, and every later one at once: the dispatcher is stopping."""
+        with self._lock:
+            self._stopped = True
+            self._cut()
+            self._lock.notify()
+
+    def connection(self, http_class: type[http.client.HTTPConnection]) -> Callable[..., http.client.HTTPConnection]:
+        """``http_class``, with each socket it opens watched (before TLS wraps it: a handshake that
+        trickles is cut too)."""
+
+        def make(*args: object, **kwargs: object) -> http.client.HTTPConnection:
+            conn = http_class(*args, **kwargs)  # type: ignore[arg-type]
+            create = conn._create_connection  # type: ignore[attr-defined]
+            conn._create_connection = lambda *a, **k: self._watched(create(*a, **k))  # type: ignore[attr-defined]
+            return conn
+
+        return make
+
+    def _watched(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            if self._running and self._socket is None:
+                # A duplicate: closed only here, under the lock, its number is never another
+                # socket's when the watchdog shuts it down; shutting it down ends the original too.
+                self._socket = sock.dup()
+                if self.cut:  # (the deadline passed while it connected)
+                    self._shut()
+        return sock
+
+    def _watch(self) -> None:
+        with self._lock:
+            while not self._stopped:
+                if not self._running or self.cut:
+                    self._lock.wait()
+                elif time.monotonic() >= self._ends_at:
+                    self._cut()
+                else:
+                    self._lock.wait(self._ends_at - time.monotonic())
+
+    def _cut(self) -> None:
+        if self._running:
+            self.cut = True
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._socket is not None:
+            try:
+                self._socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the receiver closed it first
+
+
+class _WatchedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def do_open(self, http_class: type, req: urllib.request.Request, **kwargs: object) -> http.client.HTTPResponse:
+        return super().do_open(self._deadline.connection(http_class), req, **kwargs)
+
+
+class _WatchedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def do_open(self, http_class: type, req: urllib.request.Request, **kwargs: object) -> http.client.HTTPResponse:
+        return super().do_open(self._deadline.connection(http_class), req, **kwargs)
+
+
+def failure_of(exc: BaseException) -> str:
+    """What an attempt's exception says, in one printable line of ERROR_CHARS at most: a receiver
+    may answer anything, and the status, the database and the log show this."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        exc = exc.reason
+    text = first_line(exc)
+    if isinstance(exc, http.client.HTTPException):  # its text alone may be the receiver's bytes
+        text = f"malformed answer ({exc.__class__.__name__}): {text}"
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -78,6 +194,7 @@ class EndpointStatus:
     delivered: int = 0
     failed_attempts: int = 0
     given_up: int = 0
+    retrying: int = 0  # events waiting for their next attempt
     last_delivered_at: datetime | None = None
     last_error: str | None = None
     failing_since: datetime | None = None
@@ -127,6 +244,11 @@ class Dispatcher:
         self._clock = clock
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="webhook", daemon=True)
+        self._deadline = _Deadline()
+        self._retrying: set[int] = set()  # events waiting for a retry, as this pass knows them
+        self._opener = urllib.request.build_opener(
+            _NoRedirects, _WatchedHTTP(self._deadline), _WatchedHTTPS(self._deadline)
+        )
         self.status = EndpointStatus(self.endpoint.shown)
         self._registered = False
 
@@ -149,7 +271,9 @@ class Dispatcher:
         return mark
 
     def stop(self) -> None:
+        """At once: an attempt under way is cut short (not counted: the next start delivers its event)."""
         self._stopping.set()
+        self._deadline.stop()
         if self._thread.is_alive():
             self._thread.join(timeout=self._timeout + 5)
 
@@ -168,6 +292,7 @@ class Dispatcher:
         after = self._settled_mark()
         events = self.db.events_after(self.session_id, after, BATCH)
         if not events:
+            self.status.retrying = 0  # (an event waiting for a retry is after the mark)
             return False
         # Past a chat that waits for a retry, later pages are read too: other chats go on.
         for _ in range(PAGES_PER_PASS - 1):
@@ -178,6 +303,7 @@ class Dispatcher:
                 break
             events += more
         tried, settled = self.db.open_deliveries(self.endpoint.key, after)
+        self._retrying = set(tried)
         now = self._clock()
         waiting: set[str] = set()  # chats whose oldest open event is not delivered yet
         delivered: list[int] = []  # written at the end of the pass, with the new mark
@@ -198,8 +324,12 @@ class Dispatcher:
             if error is None:
                 delivered.append(event.id)
                 settled.add(event.id)
+                self._retrying.discard(event.id)
                 self._delivered()
                 progressed = True
+                continue
+            if self._stopping.is_set():  # cut short by stop(): not the receiver's failure
+                waiting.add(chat)
                 continue
             given_up = now - event.created_at > GIVE_UP_AFTER
             delay = self._retry[min(attempts - 1, len(self._retry) - 1)]
@@ -208,16 +338,19 @@ class Dispatcher:
                 event.id,
                 attempts=attempts,
                 delivered=False,
-                next_attempt_at=now + timedelta(seconds=delay),
+                next_attempt_at=self._clock() + timedelta(seconds=delay),  # (from its end: it may have taken 10 s)
                 error=error,
                 given_up=given_up,
             )
-            self._failed(event, error, given_up)
             if given_up:
                 settled.add(event.id)
+                self._retrying.discard(event.id)
                 progressed = True
             else:
                 waiting.add(chat)
+                self._retrying.add(event.id)
+            self._failed(event, error, given_up)
+        self.status.retrying = len(self._retrying)
         open_ids = [e.id for e in events if e.id not in settled and e.event_type in self._types]
         mark = (min(open_ids) - 1) if open_ids else events[-1].id
         if mark > after or delivered:
@@ -228,7 +361,8 @@ class Dispatcher:
         return progressed
 
     def _post(self, event: StoredEvent) -> str | None:
-        """None when the endpoint took it (2xx); else why not."""
+        """None when the endpoint took it (2xx) within the deadline; else why not. Every way an
+        attempt can fail ends here as an answer, so that the caller counts it and backs off."""
         body = body_of(event)
         request = urllib.request.Request(
             self.endpoint.url,
@@ -242,19 +376,28 @@ class Dispatcher:
                 "X-Zapkeep-Signature": sign(self._secret, int(time.time()), body),
             },
         )
+        self._deadline.begin(self._timeout)
         try:
-            with _OPENER.open(request, timeout=self._timeout) as response:
+            with self._opener.open(request, timeout=self._timeout) as response:
                 response.read(65536)
-                return None
+            error = None
         except urllib.error.HTTPError as exc:
-            return f"HTTP {exc.code}"
-        except (OSError, ValueError) as exc:  # refused, reset, timed out, DNS
-            return first_line(exc)
+            exc.close()
+            error = failure_of(exc)
+        except Exception as exc:  # refused, reset, timed out, DNS, TLS, an answer http.client refuses...
+            error = failure_of(exc)
+        finally:
+            self._deadline.end()
+        if self._deadline.cut:  # (a cut can end a read as if the answer were complete)
+            return f"no complete answer within {self._timeout:g} s"
+        return error
 
     def _delivered(self) -> None:
         status = self.status
         status.delivered += 1
         status.last_delivered_at = self._clock()
+        if self._retrying:
+            return  # still failing while an event waits for a retry (the console says so)
         if status.failing_since is not None:
             log.info("webhook %s: delivering again", self.endpoint.shown)
         status.failing_since = None

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from neonize.client import NewClient
@@ -29,10 +31,10 @@ from neonize.events import (
     TemporaryBanEv,
 )
 from neonize.utils import extract_text
-from neonize.proto.Neonize_pb2 import JID
+from neonize.proto.Neonize_pb2 import JID, ConnectFailureReason, IsOnWhatsAppResponse, MessageSource
 from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message, ProtocolMessage
 from neonize.utils.enum import ChatPresence, ChatPresenceMedia, ClientName, ReceiptType
-from neonize.utils.jid import Jid2String
+from neonize.utils.jid import Jid2String, JIDToNonAD
 
 from bot import events
 
@@ -51,6 +53,10 @@ class NeonizeClient:
     def __init__(self, store_path: Path, sink: events.EventSink) -> None:
         self._client = NewClient(str(store_path))
         self._sink = sink
+        # goneonize's GetPNFromLID has no nil check: after stop() it is a Go panic that ends the
+        # process, with a message acknowledged and not yet handed over. Lookups and stop() take turns.
+        self._lookups = threading.Lock()
+        self._stopped = False
         self._register_handlers()
 
     def run(self) -> str | None:
@@ -61,6 +67,8 @@ class NeonizeClient:
         return None
 
     def stop(self) -> None:
+        with self._lookups:
+            self._stopped = True
         try:
             self._client.stop()
         except Exception as exc:
@@ -82,13 +90,7 @@ class NeonizeClient:
         )
 
     def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
-        answers = {r.Query.lstrip("+"): r for r in self._client.is_on_whatsapp(*(f"+{n}" for n in numbers))}
-        found = []
-        for number in numbers:
-            answer = answers.get(number)
-            on = answer is not None and answer.IsIn
-            found.append({"number": number, "on_whatsapp": on, "jid": Jid2String(answer.JID) if on else None})
-        return found
+        return numbers_found(numbers, self._client.is_on_whatsapp(*(f"+{n}" for n in numbers)))
 
     def download(self, media: str) -> str:
         data = self._client.download_any(Message.FromString(base64.b64decode(media)))
@@ -134,13 +136,13 @@ class NeonizeClient:
 
         client.event(ConnectedEv)(lambda _, ev: sink(events.Connected()))
         client.event(DisconnectedEv)(lambda _, ev: sink(events.Disconnected()))
-        client.event(LoggedOutEv)(lambda _, ev: sink(events.LoggedOut(reason=str(ev.Reason))))
+        client.event(LoggedOutEv)(lambda _, ev: sink(events.LoggedOut(reason=_reason_name(ev.Reason))))
         client.event(StreamReplacedEv)(lambda _, ev: sink(events.StreamReplaced()))
         client.event(TemporaryBanEv)(
-            lambda _, ev: sink(events.TemporaryBan(code=str(ev.Code), expires_in_seconds=int(ev.Expire)))
+            lambda _, ev: sink(events.TemporaryBan(code=_ban_name(ev.Code), expires_in_seconds=int(ev.Expire)))
         )
         client.event(ConnectFailureEv)(
-            lambda _, ev: sink(events.ConnectFailure(reason=f"{ev.Reason}: {ev.Message}".strip(": ")))
+            lambda _, ev: sink(events.ConnectFailure(reason=f"{_reason_name(ev.Reason)}: {ev.Message}".strip(": ")))
         )
         client.event(KeepAliveTimeoutEv)(lambda _, ev: sink(events.KeepAliveTimeout(error_count=ev.ErrorCount)))
         client.event(KeepAliveRestoredEv)(lambda _, ev: sink(events.KeepAliveRestored()))
@@ -159,6 +161,7 @@ class NeonizeClient:
                     message_id=ev.Info.ID,
                     chat=Jid2String(source.Chat),
                     sender=Jid2String(source.Sender),
+                    chat_phone=self._phone_of_lid_chat(source),
                     push_name=ev.Info.Pushname,
                     text=extract_text(ev.Message) or "",
                     from_me=source.IsFromMe,
@@ -168,6 +171,59 @@ class NeonizeClient:
                     **media_of(ev.Message),
                 )
             )
+
+    def _phone_of_lid_chat(self, source: MessageSource) -> str | None:
+        """The phone JID of a one-to-one chat WhatsApp addresses by LID (``<lid>@lid``): the
+        message's alternative address (the customer's for theirs, the recipient's for ours), else
+        whatsmeow's LID map (runs on Go's thread, inside connect(): never call it before, Go
+        panics); None for other chats and unknown LIDs."""
+        if source.Chat.Server != LID_SERVER or source.IsGroup:
+            return None
+        alt = source.RecipientAlt if source.IsFromMe else source.SenderAlt
+        if alt.User and alt.Server == PHONE_SERVER:
+            return Jid2String(JIDToNonAD(alt))
+        with self._lookups:
+            if self._stopped:
+                return None
+            try:
+                known = self._client.get_pn_from_lid(JIDToNonAD(source.Chat))
+            except Exception as exc:  # the map is a nicety: the chat is answered by its LID anyway
+                log.debug("LID map lookup failed: %s", exc)
+                return None
+        return Jid2String(JIDToNonAD(known)) if known.User and known.Server == PHONE_SERVER else None
+
+
+LID_SERVER = "lid"
+PHONE_SERVER = "s.whatsapp.net"
+
+
+def numbers_found(numbers: list[str], answers: Sequence[IsOnWhatsAppResponse]) -> list[dict[str, object]]:
+    """whatsmeow's answers to IsOnWhatsApp (asked as "+<digits>"), in the order the numbers were asked;
+    a number it did not answer for is not on WhatsApp."""
+    by_number = {answer.Query.lstrip("+"): answer for answer in answers}
+    found = []
+    for number in numbers:
+        answer = by_number.get(number)
+        on = answer is not None and answer.IsIn
+        found.append({"number": number, "on_whatsapp": on, "jid": Jid2String(answer.JID) if on else None})
+    return found
+
+
+def _reason_name(value: int) -> str:
+    """neonize's ConnectFailureReason by name (LOGGED_OUT, CLIENT_OUTDATED...): its numbers are
+    neonize's own (1-10), not whatsmeow's 401-503, and mean nothing to an operator."""
+    return _enum_name(ConnectFailureReason, value)
+
+
+def _ban_name(value: int) -> str:
+    return _enum_name(TemporaryBanEv.TempBanReason, value)
+
+
+def _enum_name(enum: object, value: int) -> str:
+    try:
+        return str(enum.Name(value))  # type: ignore[attr-defined]
+    except ValueError:  # a newer whatsmeow's reason: its number is all there is
+        return str(value)
 
 
 def receipt_of(ev: ReceiptEv) -> events.Receipt | None:

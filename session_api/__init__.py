@@ -39,7 +39,7 @@ def create_app(
     down (10 at once from an address, then one every 6 s)."""
     from session_api import console, conversations, live
     from session_api.console_auth import ConsoleSessions
-    from session_api.routes import bp, require_one_of
+    from session_api.routes import MAX_CONCURRENT_CHECKS, bp, require_one_of
 
     token = runtime.config.api_token
     if not token:
@@ -56,7 +56,8 @@ def create_app(
     app.extensions["zapkeep.console_attempts"] = sign_in_attempts or console.sign_in_attempts()
     app.extensions["zapkeep.event_streams"] = live.stream_slots()
     app.extensions["zapkeep.streams_end"] = threading.Event()
-    app.extensions["zapkeep.downloads"] = threading.BoundedSemaphore(2)  # of the server's 8 threads
+    app.extensions["zapkeep.downloads"] = threading.BoundedSemaphore(2)  # of the server's 10 threads
+    app.extensions["zapkeep.number_checks"] = threading.BoundedSemaphore(MAX_CONCURRENT_CHECKS)  # 2 more
     app.config["REPLY_EXPIRY"] = reply_expiry
     app.register_blueprint(bp)
     app.register_blueprint(conversations.bp)

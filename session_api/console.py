@@ -8,6 +8,8 @@ import hmac
 import json
 import math
 import secrets
+import time
+from collections.abc import Callable
 
 from flask import Blueprint, Response, current_app, redirect, render_template, request
 
@@ -21,6 +23,9 @@ bp = Blueprint(
 )
 
 SIGN_IN_BUDGET = FailureBudget(burst=5, refill_seconds=10.0)  # then one attempt every 10 s
+# And from every address together (many addresses must not multiply the guesses): 20 at once,
+# then one every 3 s; an admin waits that long at most once the guessing stops.
+SIGN_IN_OVERALL_BUDGET = FailureBudget(burst=20, refill_seconds=3.0, addresses=1)
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
@@ -33,8 +38,8 @@ SECURITY_HEADERS = {
 }
 
 
-def sign_in_attempts() -> FailedAttempts:
-    return FailedAttempts(SIGN_IN_BUDGET)
+def sign_in_attempts(clock: Callable[[], float] = time.monotonic) -> FailedAttempts:
+    return FailedAttempts(SIGN_IN_BUDGET, clock, overall=SIGN_IN_OVERALL_BUDGET)
 
 
 @bp.after_request

@@ -83,5 +83,6 @@ def require_csrf(session: ConsoleSession, given: str) -> None:
 
 
 def cookie_is_secure() -> bool:
-    """Secure when the browser speaks HTTPS to us or to the platform's proxy in front."""
-    return request.is_secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+    """Secure when the browser speaks HTTPS to us, or to the platform's proxy in front when
+    TRUST_PROXY lets the server believe its X-Forwarded-Proto (which then sets the scheme)."""
+    return request.is_secure

@@ -5,7 +5,33 @@ from __future__ import annotations
 
 from flask import request
 
+from bot.session_state import State
+
 DEFAULT = "pt-BR"
+
+# The session's states (bot.session_state.State, the one list of them), as the badge names them.
+STATE_WORDS: dict[State, dict[str, str]] = {
+    State.STARTING: {"pt-BR": "Iniciando", "en": "Starting"},
+    State.STANDBY: {"pt-BR": "Em espera", "en": "Standby"},
+    State.CONNECTING: {"pt-BR": "Conectando", "en": "Connecting"},
+    State.QR: {"pt-BR": "Aguardando leitura do QR", "en": "Waiting for the QR scan"},
+    State.CONNECTED: {"pt-BR": "Conectado", "en": "Connected"},
+    State.RECONNECTING: {"pt-BR": "Reconectando", "en": "Reconnecting"},
+    State.LOGGED_OUT: {"pt-BR": "Desconectado do WhatsApp", "en": "Logged out of WhatsApp"},
+    State.REPLACED: {"pt-BR": "Substituído por outra conexão", "en": "Replaced by another connection"},
+    State.DISCONNECTED: {"pt-BR": "Conexão parada pelo operador", "en": "Connection stopped by an operator"},
+    State.RESTORE_NEEDED: {
+        "pt-BR": "Sessão salva corrompida: restaure uma versão do histórico",
+        "en": "Stored session corrupt: restore a history version",
+    },
+    State.STOPPED: {"pt-BR": "Encerrando", "en": "Shutting down"},
+}
+
+
+def _state_words(lang: str) -> dict[str, str]:
+    """``state_<name>`` for every state: the page's badge shows ``W["state_" + state]``."""
+    return {f"state_{state.value}": names[lang] for state, names in STATE_WORDS.items()}
+
 
 WORDS: dict[str, dict[str, str]] = {
     "pt-BR": {
@@ -35,18 +61,7 @@ WORDS: dict[str, dict[str, str]] = {
         "pending": "alterações pendentes",
         "never": "nunca",
         "none": "nenhum",
-        "state_connected": "Conectado",
-        "state_qr": "Aguardando leitura do QR",
-        "state_connecting": "Conectando",
-        "state_reconnecting": "Reconectando",
-        "state_starting": "Iniciando",
-        "state_standby": "Em espera",
-        "state_stopped": "Parado",
-        "state_logged_out": "Desconectado do WhatsApp",
-        "state_replaced": "Substituído por outra conexão",
-        "state_restore_needed": "Sessão salva corrompida: restaure uma versão do histórico",
-        "state_paused": "Conexão pausada",
-        "state_pairing_failed": "Falha no pareamento",
+        **_state_words("pt-BR"),
         "pair_title": "Conectar WhatsApp",
         "pair_steps": "No celular: WhatsApp > Aparelhos conectados > Conectar um aparelho, e aponte para o código.",
         "qr_expires": "O código muda em {seconds} s",
@@ -135,18 +150,7 @@ WORDS: dict[str, dict[str, str]] = {
         "pending": "changes pending",
         "never": "never",
         "none": "none",
-        "state_connected": "Connected",
-        "state_qr": "Waiting for the QR scan",
-        "state_connecting": "Connecting",
-        "state_reconnecting": "Reconnecting",
-        "state_starting": "Starting",
-        "state_standby": "Standby",
-        "state_stopped": "Stopped",
-        "state_logged_out": "Logged out of WhatsApp",
-        "state_replaced": "Replaced by another connection",
-        "state_restore_needed": "Stored session corrupt: restore a history version",
-        "state_paused": "Connection paused",
-        "state_pairing_failed": "Pairing failed",
+        **_state_words("en"),
         "pair_title": "Connect WhatsApp",
         "pair_steps": "On the phone: WhatsApp > Linked devices > Link a device, and point it at the code.",
         "qr_expires": "The code changes in {seconds} s",

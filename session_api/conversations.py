@@ -38,6 +38,7 @@ def chats() -> tuple[Response, int]:
         listed.append(
             {
                 "chat": chat.chat_jid,
+                "phone": phone_of_chat(chat.chat_jid, chat.phone_jid),
                 "last_message": jsonable(
                     {
                         "text": chat.last_text,
@@ -168,9 +169,17 @@ def _message(row: LoggedMessage) -> dict[str, Any]:
     return jsonable(fields)
 
 
+def phone_of_chat(chat_jid: str, phone_jid: str | None) -> str | None:
+    """The customer's number: a phone chat's own, a LID chat's once WhatsApp told it; else None."""
+    jid = phone_jid if chat_jid.endswith("@lid") else chat_jid
+    if jid is None or not jid.endswith("@s.whatsapp.net"):
+        return None
+    return jid.split("@", 1)[0].split(":", 1)[0]
+
+
 def _chat_arg(chat: str) -> str:
     if not CHAT.fullmatch(chat):
-        abort(400, "chat must be a WhatsApp JID, e.g. 5511999999999@s.whatsapp.net")
+        abort(400, "chat must be a WhatsApp JID, e.g. 5511999999999@s.whatsapp.net or 123456789012345@lid")
     return chat
 
 

@@ -29,7 +29,7 @@ from session_api.routes import db, jsonable, require_token, runtime
 bp = Blueprint("live", __name__)
 bp.before_request(require_token)
 
-MAX_STREAMS = 4  # of the server's 8 threads: the API and the probes keep the rest
+MAX_STREAMS = 4  # of the server's 10 threads: the API and the probes keep the rest
 STREAM_SECONDS = 120.0
 TICK_SECONDS = 0.25
 HEARTBEAT_SECONDS = 10.0

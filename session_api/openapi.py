@@ -46,7 +46,8 @@ CHAT = {
     "name": "chat",
     "in": "path",
     "required": True,
-    "description": "The chat's JID, e.g. 5511999999999@s.whatsapp.net",
+    "description": "The chat's JID, e.g. 5511999999999@s.whatsapp.net, or 123456789012345@lid for a chat"
+    " WhatsApp addresses by LID",
     "schema": {"type": "string"},
 }
 UNAUTHORIZED = _error("Missing or wrong bearer token")
@@ -64,8 +65,9 @@ def openapi_document() -> dict[str, Any]:
     document = _document()
     for operations in document["paths"].values():
         for operation in operations.values():
-            if "401" in operation["responses"]:
-                operation["responses"] = {**operation["responses"], **EVERY_PROTECTED_ROUTE}
+            if "401" in operation["responses"]:  # a route's own description of a code comes first
+                own = operation["responses"]
+                operation["responses"] = {**own, **{k: v for k, v in EVERY_PROTECTED_ROUTE.items() if k not in own}}
     return document
 
 
@@ -182,6 +184,7 @@ def _document() -> dict[str, Any]:
                         "401": UNAUTHORIZED,
                         "409": _error("No paired live session, or another session"),
                         "413": _error("Body too large"),
+                        "507": _error("DATA_DIR's disk has no room for the imported local store; nothing changed"),
                     },
                 }
             },
@@ -228,6 +231,7 @@ def _document() -> dict[str, Any]:
                         "401": UNAUTHORIZED,
                         "404": _error("No such session or version"),
                         "409": _error("Not this daemon's session, a state that forbids it, or a corrupt snapshot"),
+                        "507": _error("DATA_DIR's disk has no room for the restored local store; nothing changed"),
                     },
                 },
             },
@@ -294,6 +298,20 @@ def _document() -> dict[str, Any]:
                         "summary": summary,
                         "requestBody": {**_body({"session_id": {"type": "string"}}), "required": False},
                         "responses": {
+                            **(
+                                {
+                                    "200": _ok(
+                                        "Already connected: the connection was left alone",
+                                        {
+                                            "state": {"type": "string"},
+                                            "connected": {"type": "boolean"},
+                                            "phone": {"type": "string", "nullable": True},
+                                        },
+                                    )
+                                }
+                                if action == "start"
+                                else {}
+                            ),
                             "202": _ok(
                                 "Accepted; follow the state in /api/session/status", {"state": {"type": "string"}}
                             ),
@@ -312,7 +330,8 @@ def _document() -> dict[str, Any]:
             },
             "/api/chats": {
                 "get": {
-                    "summary": "Chats, latest message first: last message, unanswered count, paused or not",
+                    "summary": "Chats, latest message first: last message, unanswered count, paused or not, and"
+                    " the customer's phone number (null for groups and for a LID chat whose number is not known)",
                     "parameters": [SESSION_ID, LIMIT],
                     "responses": {
                         "200": _ok("Chats", {"chats": {"type": "array", "items": {"type": "object"}}}),
@@ -475,7 +494,7 @@ def _document() -> dict[str, Any]:
             "/api/webhooks": {
                 "get": {
                     "summary": "Each WEBHOOK_URL's deliveries: settled through which event, pending, delivered, "
-                    "failed attempts, given up, the last error and since when it fails",
+                    "failed attempts, given up, retrying (events waiting for a retry), the last error and since when it fails",
                     "responses": {"200": _ok("Endpoints", {"endpoints": {"type": "array"}}), "401": UNAUTHORIZED},
                 }
             },
@@ -522,6 +541,11 @@ def _document() -> dict[str, Any]:
                         "400": BAD_REQUEST,
                         "401": UNAUTHORIZED,
                         "409": _error("Not connected to WhatsApp"),
+                        "429": _error(
+                            "2 number checks are running already (see Retry-After), or too many wrong tokens"
+                        ),
+                        "502": _error("WhatsApp's client refused the check (the message says why)"),
+                        "504": _error("WhatsApp's servers did not answer in time; try again later"),
                     },
                 }
             },

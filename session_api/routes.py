@@ -9,24 +9,25 @@ import json
 import math
 import re
 import shutil
+import threading
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 import segno
-from werkzeug.exceptions import TooManyRequests
+from werkzeug.exceptions import HTTPException, TooManyRequests
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 
 from bot.config import is_valid_session_id
 from bot.messaging import UNSTORABLE
-from bot.errors import NotFoundError, SessionDocumentError, StateConflictError, first_line
+from bot.errors import CallTimeout, DiskFullError, NotFoundError, SessionDocumentError, StateConflictError, first_line
 from bot.outbox import Outbox
 from bot.persistence import export_document, import_document
 from bot.runtime import Runtime
 from bot.sealing import Sealer
 from bot.session_state import State
-from database import Database, Fence, FencedOut, OutgoingFile
+from database import Database, Fence, FencedOut, LeaseInfo, OutgoingFile, SessionSummary, is_unavailable
 from session_api.console_auth import signed_in_browser
 from session_api.openapi import openapi_document
 
@@ -35,6 +36,9 @@ bp = Blueprint("session_api", __name__)
 PHONE = re.compile(r"[0-9]{10,15}")  # ASCII only: \d would take Arabic-Indic or fullwidth digits
 JID = re.compile(r"[0-9A-Za-z.:_-]{1,64}@(s\.whatsapp\.net|g\.us|lid)")
 MAX_MESSAGE_CHARS = 4096
+# Number checks at once: each holds a server thread for as long as WhatsApp's servers take, and the
+# probes and the rest of the API need theirs (the client process runs checks beside the replies).
+MAX_CONCURRENT_CHECKS = 2
 
 
 def runtime() -> Runtime:
@@ -47,6 +51,17 @@ def db() -> Database:
 
 class TooManyWrongTokens(TooManyRequests):
     description = "too many wrong tokens from this address; wait and try again"
+
+
+class TooManyChecks(TooManyRequests):
+    description = f"{MAX_CONCURRENT_CHECKS} number checks are running already; try again when one has answered"
+
+
+class InsufficientStorage(HTTPException):
+    """507 (werkzeug has no class for it): the disk has no room for what was asked."""
+
+    code = 507
+    description = "no space left on the disk"
 
 
 @bp.before_request
@@ -174,6 +189,8 @@ def backup() -> tuple[Response, int]:
                 version = import_document(db(), session_id, text)
         except SessionDocumentError as exc:
             abort(400, f"session_data refused: {exc}")
+        except DiskFullError as exc:
+            raise InsufficientStorage(first_line(exc)) from None
         except (FencedOut, StateConflictError) as exc:
             abort(409, first_line(exc))
         return ok(201, session_id=session_id, imported=True, version=version, applied_live=fence is not None)
@@ -218,7 +235,13 @@ def export() -> Response:
         }
     )
     # The document is already JSON: splice it in rather than parse and re-encode megabytes.
-    return Response(head[:-1] + ', "session_data": ' + document_text + "}", mimetype="application/json")
+    # Never kept by a browser or a proxy cache: a clear export (or any export without a key) holds
+    # the private keys, and a sealed one is still the whole session.
+    return Response(
+        head[:-1] + ', "session_data": ' + document_text + "}",
+        mimetype="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @bp.post("/api/session/restore")
@@ -231,6 +254,8 @@ def restore() -> tuple[Response, int]:
         outcome = runtime().restore(version)
     except NotFoundError as exc:
         abort(404, str(exc))
+    except DiskFullError as exc:
+        raise InsufficientStorage(first_line(exc)) from None
     except (StateConflictError, SessionDocumentError) as exc:
         abort(409, first_line(exc))
     return ok(**asdict(outcome), state=runtime().state.value)
@@ -241,22 +266,25 @@ def status() -> tuple[Response, int]:
     wanted = request.args.get("session_id")
     if wanted is not None:
         session_id_from()  # validates
-    live = runtime().status()
-    stored = {s.session_id: s for s in db().list_sessions()}
-    ids = sorted(set(stored) | {live.session_id})
+    stored = _stored_view(runtime().config.session_id)
+    live = runtime().status()  # (after: it says what the reads just found of the database)
+    away = live.database_unreachable_since
+    ids = sorted(set(stored.sessions) | {live.session_id}) if stored is not None else [live.session_id]
     sessions = []
     for session_id in ids:
         entry: dict[str, Any] = {"session_id": session_id}
         if session_id == live.session_id:
+            # What this process knows answers also while the database is away, and says so.
             entry.update(jsonable(asdict(live)))
-            entry["history"] = [jsonable(asdict(h)) for h in db().list_history(session_id)]
-        lease = db().lease(session_id)
+            entry["database"] = "reachable" if away is None else f"unreachable since {_iso(away)}"
+            entry["history"] = None if stored is None else stored.history
+        lease = None if stored is None else stored.leases.get(session_id)
         held = lease is not None and lease.owner_id is not None and lease.expires_in_seconds > 0
         if session_id != live.session_id:
             # Another daemon's session: what the database says of it.
             entry.update(state="running_elsewhere" if held else "not_running", connected=None)
         entry["lease"] = None if lease is None else {**asdict(lease), "held": held}
-        summary = stored.get(session_id)
+        summary = None if stored is None else stored.sessions.get(session_id)
         entry["stored"] = None if summary is None else jsonable(asdict(summary))
         sessions.append(entry)
     if wanted is not None:
@@ -265,6 +293,28 @@ def status() -> tuple[Response, int]:
             abort(404, f"no session {wanted}")
         return ok(session=match[0])
     return ok(sessions=sessions)
+
+
+@dataclass(frozen=True)
+class StoredView:
+    sessions: dict[str, SessionSummary]
+    history: list[dict[str, Any]]  # of this daemon's session
+    leases: dict[str, LeaseInfo | None]
+
+
+def _stored_view(own_session: str) -> StoredView | None:
+    """What the database says of the sessions; None while it is unreachable (never waited for)."""
+    if db().unreachable_since is not None:
+        return None
+    try:
+        sessions = {s.session_id: s for s in db().list_sessions()}
+        history = [jsonable(asdict(h)) for h in db().list_history(own_session)]
+        leases = {session_id: db().lease(session_id) for session_id in sorted(set(sessions) | {own_session})}
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        return None
+    return StoredView(sessions, history, leases)
 
 
 @bp.delete("/api/session/delete")
@@ -340,7 +390,16 @@ def stop_connection() -> tuple[Response, int]:
 
 @bp.post("/api/session/start")
 def start_connection() -> tuple[Response, int]:
-    return _connection_action(Runtime.start_connection)
+    session_id = session_id_from(json_body())
+    require_own_session(session_id)
+    try:
+        started = runtime().start_connection()
+    except StateConflictError as exc:
+        abort(409, str(exc))
+    if started:
+        return ok(202, session_id=session_id, state=runtime().state.value)
+    live = runtime().status()  # already connected: left alone
+    return ok(session_id=session_id, state=live.state, connected=live.connected, phone=live.phone)
 
 
 def _connection_action(action: Callable[[Runtime], None]) -> tuple[Response, int]:
@@ -433,10 +492,19 @@ def check_contacts() -> tuple[Response, int]:
         abort(400, "each number must be a phone number with country code (10-15 digits)")
     require_own_session(runtime().config.session_id)
     digits = [jid.split("@", 1)[0] for jid in jids if jid is not None]
+    checks: threading.BoundedSemaphore = current_app.extensions["zapkeep.number_checks"]
+    if not checks.acquire(blocking=False):
+        raise TooManyChecks(retry_after=5)
     try:
         contacts = runtime().gateway.check_numbers(digits)
     except StateConflictError as exc:
         abort(409, str(exc))
+    except CallTimeout as exc:
+        abort(504, f"WhatsApp did not answer the number check in time ({first_line(exc)}); try again later")
+    except Exception as exc:  # neonize's own errors (the servers refused, the connection dropped)
+        abort(502, f"WhatsApp gave no answer: {first_line(exc)}")
+    finally:
+        checks.release()
     return ok(contacts=contacts)
 
 

@@ -19,8 +19,28 @@ IDLE_TIMEOUT_SECONDS = 15
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a large store's document is a few MB; anything beyond is a mistake
 
 
+# Behind a trusted proxy (TRUST_PROXY): the client's address and the scheme it used (one hop: the
+# address the proxy appended, never one the client wrote into the header itself).
+TRUSTED_PROXY_HEADERS = {"x-forwarded-for", "x-forwarded-proto"}
+
+
 class ApiServer:
-    def __init__(self, app: Flask, host: str, port: int, *, threads: int = 8) -> None:
+    # 10: the calls that wait on someone else (at most 4 event streams, 2 downloads, 2 number checks)
+    # leave 2 for the probes and the rest of the API.
+    def __init__(
+        self, app: Flask, host: str, port: int, *, threads: int = 10, trusted_proxy: str | None = None
+    ) -> None:
+        """``trusted_proxy``: "*" or an address whose X-Forwarded-For/-Proto are believed; None:
+        those headers are dropped from every request (a client could forge them)."""
+        proxy = (
+            {}
+            if trusted_proxy is None
+            else {
+                "trusted_proxy": trusted_proxy,
+                "trusted_proxy_count": 1,
+                "trusted_proxy_headers": TRUSTED_PROXY_HEADERS,
+            }
+        )
         self._server = create_server(
             app,
             host=host,
@@ -37,6 +57,7 @@ class ApiServer:
             # Refused from the headers, before any of the body is read (waitress's default is 1 GiB).
             max_request_body_size=MAX_BODY_BYTES,
             max_request_header_size=64 * 1024,
+            **proxy,
         )
         self._app = app
         self._stopping = threading.Event()

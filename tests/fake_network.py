@@ -12,9 +12,10 @@ WhatsApp. Behaviour kept from whatsmeow, because the soak measures what follows 
 - a second connection of the same device replaces the first (StreamReplaced).
 
 Wire, JSON lines. Server -> client: ``{"message": {...}}``, ``{"drop": seconds}``,
-``{"sent": call, "id": ...}``, ``{"replaced": true}``. Client -> server: ``{"hello": pid}``,
-``{"ack": message_id}``, ``{"send": call, "to": ..., "text": ...}``, ``{"read": message_id}``,
-``{"back": true}`` (reconnected after a drop).
+``{"sent": call, "id": ...}``, ``{"checked": call, "contacts": [...]}``, ``{"replaced": true}``.
+Client -> server: ``{"hello": pid}``, ``{"ack": message_id}``, ``{"send": call, "to": ..., "text": ...}``,
+``{"check": call, "numbers": [...]}``, ``{"read": message_id}``, ``{"back": true}`` (reconnected
+after a drop).
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class FakeServer:
         self.read: set[str] = set()
         self.connections = 0
         self.replaced = 0  # connections a newer one replaced: two clients of one session at once
+        self.registered: set[str] = set()  # phone numbers that are on WhatsApp
+        self.check_seconds = 0.0  # how long WhatsApp's servers take to answer a number check
+        self.checks_asked = 0
+        self._checks_held = False
+        self._held_checks: list[tuple[_Connection, object, list[str]]] = []
         self._current: _Connection | None = None
         self._numbers = itertools.count(1)
         self._ids = itertools.count(1)
@@ -96,6 +102,22 @@ class FakeServer:
                 return False
             connection.paused = True
         return connection.send({"drop": seconds})
+
+    def hold_checks(self) -> None:
+        """Number checks get no answer until ``release_checks``."""
+        with self._lock:
+            self._checks_held = True
+
+    def release_checks(self) -> None:
+        with self._lock:
+            self._checks_held = False
+            held, self._held_checks = self._held_checks, []
+        for connection, call, numbers in held:
+            self._answer_check(connection, call, numbers)
+
+    def checks_waiting(self) -> int:
+        with self._lock:
+            return len(self._held_checks)
 
     def connected_pid(self) -> int | None:
         with self._lock:
@@ -153,6 +175,19 @@ class FakeServer:
             with self._lock:
                 self.sent.append(Sent(str(message["to"]), str(message["text"]), message_id, connection.number))
             connection.send({"sent": message["send"], "id": message_id})
+        elif "check" in message:
+            numbers = [str(n) for n in message["numbers"]]  # type: ignore[attr-defined]
+            with self._lock:
+                self.checks_asked += 1
+                if self._checks_held:
+                    self._held_checks.append((connection, message["check"], numbers))
+                    return
+            if self.check_seconds > 0:
+                timer = threading.Timer(self.check_seconds, self._answer_check, (connection, message["check"], numbers))
+                timer.daemon = True
+                timer.start()
+            else:
+                self._answer_check(connection, message["check"], numbers)
         elif "read" in message:
             with self._lock:
                 self.read.add(str(message["read"]))
@@ -160,6 +195,17 @@ class FakeServer:
             with self._lock:
                 connection.paused = False
                 self._lock.notify_all()
+
+    def _answer_check(self, connection: _Connection, call: object, numbers: list[str]) -> None:
+        contacts = [
+            {
+                "number": n,
+                "on_whatsapp": n in self.registered,
+                "jid": f"{n}@s.whatsapp.net" if n in self.registered else None,
+            }
+            for n in numbers
+        ]
+        connection.send({"checked": call, "contacts": contacts})
 
     def _closed_connection(self, connection: _Connection) -> None:
         connection.alive = False
@@ -203,6 +249,7 @@ class FakeServer:
 
 
 NEONIZE_BUFFER = 100
+IQ_TIMEOUT_SECONDS = 75.0  # the fake's stand-in for whatsmeow's own limit on an info query
 
 
 class NetworkClient:
@@ -216,7 +263,7 @@ class NetworkClient:
         self._sink = sink
         self._sock: socket.socket | None = None
         self._write_lock = threading.Lock()
-        self._calls: dict[int, tuple[threading.Event, list[str]]] = {}
+        self._calls: dict[int, tuple[threading.Event, list[object]]] = {}
         self._ids = itertools.count(1)
         self._stopped = threading.Event()
         self._store: sqlite3.Connection | None = None
@@ -251,6 +298,8 @@ class NetworkClient:
                         threading.Thread(target=self._reconnect, args=(float(message["drop"]),), daemon=True).start()
                     elif "sent" in message:
                         self._answer(int(message["sent"]), str(message["id"]))
+                    elif "checked" in message:
+                        self._answer(int(message["checked"]), message["contacts"])
                     elif "replaced" in message:
                         self._sink(events.StreamReplaced())
                         error = None
@@ -273,13 +322,7 @@ class NetworkClient:
                 pass
 
     def send_text(self, to_jid: str, text: str) -> str:
-        call = next(self._ids)
-        done, result = threading.Event(), []
-        self._calls[call] = (done, result)
-        if not self._send({"send": call, "to": to_jid, "text": text}) or not done.wait(30):
-            self._calls.pop(call, None)
-            raise RuntimeError("websocket not connected")
-        return result[0]
+        return str(self._ask({"to": to_jid, "text": text}, "send", 30, "websocket not connected"))
 
     def mark_read(self, chat_jid: str, sender_jid: str, message_id: str) -> None:
         self._send({"read": message_id})
@@ -291,7 +334,18 @@ class NetworkClient:
         raise RuntimeError("the fake server does not unlink")
 
     def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
-        raise RuntimeError("the fake server does not look numbers up")
+        # As long as the servers take (whatsmeow's info query gives up after its own timeout).
+        return list(self._ask({"numbers": numbers}, "check", IQ_TIMEOUT_SECONDS, "info query timed out"))  # type: ignore[call-overload]
+
+    def _ask(self, fields: dict[str, object], kind: str, timeout: float, error: str) -> object:
+        call = next(self._ids)
+        done: threading.Event = threading.Event()
+        result: list[object] = []
+        self._calls[call] = (done, result)
+        if not self._send({kind: call, **fields}) or not done.wait(timeout):
+            self._calls.pop(call, None)
+            raise RuntimeError(error)
+        return result[0]
 
     def request_pairing_code(self, phone: str) -> str:
         raise RuntimeError("the fake server pairs no new device")
@@ -321,10 +375,10 @@ class NetworkClient:
         if not self._stopped.is_set() and self._send({"back": True}):
             self._sink(events.Connected())
 
-    def _answer(self, call: int, message_id: str) -> None:
+    def _answer(self, call: int, answer: object) -> None:
         done, result = self._calls.pop(call, (None, None))
         if done is not None and result is not None:
-            result.append(message_id)
+            result.append(answer)
             done.set()
 
     def _send(self, message: dict[str, object]) -> bool:
@@ -350,5 +404,10 @@ if __name__ == "__main__":
 
     if os.environ.get("ZAPKEEP_SOAK_NO_HAND_BACK") == "1":  # the soak's comparison: as before the hand-back
         client_process.HANDLED_WAIT_SECONDS = 0.0
+    if os.environ.get("ZAPKEEP_BENCH_SHARED_LANE") == "1":  # bench_stalls's "before": one lane of 4 but files
+        calls = tuple(
+            op for ops, _ in client_process.LANES.values() for op in ops if op not in client_process.MEDIA_CALLS
+        )
+        client_process.LANES = {"call": (calls, 4), "media": (client_process.MEDIA_CALLS, 2)}
     server_address = sys.argv[1]
     client_process.run_child(sys.argv[2:], lambda store, sink: NetworkClient(server_address, store, sink))

@@ -5,6 +5,17 @@ creates whatsmeow's schema there as neonize does, writes the device row when "th
 scans the QR, deletes it on an unlink (as whatsmeow does), and delivers events one at a
 time from its own thread, the way Go calls neonize's handlers, and like the client process lets
 at most ``UNLOGGED_WINDOW`` received messages be with the daemon unlogged (see ``emit``).
+
+By default it is kinder than whatsmeow in four ways; each has a switch on ``FakeWhatsApp`` that
+makes it behave as whatsmeow does (issue 29):
+- ``offline_backlog`` / ``store_writes_before_connected`` / ``connected_gate``: whatsmeow dispatches
+  ``Connected`` only after its pre-key check (a store write, and a round trip that takes its
+  time), while messages queued at the server while the client was away may be delivered before it;
+- ``logged_out_before_wipe``: on an unlink whatsmeow dispatches ``LoggedOut``, then deletes the device;
+- ``logout_error`` / ``logout_emits_logged_out``: whatsmeow's ``Logout`` emits no ``LoggedOut``, and
+  when its request fails it raises and deletes nothing;
+- ``send_gate`` / ``unknown_send_outcomes``: a send takes time, and may end with no answer (the
+  customer may have the message all the same: the client process raises ``SendOutcomeUnknown``).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from pathlib import Path
 
 from bot import events
 from bot.client_process import HANDLED_WAIT_SECONDS, UNLOGGED_WINDOW, UnloggedWindow
+from bot.errors import SendOutcomeUnknown
 from tests.synthetic import DEVICE_JID, SMALL, fill_store
 
 
@@ -45,11 +57,22 @@ class FakeWhatsApp:
     read: list[str] = field(default_factory=list)  # message ids marked read
     handled: list[str] = field(default_factory=list)  # message ids the daemon said it logged
     registered: set[str] = field(default_factory=set)  # phone numbers that are on WhatsApp
+    number_checks: list[list[str]] = field(default_factory=list)  # the numbers of each check asked
     typing: list[tuple[str, bool]] = field(default_factory=list)
     send_failures: list[str] = field(default_factory=list)  # errors for the next sends
     files: dict[str, bytes] = field(default_factory=dict)  # on WhatsApp's media servers, by media reference
     connected: bool = True  # the servers answer; set False to make every connect fail
     offline_error: str = "failed to dial whatsapp web websocket: proxyconnect tcp: connection refused"
+    # --- whatsmeow's harsher behaviours (see the module's docstring); off by default ---
+    offline_backlog: list[events.IncomingMessage] = field(default_factory=list)  # delivered before Connected
+    store_writes_before_connected: int = 0  # rows whatsmeow writes (its pre-key check) before Connected
+    connected_gate: threading.Event | None = None  # Connected waits for it (a slow pre-key check)
+    logged_out_before_wipe: bool = False  # unlink: LoggedOut first, the device deleted once it was handed over
+    logout_error: str | None = None  # logout()'s request fails with this: nothing deleted, nothing emitted
+    logout_emits_logged_out: bool = True  # False: as whatsmeow's Logout, which dispatches no LoggedOut
+    send_gate: threading.Event | None = None  # sends wait for it (a slow send)
+    unknown_send_outcomes: list[str] = field(default_factory=list)  # next sends: delivered, then no answer
+    sends_started: list[str] = field(default_factory=list)  # every send's recipient, as it starts
 
     def factory(self, store_path: Path, sink: events.EventSink) -> FakeClient:
         client = FakeClient(self, store_path, sink)
@@ -77,7 +100,7 @@ class FakeClient:
         self._sink = sink
         self.running = threading.Event()
         self.stopped = threading.Event()
-        self._outbox: queue.Queue[events.ClientEvent | None] = queue.Queue()
+        self._outbox: queue.Queue[events.ClientEvent | _Marker | None] = queue.Queue()
         self._go_thread = threading.Thread(target=self._deliver, name="fake-go", daemon=True)
         # The client process's own window (one per round, as one process per round): received
         # messages with the daemon and not handed back yet.
@@ -97,7 +120,16 @@ class FakeClient:
         if self.device_jid() is None:
             self.rotate_qr()
         else:
-            self.emit(events.Connected())
+            if self.network.store_writes_before_connected:
+                self.write_store(self.network.store_writes_before_connected)
+            backlog, self.network.offline_backlog = self.network.offline_backlog, []
+            for message in backlog:
+                self.emit(message)
+            gate = self.network.connected_gate
+            while gate is not None and not gate.is_set() and not self.stopped.is_set():
+                gate.wait(0.05)
+            if not self.stopped.is_set():
+                self.emit(events.Connected())
         self.stopped.wait()
         self._outbox.put(None)
         self._go_thread.join()  # like the client process: run() returns once every event is handed over
@@ -109,21 +141,32 @@ class FakeClient:
     def send_text(self, to_jid: str, text: str) -> str:
         if not self.running.is_set() or self.stopped.is_set():
             raise RuntimeError("client is nil")
+        self.network.sends_started.append(to_jid)
+        if self.network.send_gate is not None:
+            self.network.send_gate.wait()
         if self.network.send_failures:
             raise RuntimeError(self.network.send_failures.pop(0))
         message_id = f"3EB0{next(self._ids):016X}"
         self.network.sent.append(SentMessage(to_jid, text, message_id))
+        if self.network.unknown_send_outcomes:  # on its way to the customer; the answer never came back
+            raise SendOutcomeUnknown(self.network.unknown_send_outcomes.pop(0))
         return message_id
 
     def send_media(
         self, to_jid: str, kind: str, data: str, mimetype: str, file_name: str | None, caption: str | None
     ) -> str:
-        self.send_text(to_jid, caption or "")  # (the same checks and id; replaced below by the file)
+        try:
+            self.send_text(to_jid, caption or "")  # (the same checks and id; replaced below by the file)
+        except SendOutcomeUnknown:
+            self._as_file(kind, data, mimetype, file_name)
+            raise
+        return self._as_file(kind, data, mimetype, file_name)
+
+    def _as_file(self, kind: str, data: str, mimetype: str, file_name: str | None) -> str:
         sent = self.network.sent.pop()
+        to_jid, caption = sent.to, sent.text
         content = base64.b64decode(data)
-        self.network.sent.append(
-            SentMessage(to_jid, caption or "", sent.message_id, kind, content, mimetype, file_name)
-        )
+        self.network.sent.append(SentMessage(to_jid, caption, sent.message_id, kind, content, mimetype, file_name))
         return sent.message_id
 
     def download(self, media: str) -> str:
@@ -134,9 +177,18 @@ class FakeClient:
         return base64.b64encode(self.network.files[media]).decode("ascii")
 
     def logout(self) -> None:
-        self.unlink()
+        if not self.running.is_set() or self.stopped.is_set():
+            raise RuntimeError("client is nil")
+        if self.network.logout_error is not None:  # whatsmeow: the request failed; nothing deleted
+            raise RuntimeError(self.network.logout_error)
+        if self.network.logout_emits_logged_out:
+            self.unlink()
+        else:
+            self._delete_device()  # whatsmeow's Logout: the device deleted, no event
 
     def mark_read(self, chat_jid: str, sender_jid: str, message_id: str) -> None:
+        if not self.running.is_set() or self.stopped.is_set():
+            raise RuntimeError("client is nil")
         self.network.read.append(message_id)
 
     def set_typing(self, chat_jid: str, typing: bool) -> None:
@@ -149,6 +201,7 @@ class FakeClient:
     def check_numbers(self, numbers: list[str]) -> list[dict[str, object]]:
         if not self.running.is_set() or self.stopped.is_set():
             raise RuntimeError("client is nil")
+        self.network.number_checks.append(list(numbers))
         return [
             {"number": n, "on_whatsapp": n in self.network.registered, "jid": f"{n}@s.whatsapp.net"}
             if n in self.network.registered
@@ -195,13 +248,31 @@ class FakeClient:
         conn.close()
 
     def unlink(self) -> None:
-        """Unlinked from the phone: whatsmeow deletes the device (cascading to its keys)."""
-        conn = sqlite3.connect(self.store_path)
-        conn.execute("PRAGMA foreign_keys = ON")
+        """Unlinked from the phone: whatsmeow deletes the device (cascading to its keys) and says so.
+        With ``logged_out_before_wipe``, as whatsmeow orders it: ``LoggedOut`` is handed over first
+        and the device deleted after, through the connection whatsmeow already had open."""
+        if not self.network.logged_out_before_wipe:
+            self._delete_device()
+            self.emit(events.LoggedOut(reason="LOGGED_OUT"))
+            return
+        conn = self._open_store()
+        self.emit(events.LoggedOut(reason="LOGGED_OUT"))
+        self._outbox.put(_Marker(delivered := threading.Event()))
+        delivered.wait(30)  # the daemon has the LoggedOut in hand
         with conn:
             conn.execute("DELETE FROM whatsmeow_device")
         conn.close()
-        self.emit(events.LoggedOut(reason="401"))
+
+    def _delete_device(self) -> None:
+        conn = self._open_store()
+        with conn:
+            conn.execute("DELETE FROM whatsmeow_device")
+        conn.close()
+
+    def _open_store(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.store_path)
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
 
     def device_jid(self) -> str | None:
         conn = sqlite3.connect(self.store_path)
@@ -229,7 +300,17 @@ class FakeClient:
 
     def _deliver(self) -> None:
         while (event := self._outbox.get()) is not None:
-            self._sink(event)
+            if isinstance(event, _Marker):
+                event.reached.set()
+            else:
+                self._sink(event)
+
+
+@dataclass(frozen=True)
+class _Marker:
+    """Not an event: set once the fake's Go thread has handed over everything queued before it."""
+
+    reached: threading.Event
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 30.0, message: str = "condition") -> None:

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
+
 from bot import session_store
 from bot.errors import NotFoundError
 from bot.persistence import export_document
@@ -33,7 +35,8 @@ class KillReport:
 
 def kill_during_backups(store: Path, database_url: str, scratch: Path, iterations: int, seed: int = 0) -> KillReport:
     """Every other kill waits for a database write to start and lands within about as long as the
-    previous write took; the others land anywhere in the loop. After each kill the stored session
+    previous write took; the others land anywhere in the loop; every fourth is pinned inside a write
+    (``_kill_pinned_inside_a_write``). After each kill the stored session
     must export to a complete document that validates, agrees with the stored head, holds what the
     last reported sync (or the one after it) wrote, and restores."""
     rng = random.Random(seed)
@@ -54,14 +57,17 @@ def kill_during_backups(store: Path, database_url: str, scratch: Path, iteration
             )
             lines = _read_until(victim, "done")  # at least one sync committed: the kill lands mid-loop
             assert _backends(db, name) > 0, "the victim's connections do not carry its application_name"
-            if iteration % 2:
-                lines += _read_until(victim, "wrote")  # how long one round's write takes
-                took = float(lines[-1].split()[2])
-                lines += _read_until(victim, "write")
-                time.sleep(rng.uniform(0.0, 1.25 * took))
+            if iteration % 4 == 3:
+                _kill_pinned_inside_a_write(victim, db, database_url, name)
             else:
-                time.sleep(rng.uniform(0.0, 0.6))
-            victim.send_signal(signal.SIGKILL)
+                if iteration % 2:
+                    lines += _read_until(victim, "wrote")  # how long one round's write takes
+                    took = float(lines[-1].split()[2])
+                    lines += _read_until(victim, "write")
+                    time.sleep(rng.uniform(0.0, 1.25 * took))
+                else:
+                    time.sleep(rng.uniform(0.0, 0.6))
+                victim.send_signal(signal.SIGKILL)
             rest, _ = victim.communicate(timeout=30)
             lines += rest.splitlines()
             reported = [int(line.split()[1]) for line in lines if line.startswith("done ")]
@@ -93,6 +99,31 @@ def kill_during_backups(store: Path, database_url: str, scratch: Path, iteration
     finally:
         db.close()
     return KillReport(iterations, counts, rows, inside)
+
+
+def _kill_pinned_inside_a_write(
+    victim: subprocess.Popen[str], db: PostgresDatabase, database_url: str, application_name: str
+) -> None:
+    """Every round rewrites the device's row: with that row locked, the victim's next write stops
+    there, its head and some rows written and not committed, and is killed while it waits. (The
+    lock is let go after the kill: the dead client's transaction then never commits.)"""
+    with psycopg.connect(database_url) as holder:
+        holder.execute(
+            "SELECT 1 FROM whatsapp_session_rows WHERE session_id = 'default' AND table_name = 'whatsmeow_device'"
+            " FOR UPDATE"
+        )
+        wait_until(
+            lambda: _waiting_for_a_lock(db, application_name),
+            timeout=60,
+            message="the victim's write waiting for the device's row",
+        )
+        victim.send_signal(signal.SIGKILL)
+
+
+def _waiting_for_a_lock(db: PostgresDatabase, application_name: str) -> bool:
+    with db.transaction() as tx:
+        query = "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'"
+        return int(tx.scalar(query, (application_name,))) > 0
 
 
 def _backends(db: PostgresDatabase, application_name: str) -> int:

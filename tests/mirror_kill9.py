@@ -20,6 +20,7 @@ from pathlib import Path
 from bot import session_store
 from bot.persistence import export_document, sync_session
 from database import PostgresDatabase
+from tests.fake_whatsapp import wait_until
 from tests.synthetic import DEVICE_JID, create_paired_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,8 @@ class KillReport:
     kills: int = 0
     stored_prefixes: list[int] = field(default_factory=list)  # contacts stored at each kill
     lag_seconds: list[float] = field(default_factory=list)  # age of the oldest change missing at each kill
+    # transactions each victim's own batches stored (beyond its start-up comparison) before its kill
+    stored_by_batches: list[int] = field(default_factory=list)
     transactions_written: int = 0
 
 
@@ -89,7 +92,16 @@ def kill_during_writes(scratch: Path, database_url: str, kills: int, seed: int =
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )
             assert victim.stdout.readline().strip() == "ready", "the victim never caught up"
-            time.sleep(rng.uniform(0.3, 1.5))
+            # Its start-up comparison stored the store as it was; what comes after only its batches
+            # can store. Kill it once they have (a mirror that never writes them is caught here),
+            # at a random moment of the burst that follows.
+            at_ready = len(stored_contacts(db))
+            wait_until(
+                lambda: len(stored_contacts(db)) > at_ready,
+                timeout=30,
+                message=f"kill {report.kills + 1}: the victim's mirror storing a batch of the writes",
+            )
+            time.sleep(rng.uniform(0.0, 1.0))
             victim.send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
             victim.wait(timeout=10)
@@ -98,6 +110,7 @@ def kill_during_writes(scratch: Path, database_url: str, kills: int, seed: int =
             committed = list(writer.committed_at)
             report.kills += 1
             report.stored_prefixes.append(len(stored))
+            report.stored_by_batches.append((len(stored) - at_ready) // ROWS_PER_TRANSACTION)
             assert stored == list(range(len(stored))), "the database holds a gap: not a committed prefix"
             first_missing = len(stored) // ROWS_PER_TRANSACTION
             missing_since = committed[first_missing] if first_missing < len(committed) else killed_at

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from database import PostgresDatabase
+import psycopg
+
+from database import _LEASE_LOCK_SPACE, PostgresDatabase
 from tests.fake_whatsapp import wait_until
 from tests.pg_cluster import free_port
 from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, neonize, table_rows
@@ -139,6 +141,29 @@ class TakeOver:
     taken_at: float  # the new owner's acquisition
 
 
+def wait_for_take_over_attempts(database_url: str, application_name: str, count: int) -> None:
+    """Until a daemon (its connections named ``application_name``) has made ``count`` attempts to take
+    the lease, each begun after the previous one ended: the moments a standby could misbehave. Every
+    attempt first takes the session's advisory lock; the test holds it, sees the attempt wait for it
+    (a new statement each time), and lets it go."""
+    seen = None
+    waiting = (
+        "SELECT query_start FROM pg_stat_activity WHERE application_name = %s"
+        " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+    )
+    with psycopg.connect(database_url, autocommit=True) as watcher:
+        for attempt in range(1, count + 1):
+            with psycopg.connect(database_url) as holder:  # one transaction: the lock until it ends
+                holder.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LEASE_LOCK_SPACE, "default"))
+
+                def blocked(since: object = seen) -> object:
+                    row = watcher.execute(waiting, (application_name,)).fetchone()
+                    return row[0] if row is not None and (since is None or row[0] > since) else None
+
+                wait_until(blocked, timeout=30, message=f"take-over attempt {attempt} of {application_name}")
+                seen = blocked()
+
+
 def record_lease_versions(database_url: str) -> PostgresDatabase:
     """The session's database, open and migrated, recording each lease version in
     ``test_lease_versions`` from now on (before any daemon takes the lease)."""
@@ -195,11 +220,12 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
         wait_until(lambda: owner.status()["owns_session"], timeout=20, message="the first owner")
         token = owner.status()["fencing_token"]
         for n in range(1, iterations + 1):
-            new = Daemon(workdir / f"deploy-{n}", database_url)
+            new = Daemon(workdir / f"deploy-{n}", database_url, env={"PGAPPNAME": f"redeploy-{os.getpid()}-{n}"})
             started.append(new)
             new.start()
             wait_until(lambda: new.status()["state"] != "starting", timeout=10, message="the new daemon booted")
-            time.sleep(0.5)  # time enough to misbehave, if it would
+            # Two of its take-over attempts, refused (the owner is live): where it could misbehave.
+            wait_for_take_over_attempts(database_url, new.env["PGAPPNAME"], 2)
             status = new.status()
             assert status["state"] == "standby" and not status["owns_session"], status
             assert not new.store.exists(), "a standby daemon touched the store"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bot.config import Config
 from bot.runtime import Runtime, Timing
@@ -52,3 +55,37 @@ def start_paired(runtime: Runtime, network: FakeWhatsApp, db: Database) -> FakeC
     wait_until(lambda: versions(db) != [], message="the snapshot after pairing")
     wait_until(lambda: mirrored(runtime, db), message="the store mirrored")
     return client
+
+
+class Calls:
+    """Wraps a function and counts its calls that began after the last ``mark()`` and have ended
+    (returned or raised): "the worker has looked again since", the event a proof of absence waits
+    for instead of a sleep (the next outbox pass, lease attempt or store poll). ``counts`` picks the
+    calls that count (e.g. only a mirror's polls)."""
+
+    def __init__(self, function: Callable[..., Any], counts: Callable[..., bool] = lambda *a, **k: True) -> None:
+        self._function = function
+        self._counts = counts
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._ended = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        counted = self._counts(*args, **kwargs)
+        with self._lock:
+            epoch = self._epoch
+        try:
+            return self._function(*args, **kwargs)
+        finally:
+            with self._lock:
+                if counted and epoch == self._epoch:
+                    self._ended += 1
+
+    def mark(self) -> None:
+        with self._lock:
+            self._epoch += 1
+            self._ended = 0
+
+    def wait(self, count: int = 1, *, message: str, timeout: float = 30.0) -> None:
+        """Until ``count`` calls begun after the mark have ended."""
+        wait_until(lambda: self._ended >= count, timeout=timeout, message=message)

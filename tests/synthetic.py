@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -147,3 +148,65 @@ def table_rows(path: Path) -> dict[str, list[tuple]]:
         return {name: sorted(conn.execute(f'SELECT * FROM "{name}"').fetchall(), key=repr) for name in names}
     finally:
         conn.close()
+
+
+# --- one row for every table, generated from the schema -----------------------------------------
+
+_LENGTH_CHECK = re.compile(r"length\(\s*(\w+)\s*\)\s*=\s*(\d+)")
+_UPPER_CHECK = re.compile(r"(\w+)\s*<\s*(\d+)")
+
+
+@dataclass(frozen=True)
+class GeneratedRow:
+    table: str
+    columns: tuple[str, ...]
+    values: tuple[object, ...]
+    changed: tuple[object, ...]  # the same row after an update of one column that no other row refers to
+
+
+def generated_rows(conn: sqlite3.Connection, tag: str = "zk") -> list[GeneratedRow]:
+    """A new row for every ``whatsmeow_*`` table of the store, parents first, read from the schema
+    itself (declared types, NOT NULL, the CHECKed lengths and bounds, the foreign keys), so a table a
+    whatsmeow upgrade adds gets its row without anyone listing it. Each row refers only to the rows
+    generated with it (a new device of its own), so it can be inserted, updated and deleted alone."""
+    names = [
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'whatsmeow\\_%' ESCAPE '\\' ORDER BY rowid"
+        )
+    ]
+    sql = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    parents = {name: conn.execute(f'PRAGMA foreign_key_list("{name}")').fetchall() for name in names}
+    referenced = {(fk[2], fk[4]) for fks in parents.values() for fk in fks}  # (table, column) some row points at
+    ordered: list[str] = []
+    while len(ordered) < len(names):  # parents before children
+        ready = [n for n in names if n not in ordered and all(fk[2] in ordered or fk[2] == n for fk in parents[n])]
+        assert ready, f"a foreign-key cycle among {set(names) - set(ordered)}"
+        ordered += ready
+    made: dict[str, dict[str, object]] = {}
+    rows = []
+    for name in ordered:
+        lengths = {column: int(n) for column, n in _LENGTH_CHECK.findall(sql[name])}
+        uppers = {column: int(n) for column, n in _UPPER_CHECK.findall(sql[name])}
+        info = conn.execute(f'PRAGMA table_info("{name}")').fetchall()
+        from_parent = {fk[3]: made[fk[2]][fk[4]] for fk in parents[name]}
+
+        def value(column: str, declared: str, variant: int) -> object:
+            declared = declared.upper()
+            if column in from_parent:
+                return from_parent[column]
+            if column in lengths or declared in ("BYTEA", "BLOB"):
+                return random.Random(f"{tag}/{name}/{column}/{variant}").randbytes(lengths.get(column, 48))
+            if "INT" in declared or declared == "BOOLEAN":
+                return (7 + variant) % (2 if declared == "BOOLEAN" else uppers.get(column, 2**31))
+            return f"{tag}-{name}-{column}-{variant}"
+
+        columns = tuple(row[1] for row in info)
+        values = tuple(value(row[1], row[2], 0) for row in info)
+        keys = {row[1] for row in info if row[5]} | set(from_parent)
+        free = [row for row in info if row[1] not in keys and (name, row[1]) not in referenced]
+        target = (free or info)[-1]
+        changed = tuple(value(c, target[2], 1) if c == target[1] else v for c, v in zip(columns, values, strict=True))
+        made[name] = dict(zip(columns, values, strict=True))
+        rows.append(GeneratedRow(name, columns, values, changed))
+    return rows

@@ -7,10 +7,16 @@ import http.client
 import io
 import json
 import logging
+import os
 import re
 import socket
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,23 +26,29 @@ import pytest
 from bot import events
 from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
+from bot.outbox import Outbox
 from bot.services import build_services
 from bot.runtime import Runtime
 from bot.session_state import State
 from bot.persistence import export_document, import_document
 from bot.session_store import restore_snapshot, validate_document
-from database import Database
+from database import Database, PostgresDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
 from session_api import create_app
+from session_api.console import SIGN_IN_OVERALL_BUDGET, sign_in_attempts
 from session_api.guard import FailedAttempts, FailureBudget
 from session_api.openapi import openapi_document
 from session_api.routes import TooManyWrongTokens
 from session_api.server import IDLE_TIMEOUT_SECONDS, ApiServer
 from tests.test_document_validation import CORRUPTIONS
+from tests.fake_network import FakeServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
-from tests.synthetic import DEVICE_JID, table_rows
-from tests.runtime_helpers import FAST, mirrored
+from tests.pg_cluster import PostgresCluster
+from tests.redeploy import TOKEN as REDEPLOY_TOKEN
+from tests.redeploy import Daemon
+from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
+from tests.runtime_helpers import FAST, Calls, mirrored
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -59,6 +71,7 @@ class Api:
     network: FakeWhatsApp
     bodies: list[bytes]
     failed_attempts: FailedAttempts
+    outbox: Outbox
 
     def call(
         self,
@@ -116,9 +129,15 @@ def every_answer_seen_is_documented() -> Iterator[None]:
 
 @pytest.fixture
 def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]:
+    with serving(db, whatsmeow_template, tmp_path) as served:
+        yield served
+
+
+@contextmanager
+def serving(db: Database, whatsmeow_template: Path, tmp_path: Path, **env: str) -> Iterator[Api]:
     """The daemon's own assembly (runtime, chatbot, outbox) behind a real waitress server."""
     config = Config.from_env(
-        {"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600"}
+        {"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600", **env}
     )
     network = FakeWhatsApp(schema_template=whatsmeow_template)
     rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
@@ -129,36 +148,59 @@ def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]
     server.start()
     services.start()
     try:
-        yield Api(server.port, services.runtime, db, network, [], failed_attempts)
+        yield Api(server.port, services.runtime, db, network, [], failed_attempts, services.outbox)
     finally:
         server.stop()
         services.stop()
 
 
-PROTECTED = [
-    ("POST", "/api/session/backup"),
-    ("GET", "/api/session/restore"),
-    ("POST", "/api/session/restore"),
-    ("GET", "/api/session/status"),
-    ("DELETE", "/api/session/delete"),
-    ("GET", "/api/session/qr"),
-    ("POST", "/api/session/logout"),
-    ("POST", "/api/session/reconnect"),
-    ("POST", "/api/session/stop"),
-    ("POST", "/api/session/start"),
-    ("POST", "/api/messages/send"),
-    ("POST", "/api/contacts/check"),
-    ("GET", "/api/chats"),
-    ("GET", "/api/outbox"),
-    ("POST", "/api/bot/pause"),
-    ("GET", "/api/openapi.json"),
-]
+OPEN = {("GET", "/healthz"), ("GET", "/readyz")}  # README: every route but these needs the token
+SAMPLE_PARAMETERS = {"integer": "1", "string": "5511912345678@s.whatsapp.net"}
+
+
+def _openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[^:>]+:)?(\w+)>", r"{\1}", rule)  # Flask's <int:x> is OpenAPI's {x}
+
+
+def api_routes(app: Any) -> dict[tuple[str, str], str]:
+    """Every route of the API, (method, OpenAPI path) -> a concrete path to call: those the OpenAPI
+    document lists and those Flask serves (the console's HTML pages aside, README), so a route
+    missing from either is still called."""
+    paths = openapi_document()["paths"]
+    routes = {}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            kinds = {p["name"]: p["schema"].get("type", "string") for p in operation.get("parameters", [])}
+            concrete = re.sub(r"\{(\w+)\}", lambda m: SAMPLE_PARAMETERS[kinds.get(m[1], "string")], path)
+            routes[(method.upper(), path)] = concrete
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith("console.") or rule.endpoint == "static":
+            continue
+        concrete = re.sub(r"<(int)?[^>]*>", lambda m: SAMPLE_PARAMETERS["integer" if m[1] else "string"], rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            routes.setdefault((method, _openapi_path(rule.rule)), concrete)
+    return routes
+
+
+def status_without_waiting_for_the_body(api: Api, method: str, path: str, headers: dict[str, str]) -> Reply:
+    """The status (and a 401's body): a route served without its token may be an endless stream."""
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=60)
+    try:
+        conn.request(method, path, body=b"{}", headers={"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        body = response.read() if response.status == 401 else b""
+        ANSWERS.add((method, path.split("?", 1)[0], response.status))
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+    finally:
+        conn.close()
 
 
 def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
+    """Every route of the OpenAPI document and of Flask's URL map, every method, without the
+    token or with a wrong one: 401, nothing done; only the documented probes answer anyone."""
     almost = TOKEN[:-1] + ("0" if TOKEN[-1] != "0" else "1")
-    attempts: list[dict[str, str] | None] = [
-        None,
+    attempts: list[dict[str, str]] = [
+        {},
         {"Authorization": ""},
         {"Authorization": "Bearer "},
         {"Authorization": "Bearer wrong"},
@@ -167,14 +209,26 @@ def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
         {"Authorization": f"Basic {TOKEN}"},
         {"Authorization": TOKEN},
     ]
+    routes = api_routes(create_app(api.runtime, api.db))
+    documented_open = {
+        (method.upper(), path)
+        for path, operations in openapi_document()["paths"].items()
+        for method, operation in operations.items()
+        if operation.get("security") == []
+    }
+    assert documented_open == OPEN
+    protected = {route: path for route, path in routes.items() if route not in OPEN}
+    assert ("GET", "/api/events") in protected and len(protected) >= 25  # (the enumeration itself works)
     # (This checks every route, not the slowdown of repeated wrong tokens, tested on its own below.)
-    api.failed_attempts.budget = FailureBudget(burst=len(PROTECTED) * len(attempts))
-    for method, path in PROTECTED:
+    api.failed_attempts.budget = FailureBudget(burst=len(protected) * len(attempts))
+    for (method, _), path in sorted(protected.items()):
         for headers in attempts:
-            reply = api.call(method, path, token=None, headers=headers, body={})
-            assert reply.status == 401, (method, path, headers)
+            reply = status_without_waiting_for_the_body(api, method, path, headers)
+            assert reply.status == 401, (method, path, headers, reply.status)
             assert reply.json() == {"success": False, "message": "missing or wrong bearer token"}
     assert api.db.list_sessions() == []  # nothing happened behind a refused call
+    for method, path in OPEN:
+        assert api.call(method, path, token=None).status in (200, 503)  # (readyz: 503 until connected)
     health = api.call("GET", "/healthz", token=None)
     assert health.status == 200 and health.json()["success"] is True
 
@@ -359,6 +413,71 @@ def test_restore_rolls_the_running_client_back_to_a_historical_version(api: Api)
     assert api.call("POST", "/api/session/restore", body={"session_id": "other"}).status == 409
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """DATA_DIR on a 16 MiB tmpfs of its own: a disk that really fills up (ENOSPC, SQLITE_FULL)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(data)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"a full disk needs a small filesystem of its own; mount refused: {mounted.stderr.strip()}")
+    try:
+        yield data
+    finally:
+        subprocess.run(["umount", "--lazy", str(data)], check=True)
+
+
+def fill(disk: Path, leave_bytes: int) -> Path:
+    """A file that takes all of the disk's free space but ``leave_bytes``."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        handle.write(b"\0" * max(0, free - leave_bytes))
+    return filler
+
+
+def test_a_restore_on_a_full_data_dir_answers_507_changes_nothing_and_raises_no_false_alarm(
+    db: Database, whatsmeow_template: Path, tmp_path: Path, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serving(db, whatsmeow_template, tmp_path) as api:
+        api.pair()
+        first_version = api.db.load_session("default").version
+        client = api.network.current()
+        client.write_store(rows=9)
+        wait_until(lambda: mirrored(api.runtime, api.db), message="the 9 contacts mirrored")
+        assert api.call("POST", "/api/session/backup").json()["new_snapshot"] is True
+        store = api.runtime.config.store_path
+        stored = api.db.load_session("default"), api.db.load_rows("default"), api.db.list_history("default")
+        local = table_rows(store)
+        # Room for the live store's small writes, none for a new store (180 KB and more).
+        filler = fill(small_disk, leave_bytes=64 * 1024)
+
+        with caplog.at_level(logging.INFO):
+            reply = api.call("POST", "/api/session/restore", body={"version": first_version})
+
+            assert reply.status == 507, reply.body
+            message = reply.json()["message"]
+            assert "DATA_DIR's disk is full" in message and str(small_disk) in message, message
+            assert "left as they were" in message
+            filler.unlink()
+            wait_until(lambda: api.runtime.state is State.CONNECTED, message="connected again after the refusal")
+            # A whole-store comparison: the local store and the stored session still agree.
+            backup = api.call("POST", "/api/session/backup")
+            assert backup.status == 200 and backup.json()["written_rows"] == 0, backup.body
+
+        assert (api.db.load_session("default"), api.db.load_rows("default"), api.db.list_history("default")) == stored
+        assert table_rows(store) == local and contacts_in(store) == 19
+        assert not list(store.parent.glob(".*restore-*"))  # nothing built aside is left behind
+        alarms = [r.getMessage() for r in caplog.records if "missed" in r.getMessage()]
+        assert alarms == []
+        # With room on the disk, the same restore goes through.
+        assert api.call("POST", "/api/session/restore", body={"version": first_version}).status == 200
+        wait_until(lambda: api.runtime.state is State.CONNECTED, message="reconnected after the restore")
+        assert contacts_in(api.network.current().store_path) == 10
+
+
 def test_importing_the_live_session_applies_it_and_the_client_does_not_undo_it(api: Api) -> None:
     api.pair()
     exported = api.call("GET", "/api/session/restore").json()["session_data"]  # 10 contacts
@@ -424,9 +543,11 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
 
     api.network.current().emit(events.Disconnected())
     wait_until(lambda: api.runtime.state is State.RECONNECTING)
+    api.outbox.flush = passes = Calls(api.outbox.flush)  # (its thread calls self.flush)
     later = api.call("POST", "/api/messages/send", body={"to": "5511999999999", "message": "Seu pedido saiu"})
     assert later.status == 202 and later.json()["connected"] is False
-    time.sleep(0.3)
+    passes.mark()
+    passes.wait(message="an outbox pass over the queued message")  # one that could have sent it
     assert len(api.network.sent) == 2
     api.network.current().emit(events.Connected())
     wait_until(lambda: [m.text for m in api.network.sent][2:] == ["Seu pedido saiu"], message="on reconnect")
@@ -437,6 +558,30 @@ def test_send_queues_in_the_outbox_and_delivers_also_after_a_disconnection(api: 
         ),
         message="logged as sent",
     )
+
+
+def test_start_on_a_healthy_connection_leaves_it_alone_and_says_it_is_connected(api: Api) -> None:
+    api.pair()
+    client = api.network.current()
+
+    reply = api.call("POST", "/api/session/start")
+
+    assert reply.status == 200, reply.body
+    assert reply.json() == {
+        "success": True,
+        "session_id": "default",
+        "state": "connected",
+        "connected": True,
+        "phone": DEVICE_JID.split(":", 1)[0].split("@", 1)[0],
+    }
+    assert len(api.network.clients) == 1 and not client.stopped.is_set()  # one connection, still up
+    assert api.runtime.state is State.CONNECTED
+    # After a stop, start is what connects again.
+    assert api.call("POST", "/api/session/stop").status == 202
+    wait_until(lambda: api.runtime.state is State.DISCONNECTED, message="stopped")
+    assert api.call("POST", "/api/session/start").status == 202
+    wait_until(lambda: api.runtime.state is State.CONNECTED, message="connected again")
+    assert len(api.network.clients) == 2
 
 
 def test_logout_unlinks_and_pairs_again(api: Api) -> None:
@@ -661,6 +806,55 @@ def test_metrics_still_answer_while_the_database_is_away(api: Api, monkeypatch: 
     assert ("zapkeep_outbox_queued", ()) not in during
 
 
+def test_during_a_postgresql_outage_the_status_answers_from_the_process_and_readiness_names_the_database(
+    whatsmeow_template: Path, tmp_path: Path
+) -> None:
+    cluster = PostgresCluster().start()
+    # Production waits 10 s for a pooled connection; here a request that waited for the pool would
+    # hang past the client's 60 s: the outage must be known and not waited for.
+    db = PostgresDatabase(cluster.create_database(), connect_timeout=2, wait_timeout=600)
+    db.open()
+    down = False
+    try:
+        with serving(db, whatsmeow_template, tmp_path, LEASE_TTL_SECONDS="3", LEASE_RENEW_SECONDS="1") as api:
+            api.pair()
+            assert api.call("GET", "/readyz").status == 200
+            phone = api.runtime.status().phone
+            cluster.stop_server()
+            down = True
+
+            status = api.call("GET", "/api/session/status?session_id=default")
+            assert status.status == 200, status.body
+            session = status.json()["session"]
+            assert session["database"].startswith("unreachable since "), session["database"]
+            assert session["phone"] == phone and session["stored"] is None and session["history"] is None
+            ready = api.call("GET", "/readyz")
+            assert ready.status == 503 and ready.json()["reason"].startswith("database unreachable since "), ready.body
+            metrics = scrape(api)
+            assert metrics[("zapkeep_database_up", ())] == 0.0 and ("zapkeep_outbox_queued", ()) not in metrics
+            chats = api.call("GET", "/api/chats")  # it needs the database: refused, not waited for
+            assert chats.status == 503 and chats.headers["retry-after"] == "5", chats.body
+
+            # The lease cannot be renewed: disconnected. That is the database's doing, not another instance's.
+            wait_until(lambda: api.runtime.state is State.STANDBY, message="disconnected without a lease")
+            standby = api.call("GET", "/readyz").json()
+            assert standby["state"] == "standby" and "another instance" not in standby["reason"], standby
+            assert standby["reason"].startswith("database unreachable since "), standby
+            assert api.call("GET", "/api/session/status").status == 200
+
+            cluster.start_server()
+            down = False
+            wait_until(lambda: api.runtime.state is State.CONNECTED, timeout=60, message="owner again")
+            assert api.call("GET", "/readyz").status == 200
+            back = api.call("GET", "/api/session/status?session_id=default").json()["session"]
+            assert back["database"] == "reachable" and back["stored"] is not None and back["history"]
+    finally:
+        if down:
+            cluster.start_server()  # (a failed run: the shutdown stores what it can)
+        db.close()
+        cluster.stop()
+
+
 def test_the_read_api_lists_chats_pages_messages_shows_the_outbox_and_releases_a_paused_chat(api: Api) -> None:
     api.pair()
     client = api.network.current()
@@ -719,6 +913,44 @@ def test_the_read_api_lists_chats_pages_messages_shows_the_outbox_and_releases_a
     wait_until(lambda: any(s.to == CUSTOMER and s.text for s in api.network.sent[3:]), message="answered again")
 
 
+def test_lid_chats_are_listed_with_their_phone_and_taken_wherever_the_api_takes_a_chat(api: Api) -> None:
+    api.pair()
+    client = api.network.current()
+    lid_chat = "987654321012345@lid"
+
+    def customer(text: str, n: int, phone: str | None = None) -> None:
+        client.emit(
+            events.IncomingMessage(
+                f"3EB0LID{n:04d}",
+                lid_chat,
+                "987654321012345:3@lid",
+                "Ana",
+                text,
+                False,
+                False,
+                int(time.time()),
+                chat_phone=phone,
+            )
+        )
+
+    customer("oi", 1, phone=CUSTOMER)
+    wait_until(lambda: len(api.network.sent) == 1, message="the greeting")
+    customer("quero falar com um atendente", 2)  # a hand-off pauses the LID chat
+    wait_until(lambda: len(api.network.sent) == 2, message="the hand-off reply")
+    wait_until(lambda: len(api.db.list_messages("default")) == 4, message="all logged")
+
+    (listed,) = api.call("GET", "/api/chats").json()["chats"]
+    assert (listed["chat"], listed["phone"], listed["paused"]) == (lid_chat, CUSTOMER.split("@")[0], True)
+    page = api.call("GET", f"/api/chats/{lid_chat}/messages").json()
+    assert page["chat"] == lid_chat and [m["text"] for m in page["messages"]][-1] == "oi"
+    assert api.call("POST", f"/api/chats/{lid_chat}/release").json()["released"] is True
+    sent = api.call("POST", "/api/messages/send", body={"to": lid_chat, "message": "Seu pedido saiu"})
+    assert sent.status in (200, 202) and sent.json()["to"] == lid_chat
+    wait_until(lambda: len(api.network.sent) == 3, message="the operator's message")
+    assert [m.to for m in api.network.sent] == [lid_chat] * 3  # never at the phone JID
+    assert api.call("GET", "/api/chats/987654321012345@lidx/messages").status == 400
+
+
 def test_pausing_the_whole_bot_stops_replies_and_keeps_logging(api: Api) -> None:
     api.pair()
     client = api.network.current()
@@ -750,7 +982,9 @@ def test_contacts_check_asks_whatsapp_which_numbers_are_on_it(api: Api) -> None:
     api.network.registered.add("5511912345678")
     reply = api.call("POST", "/api/contacts/check", body=body)
     assert reply.status == 200, reply.body
-    assert reply.json()["contacts"] == [
+    # WhatsApp was asked once, for the numbers as it knows them (digits with the country code)...
+    assert api.network.number_checks == [["5511912345678", "5511900000000"]]
+    assert reply.json()["contacts"] == [  # ...and its answer is the API's, number by number
         {"number": "5511912345678", "on_whatsapp": True, "jid": "5511912345678@s.whatsapp.net"},
         {"number": "5511900000000", "on_whatsapp": False, "jid": None},
     ]
@@ -761,8 +995,117 @@ def test_contacts_check_asks_whatsapp_which_numbers_are_on_it(api: Api) -> None:
         {"numbers": [5511]},
         {"numbers": ["120363025246125888@g.us"]},
         {"numbers": ["5511912345678"] * 51},
+        {"numbers": ["5511912345678", "123"]},
     ):
         assert api.call("POST", "/api/contacts/check", body=bad).status == 400, bad
+    assert len(api.network.number_checks) == 1  # a refused request asks WhatsApp nothing
+
+
+def daemon_call(port: int, method: str, path: str, body: Any = None, timeout: float = 60) -> Reply:
+    """A call to a real daemon's API (``tests.redeploy.Daemon``), its answer seen for the OpenAPI check."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"Authorization": f"Bearer {REDEPLOY_TOKEN}", "Content-Type": "application/json"}
+    conn.request(method, path, body=None if body is None else json.dumps(body).encode(), headers=headers)
+    response = conn.getresponse()
+    reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    conn.close()
+    ANSWERS.add((method, path.split("?", 1)[0], reply.status))
+    return reply
+
+
+@pytest.fixture
+def loopback_whatsapp(tmp_path: Path) -> Iterator[Callable[..., tuple[FakeServer, Daemon]]]:
+    """A real daemon (``tests.fake_daemon``, embedded SQLite) connected to a loopback WhatsApp."""
+    server = FakeServer()
+    daemons: list[Daemon] = []
+
+    def start(**env: str) -> tuple[FakeServer, Daemon]:
+        command = [sys.executable, "-m", "tests.fake_daemon", server.address]
+        daemon = Daemon(tmp_path / f"host{len(daemons)}", "", command=command, env=env)
+        daemons.append(daemon)
+        create_paired_store(daemon.store)
+        daemon.start()
+        wait_until(lambda: daemon.status()["state"] == "connected", timeout=60, message="the daemon connected")
+        return server, daemon
+
+    try:
+        yield start
+    finally:
+        server.release_checks()
+        for daemon in daemons:
+            daemon.stop_if_running()
+        server.close()
+
+
+def test_slow_number_checks_hold_up_neither_customer_replies_nor_the_probes(loopback_whatsapp) -> None:
+    """Issue 23: 8 number checks WhatsApp's servers were slow to answer held every server thread
+    (/healthz waited) and every worker of the client process (a customer's reply waited)."""
+    server, daemon = loopback_whatsapp()
+    server.hold_checks()
+    server.registered.add("5511912345678")
+    answers: list[Reply] = []
+    checks = [
+        threading.Thread(
+            target=lambda: answers.append(
+                daemon_call(daemon.port, "POST", "/api/contacts/check", {"numbers": ["5511912345678"]}, timeout=120)
+            )
+        )
+        for _ in range(8)
+    ]
+    for thread in checks:
+        thread.start()
+    refused = lambda: [a for a in answers if a.status == 429]  # noqa: E731
+    wait_until(
+        lambda: len(refused()) == 6 and server.checks_waiting() == 2,
+        timeout=30,
+        message="2 checks waiting for WhatsApp, 6 refused",
+    )
+    assert all(a.json()["message"].startswith("2 number checks are running") for a in refused())
+    assert all(a.headers["retry-after"] == "5" for a in refused())
+    # Meanwhile the probes answer, and so does a customer: read, typed to and replied to.
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/healthz", timeout=30) as response:
+        assert response.status == 200
+    server.customer_sends(
+        {
+            "message_id": "3EB0CUSTOMER",
+            "chat": "5511987654321@s.whatsapp.net",
+            "sender": "5511987654321@s.whatsapp.net",
+            "push_name": "Ana",
+            "text": "oi",
+            "from_me": False,
+            "is_group": False,
+            "timestamp": int(time.time()),
+            "kind": "text",
+        }
+    )
+    wait_until(lambda: "3EB0CUSTOMER" in server.read, timeout=30, message="the customer's message read")
+    wait_until(
+        lambda: any(s.to == "5511987654321@s.whatsapp.net" for s in server.sent), timeout=30, message="the reply"
+    )
+    assert server.checks_waiting() == 2  # the reply went past them
+    server.release_checks()
+    for thread in checks:
+        thread.join(timeout=60)
+    answered = [a for a in answers if a.status == 200]
+    assert len(answered) == 2 and len(answers) == 8
+    assert all(a.json()["contacts"][0]["on_whatsapp"] is True for a in answered)
+    # The cap counts checks running, not checks ever made: both places are free again.
+    assert daemon_call(daemon.port, "POST", "/api/contacts/check", {"numbers": ["5511900000000"]}).status == 200
+
+
+def test_a_number_check_whatsapp_does_not_answer_in_time_is_a_504_that_says_so(loopback_whatsapp) -> None:
+    server, daemon = loopback_whatsapp(ZAPKEEP_FAKE_CALL_TIMEOUT="5")
+    server.hold_checks()
+    reply = daemon_call(daemon.port, "POST", "/api/contacts/check", {"numbers": ["5511912345678"]})
+    assert reply.status == 504, reply.body
+    assert reply.json()["message"] == (
+        "WhatsApp did not answer the number check in time "
+        "(check_numbers: no answer from the client within 5 s); try again later"
+    )
+    assert "SendOutcomeUnknown" not in daemon.log()
+    server.release_checks()  # (WhatsApp's late answer: nobody waits for it any more)
+    reply = daemon_call(daemon.port, "POST", "/api/contacts/check", {"numbers": ["5511912345678"]})
+    assert reply.status == 200, reply.body
 
 
 def multipart(fields: dict[str, str], file: tuple[str, str, bytes] | None) -> tuple[bytes, str]:
@@ -865,3 +1208,124 @@ def test_files_sent_through_the_api_go_out_through_the_outbox(api: Api) -> None:
     body, content_type = multipart({"to": "5511912345678", "caption": "sem arquivo"}, None)
     refused = api.call("POST", "/api/messages/send", raw=body, headers={"Content-Type": content_type})
     assert refused.status == 400 and "file" in refused.json()["message"]
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_a_deeply_nested_session_document_gets_400_with_a_message_and_changes_nothing(api: Api) -> None:
+    api.pair()
+    before = (api.db.load_session("default"), api.db.list_history("default"), api.db.list_sessions())
+    client = api.network.current()
+    for session_id in ("default", "copy"):  # applied live, and an admin's import of another session
+        for text in (
+            _nested(100_000),
+            '{"format": "zapkeep.session", "tables": ' + _nested(5000) + "}",
+            '{"format": "zapkeep.sealed-session", "sealed": ' + _nested(5000) + "}",
+        ):
+            reply = api.call("POST", "/api/session/backup", body={"session_id": session_id, "session_data": text})
+            assert reply.status == 400, (session_id, len(text), reply.status, reply.body[:200])
+            assert "nested too deeply" in reply.json()["message"]
+        # As JSON in the body: every depth up to the one where the body's own parser gives up.
+        for depth in range(850, 1010, 5):
+            for inner in (_nested(depth), '{"a": ' * depth + "1" + "}" * depth):
+                raw = f'{{"session_id": "{session_id}", "session_data": {inner}}}'.encode()
+                reply = api.call("POST", "/api/session/backup", raw=raw)
+                assert reply.status == 400, (session_id, depth, reply.status, reply.body[:200])
+                assert reply.json()["success"] is False and reply.json()["message"]
+    assert (api.db.load_session("default"), api.db.list_history("default"), api.db.list_sessions()) == before
+    assert not client.stopped.is_set() and api.runtime.state is State.CONNECTED
+
+
+@contextmanager
+def another_server(
+    api: Api, *, trusted_proxy: str | None = None, sign_in_attempts: FailedAttempts | None = None
+) -> Iterator[int]:
+    """Another real waitress server over the same runtime, as the daemon builds it with these settings."""
+    app = create_app(api.runtime, api.db, sign_in_attempts=sign_in_attempts)
+    server = ApiServer(app, "127.0.0.1", 0, threads=4, trusted_proxy=trusted_proxy)
+    server.start()
+    try:
+        yield server.port
+    finally:
+        server.stop()
+
+
+def raw_request(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    source: str = "127.0.0.1",
+) -> tuple[int, list[tuple[str, str]]]:
+    """Status and every header (Set-Cookie may come twice), from a chosen loopback address."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheaders()
+    finally:
+        conn.close()
+
+
+def console_sign_in(
+    port: int, password: str, *, headers: dict[str, str] | None = None, source: str = "127.0.0.1"
+) -> tuple[int, list[tuple[str, str]]]:
+    """The sign-in form as a browser posts it (its CSRF token in the form and in its cookie)."""
+    form = f"csrf_token=form-token&password={password}".encode()
+    sent = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Cookie": "zapkeep_sign_in=form-token",
+        **(headers or {}),
+    }
+    return raw_request(port, "POST", "/console/sign-in", body=form, headers=sent, source=source)
+
+
+def test_behind_a_trusted_proxy_the_console_cookie_is_secure_and_the_client_is_the_forwarded_one(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="session_api.access")
+    # Railway's proxy appends the address it saw; whatever the client wrote before it is not believed.
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.1, 203.0.113.9"}
+    for trusted, believed in ((None, False), ("10.9.9.9", False), ("*", True), ("127.0.0.1", True)):
+        caplog.clear()
+        with another_server(api, trusted_proxy=trusted) as port:
+            _, page = raw_request(port, "GET", "/", headers=forwarded)
+            status, signed = console_sign_in(port, TOKEN, headers=forwarded)
+        assert status == 303, trusted
+        cookies = [v for n, v in page + signed if n.lower() == "set-cookie" and "Max-Age=0" not in v]  # (not deletions)
+        assert {cookie.split("=", 1)[0] for cookie in cookies} >= {"zapkeep_sign_in", "zapkeep_console"}
+        for cookie in cookies:
+            assert ("; Secure" in cookie) is believed, (trusted, cookie)
+        clients = {r.client for r in caplog.records if getattr(r, "route", None) == "/console/sign-in"}
+        assert clients == {"203.0.113.9" if believed else "127.0.0.1"}, trusted
+    # Without TRUST_PROXY a client cannot make itself look like HTTPS or like another address.
+    refused = api.call("GET", "/api/session/status", token="wrong", headers={"X-Forwarded-For": "203.0.113.50"})
+    assert refused.status == 401 and api.failed_attempts.waiting("203.0.113.50") is None
+
+
+def test_the_export_is_never_cached(api: Api) -> None:
+    api.pair()
+    for query in ("?clear=true", "?session_id=default", f"?version={api.db.list_history('default')[0].version}"):
+        exported = api.call("GET", "/api/session/restore" + query)
+        assert exported.status == 200 and exported.headers["cache-control"] == "no-store", query
+
+
+def test_the_console_sign_in_limit_holds_across_addresses(api: Api) -> None:
+    """100 wrong passwords within a moment from 20 loopback addresses: most are not even compared."""
+    clock = [0.0]
+    with another_server(api, sign_in_attempts=sign_in_attempts(clock=lambda: clock[0])) as port:
+        statuses = [
+            console_sign_in(port, f"guess-{attempt}", source=f"127.0.0.{2 + attempt % 20}")[0] for attempt in range(100)
+        ]
+        compared = statuses.count(401)
+        assert statuses.count(429) == 100 - compared and compared <= SIGN_IN_OVERALL_BUDGET.burst
+        refused, _ = console_sign_in(port, TOKEN, source="127.0.0.99")  # a fresh address waits too
+        assert refused == 429
+        clock[0] += SIGN_IN_OVERALL_BUDGET.refill_seconds  # the guessing stops: one attempt comes back
+        status, headers = console_sign_in(port, TOKEN, source="127.0.0.99")
+        assert status == 303 and any(v.startswith("zapkeep_console=") for n, v in headers if n.lower() == "set-cookie")

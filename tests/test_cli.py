@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import sqlite3
 import os
@@ -11,7 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from database import PostgresDatabase
+from bot.persistence import sync_session
+from bot.runtime import Runtime
+from database import Database, PostgresDatabase
+from session_api import create_app
+from session_api.server import ApiServer
+from tests.fake_whatsapp import FakeWhatsApp
+from tests.runtime_helpers import make_config
 from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,3 +188,70 @@ def test_ctrl_c_in_the_console_ends_it_quietly(tmp_path: Path) -> None:
         for pipe in (console.stdin, console.stdout, console.stderr):
             pipe.close()
     assert code == 130 and "Traceback" not in err, err
+
+
+def _cli_env(db: Database, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """``bot()``'s database_url and environment for the back-end of ``db``."""
+    if isinstance(db, PostgresDatabase):
+        return db._url, {}
+    return "", {"DATABASE_URL": ""}  # the embedded database in DATA_DIR, which is where ``db`` is
+
+
+def test_every_export_form_imports_as_it_is(db: Database, network: FakeWhatsApp, tmp_path: Path) -> None:
+    """What GET /api/session/restore answers (sealed, or ?clear=true) saved with curl, and what
+    `export` writes (sealed, or --clear): each imports with `import FILE` unchanged."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    store = tmp_path / "seed" / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    assert sync_session(db, "shop", store).paired
+    shop = db.load_session("shop")
+    config = make_config(tmp_path, API_TOKEN="t" * 32, SESSION_ENCRYPTION_KEY=key)
+    server = ApiServer(create_app(Runtime(config, db, network.factory), db), "127.0.0.1", 0, threads=2)
+    server.start()
+    try:
+        answers = {}
+        for name, query in (("api-sealed", ""), ("api-clear", "&clear=true")):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            conn.request(
+                "GET", f"/api/session/restore?session_id=shop{query}", headers={"Authorization": "Bearer " + "t" * 32}
+            )
+            response = conn.getresponse()
+            assert response.status == 200
+            answers[name] = response.read()  # as `curl ... > file` saves it
+            conn.close()
+    finally:
+        server.stop()
+    assert json.loads(answers["api-sealed"])["session_data"]["format"] == "zapkeep.sealed-session"
+    assert json.loads(answers["api-clear"])["session_data"]["format"] == "zapkeep.session"
+
+    url, env = _cli_env(db, tmp_path)
+    data = tmp_path  # the embedded database of ``db`` is DATA_DIR/zapkeep.sqlite3
+    shop_env = {**env, "SESSION_ID": "shop", "SESSION_ENCRYPTION_KEY": key}
+    for name, args in (("cli-sealed", []), ("cli-clear", ["--clear"])):
+        exported = bot(url, data, "export", *args, str(tmp_path / f"{name}.json"), env=shop_env)
+        assert exported.returncode == 0, exported.stderr
+    for name, answer in answers.items():
+        (tmp_path / f"{name}.json").write_bytes(answer)
+    assert json.loads((tmp_path / "cli-sealed.json").read_text())["format"] == "zapkeep.sealed-session"
+
+    for number, name in enumerate(("api-sealed", "api-clear", "cli-sealed", "cli-clear")):
+        copy_env = {**env, "SESSION_ID": f"copy{number}", "SESSION_ENCRYPTION_KEY": key}
+        imported = bot(url, data, "import", str(tmp_path / f"{name}.json"), env=copy_env)
+        assert imported.returncode == 0, (name, imported.stderr)
+        assert f"imported session copy{number} as version" in imported.stdout
+        assert db.load_session(f"copy{number}").checksum == shop.checksum, name
+        again = json.loads(bot(url, data, "export", "--clear", "-", env=copy_env).stdout)
+        assert again["tables"] == json.loads((tmp_path / "cli-clear.json").read_text())["tables"], name
+
+    help_text = bot(url, data, "import", "--help").stdout
+    for form in ("export", "sealed", "GET /api/session/restore", "?clear=true", "session document"):
+        assert form in " ".join(help_text.split()), form
+
+    # A text nested deeper than Python's parser follows: one line, nothing stored.
+    deep = tmp_path / "deep.json"
+    for text in ("[" * 100_000 + "]" * 100_000, '{"success": true, "session_data": ' + "[" * 5000 + "]" * 5000 + "}"):
+        deep.write_text(text)
+        refused = bot(url, data, "import", str(deep), env={**env, "SESSION_ID": "deep"})
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        assert len(refused.stderr.strip().splitlines()) == 1 and "nested too deeply" in refused.stderr
+    assert db.load_session("deep") is None

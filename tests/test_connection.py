@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -133,10 +132,21 @@ def test_reconnecting_twice_at_once_after_replaced_runs_one_client(
         caller.start()
     for caller in callers:
         caller.join(30)
-    wait_until(lambda: runtime.state is State.CONNECTED, message="connected again")
-    time.sleep(0.5)
-    assert len([c for c in network.clients if c.running.is_set() and not c.stopped.is_set()]) == 1
-    assert len([t for t in threading.enumerate() if t.name == "supervisor"]) == 1
+
+    def running() -> list:
+        return [c for c in network.clients if c.running.is_set() and not c.stopped.is_set()]
+
+    def supervisors() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "supervisor"]
+
+    # Both calls have returned: every supervisor they started exists. What a second one would do
+    # is run a client of its own: wait until each has one (or none is left to), then count.
+    wait_until(
+        lambda: runtime.state is State.CONNECTED and len(running()) == len(supervisors()),
+        message="every supervisor's round connected",
+    )
+    assert len(running()) == 1
+    assert len(supervisors()) == 1
 
 
 def test_stop_after_replaced_then_start_and_logout_while_stopped_pairs_again(

@@ -12,5 +12,8 @@ def test_kill_minus_9_during_backups_always_leaves_a_complete_snapshot(database_
 
     report = kill_during_backups(store, database_url, tmp_path, iterations=4)
 
+    # During backups: the fourth kill is pinned inside a write (its head and some rows written, not
+    # committed); the others may land anywhere. (Each victim reports a committed backup before its
+    # kill: kill_during_backups waits for one, so counting them asserts nothing.)
+    assert report.kills_inside_writes >= 1, report
     assert report.restored_rows > 2000
-    assert sum(report.backups_before_kill) >= 4

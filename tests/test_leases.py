@@ -41,7 +41,7 @@ def test_one_owner_at_a_time_and_each_take_over_raises_the_token(db: Database) -
 
 def test_an_expired_lease_can_be_taken_and_is_not_renewable(db: Database) -> None:
     stale = db.acquire_lease("default", "host-a/1", ttl_seconds=0.3)
-    time.sleep(0.5)
+    wait_until(lambda: db.lease("default").expires_in_seconds <= 0, message="the lease expired (database clock)")
     assert not db.renew_lease(stale, ttl_seconds=30)
     assert db.lease("default").expires_in_seconds < 0
     fresh = db.acquire_lease("default", "host-b/2", ttl_seconds=30)
@@ -92,7 +92,7 @@ def test_a_stale_token_cannot_overwrite_or_delete_the_row(db: Database) -> None:
 
 def test_an_expired_owner_cannot_write_even_if_nobody_took_over(db: Database) -> None:
     stale = db.acquire_lease("default", "host-a/1", ttl_seconds=0.3)
-    time.sleep(0.5)
+    wait_until(lambda: db.lease("default").expires_in_seconds <= 0, message="the lease expired (database clock)")
     _stale_writes(db, stale)
     assert db.load_session("default") is None
     assert db.load_rows("default") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from bot.session_state import State
 from bot.services import Services, build_services
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
-from tests.runtime_helpers import FAST, make_config
+from tests.runtime_helpers import FAST, Calls, make_config
 
 CUSTOMER = "5511912345678@s.whatsapp.net"
 RULES = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0.05)
@@ -37,16 +38,19 @@ def incoming(
     from_me: bool = False,
     is_group: bool = False,
     sent: float | None = None,
+    sender: str | None = None,
+    chat_phone: str | None = None,
 ) -> events.IncomingMessage:
     return events.IncomingMessage(
         message_id=message_id or f"WAMSG{next(_ids):08d}",
         chat=chat,
-        sender=chat,
+        sender=sender or chat,
         push_name="Ana",
         text=text,
         from_me=from_me,
         is_group=is_group,
         timestamp=int(sent or time.time()),
+        chat_phone=chat_phone,
     )
 
 
@@ -152,9 +156,11 @@ def test_messages_queued_while_offline_go_out_in_order_after_reconnecting(daemon
     services = daemon.paired()
     daemon.network.current().emit(events.Disconnected())
     wait_until(lambda: services.runtime.state is State.RECONNECTING)
+    services.outbox.flush = passes = Calls(services.outbox.flush)  # (its thread calls self.flush)
     for n in range(5):
         services.outbox.enqueue(CUSTOMER, f"aviso {n}", reason="api", expires_in=None)
-    time.sleep(0.5)
+    passes.mark()
+    passes.wait(message="an outbox pass over the queued messages")  # one that could have sent them
     assert daemon.network.sent == []
 
     daemon.network.current().emit(events.Connected())  # whatsmeow reconnected by itself
@@ -360,9 +366,14 @@ def test_only_a_take_over_settles_what_the_last_owner_left_mid_send(daemon: Daem
     # Held for as long as the test needs it (a short TTL could run out before the daemon is even up).
     owner = db.acquire_lease("default", "host-a/deploy/1", ttl_seconds=3600)
     assert owner is not None
+    db.acquire_lease = attempts = Calls(db.acquire_lease)  # (the standby's lease keeper calls db.acquire_lease)
     services = daemon.start()
     wait_until(lambda: services.runtime.state is State.STANDBY, message="standby")
-    time.sleep(0.5)  # time enough to misbehave, if it would
+    services.outbox.flush = passes = Calls(services.outbox.flush)
+    attempts.mark()
+    passes.mark()
+    attempts.wait(2, message="two more take-over attempts of the standby")  # each refused: the owner is live
+    passes.wait(message="an outbox pass of the standby")
     assert status_of(db, row) == "sending"  # a standby never touches the live owner's sends
     with db.transaction() as tx:  # ...which then crashes: its lease runs out, in one step
         tx.execute("UPDATE whatsapp_session_leases SET expires_at = 0 WHERE owner_id = 'host-a/deploy/1'")
@@ -434,3 +445,105 @@ def test_receipts_move_a_sent_reply_to_delivered_then_read_and_never_back(daemon
     assert reply_status() == "read"
     inbound = next(m for m in daemon.db.list_messages("default", CUSTOMER) if m.direction == "in")
     assert inbound.status == "replied"  # receipts are about what we sent only
+
+
+LID_CHAT = "987654321012345@lid"  # the same customer, as WhatsApp addresses one-to-one chats more and more
+
+
+def test_a_customer_writing_from_a_lid_chat_is_answered_there_and_listed_once_with_the_phone(daemon: Daemon) -> None:
+    daemon.paired()
+    first = incoming("Oi, bom dia!", chat=LID_CHAT, sender="987654321012345:3@lid", chat_phone=CUSTOMER)
+    daemon.deliver(first)
+    wait_until(lambda: len(daemon.network.sent) == 1, message="the greeting")
+    # whatsmeow gives the phone with some messages only (SenderAlt, or its LID map): it is kept.
+    second = incoming("2", chat=LID_CHAT, sender="987654321012345:3@lid")
+    daemon.deliver(second)
+    processed(daemon, first, second)
+
+    assert [m.to for m in daemon.network.sent] == [LID_CHAT, LID_CHAT]  # in the chat they wrote from
+    assert daemon.network.sent[0].text.startswith("Olá, Ana!") and "Rua das Flores" in daemon.network.sent[1].text
+    assert (LID_CHAT, True) in daemon.network.typing and first.message_id in daemon.network.read
+    logged = [(m.direction, m.status) for m in daemon.db.list_messages("default", LID_CHAT)]
+    assert logged == [("in", "replied"), ("out", "sent")] * 2
+    assert daemon.db.list_messages("default", CUSTOMER) == []  # never a second chat at the phone JID
+    (chat,) = daemon.db.list_chats("default")
+    assert (chat.chat_jid, chat.phone_jid, chat.unanswered) == (LID_CHAT, CUSTOMER, 0)
+    received = [e for e in daemon.db.events_after("default", 0) if e.event_type == "message.received"]
+    assert [json.loads(e.payload)["chat_phone"] for e in received] == [CUSTOMER, CUSTOMER]
+
+
+# --- with the fake as harsh as whatsmeow (tests/fake_whatsapp.py's switches) ---------------------
+
+
+def test_messages_delivered_before_connected_are_logged_marked_read_and_answered_once(daemon: Daemon) -> None:
+    """whatsmeow delivers what the server queued while the client was away before it dispatches
+    Connected (which waits for its pre-key check): those customers get their blue ticks and one
+    answer each, once connected."""
+    daemon.paired()
+    daemon.stop()
+    other = "5511955554444@s.whatsapp.net"
+    backlog = [incoming("oi, vocês abrem hoje?"), incoming("bom dia", chat=other)]
+    pre_keys = threading.Event()
+    daemon.network.offline_backlog = list(backlog)
+    daemon.network.store_writes_before_connected = 5
+    daemon.network.connected_gate = pre_keys
+    try:
+        services = daemon.start()
+        wait_until(
+            lambda: (
+                {m.message_id for m in daemon.db.list_messages("default") if m.direction == "in"}
+                == {m.message_id for m in backlog}
+            ),
+            message="the backlog logged",
+        )
+        # The connection is up (the messages came over it): they are marked read before Connected.
+        wait_until(lambda: set(daemon.network.read) == {m.message_id for m in backlog}, message="blue ticks")
+        assert services.runtime.state is not State.CONNECTED and daemon.network.sent == []
+    finally:
+        pre_keys.set()
+    wait_until(lambda: services.runtime.state is State.CONNECTED, message="connected")
+    processed(daemon, *backlog)
+    assert sorted(m.to for m in daemon.network.sent) == sorted([CUSTOMER, other])  # one answer each
+    assert all(m.text.startswith("Olá, Ana!") for m in daemon.network.sent)
+
+
+def test_a_reply_whose_send_has_no_answer_is_never_sent_again(daemon: Daemon) -> None:
+    """The send went out and its answer never came (the customer may well have it): failed, never
+    retried, not after the next sends nor after a reconnect."""
+    services = daemon.paired()
+    daemon.network.unknown_send_outcomes.append("send_text: no answer from the client within 60 s")
+    daemon.deliver(incoming("oi"))
+    wait_until(
+        lambda: any(m.status == "failed" for m in daemon.db.list_messages("default", CUSTOMER)),
+        message="the reply settled as failed",
+    )
+    client = daemon.network.current()
+    client.emit(events.Disconnected())
+    wait_until(lambda: services.runtime.state is State.RECONNECTING)
+    client.emit(events.Connected())  # the outbox looks at its queue again on every connect...
+    later = services.outbox.enqueue(CUSTOMER, "Seu pedido saiu", reason="api", expires_in=None)
+    # ...and once this later message went out, the outbox has been over its queue since the failure.
+    wait_until(lambda: status_of(daemon.db, later) == "sent", message="the later message sent")
+    assert [m.text[:9] for m in daemon.network.sent] == ["Olá, Ana!", "Seu pedid"]  # one copy of the reply
+    (reply,) = [m for m in daemon.db.list_messages("default", CUSTOMER) if m.reason not in ("api", None)][1:]
+    assert reply.status == "failed" and "outcome unknown" in (reply.last_error or "") and reply.attempts == 1
+
+
+def test_a_slow_send_does_not_hold_up_the_blue_ticks_of_other_messages(daemon: Daemon) -> None:
+    daemon.paired()
+    sending = threading.Event()
+    daemon.network.send_gate = sending
+    other = "5511955554444@s.whatsapp.net"
+    try:
+        first = incoming("oi")
+        daemon.deliver(first)
+        wait_until(lambda: CUSTOMER in daemon.network.sends_started, message="the first reply on its way")
+        second = incoming("bom dia", chat=other)
+        daemon.deliver(second)
+        # WhatsApp has not answered the first send yet: the second customer's ticks do not wait for it.
+        wait_until(lambda: second.message_id in daemon.network.read, message="the second message marked read")
+        assert daemon.network.sent == [] and not sending.is_set()
+    finally:
+        sending.set()
+    processed(daemon, first, second)
+    assert sorted(m.to for m in daemon.network.sent) == sorted([CUSTOMER, other])

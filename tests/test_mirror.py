@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from bot import session_store
-from bot.mirror import Mirror
+from bot.mirror import Mirror, MirrorProcess
 from bot.persistence import export_document, sync_session
 from database import Database, Fence, FencedOut
 from tests.fake_whatsapp import wait_until
-from tests.synthetic import DEVICE_JID, HELPER, create_paired_store, table_rows
+from tests.runtime_helpers import Calls
+from tests.synthetic import DEVICE_JID, HELPER, GeneratedRow, create_paired_store, generated_rows, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,14 +99,84 @@ def test_every_kind_of_change_is_mirrored_and_the_export_equals_the_store(db: Da
     assert session_store.validate_document(document).checksum == session_store.take_snapshot(store)["checksum"]
 
 
-def test_an_unchanged_store_writes_nothing(db: Database, tmp_path: Path) -> None:
+SCHEMA_TABLES = set(re.findall(r"CREATE TABLE (whatsmeow_\w+)", (ROOT / "bot" / "whatsmeow_schema.sql").read_text()))
+
+
+def store_sequence(conn: sqlite3.Connection) -> int:
+    """The last change number the store's triggers handed out."""
+    return conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'zapkeep_changes'").fetchone()[0]
+
+
+def test_inserts_updates_and_deletes_in_every_whatsmeow_table_are_mirrored(db: Database, tmp_path: Path) -> None:
+    """Change capture on every table of whatsmeow's schema, not only the ones other tests write: a
+    row generated from the schema for each (a table an upgrade adds included), inserted, updated and
+    deleted, each step seen in the database once the mirror has stored a later change."""
+    store = tmp_path / "whatsmeow.sqlite3"
+    create_paired_store(store)
+    conn = sqlite3.connect(store, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")  # as whatsmeow opens it: a generated row must be valid
+    rows = generated_rows(conn)
+    assert {row.table for row in rows} == SCHEMA_TABLES  # every table of bot/whatsmeow_schema.sql
+
+    def apply(statements: list[tuple[str, tuple]]) -> dict[str, set[tuple]]:
+        """One store transaction (as whatsmeow's), then what the database holds once the mirror has
+        stored it (its sequence: so a table whose change was never logged is read as it is, not
+        waited for)."""
+        conn.execute("BEGIN IMMEDIATE")
+        for statement, params in statements:
+            conn.execute(statement, params)
+        conn.execute("COMMIT")
+        sequence = store_sequence(conn)
+        wait_until(lambda: db.load_session("default").mirror_sequence >= sequence, message="the batch mirrored")
+        return {table: set(values) for table, values in stored_rows(db).items()}
+
+    def insert(row: GeneratedRow) -> tuple[str, tuple]:
+        names = ", ".join(f'"{c}"' for c in row.columns)
+        return f'INSERT INTO "{row.table}" ({names}) VALUES ({", ".join("?" * len(row.columns))})', row.values
+
+    def where(row: GeneratedRow, values: tuple) -> tuple[str, tuple]:
+        return " AND ".join(f'"{c}" IS ?' for c in row.columns), values
+
+    def update(row: GeneratedRow) -> tuple[str, tuple]:
+        ((column, value),) = [
+            (c, new) for c, old, new in zip(row.columns, row.values, row.changed, strict=True) if old != new
+        ]
+        condition, params = where(row, row.values)
+        return f'UPDATE "{row.table}" SET "{column}" = ? WHERE {condition}', (value, *params)
+
+    def delete(row: GeneratedRow) -> tuple[str, tuple]:
+        condition, params = where(row, row.changed)
+        return f'DELETE FROM "{row.table}" WHERE {condition}', params
+
+    with mirroring(db, store):
+        wait_until(lambda: in_sync(db, store), message="the first full sync")
+        inserted = apply([insert(row) for row in rows])
+        missing = [row.table for row in rows if row.values not in inserted.get(row.table, set())]
+        assert not missing, f"inserts not mirrored: {missing}"
+        updated = apply([update(row) for row in rows])
+        missing = [row.table for row in rows if row.changed not in updated.get(row.table, set())]
+        stale = [row.table for row in rows if row.values in updated.get(row.table, set())]
+        assert not missing and not stale, f"updates not mirrored: {missing}; old rows left: {stale}"
+        deleted = apply([delete(row) for row in reversed(rows)])  # children before their parents
+        left = [row.table for row in rows if row.changed in deleted.get(row.table, set())]
+        assert not left, f"deletes not mirrored: {left}"
+        assert stored_rows(db) == table_rows(store)
+    conn.close()
+
+
+def test_an_unchanged_store_writes_nothing(db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "whatsmeow.sqlite3"
     create_paired_store(store)
     assert sync_session(db, "default", store).written_rows > 0
     stored = db.load_session("default")
+    polls = Calls(MirrorProcess.request, counts=lambda _, payload: payload["op"] == "poll")
+    monkeypatch.setattr(MirrorProcess, "request", lambda process, payload: polls(process, payload))
     with mirroring(db, store) as (mirror, _, _):
         result = mirror.reconcile("test")
-        time.sleep(0.5)  # a few polls of an idle store
+        polls.mark()
+        # Two polls of the idle store begun since: the first one's answer was handled (written, if
+        # it held anything) before the second was asked.
+        polls.wait(2, message="two polls of the idle store")
     assert result.written_rows == 0 and result.missed == 0
     assert db.load_session("default") == stored  # not even updated_at moved
 
@@ -238,10 +309,10 @@ def test_kill_9_during_a_write_burst_leaves_a_committed_prefix_that_kept_up_with
     report = kill_during_writes(tmp_path, database_url, kills=4, seed=7)
     assert report.kills == 4
     assert all(prefix % 10 == 0 for prefix in report.stored_prefixes)  # whole transactions only
-    # Kept up (a stalled mirror lags by the whole burst). How far behind is a speed, measured by
-    # bench/soak_mirror_kill9.py (max 0.11 s over 20 kills): a 1 s bound here failed once on a
-    # machine with both cores and the database loaded (1.16 s).
-    assert max(report.lag_seconds) <= 10.0, report
+    # Kept up: every victim's own batches stored writes committed after it caught up (a mirror that
+    # never writes them stores nothing past its start-up comparison). How far behind is a speed,
+    # measured by bench/soak_mirror_kill9.py (max 0.11 s over 20 kills), never asserted here.
+    assert all(stored > 0 for stored in report.stored_by_batches), report
 
 
 def test_each_commit_wakes_the_mirror_without_waiting_for_its_next_poll(db: Database, tmp_path: Path) -> None:

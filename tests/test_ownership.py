@@ -13,7 +13,7 @@ from database import Database, PostgresDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.pg_cluster import PostgresCluster
 from tests.synthetic import table_rows
-from tests.runtime_helpers import FAST, make_config, mirrored
+from tests.runtime_helpers import FAST, Calls, make_config, mirrored
 
 QUICK_LEASE = {"LEASE_TTL_SECONDS": "3", "LEASE_RENEW_SECONDS": "1", "API_TOKEN": "t" * 20}
 # The default lease (30 s, renewed every 10 s), for a test that expires the lease itself: the quick
@@ -57,6 +57,7 @@ def test_second_daemon_stands_by_then_takes_over_on_graceful_shutdown(
         b.start()
         wait_until(lambda: b.state is State.STANDBY, message="b stands by")
         assert not b.status().owns_session
+        assert b.readiness().reason == "standby: another instance holds session default"
         assert network_b.clients == []  # never built a client
         assert not b.config.store_path.exists()
 
@@ -73,6 +74,33 @@ def test_second_daemon_stands_by_then_takes_over_on_graceful_shutdown(
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_lease_that_could_not_be_renewed_is_never_said_to_be_held_by_another_instance(
+    db: Database, whatsmeow_template: Path, tmp_path: Path
+) -> None:
+    a, network = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
+    try:
+        paired(a, network, db)
+        client = network.current()
+        with db.transaction() as tx:  # renewals wait behind this lock: the lease cannot be renewed
+            if db.backend == "postgresql":  # (SQLite's BEGIN IMMEDIATE holds every write already)
+                tx.execute("SELECT 1 FROM whatsapp_session_leases WHERE session_id = %s FOR UPDATE", ("default",))
+            wait_until(lambda: a.state is State.STANDBY, message="disconnected without a renewed lease")
+            assert client.stopped.is_set()
+            held_up, status = a.readiness(), a.status()
+        assert not held_up.ready and "another instance" not in (held_up.reason or ""), held_up
+        assert "could not renew its lease" in (held_up.reason or ""), held_up
+        assert status.standby_cause == "not_renewed"
+        # Its own lease, given up, may still be in the database for a moment: never "another instance".
+        reasons: list[str] = []
+        while a.state is not State.CONNECTED:
+            reasons.append(a.readiness().reason or "")
+            wait_until(lambda: a.state is State.CONNECTED or a.readiness().reason not in reasons, message="reconnected")
+        assert not [r for r in reasons if "another instance" in r], reasons
+        assert db.lease("default").owner_id == "host-a"
+    finally:
+        a.stop()
 
 
 def test_a_crashed_owner_is_replaced_after_its_lease_expires(
@@ -132,6 +160,7 @@ def test_owner_disconnects_before_its_lease_can_expire_when_the_database_is_gone
     cluster = PostgresCluster().start()
     db = PostgresDatabase(cluster.create_database(), connect_timeout=2)
     db.open()
+    db.acquire_lease = attempts = Calls(db.acquire_lease)  # (the lease keeper calls db.acquire_lease)
     a, network = owner(db, whatsmeow_template, tmp_path / "a", "host-a")
     try:
         paired(a, network, db)
@@ -142,7 +171,12 @@ def test_owner_disconnects_before_its_lease_can_expire_when_the_database_is_gone
         wait_until(client.stopped.is_set, timeout=10, message="disconnect while the DB is unreachable")
         assert time.monotonic() - lost_at < 3  # the lease TTL: nobody else could have taken it yet
         assert a.state is State.STANDBY
-        time.sleep(1.5)
+        # What could reconnect: the round's supervisor (it must end, its lease gone) and the lease
+        # keeper's attempts to take the lease back (each fails after the pool's 10 s wait).
+        supervisor = a._supervisor
+        attempts.mark()
+        wait_until(lambda: supervisor is None or not supervisor.is_alive(), message="the supervisor gave up")
+        attempts.wait(message="an attempt to take the lease back", timeout=60)
         assert len(network.clients) == 1  # no reconnect without a lease
 
         cluster.start_server()

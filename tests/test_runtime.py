@@ -15,7 +15,7 @@ from bot.session_state import State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config, mirrored, start_paired, stored_rows, versions
-from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
+from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, table_rows
 
 
 def test_pairing_from_an_empty_start_is_backed_up(runtime_factory, db: Database, network: FakeWhatsApp) -> None:
@@ -152,6 +152,27 @@ def test_restores_from_the_database_at_boot_and_connects_without_qr(runtime_fact
     assert db.load_session("default").checksum == stored.checksum
 
 
+def test_a_migrated_boot_keeps_a_first_snapshot_at_once_and_shows_the_push_name(
+    runtime_factory, db: Database, network: FakeWhatsApp
+) -> None:
+    runtime = runtime_factory()
+    create_paired_store(runtime.config.store_path)  # paired before this daemon stored anything
+    assert db.load_session("default") is None
+
+    runtime.start()
+
+    wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
+    wait_until(lambda: mirrored(runtime, db), message="the local store stored")
+    assert all(not c.qr_codes for c in network.clients)
+    stored = db.load_session("default")
+    assert stored.push_name == PUSH_NAME
+    history = db.list_history("default")  # no shutdown, no periodic job: the boot kept it
+    assert [h.checksum for h in history] == [stored.checksum]
+    status = runtime.status()
+    assert status.push_name == PUSH_NAME and status.last_backup_version == stored.version
+    assert status.jid == DEVICE_JID
+
+
 def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db, network) -> None:
     network.connected = False
     delays: list[float] = []
@@ -218,3 +239,55 @@ def test_pair_phone_asks_for_a_pairing_code_instead_of_a_qr(runtime_factory, net
     runtime.start()
     wait_until(lambda: runtime.status().pairing_code == "ABCD-EFGH", message="pairing code")
     assert runtime.state is State.QR
+
+
+# --- with the fake as harsh as whatsmeow (tests/fake_whatsapp.py's switches) ---------------------
+
+
+def _wiped_and_pairing_again(runtime, db: Database, network: FakeWhatsApp, first, history) -> None:
+    wait_until(lambda: runtime.state is State.QR, message="back to qr")
+    second = network.current()
+    assert second is not first and second.device_jid() is None  # a new, unpaired store
+    assert db.load_session("default") is None and db.load_rows("default") == []
+    assert db.list_history("default") == history  # an admin can still roll back
+    assert runtime.status().jid is None
+
+
+def test_an_unlink_announced_before_whatsmeow_deletes_the_device_still_wipes_everything(
+    runtime_factory, db: Database, network: FakeWhatsApp
+) -> None:
+    network.logged_out_before_wipe = True  # whatsmeow: LoggedOut dispatched, then the device deleted
+    runtime = runtime_factory()
+    first = start_paired(runtime, network, db)
+    history = db.list_history("default")
+    first.unlink()  # returns once whatsmeow's delete landed, after the daemon had the event
+    _wiped_and_pairing_again(runtime, db, network, first, history)
+    network.current().scan_qr()  # and pairing again is stored as before
+    wait_until(lambda: runtime.state is State.CONNECTED, message="paired again")
+    wait_until(lambda: mirrored(runtime, db), message="the new store mirrored")
+    assert db.load_session("default").device_jid == DEVICE_JID
+
+
+def test_a_logout_whose_request_fails_still_wipes_locally_and_pairs_again(
+    runtime_factory, db: Database, network: FakeWhatsApp
+) -> None:
+    """whatsmeow's Logout raises when its request fails, and then deletes nothing and says nothing:
+    the admin asked to unlink, so this device forgets the session all the same."""
+    network.logout_error = "error sending logout request: websocket not connected"
+    runtime = runtime_factory()
+    first = start_paired(runtime, network, db)
+    history = db.list_history("default")
+    assert runtime.logout() is False  # not unlinked on the phone's side: the API says so
+    _wiped_and_pairing_again(runtime, db, network, first, history)
+    assert runtime.status().last_error == "logged out by an admin"
+
+
+def test_whatsmeows_logout_emits_no_logged_out_and_the_daemon_still_wipes(
+    runtime_factory, db: Database, network: FakeWhatsApp
+) -> None:
+    network.logout_emits_logged_out = False
+    runtime = runtime_factory()
+    first = start_paired(runtime, network, db)
+    history = db.list_history("default")
+    assert runtime.logout() is True
+    _wiped_and_pairing_again(runtime, db, network, first, history)

@@ -6,6 +6,7 @@ Screenshots of every page land in the test's output (``tmp_path/screenshots``)."
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -18,11 +19,11 @@ from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
 from bot.runtime import Runtime
 from bot.services import build_services
+from bot.session_state import State
 from database import SqliteDatabase
-from session_api import create_app
-from session_api.console import SIGN_IN_BUDGET
+from session_api import console_words, create_app
+from session_api.console import sign_in_attempts
 from session_api.console_auth import CSRF_HEADER
-from session_api.guard import FailedAttempts
 from session_api.server import ApiServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST
@@ -42,10 +43,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}: ./scripts/test.sh installs Debian's chromium"
-)
 
 
 @dataclass
@@ -75,7 +72,7 @@ def daemon(whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
         config, db, network.factory, replace(load_rules(SHIPPED_REPLIES), typing_seconds=0), timing=FAST
     )
     clock = [0.0]
-    attempts = FailedAttempts(SIGN_IN_BUDGET, clock=lambda: clock[0])
+    attempts = sign_in_attempts(clock=lambda: clock[0])  # the daemon's own budgets, on a clock the test moves
     app = create_app(services.runtime, db, outbox=services.outbox, sign_in_attempts=attempts)
     server = ApiServer(app, "127.0.0.1", 0)
     server.start()
@@ -92,6 +89,13 @@ def daemon(whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
 
 @pytest.fixture
 def browser() -> Iterator:
+    # Never a skip: these tests guard the console's promises, and a suite that skipped them passed.
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: the web console's browser tests need it. Install Debian's chromium "
+            "(apt-get install chromium; ./scripts/test.sh does so when run as root) or set CHROMIUM to its path.",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -154,6 +158,12 @@ def test_pair_by_qr_then_act_on_the_session_from_the_browser(daemon: Daemon, bro
     assert len(daemon.network.clients) > clients  # stopped, rewritten from version 1, reconnected
     page.wait_for_selector("#badge[data-state='connected']")
 
+    page.click("button[data-action='stop']")  # "Parar conexão": still paired, not connected
+    page.wait_for_selector("#badge[data-state='disconnected']")
+    assert page.inner_text("#badge") == "Conexão parada pelo operador"
+    page.click("button[data-action='start']")
+    page.wait_for_selector("#badge[data-state='connected']")
+
     # A customer asks for a person: the chat is paused; the operator gives it back to the bot.
     client = daemon.network.current()
     client.emit(
@@ -213,3 +223,18 @@ def test_wrong_passwords_and_forged_requests_are_refused(daemon: Daemon, browser
     page.wait_for_selector("#password")
     assert page.request.get(daemon.url + "/api/session/status").status == 401  # signed out for real
     context.close()
+
+
+def test_every_state_has_a_word_and_a_colour_in_both_languages() -> None:
+    """The badge shows W["state_" + state] (else the raw English name) coloured by .state-<name>:
+    every state the runtime has, and nothing else, is named in each language and coloured."""
+    css = (Path(console_words.__file__).parent / "static" / "console.css").read_text()
+    names = {state.value for state in State}
+    for lang, words in console_words.WORDS.items():
+        named = {key.removeprefix("state_") for key in words if key.startswith("state_")}
+        assert named == names, (lang, named ^ names)
+        for state in State:
+            word = words[f"state_{state.value}"]
+            assert word.strip() and word != state.value, (lang, state)
+    assert console_words.WORDS["pt-BR"]["state_disconnected"] != console_words.WORDS["en"]["state_disconnected"]
+    assert set(re.findall(r"\.state-([a-z_]+)", css)) == names

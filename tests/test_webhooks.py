@@ -9,11 +9,14 @@ import hashlib
 import hmac
 import http.client
 import json
+import select
+import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from bot.chatbot import load_rules
 from bot.config import SHIPPED_REPLIES, Config
 from bot.services import Services, build_services
 from bot.session_state import State
+from bot.webhooks import Dispatcher
 from database import Database
 from session_api import create_app
 from session_api.server import ApiServer
@@ -83,6 +87,84 @@ class Receiver:
         self.server.server_close()
 
 
+BROKEN_ANSWERS = {  # what a hostile or broken receiver answers (http.client refuses each one)
+    "garbage": b"garbage\r\n\r\n",
+    "long header": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+    "150 headers": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H-%d: v\r\n" % n for n in range(150)) + b"\r\n",
+    "broken chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+}
+
+
+class BrokenReceiver:
+    """A receiver on a raw socket that answers the events of ``poisoned`` chats (every chat when
+    None) with ``kind``: one of BROKEN_ANSWERS, or "trickle" (a 200 status line, then one header
+    line every ``trickle_seconds``, for ever). Other events get a plain 200."""
+
+    def __init__(self, kind: str, poisoned: str | None = None, trickle_seconds: float = 0.5) -> None:
+        self.kind = kind
+        self.poisoned = poisoned
+        self.trickle_seconds = trickle_seconds
+        self.attempts: dict[int, list[float]] = {}  # poisoned event id -> when each attempt came (monotonic)
+        self.held: list[float] = []  # trickle: how long each attempt was held before the sender hung up
+        self.accepted: list[dict] = []
+        self._closing = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/broken-hook"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                event = self._read_request(conn)
+                if self.poisoned is not None and event["data"].get("chat") != self.poisoned:
+                    self.accepted.append(event)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    return
+                came = time.monotonic()
+                self.attempts.setdefault(event["id"], []).append(came)
+                if self.kind != "trickle":
+                    conn.sendall(BROKEN_ANSWERS[self.kind])
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                n = 0
+                while not self._closing.is_set():
+                    if select.select([conn], [], [], self.trickle_seconds)[0] and not conn.recv(1):
+                        self.held.append(time.monotonic() - came)  # the sender hung up
+                        return
+                    n += 1
+                    conn.sendall(b"X-Slow-%d: 1\r\n" % n)
+            except OSError:
+                pass  # the sender hung up mid-answer (a 70 KB line is not read to its end)
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> dict:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("the sender hung up")
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        while len(body) < length:
+            body += conn.recv(65536)
+        return json.loads(body)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._listener.close()
+
+
 @dataclass
 class Daemon:
     services: Services
@@ -122,19 +204,22 @@ def receiver() -> Iterator[Receiver]:
 def start_daemon(db: Database, whatsmeow_template: Path, tmp_path: Path, receiver: Receiver) -> Iterator:
     running: list[tuple[Services, ApiServer]] = []
 
-    def start(network: FakeWhatsApp | None = None) -> Daemon:
+    def start(
+        network: FakeWhatsApp | None = None, url: str | None = None, webhook_options: dict | None = None
+    ) -> Daemon:
         config = Config.from_env(
             {
                 "DATA_DIR": str(tmp_path / "data"),
                 "API_TOKEN": TOKEN,
                 "BACKUP_INTERVAL_SECONDS": "3600",
-                "WEBHOOK_URL": receiver.url,
+                "WEBHOOK_URL": url or receiver.url,
                 "WEBHOOK_SECRET": SECRET,
             }
         )
         network = network or FakeWhatsApp(schema_template=whatsmeow_template)
         rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
-        services = build_services(config, db, network.factory, rules, timing=FAST, webhook_options=FAST_RETRIES)
+        options = webhook_options or FAST_RETRIES
+        services = build_services(config, db, network.factory, rules, timing=FAST, webhook_options=options)
         app = create_app(services.runtime, db, outbox=services.outbox, webhooks=services.webhooks)
         server = ApiServer(app, "127.0.0.1", 0, threads=8)
         server.start()
@@ -339,6 +424,102 @@ def test_a_redirect_is_a_failed_delivery_not_a_lost_one(start_daemon, receiver) 
     assert endpoint["delivered"] == 0 and endpoint["last_error"] == "HTTP 302"
     receiver.mode = "ok"
     wait_until(lambda: any(e["type"] == "session.state" for e in receiver.events()), message="delivered after all")
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("garbage", "malformed answer (BadStatusLine)"),
+        ("long header", "malformed answer (LineTooLong)"),
+        ("150 headers", "got more than 100 headers"),
+        ("broken chunked", "malformed answer (IncompleteRead)"),
+        ("trickle", "no complete answer within 2 s"),  # one header line every 0.5 s: the 2 s deadline ends it
+    ],
+)
+def test_a_broken_receiver_is_a_failed_attempt_with_backoff_shown_and_other_chats_go_on(
+    start_daemon, db: Database, kind: str, error: str
+) -> None:
+    """Each answer http.client refuses, and a trickle that no socket timeout ends, used to escape
+    the failure accounting: re-POSTed 5 times a second for ever, every later event stuck behind it,
+    and the endpoint shown as up to date."""
+    broken = BrokenReceiver(kind, poisoned=ANA)  # ANA's events get the broken answer, others a 200
+    try:
+        daemon = start_daemon(url=broken.url, webhook_options={"retry_seconds": (0.2, 3600), "post_timeout": 2.0})
+        daemon.pair()
+        daemon.customer(ANA, "oi", 1)
+        endpoint = lambda: daemon.call("GET", "/api/webhooks")["endpoints"][0]  # noqa: E731
+        wait_until(lambda: endpoint()["failed_attempts"] >= 2, message="two failed attempts counted")
+        # The second failure waits an hour: a later event of another chat goes out, ANA's waits.
+        daemon.customer(BETO, "bom dia", 2)
+        wait_until(
+            lambda: any(e["data"].get("chat") == BETO for e in broken.accepted),
+            message="another chat's event delivered",
+        )
+        (attempts,) = broken.attempts.values()
+        assert len(attempts) == 2  # every attempt counted, and no third one within the hour's wait
+        shown = endpoint()
+        assert shown["failed_attempts"] == 2 and shown["retrying"] == 1 and shown["pending"] > 0
+        assert shown["failing_since"] is not None  # what the console shows as failing, not "up to date"
+        assert error in shown["last_error"] and len(shown["last_error"]) <= 200
+        tried, _ = db.open_deliveries(daemon.services.webhooks[0].endpoint.key, 0)
+        (waiting,) = tried.values()
+        assert waiting.attempts == 2 and waiting.next_attempt_at - datetime.now(UTC) > timedelta(minutes=30)
+        metrics = daemon.raw("GET", "/metrics").decode()
+        assert f'zapkeep_webhook_failed_attempts_total{{endpoint="{broken.url}"}} 2.0' in metrics
+        assert f'zapkeep_webhook_failing{{endpoint="{broken.url}"}} 1.0' in metrics
+    finally:
+        broken.close()
+
+
+def test_a_stop_ends_an_attempt_under_way_at_once_and_counts_no_failure(db: Database) -> None:
+    """A receiver that trickles its headers held an attempt until the socket timeout (never, at
+    one line a second; http.client gives up at its 100th line) and the shutdown waited for it."""
+    broken = BrokenReceiver("trickle", trickle_seconds=1.0)
+    dispatcher = Dispatcher(
+        db, "default", broken.url, SECRET, event_types=("message.received",), owns_session=lambda: True, post_timeout=20
+    )
+    try:
+        dispatcher.start()
+        db.record_event("default", "message.received", ANA, {"chat": ANA, "text": "oi"})
+        wait_until(lambda: broken.attempts, message="an attempt under way")
+        dispatcher.stop()
+        wait_until(lambda: broken.held, message="the attempt ended by the stop")  # (well before its 20 s deadline)
+        assert dispatcher.status.failed_attempts == 0 and dispatcher.status.delivered == 0
+        assert db.open_deliveries(dispatcher.endpoint.key, 0) == (
+            {},
+            set(),
+        )  # nothing recorded: the next start delivers it
+    finally:
+        dispatcher.stop()
+        broken.close()
+
+
+def test_the_wait_before_a_retry_counts_from_the_end_of_the_failed_attempt(db: Database) -> None:
+    """It counted from the start of the pass: a receiver that took 10 s to fail was tried again at
+    once instead of 5 s later. Here the dispatcher's clock moves an hour while each attempt runs."""
+    broken = BrokenReceiver("garbage", poisoned=ANA)
+    began = datetime.now(UTC)
+    dispatcher = Dispatcher(
+        db,
+        "default",
+        broken.url,
+        SECRET,
+        event_types=("message.received",),
+        owns_session=lambda: True,
+        retry_seconds=(60,),
+        clock=lambda: began + timedelta(hours=sum(len(came) for came in broken.attempts.values())),
+    )
+    try:
+        dispatcher.start()
+        db.record_event("default", "message.received", ANA, {"chat": ANA, "text": "oi"})
+        wait_until(lambda: dispatcher.status.failed_attempts == 1, message="the first attempt failed")
+        db.record_event("default", "message.received", BETO, {"chat": BETO, "text": "oi"})
+        wait_until(lambda: broken.accepted, message="a later pass delivered another chat's event")
+        assert [len(came) for came in broken.attempts.values()] == [1]  # ANA's waits its minute
+        assert dispatcher.status.failed_attempts == 1
+    finally:
+        dispatcher.stop()
+        broken.close()
 
 
 @pytest.mark.parametrize(
