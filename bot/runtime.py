@@ -117,6 +117,7 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
         self._round = 0  # numbers the client rounds; the events of each are tagged with it
         self._live_round: int | None = None  # the round whose events describe the connection now
         self._held = False  # an operator stopped the client: no rounds until started again
+        self._needs_restore = False  # the stored rows do not open: no rounds until an operator restores
         self._state_at_shutdown = State.STARTING
         self._supervisor_ending = False  # the supervisor is leaving (replaced, demoted): no new rounds from it
         self._dropped_at: float | None = None  # the live round lost its connection (whatsmeow reconnects)
@@ -271,7 +272,7 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
         with self._lock:
             if self._stopping.is_set() or (self._supervisor is not None and self._supervisor.is_alive()):
                 return  # one supervisor at a time: two would run two clients on one session
-            self._set(state=State.CONNECTING)
+            self._set(state=State.RESTORE_NEEDED if self._needs_restore else State.CONNECTING)
             self._pending = None
             self._supervisor_ending = False
             self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
@@ -304,6 +305,8 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
                 mirror_pending_changes=mirror.pending_changes,
                 last_reconcile_at=mirror.last_reconcile_at,
                 last_reconcile_result=mirror.last_reconcile_result,
+                unreadable_rows=self._status.unreadable_rows + mirror.unreadable_rows,
+                last_unreadable_at=mirror.last_unreadable_at or self._status.last_unreadable_at,
                 last_backup_at=mirror.last_mirrored_at or self._status.last_backup_at,
                 last_backup_error=mirror.last_error or self._status.last_backup_error,
                 uptime_seconds=round((now() - self._status.started_at).total_seconds(), 1),

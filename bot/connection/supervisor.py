@@ -55,9 +55,14 @@ class ConnectionSupervisor:
                 return  # never (re)connect without a lease that is surely still ours
             if pending is Pending.LOGGED_OUT:
                 self._wipe_session()
+                self._needs_restore = False  # the unlinked session is gone: pairing again
                 store_prepared = False
             if pending is Pending.RESTORE:
                 self._apply_restore()
+            if self._needs_restore:  # no client, no mirror: nothing may write over what is stored
+                self._set(state=State.RESTORE_NEEDED, connected_since=None)
+                self._wake.wait()  # a restore, an import, a logout, a demotion or the shutdown
+                continue
             if not store_prepared or not self.config.store_path.exists():
                 store_prepared = self._prepare_store()
             if store_prepared:
@@ -127,6 +132,7 @@ class ConnectionSupervisor:
         try:
             request.outcome, stored = self._restores.apply(request)
             self._failures = 0
+            self._needs_restore = False
             self._set(
                 jid=stored.device_jid,
                 phone=phone_of(stored.device_jid),

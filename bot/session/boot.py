@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from datetime import UTC
 
-from bot.errors import SessionDocumentError, first_line
+from bot.errors import SessionDocumentError, StoredSessionUnreadable, first_line
 from bot.persistence import BootOutcome, prepare_local_store, sync_session
 from bot.sealing import require_known_keys
-from bot.session_state import State, phone_of
+from bot.session_state import State, now, phone_of
 from database import SessionRecord
 
 log = logging.getLogger("bot.runtime")  # the runtime's log lines, unchanged by the move
@@ -28,8 +28,12 @@ class SessionBoot:
         # snapshot it can read nor mirror under its own key: it gives the lease up (ConfigError).
         require_known_keys(self.db.key_ids(self.config.session_id), self.db.sealer, self.config.session_id)
         self._reseal()
+        self._needs_restore = False
         try:
             result = prepare_local_store(self.db, self.config.session_id, self.config.store_path, self.fence)
+        except StoredSessionUnreadable as exc:
+            self._refuse_unreadable(exc)
+            return
         except SessionDocumentError as exc:
             # Nothing stored can be restored; the local store was left as it was.
             log.error("session %s: %s", self.config.session_id, exc)
@@ -49,6 +53,30 @@ class SessionBoot:
                 last_backup_version=record.version,
                 push_name=record.push_name,
             )
+
+    def _refuse_unreadable(self, exc: StoredSessionUnreadable) -> None:
+        """Stored rows do not open: stay off WhatsApp and roll nothing back, loudly (the status,
+        /readyz, a ``session.corrupt`` event), until an operator restores or imports on purpose."""
+        session_id = self.config.session_id
+        log.error("session %s: %s", session_id, exc)
+        self._needs_restore = True
+        record = self.db.load_session(session_id)  # (the head stays readable: the number is shown)
+        jid = record.device_jid if record is not None else None
+        self._set(
+            jid=jid,
+            phone=phone_of(jid),
+            push_name=record.push_name if record is not None else None,
+            last_error=first_line(exc),
+            boot_error=first_line(exc),
+            unreadable_rows=self._status.unreadable_rows + exc.rows,
+            last_unreadable_at=now(),
+        )
+        action = "refused at boot: nothing rolled back; an operator restores a history version or imports"
+        payload = {"unreadable_rows": exc.rows, "tables": exc.tables, "repaired": False, "action": action}
+        try:
+            self.db.record_event(session_id, "session.corrupt", None, payload)
+        except Exception as event_error:  # (the status and /readyz still tell)
+            log.error("session %s: session.corrupt event not recorded: %s", session_id, first_line(event_error))
 
     def _store_migrated(self) -> SessionRecord | None:
         """A paired local store met an empty database: stored whole and kept in history now, before
