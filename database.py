@@ -25,7 +25,14 @@ from storage.postgres import (
     PostgresDatabase,
 )
 from storage.records import (
+    BACKUP_FAILED,
+    CHAT_HANDOFF,
+    CHAT_RELEASED,
     EVENT_TYPES,
+    MESSAGE_RECEIVED,
+    MESSAGE_SENT,
+    MESSAGE_STATUS,
+    SESSION_STATE,
     LOGGED_MESSAGE_COLUMNS,
     ChatState,
     ChatSummary,
@@ -65,11 +72,18 @@ from storage.upgrades import SCHEMA_VERSION, STEPS
 
 __all__ = [
     "AWAY_WAIT_SECONDS",
+    "BACKUP_FAILED",
+    "CHAT_HANDOFF",
+    "CHAT_RELEASED",
     "EVENT_TYPES",
     "HISTORY_KEEP",
     "LOGGED_MESSAGE_COLUMNS",
+    "MESSAGE_RECEIVED",
+    "MESSAGE_SENT",
+    "MESSAGE_STATUS",
     "RECONNECT_DELAY_CAP_SECONDS",
     "SCHEMA_VERSION",
+    "SESSION_STATE",
     "STEPS",
     "WAIT_SLICE_SECONDS",
     "_EVENTS_LOCK_SPACE",
