@@ -13,7 +13,7 @@ from storage.upgrades import SchemaUpgrades
 
 
 class Database(
-    SchemaUpgrades, SessionQueries, ResealQueries, LeaseQueries, MessageQueries, OutboxQueries, EventQueries
+    SchemaUpgrades, SessionQueries, ResealQueries, LeaseQueries, OutboxQueries, MessageQueries, EventQueries
 ):
     """The session tables, over whichever back-end the configuration chose."""
 

@@ -6,6 +6,7 @@ transactions, its JSON type and its locks; each concern's queries (a mixin of ``
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -175,6 +176,18 @@ class DatabaseCore:
             f"session {fence.session_id}: fencing token {fence.token} is no longer valid; "
             "another instance owns the session"
         )
+
+    # --- events: written by every concern, in the transaction of their cause (read: storage.events) ---
+
+    INSERT_EVENT = """
+        INSERT INTO whatsapp_events (session_id, event_type, chat_jid, payload, created_at) VALUES (%s, %s, %s, %s, %s)
+    """
+
+    def _event(self, tx: Transaction, session_id: str, event_type: str, chat_jid: str | None, payload: dict) -> None:
+        """An event for webhooks and the event stream, in the transaction of what caused it."""
+        text = json.dumps(payload, ensure_ascii=False, default=_json_default)
+        self._lock_events(tx, session_id)
+        tx.execute(self.INSERT_EVENT, (session_id, event_type, chat_jid, self.json_param(text), _utcnow()))
 
 
 def _json_default(value: Any) -> str:

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
-from storage.core import DatabaseCore, Transaction, _aware, _json_default, _naive, _utcnow
+from storage.core import DatabaseCore, _aware, _naive, _utcnow
 from storage.records import Delivery, StoredEvent
 
 
 class EventQueries(DatabaseCore):
     """whatsapp_events, whatsapp_webhook_endpoints, whatsapp_webhook_deliveries."""
-
-    INSERT_EVENT = """
-        INSERT INTO whatsapp_events (session_id, event_type, chat_jid, payload, created_at) VALUES (%s, %s, %s, %s, %s)
-    """
-
-    def _event(self, tx: Transaction, session_id: str, event_type: str, chat_jid: str | None, payload: dict) -> None:
-        """An event for webhooks and the event stream, in the transaction of what caused it."""
-        text = json.dumps(payload, ensure_ascii=False, default=_json_default)
-        self._lock_events(tx, session_id)
-        tx.execute(self.INSERT_EVENT, (session_id, event_type, chat_jid, self.json_param(text), _utcnow()))
 
     def record_event(self, session_id: str, event_type: str, chat_jid: str | None, payload: dict) -> None:
         """An event whose cause is not a database write (a state change, a failed backup)."""

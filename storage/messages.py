@@ -1,4 +1,4 @@
-"""The message log, the chats' state, receipts and the bot's settings (whatsapp_messages, whatsapp_chats,
+"""The message log, the chats' state and the bot's settings (whatsapp_messages, whatsapp_chats,
 whatsapp_bot_settings)."""
 
 from __future__ import annotations
@@ -320,25 +320,6 @@ class MessageQueries(DatabaseCore):
     def replies_paused(self, session_id: str) -> bool:
         with self.transaction() as tx:
             return bool(tx.scalar(self.SELECT_REPLIES_PAUSED, (session_id,)))
-
-    # Receipts only move a sent message forward: sent -> delivered -> read.
-    MARK_RECEIPT = {
-        "delivered": """UPDATE whatsapp_messages SET status = 'delivered'
-            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status = 'sent'
-            RETURNING id, session_id, chat_jid, message_id""",
-        "read": """UPDATE whatsapp_messages SET status = 'read'
-            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status IN ('sent', 'delivered')
-            RETURNING id, session_id, chat_jid, message_id""",
-    }
-
-    def mark_receipts(self, session_id: str, message_ids: list[str], status: str) -> int:
-        """How many of our sent messages moved to ``status`` ("delivered" or "read")."""
-        moved = 0
-        with self.transaction() as tx:
-            for message_id in message_ids:
-                rows = tx.execute(self.MARK_RECEIPT[status], (session_id, message_id)).fetchall()
-                moved += self._status_events(tx, rows, status)
-        return moved
 
     RELEASE_CHAT = """
         UPDATE whatsapp_chats SET paused_until = NULL, pause_reason = NULL

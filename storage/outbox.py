@@ -1,4 +1,5 @@
-"""The outbox: queued messages (and the files waiting with them) until sent, failed or expired."""
+"""The outbox: queued messages (and the files waiting with them) until sent, failed or expired, and
+the status of our sent messages as receipts move it (sent -> delivered -> read)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from storage.core import DatabaseCore, Transaction, _aware, _naive
+from storage.core import Transaction, _aware, _naive
+from storage.messages import MessageQueries
 from storage.records import MESSAGE_SENT, MESSAGE_STATUS, OutgoingFile, OutgoingMessage
 
 
-class OutboxQueries(DatabaseCore):
+class OutboxQueries(MessageQueries):  # (an outgoing message is a row of the message log)
     """Outgoing messages: enqueued, claimed, marked sent/retried/failed, each move an event."""
 
     INSERT_OUTGOING_FILE = (
@@ -170,3 +172,22 @@ class OutboxQueries(DatabaseCore):
     def fail_interrupted(self, session_id: str) -> int:
         with self.transaction() as tx:
             return self._status_events(tx, tx.execute(self.FAIL_INTERRUPTED, (session_id,)).fetchall(), "failed")
+
+    # Receipts only move a sent message forward: sent -> delivered -> read.
+    MARK_RECEIPT = {
+        "delivered": """UPDATE whatsapp_messages SET status = 'delivered'
+            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status = 'sent'
+            RETURNING id, session_id, chat_jid, message_id""",
+        "read": """UPDATE whatsapp_messages SET status = 'read'
+            WHERE session_id = %s AND direction = 'out' AND message_id = %s AND status IN ('sent', 'delivered')
+            RETURNING id, session_id, chat_jid, message_id""",
+    }
+
+    def mark_receipts(self, session_id: str, message_ids: list[str], status: str) -> int:
+        """How many of our sent messages moved to ``status`` ("delivered" or "read")."""
+        moved = 0
+        with self.transaction() as tx:
+            for message_id in message_ids:
+                rows = tx.execute(self.MARK_RECEIPT[status], (session_id, message_id)).fetchall()
+                moved += self._status_events(tx, rows, status)
+        return moved
