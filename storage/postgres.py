@@ -107,6 +107,10 @@ class PostgresDatabase(Database):
             name="zapkeep",
         )
 
+    # Row locks (see Database.SELECT_KEY_MARKER): SQLite runs one write transaction at a time anyway.
+    SELECT_KEY_MARKER = Database.SELECT_KEY_MARKER + " FOR SHARE"
+    SELECT_MARKER_TO_RESEAL = Database.SELECT_MARKER_TO_RESEAL + " FOR UPDATE"
+
     def _open(self) -> None:
         from psycopg_pool import PoolTimeout
 

@@ -16,6 +16,7 @@ CHAT_HANDOFF = "chat.handoff"
 CHAT_RELEASED = "chat.released"
 SESSION_STATE = "session.state"
 BACKUP_FAILED = "backup.failed"
+SESSION_CORRUPT = "session.corrupt"
 EVENT_TYPES = (
     MESSAGE_RECEIVED,
     MESSAGE_SENT,
@@ -24,6 +25,7 @@ EVENT_TYPES = (
     CHAT_RELEASED,
     SESSION_STATE,
     BACKUP_FAILED,
+    SESSION_CORRUPT,
 )
 
 
@@ -37,6 +39,11 @@ class SchemaTooNewError(DatabaseError):
 
 class FencedOut(DatabaseError):
     """A write carried a fencing token that is no longer the session's: another owner took over."""
+
+
+class KeyMoved(FencedOut):
+    """The stored session was moved to a key this process does not hold (``python -m bot rekey``
+    beside it): it must not go on writing under its own key, which would be left behind."""
 
 
 class SessionMissing(DatabaseError):
@@ -140,6 +147,17 @@ class MirrorBatch:
 class StoredRow:
     table: str
     row_text: str
+    row_hash: str
+
+
+@dataclass(frozen=True)
+class StoredForm:
+    """A stored row as it is stored (sealed or not): what a check of what is stored opens."""
+
+    table: str
+    key: str
+    stored_text: str
+    key_id: str | None
     row_hash: str
 
 

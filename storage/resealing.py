@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from storage.core import FENCE_HOLDS, DatabaseCore
+from typing import Any
+
+from storage.core import FENCE_HOLDS, DatabaseCore, Transaction
 from storage.records import Fence, ResealCount, history_context, media_context, row_context
 
 
@@ -76,12 +78,42 @@ class ResealQueries(DatabaseCore):
                 return resealed, unreadable
             after = found[-1]["id"]
 
+    def _reseal_rows(
+        self, tx: Transaction, session_id: str, found: list[Any], fence_params: tuple[Any, ...]
+    ) -> tuple[int, int]:
+        """(resealed, unreadable) of these rows; the sealer's own error, naming a row, is the restore's to tell."""
+        resealed = unreadable = 0
+        for row in found:
+            context = row_context(session_id, row["table_name"], row["row_key"])
+            try:
+                text = self.sealer.open(row["row_text"], row["key_id"], context)
+            except Exception:
+                unreadable += 1
+                continue
+            params = (self.json_param(self.sealer.seal(text, context)), self.sealer.key_id, session_id)
+            where = (row["table_name"], row["row_key"], row["row_hash"], *fence_params)
+            resealed += tx.execute(self.RESEAL_ROW, (*params, *where)).rowcount
+        return resealed, unreadable
+
+    # The key marker first (see SELECT_KEY_MARKER), locked as it is read: from its commit on, no
+    # write under a key that is being rotated out can land, so the pass below leaves nothing behind.
+    SELECT_MARKER_TO_RESEAL = """
+        SELECT table_name, row_key, CAST(row_data AS TEXT) AS row_text, row_hash, key_id
+        FROM whatsapp_session_rows
+        WHERE session_id = %s AND table_name = 'whatsmeow_device' AND COALESCE(key_id, '') <> %s
+    """
+
     def reseal(self, session_id: str, fence: Fence | None = None) -> ResealCount:
         """Re-encrypt every stored credential payload of the session that is not under the
         current key (or, with no key, decrypt it), a few hundred rows a transaction. Safe beside a
         running mirror: only a payload's envelope changes, never its content."""
         current = self.sealer.key_id or ""
-        rows = snapshots = unreadable = 0
+        with self.transaction() as tx:
+            fence_params = self._fence_params(tx, session_id, fence)
+            found = tx.execute(self.SELECT_MARKER_TO_RESEAL, (session_id, current)).fetchall()
+            rows, unreadable = self._reseal_rows(tx, session_id, found, fence_params)
+            if found:
+                self._require_fence(tx, fence, fence_params)
         after = ("", "")
         while True:
             with self.transaction() as tx:
@@ -89,21 +121,14 @@ class ResealQueries(DatabaseCore):
                 found = tx.execute(
                     self.SELECT_ROWS_TO_RESEAL, (session_id, *after, current, self.RESEAL_BATCH)
                 ).fetchall()
-                for row in found:
-                    context = row_context(session_id, row["table_name"], row["row_key"])
-                    try:
-                        text = self.sealer.open(row["row_text"], row["key_id"], context)
-                    except Exception:  # (the sealer's own error, naming the row, is the restore's to tell)
-                        unreadable += 1
-                        continue
-                    params = (self.json_param(self.sealer.seal(text, context)), self.sealer.key_id, session_id)
-                    where = (row["table_name"], row["row_key"], row["row_hash"], *fence_params)
-                    rows += tx.execute(self.RESEAL_ROW, (*params, *where)).rowcount
+                moved, left = self._reseal_rows(tx, session_id, found, fence_params)
+                rows, unreadable = rows + moved, unreadable + left
                 if found:
                     self._require_fence(tx, fence, fence_params)
             if len(found) < self.RESEAL_BATCH:
                 break
             after = (found[-1]["table_name"], found[-1]["row_key"])
+        snapshots = 0
         with self.transaction() as tx:
             found = tx.execute(self.SELECT_SNAPSHOTS_TO_RESEAL, (session_id, current)).fetchall()
         for version in [row["version"] for row in found]:  # one a transaction: each is a whole document

@@ -9,6 +9,7 @@ from storage.core import FENCE_HOLDS, DatabaseCore, Transaction, _utcnow
 from storage.records import (
     DatabaseError,
     Fence,
+    KeyMoved,
     HeadWrite,
     HistoryEntry,
     MirrorBatch,
@@ -17,6 +18,7 @@ from storage.records import (
     SessionRecord,
     SessionSummary,
     SessionWrite,
+    StoredForm,
     StoredRow,
     history_context,
     row_context,
@@ -79,6 +81,23 @@ class SessionQueries(DatabaseCore):
         )
         return tx.scalar(self.UPSERT_HEAD, (*params, *fence_params, *fence_params)) is not None
 
+    # The device row is the session's key marker: a rekey moves it first (under a row lock), and
+    # every write that seals with this process's key reads it in its own transaction (FOR SHARE on
+    # PostgreSQL: a write either commits before the rekey moved it or sees where it went).
+    SELECT_KEY_MARKER = (
+        "SELECT key_id FROM whatsapp_session_rows WHERE session_id = %s AND table_name = 'whatsmeow_device'"
+    )
+
+    def _require_key_held(self, tx: Transaction, session_id: str) -> None:
+        for row in tx.execute(self.SELECT_KEY_MARKER, (session_id,)).fetchall():
+            key_id = row["key_id"]
+            if key_id is not None and key_id != self.sealer.key_id and not self.sealer.knows(key_id):
+                raise KeyMoved(
+                    f"session {session_id}: the stored session was moved to key {key_id} (a rekey), which this "
+                    "process does not hold; it writes nothing more under its own key\n"
+                    "Redeploy every daemon with the new SESSION_ENCRYPTION_KEY."
+                )
+
     def write_batch(self, batch: MirrorBatch, fence: Fence | None = None) -> None:
         """Mirror one batch of row changes in one transaction, fenced like every session write.
 
@@ -87,6 +106,7 @@ class SessionQueries(DatabaseCore):
         """
         with self.transaction() as tx:
             fence_params = self._fence_params(tx, batch.session_id, fence)
+            self._require_key_held(tx, batch.session_id)
             if batch.head is not None:
                 written = self._upsert_head(tx, batch.head, batch.sequence, fence_params)
             else:
@@ -121,6 +141,7 @@ class SessionQueries(DatabaseCore):
         """Make a whole document the stored session (import, restore, roll-back): one transaction."""
         with self.transaction() as tx:
             fence_params = self._fence_params(tx, head.session_id, fence)
+            self._require_key_held(tx, head.session_id)
             if not self._upsert_head(tx, head, sequence, fence_params):
                 raise self._fenced_out(fence) if fence is not None else DatabaseError("session head not written")
             tx.execute(self.DELETE_ROWS, (head.session_id,))
@@ -170,6 +191,12 @@ class SessionQueries(DatabaseCore):
             for row in tx.execute(self.SELECT_ROWS, (session_id,)).fetchall()
         ]
 
+    def stored_forms(self, session_id: str) -> list[StoredForm]:
+        """Every stored row of the session as it is stored: a reconciliation opens and checks them."""
+        with self.transaction() as tx:
+            found = tx.execute(self.SELECT_ROWS, (session_id,)).fetchall()
+        return [StoredForm(r["table_name"], r["row_key"], r["row_text"], r["key_id"], r["row_hash"]) for r in found]
+
     def load_session_and_rows(self, session_id: str) -> tuple[SessionRecord, list[StoredRow]] | None:
         """The head and the rows as of one moment (the mirror may be writing meanwhile)."""
         with self.transaction() as tx:
@@ -201,6 +228,7 @@ class SessionQueries(DatabaseCore):
         """Keep a full snapshot (the last few stay); the stored session takes its version number."""
         with self.transaction() as tx:
             fence_params = self._fence_params(tx, write.session_id, fence)
+            self._require_key_held(tx, write.session_id)
             version = tx.scalar(self.NEXT_HISTORY_VERSION, (write.session_id,))
             params = (
                 write.session_id,
