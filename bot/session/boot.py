@@ -13,7 +13,7 @@ from bot.errors import SessionDocumentError, StoredSessionUnreadable, first_line
 from bot.persistence import BootOutcome, prepare_local_store, sync_session
 from bot.sealing import require_known_keys
 from bot.session_state import State, now, phone_of
-from database import SessionRecord
+from database import SESSION_CORRUPT, SessionRecord
 
 log = logging.getLogger("bot.runtime")  # the runtime's log lines, unchanged by the move
 
@@ -74,7 +74,7 @@ class SessionBoot:
         action = "refused at boot: nothing rolled back; an operator restores a history version or imports"
         payload = {"unreadable_rows": exc.rows, "tables": exc.tables, "repaired": False, "action": action}
         try:
-            self.db.record_event(session_id, "session.corrupt", None, payload)
+            self.db.record_event(session_id, SESSION_CORRUPT, None, payload)
         except Exception as event_error:  # (the status and /readyz still tell)
             log.error("session %s: session.corrupt event not recorded: %s", session_id, first_line(event_error))
 
