@@ -1,6 +1,6 @@
 """The project's own small event types and the client interface the runtime drives.
 
-``bot.whatsapp`` translates neonize's events into these; the test suite's fake client emits
+``bot.connection.whatsapp`` translates neonize's events into these; the test suite's fake client emits
 the same ones. Nothing here imports neonize.
 """
 

@@ -3,7 +3,7 @@
 Everything here that opens a store file with Python's ``sqlite3`` must run in a process
 where neonize is NOT loaded (neonize's Go library carries its own SQLite and the two
 corrupt each other within one process; see docs/neonize.md). The daemon therefore calls these
-through ``bot.store_worker``, which runs them in a child process.
+through ``bot.session.store_worker``, which runs them in a child process.
 
 Document format (``format_version`` 2; version 1 is still read), documented in the README:
 
@@ -37,8 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bot import store_schema
-from bot.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError
+from bot.session import store_schema
+from bot.process.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError
 
 FORMAT = "zapkeep.session"
 FORMAT_VERSION = 2
@@ -182,7 +182,7 @@ def take_snapshot(store_path: Path) -> dict[str, Any]:
 
 
 def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
-    from bot.change_capture import scan_rows, table_defs
+    from bot.session.change_capture import scan_rows, table_defs
 
     tables = []
     for table in table_defs(conn):
@@ -405,7 +405,7 @@ def _disk_full(exc: BaseException) -> bool:
 def prepare_store_file(store_path: Path) -> None:
     """Before neonize opens the store: private file and directory, WAL mode (created empty if
     absent), change capture verified (when whatsmeow's tables exist)."""
-    from bot.change_capture import ensure_capture
+    from bot.session.change_capture import ensure_capture
 
     _make_private_dirs(store_path.parent)
     discard_stale_builds(store_path)
@@ -452,7 +452,7 @@ def _load_tables(conn: sqlite3.Connection, session: DecodedSession) -> None:
 
 
 def _build_store(session: DecodedSession, path: Path, *, lineage: str | None, sequence: int) -> None:
-    from bot.change_capture import ensure_capture, set_sequence
+    from bot.session.change_capture import ensure_capture, set_sequence
 
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(path, isolation_level=None)
@@ -475,7 +475,7 @@ def _build_store(session: DecodedSession, path: Path, *, lineage: str | None, se
 def document_rows(document: dict[str, Any]) -> tuple[list[Any], list[tuple[str, str, list[Any], str]]]:
     """A validated document as the database stores it: table definitions, and every row with its
     key and hash (rows, tables). The keys come from SQLite itself: the tables are built in memory."""
-    from bot.change_capture import scan_rows, table_defs
+    from bot.session.change_capture import scan_rows, table_defs
 
     session = validate_document(document)
     conn = sqlite3.connect(":memory:", isolation_level=None)

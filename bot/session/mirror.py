@@ -1,6 +1,6 @@
 """The daemon's side of the row mirror: store changes -> database, batch by batch, fenced.
 
-The long-lived child ``python -m bot.change_capture`` reads the store's change log (this process
+The long-lived child ``python -m bot.session.change_capture`` reads the store's change log (this process
 never opens the store: neonize's SQLite lives here). One thread asks it for the changes committed
 after the last sequence the database has, writes them in one transaction, and asks again; the child
 trims what the database has. A whole-store comparison (reconciliation) runs when the mirror starts,
@@ -24,14 +24,14 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bot.change_capture import Batch
-from bot.errors import ZapkeepError, first_line
-from bot.persistence import MirroredRows, StoredHead, SyncResult, build_head, row_changes, write_scan
+from bot.session.change_capture import Batch
+from bot.process.errors import ZapkeepError, first_line
+from bot.session.persistence import MirroredRows, StoredHead, SyncResult, build_head, row_changes, write_scan
 from database import Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.mirror")  # pinned: the name operators see in log lines
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)
 
 
@@ -61,7 +61,7 @@ class MirrorProcess:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
         }
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "bot.change_capture", str(store_path)],
+            [sys.executable, "-m", "bot.session.change_capture", str(store_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

@@ -2,9 +2,9 @@
 
 The daemon's own process has neonize loaded, whose Go code carries its own SQLite; a
 Python sqlite3 handle on the same file in that process corrupts it (docs/neonize.md). So the
-daemon never opens the store itself: it runs ``python -m bot.store_worker`` and exchanges
+daemon never opens the store itself: it runs ``python -m bot.session.store_worker`` and exchanges
 the document over pipes. The child imports neither neonize nor the database layer. (The
-long-lived mirror process is ``bot.change_capture``.)
+long-lived mirror process is ``bot.session.change_capture``.)
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bot.change_capture import Batch, TableDef
-from bot.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError, ZapkeepError
+from bot.session.change_capture import Batch, TableDef
+from bot.process.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError, ZapkeepError
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _EXIT_DOCUMENT_ERROR = 3
 _EXIT_DISK_FULL = 4
 _EXIT_FAILED = 2
@@ -118,7 +118,7 @@ def _run(command: str, store_path: Path, *args: str, stdin: str, timeout: float,
     }
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "bot.store_worker", command, str(store_path), *args],
+            [sys.executable, "-m", "bot.session.store_worker", command, str(store_path), *args],
             input=stdin.encode(),
             capture_output=True,
             timeout=timeout,
@@ -139,19 +139,19 @@ def _run(command: str, store_path: Path, *args: str, stdin: str, timeout: float,
 
 def main(argv: list[str]) -> int:
     """Child side: one command, the store's path, then its arguments; documents come on stdin."""
-    from bot import change_capture, session_store
+    from bot.session import change_capture, document as session_document
 
     commands = {"restore": 4, "build": 4, "prepare": 2, "inspect": 2, "scan": 2, "rows": 2}
     if not argv or commands.get(argv[0]) != len(argv):
         print(
-            "usage: python -m bot.store_worker restore|build|prepare|inspect|scan|rows STORE_PATH [...]",
+            "usage: python -m bot.session.store_worker restore|build|prepare|inspect|scan|rows STORE_PATH [...]",
             file=sys.stderr,
         )
         return _EXIT_FAILED
     command, store_path = argv[0], Path(argv[1])
     try:
         if command == "prepare":
-            session_store.prepare_store_file(store_path)
+            session_document.prepare_store_file(store_path)
         elif command == "inspect":
             sys.stdout.write(json.dumps(asdict(_inspect(store_path))))
         elif command == "scan":
@@ -161,20 +161,20 @@ def main(argv: list[str]) -> int:
                 batch = capture.scan(int(request["after"]), request["known"])
             finally:
                 capture.close()
-            sys.stdout.buffer.write(session_store.canonical_json(batch.to_json()))
+            sys.stdout.buffer.write(session_document.canonical_json(batch.to_json()))
         elif command == "rows":
-            document = session_store.parse_document(sys.stdin.buffer.read())
-            tables, rows = session_store.document_rows(document)
+            document = session_document.parse_document(sys.stdin.buffer.read())
+            tables, rows = session_document.document_rows(document)
             output = {"tables": [asdict(t) for t in tables], "rows": rows}
-            sys.stdout.buffer.write(session_store.canonical_json(output))
+            sys.stdout.buffer.write(session_document.canonical_json(output))
         elif command == "build":
-            document = session_store.parse_document(sys.stdin.buffer.read())
-            session, built = session_store.build_aside(document, store_path, lineage=argv[2], sequence=int(argv[3]))
+            document = session_document.parse_document(sys.stdin.buffer.read())
+            session, built = session_document.build_aside(document, store_path, lineage=argv[2], sequence=int(argv[3]))
             summary = {"checksum": session.checksum, "tables": len(session.tables), "rows": session.row_count}
             sys.stdout.write(json.dumps({**summary, "built": str(built)}))
         else:
-            document = session_store.parse_document(sys.stdin.buffer.read())
-            session = session_store.restore_snapshot(document, store_path, lineage=argv[2], sequence=int(argv[3]))
+            document = session_document.parse_document(sys.stdin.buffer.read())
+            session = session_document.restore_snapshot(document, store_path, lineage=argv[2], sequence=int(argv[3]))
             summary = {"checksum": session.checksum, "tables": len(session.tables), "rows": session.row_count}
             sys.stdout.write(json.dumps(summary))
     except SessionDocumentError as exc:
@@ -193,7 +193,7 @@ def main(argv: list[str]) -> int:
 
 
 def _inspect(store_path: Path) -> StoreInfo:
-    from bot import change_capture
+    from bot.session import change_capture
 
     conn = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=ro", uri=True, timeout=4.0)
     try:
