@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psycopg
 
-from bot.session import persistence, document as session_document
+from bot.session import persistence, cells
 from bot.session.sealing import Sealer
 from bot.session.store_worker import restore_store
 from database import MirrorBatch, PostgresDatabase, RowChange
@@ -65,17 +65,14 @@ def changed(encoded: list, rng: random.Random) -> list:
     out = []
     for cell in encoded:
         if isinstance(cell, dict) and "b64" in cell:
-            length = len(session_document.decode_cell(cell))
-            cell = session_document.encode_cell(rng.randbytes(length))
+            length = len(cells.decode_cell(cell))
+            cell = cells.encode_cell(rng.randbytes(length))
         out.append(cell)
     return out
 
 
 def batch_of(table: str, rows: list[tuple[str, list]], sequence: int) -> MirrorBatch:
-    changes = [
-        RowChange(table, key, session_document.canonical_json(row).decode(), session_document.row_hash(row))
-        for key, row in rows
-    ]
+    changes = [RowChange(table, key, cells.canonical_json(row).decode(), cells.row_hash(row)) for key, row in rows]
     return MirrorBatch(SESSION, sequence, changes)
 
 
@@ -179,7 +176,7 @@ def main() -> None:
 
 def _seal_micros(encoded: list) -> float:
     sealer = Sealer(os.urandom(32))
-    text = session_document.canonical_json(encoded).decode()
+    text = cells.canonical_json(encoded).decode()
     context = ("row", SESSION, "whatsmeow_sessions", "key")
     began = time.perf_counter()
     for _ in range(2000):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bot.session import document as session_document, store_schema
+from bot.session import cells, document as session_document, store_schema
 from bot.process.errors import SessionDocumentError
 from bot.session.persistence import export_document, import_document, sync_session
 from bot.session.store_worker import restore_store
@@ -59,7 +59,7 @@ def _resealed(change: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, A
     def corrupt(doc: dict[str, Any]) -> str:
         change(doc)
         for table in doc["tables"]:
-            digest = session_document.rows_digest(session_document.row_hash(row) for row in table["rows"])
+            digest = session_document.rows_digest(cells.row_hash(row) for row in table["rows"])
             table["row_count"] = len(table["rows"])
             table["checksum"] = session_document.table_checksum_v2(
                 table["name"], table["sql"], table["indexes"], table["columns"], digest
@@ -172,7 +172,7 @@ def _format_1(document: dict[str, Any]) -> dict[str, Any]:
     legacy["format_version"] = 1
     legacy["tables"] = []
     for table in document["tables"]:
-        rows = sorted(table["rows"], key=session_document.canonical_json)
+        rows = sorted(table["rows"], key=cells.canonical_json)
         checksum = session_document.table_checksum(
             table["name"], table["sql"], table["indexes"], table["columns"], rows
         )

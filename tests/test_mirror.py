@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.session import document as session_document
+from bot.session import cells, document as session_document
 from bot.session.mirror import Mirror, MirrorProcess
 from bot.session.persistence import export_document, sync_session
 from database import Database, Fence, FencedOut
@@ -32,7 +32,7 @@ def stored_rows(db: Database, session_id: str = "default") -> dict[str, list[tup
     assert record is not None and record.format_version == 2
     rows: dict[str, list[tuple]] = {t["name"]: [] for t in json.loads(record.session_data)["tables"]}
     for row in db.load_rows(session_id):
-        rows[row.table].append(tuple(session_document.decode_cell(v) for v in json.loads(row.row_text)))
+        rows[row.table].append(tuple(cells.decode_cell(v) for v in json.loads(row.row_text)))
     return {name: sorted(values, key=repr) for name, values in sorted(rows.items())}
 
 
@@ -285,7 +285,7 @@ def store_format_1_session(db: Database, store: Path) -> None:
     """The current row as the previous release wrote it: the whole format-1 document in session_data."""
     document = session_document.take_snapshot(store)
     for table in document["tables"]:
-        table["rows"].sort(key=session_document.canonical_json)
+        table["rows"].sort(key=cells.canonical_json)
         table["checksum"] = session_document.table_checksum(
             table["name"], table["sql"], table["indexes"], table["columns"], table["rows"]
         )

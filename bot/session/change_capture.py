@@ -41,8 +41,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.session.document import BUSY_TIMEOUT_SECONDS, canonical_json, encode_cell, row_hash
+from bot.session.cells import canonical_json, encode_cell, row_hash
 
+BUSY_TIMEOUT_SECONDS = 4.0  # below go-sqlite3's 5 s, so whatsmeow's own writes never time out on us
 CHANGES_TABLE = "zapkeep_changes"
 STATE_TABLE = "zapkeep_state"
 TRIGGER_PREFIX = "zapkeep_capture_"

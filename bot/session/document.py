@@ -22,7 +22,6 @@ Cell values: JSON null, integers and strings as themselves; ``{"b64": ...}`` for
 
 from __future__ import annotations
 
-import base64
 import binascii
 import errno
 import hashlib
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from bot.session import store_schema
+from bot.session.cells import canonical_json, decode_cell, row_hash
+from bot.session.change_capture import BUSY_TIMEOUT_SECONDS, ensure_capture, scan_rows, set_sequence, table_defs
 from bot.process.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError
 
 FORMAT = "zapkeep.session"
@@ -54,7 +55,6 @@ REQUIRED_TABLES = (
 )
 STORE_SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
 _BUILT_PREFIX = "."  # a store built aside: ".whatsmeow.sqlite3.restore-<pid>-<random>"
-BUSY_TIMEOUT_SECONDS = 4.0  # below go-sqlite3's 5 s, so whatsmeow's own writes never time out on us
 
 _TABLE_NAME = re.compile(r"whatsmeow_[a-z0-9_]{1,64}")
 _CREATE_TABLE = re.compile(r"CREATE TABLE (?P<name>whatsmeow_[a-z0-9_]{1,64}) \(", re.IGNORECASE)
@@ -93,53 +93,13 @@ class DecodedSession:
 # --- canonical encoding -------------------------------------------------------------------
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # built once: per row it shows
-
-
-def canonical_json(value: Any) -> bytes:
-    return _CANONICAL.encode(value).encode()
-
-
 def _sha256(value: Any) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(value)).hexdigest()
-
-
-def encode_cell(value: Any) -> Any:
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, bytes):
-        return {"b64": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, float):
-        return {"real": repr(value)}
-    if isinstance(value, str):
-        if "\x00" in value:
-            return {"t64": base64.b64encode(value.encode()).decode("ascii")}
-        return value
-    raise SnapshotError(f"unsupported SQLite value of type {type(value).__name__}")
-
-
-def decode_cell(value: Any) -> Any:
-    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    if isinstance(value, dict) and len(value) == 1:
-        ((tag, payload),) = value.items()
-        if isinstance(payload, str):
-            if tag == "b64":
-                return base64.b64decode(payload, validate=True)
-            if tag == "t64":
-                return base64.b64decode(payload, validate=True).decode()
-            if tag == "real":
-                return float(payload)
-    raise ValueError("not a cell value")
 
 
 def table_checksum(name: str, sql: str, indexes: list[str], columns: list[str], encoded_rows: list[Any]) -> str:
     """Format 1: the hash of the table with its rows sorted by content."""
     return _sha256({"name": name, "sql": sql, "indexes": indexes, "columns": columns, "rows": encoded_rows})
-
-
-def row_hash(encoded_row: list[Any]) -> str:
-    return hashlib.sha256(canonical_json(encoded_row)).hexdigest()
 
 
 def rows_digest(hashes: Any) -> str:
@@ -182,7 +142,6 @@ def take_snapshot(store_path: Path) -> dict[str, Any]:
 
 
 def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
-    from bot.session.change_capture import scan_rows, table_defs
 
     tables = []
     for table in table_defs(conn):
@@ -405,7 +364,6 @@ def _disk_full(exc: BaseException) -> bool:
 def prepare_store_file(store_path: Path) -> None:
     """Before neonize opens the store: private file and directory, WAL mode (created empty if
     absent), change capture verified (when whatsmeow's tables exist)."""
-    from bot.session.change_capture import ensure_capture
 
     _make_private_dirs(store_path.parent)
     discard_stale_builds(store_path)
@@ -452,7 +410,6 @@ def _load_tables(conn: sqlite3.Connection, session: DecodedSession) -> None:
 
 
 def _build_store(session: DecodedSession, path: Path, *, lineage: str | None, sequence: int) -> None:
-    from bot.session.change_capture import ensure_capture, set_sequence
 
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(path, isolation_level=None)
@@ -475,7 +432,6 @@ def _build_store(session: DecodedSession, path: Path, *, lineage: str | None, se
 def document_rows(document: dict[str, Any]) -> tuple[list[Any], list[tuple[str, str, list[Any], str]]]:
     """A validated document as the database stores it: table definitions, and every row with its
     key and hash (rows, tables). The keys come from SQLite itself: the tables are built in memory."""
-    from bot.session.change_capture import scan_rows, table_defs
 
     session = validate_document(document)
     conn = sqlite3.connect(":memory:", isolation_level=None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bot.session import document as session_document
+from bot.session import cells, document as session_document
 from bot.session.change_capture import Batch, Device, TableDef, new_lineage
 from bot.process.errors import NotFoundError, SessionDocumentError, UnreadableCredentials
 from bot.session.store_worker import StoreInfo, document_rows, inspect_store, restore_store, scan_store
@@ -146,7 +146,7 @@ def _int_or_none(text: str | None) -> int | None:
 
 def row_changes(batch: Batch) -> list[RowChange]:
     return [
-        RowChange(c.table, c.key, None if c.row is None else session_document.canonical_json(c.row).decode(), c.hash)
+        RowChange(c.table, c.key, None if c.row is None else cells.canonical_json(c.row).decode(), c.hash)
         for c in batch.changes
     ]
 
@@ -340,7 +340,7 @@ def make_current(
     if session.device_field("jid") is None:
         raise SessionDocumentError("the session document holds no paired device")
     tables, keyed = document_rows(document_text)
-    changes = [RowChange(t, k, session_document.canonical_json(r).decode(), h) for t, k, r, h in keyed]
+    changes = [RowChange(t, k, cells.canonical_json(r).decode(), h) for t, k, r, h in keyed]
     rows = MirroredRows()
     rows.apply(changes)
     lineage = lineage or new_lineage()

@@ -139,7 +139,7 @@ def _run(command: str, store_path: Path, *args: str, stdin: str, timeout: float,
 
 def main(argv: list[str]) -> int:
     """Child side: one command, the store's path, then its arguments; documents come on stdin."""
-    from bot.session import change_capture, document as session_document
+    from bot.session import change_capture, cells, document as session_document
 
     commands = {"restore": 4, "build": 4, "prepare": 2, "inspect": 2, "scan": 2, "rows": 2}
     if not argv or commands.get(argv[0]) != len(argv):
@@ -161,12 +161,12 @@ def main(argv: list[str]) -> int:
                 batch = capture.scan(int(request["after"]), request["known"])
             finally:
                 capture.close()
-            sys.stdout.buffer.write(session_document.canonical_json(batch.to_json()))
+            sys.stdout.buffer.write(cells.canonical_json(batch.to_json()))
         elif command == "rows":
             document = session_document.parse_document(sys.stdin.buffer.read())
             tables, rows = session_document.document_rows(document)
             output = {"tables": [asdict(t) for t in tables], "rows": rows}
-            sys.stdout.buffer.write(session_document.canonical_json(output))
+            sys.stdout.buffer.write(cells.canonical_json(output))
         elif command == "build":
             document = session_document.parse_document(sys.stdin.buffer.read())
             session, built = session_document.build_aside(document, store_path, lineage=argv[2], sequence=int(argv[3]))
