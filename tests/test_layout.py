@@ -3,7 +3,9 @@ function, and the areas below the top never import the top."""
 
 from __future__ import annotations
 
-from tests.import_graph import cycles, import_graph
+import ast
+
+from tests.import_graph import ROOT, cycles, import_graph
 
 TOP = {"bot.runtime", "bot.services", "bot.wiring", "bot.__main__"}
 BELOW = ("bot.process.", "bot.session.", "bot.connection.", "bot.messages.")
@@ -18,3 +20,22 @@ def test_the_areas_below_never_import_the_runtime_the_wiring_or_the_command_line
     upward = sorted(f"{s} -> {t}" for s, targets in graph.items() if s.startswith(BELOW) for t in targets & TOP)
     assert upward == []
     assert all(t == "database" or not t.startswith(("bot", "session_api")) for t in graph.get("database", ()))
+
+
+def test_every_child_process_of_the_daemon_is_started_one_way() -> None:
+    """bot/process/children.py is the only place in bot/ that starts a process (so every child gets
+    the same environment and stdio conventions)."""
+    starters = {"Popen", "run", "call", "check_call", "check_output"}
+    found = []
+    for path in sorted((ROOT / "bot").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in starters
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "subprocess"
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert [f for f in found if not f.startswith("bot/process/children.py:")] == []
+    assert found  # the scan sees the one place there is

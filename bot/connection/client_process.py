@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from bot.process.children import module_command, start_child
 from bot.connection import events
 from bot.process.errors import CallTimeout, SendOutcomeUnknown, ZapkeepError
 
@@ -84,7 +85,7 @@ class ProcessClient:
         child: list[str] | None = None,
     ) -> None:
         # The child's command line before STORE LOG_LEVEL: the real client's (benchmarks run a fake).
-        child = child or [sys.executable, "-m", "bot.connection.client_process"]
+        child = child or module_command("bot.connection.client_process")
         self._command = [*child, str(store_path), str(log_level)]
         self._sink = sink
         self._stop_grace = stop_grace_seconds
@@ -105,9 +106,7 @@ class ProcessClient:
             if self._stopped:
                 return None
             # Its own session: a Ctrl-C in the terminal reaches the daemon, which stops the round in order.
-            self._process = subprocess.Popen(
-                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
-            )
+            self._process = start_child(self._command, own_session=True)
             process = self._process
         assert process.stdout is not None
         end: object = _NO_END

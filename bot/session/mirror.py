@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bot.process.children import module_command, start_child
 from bot.session.change_capture import Batch
 from bot.process.errors import ZapkeepError, first_line
 from bot.session.persistence import MirroredRows, StoredHead, SyncResult, build_head, row_changes, write_scan
@@ -31,7 +30,6 @@ from database import Database, Fence, FencedOut, HeadWrite, MirrorBatch, Session
 
 log = logging.getLogger("bot.mirror")  # pinned: the name operators see in log lines
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)
 
 
@@ -56,16 +54,7 @@ class MirrorProcess:
     """The child that reads the store; one JSON request and one JSON answer a line."""
 
     def __init__(self, store_path: Path) -> None:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "bot.session.change_capture", str(store_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
+        self._process = start_child(module_command("bot.session.change_capture", str(store_path)))
         self._write_lock = threading.Lock()
 
     def request(self, payload: dict) -> Batch:

@@ -10,7 +10,6 @@ long-lived mirror process is ``bot.session.change_capture``.)
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -18,10 +17,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bot.process.children import module_command, start_child
 from bot.session.change_capture import Batch, TableDef
 from bot.process.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError, ZapkeepError
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _EXIT_DOCUMENT_ERROR = 3
 _EXIT_DISK_FULL = 4
 _EXIT_FAILED = 2
@@ -112,29 +111,24 @@ def document_rows(document_text: str, *, timeout: float = DEFAULT_TIMEOUT_SECOND
 
 
 def _run(command: str, store_path: Path, *args: str, stdin: str, timeout: float, error: type[ZapkeepError]) -> str:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "bot.session.store_worker", command, str(store_path), *args],
-            input=stdin.encode(),
-            capture_output=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise error(f"store {command} did not finish within {timeout:.0f} s") from exc
-    message = result.stderr.decode(errors="replace").strip().splitlines()
-    if result.returncode == _EXIT_DOCUMENT_ERROR:
+    worker = start_child(
+        module_command("bot.session.store_worker", command, str(store_path), *args), capture_stderr=True
+    )
+    with worker:
+        try:
+            stdout, stderr = worker.communicate(stdin.encode(), timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            worker.kill()  # as subprocess.run did on a timeout: no worker outlives its call
+            worker.wait()
+            raise error(f"store {command} did not finish within {timeout:.0f} s") from exc
+    message = stderr.decode(errors="replace").strip().splitlines()
+    if worker.returncode == _EXIT_DOCUMENT_ERROR:
         raise SessionDocumentError(message[-1] if message else "invalid session document")
-    if result.returncode == _EXIT_DISK_FULL:
+    if worker.returncode == _EXIT_DISK_FULL:
         raise DiskFullError(message[-1] if message else f"store {command}: no space left on the disk")
-    if result.returncode != 0:
-        raise error(message[-1] if message else f"store {command} failed with exit code {result.returncode}")
-    return result.stdout.decode()
+    if worker.returncode != 0:
+        raise error(message[-1] if message else f"store {command} failed with exit code {worker.returncode}")
+    return stdout.decode()
 
 
 def main(argv: list[str]) -> int:
