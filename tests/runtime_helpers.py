@@ -10,7 +10,7 @@ from typing import Any
 from bot.process.config import Config
 from bot.runtime import Runtime, Timing
 from bot.session.state import State
-from bot.session.document import take_snapshot
+from tests.synthetic import take_snapshot
 from database import Database
 from tests.fake_whatsapp import FakeClient, FakeWhatsApp, wait_until
 

@@ -15,7 +15,7 @@ from bot.process.errors import SessionDocumentError
 from bot.session.persistence import export_document, import_document, sync_session
 from bot.session.store_worker import restore_store
 from database import Database
-from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, table_rows
+from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, table_rows, take_snapshot
 
 
 def _truncate_base64(doc: dict[str, Any]) -> str:
@@ -218,7 +218,7 @@ def test_sql_inside_a_document_never_runs(stored: tuple[Database, Path, dict], t
     restore_store(stored_text, restored, lineage=record.lineage, sequence=record.mirror_sequence)
     assert restored.stat().st_size < 1_000_000
     assert table_rows(restored) == table_rows(store)
-    assert "zeroblob" not in json.dumps(session_document.take_snapshot(restored)["tables"])
+    assert "zeroblob" not in json.dumps(take_snapshot(restored)["tables"])
 
 
 def test_a_format_1_corruption_is_refused_too(stored: tuple[Database, Path, dict]) -> None:

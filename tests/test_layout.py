@@ -4,6 +4,7 @@ function, and the areas below the top never import the top."""
 from __future__ import annotations
 
 import ast
+import re
 
 from tests.import_graph import ROOT, cycles, import_graph
 
@@ -39,3 +40,17 @@ def test_every_child_process_of_the_daemon_is_started_one_way() -> None:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert [f for f in found if not f.startswith("bot/process/children.py:")] == []
     assert found  # the scan sees the one place there is
+
+
+def test_every_function_and_class_of_bot_serves_the_product() -> None:
+    """A top-level function or class of bot/ that only tests/ or bench/ use belongs in tests/
+    (the product names it somewhere besides its own definition: a call, an import, an entry point)."""
+    product = [*(ROOT / "bot").rglob("*.py"), *(ROOT / "session_api").rglob("*.py"), ROOT / "database.py"]
+    text = "\n".join(path.read_text() for path in product) + (ROOT / "pyproject.toml").read_text()
+    unused = []
+    for path in sorted((ROOT / "bot").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            named = isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("__")
+            if named and len(re.findall(rf"\b{re.escape(node.name)}\b", text)) < 2:
+                unused.append(f"{path.relative_to(ROOT)}:{node.name}")
+    assert unused == []

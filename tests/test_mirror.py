@@ -21,7 +21,15 @@ from bot.session.persistence import export_document, sync_session
 from database import Database, Fence, FencedOut
 from tests.fake_whatsapp import wait_until
 from tests.runtime_helpers import Calls
-from tests.synthetic import DEVICE_JID, HELPER, GeneratedRow, create_paired_store, generated_rows, table_rows
+from tests.synthetic import (
+    DEVICE_JID,
+    HELPER,
+    GeneratedRow,
+    create_paired_store,
+    generated_rows,
+    table_rows,
+    take_snapshot,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +104,7 @@ def test_every_kind_of_change_is_mirrored_and_the_export_equals_the_store(db: Da
     _, text = export_document(db, "default")
     document = json.loads(text)
     assert document["format_version"] == 2 and document["checksum"] == after.checksum
-    assert session_document.validate_document(document).checksum == session_document.take_snapshot(store)["checksum"]
+    assert session_document.validate_document(document).checksum == take_snapshot(store)["checksum"]
 
 
 SCHEMA_TABLES = set(
@@ -283,7 +291,7 @@ def test_a_format_1_session_from_the_previous_release_is_migrated(db: Database, 
 
 def store_format_1_session(db: Database, store: Path) -> None:
     """The current row as the previous release wrote it: the whole format-1 document in session_data."""
-    document = session_document.take_snapshot(store)
+    document = take_snapshot(store)
     for table in document["tables"]:
         table["rows"].sort(key=cells.canonical_json)
         table["checksum"] = session_document.table_checksum(

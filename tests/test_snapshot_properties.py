@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.session.document import restore_snapshot, take_snapshot, validate_document
+from bot.session.document import restore_snapshot, validate_document
+from tests.synthetic import take_snapshot
 from tests.synthetic import create_paired_store, table_rows
 
 # The test process never loads neonize, so it may open stores with sqlite3 directly.
