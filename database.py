@@ -43,6 +43,11 @@ class FencedOut(DatabaseError):
     """A write carried a fencing token that is no longer the session's: another owner took over."""
 
 
+class KeyMoved(FencedOut):
+    """The stored session was moved to a key this process does not hold (``python -m bot rekey``
+    beside it): it must not go on writing under its own key, which would be left behind."""
+
+
 class SessionMissing(DatabaseError):
     """Rows were mirrored for a session that is not stored (an admin deleted it): sync it whole."""
 
@@ -144,6 +149,17 @@ class MirrorBatch:
 class StoredRow:
     table: str
     row_text: str
+    row_hash: str
+
+
+@dataclass(frozen=True)
+class StoredForm:
+    """A stored row as it is stored (sealed or not): what a check of what is stored opens."""
+
+    table: str
+    key: str
+    stored_text: str
+    key_id: str | None
     row_hash: str
 
 
@@ -793,6 +809,23 @@ class Database:
         )
         return tx.scalar(self.UPSERT_HEAD, (*params, *fence_params, *fence_params)) is not None
 
+    # The device row is the session's key marker: a rekey moves it first (under a row lock), and
+    # every write that seals with this process's key reads it in its own transaction (FOR SHARE on
+    # PostgreSQL: a write either commits before the rekey moved it or sees where it went).
+    SELECT_KEY_MARKER = (
+        "SELECT key_id FROM whatsapp_session_rows WHERE session_id = %s AND table_name = 'whatsmeow_device'"
+    )
+
+    def _require_key_held(self, tx: Transaction, session_id: str) -> None:
+        for row in tx.execute(self.SELECT_KEY_MARKER, (session_id,)).fetchall():
+            key_id = row["key_id"]
+            if key_id is not None and key_id != self.sealer.key_id and not self.sealer.knows(key_id):
+                raise KeyMoved(
+                    f"session {session_id}: the stored session was moved to key {key_id} (a rekey), which this "
+                    "process does not hold; it writes nothing more under its own key\n"
+                    "Redeploy every daemon with the new SESSION_ENCRYPTION_KEY."
+                )
+
     def write_batch(self, batch: MirrorBatch, fence: Fence | None = None) -> None:
         """Mirror one batch of row changes in one transaction, fenced like every session write.
 
@@ -801,6 +834,7 @@ class Database:
         """
         with self.transaction() as tx:
             fence_params = self._fence_params(tx, batch.session_id, fence)
+            self._require_key_held(tx, batch.session_id)
             if batch.head is not None:
                 written = self._upsert_head(tx, batch.head, batch.sequence, fence_params)
             else:
@@ -835,6 +869,7 @@ class Database:
         """Make a whole document the stored session (import, restore, roll-back): one transaction."""
         with self.transaction() as tx:
             fence_params = self._fence_params(tx, head.session_id, fence)
+            self._require_key_held(tx, head.session_id)
             if not self._upsert_head(tx, head, sequence, fence_params):
                 raise self._fenced_out(fence) if fence is not None else DatabaseError("session head not written")
             tx.execute(self.DELETE_ROWS, (head.session_id,))
@@ -884,6 +919,12 @@ class Database:
             for row in tx.execute(self.SELECT_ROWS, (session_id,)).fetchall()
         ]
 
+    def stored_forms(self, session_id: str) -> list[StoredForm]:
+        """Every stored row of the session as it is stored: a reconciliation opens and checks them."""
+        with self.transaction() as tx:
+            found = tx.execute(self.SELECT_ROWS, (session_id,)).fetchall()
+        return [StoredForm(r["table_name"], r["row_key"], r["row_text"], r["key_id"], r["row_hash"]) for r in found]
+
     def load_session_and_rows(self, session_id: str) -> tuple[SessionRecord, list[StoredRow]] | None:
         """The head and the rows as of one moment (the mirror may be writing meanwhile)."""
         with self.transaction() as tx:
@@ -918,6 +959,7 @@ class Database:
         """Keep a full snapshot (the last few stay); the stored session takes its version number."""
         with self.transaction() as tx:
             fence_params = self._fence_params(tx, write.session_id, fence)
+            self._require_key_held(tx, write.session_id)
             version = tx.scalar(self.NEXT_HISTORY_VERSION, (write.session_id,))
             params = (
                 write.session_id,
@@ -1032,12 +1074,42 @@ class Database:
                 return resealed, unreadable
             after = found[-1]["id"]
 
+    def _reseal_rows(
+        self, tx: Transaction, session_id: str, found: list[Any], fence_params: tuple[Any, ...]
+    ) -> tuple[int, int]:
+        """(resealed, unreadable) of these rows; the sealer's own error, naming a row, is the restore's to tell."""
+        resealed = unreadable = 0
+        for row in found:
+            context = row_context(session_id, row["table_name"], row["row_key"])
+            try:
+                text = self.sealer.open(row["row_text"], row["key_id"], context)
+            except Exception:
+                unreadable += 1
+                continue
+            params = (self.json_param(self.sealer.seal(text, context)), self.sealer.key_id, session_id)
+            where = (row["table_name"], row["row_key"], row["row_hash"], *fence_params)
+            resealed += tx.execute(self.RESEAL_ROW, (*params, *where)).rowcount
+        return resealed, unreadable
+
+    # The key marker first (see SELECT_KEY_MARKER), locked as it is read: from its commit on, no
+    # write under a key that is being rotated out can land, so the pass below leaves nothing behind.
+    SELECT_MARKER_TO_RESEAL = """
+        SELECT table_name, row_key, CAST(row_data AS TEXT) AS row_text, row_hash, key_id
+        FROM whatsapp_session_rows
+        WHERE session_id = %s AND table_name = 'whatsmeow_device' AND COALESCE(key_id, '') <> %s
+    """
+
     def reseal(self, session_id: str, fence: Fence | None = None) -> ResealCount:
         """Re-encrypt every stored credential payload of the session that is not under the
         current key (or, with no key, decrypt it), a few hundred rows a transaction. Safe beside a
         running mirror: only a payload's envelope changes, never its content."""
         current = self.sealer.key_id or ""
-        rows = snapshots = unreadable = 0
+        with self.transaction() as tx:
+            fence_params = self._fence_params(tx, session_id, fence)
+            found = tx.execute(self.SELECT_MARKER_TO_RESEAL, (session_id, current)).fetchall()
+            rows, unreadable = self._reseal_rows(tx, session_id, found, fence_params)
+            if found:
+                self._require_fence(tx, fence, fence_params)
         after = ("", "")
         while True:
             with self.transaction() as tx:
@@ -1045,21 +1117,14 @@ class Database:
                 found = tx.execute(
                     self.SELECT_ROWS_TO_RESEAL, (session_id, *after, current, self.RESEAL_BATCH)
                 ).fetchall()
-                for row in found:
-                    context = row_context(session_id, row["table_name"], row["row_key"])
-                    try:
-                        text = self.sealer.open(row["row_text"], row["key_id"], context)
-                    except Exception:  # (the sealer's own error, naming the row, is the restore's to tell)
-                        unreadable += 1
-                        continue
-                    params = (self.json_param(self.sealer.seal(text, context)), self.sealer.key_id, session_id)
-                    where = (row["table_name"], row["row_key"], row["row_hash"], *fence_params)
-                    rows += tx.execute(self.RESEAL_ROW, (*params, *where)).rowcount
+                moved, left = self._reseal_rows(tx, session_id, found, fence_params)
+                rows, unreadable = rows + moved, unreadable + left
                 if found:
                     self._require_fence(tx, fence, fence_params)
             if len(found) < self.RESEAL_BATCH:
                 break
             after = (found[-1]["table_name"], found[-1]["row_key"])
+        snapshots = 0
         with self.transaction() as tx:
             found = tx.execute(self.SELECT_SNAPSHOTS_TO_RESEAL, (session_id, current)).fetchall()
         for version in [row["version"] for row in found]:  # one a transaction: each is a whole document
@@ -1853,6 +1918,10 @@ class PostgresDatabase(Database):
             kwargs={"connect_timeout": max(1, int(connect_timeout))},
             name="zapkeep",
         )
+
+    # Row locks (see Database.SELECT_KEY_MARKER): SQLite runs one write transaction at a time anyway.
+    SELECT_KEY_MARKER = Database.SELECT_KEY_MARKER + " FOR SHARE"
+    SELECT_MARKER_TO_RESEAL = Database.SELECT_MARKER_TO_RESEAL + " FOR UPDATE"
 
     def _open(self) -> None:
         from psycopg_pool import PoolTimeout

@@ -105,13 +105,16 @@ POISONED = "5511900000000@s.whatsapp.net"
 
 
 def webhooks_at(revision: str) -> types.ModuleType:
-    """``bot/messages/webhooks.py`` as it is at a git revision, loaded beside the current one."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:bot/messages/webhooks.py"], check=True, capture_output=True, text=True
-    ).stdout
+    """The webhook dispatcher as it is at a git revision (``bot/messages/webhooks.py``, before the
+    regroup of issue 24 ``bot/webhooks.py``), loaded beside the current one."""
+    for path in ("bot/messages/webhooks.py", "bot/webhooks.py"):
+        shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
     module = types.ModuleType(f"bot.messages.webhooks@{revision}")
     sys.modules[module.__name__] = module  # (dataclasses look their module up)
-    exec(compile(source, f"{revision}:bot/messages/webhooks.py", "exec"), module.__dict__)
+    exec(compile(shown.stdout, f"{revision}:{path}", "exec"), module.__dict__)
     return module
 
 
@@ -130,7 +133,7 @@ def broken(module: types.ModuleType, kind: str, window: float, scratch: Path) ->
     db.open()
     receiver = BrokenReceiver(kind, poisoned=POISONED, trickle_seconds=5.0)
     warnings = Counting()
-    logger = logging.getLogger(module.__name__)
+    logger = module.log  # (its logger by the name it gives itself)
     logger.addHandler(warnings)
     dispatcher = module.Dispatcher(
         db, SESSION, receiver.url, "bench-secret", event_types=("message.received",), owns_session=lambda: True

@@ -88,6 +88,11 @@ class SessionCollector(Collector):
             "zapkeep_connected_seconds", "Seconds since the connection came up (0: not connected)", connected
         )
         yield CounterMetricFamily("zapkeep_reconnects", "Connection drops and failed dials", status.reconnect_count)
+        yield CounterMetricFamily(
+            "zapkeep_stored_rows_unreadable",
+            "Stored rows found not to open (altered or corrupt): repaired by the owner, or refused at boot",
+            status.unreadable_rows,
+        )
         yield GaugeMetricFamily(
             "zapkeep_lease_owned", "1 while this daemon owns the session", float(status.owns_session)
         )

@@ -32,7 +32,13 @@ from bot.connection import events
 from bot.session import document as session_document
 from bot.session.backups import BackupOutcome, Backups, SessionView
 from bot.process.config import Config
-from bot.process.errors import SessionDocumentError, StateConflictError, ZapkeepError, first_line
+from bot.process.errors import (
+    SessionDocumentError,
+    StateConflictError,
+    StoredSessionUnreadable,
+    ZapkeepError,
+    first_line,
+)
 from bot.connection.gateway import SendGateway
 from bot.session.lease import LeaseKeeper
 from bot.metrics import Metrics
@@ -127,6 +133,7 @@ class Runtime:
         self._round = 0  # numbers the client rounds; the events of each are tagged with it
         self._live_round: int | None = None  # the round whose events describe the connection now
         self._held = False  # an operator stopped the client: no rounds until started again
+        self._needs_restore = False  # the stored rows do not open: no rounds until an operator restores
         self._state_at_shutdown = State.STARTING
         self._supervisor_ending = False  # the supervisor is leaving (replaced, demoted): no new rounds from it
         self._dropped_at: float | None = None  # the live round lost its connection (whatsmeow reconnects)
@@ -319,7 +326,7 @@ class Runtime:
         with self._lock:
             if self._stopping.is_set() or (self._supervisor is not None and self._supervisor.is_alive()):
                 return  # one supervisor at a time: two would run two clients on one session
-            self._set(state=State.CONNECTING)
+            self._set(state=State.RESTORE_NEEDED if self._needs_restore else State.CONNECTING)
             self._pending = None
             self._supervisor_ending = False
             self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
@@ -340,8 +347,12 @@ class Runtime:
         # snapshot it can read nor mirror under its own key: it gives the lease up (ConfigError).
         require_known_keys(self.db.key_ids(self.config.session_id), self.db.sealer, self.config.session_id)
         self._reseal()
+        self._needs_restore = False
         try:
             result = prepare_local_store(self.db, self.config.session_id, self.config.store_path, self.fence)
+        except StoredSessionUnreadable as exc:
+            self._refuse_unreadable(exc)
+            return
         except SessionDocumentError as exc:
             # Nothing stored can be restored; the local store was left as it was.
             log.error("session %s: %s", self.config.session_id, exc)
@@ -361,6 +372,30 @@ class Runtime:
                 last_backup_version=record.version,
                 push_name=record.push_name,
             )
+
+    def _refuse_unreadable(self, exc: StoredSessionUnreadable) -> None:
+        """Stored rows do not open: stay off WhatsApp and roll nothing back, loudly (the status,
+        /readyz, a ``session.corrupt`` event), until an operator restores or imports on purpose."""
+        session_id = self.config.session_id
+        log.error("session %s: %s", session_id, exc)
+        self._needs_restore = True
+        record = self.db.load_session(session_id)  # (the head stays readable: the number is shown)
+        jid = record.device_jid if record is not None else None
+        self._set(
+            jid=jid,
+            phone=phone_of(jid),
+            push_name=record.push_name if record is not None else None,
+            last_error=first_line(exc),
+            boot_error=first_line(exc),
+            unreadable_rows=self._status.unreadable_rows + exc.rows,
+            last_unreadable_at=now(),
+        )
+        action = "refused at boot: nothing rolled back; an operator restores a history version or imports"
+        payload = {"unreadable_rows": exc.rows, "tables": exc.tables, "repaired": False, "action": action}
+        try:
+            self.db.record_event(session_id, "session.corrupt", None, payload)
+        except Exception as event_error:  # (the status and /readyz still tell)
+            log.error("session %s: session.corrupt event not recorded: %s", session_id, first_line(event_error))
 
     def _store_migrated(self) -> SessionRecord | None:
         """A paired local store met an empty database: stored whole and kept in history now, before
@@ -416,6 +451,8 @@ class Runtime:
                 mirror_pending_changes=mirror.pending_changes,
                 last_reconcile_at=mirror.last_reconcile_at,
                 last_reconcile_result=mirror.last_reconcile_result,
+                unreadable_rows=self._status.unreadable_rows + mirror.unreadable_rows,
+                last_unreadable_at=mirror.last_unreadable_at or self._status.last_unreadable_at,
                 last_backup_at=mirror.last_mirrored_at or self._status.last_backup_at,
                 last_backup_error=mirror.last_error or self._status.last_backup_error,
                 uptime_seconds=round((now() - self._status.started_at).total_seconds(), 1),
@@ -480,9 +517,14 @@ class Runtime:
                 return  # never (re)connect without a lease that is surely still ours
             if pending is _Pending.LOGGED_OUT:
                 self._wipe_session()
+                self._needs_restore = False  # the unlinked session is gone: pairing again
                 store_prepared = False
             if pending is _Pending.RESTORE:
                 self._apply_restore()
+            if self._needs_restore:  # no client, no mirror: nothing may write over what is stored
+                self._set(state=State.RESTORE_NEEDED, connected_since=None)
+                self._wake.wait()  # a restore, an import, a logout, a demotion or the shutdown
+                continue
             if not store_prepared or not self.config.store_path.exists():
                 store_prepared = self._prepare_store()
             if store_prepared:
@@ -552,6 +594,7 @@ class Runtime:
         try:
             request.outcome, stored = self._restores.apply(request)
             self._failures = 0
+            self._needs_restore = False
             self._set(
                 jid=stored.device_jid,
                 phone=phone_of(stored.device_jid),

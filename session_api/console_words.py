@@ -20,6 +20,10 @@ STATE_WORDS: dict[State, dict[str, str]] = {
     State.LOGGED_OUT: {"pt-BR": "Desconectado do WhatsApp", "en": "Logged out of WhatsApp"},
     State.REPLACED: {"pt-BR": "Substituído por outra conexão", "en": "Replaced by another connection"},
     State.DISCONNECTED: {"pt-BR": "Conexão parada pelo operador", "en": "Connection stopped by an operator"},
+    State.RESTORE_NEEDED: {
+        "pt-BR": "Sessão salva corrompida: restaure uma versão do histórico",
+        "en": "Stored session corrupt: restore a history version",
+    },
     State.STOPPED: {"pt-BR": "Encerrando", "en": "Shutting down"},
 }
 

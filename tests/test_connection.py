@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -99,11 +100,12 @@ def test_the_reason_a_stored_session_was_refused_at_boot_stays_in_the_status(
     store = tmp_path / "elsewhere.sqlite3"
     create_paired_store(store)
     sync_session(db, "default", store)
-    with db.transaction() as tx:  # a stored row no longer matches its hash: the document is corrupt
-        tx.execute(
-            "UPDATE whatsapp_session_rows SET row_data = %s WHERE table_name = %s",
-            (db.json_param('["tampered"]'), "whatsmeow_device"),
-        )
+    # The stored head names a column whatsmeow does not have: the document is refused for its
+    # content. (Rows that do not open are another matter: restore_needed, test_encryption.)
+    head = json.loads(db.load_session("default").session_data)
+    head["tables"][0]["columns"][0] = "intruder"
+    with db.transaction() as tx:
+        tx.execute("UPDATE whatsapp_sessions SET session_data = %s", (db.json_param(json.dumps(head)),))
     network.connected = False  # every dial fails and sets its own last_error
     runtime: Runtime = runtime_factory()
     runtime.start()

@@ -8,7 +8,9 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,16 @@ import pytest
 from bot.session import persistence
 from bot.process.config import Config
 from bot.process.errors import ConfigError
-from bot.session.persistence import BootOutcome, prepare_local_store, snapshot_to_history, sync_session
-from bot.process.errors import UnreadableCredentials
+from bot.session.persistence import prepare_local_store, snapshot_to_history, sync_session
+from bot.process.errors import StoredSessionUnreadable, UnreadableCredentials
 from bot.session.sealing import Sealer, key_id_of
 from bot.session.state import State
 from bot.session.store_worker import restore_store
 from database import Database, PostgresDatabase, SqliteDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config
-from tests.synthetic import create_paired_store, table_rows
+from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
+from tests.tamper import contacts_stored, corrupt_events, flip_a_ciphertext_byte
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_A, KEY_B = os.urandom(32), os.urandom(32)
@@ -186,10 +189,16 @@ def test_rows_moved_between_sessions_or_rows_are_detected(db: Database, open_db:
     with pytest.raises(UnreadableCredentials, match=r"table whatsmeow_device row .* does not decrypt"):
         persistence.current_document(sealed, "default")
 
-    # The boot refuses the tampered rows and falls back to the newest history snapshot that opens.
+    # The boot refuses the tampered rows and rolls nothing back (only an operator restores history).
     local = tmp_path / "boot" / "whatsmeow.sqlite3"
-    assert prepare_local_store(sealed, "default", local).outcome is BootOutcome.RESTORED
-    assert table_rows(local) == original
+    before = everything_stored(sealed, files=False)
+    with pytest.raises(StoredSessionUnreadable, match="1 stored rows do not open") as refused:
+        prepare_local_store(sealed, "default", local)
+    assert refused.value.tables == {"whatsmeow_device": 1}
+    assert not local.exists() and everything_stored(sealed, files=False) == before
+    restored = tmp_path / "history" / "whatsmeow.sqlite3"
+    persistence.restore_record(sealed, sealed.load_history_version("default", 1), restored)
+    assert table_rows(restored) == original
 
     with sealed.transaction() as tx:  # two rows of one session swapped: also detected
         rows = tx.execute(
@@ -373,3 +382,213 @@ def test_a_received_files_download_reference_is_sealed_too(db: Database, open_db
     rotated = open_db(Sealer(KEY_B, [KEY_A]), same=sealed)
     assert rotated.reseal("default").media == 1
     assert open_db(Sealer(KEY_B), same=sealed).media_ref("default", logged.id).media == reference
+
+
+class ContactWriter:
+    """Writes contacts into a daemon's live store, one transaction each, as whatsmeow would, until
+    stopped; ``prefix`` may change while it runs (contacts written after a moment are told apart)."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.prefix = "55319"
+        self.written = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="contact-writer", daemon=True)
+
+    def __enter__(self) -> ContactWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.store, timeout=30)
+        try:
+            while not self._stop.wait(0.01):
+                with conn:
+                    conn.execute(
+                        "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
+                        (DEVICE_JID, f"{self.prefix}{self.written:08d}@s.whatsapp.net", f"Contato {self.written}"),
+                    )
+                self.written += 1
+        finally:
+            conn.close()
+
+
+def test_rekey_beside_a_daemon_with_the_old_key_leaves_nothing_under_it(
+    db: Database, open_db: OpenDb, tmp_path: Path
+) -> None:
+    """A real daemon (the loopback WhatsApp) runs with key A while its store keeps changing, and
+    ``python -m bot rekey`` moves the session to key B. Either rekey says what it could not move
+    (non-zero), or nothing is left under A: the daemon stops writing under a key it no longer
+    holds, at its very next write after the rekey moved the session (issue 23, item 10)."""
+    from tests.fake_network import FakeServer
+    from tests.redeploy import Daemon
+
+    key_a, key_b = base64.b64encode(KEY_A).decode(), base64.b64encode(KEY_B).decode()
+    if isinstance(db, PostgresDatabase):
+        url, data_dir = db._url, tmp_path / "host"
+    else:  # the daemon's embedded database is the test's: DATA_DIR/zapkeep.sqlite3
+        url, data_dir = "", db.path.parent
+    server = FakeServer()
+    env = {"SESSION_ENCRYPTION_KEY": key_a, "BACKUP_INTERVAL_SECONDS": "3600"}
+    daemon = Daemon(data_dir, url, command=[sys.executable, "-m", "tests.fake_daemon", server.address], env=env)
+    sealed = open_db(Sealer(KEY_B, [KEY_A]), same=db)
+    try:
+        create_paired_store(daemon.store)
+        daemon.start()
+        wait_until(lambda: daemon.status()["state"] == "connected", timeout=60, message="the daemon connected")
+        with ContactWriter(daemon.store) as writer:
+            wait_until(lambda: contacts_stored(sealed, "55319") > 20, timeout=30, message="contacts mirrored")
+            rotate = {"DATABASE_URL": url, "DATA_DIR": str(data_dir), "SESSION_ENCRYPTION_KEY": key_b}
+            rekey = _daemon({**rotate, "SESSION_ENCRYPTION_KEY_OLD": key_a, "ARGS": "rekey"})
+            writer.prefix = "55318"  # written once the rekey has ended
+            # The daemon's next batch either lands (under A) or finds the session moved and stops.
+            wait_until(
+                lambda: contacts_stored(sealed, "55318") > 0 or not daemon.status()["owns_session"],
+                timeout=60,
+                message="the daemon's next batch after the rekey",
+            )
+            after = writer.written
+            wait_until(lambda: writer.written > after + 20, message="the store kept changing")
+        # It hands the session back, and each take-over it retries is refused for the key (owning
+        # it for a moment each time: waited for, not read once).
+        wait_until(
+            lambda: not daemon.status()["owns_session"] and "key" in (daemon.status()["last_error"] or ""),
+            message="the daemon refused for the key",
+        )
+    finally:
+        daemon.stop_if_running()
+        server.close()
+    left = sealed.key_ids("default") - {key_id_of(KEY_B)}
+    assert rekey.returncode != 0 or not left, f"rekey exited 0 and left payloads under {left}"
+    assert rekey.returncode == 0, rekey.stderr  # (with the daemon fenced off by the move, nothing is left)
+    assert left == set()
+    assert contacts_stored(sealed, "55318") == 0  # not one row written under the old key after the rekey
+
+
+def test_a_stored_row_that_does_not_open_is_found_reported_and_repaired_by_its_owner(
+    db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23, item 3: one flipped ciphertext byte in the database while the owner runs. The next
+    reconciliation (here: a backup asked over the API) opens what is stored, finds the row, says
+    so (status, event, metric) and rewrites it from the local store. Found once, repaired once."""
+    from bot.runtime import Runtime
+
+    config = make_config(tmp_path, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode())
+    sealed = open_db(Sealer.from_config(config), same=db)
+    paired_session(sealed, tmp_path / "before")
+    # The flip comes after the mirror's first reconciliation (waited for), before the backup's.
+    runtime = Runtime(config, sealed, network.factory, timing=replace(FAST, after_connect_seconds=3600))
+    try:
+        runtime.start()
+        wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
+        wait_until(lambda: runtime.status().last_reconcile_at is not None, message="the first reconciliation")
+        flip_a_ciphertext_byte(sealed)
+        with pytest.raises(UnreadableCredentials):
+            persistence.current_document(sealed, "default")
+        assert runtime.backup_now("api") is not None  # (its reconciliation, or one just before it, finds it)
+        status = runtime.status()
+        metrics = runtime.metrics.exposition().decode()
+        local = table_rows(config.store_path)
+    finally:
+        runtime.stop()
+    assert status.unreadable_rows == 1 and status.last_unreadable_at is not None
+    # (last_reconcile_result said so until the next reconciliation; these stay.)
+    assert "1 stored rows did not open (altered or corrupt: whatsmeow_pre_keys 1); rewritten" in caplog.text
+    assert "zapkeep_stored_rows_unreadable_total 1.0" in metrics
+    assert corrupt_events(sealed) == [
+        {
+            "unreadable_rows": 1,
+            "tables": {"whatsmeow_pre_keys": 1},
+            "repaired": True,
+            "action": "rewritten from the local store",
+        }
+    ]
+    assert restored_rows(sealed, tmp_path / "after") == local  # what is stored opens, and is the store
+
+
+def test_a_new_host_never_rolls_back_over_stored_rows_that_do_not_open(
+    db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
+) -> None:
+    """Issue 23, item 3: the owner is gone (kill -9) with a tampered row stored, and 20 rows were
+    mirrored after the last history snapshot. A new host must not restore that snapshot and drop
+    them: it stays off WhatsApp, says why in the status and /readyz (503, the remedy), changes
+    nothing, and rolls back only when an operator restores a history version."""
+    from bot.runtime import Runtime
+    from session_api import create_app
+
+    config = make_config(
+        tmp_path / "new-host", API_TOKEN="t" * 32, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode()
+    )
+    sealed = open_db(Sealer.from_config(config), same=db)
+    store = paired_session(sealed, tmp_path / "old-host")  # history version 1
+    conn = sqlite3.connect(store)
+    with conn:
+        conn.executemany(
+            "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
+            [(DEVICE_JID, f"55319{n:08d}@s.whatsapp.net", f"Contato {n}") for n in range(20)],
+        )
+    conn.close()
+    assert sync_session(sealed, "default", store).written_rows == 20
+    flip_a_ciphertext_byte(sealed)
+    before, history = everything_stored(sealed, files=False), sealed.list_history("default")
+    rows_before = contacts_stored(sealed, "55319")
+
+    runtime = Runtime(config, sealed, network.factory, timing=FAST)
+    client = create_app(runtime, sealed).test_client()
+    try:
+        runtime.start()
+        wait_until(lambda: runtime.state is State.RESTORE_NEEDED, message="restore_needed")
+        ready = client.get("/readyz")
+        status = runtime.status()
+        assert ready.status_code == 503 and ready.get_json()["state"] == "restore_needed"
+        assert (
+            "does not open" in ready.get_json()["reason"] and "POST /api/session/restore" in ready.get_json()["reason"]
+        )
+        assert "1 stored rows do not open" in (status.boot_error or "") and status.unreadable_rows == 1
+        assert status.phone is not None  # the stored head still says which number it is
+        assert network.clients == [] and not config.store_path.exists()  # never connected, nothing restored
+        assert corrupt_events(sealed) == [
+            {
+                "unreadable_rows": 1,
+                "tables": {"whatsmeow_pre_keys": 1},
+                "repaired": False,
+                "action": "refused at boot: nothing rolled back; an operator restores a history version or imports",
+            }
+        ]
+        events = [e for e in sealed.events_after("default", 0) if e.event_type == "session.corrupt"]
+        assert events  # (a webhook event like the others: WEBHOOK_EVENTS knows it)
+        assert contacts_stored(sealed, "55319") == rows_before == 20  # not one mirrored row dropped
+        assert sealed.list_history("default") == history
+        assert everything_stored(sealed, files=False).count(b"zk1:") == before.count(b"zk1:")
+
+        # The operator's explicit roll-back to history version 1 is the one way back.
+        headers = {"Authorization": "Bearer " + "t" * 32}
+        restored = client.post("/api/session/restore", json={"version": history[0].version}, headers=headers)
+        assert restored.status_code == 200, restored.get_json()
+        wait_until(lambda: runtime.state is State.CONNECTED, message="connected after the restore")
+        assert client.get("/readyz").status_code == 200 and runtime.status().boot_error is None
+    finally:
+        runtime.stop()
+    assert contacts_stored(sealed, "55319") == 0  # (what version 1 held: the operator chose it)
+
+
+def test_a_row_stored_in_clear_whose_content_is_not_its_hash_is_not_rolled_back_over_either(
+    db: Database, tmp_path: Path
+) -> None:
+    """Without a key, "does not open" is a row whose content is not what its hash says."""
+    paired_session(db, tmp_path / "old-host")
+    with db.transaction() as tx:
+        tx.execute(
+            "UPDATE whatsapp_session_rows SET row_data = %s WHERE table_name = %s",
+            (db.json_param('["tampered"]'), "whatsmeow_device"),
+        )
+    before = everything_stored(db, files=False)
+    local = tmp_path / "new-host" / "whatsmeow.sqlite3"
+    with pytest.raises(StoredSessionUnreadable, match="nothing was rolled back") as refused:
+        prepare_local_store(db, "default", local)
+    assert refused.value.tables == {"whatsmeow_device": 1}
+    assert not local.exists() and everything_stored(db, files=False) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bot.session import cells, document as session_document
+from bot.session.change_capture import CaptureSession, Requests
 from bot.session.mirror import Mirror, MirrorProcess
 from bot.session.persistence import export_document, sync_session
 from database import Database, Fence, FencedOut
@@ -345,3 +347,50 @@ def test_each_commit_wakes_the_mirror_without_waiting_for_its_next_poll(db: Data
     finally:
         mirror.stop()
     assert db.load_session("default").push_name == "Loja 14"
+
+
+def test_tables_whatsmeow_creates_while_the_mirror_checks_the_triggers_are_captured(
+    tmp_path: Path, whatsmeow_template: Path
+) -> None:
+    """The daemon starts the mirror process and the client at once, so whatsmeow may create its
+    schema while the mirror process is checking the store's triggers. The tables created in
+    between get their triggers too: their changes reach the next batch (the shutdown's last one
+    included). The mirror process is staged in this process, its own code, with the creation landing
+    at the one point in between (after the tables were listed, before the version was read)."""
+    store = tmp_path / "whatsmeow.sqlite3"
+    session_document.prepare_store_file(store)  # as before neonize opens it: zapkeep's objects, no whatsmeow table yet
+    template = sqlite3.connect(whatsmeow_template)
+    schema = [sql for (sql,) in template.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid")]
+    template.close()
+    whatsmeow = sqlite3.connect(store, isolation_level=None)
+    nudges, nudger = os.pipe()
+    session = CaptureSession(store, Requests(nudges))
+    created: list[str] = []
+
+    def whatsmeow_upgrade_lands(statement: str) -> None:
+        # ensure_capture has listed the tables and now reads the triggers: whatsmeow's upgrade commits.
+        if not created and "type = 'trigger'" in statement:
+            created.append(statement)
+            whatsmeow.execute("BEGIN IMMEDIATE")
+            for sql in schema:
+                whatsmeow.execute(sql)
+            whatsmeow.execute("COMMIT")
+
+    try:
+        session.conn.set_trace_callback(whatsmeow_upgrade_lands)
+        first = session.poll(0, 0.0)
+        session.conn.set_trace_callback(None)
+        assert created, "the staged upgrade never landed"
+        whatsmeow.execute(
+            "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?, ?, ?)",
+            (DEVICE_JID, "5531900000001@s.whatsapp.net", "Contato novo"),
+        )
+        batch = session.poll(first.sequence, 0.0)
+    finally:
+        session.close()
+        whatsmeow.close()
+        os.close(nudges)
+        os.close(nudger)
+    assert [(c.table, c.row[1] if c.row else None) for c in batch.changes] == [
+        ("whatsmeow_contacts", "5531900000001@s.whatsapp.net")
+    ]

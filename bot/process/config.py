@@ -32,6 +32,7 @@ EVENT_TYPES = (
     "chat.released",
     "session.state",
     "backup.failed",
+    "session.corrupt",
 )
 GENERATE_KEY = "python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'"
 

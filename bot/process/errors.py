@@ -17,6 +17,16 @@ class UnreadableCredentials(SessionDocumentError):
     """A stored payload does not decrypt: its key is not configured, or it was altered or moved."""
 
 
+class StoredSessionUnreadable(UnreadableCredentials):
+    """Stored rows of the session do not open (altered or corrupt): the boot rolled nothing back and
+    waits for an operator to restore a history version, or for the owner of the local store."""
+
+    def __init__(self, message: str, rows: int, tables: dict[str, int]) -> None:
+        super().__init__(message)
+        self.rows = rows
+        self.tables = tables
+
+
 class SnapshotError(ZapkeepError):
     """The local whatsmeow store could not be read into a session document."""
 

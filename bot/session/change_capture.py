@@ -428,14 +428,27 @@ class CaptureSession:
 
     def _refresh_schema(self) -> tuple[list[TableDef] | None, list[str]]:
         """Triggers verified whenever the schema changed (a whatsmeow upgrade may recreate tables)."""
-        version = self.conn.execute("PRAGMA schema_version").fetchone()[0]
+        version = self._schema_cookie()
         if version == self._schema_version:
             return None, []
-        installed = ensure_capture(self.conn)
-        self._schema_version = self.conn.execute("PRAGMA schema_version").fetchone()[0]
+        installed: set[str] = set()
+        while True:
+            installed.update(ensure_capture(self.conn))
+            # Remember only a version that ensure_capture looked at: whatsmeow may create its tables
+            # between that look and our reading of the version, and caching the later version would
+            # leave them without triggers for good (their changes then reached no batch, not even
+            # the shutdown's last one). A version that moved (our triggers, or whatsmeow) is looked at again.
+            settled = self._schema_cookie()
+            if settled == version:
+                break
+            version = settled
+        self._schema_version = version
         defs = table_defs(self.conn)
         self._tables = {t.name: t for t in defs}
-        return defs, installed
+        return defs, sorted(installed)
+
+    def _schema_cookie(self) -> int:
+        return self.conn.execute("PRAGMA schema_version").fetchone()[0]  # moves with every CREATE, DROP, ALTER
 
     def poll(self, after: int, wait: float) -> Batch:
         assert self.watch is not None, "a poll needs a StoreWatch"

@@ -25,7 +25,16 @@ from pathlib import Path
 from bot.process.children import module_command, start_child
 from bot.session.change_capture import Batch
 from bot.process.errors import ZapkeepError, first_line
-from bot.session.persistence import MirroredRows, StoredHead, SyncResult, build_head, row_changes, write_scan
+from bot.session.persistence import (
+    MirroredRows,
+    StoredCheck,
+    StoredHead,
+    SyncResult,
+    build_head,
+    check_stored_rows,
+    row_changes,
+    write_scan,
+)
 from database import Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
 
 log = logging.getLogger("bot.mirror")  # pinned: the name operators see in log lines
@@ -48,6 +57,8 @@ class MirrorStatus:
     last_error: str | None
     last_reconcile_at: datetime | None
     last_reconcile_result: str | None
+    unreadable_rows: int = 0  # stored rows found not to open (altered or corrupt) since the mirror began
+    last_unreadable_at: datetime | None = None
 
 
 class MirrorProcess:
@@ -132,6 +143,7 @@ class Mirror:
         self._thread: threading.Thread | None = None
         self._process: MirrorProcess | None = None
         self._requests: list[_ReconcileRequest] = []
+        self._verified: dict[tuple[str, str], int] = {}  # stored forms found to open (check_stored_rows)
         self._rows = MirroredRows()
         self._stored: StoredHead | None = None
         self._tables: list = []
@@ -339,11 +351,19 @@ class Mirror:
 
     def _reconcile(self, fence: Fence, requests: list[_ReconcileRequest]) -> None:
         process = self._ensure_process()
-        self._rows = MirroredRows(self.db.row_hashes(self.session_id) if self._stored is not None else {})
+        # What is stored is opened and hashed, not only listed: a row that does not open would be
+        # found by the next restore (on another host, after this one is gone) instead of here.
+        stored = self._stored is not None
+        check = check_stored_rows(self.db, self.session_id, self._verified) if stored else StoredCheck({}, [])
+        self._rows = MirroredRows(check.known())
         batch = process.request({"op": "scan", "after": self._after, "known": self._rows.hashes})
         self._tables, self._device = batch.tables or [], batch.device
         result = write_scan(self.db, self.session_id, batch, self._rows, fence, self._stored)
         self._after = batch.sequence
+        if check.unreadable:
+            found = len(check.unreadable)  # (rewritten as differing rows: not rows change capture missed)
+            result = replace(result, missed=max(0, result.missed - found), unreadable=found if result.paired else 0)
+            self._report_unreadable(check, repaired=result.paired)
         if result.paired:
             record = self.db.load_session(self.session_id)
             self._stored = StoredHead.of(record)
@@ -365,6 +385,8 @@ class Mirror:
             log.info("session %s: reconciliation (%s) wrote %d rows", self.session_id, reasons, result.written_rows)
         if not result.paired:
             outcome = "not paired: nothing to store"
+        elif result.unreadable:
+            outcome = f"repaired {result.unreadable} stored rows that did not open (altered or corrupt)"
         elif result.missed:
             outcome = f"repaired {result.missed} missed rows"
         else:
@@ -382,6 +404,28 @@ class Mirror:
         for request in requests:
             request.result = result
             request.done.set()
+
+    def _report_unreadable(self, check: StoredCheck, *, repaired: bool) -> None:
+        """Loudly: the log, the status (and its metric), and a ``session.corrupt`` event."""
+        tables = check.tables()
+        action = "rewritten from the local store" if repaired else "not repaired: the local store is not paired"
+        log.error(
+            "session %s: %d stored rows did not open (altered or corrupt: %s); %s",
+            self.session_id,
+            len(check.unreadable),
+            ", ".join(f"{table} {count}" for table, count in sorted(tables.items())),
+            action,
+        )
+        status = self.status()
+        self._set(
+            unreadable_rows=status.unreadable_rows + len(check.unreadable),
+            last_unreadable_at=datetime.now(UTC),
+        )
+        payload = {"unreadable_rows": len(check.unreadable), "tables": tables, "repaired": repaired, "action": action}
+        try:
+            self.db.record_event(self.session_id, "session.corrupt", None, payload)
+        except Exception as exc:  # (the repair is written; the log and the status still tell)
+            log.error("session %s: session.corrupt event not recorded: %s", self.session_id, first_line(exc))
 
     def _queue_reconcile(self, reason: str) -> None:
         with self._lock:

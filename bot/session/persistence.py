@@ -8,6 +8,7 @@ rule, a whole-store sync, the document head, full snapshots for history, import,
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
 import time
@@ -18,9 +19,25 @@ from pathlib import Path
 
 from bot.session import cells, document as session_document
 from bot.session.change_capture import Batch, Device, TableDef, new_lineage
-from bot.process.errors import NotFoundError, SessionDocumentError, UnreadableCredentials
+from bot.process.errors import (
+    NotFoundError,
+    SessionDocumentError,
+    StoredSessionUnreadable,
+    UnreadableCredentials,
+    first_line,
+)
 from bot.session.store_worker import StoreInfo, document_rows, inspect_store, restore_store, scan_store
-from database import Database, Fence, HeadWrite, MirrorBatch, RowChange, SessionRecord, SessionWrite
+from database import (
+    Database,
+    Fence,
+    HeadWrite,
+    MirrorBatch,
+    RowChange,
+    SessionRecord,
+    SessionWrite,
+    StoredForm,
+    row_context,
+)
 
 log = logging.getLogger("bot.persistence")  # pinned: the name operators see in log lines
 
@@ -52,6 +69,77 @@ class SyncResult:
     push_name: str | None
     total_rows: int
     duration_ms: float
+    unreadable: int = 0  # stored rows that did not open (altered or corrupt), rewritten from the local store
+
+
+@dataclass(frozen=True)
+class StoredCheck:
+    """What is stored, checked: the hash of every row that opens and hashes to its stored hash,
+    and where the others are (table, key): altered, corrupt, or moved from another row."""
+
+    hashes: dict[str, dict[str, str]]
+    unreadable: list[tuple[str, str]]
+
+    def known(self) -> dict[str, dict[str, str]]:
+        """The hashes a whole-store comparison starts from: a row that does not open counts as
+        different from anything, so the local store's row is written over it (or it is deleted)."""
+        known = {table: dict(rows) for table, rows in self.hashes.items()}
+        for table, key in self.unreadable:
+            known.setdefault(table, {})[key] = UNREADABLE_HASH
+        return known
+
+    def tables(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for table, _ in self.unreadable:
+            counts[table] = counts.get(table, 0) + 1
+        return counts
+
+
+UNREADABLE_HASH = "0" * 64  # (no row hashes to it: a SHA-256 of zero)
+
+
+def check_stored_rows(db: Database, session_id: str, verified: dict[tuple[str, str], int] | None = None) -> StoredCheck:
+    """Open every stored row and hash what it holds: a row that does not decrypt, or whose content
+    is not what its stored hash says, is found here rather than at the next restore.
+
+    ``verified`` (kept by the caller from one pass to the next) remembers each row's stored form
+    that was found good: a row stored as it was then is not opened again, so a pass costs reading
+    the rows, and opening only those written (or altered) since."""
+    seen = {} if verified is None else verified
+    good: dict[tuple[str, str], int] = {}
+    hashes: dict[str, dict[str, str]] = {}
+    unreadable = []
+    for form in db.stored_forms(session_id):
+        where = (form.table, form.key)
+        fingerprint = hash((form.stored_text, form.key_id, form.row_hash))  # (salted per process)
+        if seen.get(where) == fingerprint or _opens(db, session_id, form):
+            good[where] = fingerprint
+            hashes.setdefault(form.table, {})[form.key] = form.row_hash
+        else:
+            unreadable.append(where)
+    seen.clear()
+    seen.update(good)
+    return StoredCheck(hashes, unreadable)
+
+
+def _opens(db: Database, session_id: str, form: StoredForm) -> bool:
+    try:
+        text = db.sealer.open(form.stored_text, form.key_id, row_context(session_id, form.table, form.key))
+    except Exception:  # (altered, or moved from another row: reported and repaired by the caller)
+        return False
+    return _holds(text, form.row_hash)
+
+
+def _holds(row_text: str, row_hash: str) -> bool:
+    """The row's content is what its stored hash says. Sealed rows (and clear ones on SQLite) are
+    stored as the canonical text the hash is of, and are hashed as they are (a fraction of the
+    cost); PostgreSQL's JSONB prints a clear row its own way, so that one is parsed first."""
+    if hashlib.sha256(row_text.encode()).hexdigest() == row_hash:
+        return True
+    try:
+        return cells.row_hash(json.loads(row_text)) == row_hash
+    except (ValueError, TypeError):
+        return False
 
 
 # --- the document head ---------------------------------------------------------------------------
@@ -409,23 +497,38 @@ def prepare_local_store(db: Database, session_id: str, store_path: Path, fence: 
 
 
 def _restore_newest_valid(db: Database, record: SessionRecord, store_path: Path, fence: Fence | None) -> BootResult:
-    """Restore the stored session; if it is refused, the newest history entry that is not (which
-    then becomes the stored session). Older documents are read only when needed."""
+    """Restore the stored session; if it is refused for its content, the newest history entry that
+    is not (which then becomes the stored session; older documents are read only when needed).
+    Stored rows that do not open (altered or corrupt) are never rolled back over: StoredSessionUnreadable."""
     session_id = record.session_id
     try:
         found = current_document(db, session_id, record)  # a row that does not decrypt is refused here
         assert found is not None
         lineage = new_lineage()  # (the restore validates the document: never twice in the common case)
-        db.set_lineage(session_id, lineage, record.mirror_sequence, fence)
         restore_document(
             session_id, record.version, found[1], store_path, lineage=lineage, sequence=record.mirror_sequence
         )
+        # Only once the document restored: a refused one leaves the stored lineage alone, so the
+        # host whose local store descends from it can still come back and repair what is stored.
+        db.set_lineage(session_id, lineage, record.mirror_sequence, fence)
         return BootResult(BootOutcome.RESTORED, replace(record, lineage=lineage), record.device_jid)
     except SessionDocumentError as exc:
+        # Rows that do not open (they do not decrypt, or their content is not their hash): rolling
+        # back to a snapshot would silently drop everything mirrored since it, and the owner's local
+        # store (on a host that may come back) still holds them.
+        check = check_stored_rows(db, session_id)
+        if isinstance(exc, UnreadableCredentials) or check.unreadable:
+            raise StoredSessionUnreadable(
+                f"session {session_id}: {max(1, len(check.unreadable))} stored rows do not open "
+                f"({first_line(exc)}); nothing was rolled back\n"
+                'Restore a history version on purpose (POST /api/session/restore with {"version": N}), import '
+                "a document, or stop this instance and start the host that still has the session's local store: "
+                "its owner repairs the rows.",
+                len(check.unreadable),
+                check.tables(),
+            ) from None
         log.error("session %s version %d refused: %s", session_id, record.version, exc)
-        # A document refused for its content is refused again under the same checksum; rows that
-        # do not decrypt say nothing of a snapshot with that checksum (sealed as a whole, apart).
-        refused = None if isinstance(exc, UnreadableCredentials) else record.checksum
+        refused = record.checksum  # a document refused for its content is refused again under its checksum
     for entry in db.list_history(session_id):
         if entry.checksum == refused:
             continue

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.session.change_capture import new_lineage
-from bot.process.errors import DiskFullError, ZapkeepError
+from bot.process.errors import DiskFullError, UnreadableCredentials, ZapkeepError, first_line
 from bot.session.mirror import Mirror
 from bot.session.persistence import export_document, make_current, snapshot_to_history
 from bot.session.document import STORE_SIBLING_SUFFIXES, discard_built, install_store
@@ -77,7 +77,10 @@ class Restores:
             # back over the new stored session and call the difference missed changes).
             built = self._build(text, lineage, sequence)
             try:
-                snapshot_to_history(self.db, session_id, fence, f"before-{request.kind}")  # the old one kept
+                try:
+                    snapshot_to_history(self.db, session_id, fence, f"before-{request.kind}")  # the old one kept
+                except UnreadableCredentials as exc:  # an operator replaces a stored session that does not open
+                    log.warning("session %s: no snapshot kept of the replaced session: %s", session_id, first_line(exc))
                 # The database takes the new version before the local store does: a crash in
                 # between boots into it, never back into the replaced one.
                 if request.kind == "current":

@@ -17,6 +17,7 @@ class State(str, enum.Enum):
     LOGGED_OUT = "logged_out"
     REPLACED = "replaced"
     DISCONNECTED = "disconnected"  # an operator stopped the client (POST /api/session/stop); still paired
+    RESTORE_NEEDED = "restore_needed"  # stored rows do not open: nothing rolled back, an operator decides
     STOPPED = "stopped"
 
 
@@ -45,6 +46,12 @@ _NOT_READY_BECAUSE = {
     State.LOGGED_OUT: "logged out: the device was unlinked; pairing again",
     State.REPLACED: "replaced: another client took over this session's stream; POST /api/session/reconnect takes it back",
     State.DISCONNECTED: "disconnected by an operator: POST /api/session/start connects again",
+    State.RESTORE_NEEDED: (
+        "the stored session does not open (stored rows altered or corrupt) and nothing was rolled back: "
+        'restore a history version on purpose (POST /api/session/restore with {{"version": N}}; the versions '
+        "are in GET /api/session/status), import a document, or stop this instance and start the host that "
+        "still has the session's local store"
+    ),
     State.STOPPED: "shutting down",
 }
 
@@ -96,6 +103,8 @@ class SessionStatus:
     last_reconcile_at: datetime | None = None
     last_reconcile_result: str | None = None
     qr_expires_at: datetime | None = None  # while a QR code is shown: when whatsmeow replaces it
+    unreadable_rows: int = 0  # stored rows found not to open (altered or corrupt) since this process started
+    last_unreadable_at: datetime | None = None
     standby_cause: str | None = None  # in standby: why (a StandbyCause)
     database_unreachable_since: datetime | None = None  # the first call that could not reach it, until one does
 
@@ -150,7 +159,7 @@ def readiness_of(status: SessionStatus) -> Readiness:
         reason = _STANDBY_BECAUSE[StandbyCause(status.standby_cause)]
     if reason is not None:
         reason = reason.format(session_id=status.session_id)
-        if status.boot_error:  # (the details need the token: /api/session/status)
+        if status.boot_error and state is not State.RESTORE_NEEDED:  # (the details need the token: the status)
             reason = f"{reason}; the stored session was refused at boot"
     return Readiness(ready=state is State.CONNECTED, state=state.value, reason=reason)
 

@@ -54,8 +54,8 @@ def this_document() -> Schema:
 def events() -> Schema:
     return {
         "summary": "Server-sent events: the logged events (message.received, message.sent, "
-        "message.status, chat.handoff, chat.released, session.state, backup.failed), each with its id and "
-        "resumable from Last-Event-ID (or ?after=); and the status each time it changes (event: status, no "
+        "message.status, chat.handoff, chat.released, session.state, backup.failed, session.corrupt), each with "
+        "its id and resumable from Last-Event-ID (or ?after=); and the status each time it changes (event: status, no "
         "id). A stream ends after 2 minutes; EventSource reconnects and resumes",
         "parameters": [parameter("after", "query", {"type": "integer", "minimum": 0})],
         "responses": {
