@@ -105,16 +105,14 @@ POISONED = "5511900000000@s.whatsapp.net"
 
 
 def webhooks_at(revision: str) -> types.ModuleType:
-    """The webhook dispatcher as it is at a git revision (``bot/messages/webhooks.py``, before the
-    regroup of issue 24 ``bot/webhooks.py``), loaded beside the current one."""
-    for path in ("bot/messages/webhooks.py", "bot/webhooks.py"):
-        shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
-        if shown.returncode == 0:
-            break
-    shown.check_returncode()
+    """``bot/messages/webhooks.py`` as it is at a git revision, loaded beside the current one (a
+    revision from after the regroup of issue 24: older ones import modules that have moved)."""
+    shown = subprocess.run(
+        ["git", "show", f"{revision}:bot/messages/webhooks.py"], check=True, capture_output=True, text=True
+    )
     module = types.ModuleType(f"bot.messages.webhooks@{revision}")
     sys.modules[module.__name__] = module  # (dataclasses look their module up)
-    exec(compile(shown.stdout, f"{revision}:{path}", "exec"), module.__dict__)
+    exec(compile(shown.stdout, f"{revision}:bot/messages/webhooks.py", "exec"), module.__dict__)
     return module
 
 
