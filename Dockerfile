@@ -13,6 +13,7 @@ RUN pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
 COPY bot ./bot
 COPY session_api ./session_api
 COPY database.py ./
+COPY storage ./storage
 
 # Not root; the session's local files live on a volume (the database holds the real copy).
 RUN useradd --system --uid 10001 --user-group --home-dir /data zapkeep \

@@ -49,7 +49,7 @@ from bot.session.restores import RestoreOutcome, RestoreRequest, Restores
 from bot.session.sealing import require_known_keys
 from bot.session.state import HISTORY_STATES, Readiness, SessionStatus, State, now, phone_of, readiness_of
 from bot.session.store_worker import document_rows, prepare_store
-from database import Database, Fence, SessionRecord
+from database import SESSION_CORRUPT, Database, Fence, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ class Runtime:
         action = "refused at boot: nothing rolled back; an operator restores a history version or imports"
         payload = {"unreadable_rows": exc.rows, "tables": exc.tables, "repaired": False, "action": action}
         try:
-            self.db.record_event(session_id, "session.corrupt", None, payload)
+            self.db.record_event(session_id, SESSION_CORRUPT, None, payload)
         except Exception as event_error:  # (the status and /readyz still tell)
             log.error("session %s: session.corrupt event not recorded: %s", session_id, first_line(event_error))
 

@@ -138,3 +138,134 @@ def test_a_version_2_database_gains_message_kinds_and_keeps_its_log(db: Database
     assert (message.id, message.text, message.message_type) == (queued, "Olá", "text")
     assert message.mimetype is None and db.outgoing_file(queued) is None  # (and version 7's files)
     assert [c.phone_jid for c in db.list_chats("default")] == [None]  # (and version 8's LID chats' phones)
+
+
+# --- upgrades: a database left at any earlier version is brought to the current schema in place ---
+
+OLD_ROWS_SESSION = "old"
+OLD_CHAT = "5511988887777@s.whatsapp.net"
+OLD_ROW = StoredRow("whatsmeow_device", f'["{JID}", 7]', f"{7:064x}")
+
+
+def _database_at(version: int, backend: str, tmp_path, pg_cluster) -> Database:
+    """A database as a zapkeep of schema ``version`` left it: steps 1..version only."""
+    from database import STEPS, PostgresDatabase, SqliteDatabase
+
+    if backend == "postgresql":
+        old: Database = PostgresDatabase(pg_cluster.create_database())
+    else:
+        old = SqliteDatabase(tmp_path / "old.sqlite3")
+    old._open()  # (connected, not migrated: open() would bring it to the current version)
+    with old.transaction() as tx:
+        tx.execute("CREATE TABLE zapkeep_schema (version INTEGER NOT NULL)")
+        tx.execute("INSERT INTO zapkeep_schema (version) VALUES (%s)", (version,))
+        for step in STEPS[:version]:
+            for statement in step.statements(old.dialect):
+                tx.execute(statement)
+    return old
+
+
+def _put_old_rows(db: Database, version: int) -> None:
+    """Rows in the tables (and columns) every version since 1 has: a session, its history, its lease,
+    a logged message and a paused chat; from version 2 on, a mirrored row."""
+    from datetime import datetime
+
+    at = datetime(2026, 1, 2, 3, 4, 5)
+    with db.transaction() as tx:
+        tx.execute(
+            "INSERT INTO whatsapp_sessions (session_id, session_data, version, checksum, size_bytes, device_jid,"
+            " push_name) VALUES (%s, %s, 3, 'sha256:old', 12, %s, 'Loja')",
+            (OLD_ROWS_SESSION, db.json_param('{"creds": 1}'), JID),
+        )
+        tx.execute(
+            "INSERT INTO whatsapp_session_history (session_id, version, session_data, checksum, size_bytes,"
+            " device_jid, taken_at) VALUES (%s, 3, %s, 'sha256:h3', 12, %s, %s)",
+            (OLD_ROWS_SESSION, db.json_param('{"creds": 3}'), JID, at),
+        )
+        tx.execute(
+            "INSERT INTO whatsapp_session_leases (session_id, owner_id, fencing_token, expires_at, acquired_at,"
+            " renewed_at) VALUES (%s, NULL, 4, 0, 0, 0)",
+            (OLD_ROWS_SESSION,),
+        )
+        tx.execute(
+            "INSERT INTO whatsapp_messages (session_id, chat_jid, sender, message_id, dedupe_key, direction, text,"
+            " status, created_at) VALUES (%s, %s, %s, 'WAID1', 'in:WAID1', 'in', 'Olá', 'replied', %s)",
+            (OLD_ROWS_SESSION, OLD_CHAT, OLD_CHAT, at),
+        )
+        tx.execute(
+            "INSERT INTO whatsapp_chats (session_id, chat_jid, last_incoming_at, paused_until, pause_reason)"
+            " VALUES (%s, %s, %s, %s, 'handoff')",
+            (OLD_ROWS_SESSION, OLD_CHAT, at, datetime(2099, 1, 1)),
+        )
+        if version >= 2:
+            tx.execute(
+                "INSERT INTO whatsapp_session_rows (session_id, table_name, row_key, row_data, row_hash)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (OLD_ROWS_SESSION, OLD_ROW.table, f"'{JID}'", db.json_param(OLD_ROW.row_text), OLD_ROW.row_hash),
+            )
+
+
+def _schema(db: Database) -> dict[str, list]:
+    """Tables, columns (types, nullability, defaults, order), indexes and constraints, as the
+    back-end's own catalog tells them."""
+    with db.transaction() as tx:
+        if db.backend == "postgresql":
+            return {
+                "columns": tx.execute(
+                    "SELECT table_name, column_name, data_type, character_maximum_length, is_nullable,"
+                    " column_default, ordinal_position FROM information_schema.columns"
+                    " WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"
+                ).fetchall(),
+                "indexes": tx.execute(
+                    "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+                    " ORDER BY tablename, indexname"
+                ).fetchall(),
+                "constraints": tx.execute(
+                    "SELECT conrelid::regclass::text AS table_name, conname, pg_get_constraintdef(oid) AS definition"
+                    " FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2"
+                ).fetchall(),
+            }
+        objects = tx.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name").fetchall()
+        columns = [
+            {"table": o["name"], **column}
+            for o in objects
+            if o["type"] == "table"
+            for column in tx.execute(f"PRAGMA table_info('{o['name']}')").fetchall()  # (names from the catalog)
+        ]
+        return {"objects": objects, "columns": columns}
+
+
+@pytest.mark.parametrize("version", range(1, SCHEMA_VERSION))
+def test_a_database_at_every_earlier_version_upgrades_to_the_fresh_schema_and_keeps_its_rows(
+    db: Database, version: int, tmp_path, request: pytest.FixtureRequest
+) -> None:
+    fresh = _schema(db)
+    pg_cluster = request.getfixturevalue("pg_cluster") if db.backend == "postgresql" else None
+    old = _database_at(version, db.backend, tmp_path, pg_cluster)
+    try:
+        assert old.schema_version() == version
+        _put_old_rows(old, version)
+        old.migrate()  # (what the next boot does)
+
+        assert old.schema_version() == SCHEMA_VERSION
+        assert _schema(old) == fresh
+        (session,) = old.list_sessions()
+        assert (session.session_id, session.version, session.checksum, session.format_version) == (
+            "old",
+            3,
+            "sha256:old",
+            1,
+        )
+        assert _json(old.load_session("old").session_data) == '{"creds":1}'
+        assert _json(old.load_history_version("old", 3).session_data) == '{"creds":3}'
+        assert old.lease("old").fencing_token == 4
+        (message,) = old.list_messages("old")
+        assert (message.text, message.direction, message.message_type, message.mimetype) == ("Olá", "in", "text", None)
+        (chat,) = old.list_chats("old")
+        assert (chat.chat_jid, chat.pause_reason, chat.phone_jid) == (OLD_CHAT, "handoff", None)
+        assert old.load_rows("old") == ([OLD_ROW] if version >= 2 else [])
+        # ...and what later versions brought works on it: a history snapshot numbered after the old one.
+        assert old.save_history(_write("old", 4)) == 4
+        assert old.release_chat("old", OLD_CHAT) is True and old.last_event_id("old") > 0
+    finally:
+        old.close()

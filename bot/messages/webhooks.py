@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from bot.process.errors import first_line
 from bot.session.state import SessionStatus, readiness_of
-from database import Database, StoredEvent, is_unavailable
+from database import BACKUP_FAILED, SESSION_STATE, Database, StoredEvent, is_unavailable
 
 log = logging.getLogger("bot.webhooks")  # pinned: the name operators see in log lines
 
@@ -447,7 +447,7 @@ class StateJournal:
             "owns_session": status.owns_session,
         }
         self._previous_state = status.state
-        self._noted.put(("session.state", payload))
+        self._noted.put((SESSION_STATE, payload))
 
     def start(self) -> None:
         self.on_state(self._status())  # the state it starts in
@@ -471,7 +471,7 @@ class StateJournal:
                     log.warning("session %s: pruning old events failed: %s", self.session_id, first_line(exc))
             error = self._status().last_backup_error
             if error is not None and error != self._backup_error:
-                self._noted.put(("backup.failed", {"error": error}))
+                self._noted.put((BACKUP_FAILED, {"error": error}))
             self._backup_error = error
             self.write()
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bot.process.errors import ConfigError
+from database import EVENT_TYPES  # (defined where the events are written)
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,100}")
 PHONE_PATTERN = re.compile(r"\d{10,15}")
@@ -24,16 +25,6 @@ LOG_FORMATS = ("text", "json")
 SHIPPED_REPLIES = Path(__file__).parent.parent / "messages" / "replies.pt-BR.toml"
 SHORT_TOKEN = 16  # below this the boot warns: a short bearer token can be guessed
 ENCRYPTION_KEY_BYTES = 32  # AES-256
-EVENT_TYPES = (
-    "message.received",
-    "message.sent",
-    "message.status",
-    "chat.handoff",
-    "chat.released",
-    "session.state",
-    "backup.failed",
-    "session.corrupt",
-)
 GENERATE_KEY = "python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'"
 
 

@@ -35,7 +35,7 @@ from bot.session.persistence import (
     row_changes,
     write_scan,
 )
-from database import Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
+from database import SESSION_CORRUPT, Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
 
 log = logging.getLogger("bot.mirror")  # pinned: the name operators see in log lines
 
@@ -423,7 +423,7 @@ class Mirror:
         )
         payload = {"unreadable_rows": len(check.unreadable), "tables": tables, "repaired": repaired, "action": action}
         try:
-            self.db.record_event(self.session_id, "session.corrupt", None, payload)
+            self.db.record_event(self.session_id, SESSION_CORRUPT, None, payload)
         except Exception as exc:  # (the repair is written; the log and the status still tell)
             log.error("session %s: session.corrupt event not recorded: %s", self.session_id, first_line(exc))
 

@@ -1,0 +1,23 @@
+"""The database: every concern's queries composed over one back-end (``storage.postgres``,
+``storage.sqlite``); callers see one object, ``db.write_batch(...)``, ``db.acquire_lease(...)``."""
+
+from __future__ import annotations
+
+from storage.events import EventQueries
+from storage.leases import LeaseQueries
+from storage.messages import MessageQueries
+from storage.outbox import OutboxQueries
+from storage.resealing import ResealQueries
+from storage.sessions import SessionQueries
+from storage.upgrades import SchemaUpgrades
+
+
+class Database(
+    SchemaUpgrades, SessionQueries, ResealQueries, LeaseQueries, OutboxQueries, MessageQueries, EventQueries
+):
+    """The session tables, over whichever back-end the configuration chose."""
+
+    def open(self) -> None:
+        """Connect and bring the schema up to date (idempotent)."""
+        self._open()
+        self.migrate()
