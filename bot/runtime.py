@@ -7,7 +7,7 @@ Threads, each with one job:
   reconnect backoff between rounds;
 - ``events`` takes the client's events off a queue (handlers run on Go's thread and must
   return at once) and updates the state;
-- ``mirror`` copies every change of the local store into the database (``bot.mirror``);
+- ``mirror`` copies every change of the local store into the database (``bot.session.mirror``);
 - the APScheduler threads run the reconciliation, the history snapshots and the watchdogs.
 """
 
@@ -27,20 +27,28 @@ from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from bot import events, session_store
-from bot.backups import BackupOutcome, Backups, SessionView
-from bot.config import Config
-from bot.errors import SessionDocumentError, StateConflictError, StoredSessionUnreadable, ZapkeepError, first_line
-from bot.gateway import SendGateway
-from bot.lease import LeaseKeeper
+from bot.connection import events
+
+from bot.session import document as session_document
+from bot.session.backups import BackupOutcome, Backups, SessionView
+from bot.process.config import Config
+from bot.process.errors import (
+    SessionDocumentError,
+    StateConflictError,
+    StoredSessionUnreadable,
+    ZapkeepError,
+    first_line,
+)
+from bot.connection.gateway import SendGateway
+from bot.session.lease import LeaseKeeper
 from bot.metrics import Metrics
-from bot.mirror import Mirror
-from bot.pairing import Pairing
-from bot.persistence import BootOutcome, export_document, prepare_local_store, sync_session
-from bot.restores import RestoreOutcome, RestoreRequest, Restores
-from bot.sealing import require_known_keys
-from bot.session_state import HISTORY_STATES, Readiness, SessionStatus, State, now, phone_of, readiness_of
-from bot.store_worker import document_rows, prepare_store
+from bot.session.mirror import Mirror
+from bot.connection.pairing import Pairing
+from bot.session.persistence import BootOutcome, export_document, prepare_local_store, sync_session
+from bot.session.restores import RestoreOutcome, RestoreRequest, Restores
+from bot.session.sealing import require_known_keys
+from bot.session.state import HISTORY_STATES, Readiness, SessionStatus, State, now, phone_of, readiness_of
+from bot.session.store_worker import document_rows, prepare_store
 from database import SESSION_CORRUPT, Database, Fence, SessionRecord
 
 log = logging.getLogger(__name__)
@@ -645,7 +653,7 @@ class Runtime:
         if self.state in (State.REPLACED, State.STOPPED, State.STANDBY, State.STARTING):
             raise StateConflictError(f"session {session_id} is {self.state.value}; it cannot be restored here")
         # Check the whole document before stopping a live client for it: decoded, then built aside.
-        document = session_store.validate_document(session_store.parse_document(request.document_text))
+        document = session_document.validate_document(session_document.parse_document(request.document_text))
         if document.device_field("jid") is None:
             raise SessionDocumentError("the session document holds no paired device")
         if request.kind == "import":  # (the stored session and history were checked when they were stored)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bot import events
-from bot.chatbot import Rules
-from bot.config import Config
-from bot.messaging import Chatbot
-from bot.outbox import Channel, Outbox
+from bot.connection import events
+from bot.messages.rules import Rules
+from bot.process.config import Config
+from bot.messages.chatbot import Chatbot
+from bot.messages.outbox import Channel, Outbox
 from bot.runtime import Runtime
-from bot.webhooks import Dispatcher, StateJournal
+from bot.messages.webhooks import Dispatcher, StateJournal
 from database import Database
 
 

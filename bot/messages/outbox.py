@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from bot import events
-from bot.errors import SendOutcomeUnknown, StateConflictError, first_line
+from bot.connection import events
+from bot.process.errors import SendOutcomeUnknown, StateConflictError, first_line
 from bot.metrics import Metrics
 from database import Database, OutgoingFile, OutgoingMessage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.outbox")  # pinned: the name operators see in log lines
 
 RETRY_DELAYS = (timedelta(seconds=5), timedelta(seconds=30), timedelta(minutes=2), timedelta(minutes=10))
 MAX_ATTEMPTS = len(RETRY_DELAYS) + 1

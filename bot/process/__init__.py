@@ -1,0 +1,1 @@
+"""The process itself: configuration, errors, logs, child processes and the rules console."""
