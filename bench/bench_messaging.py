@@ -18,11 +18,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bot import events
-from bot.chatbot import load_rules
-from bot.config import SHIPPED_REPLIES
-from bot.messaging import Chatbot
-from bot.outbox import Channel, Outbox
+from bot.connection import events
+from bot.messages.rules import load_rules
+from bot.process.config import SHIPPED_REPLIES
+from bot.messages.chatbot import Chatbot
+from bot.messages.outbox import Channel, Outbox
 from database import Database, PostgresDatabase, SqliteDatabase
 from tests.pg_cluster import PostgresCluster
 

@@ -7,7 +7,7 @@ it takes a few minutes and starts its own PostgreSQL cluster on loopback with Po
 durability (fsync, synchronous_commit and full_page_writes on).
 
 zapkeep's path: a change is written into the local store file with sqlite3, as whatsmeow would
-write it; a ``bot.mirror.Mirror`` running in this process (fenced by a lease) carries it into the
+write it; a ``bot.session.mirror.Mirror`` running in this process (fenced by a lease) carries it into the
 database; the change counts as committed once ``load_session().mirror_sequence`` reaches the store's
 change sequence. The reference: the same change written with whatsmeow's own SQL into whatsmeow's
 own PostgreSQL schema (created by neonize, in a child process: this process opens stores with
@@ -46,10 +46,10 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from bot.mirror import Mirror
-from bot.persistence import BootOutcome, export_document, prepare_local_store
+from bot.session.mirror import Mirror
+from bot.session.persistence import BootOutcome, export_document, prepare_local_store
 from bot.runtime import Timing
-from bot.store_worker import prepare_store
+from bot.session.store_worker import prepare_store
 from database import MirrorBatch, PostgresDatabase, Transaction
 from tests.pg_cluster import PostgresCluster, free_port
 from tests.synthetic import DEVICE_JID, LARGE, MEDIUM, SMALL, StoreSize, create_paired_store

@@ -11,7 +11,7 @@ clear and one sealed. Each measurement alternates between them, so machine noise
   whatsmeow store file, as the boot does;
 - a re-encryption of the whole session (what the first boot with a key, or a rotation, costs once).
 
-Only the database layer differs (``database.Database`` with a ``bot.sealing.Sealer``), so the
+Only the database layer differs (``database.Database`` with a ``bot.session.sealing.Sealer``), so the
 ratios are the cost of sealing itself. Run on demand; it prints one table.
 """
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import psycopg
 
-from bot import persistence, session_store
-from bot.sealing import Sealer
-from bot.store_worker import restore_store
+from bot.session import persistence, cells
+from bot.session.sealing import Sealer
+from bot.session.store_worker import restore_store
 from database import MirrorBatch, PostgresDatabase, RowChange
 from tests.pg_cluster import PostgresCluster
 from tests.synthetic import LARGE, MEDIUM, SMALL, create_paired_store
@@ -65,17 +65,14 @@ def changed(encoded: list, rng: random.Random) -> list:
     out = []
     for cell in encoded:
         if isinstance(cell, dict) and "b64" in cell:
-            length = len(session_store.decode_cell(cell))
-            cell = session_store.encode_cell(rng.randbytes(length))
+            length = len(cells.decode_cell(cell))
+            cell = cells.encode_cell(rng.randbytes(length))
         out.append(cell)
     return out
 
 
 def batch_of(table: str, rows: list[tuple[str, list]], sequence: int) -> MirrorBatch:
-    changes = [
-        RowChange(table, key, session_store.canonical_json(row).decode(), session_store.row_hash(row))
-        for key, row in rows
-    ]
+    changes = [RowChange(table, key, cells.canonical_json(row).decode(), cells.row_hash(row)) for key, row in rows]
     return MirrorBatch(SESSION, sequence, changes)
 
 
@@ -179,7 +176,7 @@ def main() -> None:
 
 def _seal_micros(encoded: list) -> float:
     sealer = Sealer(os.urandom(32))
-    text = session_store.canonical_json(encoded).decode()
+    text = cells.canonical_json(encoded).decode()
     context = ("row", SESSION, "whatsmeow_sessions", "key")
     began = time.perf_counter()
     for _ in range(2000):

@@ -21,10 +21,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bot.chatbot import load_rules
-from bot.config import SHIPPED_REPLIES, Config
+from bot.messages.rules import load_rules
+from bot.process.config import SHIPPED_REPLIES, Config
 from bot.wiring import build_services
-from bot.session_state import State
+from bot.session.state import State
 from database import PostgresDatabase
 from session_api import create_app
 from session_api.server import ApiServer

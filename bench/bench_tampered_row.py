@@ -34,9 +34,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bot.persistence import check_stored_rows, current_document, sync_session
-from bot.sealing import Sealer
-from bot.store_worker import scan_store
+from bot.session.persistence import check_stored_rows, current_document, sync_session
+from bot.session.sealing import Sealer
+from bot.session.store_worker import scan_store
 from database import Database, PostgresDatabase, SqliteDatabase
 from tests.fake_network import FakeServer
 from tests.fake_whatsapp import wait_until

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.bench_webhooks [--burst 2000] [--rate 50] [--seconds 20] [--compare main]
     .venv/bin/python -m bench.bench_webhooks --broken [--window 30] [--compare main]
 
-A ``bot.webhooks.Dispatcher`` delivers to a receiver on loopback (Python's threading HTTP server,
+A ``bot.messages.webhooks.Dispatcher`` delivers to a receiver on loopback (Python's threading HTTP server,
 answering 200 at once). Events are written as the chatbot writes them (one transaction each,
 spread over 50 chats):
 
@@ -18,7 +18,7 @@ each, over ``--window`` seconds (SQLite; the database plays no part in it): the 
 broken chat's event and the waits between them, the failed attempts the endpoint's status counts,
 the WARNING lines logged, the other chats' events delivered, how long the trickled attempt was
 held open, and how long ``Dispatcher.stop()`` then takes. ``--compare REV`` runs the same with
-``bot/webhooks.py`` as it is at the git revision REV, side by side.
+``bot/messages/webhooks.py`` as it is at the git revision REV, side by side.
 
 Run on demand; it prints one table.
 """
@@ -38,7 +38,7 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
-import bot.webhooks
+import bot.messages.webhooks
 from database import Database, PostgresDatabase, SqliteDatabase
 from tests.pg_cluster import PostgresCluster
 from tests.test_webhooks import BROKEN_ANSWERS, BrokenReceiver, Receiver
@@ -61,7 +61,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.005)
 
 
-def measure(db: Database, args: argparse.Namespace, module: types.ModuleType = bot.webhooks) -> dict[str, float]:
+def measure(
+    db: Database, args: argparse.Namespace, module: types.ModuleType = bot.messages.webhooks
+) -> dict[str, float]:
     receiver = Receiver()
     owning = threading.Event()  # set once the burst is written: delivery starts then
     dispatcher = module.Dispatcher(
@@ -103,13 +105,14 @@ POISONED = "5511900000000@s.whatsapp.net"
 
 
 def webhooks_at(revision: str) -> types.ModuleType:
-    """``bot/webhooks.py`` as it is at a git revision, loaded beside the current one."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:bot/webhooks.py"], check=True, capture_output=True, text=True
-    ).stdout
-    module = types.ModuleType(f"bot.webhooks@{revision}")
+    """``bot/messages/webhooks.py`` as it is at a git revision, loaded beside the current one (a
+    revision from after the regroup of issue 24: older ones import modules that have moved)."""
+    shown = subprocess.run(
+        ["git", "show", f"{revision}:bot/messages/webhooks.py"], check=True, capture_output=True, text=True
+    )
+    module = types.ModuleType(f"bot.messages.webhooks@{revision}")
     sys.modules[module.__name__] = module  # (dataclasses look their module up)
-    exec(compile(source, f"{revision}:bot/webhooks.py", "exec"), module.__dict__)
+    exec(compile(shown.stdout, f"{revision}:bot/messages/webhooks.py", "exec"), module.__dict__)
     return module
 
 
@@ -128,7 +131,7 @@ def broken(module: types.ModuleType, kind: str, window: float, scratch: Path) ->
     db.open()
     receiver = BrokenReceiver(kind, poisoned=POISONED, trickle_seconds=5.0)
     warnings = Counting()
-    logger = logging.getLogger(module.__name__)
+    logger = module.log  # (its logger by the name it gives itself)
     logger.addHandler(warnings)
     dispatcher = module.Dispatcher(
         db, SESSION, receiver.url, "bench-secret", event_types=("message.received",), owns_session=lambda: True
@@ -161,7 +164,7 @@ def broken(module: types.ModuleType, kind: str, window: float, scratch: Path) ->
 
 
 def main_broken(args: argparse.Namespace) -> None:
-    versions = [("this tree", bot.webhooks)]
+    versions = [("this tree", bot.messages.webhooks)]
     if args.compare:
         versions.insert(0, (args.compare, webhooks_at(args.compare)))
     rows = []
@@ -189,12 +192,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--broken", action="store_true", help="broken receivers instead of throughput")
     parser.add_argument("--window", type=float, default=30.0, help="seconds each broken receiver is watched")
-    parser.add_argument("--compare", metavar="REV", help="also run bot/webhooks.py as it is at this git revision")
+    parser.add_argument(
+        "--compare", metavar="REV", help="also run bot/messages/webhooks.py as it is at this git revision"
+    )
     args = parser.parse_args()
     if args.broken:
         main_broken(args)
         return
-    versions = [("this tree", bot.webhooks)]
+    versions = [("this tree", bot.messages.webhooks)]
     if args.compare:
         versions.insert(0, (args.compare, webhooks_at(args.compare)))
     cluster = PostgresCluster(durable=True).start()

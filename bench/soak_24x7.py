@@ -45,7 +45,7 @@ from pathlib import Path
 
 import psycopg
 
-from bot.client_process import UNLOGGED_WINDOW
+from bot.connection.client_process import UNLOGGED_WINDOW
 from tests.fake_network import NEONIZE_BUFFER, FakeServer
 from tests.fake_whatsapp import wait_until
 from tests.pg_cluster import PostgresCluster

@@ -5,7 +5,7 @@ daemon's open descriptors, threads and RSS must stay flat.
         [--restore-every 50] [--warm-up 100]
 
 One Runtime over the embedded SQLite database resumes a paired synthetic store; every round
-starts a child process with neonize (``bot.client_process``) that fails its dial at a closed
+starts a child process with neonize (``bot.connection.client_process``) that fails its dial at a closed
 loopback port, and every --restore-every rounds a live restore (``runtime.restore()``) stops the
 client, rewrites the store and reconnects. Neonize leaks a store connection pool per connect, so
 before rounds ran in a child, 400 rounds took a daemon from 13 to 811 descriptors (RSS 71 -> 146
@@ -27,12 +27,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.client_process import process_client_factory
-from bot.events import ClientFactory, EventSink, WhatsAppClient
+from bot.connection.client_process import process_client_factory
+from bot.connection.events import ClientFactory, EventSink, WhatsAppClient
 from bot.process.retry import RetrySchedule
 from bot.runtime import Runtime, Timing
 from bot.wiring import build_runtime
-from bot.session_state import State
+from bot.session.state import State
 from database import open_database
 from tests.fake_whatsapp import wait_until
 from tests.runtime_helpers import make_config

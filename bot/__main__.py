@@ -31,10 +31,12 @@ from types import FrameType
 
 from dotenv import find_dotenv, load_dotenv
 
-from bot import __version__, logs
-from bot.config import SHORT_TOKEN, Config
-from bot.errors import ConfigError, ZapkeepError
-from bot.events import ClientFactory
+from bot import __version__
+
+from bot.process import logs
+from bot.process.config import SHORT_TOKEN, Config
+from bot.process.errors import ConfigError, ZapkeepError
+from bot.connection.events import ClientFactory
 from database import Database, DatabaseError, open_database
 
 log = logging.getLogger("bot")
@@ -58,7 +60,7 @@ def main(argv: list[str], *, client_factory: ClientFactory | None = None) -> int
         if args.command == "run":
             return run_daemon(config, client_factory)
         if args.command == "console":
-            from bot.console import run_console
+            from bot.process.console import run_console
 
             return run_console(config, name=args.name)
         return run_command(config, args)
@@ -135,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 def _open(config: Config, command: str) -> Database:
     """The database, with the configured keys; for commands that read credentials, stored ones
     sealed with a key we lack stop here, before anything is written."""
-    from bot.sealing import Sealer, require_known_keys
+    from bot.session.sealing import Sealer, require_known_keys
 
     sealer = Sealer.from_config(config)
     db = open_database(config.database_url, config.embedded_database_path, sealer)
@@ -164,8 +166,8 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    from bot.chatbot import load_rules
-    from bot.client_process import process_client_factory
+    from bot.messages.rules import load_rules
+    from bot.connection.client_process import process_client_factory
     from bot.wiring import build_services
     from session_api import create_app
     from session_api.server import ApiServer
@@ -233,8 +235,8 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
 
 def run_command(config: Config, args: argparse.Namespace) -> int:
-    from bot import persistence
-    from bot.sealing import Sealer
+    from bot.session import persistence
+    from bot.session.sealing import Sealer
 
     db = _open(config, args.command)
     try:
@@ -333,8 +335,8 @@ def _refuse_beside_a_live_owner(db: Database, session_id: str) -> None:
 
 def _refuse_an_unrelated_store(db: Database, config: Config) -> None:
     """Only the store that produced what is stored (or any store, when nothing is) may be pushed."""
-    from bot import persistence
-    from bot.store_worker import inspect_store
+    from bot.session import persistence
+    from bot.session.store_worker import inspect_store
 
     record = db.load_session(config.session_id)
     if record is None or record.format_version == 1:
@@ -349,7 +351,7 @@ def _refuse_an_unrelated_store(db: Database, config: Config) -> None:
 
 def _local_mirror_state(config: Config, db: Database) -> dict[str, object] | None:
     """This host's store against what is stored: how many of its changes the database lacks."""
-    from bot.store_worker import inspect_store
+    from bot.session.store_worker import inspect_store
 
     info = inspect_store(config.store_path)
     if info is None:

@@ -15,11 +15,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from bot.session_state import SessionStatus, State
+from bot.session.state import SessionStatus, State
 from database import Database
 
 if TYPE_CHECKING:
-    from bot.webhooks import EndpointStatus
+    from bot.messages.webhooks import EndpointStatus
 
 
 class Metrics:

@@ -9,7 +9,7 @@ Threads, each with one job:
   reconnect backoff between rounds (``bot.connection.supervisor``);
 - ``events`` takes the client's events off a queue (handlers run on Go's thread and must
   return at once) and updates the state;
-- ``mirror`` copies every change of the local store into the database (``bot.mirror``);
+- ``mirror`` copies every change of the local store into the database (``bot.session.mirror``);
 - the APScheduler threads run the reconciliation, the history snapshots and the watchdogs.
 """
 
@@ -25,22 +25,22 @@ from dataclasses import dataclass, replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from bot import events
-from bot.backups import BackupOutcome, Backups
-from bot.config import Config
+from bot.connection import events
+from bot.session.backups import BackupOutcome, Backups
+from bot.process.config import Config
 from bot.connection.supervisor import ConnectionSupervisor, Pending
-from bot.errors import StateConflictError, ZapkeepError, first_line
-from bot.gateway import SendGateway
-from bot.lease import LeaseKeeper
+from bot.process.errors import StateConflictError, ZapkeepError, first_line
+from bot.connection.gateway import SendGateway
+from bot.session.lease import LeaseKeeper
 from bot.metrics import Metrics
-from bot.mirror import Mirror
-from bot.pairing import Pairing
+from bot.session.mirror import Mirror
+from bot.connection.pairing import Pairing
 from bot.process.deferred import DeferredJobs
 from bot.process.retry import RetrySchedule
-from bot.restores import RestoreRequest, Restores
+from bot.session.restores import RestoreRequest, Restores
 from bot.session.boot import SessionBoot
 from bot.session.live_restore import LiveRestore
-from bot.session_state import HISTORY_STATES, Readiness, SessionStatus, State, now, readiness_of
+from bot.session.state import HISTORY_STATES, Readiness, SessionStatus, State, now, readiness_of
 from database import Database, Fence
 
 log = logging.getLogger(__name__)

@@ -13,21 +13,21 @@ from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from bot import events
-from bot.backups import Backups, SessionView
-from bot.chatbot import Rules
-from bot.config import Config
-from bot.gateway import SendGateway
-from bot.lease import LeaseKeeper
-from bot.messaging import Chatbot
+from bot.connection import events
+from bot.session.backups import Backups, SessionView
+from bot.messages.rules import Rules
+from bot.process.config import Config
+from bot.connection.gateway import SendGateway
+from bot.session.lease import LeaseKeeper
+from bot.messages.chatbot import Chatbot
 from bot.metrics import Metrics
-from bot.mirror import Mirror
-from bot.outbox import Channel, Outbox
-from bot.pairing import Pairing
+from bot.session.mirror import Mirror
+from bot.messages.outbox import Channel, Outbox
+from bot.connection.pairing import Pairing
 from bot.process.retry import RetrySchedule
-from bot.restores import Restores
+from bot.session.restores import Restores
 from bot.runtime import RECONNECT, Runtime, RuntimeParts, Timing, Waiter
-from bot.webhooks import Dispatcher, StateJournal
+from bot.messages.webhooks import Dispatcher, StateJournal
 from database import Database
 
 

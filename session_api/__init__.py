@@ -12,8 +12,8 @@ from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
-from bot.outbox import Outbox
-from bot.webhooks import Dispatcher
+from bot.messages.outbox import Outbox
+from bot.messages.webhooks import Dispatcher
 from bot.runtime import Runtime
 from database import Database, is_unavailable
 from session_api.guard import FailedAttempts

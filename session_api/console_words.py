@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from flask import request
 
-from bot.session_state import State
+from bot.session.state import State
 
 DEFAULT = "pt-BR"
 
-# The session's states (bot.session_state.State, the one list of them), as the badge names them.
+# The session's states (bot.session.state.State, the one list of them), as the badge names them.
 STATE_WORDS: dict[State, dict[str, str]] = {
     State.STARTING: {"pt-BR": "Iniciando", "en": "Starting"},
     State.STANDBY: {"pt-BR": "Em espera", "en": "Standby"},

@@ -14,8 +14,8 @@ from urllib.parse import quote
 from flask import Blueprint, Response, abort, current_app, request
 
 from database import LoggedMessage
-from bot.events import MAX_DOWNLOAD_BYTES
-from bot.errors import SessionDocumentError, StateConflictError, first_line
+from bot.connection.events import MAX_DOWNLOAD_BYTES
+from bot.process.errors import SessionDocumentError, StateConflictError, first_line
 from session_api.routes import MIMETYPE, db, jsonable, ok, require_token, runtime, session_id_from
 
 bp = Blueprint("conversations", __name__)

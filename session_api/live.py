@@ -21,8 +21,8 @@ from typing import Any
 from flask import Blueprint, Flask, Response, abort, current_app, request
 
 from bot.runtime import Runtime
-from bot.session_state import State
-from bot.webhooks import body_of
+from bot.session.state import State
+from bot.messages.webhooks import body_of
 from database import Database, LeaseInfo
 from session_api.routes import db, jsonable, require_token, runtime
 

@@ -19,14 +19,21 @@ import segno
 from werkzeug.exceptions import HTTPException, TooManyRequests
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 
-from bot.config import is_valid_session_id
-from bot.messaging import UNSTORABLE
-from bot.errors import CallTimeout, DiskFullError, NotFoundError, SessionDocumentError, StateConflictError, first_line
-from bot.outbox import Outbox
-from bot.persistence import export_document, import_document
+from bot.process.config import is_valid_session_id
+from bot.messages.chatbot import UNSTORABLE
+from bot.process.errors import (
+    CallTimeout,
+    DiskFullError,
+    NotFoundError,
+    SessionDocumentError,
+    StateConflictError,
+    first_line,
+)
+from bot.messages.outbox import Outbox
+from bot.session.persistence import export_document, import_document
 from bot.runtime import Runtime
-from bot.sealing import Sealer
-from bot.session_state import State
+from bot.session.sealing import Sealer
+from bot.session.state import State
 from database import Database, Fence, FencedOut, LeaseInfo, OutgoingFile, SessionSummary, is_unavailable
 from session_api.console_auth import signed_in_browser
 from session_api.openapi import openapi_document

@@ -52,7 +52,7 @@ class SessionMissing(DatabaseError):
 
 class PayloadSealer(Protocol):
     """Encrypts credential payloads (mirrored rows, history snapshots) on their way into the
-    database and decrypts them on their way out (``bot.sealing``). ``context`` names where a
+    database and decrypts them on their way out (``bot.session.sealing``). ``context`` names where a
     payload belongs, so that a ciphertext moved to another session or row does not decrypt."""
 
     @property

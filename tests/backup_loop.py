@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bot.persistence import sync_session
+from bot.session.persistence import sync_session
 from database import Fence, MirrorBatch, PostgresDatabase
 
 SESSIONS_PER_ROUND = 200  # ~300-500 KB of rows per transaction

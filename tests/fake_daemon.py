@@ -14,7 +14,7 @@ import os
 import sys
 
 from bot.__main__ import main
-from bot.client_process import CALL_TIMEOUT_SECONDS, process_client_factory
+from bot.connection.client_process import CALL_TIMEOUT_SECONDS, process_client_factory
 
 if __name__ == "__main__":
     if os.environ.get("ZAPKEEP_BENCH_SHARED_LANE") == "1":

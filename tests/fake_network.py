@@ -2,7 +2,7 @@
 
 ``FakeServer`` runs in the benchmark's process. The daemon runs unchanged except for its client
 process, which is ``python -m tests.fake_network HOST:PORT STORE LOG_LEVEL``: the real pipe protocol
-(``bot.client_process.run_child``) around ``NetworkClient``, which talks to the server instead of
+(``bot.connection.client_process.run_child``) around ``NetworkClient``, which talks to the server instead of
 WhatsApp. Behaviour kept from whatsmeow, because the soak measures what follows from it:
 - a message is acknowledged to the server before the handler sees it (whatsmeow's default,
   ``SynchronousAck`` off; neonize does not expose it): the server forgets it at once; then it
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bot import events
+from bot.connection import events
 
 
 @dataclass
@@ -400,7 +400,7 @@ class NetworkClient:
 
 
 if __name__ == "__main__":
-    from bot import client_process
+    from bot.connection import client_process
 
     if os.environ.get("ZAPKEEP_SOAK_NO_HAND_BACK") == "1":  # the soak's comparison: as before the hand-back
         client_process.HANDLED_WAIT_SECONDS = 0.0

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bot import events
-from bot.client_process import HANDLED_WAIT_SECONDS, UNLOGGED_WINDOW, UnloggedWindow
-from bot.errors import SendOutcomeUnknown
+from bot.connection import events
+from bot.connection.client_process import HANDLED_WAIT_SECONDS, UNLOGGED_WINDOW, UnloggedWindow
+from bot.process.errors import SendOutcomeUnknown
 from tests.synthetic import DEVICE_JID, SMALL, fill_store
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import psycopg
 
-from bot import session_store
-from bot.errors import NotFoundError
-from bot.persistence import export_document
-from bot.store_worker import restore_store
+from bot.session import document as session_document
+from bot.process.errors import NotFoundError
+from bot.session.persistence import export_document
+from bot.session.store_worker import restore_store
 from database import PostgresDatabase
 from tests.backup_loop import push_name
 from tests.fake_whatsapp import wait_until
@@ -85,7 +85,7 @@ def kill_during_backups(store: Path, database_url: str, scratch: Path, iteration
                 record, text = export_document(db, "default")
             except NotFoundError:
                 raise AssertionError(f"iteration {iteration}: the stored session vanished") from None
-            decoded = session_store.validate_document(session_store.parse_document(text))  # raises when torn
+            decoded = session_document.validate_document(session_document.parse_document(text))  # raises when torn
             assert decoded.checksum == record.checksum, f"iteration {iteration}: head and rows disagree"
             assert decoded.row_count == store_rows, f"iteration {iteration}: rows missing"
             # The last reported sync committed; the next one may have committed just before the kill.

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bot import session_store
-from bot.persistence import export_document, sync_session
+from bot.session import document as session_document
+from bot.session.persistence import export_document, sync_session
 from database import PostgresDatabase
 from tests.fake_whatsapp import wait_until
 from tests.synthetic import DEVICE_JID, create_paired_store
@@ -118,7 +118,7 @@ def kill_during_writes(scratch: Path, database_url: str, kills: int, seed: int =
             with db.transaction() as tx:  # the crashed owner's lease runs out
                 tx.execute("UPDATE whatsapp_session_leases SET expires_at = 0")
         _, text = export_document(db, "default")
-        session_store.validate_document(json.loads(text))  # what is stored still restores
+        session_document.validate_document(json.loads(text))  # what is stored still restores
     finally:
         writer.stop.set()
         writer.join(timeout=10)

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from bot.mirror import Mirror
+from bot.session.mirror import Mirror
 from database import PostgresDatabase
 
 

@@ -1,4 +1,4 @@
-"""A client round of the real ``bot.whatsapp.NeonizeClient`` in ``bot.client_process``, fed
+"""A client round of the real ``bot.connection.whatsapp.NeonizeClient`` in ``bot.connection.client_process``, fed
 neonize's own protobuf events offline (no machine here reaches WhatsApp).
 
 The round connects for real (and fails at the closed proxy of ``HTTPS_PROXY``: whatsmeow keeps
@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("HTTPS_PROXY", "http://127.0.0.1:9")  # connect() must never leave the machine
 
-from bot import client_process, events
+from bot.connection import client_process, events
 
 # The customers of the script (tests/test_neonize_events.py checks what each becomes).
 PHONE = "5511912345678"
@@ -153,7 +153,7 @@ class ScriptedRound:
     """``NeonizeClient`` whose round, after its real (failing) connect, receives the script's events."""
 
     def __init__(self, store_path: Path, sink: events.EventSink) -> None:
-        from bot import whatsapp
+        from bot.connection import whatsapp
 
         self.real = whatsapp.NeonizeClient(store_path, sink)
         self._stopped = threading.Event()

@@ -15,17 +15,17 @@ import os
 import sys
 import threading
 
-from bot.config import Config
+from bot.process.config import Config
 from bot.process.retry import RetrySchedule
 from bot.runtime import Runtime
 from bot.wiring import build_runtime
-from bot.session_state import State
+from bot.session.state import State
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 
 def main(data_dir: str, database_url: str, simulated_seconds: float) -> None:
-    from bot.client_process import process_client_factory
+    from bot.connection.client_process import process_client_factory
     from database import open_database
 
     assert os.environ.get("HTTPS_PROXY", "").startswith("http://127.0.0.1:"), "refusing to dial out"

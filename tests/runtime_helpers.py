@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bot.config import Config
+from bot.process.config import Config
 from bot.runtime import Runtime, Timing
-from bot.session_state import State
-from bot.session_store import take_snapshot
+from bot.session.state import State
+from tests.synthetic import take_snapshot
 from database import Database
 from tests.fake_whatsapp import FakeClient, FakeWhatsApp, wait_until
 

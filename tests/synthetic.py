@@ -9,8 +9,15 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from bot.process.errors import SnapshotError
+from bot.session.change_capture import BUSY_TIMEOUT_SECONDS, scan_rows, table_defs
+from bot.session.document import FORMAT, FORMAT_VERSION, document_checksum, rows_digest, table_checksum_v2
 
 HELPER = Path(__file__).with_name("neonize_helper.py")
 DEVICE_USER = "5511987654321"
@@ -210,3 +217,78 @@ def generated_rows(conn: sqlite3.Connection, tag: str = "zk") -> list[GeneratedR
         made[name] = dict(zip(columns, values, strict=True))
         rows.append(GeneratedRow(name, columns, values, changed))
     return rows
+
+
+# --- a store read as a document (moved here from bot/session/document.py: only tests use it) ---
+
+
+def take_snapshot(store_path: Path) -> dict[str, Any]:
+    """The document of a store as it stands: one consistent read (SQLite's backup API), then encoded.
+    Only tests compare with it; the daemon builds its documents from the mirrored rows."""
+    started = time.perf_counter()
+    if not store_path.is_file():
+        raise SnapshotError(f"no local store at {store_path}")
+    memory = sqlite3.connect(":memory:")
+    try:
+        try:
+            source = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_SECONDS)
+            try:
+                source.backup(memory)  # one step: a single read transaction, so never torn
+            finally:
+                source.close()
+        except sqlite3.Error as exc:
+            raise SnapshotError(f"cannot read the local store {store_path}: {exc}") from exc
+        return _encode_store(memory, started)
+    finally:
+        memory.close()
+
+
+def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
+    tables = []
+    for table in table_defs(conn):
+        rows = scan_rows(conn, table)
+        digest = rows_digest(digest for _, digest in rows.values())
+        tables.append(
+            {
+                "name": table.name,
+                "sql": table.sql,
+                "indexes": table.indexes,
+                "columns": table.columns,
+                "rows": [row for row, _ in rows.values()],
+                "row_count": len(rows),
+                "checksum": table_checksum_v2(table.name, table.sql, table.indexes, table.columns, digest),
+            }
+        )
+    if not tables:
+        raise SnapshotError("the local store holds no whatsmeow tables")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "checksum": document_checksum([(t["name"], t["checksum"]) for t in tables]),
+        "lineage": None,
+        "sequence": 0,
+        "metadata": _metadata(conn, tables, started),
+        "tables": tables,
+    }
+
+
+def _metadata(conn: sqlite3.Connection, tables: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    names = {t["name"] for t in tables}
+    device = None
+    if "whatsmeow_device" in names:
+        device = conn.execute("SELECT jid, push_name, platform, business_name FROM whatsmeow_device LIMIT 1").fetchone()
+    version = None
+    if "whatsmeow_version" in names:
+        version = conn.execute("SELECT version, compat FROM whatsmeow_version LIMIT 1").fetchone()
+    return {
+        "device_jid": device[0] if device else None,
+        "push_name": device[1] if device else None,
+        "platform": device[2] if device else None,
+        "business_name": device[3] if device else None,
+        "whatsmeow_schema_version": version[0] if version else None,
+        "whatsmeow_schema_compat": version[1] if version else None,
+        "row_counts": {t["name"]: t["row_count"] for t in tables},
+        "total_rows": sum(t["row_count"] for t in tables),
+        "taken_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "snapshot_ms": round((time.perf_counter() - started) * 1000, 1),
+    }

@@ -23,15 +23,15 @@ from typing import Any
 
 import pytest
 
-from bot import events
-from bot.chatbot import load_rules
-from bot.config import SHIPPED_REPLIES, Config
-from bot.outbox import Outbox
+from bot.connection import events
+from bot.messages.rules import load_rules
+from bot.process.config import SHIPPED_REPLIES, Config
+from bot.messages.outbox import Outbox
 from bot.runtime import Runtime
 from bot.wiring import build_runtime, build_services
-from bot.session_state import State
-from bot.persistence import export_document, import_document
-from bot.session_store import restore_snapshot, validate_document
+from bot.session.state import State
+from bot.session.persistence import export_document, import_document
+from bot.session.document import restore_snapshot, validate_document
 from database import Database, PostgresDatabase
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.chatbot import ChatContext, decide, load_rules, normalise
-from bot.config import SHIPPED_REPLIES
-from bot.errors import ConfigError
+from bot.messages.rules import ChatContext, decide, load_rules, normalise
+from bot.process.config import SHIPPED_REPLIES
+from bot.process.errors import ConfigError
 
 RULES = load_rules(SHIPPED_REPLIES)
 SP = RULES.timezone

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bot.persistence import sync_session
+from bot.session.persistence import sync_session
 from bot.wiring import build_runtime
 from database import Database, PostgresDatabase
 from session_api import create_app

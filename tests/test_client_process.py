@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bot import events
-from bot.client_process import HANDLED_WAIT_SECONDS, UNLOGGED_WINDOW, ClientCallError, ProcessClient
-from bot.errors import CallTimeout
+from bot.connection import events
+from bot.connection.client_process import HANDLED_WAIT_SECONDS, UNLOGGED_WINDOW, ClientCallError, ProcessClient
+from bot.process.errors import CallTimeout
 from tests.fake_network import NEONIZE_BUFFER, FakeServer
 from tests.fake_whatsapp import wait_until
 from tests.synthetic import create_paired_store
@@ -32,7 +32,9 @@ def open_descriptors() -> int:
 
 def client_processes() -> list[int]:
     """This test process's children running a client round (the suite's PostgreSQL is a child too)."""
-    listed = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "bot.client_process"], capture_output=True)
+    listed = subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "-f", "bot.connection.client_process"], capture_output=True
+    )
     return [int(pid) for pid in listed.stdout.split()]
 
 
@@ -93,7 +95,7 @@ def test_the_round_ends_when_the_daemon_is_killed(tmp_path: Path, black_hole_pro
         [
             sys.executable,
             "-c",
-            "import sys, threading; from pathlib import Path; from bot.client_process import ProcessClient\n"
+            "import sys, threading; from pathlib import Path; from bot.connection.client_process import ProcessClient\n"
             "c = ProcessClient(Path(sys.argv[1]), lambda e: None)\n"
             "threading.Thread(target=c.run, daemon=True).start()\n"
             "import time\n"
@@ -240,13 +242,13 @@ def message(n: int) -> dict[str, object]:
 
 
 def test_neonizes_receipts_become_delivered_and_read_and_the_rest_nothing() -> None:
-    """neonize's Receipt, built the way Go fills it, through bot.whatsapp (in a child: neonize
+    """neonize's Receipt, built the way Go fills it, through bot.connection.whatsapp (in a child: neonize
     never loads in the test process)."""
     script = """
 import json, logging
-from bot import logs
+from bot.process import logs
 logs.configure(logging.WARNING)
-from bot import whatsapp
+from bot.connection import whatsapp
 from neonize.events import ReceiptEv
 from neonize.proto.Neonize_pb2 import JID, MessageSource
 def receipt(kind, from_me=False):
@@ -273,9 +275,9 @@ print(json.dumps({kind: receipt(kind) for kind in ("DELIVERED", "READ", "PLAYED"
 
 MEDIA_SCRIPT = """
 import base64, json, logging, sys
-from bot import logs
+from bot.process import logs
 logs.configure(logging.WARNING)
-from bot import whatsapp
+from bot.connection import whatsapp
 from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import DocumentMessage, FutureProofMessage, ImageMessage, Message
 key = b"k" * 32
 photo = Message(ephemeralMessage=FutureProofMessage(message=Message(imageMessage=ImageMessage(
@@ -308,7 +310,7 @@ print(json.dumps({"found": found, "errors": errors}))
 
 
 def test_neonizes_media_messages_give_their_file_and_a_reference_to_download_it(tmp_path: Path) -> None:
-    """bot.whatsapp's reading of photos and documents (wrapped as WhatsApp wraps them), and its
+    """bot.connection.whatsapp's reading of photos and documents (wrapped as WhatsApp wraps them), and its
     download and send calls against the real library offline (in a child: never in this process)."""
     store = tmp_path / "whatsmeow.sqlite3"
     create_paired_store(store)

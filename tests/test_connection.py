@@ -7,10 +7,10 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from bot import events
-from bot.persistence import sync_session
+from bot.connection import events
+from bot.session.persistence import sync_session
 from bot.runtime import Runtime
-from bot.session_state import State
+from bot.session.state import State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.synthetic import create_paired_store

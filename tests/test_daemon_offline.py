@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.client_process import STOP_GRACE_SECONDS
-from bot.persistence import sync_session
+from bot.connection.client_process import STOP_GRACE_SECONDS
+from bot.session.persistence import sync_session
 from database import PostgresDatabase
 from tests.fake_whatsapp import wait_until
 from tests.pg_cluster import free_port

@@ -132,8 +132,8 @@ def test_pip_install_gives_a_working_zapkeep_command(tmp_path: Path) -> None:
         )
 
     rules = installed_python(
-        "from bot import chatbot, config, store_schema as s; "
-        "print(config.SHIPPED_REPLIES, chatbot.load_rules(config.SHIPPED_REPLIES).business, s.whatsmeow_schema().version)"
+        "from bot.messages import rules; from bot.process import config; from bot.session import store_schema as s; "
+        "print(config.SHIPPED_REPLIES, rules.load_rules(config.SHIPPED_REPLIES).business, s.whatsmeow_schema().version)"
     )
     assert rules.returncode == 0 and str(site) in rules.stdout and " 15" in rules.stdout, rules.stderr[-2000:]
     console = installed_python(  # the web console's pages and script travel with the package

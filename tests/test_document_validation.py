@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from bot import session_store, store_schema
-from bot.errors import SessionDocumentError
-from bot.persistence import export_document, import_document, sync_session
-from bot.store_worker import restore_store
+from bot.session import cells, document as session_document, store_schema
+from bot.process.errors import SessionDocumentError
+from bot.session.persistence import export_document, import_document, sync_session
+from bot.session.store_worker import restore_store
 from database import Database
-from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, table_rows
+from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, table_rows, take_snapshot
 
 
 def _truncate_base64(doc: dict[str, Any]) -> str:
@@ -59,12 +59,12 @@ def _resealed(change: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, A
     def corrupt(doc: dict[str, Any]) -> str:
         change(doc)
         for table in doc["tables"]:
-            digest = session_store.rows_digest(session_store.row_hash(row) for row in table["rows"])
+            digest = session_document.rows_digest(cells.row_hash(row) for row in table["rows"])
             table["row_count"] = len(table["rows"])
-            table["checksum"] = session_store.table_checksum_v2(
+            table["checksum"] = session_document.table_checksum_v2(
                 table["name"], table["sql"], table["indexes"], table["columns"], digest
             )
-        doc["checksum"] = session_store.document_checksum([(t["name"], t["checksum"]) for t in doc["tables"]])
+        doc["checksum"] = session_document.document_checksum([(t["name"], t["checksum"]) for t in doc["tables"]])
         return json.dumps(doc)
 
     return corrupt
@@ -172,10 +172,12 @@ def _format_1(document: dict[str, Any]) -> dict[str, Any]:
     legacy["format_version"] = 1
     legacy["tables"] = []
     for table in document["tables"]:
-        rows = sorted(table["rows"], key=session_store.canonical_json)
-        checksum = session_store.table_checksum(table["name"], table["sql"], table["indexes"], table["columns"], rows)
+        rows = sorted(table["rows"], key=cells.canonical_json)
+        checksum = session_document.table_checksum(
+            table["name"], table["sql"], table["indexes"], table["columns"], rows
+        )
         legacy["tables"].append({**table, "rows": rows, "checksum": checksum})
-    legacy["checksum"] = session_store.document_checksum([(t["name"], t["checksum"]) for t in legacy["tables"]], 1)
+    legacy["checksum"] = session_document.document_checksum([(t["name"], t["checksum"]) for t in legacy["tables"]], 1)
     return legacy
 
 
@@ -216,7 +218,7 @@ def test_sql_inside_a_document_never_runs(stored: tuple[Database, Path, dict], t
     restore_store(stored_text, restored, lineage=record.lineage, sequence=record.mirror_sequence)
     assert restored.stat().st_size < 1_000_000
     assert table_rows(restored) == table_rows(store)
-    assert "zeroblob" not in json.dumps(session_store.take_snapshot(restored)["tables"])
+    assert "zeroblob" not in json.dumps(take_snapshot(restored)["tables"])
 
 
 def test_a_format_1_corruption_is_refused_too(stored: tuple[Database, Path, dict]) -> None:
@@ -241,7 +243,9 @@ def test_valid_import_is_stored_and_restorable(stored: tuple[Database, Path, dic
     assert summary.checksum == document["checksum"]
     assert table_rows(restored) == table_rows(store)
     _, snapshot = export_document(db, "imported", version)  # the history entry is the whole document
-    assert session_store.validate_document(session_store.parse_document(snapshot)).checksum == document["checksum"]
+    assert (
+        session_document.validate_document(session_document.parse_document(snapshot)).checksum == document["checksum"]
+    )
 
 
 def test_a_format_1_document_is_accepted_and_stored_as_format_2(
@@ -249,7 +253,7 @@ def test_a_format_1_document_is_accepted_and_stored_as_format_2(
 ) -> None:
     db, store, document = stored
     legacy = _format_1(document)
-    assert session_store.validate_document(legacy).checksum == legacy["checksum"] != document["checksum"]
+    assert session_document.validate_document(legacy).checksum == legacy["checksum"] != document["checksum"]
 
     version = import_document(db, "legacy", json.dumps(legacy))
 
@@ -259,9 +263,9 @@ def test_a_format_1_document_is_accepted_and_stored_as_format_2(
     assert record.checksum == document["checksum"]  # the same rows: the same format 2 checksum
     assert len(db.load_rows("legacy")) == sum(t["row_count"] for t in document["tables"])
     _, text = export_document(db, "legacy")
-    exported = session_store.parse_document(text)
+    exported = session_document.parse_document(text)
     assert exported["format_version"] == 2
-    assert session_store.validate_document(exported).checksum == document["checksum"]
+    assert session_document.validate_document(exported).checksum == document["checksum"]
     restored = tmp_path / "legacy" / "whatsmeow.sqlite3"
     restore_store(text, restored, lineage=record.lineage, sequence=record.mirror_sequence)
     assert table_rows(restored) == table_rows(store)

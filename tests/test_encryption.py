@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from bot import persistence
-from bot.config import Config
-from bot.errors import ConfigError
-from bot.persistence import prepare_local_store, snapshot_to_history, sync_session
-from bot.errors import StoredSessionUnreadable, UnreadableCredentials
-from bot.sealing import Sealer, key_id_of
-from bot.session_state import State
-from bot.store_worker import restore_store
+from bot.session import persistence
+from bot.process.config import Config
+from bot.process.errors import ConfigError
+from bot.session.persistence import prepare_local_store, snapshot_to_history, sync_session
+from bot.process.errors import StoredSessionUnreadable, UnreadableCredentials
+from bot.session.sealing import Sealer, key_id_of
+from bot.session.state import State
+from bot.session.store_worker import restore_store
 from database import Database, PostgresDatabase, SqliteDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config

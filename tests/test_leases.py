@@ -117,7 +117,7 @@ def test_an_expired_owner_cannot_change_a_stored_session_either(db: Database) ->
 
 
 def test_a_slow_renewal_never_makes_a_lease_look_longer_than_the_database_holds_it(db: Database) -> None:
-    from bot.lease import LeaseKeeper
+    from bot.session.lease import LeaseKeeper
 
     class SlowAnswers:
         """The database renews at once but its answer arrives late; then it stops answering."""
@@ -162,7 +162,7 @@ def test_a_take_over_longer_than_the_renewal_interval_is_renewed_at_once(db: Dat
     """Restoring a large session at take-over may take longer than the renewal interval; the lease
     must be renewed as soon as it ends, not a whole interval later, when the watchdog (which gives
     the lease up ttl - renew seconds after the last renewal) would already have declared it lost."""
-    from bot.lease import LeaseKeeper
+    from bot.session.lease import LeaseKeeper
 
     lost: list[str] = []
     restored = threading.Event()

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot import events
-from bot.messaging import Chatbot
-from bot.outbox import Channel, Outbox
+from bot.connection import events
+from bot.messages.chatbot import Chatbot
+from bot.messages.outbox import Channel, Outbox
 from database import Database
 from tests.fake_whatsapp import wait_until
 from tests.test_messaging import RULES

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bot import events
-from bot.chatbot import load_rules
-from bot.config import SHIPPED_REPLIES
-from bot.errors import SendOutcomeUnknown
-from bot.outbox import Channel, Outbox
-from bot.session_state import State
+from bot.connection import events
+from bot.messages.rules import load_rules
+from bot.process.config import SHIPPED_REPLIES
+from bot.process.errors import SendOutcomeUnknown
+from bot.messages.outbox import Channel, Outbox
+from bot.session.state import State
 from bot.wiring import Services, build_services
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until

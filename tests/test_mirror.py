@@ -16,14 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from bot import session_store
-from bot.change_capture import CaptureSession, Requests
-from bot.mirror import Mirror, MirrorProcess
-from bot.persistence import export_document, sync_session
+from bot.session import cells, document as session_document
+from bot.session.change_capture import CaptureSession, Requests
+from bot.session.mirror import Mirror, MirrorProcess
+from bot.session.persistence import export_document, sync_session
 from database import Database, Fence, FencedOut
 from tests.fake_whatsapp import wait_until
 from tests.runtime_helpers import Calls
-from tests.synthetic import DEVICE_JID, HELPER, GeneratedRow, create_paired_store, generated_rows, table_rows
+from tests.synthetic import (
+    DEVICE_JID,
+    HELPER,
+    GeneratedRow,
+    create_paired_store,
+    generated_rows,
+    table_rows,
+    take_snapshot,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +42,7 @@ def stored_rows(db: Database, session_id: str = "default") -> dict[str, list[tup
     assert record is not None and record.format_version == 2
     rows: dict[str, list[tuple]] = {t["name"]: [] for t in json.loads(record.session_data)["tables"]}
     for row in db.load_rows(session_id):
-        rows[row.table].append(tuple(session_store.decode_cell(v) for v in json.loads(row.row_text)))
+        rows[row.table].append(tuple(cells.decode_cell(v) for v in json.loads(row.row_text)))
     return {name: sorted(values, key=repr) for name, values in sorted(rows.items())}
 
 
@@ -98,10 +106,12 @@ def test_every_kind_of_change_is_mirrored_and_the_export_equals_the_store(db: Da
     _, text = export_document(db, "default")
     document = json.loads(text)
     assert document["format_version"] == 2 and document["checksum"] == after.checksum
-    assert session_store.validate_document(document).checksum == session_store.take_snapshot(store)["checksum"]
+    assert session_document.validate_document(document).checksum == take_snapshot(store)["checksum"]
 
 
-SCHEMA_TABLES = set(re.findall(r"CREATE TABLE (whatsmeow_\w+)", (ROOT / "bot" / "whatsmeow_schema.sql").read_text()))
+SCHEMA_TABLES = set(
+    re.findall(r"CREATE TABLE (whatsmeow_\w+)", (ROOT / "bot" / "session" / "whatsmeow_schema.sql").read_text())
+)
 
 
 def store_sequence(conn: sqlite3.Connection) -> int:
@@ -118,7 +128,7 @@ def test_inserts_updates_and_deletes_in_every_whatsmeow_table_are_mirrored(db: D
     conn = sqlite3.connect(store, isolation_level=None)
     conn.execute("PRAGMA foreign_keys = ON")  # as whatsmeow opens it: a generated row must be valid
     rows = generated_rows(conn)
-    assert {row.table for row in rows} == SCHEMA_TABLES  # every table of bot/whatsmeow_schema.sql
+    assert {row.table for row in rows} == SCHEMA_TABLES  # every table of bot/session/whatsmeow_schema.sql
 
     def apply(statements: list[tuple[str, tuple]]) -> dict[str, set[tuple]]:
         """One store transaction (as whatsmeow's), then what the database holds once the mirror has
@@ -270,7 +280,7 @@ def test_a_format_1_session_from_the_previous_release_is_migrated(db: Database, 
     store_format_1_session(db, store)
     local = tmp_path / "data" / "whatsmeow.sqlite3"
 
-    from bot.persistence import BootOutcome, prepare_local_store
+    from bot.session.persistence import BootOutcome, prepare_local_store
 
     fence = db.acquire_lease("default", "test", ttl_seconds=300)
     assert prepare_local_store(db, "default", local, fence).outcome is BootOutcome.RESTORED
@@ -283,14 +293,16 @@ def test_a_format_1_session_from_the_previous_release_is_migrated(db: Database, 
 
 def store_format_1_session(db: Database, store: Path) -> None:
     """The current row as the previous release wrote it: the whole format-1 document in session_data."""
-    document = session_store.take_snapshot(store)
+    document = take_snapshot(store)
     for table in document["tables"]:
-        table["rows"].sort(key=session_store.canonical_json)
-        table["checksum"] = session_store.table_checksum(
+        table["rows"].sort(key=cells.canonical_json)
+        table["checksum"] = session_document.table_checksum(
             table["name"], table["sql"], table["indexes"], table["columns"], table["rows"]
         )
     document["format_version"] = 1
-    document["checksum"] = session_store.document_checksum([(t["name"], t["checksum"]) for t in document["tables"]], 1)
+    document["checksum"] = session_document.document_checksum(
+        [(t["name"], t["checksum"]) for t in document["tables"]], 1
+    )
     for key in ("lineage", "sequence"):
         document.pop(key)
     text = json.dumps(document)
@@ -346,7 +358,7 @@ def test_tables_whatsmeow_creates_while_the_mirror_checks_the_triggers_are_captu
     included). The mirror process is staged in this process, its own code, with the creation landing
     at the one point in between (after the tables were listed, before the version was read)."""
     store = tmp_path / "whatsmeow.sqlite3"
-    session_store.prepare_store_file(store)  # as before neonize opens it: zapkeep's objects, no whatsmeow table yet
+    session_document.prepare_store_file(store)  # as before neonize opens it: zapkeep's objects, no whatsmeow table yet
     template = sqlite3.connect(whatsmeow_template)
     schema = [sql for (sql,) in template.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid")]
     template.close()

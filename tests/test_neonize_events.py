@@ -1,4 +1,4 @@
-"""neonize's own events and calls through ``bot.whatsapp`` and the client process, offline: the
+"""neonize's own events and calls through ``bot.connection.whatsapp`` and the client process, offline: the
 handlers it registers, its reading of JIDs (against neonize's ``Jid2String``), LID chats, the
 number check's translation and the signatures of every call the daemon makes. neonize runs in
 children only (never in the test process)."""
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bot import events
-from bot.client_process import ClientCallError, ProcessClient
+from bot.connection import events
+from bot.connection.client_process import ClientCallError, ProcessClient
 from tests import neonize_events as script
 from tests.synthetic import create_paired_store
 
@@ -152,9 +152,9 @@ def test_every_call_the_daemon_makes_reaches_whatsmeow_offline(scripted_round) -
 
 JIDS_SCRIPT = """
 import json, logging
-from bot import logs
+from bot.process import logs
 logs.configure(logging.WARNING)
-from bot import whatsapp
+from bot.connection import whatsapp
 from neonize.proto.Neonize_pb2 import JID, IsOnWhatsAppResponse
 from neonize.utils.jid import Jid2String
 from neonize.utils import build_jid
@@ -206,9 +206,9 @@ def test_jids_read_back_as_neonize_writes_them_and_numbers_are_checked_in_the_or
 
 STOPPED_SCRIPT = """
 import ctypes, json, logging, os, sys
-from bot import logs
+from bot.process import logs
 logs.configure(logging.WARNING)
-from bot import events, whatsapp
+from bot.connection import events, whatsapp
 from neonize.events import EVENT_TO_INT
 from tests.neonize_events import scripted_events
 got = []

@@ -13,7 +13,7 @@ from tests.test_ownership import _freeze as freeze
 from tests.test_mirror import stored_rows
 from tests.test_ownership import LONG_LEASE, owner, paired
 from tests.synthetic import table_rows
-from bot.session_state import State
+from bot.session.state import State
 
 
 def contact_count(rows: dict[str, list[tuple]]) -> int:

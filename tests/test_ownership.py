@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bot.runtime import Runtime
 from bot.wiring import build_runtime
-from bot.session_state import State
+from bot.session.state import State
 from database import Database, PostgresDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.pg_cluster import PostgresCluster
@@ -226,7 +226,7 @@ def _freeze(runtime: Runtime) -> None:
 
 
 def test_a_standby_daemons_api_cannot_write_the_session(db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
-    from bot.persistence import export_document
+    from bot.session.persistence import export_document
     from session_api import create_app
 
     a, network_a = owner(db, whatsmeow_template, tmp_path / "a", "host-a")

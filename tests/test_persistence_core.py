@@ -6,11 +6,11 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from bot import session_store
-from bot.persistence import BootOutcome, export_document, prepare_local_store, snapshot_to_history, sync_session
-from bot.store_worker import inspect_store
+from bot.session import document as session_document
+from bot.session.persistence import BootOutcome, export_document, prepare_local_store, snapshot_to_history, sync_session
+from bot.session.store_worker import inspect_store
 from database import Database
-from tests.synthetic import DEVICE_JID, PUSH_NAME, REALISTIC, create_paired_store, neonize, table_rows
+from tests.synthetic import DEVICE_JID, PUSH_NAME, REALISTIC, create_paired_store, neonize, table_rows, take_snapshot
 
 
 def test_round_trip_through_database_with_real_neonize(db: Database, tmp_path: Path) -> None:
@@ -25,9 +25,9 @@ def test_round_trip_through_database_with_real_neonize(db: Database, tmp_path: P
     assert result.written_rows == result.total_rows == total  # every row mirrored, one by one
     assert len(db.load_rows("default")) == total
     # The document assembled from the mirrored rows is the store's own snapshot, checksum for checksum.
-    assert result.checksum == session_store.take_snapshot(store)["checksum"]
+    assert result.checksum == take_snapshot(store)["checksum"]
     record, text = export_document(db, "default")
-    assert session_store.validate_document(session_store.parse_document(text)).checksum == record.checksum
+    assert session_document.validate_document(session_document.parse_document(text)).checksum == record.checksum
     assert record.checksum == result.checksum
     store.unlink()
 

@@ -37,7 +37,7 @@ def test_railway_config_names_the_health_check_the_app_serves() -> None:
 
 
 def test_the_daemons_app_serves_the_health_check_railway_probes(whatsmeow_template: Path, tmp_path: Path) -> None:
-    from bot.config import Config
+    from bot.process.config import Config
     from bot.wiring import build_runtime
     from database import SqliteDatabase
     from session_api import create_app

@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from bot import events
+from bot.connection import events
 from bot.process.retry import RetrySchedule
-from bot.session_state import State
+from bot.session.state import State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config, mirrored, start_paired, stored_rows, versions
@@ -131,7 +131,7 @@ def test_stream_replaced_stops_without_reconnecting_or_writing(runtime_factory, 
 
 
 def test_restores_from_the_database_at_boot_and_connects_without_qr(runtime_factory, db, network, tmp_path) -> None:
-    from bot.persistence import sync_session
+    from bot.session.persistence import sync_session
 
     seed = tmp_path / "seed" / "whatsmeow.sqlite3"
     create_paired_store(seed)

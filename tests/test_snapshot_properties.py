@@ -14,13 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.session_store import restore_snapshot, take_snapshot, validate_document
+from bot.session.document import restore_snapshot, validate_document
+from tests.synthetic import take_snapshot
 from tests.synthetic import create_paired_store, table_rows
 
 # The test process never loads neonize, so it may open stores with sqlite3 directly.
 
 int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-# What a text column of whatsmeow's may hold (bot/store_schema.py): text, bytes, integers, NULL.
+# What a text column of whatsmeow's may hold (bot/session/store_schema.py): text, bytes, integers, NULL.
 text_cells = st.one_of(st.none(), int64, st.text(), st.binary(max_size=300))
 # Key columns hold no NUL: a row's key is SQLite's quote() of its key columns, which stops at a NUL
 # ('' and '\x00' would be one key). whatsmeow's keys are JIDs and ids; docs/design.md notes it.

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bot import events
-from bot.chatbot import load_rules
-from bot.config import SHIPPED_REPLIES, Config
+from bot.connection import events
+from bot.messages.rules import load_rules
+from bot.process.config import SHIPPED_REPLIES, Config
 from bot.runtime import Runtime
 from bot.wiring import build_services
-from bot.session_state import State
+from bot.session.state import State
 from database import SqliteDatabase
 from session_api import console_words, create_app
 from session_api.console import sign_in_attempts

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from bot import events
-from bot.chatbot import load_rules
-from bot.config import SHIPPED_REPLIES, Config
+from bot.connection import events
+from bot.messages.rules import load_rules
+from bot.process.config import SHIPPED_REPLIES, Config
 from bot.wiring import Services, build_services
-from bot.session_state import State
-from bot.webhooks import Dispatcher
+from bot.session.state import State
+from bot.messages.webhooks import Dispatcher
 from database import Database
 from session_api import create_app
 from session_api.server import ApiServer
@@ -533,7 +533,7 @@ def test_the_wait_before_a_retry_counts_from_the_end_of_the_failed_attempt(db: D
     ],
 )
 def test_webhook_settings_are_checked_at_boot(env: dict[str, str], message: str) -> None:
-    from bot.errors import ConfigError
+    from bot.process.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message) as caught:
         Config.from_env(env)

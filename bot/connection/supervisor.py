@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from bot import events
-from bot.errors import StateConflictError, ZapkeepError
-from bot.session_state import State, now, phone_of
-from bot.store_worker import prepare_store
+from bot.connection import events
+from bot.process.errors import StateConflictError, ZapkeepError
+from bot.session.state import State, now, phone_of
+from bot.session.store_worker import prepare_store
 
 log = logging.getLogger("bot.runtime")  # the runtime's log lines, unchanged by the move
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from datetime import UTC
 
-from bot.errors import SessionDocumentError, StoredSessionUnreadable, first_line
-from bot.persistence import BootOutcome, prepare_local_store, sync_session
-from bot.sealing import require_known_keys
-from bot.session_state import State, now, phone_of
+from bot.process.errors import SessionDocumentError, StoredSessionUnreadable, first_line
+from bot.session.persistence import BootOutcome, prepare_local_store, sync_session
+from bot.session.sealing import require_known_keys
+from bot.session.state import State, now, phone_of
 from database import SESSION_CORRUPT, SessionRecord
 
 log = logging.getLogger("bot.runtime")  # the runtime's log lines, unchanged by the move

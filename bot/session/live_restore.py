@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 
-from bot import session_store
+from bot.session import document as session_document
 from bot.connection.supervisor import Pending
-from bot.errors import SessionDocumentError, StateConflictError
-from bot.persistence import export_document
-from bot.restores import RestoreOutcome, RestoreRequest
-from bot.session_state import State
-from bot.store_worker import document_rows
+from bot.process.errors import SessionDocumentError, StateConflictError
+from bot.session.persistence import export_document
+from bot.session.restores import RestoreOutcome, RestoreRequest
+from bot.session.state import State
+from bot.session.store_worker import document_rows
 
 log = logging.getLogger("bot.runtime")  # the runtime's log lines, unchanged by the move
 
@@ -38,7 +38,7 @@ class LiveRestore:
         if self.state in (State.REPLACED, State.STOPPED, State.STANDBY, State.STARTING):
             raise StateConflictError(f"session {session_id} is {self.state.value}; it cannot be restored here")
         # Check the whole document before stopping a live client for it: decoded, then built aside.
-        document = session_store.validate_document(session_store.parse_document(request.document_text))
+        document = session_document.validate_document(session_document.parse_document(request.document_text))
         if document.device_field("jid") is None:
             raise SessionDocumentError("the session document holds no paired device")
         if request.kind == "import":  # (the stored session and history were checked when they were stored)

@@ -5,12 +5,12 @@ Go panic takes its whole process down. A process per round gives every descripto
 when the round ends, keeps a crash inside the round, and keeps the daemon free of the second
 SQLite (neonize's) that must never share a process with Python's.
 
-The pipe speaks JSON lines. Child -> daemon: ``{"event": ...}`` (``bot.events.to_wire``),
+The pipe speaks JSON lines. Child -> daemon: ``{"event": ...}`` (``bot.connection.events.to_wire``),
 ``{"reply": id, "result": ...}`` or ``{"reply": id, "error": "..."}``, and last ``{"end": error}``.
 Daemon -> child: ``{"op": "stop"}`` or ``{"op": name, "id": id, "args": [...]}``. The child ends
 its round when its stdin closes, so it never outlives a daemon killed with -9.
 
-    python -m bot.client_process STORE LOG_LEVEL       (started by the daemon, not by hand)
+    python -m bot.connection.client_process STORE LOG_LEVEL       (started by the daemon, not by hand)
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from bot import events
-from bot.errors import CallTimeout, SendOutcomeUnknown, ZapkeepError
+from bot.process.children import module_command, start_child
+from bot.connection import events
+from bot.process.errors import CallTimeout, SendOutcomeUnknown, ZapkeepError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.client_process")  # pinned: the name operators see in log lines
 
 STOP_GRACE_SECONDS = 10.0  # whatsmeow's stop() waits for a slow dial (up to 60 s): not that long
 CALL_TIMEOUT_SECONDS = 60.0
@@ -84,7 +85,7 @@ class ProcessClient:
         child: list[str] | None = None,
     ) -> None:
         # The child's command line before STORE LOG_LEVEL: the real client's (benchmarks run a fake).
-        child = child or [sys.executable, "-m", "bot.client_process"]
+        child = child or module_command("bot.connection.client_process")
         self._command = [*child, str(store_path), str(log_level)]
         self._sink = sink
         self._stop_grace = stop_grace_seconds
@@ -105,9 +106,7 @@ class ProcessClient:
             if self._stopped:
                 return None
             # Its own session: a Ctrl-C in the terminal reaches the daemon, which stops the round in order.
-            self._process = subprocess.Popen(
-                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
-            )
+            self._process = start_child(self._command, own_session=True)
             process = self._process
         assert process.stdout is not None
         end: object = _NO_END
@@ -371,7 +370,7 @@ def serve(client_factory: ChildClientFactory, store_path: Path, commands: IO[byt
 
 def run_child(argv: list[str], client_factory: ChildClientFactory | None = None) -> None:
     """The child's entry point: ``STORE LOG_LEVEL``; the real neonize client unless told otherwise."""
-    from bot import logs
+    from bot.process import logs
 
     store_path, level = Path(argv[0]), int(argv[1])
     # The pipe gets a descriptor of its own; Go's stray prints to descriptor 1 ("Press Ctrl+C to
@@ -380,7 +379,7 @@ def run_child(argv: list[str], client_factory: ChildClientFactory | None = None)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logs.configure(level, os.environ.get("LOG_FORMAT", "text").strip().lower())  # the daemon's, checked at its boot
     if client_factory is None:
-        from bot import whatsapp  # neonize: only ever imported in this process
+        from bot.connection import whatsapp  # neonize: only ever imported in this process
 
         whatsapp.configure_library_logging(level)
         client_factory = whatsapp.NeonizeClient

@@ -13,7 +13,7 @@ integers and blobs, and the same on every host. A table without a primary key ma
 there the key is the rowid and all the columns (a restore renumbers those; the next comparison
 settles that).
 
-``python -m bot.change_capture STORE`` is the long-lived mirror process. It answers one JSON
+``python -m bot.session.change_capture STORE`` is the long-lived mirror process. It answers one JSON
 request a line on stdin with one JSON line on stdout:
 
     {"op": "poll", "after": S, "wait": SECONDS}   changes committed after sequence S (waiting up
@@ -41,8 +41,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.session_store import BUSY_TIMEOUT_SECONDS, canonical_json, encode_cell, row_hash
+from bot.session.cells import canonical_json, encode_cell, row_hash
 
+BUSY_TIMEOUT_SECONDS = 4.0  # below go-sqlite3's 5 s, so whatsmeow's own writes never time out on us
 CHANGES_TABLE = "zapkeep_changes"
 STATE_TABLE = "zapkeep_state"
 TRIGGER_PREFIX = "zapkeep_capture_"
@@ -545,7 +546,7 @@ class CaptureSession:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m bot.change_capture STORE_PATH", file=sys.stderr)
+        print("usage: python -m bot.session.change_capture STORE_PATH", file=sys.stderr)
         return 2
     requests = Requests(sys.stdin.fileno())
     session = CaptureSession(Path(argv[0]), requests)

@@ -9,13 +9,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bot.errors import first_line
-from bot.mirror import Mirror
-from bot.persistence import snapshot_to_history
-from bot.session_state import BACKUP_STATES, HISTORY_STATES, SessionStatus, State
+from bot.process.errors import first_line
+from bot.session.mirror import Mirror
+from bot.session.persistence import snapshot_to_history
+from bot.session.state import BACKUP_STATES, HISTORY_STATES, SessionStatus, State
 from database import Database, Fence, FencedOut
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.backups")  # pinned: the name operators see in log lines
 
 
 @dataclass(frozen=True)

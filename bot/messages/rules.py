@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from bot.errors import ConfigError
+from bot.process.errors import ConfigError
 
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 DAY_NAMES_PT = ("seg", "ter", "qua", "qui", "sex", "sáb", "dom")

@@ -1,7 +1,7 @@
 """Moving a session between the local whatsmeow store and the database.
 
 The database holds the session; the local store is a working copy. Rows are mirrored one by one
-(``bot.mirror``); this module holds what the mirror, the boot, the API and the CLI share: the boot
+(``bot.session.mirror``); this module holds what the mirror, the boot, the API and the CLI share: the boot
 rule, a whole-store sync, the document head, full snapshots for history, import, export, restore.
 """
 
@@ -17,16 +17,16 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bot import session_store
-from bot.change_capture import Batch, Device, TableDef, new_lineage
-from bot.errors import (
+from bot.session import cells, document as session_document
+from bot.session.change_capture import Batch, Device, TableDef, new_lineage
+from bot.process.errors import (
     NotFoundError,
     SessionDocumentError,
     StoredSessionUnreadable,
     UnreadableCredentials,
     first_line,
 )
-from bot.store_worker import StoreInfo, document_rows, inspect_store, restore_store, scan_store
+from bot.session.store_worker import StoreInfo, document_rows, inspect_store, restore_store, scan_store
 from database import (
     Database,
     Fence,
@@ -39,7 +39,7 @@ from database import (
     row_context,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.persistence")  # pinned: the name operators see in log lines
 
 
 class BootOutcome(enum.Enum):
@@ -137,7 +137,7 @@ def _holds(row_text: str, row_hash: str) -> bool:
     if hashlib.sha256(row_text.encode()).hexdigest() == row_hash:
         return True
     try:
-        return session_store.row_hash(json.loads(row_text)) == row_hash
+        return cells.row_hash(json.loads(row_text)) == row_hash
     except (ValueError, TypeError):
         return False
 
@@ -173,7 +173,7 @@ class MirroredRows:
             old = self.hashes.get(change.table, {}).get(change.key)
             digest = digests.get(change.table, 0) - (int(old, 16) if old else 0)
             digests[change.table] = digest + (int(change.row_hash, 16) if change.row_hash else 0)
-        return session_store.document_checksum([(t.name, self._table_checksum(t, digests)) for t in tables])
+        return session_document.document_checksum([(t.name, self._table_checksum(t, digests)) for t in tables])
 
     def count(self, table: str) -> int:
         return len(self.hashes.get(table, {}))
@@ -184,7 +184,7 @@ class MirroredRows:
     @staticmethod
     def _table_checksum(table: TableDef, digests: dict[str, int]) -> str:
         digest = f"{digests.get(table.name, 0) % 2**256:064x}"
-        return session_store.table_checksum_v2(table.name, table.sql, table.indexes, table.columns, digest)
+        return session_document.table_checksum_v2(table.name, table.sql, table.indexes, table.columns, digest)
 
 
 def build_head(
@@ -202,13 +202,13 @@ def build_head(
         }
         for table in tables
     ]
-    checksum = session_store.document_checksum([(t["name"], t["checksum"]) for t in entries])
+    checksum = session_document.document_checksum([(t["name"], t["checksum"]) for t in entries])
     version_keys = list(rows.hashes.get("whatsmeow_version", {}))
     schema = version_keys[0].split(":", 1)[-1].split(",") if len(version_keys) == 1 else [None, None]
     total = sum(t["row_count"] for t in entries)
     head = {
-        "format": session_store.FORMAT,
-        "format_version": session_store.FORMAT_VERSION,
+        "format": session_document.FORMAT,
+        "format_version": session_document.FORMAT_VERSION,
         "checksum": checksum,
         "lineage": lineage,
         "sequence": sequence,
@@ -234,7 +234,7 @@ def _int_or_none(text: str | None) -> int | None:
 
 def row_changes(batch: Batch) -> list[RowChange]:
     return [
-        RowChange(c.table, c.key, None if c.row is None else session_store.canonical_json(c.row).decode(), c.hash)
+        RowChange(c.table, c.key, None if c.row is None else cells.canonical_json(c.row).decode(), c.hash)
         for c in batch.changes
     ]
 
@@ -322,14 +322,16 @@ def assemble_document(record: SessionRecord, rows: Iterable[tuple[str, str, str]
     parts, checksums = [], []
     for table in head["tables"]:
         name = table["name"]
-        digest = session_store.rows_digest(hashes.get(name, []))
+        digest = session_document.rows_digest(hashes.get(name, []))
         entry = {
             "name": name,
             "sql": table["sql"],
             "indexes": table["indexes"],
             "columns": table["columns"],
             "row_count": len(texts.get(name, [])),
-            "checksum": session_store.table_checksum_v2(name, table["sql"], table["indexes"], table["columns"], digest),
+            "checksum": session_document.table_checksum_v2(
+                name, table["sql"], table["indexes"], table["columns"], digest
+            ),
         }
         checksums.append((name, entry["checksum"]))
         opening = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)[:-1]
@@ -342,9 +344,9 @@ def assemble_document(record: SessionRecord, rows: Iterable[tuple[str, str, str]
         "push_name": record.push_name,
     }
     top = {
-        "format": session_store.FORMAT,
-        "format_version": session_store.FORMAT_VERSION,
-        "checksum": session_store.document_checksum(checksums),
+        "format": session_document.FORMAT,
+        "format_version": session_document.FORMAT_VERSION,
+        "checksum": session_document.document_checksum(checksums),
         "lineage": record.lineage,
         "sequence": record.mirror_sequence,
         "metadata": metadata,
@@ -405,7 +407,7 @@ def snapshot_to_history(
 
 
 def _checksum_of(text: str) -> str:
-    return str(session_store.parse_document(text).get("checksum", ""))
+    return str(session_document.parse_document(text).get("checksum", ""))
 
 
 def make_current(
@@ -417,16 +419,16 @@ def make_current(
     sequence: int = 0,
     snapshot_reason: str | None = None,
     lineage: str | None = None,
-) -> tuple[session_store.DecodedSession, str]:
+) -> tuple[session_document.DecodedSession, str]:
     """Validate a document (format 1 or 2) and make it the stored session, with a new lineage
     (``lineage``, when the local store was built with it already). Returns the decoded session
     and the lineage."""
-    document = session_store.parse_document(document_text)
-    session = session_store.validate_document(document)
+    document = session_document.parse_document(document_text)
+    session = session_document.validate_document(document)
     if session.device_field("jid") is None:
         raise SessionDocumentError("the session document holds no paired device")
     tables, keyed = document_rows(document_text)
-    changes = [RowChange(t, k, session_store.canonical_json(r).decode(), h) for t, k, r, h in keyed]
+    changes = [RowChange(t, k, cells.canonical_json(r).decode(), h) for t, k, r, h in keyed]
     rows = MirroredRows()
     rows.apply(changes)
     lineage = lineage or new_lineage()

@@ -1,6 +1,6 @@
-"""The only module that imports neonize: a thin client that speaks in ``bot.events`` types.
+"""The only module that imports neonize: a thin client that speaks in ``bot.connection.events`` types.
 
-It runs in the client process of a connection round (``bot.client_process``), never in the daemon.
+It runs in the client process of a connection round (``bot.connection.client_process``), never in the daemon.
 
 Import it only after logging is configured: ``import neonize`` calls ``logging.basicConfig``
 (a no-op once the root logger has handlers). Handlers run one at a time on Go's thread, so
@@ -36,9 +36,9 @@ from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message, ProtocolMessage
 from neonize.utils.enum import ChatPresence, ChatPresenceMedia, ClientName, ReceiptType
 from neonize.utils.jid import Jid2String, JIDToNonAD
 
-from bot import events
+from bot.connection import events
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.whatsapp")  # pinned: the name operators see in log lines
 
 
 def configure_library_logging(level: int) -> None:
@@ -48,7 +48,7 @@ def configure_library_logging(level: int) -> None:
 
 
 class NeonizeClient:
-    """One neonize client over the local store file, for one round (``bot.client_process`` runs it)."""
+    """One neonize client over the local store file, for one round (``bot.connection.client_process`` runs it)."""
 
     def __init__(self, store_path: Path, sink: events.EventSink) -> None:
         self._client = NewClient(str(store_path))

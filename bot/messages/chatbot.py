@@ -11,14 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from bot import chatbot, events
-from bot.errors import first_line
+from bot.messages import rules
+
+from bot.connection import events
+from bot.process.errors import first_line
 from bot.metrics import Metrics
+from bot.messages.outbox import Outbox
 from bot.process.retry import RetrySchedule
-from bot.outbox import Outbox
 from database import ChatState, Database, Inbound, InboundOutcome, is_unavailable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.messaging")  # pinned: the name operators see in log lines
 
 INBOX_RETRY = RetrySchedule((1.0, 2.0, 5.0, 10.0, 30.0))  # then every 30 s: whatsmeow will not deliver it again
 
@@ -63,7 +65,7 @@ class Chatbot:
         self,
         db: Database,
         session_id: str,
-        rules: chatbot.Rules,
+        rules: rules.Rules,
         outbox: Outbox,
         *,
         mark_read: Callable[[events.IncomingMessage], None] | None = None,
@@ -181,13 +183,13 @@ class Chatbot:
             return self._own_message(inbound, now)
 
         def decide(chat: ChatState | None) -> InboundOutcome:
-            context = chatbot.ChatContext(
+            context = rules.ChatContext(
                 last_incoming_at=None if chat is None else chat.last_incoming_at,
                 paused_until=None if chat is None else chat.paused_until,
                 last_reply_reason=None if chat is None else chat.last_reply_reason,
                 last_reply_at=None if chat is None else chat.last_reply_at,
             )
-            decision = chatbot.decide(self.rules, message.text, storable(message.push_name), context, now, message.kind)
+            decision = rules.decide(self.rules, message.text, storable(message.push_name), context, now, message.kind)
             if decision.reason == "paused":  # still paused: the pause stays as it was
                 paused_until, pause_reason = context.paused_until, None if chat is None else chat.pause_reason
             else:

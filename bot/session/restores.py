@@ -11,15 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bot.change_capture import new_lineage
-from bot.errors import DiskFullError, UnreadableCredentials, ZapkeepError, first_line
-from bot.mirror import Mirror
-from bot.persistence import export_document, make_current, snapshot_to_history
-from bot.session_store import STORE_SIBLING_SUFFIXES, discard_built, install_store
-from bot.store_worker import BuiltStore, build_store
+from bot.session.change_capture import new_lineage
+from bot.process.errors import DiskFullError, UnreadableCredentials, ZapkeepError, first_line
+from bot.session.mirror import Mirror
+from bot.session.persistence import export_document, make_current, snapshot_to_history
+from bot.session.document import STORE_SIBLING_SUFFIXES, discard_built, install_store
+from bot.session.store_worker import BuiltStore, build_store
 from database import Database, Fence, FencedOut, SessionRecord
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.restores")  # pinned: the name operators see in log lines
 
 
 @dataclass(frozen=True)

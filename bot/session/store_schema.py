@@ -1,4 +1,4 @@
-"""whatsmeow's own schema (``bot/whatsmeow_schema.sql``), which every restored store is built
+"""whatsmeow's own schema (``bot/session/whatsmeow_schema.sql``), which every restored store is built
 from: no SQL inside a session document is ever run. A document's tables and columns must be
 whatsmeow's, and each value must suit its column, or the restore is refused naming the table,
 the row and the column."""
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.errors import SessionDocumentError
+from bot.process.errors import SessionDocumentError
 
 SCHEMA_FILE = Path(__file__).with_name("whatsmeow_schema.sql")
 INT64 = range(-(2**63), 2**63)

@@ -1,6 +1,6 @@
 """The daemon's side of the row mirror: store changes -> database, batch by batch, fenced.
 
-The long-lived child ``python -m bot.change_capture`` reads the store's change log (this process
+The long-lived child ``python -m bot.session.change_capture`` reads the store's change log (this process
 never opens the store: neonize's SQLite lives here). One thread asks it for the changes committed
 after the last sequence the database has, writes them in one transaction, and asks again; the child
 trims what the database has. A whole-store comparison (reconciliation) runs when the mirror starts,
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,9 +22,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bot.change_capture import Batch
-from bot.errors import ZapkeepError, first_line
-from bot.persistence import (
+from bot.process.children import module_command, start_child
+from bot.session.change_capture import Batch
+from bot.process.errors import ZapkeepError, first_line
+from bot.session.persistence import (
     MirroredRows,
     StoredCheck,
     StoredHead,
@@ -39,9 +38,8 @@ from bot.persistence import (
 from bot.process.retry import RetrySchedule
 from database import SESSION_CORRUPT, Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.mirror")  # pinned: the name operators see in log lines
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RETRY = RetrySchedule((1.0, 2.0, 5.0, 10.0))  # then every 10 s
 
 
@@ -68,16 +66,7 @@ class MirrorProcess:
     """The child that reads the store; one JSON request and one JSON answer a line."""
 
     def __init__(self, store_path: Path) -> None:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "bot.change_capture", str(store_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
+        self._process = start_child(module_command("bot.session.change_capture", str(store_path)))
         self._write_lock = threading.Lock()
 
     def request(self, payload: dict) -> Batch:

@@ -1,6 +1,6 @@
 """The project's own small event types and the client interface the runtime drives.
 
-``bot.whatsapp`` translates neonize's events into these; the test suite's fake client emits
+``bot.connection.whatsapp`` translates neonize's events into these; the test suite's fake client emits
 the same ones. Nothing here imports neonize.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, get_args
 
 
 @dataclass(frozen=True)
@@ -168,24 +168,8 @@ EventSink = Callable[[ClientEvent], None]
 
 MAX_DOWNLOAD_BYTES = 64 * 2**20  # a received file crosses the client pipe as one base64 line: at most this
 
-_EVENT_TYPES: dict[str, type] = {
-    cls.__name__: cls
-    for cls in (
-        QrCode,
-        PairingCode,
-        Paired,
-        Connected,
-        Disconnected,
-        LoggedOut,
-        StreamReplaced,
-        TemporaryBan,
-        ConnectFailure,
-        KeepAliveTimeout,
-        KeepAliveRestored,
-        IncomingMessage,
-        Receipt,
-    )
-}
+# The wire names, derived from the union above: an event added there crosses the pipe too.
+_EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in get_args(ClientEvent)}
 
 
 def to_wire(event: ClientEvent) -> dict[str, object]:

@@ -3,7 +3,7 @@
 Everything here that opens a store file with Python's ``sqlite3`` must run in a process
 where neonize is NOT loaded (neonize's Go library carries its own SQLite and the two
 corrupt each other within one process; see docs/neonize.md). The daemon therefore calls these
-through ``bot.store_worker``, which runs them in a child process.
+through ``bot.session.store_worker``, which runs them in a child process.
 
 Document format (``format_version`` 2; version 1 is still read), documented in the README:
 
@@ -22,7 +22,6 @@ Cell values: JSON null, integers and strings as themselves; ``{"b64": ...}`` for
 
 from __future__ import annotations
 
-import base64
 import binascii
 import errno
 import hashlib
@@ -31,14 +30,14 @@ import os
 import re
 import secrets
 import sqlite3
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bot import store_schema
-from bot.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError
+from bot.session import store_schema
+from bot.session.cells import canonical_json, decode_cell, row_hash
+from bot.session.change_capture import BUSY_TIMEOUT_SECONDS, ensure_capture, scan_rows, set_sequence, table_defs
+from bot.process.errors import DiskFullError, RestoreError, SessionDocumentError
 
 FORMAT = "zapkeep.session"
 FORMAT_VERSION = 2
@@ -54,7 +53,6 @@ REQUIRED_TABLES = (
 )
 STORE_SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
 _BUILT_PREFIX = "."  # a store built aside: ".whatsmeow.sqlite3.restore-<pid>-<random>"
-BUSY_TIMEOUT_SECONDS = 4.0  # below go-sqlite3's 5 s, so whatsmeow's own writes never time out on us
 
 _TABLE_NAME = re.compile(r"whatsmeow_[a-z0-9_]{1,64}")
 _CREATE_TABLE = re.compile(r"CREATE TABLE (?P<name>whatsmeow_[a-z0-9_]{1,64}) \(", re.IGNORECASE)
@@ -93,53 +91,13 @@ class DecodedSession:
 # --- canonical encoding -------------------------------------------------------------------
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # built once: per row it shows
-
-
-def canonical_json(value: Any) -> bytes:
-    return _CANONICAL.encode(value).encode()
-
-
 def _sha256(value: Any) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(value)).hexdigest()
-
-
-def encode_cell(value: Any) -> Any:
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, bytes):
-        return {"b64": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, float):
-        return {"real": repr(value)}
-    if isinstance(value, str):
-        if "\x00" in value:
-            return {"t64": base64.b64encode(value.encode()).decode("ascii")}
-        return value
-    raise SnapshotError(f"unsupported SQLite value of type {type(value).__name__}")
-
-
-def decode_cell(value: Any) -> Any:
-    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    if isinstance(value, dict) and len(value) == 1:
-        ((tag, payload),) = value.items()
-        if isinstance(payload, str):
-            if tag == "b64":
-                return base64.b64decode(payload, validate=True)
-            if tag == "t64":
-                return base64.b64decode(payload, validate=True).decode()
-            if tag == "real":
-                return float(payload)
-    raise ValueError("not a cell value")
 
 
 def table_checksum(name: str, sql: str, indexes: list[str], columns: list[str], encoded_rows: list[Any]) -> str:
     """Format 1: the hash of the table with its rows sorted by content."""
     return _sha256({"name": name, "sql": sql, "indexes": indexes, "columns": columns, "rows": encoded_rows})
-
-
-def row_hash(encoded_row: list[Any]) -> str:
-    return hashlib.sha256(canonical_json(encoded_row)).hexdigest()
 
 
 def rows_digest(hashes: Any) -> str:
@@ -156,82 +114,6 @@ def table_checksum_v2(name: str, sql: str, indexes: list[str], columns: list[str
 
 def document_checksum(table_checksums: list[tuple[str, str]], format_version: int = FORMAT_VERSION) -> str:
     return _sha256({"format_version": format_version, "tables": table_checksums})
-
-
-# --- snapshot -------------------------------------------------------------------------------
-
-
-def take_snapshot(store_path: Path) -> dict[str, Any]:
-    """One consistent read of the store: copied with SQLite's backup API, then encoded."""
-    started = time.perf_counter()
-    if not store_path.is_file():
-        raise SnapshotError(f"no local store at {store_path}")
-    memory = sqlite3.connect(":memory:")
-    try:
-        try:
-            source = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_SECONDS)
-            try:
-                source.backup(memory)  # one step: a single read transaction, so never torn
-            finally:
-                source.close()
-        except sqlite3.Error as exc:
-            raise SnapshotError(f"cannot read the local store {store_path}: {exc}") from exc
-        return _encode_store(memory, started)
-    finally:
-        memory.close()
-
-
-def _encode_store(conn: sqlite3.Connection, started: float) -> dict[str, Any]:
-    from bot.change_capture import scan_rows, table_defs
-
-    tables = []
-    for table in table_defs(conn):
-        rows = scan_rows(conn, table)
-        digest = rows_digest(digest for _, digest in rows.values())
-        tables.append(
-            {
-                "name": table.name,
-                "sql": table.sql,
-                "indexes": table.indexes,
-                "columns": table.columns,
-                "rows": [row for row, _ in rows.values()],
-                "row_count": len(rows),
-                "checksum": table_checksum_v2(table.name, table.sql, table.indexes, table.columns, digest),
-            }
-        )
-    if not tables:
-        raise SnapshotError("the local store holds no whatsmeow tables")
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "checksum": document_checksum([(t["name"], t["checksum"]) for t in tables]),
-        "lineage": None,
-        "sequence": 0,
-        "metadata": _metadata(conn, tables, started),
-        "tables": tables,
-    }
-
-
-def _metadata(conn: sqlite3.Connection, tables: list[dict[str, Any]], started: float) -> dict[str, Any]:
-    names = {t["name"] for t in tables}
-    device = None
-    if "whatsmeow_device" in names:
-        device = conn.execute("SELECT jid, push_name, platform, business_name FROM whatsmeow_device LIMIT 1").fetchone()
-    version = None
-    if "whatsmeow_version" in names:
-        version = conn.execute("SELECT version, compat FROM whatsmeow_version LIMIT 1").fetchone()
-    return {
-        "device_jid": device[0] if device else None,
-        "push_name": device[1] if device else None,
-        "platform": device[2] if device else None,
-        "business_name": device[3] if device else None,
-        "whatsmeow_schema_version": version[0] if version else None,
-        "whatsmeow_schema_compat": version[1] if version else None,
-        "row_counts": {t["name"]: t["row_count"] for t in tables},
-        "total_rows": sum(t["row_count"] for t in tables),
-        "taken_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "snapshot_ms": round((time.perf_counter() - started) * 1000, 1),
-    }
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -405,7 +287,6 @@ def _disk_full(exc: BaseException) -> bool:
 def prepare_store_file(store_path: Path) -> None:
     """Before neonize opens the store: private file and directory, WAL mode (created empty if
     absent), change capture verified (when whatsmeow's tables exist)."""
-    from bot.change_capture import ensure_capture
 
     _make_private_dirs(store_path.parent)
     discard_stale_builds(store_path)
@@ -452,7 +333,6 @@ def _load_tables(conn: sqlite3.Connection, session: DecodedSession) -> None:
 
 
 def _build_store(session: DecodedSession, path: Path, *, lineage: str | None, sequence: int) -> None:
-    from bot.change_capture import ensure_capture, set_sequence
 
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(path, isolation_level=None)
@@ -475,7 +355,6 @@ def _build_store(session: DecodedSession, path: Path, *, lineage: str | None, se
 def document_rows(document: dict[str, Any]) -> tuple[list[Any], list[tuple[str, str, list[Any], str]]]:
     """A validated document as the database stores it: table definitions, and every row with its
     key and hash (rows, tables). The keys come from SQLite itself: the tables are built in memory."""
-    from bot.change_capture import scan_rows, table_defs
 
     session = validate_document(document)
     conn = sqlite3.connect(":memory:", isolation_level=None)

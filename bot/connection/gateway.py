@@ -8,11 +8,11 @@ import logging
 import threading
 from collections.abc import Callable
 
-from bot import events
-from bot.errors import StateConflictError
+from bot.connection import events
+from bot.process.errors import StateConflictError
 from database import OutgoingFile
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.gateway")  # pinned: the name operators see in log lines
 
 
 class SendGateway:

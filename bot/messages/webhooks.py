@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
-from bot.errors import first_line
+from bot.process.errors import first_line
 from bot.process.retry import RetrySchedule
-from bot.session_state import SessionStatus, readiness_of
+from bot.session.state import SessionStatus, readiness_of
 from database import BACKUP_FAILED, SESSION_STATE, Database, StoredEvent, is_unavailable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.webhooks")  # pinned: the name operators see in log lines
 
 RETRY_SECONDS = (5, 15, 60, 300, 900, 1800, 3600)  # then every hour (a RetrySchedule's steps)
 GIVE_UP_AFTER = timedelta(hours=26)  # "at least a day" of retries, then the event is given up

@@ -14,11 +14,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from bot.errors import first_line
-from bot.session_state import StandbyCause
+from bot.process.errors import first_line
+from bot.session.state import StandbyCause
 from database import Database, Fence
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.lease")  # pinned: the name operators see in log lines
 
 
 class LeaseKeeper:

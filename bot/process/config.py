@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bot.errors import ConfigError
+from bot.process.errors import ConfigError
 from database import EVENT_TYPES  # (defined where the events are written)
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,100}")
 PHONE_PATTERN = re.compile(r"\d{10,15}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
-SHIPPED_REPLIES = Path(__file__).with_name("replies.pt-BR.toml")
+SHIPPED_REPLIES = Path(__file__).parent.parent / "messages" / "replies.pt-BR.toml"
 SHORT_TOKEN = 16  # below this the boot warns: a short bearer token can be guessed
 ENCRYPTION_KEY_BYTES = 32  # AES-256
 GENERATE_KEY = "python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'"

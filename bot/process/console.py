@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from bot import events
-from bot.chatbot import Rules, load_rules
-from bot.config import Config
-from bot.messaging import Chatbot
-from bot.outbox import Channel, Outbox
+from bot.connection import events
+from bot.messages.rules import Rules, load_rules
+from bot.process.config import Config
+from bot.messages.chatbot import Chatbot
+from bot.messages.outbox import Channel, Outbox
 from database import SqliteDatabase
 
 CHAT = "5511900000000@s.whatsapp.net"

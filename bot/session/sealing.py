@@ -20,9 +20,9 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bot.config import Config
-from bot.errors import ConfigError, SessionDocumentError, UnreadableCredentials
-from bot.session_store import load_json
+from bot.process.config import Config
+from bot.process.errors import ConfigError, SessionDocumentError, UnreadableCredentials
+from bot.session.document import load_json
 from database import PayloadSealer
 
 ENVELOPE = "zk1"

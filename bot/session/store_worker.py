@@ -2,15 +2,14 @@
 
 The daemon's own process has neonize loaded, whose Go code carries its own SQLite; a
 Python sqlite3 handle on the same file in that process corrupts it (docs/neonize.md). So the
-daemon never opens the store itself: it runs ``python -m bot.store_worker`` and exchanges
+daemon never opens the store itself: it runs ``python -m bot.session.store_worker`` and exchanges
 the document over pipes. The child imports neither neonize nor the database layer. (The
-long-lived mirror process is ``bot.change_capture``.)
+long-lived mirror process is ``bot.session.change_capture``.)
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -18,10 +17,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bot.change_capture import Batch, TableDef
-from bot.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError, ZapkeepError
+from bot.process.children import module_command, start_child
+from bot.session.change_capture import Batch, TableDef
+from bot.process.errors import DiskFullError, RestoreError, SessionDocumentError, SnapshotError, ZapkeepError
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _EXIT_DOCUMENT_ERROR = 3
 _EXIT_DISK_FULL = 4
 _EXIT_FAILED = 2
@@ -112,46 +111,41 @@ def document_rows(document_text: str, *, timeout: float = DEFAULT_TIMEOUT_SECOND
 
 
 def _run(command: str, store_path: Path, *args: str, stdin: str, timeout: float, error: type[ZapkeepError]) -> str:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "bot.store_worker", command, str(store_path), *args],
-            input=stdin.encode(),
-            capture_output=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise error(f"store {command} did not finish within {timeout:.0f} s") from exc
-    message = result.stderr.decode(errors="replace").strip().splitlines()
-    if result.returncode == _EXIT_DOCUMENT_ERROR:
+    worker = start_child(
+        module_command("bot.session.store_worker", command, str(store_path), *args), capture_stderr=True
+    )
+    with worker:
+        try:
+            stdout, stderr = worker.communicate(stdin.encode(), timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            worker.kill()  # as subprocess.run did on a timeout: no worker outlives its call
+            worker.wait()
+            raise error(f"store {command} did not finish within {timeout:.0f} s") from exc
+    message = stderr.decode(errors="replace").strip().splitlines()
+    if worker.returncode == _EXIT_DOCUMENT_ERROR:
         raise SessionDocumentError(message[-1] if message else "invalid session document")
-    if result.returncode == _EXIT_DISK_FULL:
+    if worker.returncode == _EXIT_DISK_FULL:
         raise DiskFullError(message[-1] if message else f"store {command}: no space left on the disk")
-    if result.returncode != 0:
-        raise error(message[-1] if message else f"store {command} failed with exit code {result.returncode}")
-    return result.stdout.decode()
+    if worker.returncode != 0:
+        raise error(message[-1] if message else f"store {command} failed with exit code {worker.returncode}")
+    return stdout.decode()
 
 
 def main(argv: list[str]) -> int:
     """Child side: one command, the store's path, then its arguments; documents come on stdin."""
-    from bot import change_capture, session_store
+    from bot.session import change_capture, cells, document as session_document
 
     commands = {"restore": 4, "build": 4, "prepare": 2, "inspect": 2, "scan": 2, "rows": 2}
     if not argv or commands.get(argv[0]) != len(argv):
         print(
-            "usage: python -m bot.store_worker restore|build|prepare|inspect|scan|rows STORE_PATH [...]",
+            "usage: python -m bot.session.store_worker restore|build|prepare|inspect|scan|rows STORE_PATH [...]",
             file=sys.stderr,
         )
         return _EXIT_FAILED
     command, store_path = argv[0], Path(argv[1])
     try:
         if command == "prepare":
-            session_store.prepare_store_file(store_path)
+            session_document.prepare_store_file(store_path)
         elif command == "inspect":
             sys.stdout.write(json.dumps(asdict(_inspect(store_path))))
         elif command == "scan":
@@ -161,20 +155,20 @@ def main(argv: list[str]) -> int:
                 batch = capture.scan(int(request["after"]), request["known"])
             finally:
                 capture.close()
-            sys.stdout.buffer.write(session_store.canonical_json(batch.to_json()))
+            sys.stdout.buffer.write(cells.canonical_json(batch.to_json()))
         elif command == "rows":
-            document = session_store.parse_document(sys.stdin.buffer.read())
-            tables, rows = session_store.document_rows(document)
+            document = session_document.parse_document(sys.stdin.buffer.read())
+            tables, rows = session_document.document_rows(document)
             output = {"tables": [asdict(t) for t in tables], "rows": rows}
-            sys.stdout.buffer.write(session_store.canonical_json(output))
+            sys.stdout.buffer.write(cells.canonical_json(output))
         elif command == "build":
-            document = session_store.parse_document(sys.stdin.buffer.read())
-            session, built = session_store.build_aside(document, store_path, lineage=argv[2], sequence=int(argv[3]))
+            document = session_document.parse_document(sys.stdin.buffer.read())
+            session, built = session_document.build_aside(document, store_path, lineage=argv[2], sequence=int(argv[3]))
             summary = {"checksum": session.checksum, "tables": len(session.tables), "rows": session.row_count}
             sys.stdout.write(json.dumps({**summary, "built": str(built)}))
         else:
-            document = session_store.parse_document(sys.stdin.buffer.read())
-            session = session_store.restore_snapshot(document, store_path, lineage=argv[2], sequence=int(argv[3]))
+            document = session_document.parse_document(sys.stdin.buffer.read())
+            session = session_document.restore_snapshot(document, store_path, lineage=argv[2], sequence=int(argv[3]))
             summary = {"checksum": session.checksum, "tables": len(session.tables), "rows": session.row_count}
             sys.stdout.write(json.dumps(summary))
     except SessionDocumentError as exc:
@@ -193,7 +187,7 @@ def main(argv: list[str]) -> int:
 
 
 def _inspect(store_path: Path) -> StoreInfo:
-    from bot import change_capture
+    from bot.session import change_capture
 
     conn = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=ro", uri=True, timeout=4.0)
     try:

@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 
 import segno
 
-from bot import events
+from bot.connection import events
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.pairing")  # pinned: the name operators see in log lines
 
 # whatsmeow shows a round's first QR code for 60 s, each next one for 20 s.
 FIRST_QR_SECONDS = 60

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from bot import events
-from bot.errors import SendOutcomeUnknown, StateConflictError, first_line
+from bot.connection import events
+from bot.process.errors import SendOutcomeUnknown, StateConflictError, first_line
 from bot.metrics import Metrics
 from bot.process.retry import RetrySchedule
 from database import Database, OutgoingFile, OutgoingMessage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bot.outbox")  # pinned: the name operators see in log lines
 
 RETRY = RetrySchedule((5.0, 30.0, 120.0, 600.0))  # seconds; then the message is given up
 MAX_ATTEMPTS = len(RETRY.steps) + 1

@@ -1,0 +1,1 @@
+"""Messages: the chatbot and its rules, the outbox, webhooks."""
