@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bot.messages.rules import load_rules
 from bot.process.config import SHIPPED_REPLIES, Config
-from bot.services import build_services
+from bot.wiring import build_services
 from bot.session.state import State
 from database import PostgresDatabase
 from session_api import create_app

@@ -29,7 +29,9 @@ from pathlib import Path
 
 from bot.connection.client_process import process_client_factory
 from bot.connection.events import ClientFactory, EventSink, WhatsAppClient
-from bot.runtime import Backoff, Runtime, Timing
+from bot.process.retry import RetrySchedule
+from bot.runtime import Runtime, Timing
+from bot.wiring import build_runtime
 from bot.session.state import State
 from database import open_database
 from tests.fake_whatsapp import wait_until
@@ -133,7 +135,9 @@ def main() -> int:
         db = open_database(None, config.embedded_database_path)
         rounds = CountedRounds(process_client_factory(logging.ERROR), args.every)
         timing = Timing(history_interval_seconds=JOBS_SECONDS)
-        runtime = Runtime(config, db, rounds, backoff=Backoff(0.01, 0.05), timing=timing)
+        runtime = build_runtime(
+            config, db, rounds, backoff=RetrySchedule.exponential(first=0.01, cap=0.05), timing=timing
+        )
         restores = 0
         print("this process at the start of a round; each row: the medians since the row before")
         print(f"{'round':>6} {'descriptors':>12} {'threads':>8} {'RSS MB':>8}")

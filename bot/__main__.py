@@ -168,7 +168,7 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
         return EXIT_FAILURE
     from bot.messages.rules import load_rules
     from bot.connection.client_process import process_client_factory
-    from bot.services import build_services
+    from bot.wiring import build_services
     from session_api import create_app
     from session_api.server import ApiServer
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bot.runtime import Runtime
+from bot.wiring import build_runtime
 from database import Database, PostgresDatabase, SqliteDatabase
 from tests.fake_whatsapp import FakeWhatsApp
 from tests.pg_cluster import PostgresCluster
@@ -95,7 +96,7 @@ def runtime_factory(db: Database, network: FakeWhatsApp, tmp_path: Path) -> Iter
 
     def make(**kwargs) -> Runtime:
         config = kwargs.pop("config", None) or make_config(tmp_path)
-        runtime = Runtime(config, db, network.factory, timing=kwargs.pop("timing", FAST), **kwargs)
+        runtime = build_runtime(config, db, network.factory, timing=kwargs.pop("timing", FAST), **kwargs)
         made.append(runtime)
         return runtime
 

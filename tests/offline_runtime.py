@@ -16,7 +16,9 @@ import sys
 import threading
 
 from bot.process.config import Config
-from bot.runtime import Backoff, Runtime
+from bot.process.retry import RetrySchedule
+from bot.runtime import Runtime
+from bot.wiring import build_runtime
 from bot.session.state import State
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -44,7 +46,13 @@ def main(data_dir: str, database_url: str, simulated_seconds: float) -> None:
             done.set()
             done.wait()  # park the supervisor: the run is over
 
-    runtime = Runtime(config, db, process_client_factory(logging.WARNING), backoff=Backoff(1, 60), wait=simulated_wait)
+    runtime = build_runtime(
+        config,
+        db,
+        process_client_factory(logging.WARNING),
+        backoff=RetrySchedule.exponential(first=1, cap=60),
+        wait=simulated_wait,
+    )
     runtime.start()
     finished = done.wait(120)
     status = runtime.status()

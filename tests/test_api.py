@@ -27,8 +27,8 @@ from bot.connection import events
 from bot.messages.rules import load_rules
 from bot.process.config import SHIPPED_REPLIES, Config
 from bot.messages.outbox import Outbox
-from bot.services import build_services
 from bot.runtime import Runtime
+from bot.wiring import build_runtime, build_services
 from bot.session.state import State
 from bot.session.persistence import export_document, import_document
 from bot.session.document import restore_snapshot, validate_document
@@ -596,7 +596,7 @@ def test_logout_unlinks_and_pairs_again(api: Api) -> None:
 def test_without_an_outbox_send_goes_out_at_once_or_409(db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
     config = Config.from_env({"DATA_DIR": str(tmp_path), "API_TOKEN": TOKEN})
     network = FakeWhatsApp(schema_template=whatsmeow_template)
-    runtime = Runtime(config, db, network.factory, timing=FAST)
+    runtime = build_runtime(config, db, network.factory, timing=FAST)
     client = create_app(runtime, db).test_client()
     headers = {"Authorization": f"Bearer {TOKEN}"}
     runtime.start()
@@ -698,7 +698,7 @@ def test_no_key_material_in_any_response_or_log(api: Api, caplog: pytest.LogCapt
 
 def test_create_app_refuses_to_serve_without_a_token(db: Database, whatsmeow_template: Path, tmp_path: Path) -> None:
     config = Config.from_env({"DATA_DIR": str(tmp_path)})
-    runtime = Runtime(config, db, FakeWhatsApp(schema_template=whatsmeow_template).factory)
+    runtime = build_runtime(config, db, FakeWhatsApp(schema_template=whatsmeow_template).factory)
     with pytest.raises(ValueError, match="API token"):
         create_app(runtime, db)
 

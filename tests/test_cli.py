@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from bot.session.persistence import sync_session
-from bot.runtime import Runtime
+from bot.wiring import build_runtime
 from database import Database, PostgresDatabase
 from session_api import create_app
 from session_api.server import ApiServer
@@ -206,7 +206,7 @@ def test_every_export_form_imports_as_it_is(db: Database, network: FakeWhatsApp,
     assert sync_session(db, "shop", store).paired
     shop = db.load_session("shop")
     config = make_config(tmp_path, API_TOKEN="t" * 32, SESSION_ENCRYPTION_KEY=key)
-    server = ApiServer(create_app(Runtime(config, db, network.factory), db), "127.0.0.1", 0, threads=2)
+    server = ApiServer(create_app(build_runtime(config, db, network.factory), db), "127.0.0.1", 0, threads=2)
     server.start()
     try:
         answers = {}

@@ -218,14 +218,14 @@ def test_rows_moved_between_sessions_or_rows_are_detected(db: Database, open_db:
 def test_plaintext_is_encrypted_by_the_first_boot_with_a_key(
     db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
 ) -> None:
-    from bot.runtime import Runtime
+    from bot.wiring import build_runtime
 
     store = paired_session(db, tmp_path / "before")
     original = table_rows(store)
     assert db.key_ids("default") == {None}
     config = make_config(tmp_path, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode())
     sealed = open_db(Sealer.from_config(config), same=db)
-    runtime = Runtime(config, sealed, network.factory, timing=FAST)
+    runtime = build_runtime(config, sealed, network.factory, timing=FAST)
     try:
         runtime.start()
         wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
@@ -310,13 +310,13 @@ def test_a_malformed_key_is_a_config_error_that_does_not_repeat_it(value: str, e
 def test_the_api_exports_sealed_unless_asked_and_imports_a_sealed_export(
     db: Database, open_db: OpenDb, network: FakeWhatsApp, tmp_path: Path
 ) -> None:
-    from bot.runtime import Runtime
+    from bot.wiring import build_runtime
     from session_api import create_app
 
     config = make_config(tmp_path, API_TOKEN="t" * 32, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode())
     sealed = open_db(Sealer.from_config(config))
     store = paired_session(sealed, tmp_path, "shop")
-    client = create_app(Runtime(config, sealed, network.factory, timing=FAST), sealed).test_client()
+    client = create_app(build_runtime(config, sealed, network.factory, timing=FAST), sealed).test_client()
     headers = {"Authorization": "Bearer " + "t" * 32}
 
     export = client.get("/api/session/restore?session_id=shop", headers=headers)
@@ -340,13 +340,13 @@ def test_an_instance_without_the_key_never_takes_over_the_session(
 ) -> None:
     """A standby started with the old configuration (no key) while the stored session moved to a
     key: at take-over it must neither restore an older snapshot nor write; it gives the lease up."""
-    from bot.runtime import Runtime
+    from bot.wiring import build_runtime
 
     sealed = open_db(Sealer(KEY_A))
     paired_session(sealed, tmp_path / "stored")
     before = everything_stored(sealed, files=False)
     config = make_config(tmp_path)  # no SESSION_ENCRYPTION_KEY
-    runtime = Runtime(config, open_db(same=sealed), network.factory, timing=FAST)
+    runtime = build_runtime(config, open_db(same=sealed), network.factory, timing=FAST)
     try:
         runtime.start()
         wait_until(lambda: "encrypted with key" in (runtime.status().last_error or ""), message="refused")
@@ -475,13 +475,13 @@ def test_a_stored_row_that_does_not_open_is_found_reported_and_repaired_by_its_o
     """Issue 23, item 3: one flipped ciphertext byte in the database while the owner runs. The next
     reconciliation (here: a backup asked over the API) opens what is stored, finds the row, says
     so (status, event, metric) and rewrites it from the local store. Found once, repaired once."""
-    from bot.runtime import Runtime
+    from bot.wiring import build_runtime
 
     config = make_config(tmp_path, SESSION_ENCRYPTION_KEY=base64.b64encode(KEY_A).decode())
     sealed = open_db(Sealer.from_config(config), same=db)
     paired_session(sealed, tmp_path / "before")
     # The flip comes after the mirror's first reconciliation (waited for), before the backup's.
-    runtime = Runtime(config, sealed, network.factory, timing=replace(FAST, after_connect_seconds=3600))
+    runtime = build_runtime(config, sealed, network.factory, timing=replace(FAST, after_connect_seconds=3600))
     try:
         runtime.start()
         wait_until(lambda: runtime.state is State.CONNECTED, message="connected")
@@ -517,7 +517,7 @@ def test_a_new_host_never_rolls_back_over_stored_rows_that_do_not_open(
     mirrored after the last history snapshot. A new host must not restore that snapshot and drop
     them: it stays off WhatsApp, says why in the status and /readyz (503, the remedy), changes
     nothing, and rolls back only when an operator restores a history version."""
-    from bot.runtime import Runtime
+    from bot.wiring import build_runtime
     from session_api import create_app
 
     config = make_config(
@@ -537,7 +537,7 @@ def test_a_new_host_never_rolls_back_over_stored_rows_that_do_not_open(
     before, history = everything_stored(sealed, files=False), sealed.list_history("default")
     rows_before = contacts_stored(sealed, "55319")
 
-    runtime = Runtime(config, sealed, network.factory, timing=FAST)
+    runtime = build_runtime(config, sealed, network.factory, timing=FAST)
     client = create_app(runtime, sealed).test_client()
     try:
         runtime.start()

@@ -20,7 +20,7 @@ from bot.process.config import SHIPPED_REPLIES
 from bot.process.errors import SendOutcomeUnknown
 from bot.messages.outbox import Channel, Outbox
 from bot.session.state import State
-from bot.services import Services, build_services
+from bot.wiring import Services, build_services
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, Calls, make_config

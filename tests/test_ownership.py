@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bot.runtime import Runtime
+from bot.wiring import build_runtime
 from bot.session.state import State
 from database import Database, PostgresDatabase
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
@@ -26,7 +27,7 @@ def owner(
     db: Database, template: Path, data_dir: Path, name: str, lease: dict[str, str] = QUICK_LEASE
 ) -> tuple[Runtime, FakeWhatsApp]:
     network = FakeWhatsApp(schema_template=template)
-    runtime = Runtime(make_config(data_dir, **lease), db, network.factory, timing=TIMING, owner_id=name)
+    runtime = build_runtime(make_config(data_dir, **lease), db, network.factory, timing=TIMING, owner_id=name)
     return runtime, network
 
 

@@ -38,7 +38,7 @@ def test_railway_config_names_the_health_check_the_app_serves() -> None:
 
 def test_the_daemons_app_serves_the_health_check_railway_probes(whatsmeow_template: Path, tmp_path: Path) -> None:
     from bot.process.config import Config
-    from bot.runtime import Runtime
+    from bot.wiring import build_runtime
     from database import SqliteDatabase
     from session_api import create_app
     from tests.fake_whatsapp import FakeWhatsApp
@@ -47,6 +47,6 @@ def test_the_daemons_app_serves_the_health_check_railway_probes(whatsmeow_templa
     db = SqliteDatabase(tmp_path / "zapkeep.sqlite3")
     db.open()
     config = Config.from_env({"DATA_DIR": str(tmp_path), "API_TOKEN": "x" * 20})
-    runtime = Runtime(config, db, FakeWhatsApp(schema_template=whatsmeow_template).factory)
+    runtime = build_runtime(config, db, FakeWhatsApp(schema_template=whatsmeow_template).factory)
     response = create_app(runtime, db).test_client().get(path)  # no token: the platform has none
     assert response.status_code == 200 and response.get_json()["success"] is True

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from bot.connection import events
-from bot.runtime import Backoff
+from bot.process.retry import RetrySchedule
 from bot.session.state import State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
@@ -176,7 +176,9 @@ def test_a_migrated_boot_keeps_a_first_snapshot_at_once_and_shows_the_push_name(
 def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db, network) -> None:
     network.connected = False
     delays: list[float] = []
-    runtime = runtime_factory(backoff=Backoff(base_seconds=1, cap_seconds=60), wait=delays.append, jitter=lambda: 1.0)
+    runtime = runtime_factory(
+        backoff=RetrySchedule.exponential(first=1, cap=60), wait=delays.append, jitter=lambda: 1.0
+    )
     runtime.start()
     wait_until(lambda: len(delays) >= 10, message="ten retries")
     network.connected = True
@@ -189,7 +191,7 @@ def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db,
 
 
 def test_jitter_keeps_each_delay_between_half_and_the_full_ceiling() -> None:
-    backoff = Backoff(base_seconds=1, cap_seconds=60)
+    backoff = RetrySchedule.exponential(first=1, cap=60)
     assert backoff.delay(3, 0.0) == 2.0 and backoff.delay(3, 1.0) == 4.0
     assert backoff.delay(50, 0.0) == 30.0 and backoff.delay(50, 1.0) == 60.0
 
@@ -291,3 +293,12 @@ def test_whatsmeows_logout_emits_no_logged_out_and_the_daemon_still_wipes(
     history = db.list_history("default")
     assert runtime.logout() is True
     _wiped_and_pairing_again(runtime, db, network, first, history)
+
+
+def test_a_retry_schedule_repeats_its_last_step_or_grows_to_its_cap() -> None:
+    steps = RetrySchedule((5, 15, 60))
+    assert [steps.delay(attempt) for attempt in range(1, 6)] == [5, 15, 60, 60, 60]
+    assert steps.delay(2, 0.0) == 15  # no jitter unless asked
+    growing = RetrySchedule((1.0,), factor=3.0, cap=20.0)
+    assert [growing.delay(attempt) for attempt in range(1, 6)] == [1.0, 3.0, 9.0, 20.0, 20.0]
+    assert RetrySchedule.exponential(first=1, cap=60).delay(10_000, 1.0) == 60.0  # no overflow, years in

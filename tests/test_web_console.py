@@ -18,7 +18,7 @@ from bot.connection import events
 from bot.messages.rules import load_rules
 from bot.process.config import SHIPPED_REPLIES, Config
 from bot.runtime import Runtime
-from bot.services import build_services
+from bot.wiring import build_services
 from bot.session.state import State
 from database import SqliteDatabase
 from session_api import console_words, create_app

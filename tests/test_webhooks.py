@@ -25,7 +25,7 @@ import pytest
 from bot.connection import events
 from bot.messages.rules import load_rules
 from bot.process.config import SHIPPED_REPLIES, Config
-from bot.services import Services, build_services
+from bot.wiring import Services, build_services
 from bot.session.state import State
 from bot.messages.webhooks import Dispatcher
 from database import Database

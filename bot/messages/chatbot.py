@@ -17,11 +17,12 @@ from bot.connection import events
 from bot.process.errors import first_line
 from bot.metrics import Metrics
 from bot.messages.outbox import Outbox
+from bot.process.retry import RetrySchedule
 from database import ChatState, Database, Inbound, InboundOutcome, is_unavailable
 
 log = logging.getLogger("bot.messaging")  # pinned: the name operators see in log lines
 
-INBOX_RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s: whatsmeow will not deliver it again
+INBOX_RETRY = RetrySchedule((1.0, 2.0, 5.0, 10.0, 30.0))  # then every 30 s: whatsmeow will not deliver it again
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -116,9 +117,7 @@ class Chatbot:
 
     def _work(self) -> None:
         while (message := self._inbox.get()) is not None:
-            for attempt, delay in enumerate(
-                itertools.chain(INBOX_RETRY_SECONDS, itertools.repeat(INBOX_RETRY_SECONDS[-1]))
-            ):
+            for attempt in itertools.count():
                 try:
                     handled = self.handle(message)
                     self._database_away.clear()
@@ -144,6 +143,7 @@ class Chatbot:
                         self._database_away.set()
                         self._handled(message)
                         self._hand_back_everything_waiting()
+                    delay = INBOX_RETRY.delay(attempt + 1)
                     log.warning(
                         "chatbot: message %s not handled yet (%s); retrying in %.0f s",
                         message.message_id,

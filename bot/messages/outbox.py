@@ -21,12 +21,13 @@ from datetime import UTC, datetime, timedelta
 from bot.connection import events
 from bot.process.errors import SendOutcomeUnknown, StateConflictError, first_line
 from bot.metrics import Metrics
+from bot.process.retry import RetrySchedule
 from database import Database, OutgoingFile, OutgoingMessage
 
 log = logging.getLogger("bot.outbox")  # pinned: the name operators see in log lines
 
-RETRY_DELAYS = (timedelta(seconds=5), timedelta(seconds=30), timedelta(minutes=2), timedelta(minutes=10))
-MAX_ATTEMPTS = len(RETRY_DELAYS) + 1
+RETRY = RetrySchedule((5.0, 30.0, 120.0, 600.0))  # seconds; then the message is given up
+MAX_ATTEMPTS = len(RETRY.steps) + 1
 TYPING_ONLY_BELOW = 5  # with a longer queue, skip "typing…" so that the backlog drains fast
 
 
@@ -196,7 +197,7 @@ class Outbox:
                 self.metrics.sent("failed")
                 log.error("outbox: message %d to %s failed for good: %s", row_id, chat_jid, error)
             else:
-                self.db.mark_retry(row_id, error, self._clock() + RETRY_DELAYS[attempts])
+                self.db.mark_retry(row_id, error, self._clock() + timedelta(seconds=RETRY.delay(attempts + 1)))
                 log.warning("outbox: message %d to %s failed (%s); retrying", row_id, chat_jid, error)
             return False
         self.db.mark_sent(row_id, whatsapp_id, self._clock())

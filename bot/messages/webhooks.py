@@ -30,12 +30,13 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 from bot.process.errors import first_line
+from bot.process.retry import RetrySchedule
 from bot.session.state import SessionStatus, readiness_of
 from database import BACKUP_FAILED, SESSION_STATE, Database, StoredEvent, is_unavailable
 
 log = logging.getLogger("bot.webhooks")  # pinned: the name operators see in log lines
 
-RETRY_SECONDS = (5, 15, 60, 300, 900, 1800, 3600)  # then every hour
+RETRY_SECONDS = (5, 15, 60, 300, 900, 1800, 3600)  # then every hour (a RetrySchedule's steps)
 GIVE_UP_AFTER = timedelta(hours=26)  # "at least a day" of retries, then the event is given up
 EVENT_RETENTION = timedelta(days=30)  # long past every retry; the event stream resumes within it
 PRUNE_EVERY_SECONDS = 3600
@@ -239,7 +240,7 @@ class Dispatcher:
         self._secret = secret
         self._types = set(event_types)
         self._owns_session = owns_session
-        self._retry = retry_seconds
+        self._retry = RetrySchedule(tuple(retry_seconds))
         self._timeout = post_timeout
         self._clock = clock
         self._stopping = threading.Event()
@@ -332,7 +333,7 @@ class Dispatcher:
                 waiting.add(chat)
                 continue
             given_up = now - event.created_at > GIVE_UP_AFTER
-            delay = self._retry[min(attempts - 1, len(self._retry) - 1)]
+            delay = self._retry.delay(attempts)
             self.db.record_delivery(
                 self.endpoint.key,
                 event.id,

@@ -35,11 +35,12 @@ from bot.session.persistence import (
     row_changes,
     write_scan,
 )
+from bot.process.retry import RetrySchedule
 from database import SESSION_CORRUPT, Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
 
 log = logging.getLogger("bot.mirror")  # pinned: the name operators see in log lines
 
-RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0)
+RETRY = RetrySchedule((1.0, 2.0, 5.0, 10.0))  # then every 10 s
 
 
 class MirrorProcessError(ZapkeepError):
@@ -254,7 +255,7 @@ class Mirror:
                 if final:
                     return
                 if failures:
-                    self._stopping.wait(RETRY_SECONDS[min(failures, len(RETRY_SECONDS)) - 1])
+                    self._stopping.wait(RETRY.delay(failures))
         finally:
             self._close_process()
             self._fail_requests(ZapkeepError("the mirror stopped"))
