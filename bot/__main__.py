@@ -60,7 +60,7 @@ def main(argv: list[str], *, client_factory: ClientFactory | None = None) -> int
         if args.command == "run":
             return run_daemon(config, client_factory)
         if args.command == "console":
-            from bot.process.console import run_console
+            from bot.console import run_console
 
             return run_console(config, name=args.name)
         return run_command(config, args)

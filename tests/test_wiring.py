@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The rules console (`python -m bot console`) is no session: a chatbot and an outbox over a
 # throw-away database, with the replies printed.
-NOT_A_SESSION = {"bot/console.py", "bot/process/console.py"}
+NOT_A_SESSION = {"bot/console.py"}
 # Every part of a session: the runtime's own, and what is built around it.
 PARTS = {
     "Runtime",

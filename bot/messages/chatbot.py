@@ -15,7 +15,7 @@ from bot.messages import rules
 
 from bot.connection import events
 from bot.process.errors import first_line
-from bot.metrics import Metrics
+from bot.process.counters import MessageCounts, NotCounted
 from bot.messages.outbox import Outbox
 from bot.process.retry import RetrySchedule
 from database import ChatState, Database, Inbound, InboundOutcome, is_unavailable
@@ -71,9 +71,9 @@ class Chatbot:
         mark_read: Callable[[events.IncomingMessage], None] | None = None,
         handled: Callable[[events.IncomingMessage], None] | None = None,
         clock: Callable[[], datetime] | None = None,
-        metrics: Metrics | None = None,
+        metrics: MessageCounts | None = None,
     ) -> None:
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or NotCounted()
         self.db = db
         self.session_id = session_id
         self.rules = rules

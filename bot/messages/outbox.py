@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from bot.connection import events
 from bot.process.errors import SendOutcomeUnknown, StateConflictError, first_line
-from bot.metrics import Metrics
+from bot.process.counters import MessageCounts, NotCounted
 from bot.process.retry import RetrySchedule
 from database import Database, OutgoingFile, OutgoingMessage
 
@@ -51,9 +51,9 @@ class Outbox:
         typing_seconds: float = 0.0,
         clock: Callable[[], datetime] | None = None,
         poll_seconds: float = 1.0,
-        metrics: Metrics | None = None,
+        metrics: MessageCounts | None = None,
     ) -> None:
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or NotCounted()
         self.db = db
         self.session_id = session_id
         self.channel = channel
