@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bot.session import cells, document as session_document
-from bot.session.change_capture import CaptureSession, Requests
+from bot.session.capture_process import CaptureSession, Requests
 from bot.session.mirror import Mirror, MirrorProcess
 from bot.session.persistence import export_document, sync_session
 from database import Database, Fence, FencedOut

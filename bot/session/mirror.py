@@ -1,6 +1,6 @@
 """The daemon's side of the row mirror: store changes -> database, batch by batch, fenced.
 
-The long-lived child ``python -m bot.session.change_capture`` reads the store's change log (this process
+The long-lived child ``python -m bot.session.capture_process`` reads the store's change log (this process
 never opens the store: neonize's SQLite lives here). One thread asks it for the changes committed
 after the last sequence the database has, writes them in one transaction, and asks again; the child
 trims what the database has. A whole-store comparison (reconciliation) runs when the mirror starts,
@@ -66,7 +66,7 @@ class MirrorProcess:
     """The child that reads the store; one JSON request and one JSON answer a line."""
 
     def __init__(self, store_path: Path) -> None:
-        self._process = start_child(module_command("bot.session.change_capture", str(store_path)))
+        self._process = start_child(module_command("bot.session.capture_process", str(store_path)))
         self._write_lock = threading.Lock()
 
     def request(self, payload: dict) -> Batch:

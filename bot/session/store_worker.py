@@ -4,7 +4,7 @@ The daemon's own process has neonize loaded, whose Go code carries its own SQLit
 Python sqlite3 handle on the same file in that process corrupts it (docs/neonize.md). So the
 daemon never opens the store itself: it runs ``python -m bot.session.store_worker`` and exchanges
 the document over pipes. The child imports neither neonize nor the database layer. (The
-long-lived mirror process is ``bot.session.change_capture``.)
+long-lived mirror process is ``bot.session.capture_process``.)
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def _run(command: str, store_path: Path, *args: str, stdin: str, timeout: float,
 
 def main(argv: list[str]) -> int:
     """Child side: one command, the store's path, then its arguments; documents come on stdin."""
-    from bot.session import change_capture, cells, document as session_document
+    from bot.session import capture_process, cells, document as session_document
 
     commands = {"restore": 4, "build": 4, "prepare": 2, "inspect": 2, "scan": 2, "rows": 2}
     if not argv or commands.get(argv[0]) != len(argv):
@@ -150,7 +150,7 @@ def main(argv: list[str]) -> int:
             sys.stdout.write(json.dumps(asdict(_inspect(store_path))))
         elif command == "scan":
             request = json.loads(sys.stdin.buffer.read())
-            capture = change_capture.CaptureSession(store_path)
+            capture = capture_process.CaptureSession(store_path)
             try:
                 batch = capture.scan(int(request["after"]), request["known"])
             finally:
