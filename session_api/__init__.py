@@ -39,7 +39,8 @@ def create_app(
     down (10 at once from an address, then one every 6 s)."""
     from session_api import console, conversations, live
     from session_api.console_auth import ConsoleSessions
-    from session_api.routes import MAX_CONCURRENT_CHECKS, bp, require_one_of
+    from session_api.request_helpers import require_one_of
+    from session_api.routes import MAX_CONCURRENT_CHECKS, bp
 
     token = runtime.config.api_token
     if not token:

@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, redirect, render_template, r
 from session_api import console_auth
 from session_api.console_words import language, words
 from session_api.guard import FailedAttempts, FailureBudget
-from session_api.routes import runtime
+from session_api.request_helpers import runtime
 
 bp = Blueprint(
     "console", __name__, template_folder="templates", static_folder="static", static_url_path="/console/static"

@@ -16,7 +16,8 @@ from flask import Blueprint, Response, abort, current_app, request
 from database import LoggedMessage
 from bot.connection.events import MAX_DOWNLOAD_BYTES
 from bot.process.errors import SessionDocumentError, StateConflictError, first_line
-from session_api.routes import MIMETYPE, db, jsonable, ok, require_token, runtime, session_id_from
+from session_api.request_helpers import db, jsonable, ok, require_token, runtime, session_id_from
+from session_api.routes import MIMETYPE
 
 bp = Blueprint("conversations", __name__)
 bp.before_request(require_token)

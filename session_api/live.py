@@ -24,7 +24,7 @@ from bot.runtime import Runtime
 from bot.session.state import State
 from bot.messages.webhooks import body_of
 from database import Database, LeaseInfo
-from session_api.routes import db, jsonable, require_token, runtime
+from session_api.request_helpers import db, jsonable, require_token, runtime
 
 bp = Blueprint("live", __name__)
 bp.before_request(require_token)

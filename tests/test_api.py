@@ -39,7 +39,7 @@ from session_api import create_app
 from session_api.console import SIGN_IN_OVERALL_BUDGET, sign_in_attempts
 from session_api.guard import FailedAttempts, FailureBudget
 from session_api.openapi import openapi_document
-from session_api.routes import TooManyWrongTokens
+from session_api.request_helpers import TooManyWrongTokens
 from session_api.server import IDLE_TIMEOUT_SECONDS, ApiServer
 from tests.test_document_validation import CORRUPTIONS
 from tests.fake_network import FakeServer
