@@ -34,7 +34,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bot.session.persistence import check_stored_rows, current_document, sync_session
+from bot.session.persistence import current_document, sync_session
+from bot.session.stored import check_stored_rows
 from bot.session.sealing import Sealer
 from bot.session.store_worker import scan_store
 from database import Database, PostgresDatabase, SqliteDatabase

@@ -25,16 +25,8 @@ from pathlib import Path
 from bot.process.children import module_command, start_child
 from bot.session.change_capture import Batch
 from bot.process.errors import ZapkeepError, first_line
-from bot.session.persistence import (
-    MirroredRows,
-    StoredCheck,
-    StoredHead,
-    SyncResult,
-    build_head,
-    check_stored_rows,
-    row_changes,
-    write_scan,
-)
+from bot.session.persistence import SyncResult, write_scan
+from bot.session.stored import MirroredRows, StoredCheck, StoredHead, build_head, check_stored_rows, row_changes
 from bot.process.retry import RetrySchedule
 from database import SESSION_CORRUPT, Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
 
