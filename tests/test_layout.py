@@ -8,7 +8,7 @@ import re
 
 from tests.import_graph import ROOT, cycles, import_graph
 
-TOP = {"bot.runtime", "bot.services", "bot.wiring", "bot.__main__"}
+TOP = {"bot.runtime", "bot.wiring", "bot.metrics", "bot.console", "bot.__main__"}
 BELOW = ("bot.process.", "bot.session.", "bot.connection.", "bot.messages.")
 
 

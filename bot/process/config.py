@@ -35,7 +35,7 @@ def is_valid_session_id(value: str) -> bool:
 
 @dataclass(frozen=True)
 class Config:
-    database_url: str | None
+    database_url: str | None = field(repr=False)  # it carries the database's password
     session_id: str
     data_dir: Path
     port: int
