@@ -183,8 +183,8 @@ def _key_ids(dialect: Dialect) -> list[str]:
 
 @upgrade("events, and what each webhook endpoint has received")
 def _events(dialect: Dialect) -> list[str]:
-    serial_key = dialect.big_serial_key
     """Events for webhooks and the event stream, and what each webhook endpoint has received."""
+    serial_key = dialect.big_serial_key
     return [
         f"""CREATE TABLE whatsapp_events (
             id {serial_key},
@@ -216,8 +216,8 @@ def _events(dialect: Dialect) -> list[str]:
 
 @upgrade("files: received ones' references, and the bytes of one waiting to be sent")
 def _media(dialect: Dialect) -> list[str]:
-    blob = dialect.blob
     """Files: what a received one is and how to download it; the bytes of one waiting to be sent."""
+    blob = dialect.blob
     return [
         "ALTER TABLE whatsapp_messages ADD COLUMN mimetype TEXT",
         "ALTER TABLE whatsapp_messages ADD COLUMN media_size BIGINT",
