@@ -240,18 +240,19 @@ class Host:
         """Sessions created elsewhere start here; sessions deleted elsewhere stop (while nobody
         owned them: beside an owner, a delete goes through that owner)."""
         while not self._stopping.wait(self._timing.sync_seconds):
+            hosted = set(self.hosted())  # before the database is read: a session created meanwhile is in both
             if self.config.single_session:
-                wanted = {self.config.session_id} - ({self.config.session_id} if self._gone() else set())
+                wanted = set() if self._gone() else {self.config.session_id}
             else:
                 try:
                     wanted = set(self.db.session_ids()[: self.config.max_sessions])
                 except Exception as exc:  # the database is away: keep hosting what runs
                     log.debug("session list unavailable: %s", first_line(exc))
                     continue
-            for session_id in sorted(wanted - set(self.hosted())):
+            for session_id in sorted(wanted - hosted):
                 if len(self.hosted()) < self.config.max_sessions:
                     self._host(session_id)
-            for session_id in sorted(set(self.hosted()) - wanted):
+            for session_id in sorted(hosted - wanted):
                 with self._lock:
                     services = self._sessions.pop(session_id, None)
                 if services is not None:

@@ -148,14 +148,14 @@ def test_every_session_comes_back_after_a_restart_on_an_empty_disk_without_a_qr(
     for session_id in ("default", "vendas", "suporte"):
         pair(host, network, session_id)
     for session_id in ("default", "vendas", "suporte"):
-        wait_until(lambda s=session_id: db.load_session(s) is not None, message=f"{s} stored")
+        wait_until(lambda s=session_id: db.load_session(s) is not None, message=f"{session_id} stored")
     daemons.stop(host)
     rounds_before = len(network.clients)
 
     redeployed = daemons.start("fresh-disk")
     assert redeployed.hosted() == ["default", "suporte", "vendas"]
     for n, session_id in enumerate(redeployed.hosted()):
-        wait_until(lambda s=session_id: state_of(redeployed, s) is State.CONNECTED, message=f"{s} restored")
+        wait_until(lambda s=session_id: state_of(redeployed, s) is State.CONNECTED, message=f"{session_id} restored")
         ask_and_wait(redeployed, network, session_id, n)
     assert all(not c.qr_codes for c in network.clients[rounds_before:])
 
