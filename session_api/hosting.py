@@ -59,10 +59,13 @@ class OneRuntime:
 
     def __init__(self, runtime: Runtime, outbox: Outbox | None, webhooks: list[Dispatcher]) -> None:
         self._session = OneSession(runtime, outbox, webhooks)
-        self.config = runtime.config
         self.instance_id = runtime.owner_id
         self.metrics = runtime.metrics
         self.default_session_id = runtime.config.session_id
+
+    @property
+    def config(self) -> Config:
+        return self._session.runtime.config  # (read when asked, as the runtime's own is)
 
     def hosted(self) -> list[str]:
         return [self.default_session_id]
