@@ -45,7 +45,10 @@ def requested_session() -> str:
         value: Any = g.path_session
     else:
         source: dict[str, Any] = {}
-        if request.method == "POST" and request.mimetype == "multipart/form-data":
+        if request.method == "POST" and request.mimetype in (
+            "multipart/form-data",
+            "application/x-www-form-urlencoded",
+        ):
             request.get_data(cache=True, parse_form_data=False)  # kept: a command stores the body as sent
             source = dict(request.form)
         elif request.method == "POST":

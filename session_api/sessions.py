@@ -169,7 +169,9 @@ def _entries(wanted: str | None) -> list[dict[str, Any]]:
         lease = None if stored is None else stored.leases.get(session_id)
         held = lease is not None and lease.owner_id is not None and lease.expires_in_seconds > 0
         if live is None:
-            # A session this daemon does not run: what its owner published, if it holds the lease.
+            # A session this daemon does not run (yet: a host hosts its sessions after the API is
+            # up): what its owner published, if it holds the lease.
+            entry["owns_session"] = False
             published = None if stored is None else stored.overview.get(session_id)
             if held and published is not None and published.state not in NOT_PUBLISHED:
                 entry.update(

@@ -23,7 +23,7 @@ from session_api.commands import REPLAY_HEADER
 from session_api.server import ApiServer
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config
-from tests.test_api import ANSWERS, TOKEN, Reply, every_answer_seen_is_documented  # noqa: F401 (a fixture)
+from tests.test_api import ANSWERS, TOKEN, Reply, every_answer_seen_is_documented, multipart  # noqa: F401 (a fixture)
 from tests.test_host import QUICK, customer, pair, state_of
 from tests.test_messaging import RULES, incoming
 
@@ -36,12 +36,17 @@ class Daemon:
     app: Flask
     server: ApiServer
 
-    def call(self, method: str, path: str, body: Any = None, token: str = TOKEN) -> Reply:
+    def call(
+        self, method: str, path: str, body: Any = None, *, raw: tuple[bytes, str] | None = None, token: str = TOKEN
+    ) -> Reply:
+        """``raw``: a body as sent, with its content type."""
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
         headers = {"Authorization": f"Bearer {token}"}
         data = None if body is None else json.dumps(body).encode()
         if data is not None:
             headers["Content-Type"] = "application/json"
+        if raw is not None:
+            data, headers["Content-Type"] = raw
         conn.request(method, path, body=data, headers=headers)
         response = conn.getresponse()
         reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
@@ -196,6 +201,17 @@ def test_writes_for_a_session_another_daemon_owns_go_through_it_and_its_answer_c
     command = b.call("GET", f"/api/commands/{command_id}").json()
     assert (command["state"], command["owner"], command["status_code"]) == ("finished", "host-a", 202)
     assert command["answer"] == sent.json()
+    pdf = b"%PDF-1.7 " + b"x" * 1000  # a file as a form: the command keeps the body as it was sent
+    form = multipart({"session_id": "vendas", "to": customer(2)}, ("orçamento.pdf", "application/pdf", pdf))
+    assert b.call("POST", "/api/messages/send", raw=form).status == 202
+    wait_until(lambda: any(m.to == customer(2) for m in network.sent), message="the file sent")
+    (document,) = [m for m in network.sent if m.to == customer(2)]
+    assert (document.session_id, document.kind, document.data, document.file_name) == (
+        "vendas",
+        "document",
+        pdf,
+        "orçamento.pdf",
+    )
     stopped = b.call("POST", "/api/session/stop", {"session_id": "vendas"})
     assert stopped.status == 202 and stopped.json()["session_id"] == "vendas", stopped.body
     wait_until(lambda: state_of(a.host, "vendas") is State.DISCONNECTED, message="a stopped vendas")
