@@ -285,3 +285,16 @@ def test_the_event_stream_of_a_session_carries_that_sessions_events_only(
         conn.close()
     assert {e["session_id"] for e in seen} == {"vendas"}
     assert status is not None and status["session_id"] == "vendas"
+
+
+def test_a_daemon_standing_by_for_a_session_sends_its_writes_to_the_owner(
+    daemons: Daemons, network: FakeWhatsApp
+) -> None:
+    a = daemons.start("a")
+    pair(a.host, network, "default")
+    b = daemons.start("b")  # hosts every session too: standing by while a owns them
+    wait_until(lambda: state_of(b.host, "default") is State.STANDBY, message="b stands by")
+    stopped = b.call("POST", "/api/sessions/default/stop")
+    assert stopped.status == 202 and stopped.headers[REPLAY_HEADER.lower()], stopped.body
+    wait_until(lambda: state_of(a.host, "default") is State.DISCONNECTED, message="a stopped its client")
+    assert state_of(b.host, "default") is State.STANDBY

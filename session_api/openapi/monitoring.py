@@ -20,7 +20,15 @@ def healthz() -> Schema:
     return {
         "summary": "Liveness (no authentication)",
         "security": [],
-        "responses": {"200": ok("The process is serving", {"status": {"type": "string"}, "state": {"type": "string"}})},
+        "responses": {
+            "200": ok(
+                "The process is serving",
+                {
+                    "status": {"type": "string"},
+                    "state": {"type": "string", "nullable": True, "description": "the default session's, when hosted"},
+                },
+            )
+        },
     }
 
 
@@ -35,7 +43,7 @@ def readyz() -> Schema:
         },
     }
     return {
-        "summary": "Readiness (no authentication): 200 only while connected to WhatsApp",
+        "summary": "Readiness (no authentication): 200 only while the default session is connected to WhatsApp",
         "security": [],
         "responses": {
             "200": ok("Connected: serving customers", {"state": {"type": "string"}}),
