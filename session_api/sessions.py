@@ -13,6 +13,7 @@ from flask import Blueprint, Response, abort, g, request
 from bot.process.config import is_valid_session_id
 from bot.process.errors import SessionExists, SessionLimit, StateConflictError, first_line
 from bot.runtime import Runtime
+from bot.session.state import State
 from database import LeaseInfo, SessionOverview, SessionSummary, is_unavailable
 from session_api.commands import through_owner
 from session_api.request_helpers import (
@@ -48,6 +49,8 @@ def list_sessions() -> tuple[Response, int]:
     for session_id in sorted(set(overview) | hosted):
         found = overview.get(session_id)
         parts = host().services(session_id) if session_id in hosted else None
+        if parts is not None and parts.runtime.state is State.STANDBY and found is not None and found.owner:
+            parts = None  # standing by here: the owner's state says more
         if parts is not None:
             live = parts.runtime.status()
             entry = {
@@ -69,7 +72,7 @@ def list_sessions() -> tuple[Response, int]:
                 "phone": found.phone,
                 "push_name": found.push_name,
                 "owner": found.owner,
-                "hosted_here": False,
+                "hosted_here": session_id in hosted,
                 "last_mirrored_at": found.last_mirrored_at,
                 "last_error": found.last_error,
             }

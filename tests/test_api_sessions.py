@@ -294,6 +294,8 @@ def test_a_daemon_standing_by_for_a_session_sends_its_writes_to_the_owner(
     pair(a.host, network, "default")
     b = daemons.start("b")  # hosts every session too: standing by while a owns them
     wait_until(lambda: state_of(b.host, "default") is State.STANDBY, message="b stands by")
+    wait_until(lambda: listed(b)["default"]["state"] == "connected", message="a's state published")
+    assert (listed(b)["default"]["owner"], listed(b)["default"]["hosted_here"]) == ("host-a", True)
     stopped = b.call("POST", "/api/sessions/default/stop")
     assert stopped.status == 202 and stopped.headers[REPLAY_HEADER.lower()], stopped.body
     wait_until(lambda: state_of(a.host, "default") is State.DISCONNECTED, message="a stopped its client")
