@@ -187,6 +187,7 @@ def test_the_overview_lists_every_existing_session_with_its_owner_and_state(db: 
         "Loja",  # (the stored name, nothing published)
     )
     assert b.last_mirrored_at == db.list_sessions()[0].updated_at.replace(tzinfo=UTC)
+    assert (b.phone, b.device_jid, a.device_jid) == (None, JID, None)
 
     c = overview["c-morto"]
     assert (c.state, c.connected, c.owner, c.phone, c.last_error) == (
