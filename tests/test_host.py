@@ -150,7 +150,17 @@ def test_every_session_comes_back_after_a_restart_on_an_empty_disk_without_a_qr(
         pair(host, network, session_id)
     for session_id in ("default", "vendas", "suporte"):
         wait_until(lambda s=session_id: db.load_session(s) is not None, message=f"{session_id} stored")
+
+    def overview() -> dict[str, tuple[str, bool, str | None]]:
+        return {o.session_id: (o.state, o.connected, o.owner) for o in db.session_overview()}
+
+    # What the owner publishes, every instance reads: connected, and whose.
+    wait_until(
+        lambda: overview() == {s: ("connected", True, "host-a") for s in ("default", "vendas", "suporte")},
+        message="the live state published",
+    )
     daemons.stop(host)
+    assert overview() == {s: ("not_running", False, None) for s in ("default", "vendas", "suporte")}
     rounds_before = len(network.clients)
 
     redeployed = daemons.start("fresh-disk")
