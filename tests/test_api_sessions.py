@@ -96,7 +96,7 @@ def listed(daemon: Daemon) -> dict[str, dict[str, Any]]:
 def test_sessions_are_created_listed_shown_and_deleted_over_the_api(
     daemons: Daemons, network: FakeWhatsApp, db: Database
 ) -> None:
-    a = daemons.start()
+    a = daemons.start(MAX_SESSIONS="2")
     assert list(listed(a)) == ["default"] and listed(a)["default"]["hosted_here"] is True
 
     created = a.call("POST", "/api/sessions", {"session_id": "vendas"})
@@ -105,13 +105,14 @@ def test_sessions_are_created_listed_shown_and_deleted_over_the_api(
     before = db.session_ids()
     for bad in (
         {"session_id": "vendas"},
+        {"session_id": "third"},  # MAX_SESSIONS=2
         {"session_id": "../x"},
         {},
         {"session_id": "x", "pair_phone": "12"},
         {"session_id": "x", "rules": "../../etc/passwd"},
     ):
         refused = a.call("POST", "/api/sessions", bad)
-        assert refused.status == (409 if bad == {"session_id": "vendas"} else 400), (bad, refused.body)
+        assert refused.status == (409 if bad.get("session_id") in ("vendas", "third") else 400), (bad, refused.body)
         assert refused.json()["success"] is False
     assert db.session_ids() == before and a.host.hosted() == ["default", "vendas"]  # nothing changed
 
