@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,29 @@ class Daemon:
         conn.close()
         ANSWERS.add((method, path.split("?", 1)[0], reply.status))
         return reply
+
+    def stream(self, path: str, until: Callable[[list[dict], dict | None], bool]) -> tuple[list[dict], dict | None]:
+        """Read an event stream until ``until(events, last status)``: the events' bodies, the last status."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
+        conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+        response = conn.getresponse()
+        ANSWERS.add(("GET", path.split("?", 1)[0], response.status))
+        assert response.status == 200
+        seen: list[dict] = []
+        status: dict | None = None
+        try:
+            event_type = None
+            while not until(seen, status):
+                line = response.readline().decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event_type = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event_type == "status":
+                    status = json.loads(line.removeprefix("data: "))
+                elif line.startswith("data: "):
+                    seen.append(json.loads(line.removeprefix("data: ")))
+        finally:
+            conn.close()
+        return seen, status
 
 
 class Daemons:
@@ -193,6 +216,14 @@ def test_writes_for_a_session_another_daemon_owns_go_through_it_and_its_answer_c
     assert (entry["state"], entry["owner"], entry["hosted_here"]) == ("connected", "host-a", False)
     status = b.call("GET", "/api/session/status?session_id=vendas").json()["session"]
     assert (status["state"], status["connected"], status["lease"]["owner_id"]) == ("connected", True, "host-a")
+    _, streamed = b.stream("/api/sessions/vendas/events", lambda seen, status: status is not None)
+    assert streamed is not None
+    assert (streamed["session_id"], streamed["state"], streamed["owner"], streamed["lease"]["held"]) == (
+        "vendas",
+        "connected",
+        "host-a",
+        True,
+    )
 
     # A send and a stop asked of b are done by a, and a's answers come back.
     sent = b.call("POST", "/api/sessions/vendas/send", {"to": customer(1), "message": "via b"})
@@ -265,25 +296,10 @@ def test_the_event_stream_of_a_session_carries_that_sessions_events_only(
     for session_id, n in (("default", 1), ("vendas", 2)):  # default's first: the stream passes it
         network.current(session_id=session_id).emit(incoming("oi", chat=customer(n)))
         wait_until(lambda s=session_id: db.list_messages(s) != [], message=f"{session_id} logged")
-    conn = http.client.HTTPConnection("127.0.0.1", a.server.port, timeout=60)
-    conn.request("GET", "/api/events?session_id=vendas&after=0", headers={"Authorization": f"Bearer {TOKEN}"})
-    response = conn.getresponse()
-    ANSWERS.add(("GET", "/api/events", response.status))
-    assert response.status == 200
-    seen: list[dict[str, Any]] = []
-    status: dict[str, Any] | None = None
-    try:
-        event_type = None
-        while status is None or not any(e["type"] == "message.received" for e in seen):
-            line = response.readline().decode().rstrip("\n")
-            if line.startswith("event: "):
-                event_type = line.removeprefix("event: ")
-            elif line.startswith("data: ") and event_type == "status":
-                status = json.loads(line.removeprefix("data: "))
-            elif line.startswith("data: "):
-                seen.append(json.loads(line.removeprefix("data: ")))
-    finally:
-        conn.close()
+    seen, status = a.stream(
+        "/api/events?session_id=vendas&after=0",
+        lambda seen, status: status is not None and any(e["type"] == "message.received" for e in seen),
+    )
     assert {e["session_id"] for e in seen} == {"vendas"}
     assert status is not None and status["session_id"] == "vendas"
 
