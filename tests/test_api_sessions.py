@@ -89,6 +89,9 @@ class Daemons:
             config, self.db, self.network.factory, RULES, host_timing=QUICK, owner_id=f"host-{name}", timing=FAST
         )
         app = create_app(host, self.db)
+        # The owner's answer is waited for as long as a loaded machine may take (the 202 of an
+        # answer that does not come is tested with an owner that never answers).
+        app.config["COMMAND_WAIT_SECONDS"] = 60.0
         host.command_handler = lambda command: execute_command(app, command)  # as the daemon does
         server = ApiServer(app, "127.0.0.1", 0, threads=4)
         daemon = Daemon(host, app, server)
