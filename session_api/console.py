@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, redirect, render_template, r
 from session_api import console_auth
 from session_api.console_words import language, words
 from session_api.guard import FailedAttempts, FailureBudget
-from session_api.request_helpers import runtime
+from session_api.request_helpers import config, host
 
 bp = Blueprint(
     "console", __name__, template_folder="templates", static_folder="static", static_url_path="/console/static"
@@ -103,8 +103,8 @@ def sign_out() -> Response:
 
 def _passwords() -> list[str]:
     """CONSOLE_PASSWORD when set (then the API token does not open the console), else the API token."""
-    config = runtime().config
-    return [config.console_password] if config.console_password else [current_app.config["API_TOKEN"]]
+    password = config().console_password
+    return [password] if password else [current_app.config["API_TOKEN"]]
 
 
 def _sign_in_page(message: str | None = None, status: int = 200) -> Response:
@@ -122,7 +122,7 @@ def _set_cookie(response: Response, name: str, value: str) -> None:
 
 def _page(template: str, session: console_auth.ConsoleSession) -> Response:
     context = {
-        "sessionId": runtime().config.session_id,
+        "sessionId": host().default_session_id,
         "csrfToken": session.csrf_token,
         "words": words(),
         "lang": language(),

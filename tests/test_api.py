@@ -219,6 +219,14 @@ def test_every_protected_route_refuses_bad_tokens(api: Api) -> None:
     assert documented_open == OPEN
     protected = {route: path for route, path in routes.items() if route not in OPEN}
     assert ("GET", "/api/events") in protected and len(protected) >= 25  # (the enumeration itself works)
+    sessions_routes = {
+        ("GET", "/api/sessions"),
+        ("POST", "/api/sessions"),
+        ("DELETE", "/api/sessions/{session_id}"),
+        ("POST", "/api/sessions/{session_id}/send"),  # (each session route under /api/sessions/<id>/)
+        ("GET", "/api/commands/{command_id}"),
+    }
+    assert sessions_routes <= protected.keys()
     # (This checks every route, not the slowdown of repeated wrong tokens, tested on its own below.)
     api.failed_attempts.budget = FailureBudget(burst=len(protected) * len(attempts))
     for (method, _), path in sorted(protected.items()):

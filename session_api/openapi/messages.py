@@ -142,11 +142,13 @@ def contacts_check() -> Schema:
 def _send_body() -> Schema:
     """A text as JSON, or a file as a form."""
     to = {"type": "string", "description": "Phone with country code, a JID, or NUMBER@c.us"}
-    text = body({"to": to, "message": {"type": "string", "maxLength": 4096}}, ["to", "message"])
+    session = {"type": "string", "description": "The session to send from (default: the daemon's default session)"}
+    text = body({"session_id": session, "to": to, "message": {"type": "string", "maxLength": 4096}}, ["to", "message"])
     form = {
         "type": "object",
         "required": ["to", "file"],
         "properties": {
+            "session_id": session,
             "to": {"type": "string"},
             "file": {"type": "string", "format": "binary", "maxLength": 33554432},
             "caption": {"type": "string", "maxLength": 4096},
@@ -166,6 +168,7 @@ def send() -> Schema:
             "202": ok("Queued in the outbox; sent now or on reconnect", {"id": {"type": "integer"}}),
             "400": BAD_REQUEST,
             "401": UNAUTHORIZED,
-            "409": error("Not paired (or not connected)"),
+            "404": error("No such session"),
+            "409": error("Not paired (or not connected), or the session is not running"),
         },
     }

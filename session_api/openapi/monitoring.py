@@ -3,7 +3,7 @@ and the webhooks' deliveries (``session_api/__init__.py``, ``live.py``, ``conver
 
 from __future__ import annotations
 
-from session_api.openapi.parts import BAD_REQUEST, UNAUTHORIZED, Schema, content, error, ok, parameter
+from session_api.openapi.parts import BAD_REQUEST, SESSION_ID, UNAUTHORIZED, Schema, content, error, ok, parameter
 
 
 def metrics() -> Schema:
@@ -20,7 +20,15 @@ def healthz() -> Schema:
     return {
         "summary": "Liveness (no authentication)",
         "security": [],
-        "responses": {"200": ok("The process is serving", {"status": {"type": "string"}, "state": {"type": "string"}})},
+        "responses": {
+            "200": ok(
+                "The process is serving",
+                {
+                    "status": {"type": "string"},
+                    "state": {"type": "string", "nullable": True, "description": "the default session's, when hosted"},
+                },
+            )
+        },
     }
 
 
@@ -35,7 +43,7 @@ def readyz() -> Schema:
         },
     }
     return {
-        "summary": "Readiness (no authentication): 200 only while connected to WhatsApp",
+        "summary": "Readiness (no authentication): 200 only while the default session is connected to WhatsApp",
         "security": [],
         "responses": {
             "200": ok("Connected: serving customers", {"state": {"type": "string"}}),
@@ -57,7 +65,7 @@ def events() -> Schema:
         "message.status, chat.handoff, chat.released, session.state, backup.failed, session.corrupt), each with "
         "its id and resumable from Last-Event-ID (or ?after=); and the status each time it changes (event: status, no "
         "id). A stream ends after 2 minutes; EventSource reconnects and resumes",
-        "parameters": [parameter("after", "query", {"type": "integer", "minimum": 0})],
+        "parameters": [SESSION_ID, parameter("after", "query", {"type": "integer", "minimum": 0})],
         "responses": {
             "200": content("text/event-stream", "text/event-stream", {"type": "string"}),
             "400": BAD_REQUEST,
@@ -71,5 +79,6 @@ def webhooks() -> Schema:
     return {
         "summary": "Each WEBHOOK_URL's deliveries: settled through which event, pending, delivered, "
         "failed attempts, given up, retrying (events waiting for a retry), the last error and since when it fails",
+        "parameters": [SESSION_ID],
         "responses": {"200": ok("Endpoints", {"endpoints": {"type": "array"}}), "401": UNAUTHORIZED},
     }
