@@ -32,6 +32,7 @@ import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from dotenv import find_dotenv, load_dotenv
 
@@ -42,6 +43,9 @@ from bot.process.config import SHORT_TOKEN, Config, checked_session_id
 from bot.process.errors import ConfigError, ZapkeepError
 from bot.connection.events import ClientFactory
 from database import Database, DatabaseError, open_database
+
+if TYPE_CHECKING:
+    from bot.host import Host
 
 log = logging.getLogger("bot")
 
@@ -186,8 +190,8 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
         return EXIT_FAILURE
     from bot.messages.rules import load_rules
     from bot.connection.client_process import process_client_factory
-    from bot.wiring import build_services
-    from session_api import create_app
+    from bot.host import Host
+    from session_api import create_app, execute_command
     from session_api.server import ApiServer
 
     rules = load_rules(config.bot_replies)  # a bad rules file stops the boot, naming the line or rule
@@ -203,35 +207,42 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
     _install_signal_handlers(stop)
     db = _open(config, "run")
     log.info(
-        "database: %s; session %s; store %s; credentials %s",
+        "database: %s; %s; credentials %s",
         db.backend,
-        config.session_id,
-        config.store_path,
+        f"session {config.session_id} (SESSION_ID), store {config.store_path}"
+        if config.single_session
+        else f"every session in the database (at most MAX_SESSIONS={config.max_sessions}), stores in {config.data_dir / 'sessions'}",
         f"encrypted with key {db.sealer.key_id}" if db.sealer.key_id else "stored in clear (no SESSION_ENCRYPTION_KEY)",
     )
     client_factory = client_factory or process_client_factory(config.python_log_level())
-    services = build_services(config, db, client_factory, rules)
-    logs.bind(config.session_id, lambda: services.runtime.state.value)
-    app = create_app(
-        services.runtime, db, outbox=services.outbox, reply_expiry=rules.reply_expiry, webhooks=services.webhooks
-    )
+    host = Host(config, db, client_factory, rules)
+    if config.single_session:
+        logs.bind(config.session_id, lambda: _hosted_state(host, config.session_id))
+    app = create_app(host, db, reply_expiry=rules.reply_expiry)
+    host.command_handler = lambda command: execute_command(app, command)
     try:
         server = ApiServer(app, "0.0.0.0", config.port, trusted_proxy=config.trusted_proxy)
     except OSError as exc:
         db.close()
         raise ZapkeepError(f"cannot listen on PORT {config.port}: {exc.strerror or exc}") from None
     try:
-        server.start()  # first, so the platform's health check passes while the session boots
-        services.start()
+        server.start()  # first, so the platform's health check passes while the sessions boot
+        host.start()
+        log.info("console and API at http://localhost:%d/ (sessions: %s)", config.port, ", ".join(host.hosted()) or "none")
         stop.wait()
         log.info("shutting down")
     finally:
         server.stop()
-        services.stop()
+        host.stop()
         db.close()
     log.info("stopped cleanly")
     logging.shutdown()
     return 0
+
+
+def _hosted_state(host: Host, session_id: str) -> str:
+    services = host.services(session_id)
+    return services.runtime.state.value if services is not None else "stopped"
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:

@@ -10,7 +10,9 @@ Threads, each with one job:
 - ``events`` takes the client's events off a queue (handlers run on Go's thread and must
   return at once) and updates the state;
 - ``mirror`` copies every change of the local store into the database (``bot.session.mirror``);
-- the APScheduler threads run the reconciliation, the history snapshots and the watchdogs.
+- the APScheduler threads run the reconciliation, the history snapshots and the connection
+  watchdog; the ticker runs the lease watchdog and the one-shot jobs. Both are shared by every
+  session of a host (``bot.host``); a runtime on its own gets its own.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from bot.metrics import Metrics
 from bot.session.mirror import Mirror
 from bot.connection.pairing import Pairing
 from bot.process.deferred import DeferredJobs
+from bot.process.ticker import Ticker
 from bot.process.retry import RetrySchedule
 from bot.session.restores import RestoreRequest, Restores
 from bot.session.boot import SessionBoot
@@ -77,6 +80,8 @@ class RuntimeParts:
     backups: Backups
     restores: Restores
     gateway: SendGateway
+    ticker: Ticker
+    owns_timers: bool = True  # the scheduler and the ticker are this runtime's alone: it stops them
 
 
 class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
@@ -142,6 +147,10 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
         self.backups = built.backups
         self._restores = built.restores
         self.gateway = built.gateway
+        self._ticker = built.ticker
+        self._owns_timers = built.owns_timers
+        self._jobs_running = 0  # this session's scheduled jobs under way (see _job)
+        self._jobs_done = threading.Condition(self._lock)
         self._supervisor: threading.Thread | None = None
         self._event_thread = threading.Thread(target=self._consume_events, name="events", daemon=True)
 
@@ -154,32 +163,19 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
                 return
             self._started = True
             self._set(owner_id=self.owner_id)
-        self._scheduler.add_job(
-            self.backups.reconcile,
-            "interval",
-            seconds=self.config.backup_interval_seconds,
-            id="backup-interval",
-            args=["interval"],
-            replace_existing=True,
-        )
-        self._scheduler.add_job(
-            self.backups.history,
-            "interval",
-            seconds=self._timing.history_interval_seconds,
-            id="history-interval",
-            args=["periodic"],
-            replace_existing=True,
-        )
-        self._scheduler.add_job(
-            self._watch_connection,
-            "interval",
-            seconds=self._timing.qr_check_seconds,
-            id="connection-watch",
-            replace_existing=True,
-        )
-        self._scheduler.add_job(self._lease.check, "interval", seconds=0.25, id="lease-watch", replace_existing=True)
-        self._scheduler.add_job(self._deferred.run_due, "interval", seconds=0.25, id="deferred", replace_existing=True)
-        self._scheduler.start()
+        sid = self.config.session_id
+        jobs: list[tuple[Callable[..., None], float, str, list[str]]] = [
+            (self.backups.reconcile, self.config.backup_interval_seconds, "backup-interval", ["interval"]),
+            (self.backups.history, self._timing.history_interval_seconds, "history-interval", ["periodic"]),
+            (self._watch_connection, self._timing.qr_check_seconds, "connection-watch", []),
+        ]
+        for function, seconds, name, args in jobs:
+            self._scheduler.add_job(
+                self._job, "interval", seconds=seconds, id=f"{sid}:{name}", args=[function, *args], replace_existing=True
+            )
+        self._ticker.add(sid, self._tick)
+        if self._owns_timers:
+            self._scheduler.start()
         self._event_thread.start()
         self._lease.try_acquire()  # the common case boots before start() returns
         self._lease.start()
@@ -193,10 +189,7 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
                 return
             self._stopping.set()
         log.info("stopping session %s", self.config.session_id)
-        try:
-            self._scheduler.shutdown(wait=True)  # lets a running backup finish
-        except Exception:
-            log.exception("scheduler shutdown failed")
+        self._stop_jobs()
         self._wake.set()
         self._stop_client()
         if self._supervisor is not None:
@@ -233,6 +226,45 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
         else:
             self._lease.release()
         self._set(owns_session=False, fencing_token=None, state=State.STOPPED, connected=False)
+
+    # --- periodic jobs (on timers shared with the host's other sessions) -----------------------
+
+    def _job(self, function: Callable[..., None], *args: object) -> None:
+        """Runs one of this session's jobs, unless it is stopping; counted, so that a shutdown
+        lets a running backup finish."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._jobs_running += 1
+        try:
+            function(*args)
+        finally:
+            with self._lock:
+                self._jobs_running -= 1
+                self._jobs_done.notify_all()
+
+    def _tick(self) -> None:
+        self._lease.check()
+        for job, kind in self._deferred.take_due():
+            self._ticker.submit(self._job, job, kind)
+
+    def _stop_jobs(self) -> None:
+        """No new jobs of this session (``_stopping`` is set); the running ones finish first."""
+        sid = self.config.session_id
+        self._ticker.remove(sid)
+        for name in ("backup-interval", "history-interval", "connection-watch"):
+            try:
+                self._scheduler.remove_job(f"{sid}:{name}")
+            except Exception:  # JobLookupError: never added (stopped before it started)
+                pass
+        with self._lock:
+            self._jobs_done.wait_for(lambda: self._jobs_running == 0, timeout=120)
+        if self._owns_timers:
+            try:
+                self._scheduler.shutdown(wait=True)
+            except Exception:
+                log.exception("scheduler shutdown failed")
+            self._ticker.stop()
 
     # --- ownership -----------------------------------------------------------------------------
 

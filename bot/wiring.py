@@ -25,6 +25,7 @@ from bot.session.mirror import Mirror
 from bot.messages.outbox import Channel, Outbox
 from bot.connection.pairing import Pairing
 from bot.process.retry import RetrySchedule
+from bot.process.ticker import Ticker
 from bot.session.restores import Restores
 from bot.runtime import RECONNECT, Runtime, RuntimeParts, Timing, Waiter
 from bot.messages.webhooks import Dispatcher, StateJournal
@@ -35,6 +36,28 @@ def default_owner_id() -> str:
     """Who holds a lease, for humans: host, deployment (on Railway) and process."""
     deployment = os.environ.get("RAILWAY_DEPLOYMENT_ID", "-")[:12]
     return f"{socket.gethostname()}/{deployment}/{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Timers:
+    """The periodic machinery the sessions of one process share (one scheduler, one ticker)."""
+
+    scheduler: BackgroundScheduler
+    ticker: Ticker
+
+    @classmethod
+    def new(cls) -> Timers:
+        scheduler = BackgroundScheduler(
+            timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
+        )
+        return cls(scheduler, Ticker())
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(wait=True)
+        self.ticker.stop()
 
 
 def build_runtime(
@@ -48,12 +71,14 @@ def build_runtime(
     jitter: Callable[[], float] | None = None,
     owner_id: str | None = None,
     metrics: Metrics | None = None,
+    timers: Timers | None = None,
 ) -> Runtime:
-    """One session's runtime with its parts; nothing runs before ``start()``."""
+    """One session's runtime with its parts; nothing runs before ``start()``. ``timers``: shared
+    with other sessions (started and stopped by their owner); without, the runtime has its own."""
     timing = timing or Timing()
 
     def parts(runtime: Runtime) -> RuntimeParts:
-        return _runtime_parts(runtime, metrics or Metrics(), timing)
+        return _runtime_parts(runtime, metrics or Metrics(), timing, timers)
 
     return Runtime(
         config,
@@ -68,7 +93,7 @@ def build_runtime(
     )
 
 
-def _runtime_parts(runtime: Runtime, metrics: Metrics, timing: Timing) -> RuntimeParts:
+def _runtime_parts(runtime: Runtime, metrics: Metrics, timing: Timing, shared: Timers | None) -> RuntimeParts:
     """The parts call back into the runtime (its fence, its state, its lease): through functions
     read when called, so that none depends on the order they are built in."""
     config, db = runtime.config, runtime.db
@@ -92,9 +117,7 @@ def _runtime_parts(runtime: Runtime, metrics: Metrics, timing: Timing) -> Runtim
         on_lost=runtime._demote,
         on_standby=runtime._enter_standby,
     )
-    scheduler = BackgroundScheduler(
-        timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
-    )
+    timers = shared or Timers.new()
     pairing = Pairing(config.session_id, config.pair_phone, runtime._set)
     backups = Backups(
         db,
@@ -113,7 +136,18 @@ def _runtime_parts(runtime: Runtime, metrics: Metrics, timing: Timing) -> Runtim
     )
     metrics.watch(runtime.status, db, config.session_id)
     gateway = SendGateway(runtime._live_client, runtime._round_client, runtime._not_connected, runtime._stopping)
-    return RuntimeParts(metrics, mirror, lease, scheduler, pairing, backups, restores, gateway)
+    return RuntimeParts(
+        metrics,
+        mirror,
+        lease,
+        timers.scheduler,
+        pairing,
+        backups,
+        restores,
+        gateway,
+        timers.ticker,
+        owns_timers=shared is None,
+    )
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,27 @@
 
 from __future__ import annotations
 
+from storage.commands import CommandQueries
 from storage.events import EventQueries
 from storage.leases import LeaseQueries
 from storage.messages import MessageQueries
 from storage.outbox import OutboxQueries
+from storage.registry import RegistryQueries
 from storage.resealing import ResealQueries
 from storage.sessions import SessionQueries
 from storage.upgrades import SchemaUpgrades
 
 
 class Database(
-    SchemaUpgrades, SessionQueries, ResealQueries, LeaseQueries, OutboxQueries, MessageQueries, EventQueries
+    SchemaUpgrades,
+    SessionQueries,
+    ResealQueries,
+    LeaseQueries,
+    OutboxQueries,
+    MessageQueries,
+    EventQueries,
+    RegistryQueries,
+    CommandQueries,
 ):
     """The session tables, over whichever back-end the configuration chose."""
 

@@ -24,6 +24,8 @@ RECONNECT_DELAY_CAP_SECONDS = 2.0
 # A caller waits for a pooled connection in slices this long: when the database is found away
 # meanwhile (a connection attempt of the pool failed), it stops waiting at the next slice.
 WAIT_SLICE_SECONDS = 0.25
+# The channel a new command is announced on (payload: its session id); owners LISTEN on it.
+COMMANDS_CHANNEL = "zapkeep_commands"
 # While the database is known away, a caller waits at most this long for a connection (one that the
 # pool's reconnect attempts got back); then it fails, and the API answers 503 at once.
 AWAY_WAIT_SECONDS = 0.5
@@ -91,6 +93,11 @@ class PostgresDatabase(Database):
         self._connect_timeout = connect_timeout
         self._wait_timeout = wait_timeout
         self.reachability = Reachability(on_lost=self._drop_broken_idle)
+        # wait_for_commands' own connection (LISTEN holds a connection for as long as it listens:
+        # never one of the pool's), kept from one wait to the next so no notification falls between.
+        self._listener: Any = None
+        self._listener_lock = threading.Lock()
+        self._listener_closing = threading.Event()
         self.pool = _connection_pool(
             url,
             reconnect_delay_cap,
@@ -125,6 +132,7 @@ class PostgresDatabase(Database):
             ) from exc
 
     def close(self) -> None:
+        self._stop_listening()
         self.pool.close()
 
     @property
@@ -209,6 +217,71 @@ class PostgresDatabase(Database):
 
     def _lock_events(self, tx: Transaction, session_id: str) -> None:
         tx.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_EVENTS_LOCK_SPACE, session_id))
+
+    # --- commands: announced at commit with NOTIFY, heard with LISTEN on a dedicated connection ---
+
+    NOTIFY_COMMANDS = "SELECT pg_notify(%s, %s)"
+    LISTEN_COMMANDS = f"LISTEN {COMMANDS_CHANNEL}"
+
+    def _notify_commands(self, tx: Transaction, session_id: str) -> None:
+        tx.execute(self.NOTIFY_COMMANDS, (COMMANDS_CHANNEL, session_id))  # (delivered at commit, never before)
+
+    def wait_for_commands(self, timeout: float) -> bool:
+        """True when a command was announced within ``timeout``, and also when listening has just
+        (re)started: what was announced before was not heard, so the owner looks at once. While the
+        database is away: False after ``timeout``; the next call connects again."""
+        import psycopg
+
+        with self._listener_lock:
+            if self._listener_closing.is_set():
+                self._close_listener()  # (if close() could not wait for this thread)
+                return False
+            if self._listener is None:
+                try:
+                    self._listener = self._listen()
+                except psycopg.Error as exc:
+                    log.debug("cannot listen for commands (trying again at the next wait): %s", exc)
+                    self._listener_closing.wait(timeout)
+                    return False
+                return True
+            try:
+                return any(True for _ in self._listener.notifies(timeout=timeout, stop_after=1))
+            except psycopg.Error as exc:  # the server went away under it
+                log.debug("the connection listening for commands broke: %s", exc)
+                self._close_listener()
+                return True
+
+    def _listen(self) -> Any:
+        import psycopg
+
+        conn = psycopg.connect(self._url, autocommit=True, connect_timeout=max(1, int(self._connect_timeout)))
+        try:
+            conn.execute(self.LISTEN_COMMANDS)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _close_listener(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None:
+            conn.close()
+
+    def _stop_listening(self) -> None:
+        """End a wait in progress (a NOTIFY of our own wakes it) and close its connection."""
+        self._listener_closing.set()
+        if not self._listener_lock.acquire(blocking=False):
+            try:
+                with self.transaction() as tx:
+                    tx.execute(self.NOTIFY_COMMANDS, (COMMANDS_CHANNEL, ""))
+            except Exception as exc:  # (the database is away: the wait ends at its timeout)
+                log.debug("could not wake the wait for commands: %s", exc)
+            if not self._listener_lock.acquire(timeout=self._connect_timeout):
+                return  # (a wait stuck on a dead connection: its thread closes nothing more after this)
+        try:
+            self._close_listener()
+        finally:
+            self._listener_lock.release()
 
 
 def _already_json(text: str) -> str:

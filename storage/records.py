@@ -363,3 +363,82 @@ class LoggedMessage:
     mimetype: str | None = None
     media_size: int | None = None
     file_name: str | None = None
+
+
+# --- many sessions in one daemon (issue 25): the registry, owners' live state, commands ---
+
+
+@dataclass(frozen=True)
+class RegisteredSession:
+    """A session's registry row: created over the API (or at a first boot), or stored by an older
+    release (then only ``created_at`` is known). ``deleted_at`` set: tombstoned, gone for good
+    until created again."""
+
+    session_id: str
+    created_at: datetime
+    pair_phone: str | None
+    rules: str | None  # the session's own chatbot rules (a path under the rules directory); None: the shared file
+    deleted_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """What the owner of a session publishes about it, for every instance's reads."""
+
+    session_id: str
+    owner_id: str
+    state: str
+    connected: bool
+    phone: str | None
+    push_name: str | None
+    last_error: str | None
+    updated_at: datetime | None = None  # by the database's clock; set when read, ignored when published
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """An API request for a session hosted by another instance, replayed there by its owner."""
+
+    method: str
+    path: str
+    query: str  # the raw query string, without "?"
+    content_type: str | None
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Command:
+    """A durable command: the request, who claimed it, and its answer once finished."""
+
+    id: int
+    session_id: str
+    method: str
+    path: str
+    query: str
+    content_type: str | None
+    body: bytes
+    created_at: datetime
+    claimed_by: str | None  # the owner id that took it; None: waiting
+    claimed_at: datetime | None
+    finished_at: datetime | None
+    status_code: int | None
+    answer: dict | None  # the JSON answer, decoded
+
+    @property
+    def request(self) -> CommandRequest:
+        return CommandRequest(self.method, self.path, self.query, self.content_type, self.body)
+
+
+@dataclass(frozen=True)
+class SessionOverview:
+    """One existing session as ``GET /api/sessions`` lists it, from any instance."""
+
+    session_id: str
+    state: str  # the live owner's state; "not_running" when no instance holds its lease
+    connected: bool
+    phone: str | None
+    push_name: str | None
+    owner: str | None  # the instance id holding an unexpired lease
+    last_mirrored_at: datetime | None  # whatsapp_sessions.updated_at; None: never stored
+    last_error: str | None
+    lease_expires_in_seconds: float | None  # by the database's clock; None: never leased

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -24,6 +25,7 @@ class SqliteDatabase(Database):
     def __init__(self, path: Path, *, sealer: PayloadSealer | None = None) -> None:
         self.sealer = sealer or ClearPayloads()
         self.path = path
+        self._closing = threading.Event()
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -32,7 +34,13 @@ class SqliteDatabase(Database):
         self.path.chmod(0o600)
 
     def close(self) -> None:
-        """Nothing stays open between transactions."""
+        """Nothing stays open between transactions; a wait for commands ends."""
+        self._closing.set()
+
+    def wait_for_commands(self, timeout: float) -> bool:
+        """No notifications here: the owner polls, every ``timeout`` (after ``close``: at once)."""
+        self._closing.wait(timeout)
+        return True
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, detect_types=sqlite3.PARSE_DECLTYPES)

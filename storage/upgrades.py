@@ -239,6 +239,55 @@ def _lid_chats(dialect: Dialect) -> list[str]:
     return ["ALTER TABLE whatsapp_chats ADD COLUMN phone_jid TEXT"]
 
 
+@upgrade("many sessions: the session registry and its tombstones, owners' live state, commands for owners")
+def _many_sessions(dialect: Dialect) -> list[str]:
+    """Many sessions in one daemon (issue 25): a session exists when registered here or stored (and
+    not tombstoned); every stored session is registered, with its stored creation time. Owners
+    publish their sessions' live state; a write for a session hosted elsewhere is a command."""
+    utc_now = "timezone('UTC', now())" if dialect.name == "postgresql" else "CURRENT_TIMESTAMP"  # (naive UTC)
+    return [
+        """CREATE TABLE whatsapp_session_registry (
+            session_id VARCHAR(100) PRIMARY KEY,
+            created_at TIMESTAMP NOT NULL,
+            pair_phone TEXT,
+            rules TEXT,
+            deleted_at TIMESTAMP
+        )""",
+        f"""INSERT INTO whatsapp_session_registry (session_id, created_at)
+            SELECT session_id, COALESCE(created_at, {utc_now}) FROM whatsapp_sessions
+            WHERE session_id IS NOT NULL""",
+        """CREATE TABLE whatsapp_session_live (
+            session_id VARCHAR(100) PRIMARY KEY,
+            owner_id TEXT NOT NULL,
+            state VARCHAR(32) NOT NULL,
+            connected BOOLEAN NOT NULL,
+            phone TEXT,
+            push_name TEXT,
+            last_error TEXT,
+            updated_at TIMESTAMP NOT NULL
+        )""",
+        f"""CREATE TABLE whatsapp_session_commands (
+            id {dialect.big_serial_key},
+            session_id VARCHAR(100) NOT NULL,
+            method VARCHAR(10) NOT NULL,
+            path TEXT NOT NULL,
+            query TEXT NOT NULL,
+            content_type TEXT,
+            body {dialect.blob} NOT NULL,
+            created_at TIMESTAMP NOT NULL,
+            claimed_by TEXT,
+            claimed_at TIMESTAMP,
+            finished_at TIMESTAMP,
+            status_code INTEGER,
+            answer TEXT
+        )""",
+        # What an owner polls (few rows: commands wait seconds), and what pruning deletes.
+        """CREATE INDEX whatsapp_session_commands_waiting ON whatsapp_session_commands (session_id, id)
+            WHERE claimed_by IS NULL""",
+        "CREATE INDEX whatsapp_session_commands_by_finish ON whatsapp_session_commands (finished_at)",
+    ]
+
+
 SCHEMA_VERSION = len(STEPS)
 
 CREATE_SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS zapkeep_schema (version INTEGER NOT NULL)"

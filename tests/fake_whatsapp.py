@@ -46,6 +46,7 @@ class SentMessage:
     data: bytes | None = None
     mimetype: str | None = None
     file_name: str | None = None
+    session_id: str | None = None  # whose client sent it (the store's directory names the session)
 
 
 @dataclass
@@ -79,11 +80,15 @@ class FakeWhatsApp:
         self.clients.append(client)
         return client
 
-    def current(self, timeout: float = 10.0) -> FakeClient:
-        """The client of the round now running."""
+    def current(self, timeout: float = 10.0, session_id: str | None = None) -> FakeClient:
+        """The client of the round now running (of that session, with several)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            running = [c for c in self.clients if c.running.is_set() and not c.stopped.is_set()]
+            running = [
+                c
+                for c in self.clients
+                if c.running.is_set() and not c.stopped.is_set() and session_id in (None, c.session_id)
+            ]
             if running:
                 return running[-1]
             time.sleep(0.01)
@@ -106,6 +111,11 @@ class FakeClient:
         # messages with the daemon and not handed back yet.
         self._unlogged = UnloggedWindow(UNLOGGED_WINDOW, HANDLED_WAIT_SECONDS)
         self.qr_codes: list[str] = []
+        self._crash: str | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.store_path.parent.name
 
     # --- the client interface -----------------------------------------------------------
 
@@ -133,7 +143,12 @@ class FakeClient:
         self.stopped.wait()
         self._outbox.put(None)
         self._go_thread.join()  # like the client process: run() returns once every event is handed over
-        return None
+        return self._crash
+
+    def crash(self) -> None:
+        """A Go panic: the round ends at once, with the error the client process reports."""
+        self._crash = "the client process exited with code 2"  # what a Go panic leaves
+        self.stopped.set()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -147,7 +162,7 @@ class FakeClient:
         if self.network.send_failures:
             raise RuntimeError(self.network.send_failures.pop(0))
         message_id = f"3EB0{next(self._ids):016X}"
-        self.network.sent.append(SentMessage(to_jid, text, message_id))
+        self.network.sent.append(SentMessage(to_jid, text, message_id, session_id=self.session_id))
         if self.network.unknown_send_outcomes:  # on its way to the customer; the answer never came back
             raise SendOutcomeUnknown(self.network.unknown_send_outcomes.pop(0))
         return message_id
@@ -166,7 +181,9 @@ class FakeClient:
         sent = self.network.sent.pop()
         to_jid, caption = sent.to, sent.text
         content = base64.b64decode(data)
-        self.network.sent.append(SentMessage(to_jid, caption, sent.message_id, kind, content, mimetype, file_name))
+        self.network.sent.append(
+            SentMessage(to_jid, caption, sent.message_id, kind, content, mimetype, file_name, self.session_id)
+        )
         return sent.message_id
 
     def download(self, media: str) -> str:

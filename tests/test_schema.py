@@ -36,7 +36,7 @@ def test_schema_creation_is_idempotent_and_keeps_data(db: Database) -> None:
     db.save_history(_write("default", 1))
     db.migrate()
     db.migrate()
-    assert db.schema_version() == SCHEMA_VERSION == 8
+    assert db.schema_version() == SCHEMA_VERSION == 9
     record = db.load_session("default")
     assert _json(record.session_data) == '{"head":1}'
     assert (record.format_version, record.lineage, record.mirror_sequence) == (2, "lineage-1", 1)
@@ -128,6 +128,8 @@ def test_a_version_2_database_gains_message_kinds_and_keeps_its_log(db: Database
             tx.execute(f"ALTER TABLE whatsapp_messages DROP COLUMN {column}")
         tx.execute("DROP TABLE whatsapp_outgoing_files")
         tx.execute("ALTER TABLE whatsapp_chats DROP COLUMN phone_jid")
+        for table in ("whatsapp_session_registry", "whatsapp_session_live", "whatsapp_session_commands"):
+            tx.execute(f"DROP TABLE {table}")
         tx.execute("UPDATE zapkeep_schema SET version = %s", (2,))
     db.migrate()
     assert db.schema_version() == SCHEMA_VERSION
@@ -138,6 +140,7 @@ def test_a_version_2_database_gains_message_kinds_and_keeps_its_log(db: Database
     assert (message.id, message.text, message.message_type) == (queued, "Olá", "text")
     assert message.mimetype is None and db.outgoing_file(queued) is None  # (and version 7's files)
     assert [c.phone_jid for c in db.list_chats("default")] == [None]  # (and version 8's LID chats' phones)
+    assert db.session_ids() == [] and db.live_states() == {}  # (and version 9's registry and live states)
 
 
 # --- upgrades: a database left at any earlier version is brought to the current schema in place ---

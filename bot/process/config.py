@@ -65,6 +65,9 @@ class Config:
     # TRUST_PROXY: whose X-Forwarded-For/-Proto the API believes: "*" (any peer: the platform's
     # proxy is the only way in), one address, or None (nobody's: the headers are dropped).
     trusted_proxy: str | None = None
+    # SESSION_ID set: this daemon hosts that one session; unset: every session in the database.
+    single_session: bool = False
+    max_sessions: int = 100  # MAX_SESSIONS: how many sessions this daemon hosts at most
 
     @property
     def session_dir(self) -> Path:
@@ -90,6 +93,7 @@ class Config:
         if database_url is not None and not database_url.startswith(("postgres://", "postgresql://")):
             raise ConfigError("DATABASE_URL must be a postgresql:// URL (or unset for the embedded SQLite database)")
 
+        single_session = get("SESSION_ID") is not None
         session_id = checked_session_id(get("SESSION_ID") or "default", "SESSION_ID")
 
         pair_phone = get("PAIR_PHONE")
@@ -161,6 +165,8 @@ class Config:
             lease_ttl_seconds=lease_ttl,
             lease_renew_seconds=lease_renew,
             trusted_proxy=trusted_proxy,
+            single_session=single_session,
+            max_sessions=_int_in_range(get("MAX_SESSIONS"), "MAX_SESSIONS", default=100, low=1, high=10000),
         )
 
     def python_log_level(self) -> int:

@@ -2,7 +2,7 @@
 
 Not APScheduler "date" jobs: the scheduler removes a fired one-shot job after running it, and when
 that overlaps its shutdown it raises JobLookupError in its own thread. A periodic job of the
-scheduler calls ``run_due`` instead."""
+scheduler, or the ticker (``take_due``), runs them instead."""
 
 from __future__ import annotations
 
@@ -28,12 +28,11 @@ class DeferredJobs:
         with self._lock:
             self._jobs[kind] = (time.monotonic() + delay, job)
 
-    def run_due(self) -> None:
+    def take_due(self) -> list[tuple[Job, str]]:
+        """The jobs due now, each with its kind, taken off the table (none once stopping)."""
         now = time.monotonic()
         with self._lock:
             due = [(kind, job) for kind, (at, job) in self._jobs.items() if at <= now]
             for kind, _ in due:
                 del self._jobs[kind]
-        for kind, job in due:
-            if not self._stopping.is_set():
-                job(kind)
+        return [] if self._stopping.is_set() else [(job, kind) for kind, job in due]

@@ -57,6 +57,14 @@ class StateConflictError(ZapkeepError):
     """The session is not in a state that allows this (not connected, replaced, not owned...)."""
 
 
+class SessionExists(StateConflictError):
+    """A session with that id exists already (409)."""
+
+
+class SessionLimit(StateConflictError):
+    """This daemon hosts MAX_SESSIONS sessions already (409)."""
+
+
 def first_line(exc: BaseException) -> str:
     """An error's headline for a log line or a status field: its first line, or its class name."""
     text = str(exc).strip()
