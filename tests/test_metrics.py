@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.host import Host
 from bot.metrics import Metrics
 from bot.session.state import State
 from bot.wiring import Services, build_services
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config
+from tests.test_host import QUICK, state_of
 from tests.test_messaging import RULES, incoming
 
 SESSIONS = ("suporte", "vendas")
@@ -137,3 +139,23 @@ def test_two_sessions_share_one_metrics_each_family_once_one_sample_per_session(
     assert left == {"vendas"}
     assert by_session(shown["zapkeep_messages_received"], received, outcome="replied") == {"vendas": 1.0}
     assert by_session(shown["zapkeep_state"], "zapkeep_state", state="connected") == {"vendas": 1.0}
+
+
+def test_a_host_shows_each_hosted_session_once_and_forgets_a_deleted_one(
+    db: Database, network: FakeWhatsApp, tmp_path: Path
+) -> None:
+    host = Host(make_config(tmp_path), db, network.factory, RULES, host_timing=QUICK, owner_id="host-a", timing=FAST)
+    host.start()
+    try:
+        host.create_session("vendas")
+        for session_id in ("default", "vendas"):
+            wait_until(lambda sid=session_id: state_of(host, sid) is State.QR, message=f"{session_id}: qr")
+        shown = families(host.metrics)
+        assert by_session(shown["zapkeep_state"], "zapkeep_state", state="qr") == {"default": 1.0, "vendas": 1.0}
+
+        assert host.delete_session("vendas")
+        shown = families(host.metrics)
+        left = {s.labels.get("session_id") for samples in shown.values() for s in samples} - {None}
+        assert left == {"default"}
+    finally:
+        host.stop()
