@@ -1,7 +1,7 @@
 """Entry point: ``python -m bot`` runs the daemon; the other commands serve operators.
 
     python -m bot [run]            the daemon: WhatsApp session + chatbot + admin API
-    python -m bot sessions [--json] every session in the database: stored, phone, owner, last saved
+    python -m bot sessions [--json] every session in the database: state, stored, phone, owner, last saved
     python -m bot status           stored sessions and their history (JSON)
     python -m bot backup           sync the local store into the database, keep a snapshot
     python -m bot restore [-v N]   rewrite the local store from the database (daemon stopped)
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         "HTTPS_PROXY, "
         "RAILWAY_DEPLOYMENT_ID.",
     )
-    sessions = command("sessions", "every session in the database: stored, phone, owner, last saved", STORED)
+    sessions = command("sessions", "every session in the database: state, stored, phone, owner, last saved", STORED)
     sessions.add_argument("--json", action="store_true", help="as JSON instead of a table")
     session_command("status", "stored sessions and their history, as JSON", STORED)
     session_command("backup", "sync the local store into the database and keep a snapshot in history", LOCAL)

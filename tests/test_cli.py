@@ -290,7 +290,7 @@ def paired_store(data: Path, session_id: str, push_name: str, seed: int) -> Path
     return store
 
 
-def test_sessions_lists_every_stored_session_and_each_command_acts_on_the_one_named(
+def test_sessions_lists_every_session_and_each_command_acts_on_the_one_named(
     backend: tuple[str, Database], tmp_path: Path
 ) -> None:
     url, db = backend
@@ -301,21 +301,24 @@ def test_sessions_lists_every_stored_session_and_each_command_acts_on_the_one_na
         assert backed_up.returncode == 0 and backed_up.stdout.startswith(f"written: session {session_id},"), backed_up
     running = db.acquire_lease("loja_b", "host-b/deploy/7", ttl_seconds=60)  # a daemon runs loja_b
     assert running is not None
+    db.register_session("nova")  # created over the API, never paired: not stored yet
 
     listed = bot(url, data, "sessions")
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["SESSION", "STORED", "PHONE", "DEVICE", "OWNER", "LAST", "SAVED"]
-    assert [row.split()[:5] for row in rows] == [
-        ["loja-a", "yes", DEVICE_USER, DEVICE_JID, "-"],
-        ["loja_b", "yes", DEVICE_USER, DEVICE_JID, "host-b/deploy/7"],
+    assert header.split() == ["SESSION", "STATE", "STORED", "PHONE", "DEVICE", "OWNER", "LAST", "SAVED"]
+    assert [row.split()[:6] for row in rows] == [
+        ["loja-a", "not_running", "yes", DEVICE_USER, DEVICE_JID, "-"],
+        ["loja_b", "starting", "yes", DEVICE_USER, DEVICE_JID, "host-b/deploy/7"],
+        ["nova", "not_running", "no", "-", "-", "-"],
     ]
     shown = json.loads(bot(url, data, "sessions", "--json").stdout)
     assert [(s["session_id"], s["stored"], s["push_name"], s["owner"]) for s in shown] == [
         ("loja-a", True, "Loja A", None),
         ("loja_b", True, "Loja B", "host-b/deploy/7"),
+        ("nova", False, None, None),
     ]
-    assert all(s["last_saved_at"] for s in shown)
+    assert [bool(s["last_saved_at"]) for s in shown] == [True, True, False]
 
     exported = bot(url, data, "export", "--session", "loja_b", "-")
     assert exported.returncode == 0, exported.stderr

@@ -1,5 +1,5 @@
 """Every session the database holds, for an operator (``python -m bot sessions``): whether it is
-stored, its paired device, who owns it now (the live lease) and when it was last saved."""
+stored, its paired device, who owns it now (the live lease), its state and when it was last saved."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from datetime import datetime
 from bot.session.state import phone_of
 from database import Database
 
-COLUMNS = ("SESSION", "STORED", "PHONE", "DEVICE", "OWNER", "LAST SAVED")
+COLUMNS = ("SESSION", "STATE", "STORED", "PHONE", "DEVICE", "OWNER", "LAST SAVED")
 
 
 @dataclass(frozen=True)
 class SessionLine:
     session_id: str
+    state: str  # the live owner's; "not_running" when no instance holds its lease
     stored: bool
     device_jid: str | None
     phone: str | None
@@ -24,28 +25,21 @@ class SessionLine:
 
 
 def list_sessions(db: Database) -> list[SessionLine]:
-    """The stored sessions, by id, each with its lease's live owner."""
-    lines = []
-    for summary in db.list_sessions():
-        lines.append(
-            SessionLine(
-                session_id=summary.session_id,
-                stored=True,
-                device_jid=summary.device_jid,
-                phone=phone_of(summary.device_jid),
-                push_name=summary.push_name,
-                owner=live_owner(db, summary.session_id),
-                last_saved_at=summary.updated_at,
-            )
+    """Every existing session (registered or stored, not deleted), by id."""
+    devices = {summary.session_id: summary.device_jid for summary in db.list_sessions()}
+    return [
+        SessionLine(
+            session_id=session.session_id,
+            state=session.state,
+            stored=session.session_id in devices,
+            device_jid=devices.get(session.session_id),
+            phone=session.phone or phone_of(devices.get(session.session_id)),
+            push_name=session.push_name,
+            owner=session.owner,
+            last_saved_at=session.last_mirrored_at,
         )
-    return lines
-
-
-def live_owner(db: Database, session_id: str) -> str | None:
-    lease = db.lease(session_id)
-    if lease is None or lease.owner_id is None or lease.expires_in_seconds <= 0:
-        return None
-    return lease.owner_id
+        for session in db.session_overview()
+    ]
 
 
 def table(lines: list[SessionLine]) -> str:
@@ -53,6 +47,7 @@ def table(lines: list[SessionLine]) -> str:
     rows = [COLUMNS] + [
         (
             line.session_id,
+            line.state,
             "yes" if line.stored else "no",
             line.phone or "-",
             line.device_jid or "-",
