@@ -374,4 +374,19 @@ def test_a_session_page_names_its_session_in_the_address_and_refuses_a_bad_one(h
     refused = page.goto(hosted.url + "/?session=../etc")
     assert refused is not None and refused.status == 400
     assert hosted.host.hosted() == ["default"]
+
+    context.close()
+
+    # The default session removed: the console still signs in and lists what is left.
+    hosted.host.create_session("vendas")
+    assert hosted.host.delete_session("default")
+    context = browser.new_context(locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.goto(hosted.url + "/")
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    page.goto(hosted.url + "/console/sessions")
+    page.wait_for_selector("tr[data-session='vendas'] .badge")
+    assert page.locator("tr[data-session]").count() == 1
     context.close()
