@@ -1,5 +1,6 @@
 # The zapkeep daemon as a container image (any host that runs containers; Railway builds with
-# Railpack from railpack.json instead). Build: docker build -t zapkeep .
+# Railpack, as railway.toml says, but would build this file if its builder were switched to it:
+# hence no VOLUME, which Railway's Dockerfile builder refuses). Build: docker build -t zapkeep .
 FROM python:3.11-slim-bookworm
 
 # neonize imports python-magic, which loads the system's libmagic at import time.
@@ -15,13 +16,13 @@ COPY session_api ./session_api
 COPY database.py ./
 COPY storage ./storage
 
-# Not root; the session's local files live on a volume (the database holds the real copy).
+# Not root; the sessions' local files live in /data: mount a volume there (compose.yaml does; on
+# Railway, a Railway Volume): the database holds the real copy, so a lost /data costs a restore.
 RUN useradd --system --uid 10001 --user-group --home-dir /data zapkeep \
     && mkdir -p /data && chown zapkeep:zapkeep /data && chmod 700 /data
 ENV DATA_DIR=/data \
     PORT=8080 \
     PYTHONUNBUFFERED=1
-VOLUME ["/data"]
 USER zapkeep
 EXPOSE 8080
 

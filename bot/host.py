@@ -37,6 +37,7 @@ log = logging.getLogger("bot.host")
 CommandHandler = Callable[[Command], tuple[int, dict]]
 LIVE_REFRESH_SECONDS = 30.0  # an owner re-publishes its sessions' state this often (a lost race heals)
 STOP_WORKERS = 8  # sessions shut down side by side: each waits for its last write and its lease
+START_WORKERS = 8  # ... and boot side by side: each restores its store and starts its client
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,8 @@ class Host:
                 return
             self._started = True
         self._timers.start()
-        for session_id in self._wanted():
-            self._host(session_id)
+        with ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="starting") as pool:
+            list(pool.map(self._host, self._wanted()))  # each boot waits on its database and its store
         for target, name in ((self._sync, "host-sync"), (self._serve_commands, "commands"), (self._publish, "live")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()

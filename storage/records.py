@@ -442,3 +442,4 @@ class SessionOverview:
     last_mirrored_at: datetime | None  # whatsapp_sessions.updated_at; None: never stored
     last_error: str | None
     lease_expires_in_seconds: float | None  # by the database's clock; None: never leased
+    device_jid: str | None = None  # the stored device's JID (its phone when nothing was published)

@@ -159,7 +159,7 @@ class RegistryQueries(DatabaseCore):
     SELECT_OVERVIEW = f"""
         SELECT e.session_id,
                l.owner_id AS live_owner, l.state, l.connected, l.phone, l.push_name AS live_push_name,
-               l.last_error, s.updated_at AS last_mirrored_at, s.push_name AS stored_push_name,
+               l.last_error, s.updated_at AS last_mirrored_at, s.push_name AS stored_push_name, s.device_jid,
                k.owner_id AS lease_owner, k.expires_at - %s AS lease_expires_in_seconds
         FROM ({EXISTING_SESSIONS}) e
         LEFT JOIN whatsapp_session_live l ON l.session_id = e.session_id
@@ -192,6 +192,7 @@ def _overview(row: dict[str, Any]) -> SessionOverview:
         last_mirrored_at=_timestamp(row["last_mirrored_at"]),
         last_error=row["last_error"],
         lease_expires_in_seconds=None if expires_in is None else float(expires_in),
+        device_jid=row["device_jid"],
     )
 
 

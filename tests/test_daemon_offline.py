@@ -139,6 +139,7 @@ def test_bad_configuration_fails_at_boot_with_one_line_naming_the_variable(tmp_p
         ("LOG_LEVEL", "LOUD"),
         ("PAIR_PHONE", "12ab"),
         ("TRUST_PROXY", "yes please"),
+        ("MAX_SESSIONS", "0"),
     ]:
         env = {**os.environ, **OFFLINE_ENV, "DATA_DIR": str(tmp_path), variable: value}
         result = subprocess.run(

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from bot.host import Host, HostTiming
-from bot.process.errors import NotFoundError, SessionExists
+from bot.process.config import SHIPPED_REPLIES
+from bot.process.errors import ConfigError, NotFoundError, SessionExists
 from bot.session.state import State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
@@ -149,7 +150,17 @@ def test_every_session_comes_back_after_a_restart_on_an_empty_disk_without_a_qr(
         pair(host, network, session_id)
     for session_id in ("default", "vendas", "suporte"):
         wait_until(lambda s=session_id: db.load_session(s) is not None, message=f"{session_id} stored")
+
+    def overview() -> dict[str, tuple[str, bool, str | None]]:
+        return {o.session_id: (o.state, o.connected, o.owner) for o in db.session_overview()}
+
+    # What the owner publishes, every instance reads: connected, and whose.
+    wait_until(
+        lambda: overview() == {s: ("connected", True, "host-a") for s in ("default", "vendas", "suporte")},
+        message="the live state published",
+    )
     daemons.stop(host)
+    assert overview() == {s: ("not_running", False, None) for s in ("default", "vendas", "suporte")}
     rounds_before = len(network.clients)
 
     redeployed = daemons.start("fresh-disk")
@@ -167,3 +178,29 @@ def test_with_session_id_set_a_daemon_hosts_that_session_only(daemons: Daemons, 
     assert db.session_ids() == ["suporte", "vendas"]  # registered, as today's first boot stores it
     host.create_session("outro")  # registered for the daemons that host every session
     assert host.hosted() == ["suporte"]
+
+
+def test_a_session_may_answer_with_rules_of_its_own_from_the_rules_directory(
+    daemons: Daemons, network: FakeWhatsApp, tmp_path: Path
+) -> None:
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    shipped = SHIPPED_REPLIES.read_text(encoding="utf-8")
+    (rules_dir / "padaria.toml").write_text(shipped, encoding="utf-8")
+    (rules_dir / "oficina.toml").write_text(
+        shipped.replace("Cardápio e preços", "Peças e serviços"), encoding="utf-8"
+    )
+    (tmp_path / "outside.toml").write_text(shipped, encoding="utf-8")
+    host = daemons.start("a", BOT_REPLIES=str(rules_dir / "padaria.toml"))
+    for refused in ("../outside.toml", str(tmp_path / "outside.toml"), "missing.toml"):
+        with pytest.raises((ValueError, ConfigError)):
+            host.create_session("oficina", rules=refused)
+    assert "oficina" not in host.db.session_ids()  # a refused file registers nothing
+    host.create_session("oficina", rules="oficina.toml")
+    pair(host, network, "default")
+    pair(host, network, "oficina")
+    ask_and_wait(host, network, "oficina", 1)
+    ask_and_wait(host, network, "default", 2)
+    replies = {m.session_id: m.text for m in network.sent}
+    assert "Peças e serviços" in replies["oficina"] and "Cardápio" not in replies["oficina"]
+    assert "Cardápio e preços" in replies["default"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import replace
 
 import json
@@ -173,8 +175,12 @@ def test_a_migrated_boot_keeps_a_first_snapshot_at_once_and_shows_the_push_name(
     assert status.jid == DEVICE_JID
 
 
-def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db, network) -> None:
+def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db, network, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="bot.runtime")
     network.connected = False
+    network.offline_error = (
+        "failed to dial whatsapp web websocket: proxyconnect tcp: dial tcp 127.0.0.1:9: connect: connection refused"
+    )
     delays: list[float] = []
     runtime = runtime_factory(
         backoff=RetrySchedule.exponential(first=1, cap=60), wait=delays.append, jitter=lambda: 1.0
@@ -187,7 +193,14 @@ def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db,
     assert delays[:9] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     status = runtime.status()
     assert status.reconnect_count >= 10
-    assert "proxyconnect" in status.last_error
+    assert "proxyconnect" in status.last_error  # the whole text in the status
+    # In the log: one short line an operator reads at a glance; the whole Go error at DEBUG.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "retrying in" in r.getMessage()]
+    assert warnings and all(
+        "failed to dial whatsapp web websocket (connection refused); retrying" in line and "proxyconnect" not in line
+        for line in warnings
+    )
+    assert any(r.levelno == logging.DEBUG and network.offline_error in r.getMessage() for r in caplog.records)
 
 
 def test_jitter_keeps_each_delay_between_half_and_the_full_ceiling() -> None:

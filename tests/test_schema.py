@@ -267,6 +267,9 @@ def test_a_database_at_every_earlier_version_upgrades_to_the_fresh_schema_and_ke
         (chat,) = old.list_chats("old")
         assert (chat.chat_jid, chat.pause_reason, chat.phone_jid) == (OLD_CHAT, "handoff", None)
         assert old.load_rows("old") == ([OLD_ROW] if version >= 2 else [])
+        # A session stored before the registry exists after it (version 9): listed, not created twice.
+        assert old.session_ids() == ["old"] and [o.session_id for o in old.session_overview()] == ["old"]
+        assert old.register_session("old") is False and old.registered_session("old").deleted_at is None
         # ...and what later versions brought works on it: a history snapshot numbered after the old one.
         assert old.save_history(_write("old", 4)) == 4
         assert old.release_chat("old", OLD_CHAT) is True and old.last_event_id("old") > 0

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from bot.connection import events
-from bot.process.errors import StateConflictError, ZapkeepError
+from bot.process.errors import StateConflictError, ZapkeepError, headline
 from bot.session.state import State, now, phone_of
 from bot.session.store_worker import prepare_store
 
@@ -114,8 +114,13 @@ class ConnectionSupervisor:
             self._next_retry_at = time.monotonic() + delay
             self._set(state=State.RECONNECTING, last_error=error, reconnect_count=self._status.reconnect_count + 1)
         log.warning(
-            "session %s: %s; retrying in %.1f s (attempt %d)", self.config.session_id, error, delay, self._failures
+            "session %s: %s; retrying in %.1f s (attempt %d)",
+            self.config.session_id,
+            headline(error),
+            delay,
+            self._failures,
         )
+        log.debug("session %s: the round ended with: %s", self.config.session_id, error)
         self._wait(delay)
         with self._lock:
             self._next_retry_at = None

@@ -67,5 +67,17 @@ class SessionLimit(StateConflictError):
 
 def first_line(exc: BaseException) -> str:
     """An error's headline for a log line or a status field: its first line, or its class name."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
+    return first_line_of(str(exc)) or exc.__class__.__name__
+
+
+def headline(error: str, limit: int = 120) -> str:
+    """A Go error chain ("what: why: ...: cause") cut to what an operator reads at a glance:
+    the first and the last link. The whole text belongs at DEBUG."""
+    links = [link.strip() for link in first_line_of(error).split(": ") if link.strip()]
+    short = links[0] if len(links) < 2 else f"{links[0]} ({links[-1]})"
+    return short if len(short) <= limit else short[: limit - 1] + "…"
+
+
+def first_line_of(text: str) -> str:
+    stripped = text.strip()
+    return stripped.splitlines()[0] if stripped else ""
