@@ -26,14 +26,13 @@ class SessionLine:
 
 def list_sessions(db: Database) -> list[SessionLine]:
     """Every existing session (registered or stored, not deleted), by id."""
-    devices = {summary.session_id: summary.device_jid for summary in db.list_sessions()}
     return [
         SessionLine(
             session_id=session.session_id,
             state=session.state,
-            stored=session.session_id in devices,
-            device_jid=devices.get(session.session_id),
-            phone=session.phone or phone_of(devices.get(session.session_id)),
+            stored=session.last_mirrored_at is not None,
+            device_jid=session.device_jid,
+            phone=session.phone or phone_of(session.device_jid),
             push_name=session.push_name,
             owner=session.owner,
             last_saved_at=session.last_mirrored_at,
