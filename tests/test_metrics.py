@@ -119,10 +119,11 @@ def test_two_sessions_share_one_metrics_each_family_once_one_sample_per_session(
         "suporte": 2.0,
     }
     for sid in SESSIONS:
-        # After the reconciliation that follows a connect (it could store the rows itself, and the
-        # mirror would then count none of them).
+        # After the reconciliation that follows a connect and the snapshot that follows a pairing
+        # (either could store the rows itself, and the mirror would then count none of them).
         runtime = two.services[sid].runtime
         wait_until(lambda r=runtime: r.status().last_reconcile_at is not None, message=f"{sid}: reconciled")
+        wait_until(lambda s=sid: two.db.list_history(s) != [], message=f"{sid}: the snapshot after pairing")
         two.networks[sid].current().write_store(rows=3)
 
     def mirrored_rows() -> dict[str, float]:
