@@ -359,6 +359,16 @@ def test_the_sessions_page_lists_creates_and_removes_numbers(hosted: HostedDaemo
     assert dialogs[-1].startswith("Remover a sessão suporte?")
     assert hosted.host.hosted() == ["default", "vendas"] and "suporte" not in hosted.db.session_ids()
     assert page.locator("tr[data-session]").count() == 2
+
+    # A number to pair by code instead: its page shows the code WhatsApp gave for it.
+    page.fill("#new-session-id", "loja")
+    page.fill("#new-pair-phone", "+55 11 98765-4321")
+    page.click("#new-session-form button")
+    page.wait_for_url("**/?session=loja")
+    page.wait_for_selector("#pairing-code-box:not([hidden])")
+    assert page.inner_text("#pairing-code") == "ABCD-EFGH"
+    assert hosted.db.registered_session("loja").pair_phone == "5511987654321"
+    page.screenshot(path=hosted.shots / "8-pairing-code.png", full_page=True)
     context.close()
 
 

@@ -157,6 +157,7 @@ function sessionPage() {
     if (s.pairing_code) {
       $("pairing-code").textContent = s.pairing_code;
       $("pairing-code-box").hidden = false;
+      $("code-form").open = true; // a session created with a number to pair: its code, not the QR, is the way
     }
     if (previousState === "qr" && s.state === "connected") {
       const note = $("paired-note");
