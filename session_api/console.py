@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, abort, current_app, redirect, render_template, request
 
-from bot.process.config import Config, is_valid_session_id
+from bot.process.config import is_valid_session_id
 from session_api import console_auth
 from session_api.console_words import language, words
 from session_api.guard import FailedAttempts, FailureBudget
@@ -113,14 +113,9 @@ def sign_out() -> Response:
     return response  # type: ignore[return-value]
 
 
-def _config() -> Config:
-    """The daemon's configuration: its passwords and default session are the same for every session."""
-    return runtime().config
-
-
 def _passwords() -> list[str]:
     """CONSOLE_PASSWORD when set (then the API token does not open the console), else the API token."""
-    config = _config()
+    config = runtime().config
     return [config.console_password] if config.console_password else [current_app.config["API_TOKEN"]]
 
 
@@ -140,7 +135,7 @@ def _set_cookie(response: Response, name: str, value: str) -> None:
 def _chosen_session() -> tuple[str, str]:
     """The session a page shows (``?session=ID``, else the default one) and the query that keeps it
     on the links between pages (none for the default: the seed's addresses stay as they were)."""
-    default = _config().session_id
+    default = runtime().config.session_id  # the daemon's default session
     chosen = request.args.get("session", default)
     if not is_valid_session_id(chosen):
         abort(400, "session must be 1-100 letters, digits, '-' or '_'")
