@@ -1,6 +1,7 @@
 """Entry point: ``python -m bot`` runs the daemon; the other commands serve operators.
 
     python -m bot [run]            the daemon: WhatsApp session + chatbot + admin API
+    python -m bot sessions [--json] every session in the database: state, stored, phone, owner, last saved
     python -m bot status           stored sessions and their history (JSON)
     python -m bot backup           sync the local store into the database, keep a snapshot
     python -m bot restore [-v N]   rewrite the local store from the database (daemon stopped)
@@ -10,6 +11,9 @@
                                    not, or the saved answer of GET /api/session/restore)
     python -m bot rekey            re-encrypt the stored session under SESSION_ENCRYPTION_KEY
     python -m bot console          chat with the rules in the terminal (no WhatsApp)
+
+Every command but run and console takes ``--session ID`` (default: SESSION_ID, else ``default``):
+the session it acts on, its rows and its local store DATA_DIR/sessions/ID.
 
 This is the one place that loads .env, opens the pool, starts threads and installs signal
 handlers.
@@ -35,7 +39,7 @@ from dotenv import find_dotenv, load_dotenv
 from bot import __version__
 
 from bot.process import logs
-from bot.process.config import SHORT_TOKEN, Config
+from bot.process.config import SHORT_TOKEN, Config, checked_session_id
 from bot.process.errors import ConfigError, ZapkeepError
 from bot.connection.events import ClientFactory
 from database import Database, DatabaseError, open_database
@@ -67,6 +71,8 @@ def main(argv: list[str], *, client_factory: ClientFactory | None = None) -> int
             from bot.console import run_console
 
             return run_console(config, name=args.name)
+        if getattr(args, "session", None) is not None:  # (the commands that act on one session)
+            config = replace(config, session_id=checked_session_id(args.session, "--session"))
         return run_command(config, args)
     except ConfigError as exc:  # found after the environment, e.g. in the rules file
         print(f"zapkeep: configuration error: {exc}", file=sys.stderr)
@@ -83,7 +89,7 @@ STORED = (
     "Reads DATABASE_URL (unset: the embedded SQLite database in DATA_DIR), SESSION_ID and the encryption keys "
     "(SESSION_ENCRYPTION_KEY, SESSION_ENCRYPTION_KEY_OLD)."
 )
-LOCAL = f"{STORED} The local store is DATA_DIR/sessions/SESSION_ID."
+LOCAL = f"{STORED} The local store is DATA_DIR/sessions/SESSION_ID (or --session)."
 # What these commands read needs the keys the stored session is sealed with: checked first.
 NEEDS_KEYS = ("run", "backup", "restore", "export", "import", "rekey")
 
@@ -100,6 +106,16 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str, reads: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {reads}")
 
+    def session_command(name: str, summary: str, reads: str) -> argparse.ArgumentParser:
+        """A command that acts on one session: its rows and its local store."""
+        parser = command(name, summary, reads)
+        parser.add_argument(
+            "--session",
+            metavar="ID",
+            help="the session to act on (default: SESSION_ID, else 'default'); its store is DATA_DIR/sessions/ID",
+        )
+        return parser
+
     command(
         "run",
         "run the daemon (the default)",
@@ -109,24 +125,26 @@ def _parser() -> argparse.ArgumentParser:
         "HTTPS_PROXY, "
         "RAILWAY_DEPLOYMENT_ID.",
     )
-    command("status", "stored sessions and their history, as JSON", STORED)
-    command("backup", "sync the local store into the database and keep a snapshot in history", LOCAL)
-    restore = command("restore", "rewrite the local store from the database (daemon stopped)", LOCAL)
+    sessions = command("sessions", "every session in the database: state, stored, phone, owner, last saved", STORED)
+    sessions.add_argument("--json", action="store_true", help="as JSON instead of a table")
+    session_command("status", "stored sessions and their history, as JSON", STORED)
+    session_command("backup", "sync the local store into the database and keep a snapshot in history", LOCAL)
+    restore = session_command("restore", "rewrite the local store from the database (daemon stopped)", LOCAL)
     restore.add_argument("-v", "--version", type=_history_version, help="a historical version instead of the latest")
-    delete = command("delete", "delete the stored session", STORED)
+    delete = session_command("delete", "delete the stored session", STORED)
     delete.add_argument("--purge", action="store_true", help="delete its history too")
-    export = command("export", "write the stored document to FILE ('-' for stdout)", STORED)
+    export = session_command("export", "write the stored document to FILE ('-' for stdout)", STORED)
     export.add_argument("file")
     export.add_argument(
         "--clear", action="store_true", help="unencrypted, even with SESSION_ENCRYPTION_KEY set (it holds the keys!)"
     )
-    import_ = command("import", "validate FILE and store it as the session", STORED)
+    import_ = session_command("import", "validate FILE and store it as the session", STORED)
     import_.add_argument(
         "file",
         help="'-' for stdin; each of these as it is: what `export` writes (clear, or sealed with a key), "
         "the answer of GET /api/session/restore saved with curl (?clear=true or sealed), or the bare session document",
     )
-    command(
+    session_command(
         "rekey",
         "re-encrypt every stored credential of the session under SESSION_ENCRYPTION_KEY (unset: decrypt); "
         "safe beside the running daemon",
@@ -252,7 +270,15 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
     db = _open(config, args.command)
     try:
         session_id = config.session_id
-        if args.command == "status":
+        if args.command == "sessions":
+            from bot.session import listing
+
+            lines = listing.list_sessions(db)
+            if args.json:
+                print(json.dumps([asdict(line) for line in lines], indent=2, default=str))
+            else:
+                print(listing.table(lines))
+        elif args.command == "status":
             sessions = [
                 {**asdict(summary), "history": [asdict(h) for h in db.list_history(summary.session_id)]}
                 for summary in db.list_sessions()

@@ -232,7 +232,8 @@ class Host:
 
     def _forget(self, session_id: str, *, keep_history: bool) -> None:
         """A deleted session's traces, once its parts stopped (their last write included): its
-        stored rows, its live state, its local store."""
+        stored rows, its live state, its local store, its metrics."""
+        self.metrics.unwatch(session_id)
         self.db.delete_session(session_id, keep_history=keep_history)
         self.db.clear_live(session_id)
         shutil.rmtree(replace(self.config, session_id=session_id).session_dir, ignore_errors=True)

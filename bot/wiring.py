@@ -104,7 +104,7 @@ def _runtime_parts(runtime: Runtime, metrics: Metrics, timing: Timing, shared: T
         fence=lambda: runtime.fence,
         on_fenced=lambda exc, fence: runtime._lease.lose(str(exc), fence),
         poll_wait_seconds=timing.mirror_poll_seconds,
-        on_batch=metrics.mirrored,
+        on_batch=metrics.session(config.session_id).mirrored,
     )
     lease = LeaseKeeper(
         db,
@@ -203,7 +203,7 @@ def build_services(
             runtime.gateway.send_file,
         ),
         typing_seconds=rules.typing_seconds,
-        metrics=runtime.metrics,
+        metrics=runtime.metrics.session(config.session_id),
     )
     chatbot = Chatbot(
         db,
@@ -212,7 +212,7 @@ def build_services(
         outbox,
         mark_read=runtime.gateway.mark_read,
         handled=runtime.gateway.message_handled,
-        metrics=runtime.metrics,
+        metrics=runtime.metrics.session(config.session_id),
     )
     runtime.message_handlers.append(chatbot.submit)
     runtime.connected_listeners.append(outbox.notify)
@@ -233,5 +233,5 @@ def build_services(
         for url in config.webhook_urls
     ]
     if webhooks:
-        runtime.metrics.watch_webhooks(lambda: [d.status for d in webhooks])
+        runtime.metrics.watch_webhooks(config.session_id, lambda: [d.status for d in webhooks])
     return Services(runtime, outbox, chatbot, journal, webhooks)

@@ -1,6 +1,8 @@
-"""The operator's web console at ``/``: sign in, the session page (state, pairing, actions), the
-messages page. Pages are Jinja templates; their script (``static/console.js``) calls the JSON API
-from the signed-in browser and listens to ``GET /api/events``. No build step, no CDN."""
+"""The operator's web console at ``/``: sign in, the sessions page (every number: create, remove),
+the session page (state, pairing, actions) and the messages page of one session (``?session=ID``,
+else the daemon's default session). Pages are Jinja templates; their script (``static/console.js``)
+calls the JSON API (``/api/sessions/<id>/...``) from the signed-in browser and listens to the
+session's event stream. No build step, no CDN."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import math
 import secrets
 import time
 from collections.abc import Callable
+from urllib.parse import quote
 
-from flask import Blueprint, Response, current_app, redirect, render_template, request
+from flask import Blueprint, Response, abort, current_app, redirect, render_template, request
 
+from bot.process.config import is_valid_session_id
 from session_api import console_auth
 from session_api.console_words import language, words
 from session_api.guard import FailedAttempts, FailureBudget
@@ -63,6 +67,14 @@ def messages() -> Response:
     if session is None:
         return redirect("/", code=303)  # type: ignore[return-value]
     return _page("messages.html", session)
+
+
+@bp.get("/console/sessions")
+def sessions() -> Response:
+    session = console_auth.current_session()
+    if session is None:
+        return redirect("/", code=303)  # type: ignore[return-value]
+    return _page("sessions.html", session)
 
 
 @bp.post("/console/sign-in")
@@ -120,9 +132,20 @@ def _set_cookie(response: Response, name: str, value: str) -> None:
     response.set_cookie(name, value, httponly=True, samesite="Strict", secure=console_auth.cookie_is_secure(), path="/")
 
 
+def _chosen_session() -> tuple[str, str]:
+    """The session a page shows (``?session=ID``, else the default one) and the query that keeps it
+    on the links between pages (none for the default: the seed's addresses stay as they were)."""
+    default = host().default_session_id  # the daemon's default session (also when it is not hosted)
+    chosen = request.args.get("session", default)
+    if not is_valid_session_id(chosen):
+        abort(400, "session must be 1-100 letters, digits, '-' or '_'")
+    return chosen, "" if chosen == default else f"?session={quote(chosen)}"
+
+
 def _page(template: str, session: console_auth.ConsoleSession) -> Response:
+    chosen, query = _chosen_session()
     context = {
-        "sessionId": host().default_session_id,
+        "sessionId": chosen,
         "csrfToken": session.csrf_token,
         "words": words(),
         "lang": language(),
@@ -134,5 +157,7 @@ def _page(template: str, session: console_auth.ConsoleSession) -> Response:
         csrf_token=session.csrf_token,
         context=json.dumps(context),
         page=template.removesuffix(".html"),
+        session_id=chosen,
+        session_query=query,
     )
     return Response(body, mimetype="text/html")

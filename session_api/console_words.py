@@ -28,9 +28,18 @@ STATE_WORDS: dict[State, dict[str, str]] = {
 }
 
 
+# What the sessions list says of a session this daemon does not run (GET /api/sessions: its owner
+# publishes nothing, or no instance holds its lease).
+LISTED_STATE_WORDS: dict[str, dict[str, str]] = {
+    "not_running": {"pt-BR": "Parada (nenhuma instância)", "en": "Not running (no instance)"},
+    "running_elsewhere": {"pt-BR": "Em outra instância", "en": "Running on another instance"},
+}
+
+
 def _state_words(lang: str) -> dict[str, str]:
     """``state_<name>`` for every state: the page's badge shows ``W["state_" + state]``."""
-    return {f"state_{state.value}": names[lang] for state, names in STATE_WORDS.items()}
+    words = {f"state_{state.value}": names[lang] for state, names in STATE_WORDS.items()}
+    return words | {f"state_{name}": names[lang] for name, names in LISTED_STATE_WORDS.items()}
 
 
 WORDS: dict[str, dict[str, str]] = {
@@ -122,6 +131,18 @@ WORDS: dict[str, dict[str, str]] = {
         "healthy": "em dia",
         "live": "ao vivo",
         "offline": "sem conexão com o daemon",
+        "sessions": "Sessões",
+        "sessions_lead": "Cada número de WhatsApp é uma sessão.",
+        "owner": "Instância",
+        "last_saved": "Salva em",
+        "new_number": "Novo número",
+        "new_session_id": "Nome da sessão (letras, números, '-' ou '_')",
+        "new_pair_phone": "Parear por código: número com DDI e DDD (opcional)",
+        "create": "Criar e conectar",
+        "remove": "Remover",
+        "confirm_remove": "Remover a sessão {session}? A conexão é encerrada e a sessão salva é apagada (o histórico fica).",
+        "removed": "Sessão {session} removida.",
+        "no_sessions": "Nenhuma sessão.",
     },
     "en": {
         "title": "zapkeep — console",
@@ -211,6 +232,18 @@ WORDS: dict[str, dict[str, str]] = {
         "healthy": "up to date",
         "live": "live",
         "offline": "no connection to the daemon",
+        "sessions": "Sessions",
+        "sessions_lead": "Each WhatsApp number is a session.",
+        "owner": "Instance",
+        "last_saved": "Saved",
+        "new_number": "New number",
+        "new_session_id": "Session name (letters, digits, '-' or '_')",
+        "new_pair_phone": "Pair by code: number with country and area code (optional)",
+        "create": "Create and connect",
+        "remove": "Remove",
+        "confirm_remove": "Remove the session {session}? Its connection ends and its stored session is deleted (history stays).",
+        "removed": "Session {session} removed.",
+        "no_sessions": "No sessions.",
     },
 }
 

@@ -754,6 +754,7 @@ def test_a_wrong_method_says_which_are_allowed(api: Api) -> None:
 
 
 CUSTOMER = "5511912345678@s.whatsapp.net"
+DEFAULT = (("session_id", "default"),)  # the labels of a per-session metric of the session "default"
 
 
 def scrape(api: Api, token: str | None = TOKEN) -> dict[tuple[str, tuple], float]:
@@ -769,9 +770,9 @@ def scrape(api: Api, token: str | None = TOKEN) -> dict[tuple[str, tuple], float
 def test_metrics_parse_and_move_when_a_backup_and_a_message_happen(api: Api) -> None:
     api.pair()
     before = scrape(api)
-    assert before[("zapkeep_state", (("state", "connected"),))] == 1.0
-    assert before[("zapkeep_state", (("state", "qr"),))] == 0.0
-    assert before[("zapkeep_lease_owned", ())] == 1.0 and before[("zapkeep_fencing_token", ())] >= 1
+    assert before[("zapkeep_state", (("session_id", "default"), ("state", "connected")))] == 1.0
+    assert before[("zapkeep_state", (("session_id", "default"), ("state", "qr")))] == 0.0
+    assert before[("zapkeep_lease_owned", DEFAULT)] == 1.0 and before[("zapkeep_fencing_token", DEFAULT)] >= 1
     assert before[("process_open_fds", ())] > 0 and before[("process_resident_memory_bytes", ())] > 0
 
     client = api.network.current()
@@ -783,10 +784,10 @@ def test_metrics_parse_and_move_when_a_backup_and_a_message_happen(api: Api) -> 
     def moved() -> dict[str, float]:
         after = scrape(api)
         names = {
-            "received": ("zapkeep_messages_received_total", (("outcome", "replied"),)),
-            "sent": ("zapkeep_messages_sent_total", (("outcome", "sent"),)),
-            "rows": ("zapkeep_mirror_rows_total", ()),
-            "batches": ("zapkeep_mirror_batch_seconds_count", ()),
+            "received": ("zapkeep_messages_received_total", (("outcome", "replied"), ("session_id", "default"))),
+            "sent": ("zapkeep_messages_sent_total", (("outcome", "sent"), ("session_id", "default"))),
+            "rows": ("zapkeep_mirror_rows_total", DEFAULT),
+            "batches": ("zapkeep_mirror_batch_seconds_count", DEFAULT),
         }
         return {label: after.get(key, 0.0) - before.get(key, 0.0) for label, key in names.items()}
 
@@ -796,22 +797,22 @@ def test_metrics_parse_and_move_when_a_backup_and_a_message_happen(api: Api) -> 
     assert api.call("GET", "/metrics", token="wrong").status == 401
 
     api.runtime.config = replace(api.runtime.config, metrics_token="scraper-token-0123456789")
-    assert scrape(api, token="scraper-token-0123456789")[("zapkeep_lease_owned", ())] == 1.0
-    assert scrape(api)[("zapkeep_lease_owned", ())] == 1.0  # the API token opens it too
+    assert scrape(api, token="scraper-token-0123456789")[("zapkeep_lease_owned", DEFAULT)] == 1.0
+    assert scrape(api)[("zapkeep_lease_owned", DEFAULT)] == 1.0  # the API token opens it too
 
 
 def test_metrics_still_answer_while_the_database_is_away(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     api.pair()
-    assert scrape(api)[("zapkeep_database_up", ())] == 1.0
+    assert scrape(api)[("zapkeep_database_up", DEFAULT)] == 1.0
 
     def away(session_id: str) -> None:
         raise ConnectionRefusedError("the database is away")
 
     monkeypatch.setattr(api.db, "outbox_depth", away)
     during = scrape(api)  # the numbers that matter most during an outage are still there
-    assert during[("zapkeep_database_up", ())] == 0.0
-    assert during[("zapkeep_state", (("state", "connected"),))] == 1.0
-    assert ("zapkeep_outbox_queued", ()) not in during
+    assert during[("zapkeep_database_up", DEFAULT)] == 0.0
+    assert during[("zapkeep_state", (("session_id", "default"), ("state", "connected")))] == 1.0
+    assert ("zapkeep_outbox_queued", DEFAULT) not in during
 
 
 def test_during_a_postgresql_outage_the_status_answers_from_the_process_and_readiness_names_the_database(
@@ -839,7 +840,9 @@ def test_during_a_postgresql_outage_the_status_answers_from_the_process_and_read
             ready = api.call("GET", "/readyz")
             assert ready.status == 503 and ready.json()["reason"].startswith("database unreachable since "), ready.body
             metrics = scrape(api)
-            assert metrics[("zapkeep_database_up", ())] == 0.0 and ("zapkeep_outbox_queued", ()) not in metrics
+            assert (
+                metrics[("zapkeep_database_up", DEFAULT)] == 0.0 and ("zapkeep_outbox_queued", DEFAULT) not in metrics
+            )
             chats = api.call("GET", "/api/chats")  # it needs the database: refused, not waited for
             assert chats.status == 503 and chats.headers["retry-after"] == "5", chats.body
 

@@ -11,16 +11,19 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from bot.session.persistence import sync_session
 from bot.wiring import build_runtime
-from database import Database, PostgresDatabase
+from database import Database, PostgresDatabase, SqliteDatabase
 from session_api import create_app
 from session_api.server import ApiServer
 from tests.fake_whatsapp import FakeWhatsApp
 from tests.runtime_helpers import make_config
-from tests.synthetic import DEVICE_JID, create_paired_store, table_rows
+from tests.synthetic import DEVICE_JID, DEVICE_USER, create_paired_store, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -255,3 +258,97 @@ def test_every_export_form_imports_as_it_is(db: Database, network: FakeWhatsApp,
         assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
         assert len(refused.stderr.strip().splitlines()) == 1 and "nested too deeply" in refused.stderr
     assert db.load_session("deep") is None
+
+
+# --- many sessions in one database (issue 25) ------------------------------------------------------
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Database]]:
+    """DATABASE_URL for the commands ('': the embedded SQLite database in DATA_DIR) and the same
+    database opened here."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("database_url")
+        database: Database = PostgresDatabase(url)
+    else:
+        url = ""
+        database = SqliteDatabase(tmp_path / "data" / "zapkeep.sqlite3")
+    database.open()
+    try:
+        yield url, database
+    finally:
+        database.close()
+
+
+def paired_store(data: Path, session_id: str, push_name: str, seed: int) -> Path:
+    store = data / "sessions" / session_id / "whatsmeow.sqlite3"
+    create_paired_store(store, seed=seed)
+    conn = sqlite3.connect(store)
+    with conn:
+        conn.execute("UPDATE whatsmeow_device SET push_name = ?", (push_name,))
+    conn.close()
+    return store
+
+
+def test_sessions_lists_every_session_and_each_command_acts_on_the_one_named(
+    backend: tuple[str, Database], tmp_path: Path
+) -> None:
+    url, db = backend
+    data = tmp_path / "data"
+    stores = {"loja-a": paired_store(data, "loja-a", "Loja A", 1), "loja_b": paired_store(data, "loja_b", "Loja B", 2)}
+    for session_id in stores:
+        backed_up = bot(url, data, "backup", "--session", session_id)
+        assert backed_up.returncode == 0 and backed_up.stdout.startswith(f"written: session {session_id},"), backed_up
+    running = db.acquire_lease("loja_b", "host-b/deploy/7", ttl_seconds=60)  # a daemon runs loja_b
+    assert running is not None
+    db.register_session("nova")  # created over the API, never paired: not stored yet
+
+    listed = bot(url, data, "sessions")
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["SESSION", "STATE", "STORED", "PHONE", "DEVICE", "OWNER", "LAST", "SAVED"]
+    assert [row.split()[:6] for row in rows] == [
+        ["loja-a", "not_running", "yes", DEVICE_USER, DEVICE_JID, "-"],
+        ["loja_b", "starting", "yes", DEVICE_USER, DEVICE_JID, "host-b/deploy/7"],
+        ["nova", "not_running", "no", "-", "-", "-"],
+    ]
+    shown = json.loads(bot(url, data, "sessions", "--json").stdout)
+    assert [(s["session_id"], s["stored"], s["push_name"], s["owner"]) for s in shown] == [
+        ("loja-a", True, "Loja A", None),
+        ("loja_b", True, "Loja B", "host-b/deploy/7"),
+        ("nova", False, None, None),
+    ]
+    assert [bool(s["last_saved_at"]) for s in shown] == [True, True, False]
+
+    exported = bot(url, data, "export", "--session", "loja_b", "-")
+    assert exported.returncode == 0, exported.stderr
+    document = json.loads(exported.stdout)
+    stored = db.load_session("loja_b")
+    assert stored is not None and document["lineage"] == stored.lineage != db.load_session("loja-a").lineage
+    assert document["metadata"]["push_name"] == "Loja B"
+
+    # restore and delete: that session's store and rows, the other's untouched.
+    assert db.release_lease(running)  # (its daemon stopped: restore refuses beside a live owner)
+    original = table_rows(stores["loja_b"])
+    stores["loja_b"].unlink()
+    restored = bot(url, data, "restore", "--session", "loja_b")
+    assert restored.returncode == 0, restored.stderr
+    assert table_rows(stores["loja_b"]) == original
+    assert bot(url, data, "delete", "--session", "loja-a").returncode == 0
+    assert [s.session_id for s in db.list_sessions()] == ["loja_b"] and stores["loja-a"].exists()
+
+
+def test_a_bad_session_id_is_refused_in_one_line_and_nothing_is_written(
+    backend: tuple[str, Database], tmp_path: Path
+) -> None:
+    url, db = backend
+    data = tmp_path / "data"
+    paired_store(data, "default", "Loja", 1)
+    target = tmp_path / "out.json"
+    for command in (["export", "--session", "../default", str(target)], ["backup", "--session", "a b"]):
+        refused = bot(url, data, *command)
+        assert refused.returncode == 2, command
+        assert refused.stderr.splitlines() == [
+            "zapkeep: configuration error: --session must be 1-100 letters, digits, '-' or '_'"
+        ]
+    assert not target.exists() and db.list_sessions() == []

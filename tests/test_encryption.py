@@ -498,7 +498,7 @@ def test_a_stored_row_that_does_not_open_is_found_reported_and_repaired_by_its_o
     assert status.unreadable_rows == 1 and status.last_unreadable_at is not None
     # (last_reconcile_result said so until the next reconciliation; these stay.)
     assert "1 stored rows did not open (altered or corrupt: whatsmeow_pre_keys 1); rewritten" in caplog.text
-    assert "zapkeep_stored_rows_unreadable_total 1.0" in metrics
+    assert 'zapkeep_stored_rows_unreadable_total{session_id="default"} 1.0' in metrics
     assert corrupt_events(sealed) == [
         {
             "unreadable_rows": 1,

@@ -5,6 +5,7 @@ Screenshots of every page land in the test's output (``tmp_path/screenshots``)."
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bot.connection import events
+from bot.host import Host, HostTiming
 from bot.messages.rules import load_rules
 from bot.process.config import SHIPPED_REPLIES, Config
 from bot.runtime import Runtime
@@ -227,14 +229,174 @@ def test_wrong_passwords_and_forged_requests_are_refused(daemon: Daemon, browser
 
 def test_every_state_has_a_word_and_a_colour_in_both_languages() -> None:
     """The badge shows W["state_" + state] (else the raw English name) coloured by .state-<name>:
-    every state the runtime has, and nothing else, is named in each language and coloured."""
+    every state the runtime has, and those the sessions list adds for a session this daemon does
+    not run, and nothing else, is named in each language and coloured."""
     css = (Path(console_words.__file__).parent / "static" / "console.css").read_text()
-    names = {state.value for state in State}
+    names = {state.value for state in State} | {"not_running", "running_elsewhere"}
     for lang, words in console_words.WORDS.items():
         named = {key.removeprefix("state_") for key in words if key.startswith("state_")}
         assert named == names, (lang, named ^ names)
-        for state in State:
-            word = words[f"state_{state.value}"]
-            assert word.strip() and word != state.value, (lang, state)
+        for state in names:
+            word = words[f"state_{state}"]
+            assert word.strip() and word != state, (lang, state)
     assert console_words.WORDS["pt-BR"]["state_disconnected"] != console_words.WORDS["en"]["state_disconnected"]
     assert set(re.findall(r"\.state-([a-z_]+)", css)) == names
+
+
+# --- many numbers in one daemon (issue 25) ---------------------------------------------------------
+
+
+@dataclass
+class HostedDaemon:
+    url: str
+    host: Host
+    db: SqliteDatabase
+    network: FakeWhatsApp
+    shots: Path
+
+
+@pytest.fixture
+def hosted(whatsmeow_template: Path, tmp_path: Path) -> Iterator[HostedDaemon]:
+    """The daemon's assembly for many sessions: a Host, its API and console behind waitress."""
+    config = Config.from_env(
+        {
+            "DATA_DIR": str(tmp_path / "data"),
+            "API_TOKEN": TOKEN,
+            "CONSOLE_PASSWORD": PASSWORD,
+            "BACKUP_INTERVAL_SECONDS": "3600",
+        }
+    )
+    db = SqliteDatabase(tmp_path / "zapkeep.sqlite3")
+    db.open()
+    network = FakeWhatsApp(schema_template=whatsmeow_template)
+    rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
+    host = Host(
+        config,
+        db,
+        network.factory,
+        rules,
+        host_timing=HostTiming(sync_seconds=0.2, command_wait_seconds=0.1),
+        owner_id="console-host",
+        timing=FAST,
+    )
+    server = ApiServer(create_app(host, db), "127.0.0.1", 0)
+    server.start()
+    host.start()
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    try:
+        yield HostedDaemon(f"http://127.0.0.1:{server.port}", host, db, network, shots)
+    finally:
+        server.stop()
+        host.stop()
+        db.close()
+
+
+def hosted_state(daemon: HostedDaemon, session_id: str) -> State | None:
+    services = daemon.host.services(session_id)
+    return None if services is None else services.runtime.state
+
+
+def scan(daemon: HostedDaemon, session_id: str) -> None:
+    wait_until(lambda: hosted_state(daemon, session_id) is State.QR, message=f"{session_id} shows a QR")
+    daemon.network.current(session_id=session_id).scan_qr()
+    wait_until(lambda: hosted_state(daemon, session_id) is State.CONNECTED, message=f"{session_id} connected")
+
+
+def test_the_sessions_page_lists_creates_and_removes_numbers(hosted: HostedDaemon, browser) -> None:
+    hosted.host.create_session("vendas")
+    scan(hosted, "vendas")  # vendas is connected; default waits for its QR scan
+    context = browser.new_context(locale="pt-BR")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+    page.goto(hosted.url + "/")
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_selector("#badge")
+
+    page.click("nav a[href='/console/sessions']")
+    page.wait_for_selector("tr[data-session='default'] .badge[data-state='qr']")
+    page.wait_for_selector("tr[data-session='vendas'] .badge[data-state='connected']")
+    assert page.inner_text("tr[data-session='default'] .badge") == "Aguardando leitura do QR"
+    assert page.inner_text("tr[data-session='vendas'] .badge") == "Conectado"
+    assert page.inner_text("tr[data-session='vendas'] .phone") == f"+{DEVICE_USER}"
+    assert "console-host" in page.inner_text("tr[data-session='vendas'] .owner")
+    assert page.inner_text("tr[data-session='default'] .saved") == "nunca"  # never stored: not paired yet
+    assert page.inner_text("tr[data-session='vendas'] .saved") != "nunca"
+    page.screenshot(path=hosted.shots / "6-sessions.png", full_page=True)
+
+    # "Novo número": created, started, and its own page shows its QR live, then the scan.
+    page.fill("#new-session-id", "suporte")
+    page.click("#new-session-form button")
+    page.wait_for_url("**/?session=suporte")
+    assert page.inner_text("#session-id") == "suporte"
+    page.wait_for_selector("#badge[data-state='qr']")
+    image = page.wait_for_selector("#qr:not([hidden])")
+    assert image.get_attribute("src").startswith("data:image/png;base64,")
+    runtime = hosted.host.services("suporte").runtime
+    assert image.get_attribute("data-qr-id") == hashlib.sha256(runtime.qr_code().encode()).hexdigest()[:16]
+    page.screenshot(path=hosted.shots / "7-new-number.png", full_page=True)
+    hosted.network.current(session_id="suporte").scan_qr()
+    page.wait_for_selector("#badge[data-state='connected']")  # suporte's own event stream
+    assert hosted_state(hosted, "default") is State.QR  # the page acted on suporte alone
+
+    # Its messages page is its own: a customer of suporte shows there, not on default's.
+    client = hosted.network.current(session_id="suporte")
+    client.emit(events.IncomingMessage("3EB0SUPORTE1", CUSTOMER, CUSTOMER, "Ana", "oi", False, False, int(time.time())))
+    wait_until(lambda: hosted.db.list_chats("suporte"), message="suporte's chat logged")
+    page.click("nav a[href='/console/messages?session=suporte']")
+    page.wait_for_selector(f"#chats td:has-text('{CUSTOMER}')")
+    assert hosted.db.list_chats("default") == []
+
+    # Remove, after a confirmation: gone from the list, the daemon and the database.
+    page.click("nav a[href='/console/sessions']")
+    page.wait_for_selector("tr[data-session='suporte']")
+    page.click("tr[data-session='suporte'] button.danger")
+    page.wait_for_selector("tr[data-session='suporte']", state="detached")
+    page.wait_for_selector("#notice.ok:has-text('Sessão suporte removida.')")
+    assert dialogs[-1].startswith("Remover a sessão suporte?")
+    assert hosted.host.hosted() == ["default", "vendas"] and "suporte" not in hosted.db.session_ids()
+    assert page.locator("tr[data-session]").count() == 2
+
+    # A number to pair by code instead: its page shows the code WhatsApp gave for it.
+    page.fill("#new-session-id", "loja")
+    page.fill("#new-pair-phone", "+55 11 98765-4321")
+    page.click("#new-session-form button")
+    page.wait_for_url("**/?session=loja")
+    page.wait_for_selector("#pairing-code-box:not([hidden])")
+    assert page.inner_text("#pairing-code") == "ABCD-EFGH"
+    assert hosted.db.registered_session("loja").pair_phone == "5511987654321"
+    page.screenshot(path=hosted.shots / "8-pairing-code.png", full_page=True)
+    context.close()
+
+
+def test_a_session_page_names_its_session_in_the_address_and_refuses_a_bad_one(hosted: HostedDaemon, browser) -> None:
+    context = browser.new_context(locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.goto(hosted.url + "/")
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_selector("#badge")
+    assert page.inner_text("#session-id") == "default"
+    refused = page.goto(hosted.url + "/?session=../etc")
+    assert refused is not None and refused.status == 400
+    assert hosted.host.hosted() == ["default"]
+
+    context.close()
+
+    # The default session removed: the console still signs in and lists what is left.
+    hosted.host.create_session("vendas")
+    assert hosted.host.delete_session("default")
+    context = browser.new_context(locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.goto(hosted.url + "/")
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    page.goto(hosted.url + "/console/sessions")
+    page.wait_for_selector("tr[data-session='vendas'] .badge")
+    assert page.locator("tr[data-session]").count() == 1
+    context.close()

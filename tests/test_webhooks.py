@@ -265,13 +265,19 @@ def test_signed_events_reach_a_receiver_that_was_down_in_order_per_chat_and_once
     assert failing["failed_attempts"] >= 1 and failing["last_error"] == "HTTP 503" and failing["pending"] > 0
     assert failing["url"] == receiver.url  # (scheme, host and path: nothing secret in it here)
     assert receiver.accepted == []
-    assert f'zapkeep_webhook_failing{{endpoint="{receiver.url}"}} 1.0' in daemon.raw("GET", "/metrics").decode()
+    assert (
+        f'zapkeep_webhook_failing{{endpoint="{receiver.url}",session_id="default"}} 1.0'
+        in daemon.raw("GET", "/metrics").decode()
+    )
 
     receiver.mode = "ok"  # back up: everything arrives, oldest first in each chat
     last = daemon.db.last_event_id("default")
     wait_until(lambda: last in {e["id"] for e in receiver.events()}, timeout=20, message="every event delivered")
     wait_until(lambda: daemon.call("GET", "/api/webhooks")["endpoints"][0]["pending"] == 0, message="settled")
-    assert f'zapkeep_webhook_failing{{endpoint="{receiver.url}"}} 0.0' in daemon.raw("GET", "/metrics").decode()
+    assert (
+        f'zapkeep_webhook_failing{{endpoint="{receiver.url}",session_id="default"}} 0.0'
+        in daemon.raw("GET", "/metrics").decode()
+    )
 
     delivered = receiver.events()
     ids = [e["id"] for e in delivered]
@@ -465,8 +471,8 @@ def test_a_broken_receiver_is_a_failed_attempt_with_backoff_shown_and_other_chat
         (waiting,) = tried.values()
         assert waiting.attempts == 2 and waiting.next_attempt_at - datetime.now(UTC) > timedelta(minutes=30)
         metrics = daemon.raw("GET", "/metrics").decode()
-        assert f'zapkeep_webhook_failed_attempts_total{{endpoint="{broken.url}"}} 2.0' in metrics
-        assert f'zapkeep_webhook_failing{{endpoint="{broken.url}"}} 1.0' in metrics
+        assert f'zapkeep_webhook_failed_attempts_total{{endpoint="{broken.url}",session_id="default"}} 2.0' in metrics
+        assert f'zapkeep_webhook_failing{{endpoint="{broken.url}",session_id="default"}} 1.0' in metrics
     finally:
         broken.close()
 

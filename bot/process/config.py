@@ -33,6 +33,13 @@ def is_valid_session_id(value: str) -> bool:
     return SESSION_ID_PATTERN.fullmatch(value) is not None
 
 
+def checked_session_id(value: str, name: str) -> str:
+    """SESSION_ID's rule for whatever names a session (the variable, the CLI's ``--session``)."""
+    if not is_valid_session_id(value):
+        raise ConfigError(f"{name} must be 1-100 letters, digits, '-' or '_'")
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
     database_url: str | None = field(repr=False)  # it carries the database's password
@@ -87,9 +94,7 @@ class Config:
             raise ConfigError("DATABASE_URL must be a postgresql:// URL (or unset for the embedded SQLite database)")
 
         single_session = get("SESSION_ID") is not None
-        session_id = get("SESSION_ID") or "default"
-        if not is_valid_session_id(session_id):
-            raise ConfigError("SESSION_ID must be 1-100 letters, digits, '-' or '_'")
+        session_id = checked_session_id(get("SESSION_ID") or "default", "SESSION_ID")
 
         pair_phone = get("PAIR_PHONE")
         if pair_phone is not None:

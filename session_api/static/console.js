@@ -1,11 +1,14 @@
 // The console's pages: they call the JSON API as the signed-in browser (the session cookie, and
-// the CSRF token in X-CSRF-Token for every change) and follow GET /api/events. Text is always
-// set with textContent: nothing the daemon or a customer wrote is ever parsed as HTML.
+// the CSRF token in X-CSRF-Token for every change) and follow the session's event stream. Text is
+// always set with textContent: nothing the daemon or a customer wrote is ever parsed as HTML.
+// The session and messages pages show one session (the page's ?session=, else the default one)
+// through its routes, /api/sessions/<id>/...; the sessions page lists and manages every number.
 "use strict";
 
 const ctx = JSON.parse(document.body.dataset.context);
 const W = ctx.words;
 const SID = ctx.sessionId;
+const ON = (suffix = "", sessionId = SID) => `/api/sessions/${encodeURIComponent(sessionId)}${suffix}`;
 const $ = (id) => document.getElementById(id);
 const fmt = (key, values = {}) => (W[key] || key).replace(/\{(\w+)\}/g, (_, name) => values[name] ?? "");
 const when = (iso) => (iso ? new Date(iso).toLocaleString(ctx.lang) : W.never);
@@ -76,9 +79,15 @@ function duration(seconds) {
   return (d ? `${d}d ` : "") + `${h}h ${String(m).padStart(2, "0")}m`;
 }
 
+function badge(element, state) {
+  element.textContent = W[`state_${state}`] || state;
+  element.className = `badge state-${state}`;
+  element.dataset.state = state;
+}
+
 function follow(onStatus) {
   const live = $("live");
-  const source = new EventSource("/api/events");
+  const source = new EventSource(ON("/events"));
   source.addEventListener("status", (event) => {
     live.className = "live on";
     live.title = W.live;
@@ -105,15 +114,12 @@ function sessionPage() {
   $("session-id").textContent = SID;
 
   function render(s) {
-    const badge = $("badge");
-    badge.textContent = W[`state_${s.state}`] || s.state;
-    badge.className = `badge state-${s.state}`;
-    badge.dataset.state = s.state;
+    badge($("badge"), s.state);
     $("phone").textContent = s.phone ? `+${s.phone}` : "—";
     $("push-name").textContent = s.push_name || "—";
     $("device").textContent = s.jid || "—";
     $("uptime").textContent = duration(s.uptime_seconds);
-    $("reconnects").textContent = String(s.reconnect_count);
+    $("reconnects").textContent = s.reconnect_count === undefined ? "—" : String(s.reconnect_count);
     $("last-error").textContent = s.last_error || s.boot_error || W.none;
     // The readiness sentence is the API's (English): the badge and the last error say it in every language.
     $("readiness").textContent = ctx.lang === "en" && s.readiness ? s.readiness.reason || "" : "";
@@ -121,7 +127,7 @@ function sessionPage() {
     let owner = W.lease_none;
     if (s.owns_session) owner = W.lease_this;
     else if (lease && lease.held) owner = `${fmt("lease_other", { owner: lease.owner_id })} — ${W.standby}`;
-    $("lease").textContent = `${owner} (${s.owner_id})`;
+    $("lease").textContent = s.owner_id ? `${owner} (${s.owner_id})` : owner;
     const stored = s.last_mirrored_at || s.last_backup_at;
     const lag = stored ? Math.max(0, (Date.now() - new Date(stored).getTime()) / 1000) : null;
     $("last-backup").textContent = stored
@@ -133,7 +139,7 @@ function sessionPage() {
     qrExpiresAt = s.qr_expires_at ? new Date(s.qr_expires_at) : null;
     if (pairing && s.qr_id && s.qr_id !== qrId) {
       qrId = s.qr_id;
-      api("GET", `/api/session/qr?session_id=${encodeURIComponent(SID)}`)
+      api("GET", ON("/qr"))
         .then((data) => {
           const img = $("qr");
           img.src = data.image;
@@ -151,6 +157,7 @@ function sessionPage() {
     if (s.pairing_code) {
       $("pairing-code").textContent = s.pairing_code;
       $("pairing-code-box").hidden = false;
+      $("code-form").open = true; // a session created with a number to pair: its code, not the QR, is the way
     }
     if (previousState === "qr" && s.state === "connected") {
       const note = $("paired-note");
@@ -175,7 +182,7 @@ function sessionPage() {
   }, 500);
 
   async function loadHistory() {
-    const data = await api("GET", `/api/session/status?session_id=${encodeURIComponent(SID)}`);
+    const data = await api("GET", ON());
     const body = $("history");
     body.replaceChildren();
     for (const entry of data.session.history || []) {
@@ -190,7 +197,7 @@ function sessionPage() {
         button(W.rollback, () => {
           if (!window.confirm(fmt("confirm_rollback", { version: entry.version }))) return;
           act(async () => {
-            await api("POST", "/api/session/restore", { session_id: SID, version: entry.version });
+            await api("POST", ON("/restore"), { version: entry.version });
           });
         }),
       );
@@ -200,11 +207,11 @@ function sessionPage() {
   }
 
   const simple = {
-    backup: () => api("POST", "/api/session/backup", { session_id: SID }),
-    reconnect: () => api("POST", "/api/session/reconnect", { session_id: SID }),
-    stop: () => api("POST", "/api/session/stop", { session_id: SID }),
-    start: () => api("POST", "/api/session/start", { session_id: SID }),
-    logout: () => api("POST", "/api/session/logout", { session_id: SID }),
+    backup: () => api("POST", ON("/backup"), {}),
+    reconnect: () => api("POST", ON("/reconnect"), {}),
+    stop: () => api("POST", ON("/stop"), {}),
+    start: () => api("POST", ON("/start"), {}),
+    logout: () => api("POST", ON("/logout"), {}),
   };
   for (const element of document.querySelectorAll("[data-action]")) {
     const action = element.dataset.action;
@@ -218,7 +225,7 @@ function sessionPage() {
   }
 
   async function download() {
-    const data = await api("GET", `/api/session/restore?session_id=${encodeURIComponent(SID)}`);
+    const data = await api("GET", ON("/restore"));
     const blob = new Blob([JSON.stringify(data.session_data)], { type: "application/json" });
     const link = document.createElement("a");
     link.href = URL.createObjectURL(blob);
@@ -233,14 +240,14 @@ function sessionPage() {
     if (!file || !window.confirm(W.confirm_import)) return;
     act(async () => {
       const text = await file.text();
-      await api("POST", "/api/session/backup", { session_id: SID, session_data: text });
+      await api("POST", ON("/backup"), { session_data: text });
     });
   });
 
   $("pairing-code-form").addEventListener("submit", (event) => {
     event.preventDefault();
     act(async () => {
-      const data = await api("POST", "/api/session/pairing-code", { session_id: SID, phone: $("pair-phone").value });
+      const data = await api("POST", ON("/pairing-code"), { phone: $("pair-phone").value });
       $("pairing-code").textContent = data.pairing_code;
       $("pairing-code-box").hidden = false;
       return `${W.code_is} ${data.pairing_code}`;
@@ -250,12 +257,12 @@ function sessionPage() {
   $("send-form").addEventListener("submit", (event) => {
     event.preventDefault();
     act(async () => {
-      await api("POST", "/api/messages/send", { to: $("send-to").value, message: $("send-text").value });
+      await api("POST", ON("/send"), { to: $("send-to").value, message: $("send-text").value });
     });
   });
 
   async function loadWebhooks() {
-    const data = await api("GET", "/api/webhooks");
+    const data = await api("GET", ON("/webhooks"));
     const body = $("webhooks");
     body.replaceChildren();
     for (const endpoint of data.endpoints) {
@@ -278,7 +285,7 @@ function sessionPage() {
     }
   }
 
-  api("GET", `/api/session/status?session_id=${encodeURIComponent(SID)}`).then((data) => render(data.session));
+  api("GET", ON()).then((data) => render(data.session));
   loadWebhooks().catch(() => {});
   setInterval(() => loadWebhooks().catch(() => {}), 5000);
   follow(render);
@@ -288,7 +295,7 @@ function sessionPage() {
 
 function messagesPage() {
   async function loadBot() {
-    const data = await api("GET", `/api/bot?session_id=${encodeURIComponent(SID)}`);
+    const data = await api("GET", ON("/bot"));
     $("bot-state").textContent = data.replies_paused ? W.bot_off : W.bot_on;
     const toggle = $("bot-toggle");
     toggle.textContent = data.replies_paused ? W.resume_bot : W.pause_bot;
@@ -298,13 +305,13 @@ function messagesPage() {
   $("bot-toggle").addEventListener("click", () => {
     const paused = $("bot-toggle").dataset.paused === "true";
     act(async () => {
-      await api("POST", `/api/bot/${paused ? "resume" : "pause"}?session_id=${encodeURIComponent(SID)}`);
+      await api("POST", ON(`/bot/${paused ? "resume" : "pause"}`));
       await loadBot();
     });
   });
 
   async function loadChats() {
-    const data = await api("GET", `/api/chats?session_id=${encodeURIComponent(SID)}`);
+    const data = await api("GET", ON("/chats"));
     const body = $("chats");
     const paused = $("paused");
     body.replaceChildren();
@@ -325,7 +332,7 @@ function messagesPage() {
         item.appendChild(
           button(W.release, () =>
             act(async () => {
-              await api("POST", `/api/chats/${encodeURIComponent(chat.chat)}/release?session_id=${encodeURIComponent(SID)}`);
+              await api("POST", ON(`/chats/${encodeURIComponent(chat.chat)}/release`));
               await loadChats();
             }),
           ),
@@ -343,7 +350,7 @@ function messagesPage() {
   }
 
   async function openChat(jid) {
-    const data = await api("GET", `/api/chats/${encodeURIComponent(jid)}/messages?session_id=${encodeURIComponent(SID)}`);
+    const data = await api("GET", ON(`/chats/${encodeURIComponent(jid)}/messages`));
     $("chat-title").textContent = jid;
     const list = $("chat-list");
     list.replaceChildren();
@@ -357,7 +364,7 @@ function messagesPage() {
   }
 
   async function loadOutbox() {
-    const data = await api("GET", `/api/outbox?session_id=${encodeURIComponent(SID)}`);
+    const data = await api("GET", ON("/outbox"));
     const body = $("outbox");
     body.replaceChildren();
     for (const message of data.messages) {
@@ -377,5 +384,68 @@ function messagesPage() {
   $("live").hidden = true; // this page polls: it takes none of the daemon's few event streams
 }
 
+// --- the sessions page ------------------------------------------------------------------------
+
+function sessionsPage() {
+  const pageOf = (sessionId) => `/?session=${encodeURIComponent(sessionId)}`;
+
+  async function loadSessions() {
+    const data = await api("GET", "/api/sessions");
+    const body = $("sessions");
+    body.replaceChildren();
+    for (const s of data.sessions) {
+      const row = document.createElement("tr");
+      row.dataset.session = s.session_id;
+      const name = document.createElement("a");
+      name.href = pageOf(s.session_id);
+      name.textContent = s.session_id;
+      cell(row, "").appendChild(name);
+      const state = document.createElement("span");
+      badge(state, s.state);
+      cell(row, "").appendChild(state);
+      cell(row, s.phone ? `+${s.phone}` : "—", "phone");
+      cell(row, s.owner ? (s.hosted_here ? `${W.lease_this} (${s.owner})` : s.owner) : W.lease_none, "owner");
+      cell(row, when(s.last_mirrored_at), "saved");
+      cell(row, "").appendChild(
+        button(
+          W.remove,
+          () => {
+            if (!window.confirm(fmt("confirm_remove", { session: s.session_id }))) return;
+            act(async () => {
+              await api("DELETE", ON("", s.session_id));
+              await loadSessions();
+              return fmt("removed", { session: s.session_id });
+            });
+          },
+          "danger",
+        ),
+      );
+      body.appendChild(row);
+    }
+    if (!body.children.length) {
+      const row = document.createElement("tr");
+      cell(row, W.no_sessions, "muted").colSpan = 6;
+      body.appendChild(row);
+    }
+  }
+
+  // "Novo número": created and started, then its page, where its QR (or pairing code) shows live.
+  $("new-session-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const sessionId = $("new-session-id").value.trim();
+    const phone = $("new-pair-phone").value.trim();
+    act(async () => {
+      await api("POST", "/api/sessions", phone ? { session_id: sessionId, pair_phone: phone } : { session_id: sessionId });
+      window.location.assign(pageOf(sessionId));
+    });
+  });
+
+  const refresh = () => loadSessions().catch((error) => notify(fmt("failed", { reason: error.message }), false));
+  refresh();
+  setInterval(refresh, 3000);
+  $("live").hidden = true; // this page polls: it takes none of the daemon's few event streams
+}
+
 if (document.body.dataset.page === "session") sessionPage();
 if (document.body.dataset.page === "messages") messagesPage();
+if (document.body.dataset.page === "sessions") sessionsPage();
