@@ -609,7 +609,9 @@ class _Rounds:
             pool.shutdown(wait=False)
         self.emit({"round": round_id, "end": error})
 
-    def _answer(self, round_id: int, client: events.WhatsAppClient, call_id: object, op: str, args: list[object]) -> None:
+    def _answer(
+        self, round_id: int, client: events.WhatsAppClient, call_id: object, op: str, args: list[object]
+    ) -> None:
         try:
             self.emit({"round": round_id, "reply": call_id, "result": getattr(client, op)(*args)})
         except Exception as exc:
