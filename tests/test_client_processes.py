@@ -167,6 +167,13 @@ def test_a_go_crash_ends_every_round_of_its_process_and_later_rounds_run_in_a_ne
     again = Round(processes, stores[0])  # the session's next round: a fresh process, and it works
     wait_until(lambda: len(black_hole) == 3, timeout=60, message="the next round dialling")
     assert again.client.pid not in (None, crashed_pid) and processes.pids() == [again.client.pid]
+
+    # The crash came right after the crashing session's round opened: its next round runs alone,
+    # and crashing again takes nobody else with it.
+    retry = Round(processes, tmp_path / CRASHING_STORE)
+    assert retry.wait_end() == "the client process exited with code -6"
+    assert retry.client.pid not in (crashed_pid, again.client.pid)
+    assert again.running() and processes.pids() == [again.client.pid]
     again.client.stop()
     assert again.wait_end() is not None
 

@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ EXIT_GRACE_SECONDS = 3.0
 # A round that did not stop when asked is left to end in its child (whatsmeow's stop waits for a
 # hanging dial, up to a minute); if it has not ended after this long, its child is killed.
 ABANDONED_ROUND_SECONDS = 90.0
+# A Go crash this soon after the newest round of its process opened is blamed on that round: its
+# session's next rounds run in a process of their own (a store that crashes Go at every connect
+# would otherwise take every session of the shared process down at every retry), until one of
+# them ends without a crash.
+SUSPECT_SECONDS = 30.0
 # Each round's lanes, each with workers of its own (per round, so that in the shared child one
 # session's slow calls never hold up another's), so that nothing an API caller asks can hold up a
 # customer's reply: texts, read receipts and typing in one; files (slow uploads) in another; number
@@ -254,6 +260,7 @@ class _Child:
         self.process = start_child(command, own_session=True)
         self.pid = self.process.pid
         self.rounds: dict[int, ProcessClient] = {}  # every round whose events may still come
+        self.opened_at: dict[int, float] = {}  # round -> time.monotonic() it opened
         self.live: set[int] = set()  # ... and those not yet over for the daemon
         self.opened = 0
         self.retiring = False  # no more rounds: it exits once the live ones end
@@ -368,6 +375,7 @@ class ClientProcesses:
         self._current: _Child | None = None
         self._children: list[_Child] = []
         self._ids = itertools.count(1)
+        self._suspects: set[str] = set()  # store paths whose rounds run alone (see SUSPECT_SECONDS)
 
     def __call__(self, store_path: Path, sink: events.EventSink) -> events.WhatsAppClient:
         return ProcessClient(
@@ -386,13 +394,18 @@ class ClientProcesses:
     def open_round(self, client: ProcessClient) -> tuple[_Child, int]:
         with self._lock:
             child = self._current
-            if child is None or child.exited or self._full(child):
+            if str(client.store_path) in self._suspects:  # alone: a child that takes no other round
+                child = _Child(self._command, self)
+                child.retiring = True
+                self._children.append(child)
+            elif child is None or child.exited or self._full(child):
                 if child is not None:
                     self._retire(child)
                 child = self._current = _Child(self._command, self)
                 self._children.append(child)
             round_id = next(self._ids)
             child.rounds[round_id] = client
+            child.opened_at[round_id] = time.monotonic()
             child.live.add(round_id)
             child.opened += 1
         child.write({"op": "open", "round": round_id, "store": str(client.store_path)})
@@ -405,8 +418,11 @@ class ClientProcesses:
     def round_ended(self, child: _Child, round_id: int) -> None:
         """The child said the round ended: nothing more of it will come."""
         with self._lock:
-            child.rounds.pop(round_id, None)
+            client = child.rounds.pop(round_id, None)
+            child.opened_at.pop(round_id, None)
             child.live.discard(round_id)
+            if client is not None:
+                self._suspects.discard(str(client.store_path))  # it ended without a crash
             if child is self._current and not child.live and self._full(child):
                 self._retire(child)  # (no round would come to it: it may go now)
             close = self._drained(child)
@@ -437,6 +453,12 @@ class ClientProcesses:
             child.exited = True
             if self._current is child:
                 self._current = None
+            if not child.closing and child.opened_at:
+                newest = max(child.opened_at, key=child.opened_at.__getitem__)
+                if time.monotonic() - child.opened_at[newest] <= SUSPECT_SECONDS:
+                    suspect = str(child.rounds[newest].store_path)
+                    self._suspects.add(suspect)
+                    log.error("the client of %s is suspected of the crash; its rounds run alone for now", suspect)
             clients = list(child.rounds.values())
             child.rounds.clear()
             child.live.clear()
