@@ -173,7 +173,7 @@ def test_a_go_crash_ends_every_round_of_its_process_and_later_rounds_run_in_a_ne
     retry = Round(processes, tmp_path / CRASHING_STORE)
     assert retry.wait_end() == "the client process exited with code -6"
     assert retry.client.pid not in (crashed_pid, again.client.pid)
-    assert again.running() and processes.pids() == [again.client.pid]
+    assert processes.pids() == [again.client.pid] and not again.ended  # (its dial hangs for a minute)
     again.client.stop()
     assert again.wait_end() is not None
 
@@ -189,10 +189,10 @@ def test_stopping_a_round_whose_dial_hangs_leaves_the_other_rounds_of_its_proces
     wait_until(lambda: len(black_hole) == 2, timeout=60, message="both rounds dialling")
     a.client.stop()
     assert a.wait_end() == "the client did not stop within 2 s"
-    assert b.running()
     c = Round(processes, tmp_path / "a.sqlite3")  # the stopped session's next round, in the same process
     wait_until(lambda: len(black_hole) == 3, timeout=60, message="the next round dialling")
-    assert c.client.pid == b.client.pid == a.client.pid and b.running()
+    assert c.client.pid == b.client.pid == a.client.pid
+    assert not b.ended  # untouched (its own dial gives up only a minute after it began)
 
 
 def tree_descriptors(processes: ClientProcesses) -> int:
@@ -211,13 +211,13 @@ def test_client_processes_are_recycled_so_descriptors_stay_flat_over_many_rounds
     stores = [tmp_path / f"s{n}.sqlite3" for n in range(3)]
     if limit == "rounds":
         processes = ClientProcesses(logging.WARNING, rounds_per_child=10)
-    else:  # a fresh process's descriptors, and 20 more
+    else:  # a fresh process's descriptors, and 10 more
         probe = ClientProcesses(logging.WARNING)
         processes_factory.append(probe)
         first = Round(probe, stores[0])
         first.wait_end()
         fresh = len(os.listdir(f"/proc/{probe.pids()[0]}/fd"))
-        processes = ClientProcesses(logging.WARNING, descriptors_per_child=fresh + 20)
+        processes = ClientProcesses(logging.WARNING, descriptors_per_child=fresh + 10)
     processes_factory.append(processes)
     samples: list[int] = []
     pids: set[int] = set()
@@ -229,4 +229,5 @@ def test_client_processes_are_recycled_so_descriptors_stay_flat_over_many_rounds
         if n % 10 == 5:
             samples.append(tree_descriptors(processes))
     assert len(pids) >= 5, pids  # recycled
-    assert max(samples[3:]) <= max(samples[:3]) + 6, samples  # flat (without a recycle: +20 each sample)
+    # Flat: a process's leak before its recycle is ~10 (without recycling, +10 at every sample).
+    assert max(samples[3:]) <= max(samples[:3]) + 15, samples
