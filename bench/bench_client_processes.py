@@ -1,7 +1,7 @@
 """Benchmark: the memory of live neonize clients, one client process for every round vs one per round
 (issue 25, item 2).
 
-    .venv/bin/python -m bench.bench_client_processes [--rounds 1 10 20] [--settle 3]
+    .venv/bin/python -m bench.bench_client_processes [--rounds 1 10 20 100] [--settle 5] [--per-round-up-to 20]
 
 Each round is the real client (``bot.connection.client_process`` running neonize) on a fresh store,
 dialling WhatsApp through a loopback proxy that accepts and never answers (``HTTPS_PROXY``): the
@@ -9,7 +9,9 @@ resident cost of a live client, nothing leaving the machine. Once every round's 
 proxy (and ``--settle`` seconds more), PSS is summed from ``/proc/<pid>/smaps_rollup`` over this
 process (the daemon's side of the rounds) and every client process. Side by side: the client
 processes as they are (``ClientProcesses``: one process, many clients, one Go runtime) and as they
-were (a process per round: ``rounds_per_child=1``). Run on demand; it prints one table.
+were (a process per round: ``rounds_per_child=1``; only up to ``--per-round-up-to`` rounds, as 100
+would take ~4 GB). Idle CPU: the tree's CPU time over the settle pause, in % of one core. Run on
+demand; it prints one table.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def pss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
@@ -60,10 +68,12 @@ def measure(rounds: int, per_round: bool, scratch: Path, accepted: list[socket.s
             threading.Thread(target=client.run, daemon=True).start()
             clients.append(client)
         wait_until(lambda: len(accepted) - before >= rounds, timeout=120, message="every round dialling")
-        time.sleep(settle)  # (a measurement's pause, not a test's)
         children = processes.pids()
         tree = [os.getpid(), *children]
+        cpu = sum(cpu_seconds(pid) for pid in tree)
+        time.sleep(settle)  # (a measurement's pause, not a test's)
         return {
+            "cpu": (sum(cpu_seconds(pid) for pid in tree) - cpu) / settle * 100,
             "pss": sum(pss_kb(pid) for pid in tree) / 1024,
             "daemon": pss_kb(os.getpid()) / 1024,
             "processes": len(children),
@@ -75,23 +85,29 @@ def measure(rounds: int, per_round: bool, scratch: Path, accepted: list[socket.s
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_client_processes")
-    parser.add_argument("--rounds", type=int, nargs="+", default=[1, 10, 20])
-    parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, nargs="+", default=[1, 10, 20, 100])
+    parser.add_argument("--settle", type=float, default=5.0)
+    parser.add_argument("--per-round-up-to", type=int, default=20)
     args = parser.parse_args()
     proxy, accepted = black_hole()
     os.environ["HTTPS_PROXY"] = proxy  # read by each client process's Go runtime when it starts
     print("live rounds dialling a loopback proxy that never answers; PSS over this process + its client processes")
-    print(f"{'layout':<22} {'rounds':>6} {'PSS MB':>8} {'daemon MB':>10} {'per added':>10} {'procs':>6} {'threads':>8}")
+    print(
+        f"{'layout':<22} {'rounds':>6} {'PSS MB':>8} {'daemon MB':>10} {'per added':>10} {'procs':>6} "
+        f"{'threads':>8} {'idle CPU %':>10}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-clients-") as scratch:
         for per_round, layout in ((False, "one client process"), (True, "a process per round")):
             first: tuple[int, float] | None = None
             for rounds in args.rounds:
+                if per_round and rounds > args.per_round_up_to:
+                    continue
                 found = measure(rounds, per_round, Path(scratch), accepted, args.settle)
                 added = "" if first is None else f"{(found['pss'] - first[1]) / (rounds - first[0]):.1f}"
                 first = first or (rounds, found["pss"])
                 print(
                     f"{layout:<22} {rounds:>6} {found['pss']:>8.1f} {found['daemon']:>10.1f} {added:>10} "
-                    f"{found['processes']:>6} {found['threads']:>8}",
+                    f"{found['processes']:>6} {found['threads']:>8} {found['cpu']:>10.1f}",
                     flush=True,
                 )
     assert "neonize" not in sys.modules, "the benchmark imported neonize"
