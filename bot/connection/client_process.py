@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -370,7 +371,7 @@ class ClientProcesses:
         self._call_timeout = call_timeout_seconds
         self._stop_grace = stop_grace_seconds
         self._rounds_per_child = rounds_per_child
-        self._descriptors_per_child = descriptors_per_child
+        self._descriptors_per_child = min(descriptors_per_child, _half_the_descriptor_limit())
         self._lock = threading.Lock()
         self._current: _Child | None = None
         self._children: list[_Child] = []
@@ -387,7 +388,7 @@ class ClientProcesses:
         )
 
     def pids(self) -> list[int]:
-        """The client processes running now (the current one last)."""
+        """The client processes running now."""
         with self._lock:
             return [child.pid for child in self._children]
 
@@ -499,6 +500,12 @@ class ClientProcesses:
             child.closing = True
             return True
         return False
+
+
+def _half_the_descriptor_limit() -> int:
+    """Go raises a process's soft limit to the hard one: half of that leaves room for the live rounds."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return DESCRIPTORS_PER_CHILD if hard == resource.RLIM_INFINITY or hard <= 0 else hard // 2
 
 
 def process_client_factory(
