@@ -1,15 +1,17 @@
-"""Soak: thousands of connection rounds of the real neonize client in one daemon process; the
-daemon's open descriptors, threads and RSS must stay flat.
+"""Soak: thousands of connection rounds of the real neonize client in one daemon; the open
+descriptors, threads and RSS of the daemon and its client processes together must stay flat.
 
-    HTTPS_PROXY=http://127.0.0.1:9 .venv/bin/python -m bench.soak_rounds [--rounds 2000] [--every 100]
+    HTTPS_PROXY=http://127.0.0.1:9 .venv/bin/python -m bench.soak_rounds [--rounds 2000] [--every 200]
         [--restore-every 50] [--warm-up 100]
 
-One Runtime over the embedded SQLite database resumes a paired synthetic store; every round
-starts a child process with neonize (``bot.connection.client_process``) that fails its dial at a closed
+One Runtime over the embedded SQLite database resumes a paired synthetic store; every round runs
+neonize in the client process (``bot.connection.client_process``) and fails its dial at a closed
 loopback port, and every --restore-every rounds a live restore (``runtime.restore()``) stops the
 client, rewrites the store and reconnects. Neonize leaks a store connection pool per connect, so
 before rounds ran in a child, 400 rounds took a daemon from 13 to 811 descriptors (RSS 71 -> 146
-MB). Each round costs about a second; --rounds 200 --every 20 is a quick check. Run on demand.
+MB); the client process is replaced every ``ROUNDS_PER_CHILD`` (200) rounds, so a row spans that
+many rounds by default (a row of a part of that cycle would see the leak of that part).
+--rounds 400 --every 40 (with ``rounds_per_child`` 40 in the code) is a quick check. Run on demand.
 
 Each row holds the medians of the rounds since the row before; the change is measured from the
 first row whose rounds all come after the warm-up (and a live restore) to the last.
@@ -27,8 +29,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.connection.client_process import process_client_factory
-from bot.connection.events import ClientFactory, EventSink, WhatsAppClient
+from bot.connection.client_process import ROUNDS_PER_CHILD, ClientProcesses, process_client_factory
+from bot.connection.events import EventSink, WhatsAppClient
 from bot.process.retry import RetrySchedule
 from bot.runtime import Runtime, Timing
 from bot.wiring import build_runtime
@@ -55,10 +57,18 @@ class Sample:
     rss_mb: float
 
 
-def sample(round_number: int) -> Sample:
-    with open("/proc/self/status") as status:
-        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    return Sample(round_number, len(os.listdir("/proc/self/fd")), threading.active_count(), rss_kb / 1024)
+def sample(round_number: int, children: list[int]) -> Sample:
+    """This process and its client processes, summed."""
+    descriptors = threads = rss_kb = 0
+    for pid in ["self", *children]:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                rss_kb += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            descriptors += len(os.listdir(f"/proc/{pid}/fd"))
+            threads += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:  # a drained client process leaving as it is measured
+            continue
+    return Sample(round_number, descriptors, threads, rss_kb / 1024)
 
 
 def median(samples: list[Sample]) -> Sample:
@@ -70,11 +80,11 @@ def median(samples: list[Sample]) -> Sample:
 
 
 class CountedRounds:
-    """The client factory, counted. Each round is measured as it starts (the previous round's child
-    has exited, this one's is not started yet); a row holds the medians since the row before, as
+    """The client factory, counted. Each round is measured as it starts (the previous round has
+    ended, this one is not open yet); a row holds the medians since the row before, as
     the mirror's child, a store worker or a database connection may be open at any one moment."""
 
-    def __init__(self, factory: ClientFactory, every: int) -> None:
+    def __init__(self, factory: ClientProcesses, every: int) -> None:
         self._factory = factory
         self._every = every
         self._changed = threading.Condition()
@@ -85,7 +95,7 @@ class CountedRounds:
     def __call__(self, store_path: Path, sink: EventSink) -> WhatsAppClient:
         with self._changed:
             self.count += 1
-            self._since_row.append(sample(self.count))
+            self._since_row.append(sample(self.count, self._factory.pids()))
             if self.count == 1 or self.count % self._every == 0:
                 self.samples.append(median(self._since_row))
                 self._since_row = []
@@ -120,7 +130,7 @@ def change(first: float, last: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak_rounds")
     parser.add_argument("--rounds", type=int, default=2000)
-    parser.add_argument("--every", type=int, default=100, help="sample every this many rounds")
+    parser.add_argument("--every", type=int, default=ROUNDS_PER_CHILD, help="a row every this many rounds")
     parser.add_argument("--restore-every", type=int, default=50, help="a live restore every this many rounds")
     parser.add_argument("--warm-up", type=int, default=100, help="rounds not counted (at least one restore)")
     args = parser.parse_args()
@@ -139,7 +149,9 @@ def main() -> int:
             config, db, rounds, backoff=RetrySchedule.exponential(first=0.01, cap=0.05), timing=timing
         )
         restores = 0
-        print("this process at the start of a round; each row: the medians since the row before")
+        print(
+            "this process and its client processes at the start of a round; each row: the medians since the row before"
+        )
         print(f"{'round':>6} {'descriptors':>12} {'threads':>8} {'RSS MB':>8}")
         try:
             runtime.start()

@@ -1,9 +1,10 @@
 """A stand-in for WhatsApp's servers on loopback, for soaks of the real daemon process.
 
 ``FakeServer`` runs in the benchmark's process. The daemon runs unchanged except for its client
-process, which is ``python -m tests.fake_network HOST:PORT STORE LOG_LEVEL``: the real pipe protocol
+process, which is ``python -m tests.fake_network ADDRESS LOG_LEVEL``: the real pipe protocol
 (``bot.connection.client_process.run_child``) around ``NetworkClient``, which talks to the server instead of
-WhatsApp. Behaviour kept from whatsmeow, because the soak measures what follows from it:
+WhatsApp. ADDRESS is the server's HOST:PORT, or ``STORE=HOST:PORT;STORE=HOST:PORT...`` for
+one server per session (a client process hosts the rounds of many). Behaviour kept from whatsmeow, because the soak measures what follows from it:
 - a message is acknowledged to the server before the handler sees it (whatsmeow's default,
   ``SynchronousAck`` off; neonize does not expose it): the server forgets it at once; then it
   waits in neonize's buffer (about 100 events) for Python's handler, which runs one at a time;
@@ -409,5 +410,7 @@ if __name__ == "__main__":
             op for ops, _ in client_process.LANES.values() for op in ops if op not in client_process.MEDIA_CALLS
         )
         client_process.LANES = {"call": (calls, 4), "media": (client_process.MEDIA_CALLS, 2)}
-    server_address = sys.argv[1]
-    client_process.run_child(sys.argv[2:], lambda store, sink: NetworkClient(server_address, store, sink))
+    servers = dict(entry.rsplit("=", 1) for entry in sys.argv[1].split(";")) if "=" in sys.argv[1] else {}
+    client_process.run_child(
+        sys.argv[2:], lambda store, sink: NetworkClient(servers.get(str(store), sys.argv[1]), store, sink)
+    )

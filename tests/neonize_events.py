@@ -9,7 +9,7 @@ is what the daemon would see. The calls the daemon makes then run the real clien
 against the real library, offline; an error comes back as ``<neonize's exception type>: <its
 message>``, so a wrong signature (a ``TypeError``) cannot pass for an offline refusal.
 
-    python -m tests.neonize_events STORE LOG_LEVEL      (started by tests/test_neonize_events.py)
+    python -m tests.neonize_events LOG_LEVEL      (started by tests/test_neonize_events.py)
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The real neonize client in its process per round: nothing leaks into the daemon, and a round
-always ends when asked, even in a dial that hangs, and when the daemon is killed."""
+"""The real neonize client in its client process: nothing leaks into the daemon, and a round
+always ends when asked, even in a dial that hangs, and when the daemon is killed. (Many sessions in
+one client process: tests/test_client_processes.py.)"""
 
 from __future__ import annotations
 
@@ -90,28 +91,32 @@ def test_stop_ends_a_round_whose_dial_hangs(tmp_path: Path, black_hole_proxy: li
         client.send_text("5511912345678@s.whatsapp.net", "oi")
 
 
-def test_the_round_ends_when_the_daemon_is_killed(tmp_path: Path, black_hole_proxy: list[socket.socket]) -> None:
+def test_the_rounds_end_when_the_daemon_is_killed(tmp_path: Path, black_hole_proxy: list[socket.socket]) -> None:
+    """Two sessions' rounds in the daemon's one client process: a kill -9 of the daemon ends it."""
     daemon = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, threading; from pathlib import Path; from bot.connection.client_process import ProcessClient\n"
-            "c = ProcessClient(Path(sys.argv[1]), lambda e: None)\n"
-            "threading.Thread(target=c.run, daemon=True).start()\n"
-            "import time\n"
-            "while c.pid is None: time.sleep(0.01)\n"
-            "print(c.pid, flush=True); time.sleep(600)",
-            str(tmp_path / "whatsmeow.sqlite3"),
+            "import logging, sys, threading, time; from pathlib import Path\n"
+            "from bot.connection.client_process import process_client_factory\n"
+            "factory = process_client_factory(logging.WARNING)\n"
+            "rounds = [factory(Path(sys.argv[1]) / f's{n}.sqlite3', lambda e: None) for n in range(2)]\n"
+            "for r in rounds: threading.Thread(target=r.run, daemon=True).start()\n"
+            "while None in [r.pid for r in rounds]: time.sleep(0.01)\n"
+            "print(*{r.pid for r in rounds}, flush=True); time.sleep(600)",
+            str(tmp_path),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        child = int(daemon.stdout.readline())
-        wait_until(lambda: black_hole_proxy, timeout=30, message="the dial reaching the proxy")
-        daemon.kill()  # kill -9: no chance to stop its round
+        children = [int(pid) for pid in daemon.stdout.readline().split()]
+        assert len(children) == 1  # one client process for both
+        wait_until(lambda: len(black_hole_proxy) == 2, timeout=30, message="both dials reaching the proxy")
+        daemon.kill()  # kill -9: no chance to stop its rounds
         daemon.wait()
+        child = children[0]
         wait_until(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), timeout=10, message="child gone")
     finally:
         daemon.kill()

@@ -1,6 +1,7 @@
 """The only module that imports neonize: a thin client that speaks in ``bot.connection.events`` types.
 
-It runs in the client process of a connection round (``bot.connection.client_process``), never in the daemon.
+It runs in the client process (``bot.connection.client_process``, one client per connection round,
+many rounds in one process), never in the daemon.
 
 Import it only after logging is configured: ``import neonize`` calls ``logging.basicConfig``
 (a no-op once the root logger has handlers). Handlers run one at a time on Go's thread, so
@@ -10,6 +11,7 @@ each one only translates the event and hands it to the sink.
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import threading
 import time
@@ -40,6 +42,11 @@ from bot.connection import events
 
 log = logging.getLogger("bot.whatsapp")  # pinned: the name operators see in log lines
 
+# neonize names a client in Go by its uuid (default: the store path), and a collected client's
+# finalizer stops that name: every round gets a name of its own, or an ended round of a session,
+# collected late, would stop the session's next one in the same process.
+_ROUND_NUMBERS = itertools.count(1)
+
 
 def configure_library_logging(level: int) -> None:
     """Go's log level follows this logger; left unset, Go would send DEBUG lines too."""
@@ -51,7 +58,7 @@ class NeonizeClient:
     """One neonize client over the local store file, for one round (``bot.connection.client_process`` runs it)."""
 
     def __init__(self, store_path: Path, sink: events.EventSink) -> None:
-        self._client = NewClient(str(store_path))
+        self._client = NewClient(str(store_path), uuid=f"{store_path}#{next(_ROUND_NUMBERS)}")
         self._sink = sink
         # goneonize's GetPNFromLID has no nil check: after stop() it is a Go panic that ends the
         # process, with a message acknowledged and not yet handed over. Lookups and stop() take turns.
@@ -60,6 +67,9 @@ class NeonizeClient:
         self._register_handlers()
 
     def run(self) -> str | None:
+        with self._lookups:
+            if self._stopped:  # stopped before it began: whatsmeow's stop would not reach connect()
+                return None
         try:
             self._client.connect()
         except Exception as exc:  # NeonizeError and friends: the reason the round ended
