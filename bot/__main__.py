@@ -228,12 +228,17 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
     try:
         server.start()  # first, so the platform's health check passes while the sessions boot
         host.start()
-        log.info("console and API at http://localhost:%d/ (sessions: %s)", config.port, ", ".join(host.hosted()) or "none")
+        log.info(
+            "console and API at http://localhost:%d/ (sessions: %s)", config.port, ", ".join(host.hosted()) or "none"
+        )
         stop.wait()
         log.info("shutting down")
     finally:
         server.stop()
         host.stop()
+        close = getattr(client_factory, "close", None)  # the client processes, once no session uses them
+        if close is not None:
+            close()
         db.close()
     log.info("stopped cleanly")
     logging.shutdown()
