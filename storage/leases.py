@@ -22,11 +22,18 @@ class LeaseQueries(DatabaseCore):
         RETURNING fencing_token
     """
 
+    SELECT_DELETED = (
+        "SELECT 1 FROM whatsapp_session_registry WHERE session_id = %s AND deleted_at IS NOT NULL"
+    )
+
     def acquire_lease(self, session_id: str, owner_id: str, ttl_seconds: float) -> Fence | None:
         """Take the session if nobody holds it (or the holder let it expire); each take-over gets a
-        larger fencing token. None: a live owner holds it."""
+        larger fencing token. None: a live owner holds it, or the session was deleted (nobody may
+        take a deleted session: a standby would restore and store it again)."""
         with self.transaction() as tx:
             self._lock_for_take_over(tx, session_id)
+            if tx.scalar(self.SELECT_DELETED, (session_id,)) is not None:
+                return None
             now = tx.scalar(self.NOW)
             token = tx.scalar(self.ACQUIRE_LEASE, (session_id, owner_id, now + ttl_seconds, now, now))
         return None if token is None else Fence(session_id, owner_id, token)

@@ -196,3 +196,15 @@ def test_a_take_over_longer_than_the_renewal_interval_is_renewed_at_once(db: Dat
         assert lost == [] and keeper.fence == taken and keeper.fresh()
     finally:
         keeper.stop()
+
+
+def test_nobody_takes_a_deleted_session_until_it_is_created_again(db: Database) -> None:
+    """A standby that took a deleted session over would restore it and store it again."""
+    db.register_session("vendas")
+    owner = db.acquire_lease("vendas", "host-a/1", ttl_seconds=30)
+    assert owner is not None and db.release_lease(owner)
+    assert db.tombstone_session("vendas")
+    assert db.acquire_lease("vendas", "host-b/2", ttl_seconds=30) is None
+    assert db.register_session("vendas")  # created again on purpose
+    again = db.acquire_lease("vendas", "host-b/2", ttl_seconds=30)
+    assert again is not None and again.token == owner.token + 1
