@@ -33,6 +33,7 @@ import argparse
 import ctypes
 import json
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -54,7 +55,7 @@ from typing import Any
 
 from bot.process.config import Config
 from database import Database, open_database
-from tests.pg_cluster import PostgresCluster, free_port
+from tests.pg_cluster import PostgresCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-sessions-token-0123456789abcdef"
@@ -65,6 +66,10 @@ STOP_GRACE_SECONDS = 30.0
 HTTP_TIMEOUT = 30.0
 # Whatever the shell holds, the daemons get exactly these (a stray one would change what is measured).
 CLEARED = ("SESSION_ID", "PAIR_PHONE", "WEBHOOK_URL", "SESSION_ENCRYPTION_KEY", "SESSION_ENCRYPTION_KEY_OLD")
+NO_SESSIONS_API = (
+    "this tree's daemon has no sessions API (issue 25's multi-session daemon is not in it); "
+    "--baseline measures today's architecture"
+)
 CLEARED_PROXIES = ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
 
 
@@ -336,6 +341,25 @@ def raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM ends the bench as Ctrl-C does: through its clean-up
 
 
+def listen_ports(count: int) -> list[int]:
+    """Free ports below the ephemeral range: a port picked by binding to 0 is ephemeral, and with
+    many daemons dialling at once one of their outgoing sockets can take it before its daemon listens."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+        ephemeral = int(handle.read().split()[0])
+    start = random.randrange(max(1024, ephemeral - 12000), ephemeral - 2000)
+    found: list[int] = []
+    for port in range(start, ephemeral):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise BenchError(f"no {count} free ports between {start} and {ephemeral}")
+
+
 # --- HTTP --------------------------------------------------------------------------------------------
 
 
@@ -369,6 +393,8 @@ def healthy(port: int) -> bool:
 def hosted_states(port: int) -> dict[str, str]:
     """GET /api/sessions: session id -> state (the multi-session daemon)."""
     status, body = call(port, "GET", "/api/sessions")
+    if status in (404, 405):
+        raise BenchError(f"GET /api/sessions answered {status}: {NO_SESSIONS_API}")
     if status != 200:
         raise BenchError(f"GET /api/sessions answered {status}: {body}")
     sessions = body["sessions"] if isinstance(body, dict) else body
@@ -477,7 +503,7 @@ def measure(setup: Setup, count: int) -> Row:
         if args.baseline:
             # Today's architecture: one daemon per number. The embedded database lives in DATA_DIR,
             # so they share one; on PostgreSQL each has its own DATA_DIR (its own container).
-            ports = [free_port() for _ in ids]
+            ports = listen_ports(len(ids))
             begun = time.monotonic()
             for session_id, port in zip(ids, ports, strict=True):
                 data_dir = row_dir / ("data" if database_url is None else session_id)
@@ -495,7 +521,7 @@ def measure(setup: Setup, count: int) -> Row:
                 return not waiting
 
         else:
-            port = free_port()
+            port = listen_ports(1)[0]
             data_dir = row_dir / "data"
             data_dir.mkdir()
             if args.create == "boot":
@@ -511,6 +537,8 @@ def measure(setup: Setup, count: int) -> Row:
                 begun = time.monotonic()
                 for session_id in ids[1:]:
                     status, body = call(port, "POST", "/api/sessions", {"session_id": session_id})
+                    if status in (404, 405):
+                        raise BenchError(f"POST /api/sessions answered {status}: {NO_SESSIONS_API}")
                     if status != 201:
                         raise BenchError(f"POST /api/sessions {session_id} answered {status}: {body}")
 
