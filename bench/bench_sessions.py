@@ -702,6 +702,7 @@ def main() -> int:
     args = parse_args()
     become_subreaper()
     signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGINT, raise_interrupt)  # also when started with SIGINT ignored (a background job)
     work = Path(tempfile.mkdtemp(prefix="zapkeep-bench-sessions-"))
     rows: list[Row] = []
     code = 0
