@@ -392,15 +392,38 @@ def healthy(port: int) -> bool:
         return False
 
 
-def hosted_states(port: int) -> dict[str, str]:
-    """GET /api/sessions: session id -> state (the multi-session daemon)."""
-    status, body = call(port, "GET", "/api/sessions")
-    if status in (404, 405):
-        raise BenchError(f"GET /api/sessions answered {status}: {NO_SESSIONS_API}")
-    if status != 200:
-        raise BenchError(f"GET /api/sessions answered {status}: {body}")
-    sessions = body["sessions"] if isinstance(body, dict) else body
-    return {s["session_id"]: s["state"] for s in sessions}
+class SessionStates:
+    """Session id -> state, from GET /api/sessions of the multi-session daemon. In a tree whose
+    daemon hosts many sessions but has no sessions API yet, from the overview that route answers
+    with, read from the database (``Database.session_overview``)."""
+
+    def __init__(self, port: int, data_dir: Path, database_url: str | None) -> None:
+        self._port = port
+        self._data_dir = data_dir
+        self._database_url = database_url
+        self._db: Database | None = None
+
+    @property
+    def from_database(self) -> bool:
+        return self._db is not None
+
+    def __call__(self) -> dict[str, str]:
+        if self._db is not None:
+            return {o.session_id: o.state for o in self._db.session_overview()}  # type: ignore[attr-defined]
+        status, body = call(self._port, "GET", "/api/sessions")
+        if status in (404, 405):
+            if not hasattr(Database, "session_overview"):
+                raise BenchError(f"GET /api/sessions answered {status}: {NO_SESSIONS_API}")
+            self._db = open_bench_database(self._data_dir, self._database_url)
+            return self()
+        if status != 200:
+            raise BenchError(f"GET /api/sessions answered {status}: {body}")
+        sessions = body["sessions"] if isinstance(body, dict) else body
+        return {s["session_id"]: s["state"] for s in sessions}
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
 
 
 def own_state(port: int, session_id: str) -> str:
@@ -429,6 +452,7 @@ class Row:
     held: int  # connections the proxy held after the idle window
     accepted: int  # connections it accepted in all (more than held: clients dialled again)
     redials: int  # connections it accepted during the idle window (their CPU is in the idle figure)
+    states_from_database: bool  # no GET /api/sessions: the states were read from the database's overview
 
 
 @dataclass
@@ -482,10 +506,15 @@ def tail(log: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def open_bench_database(data_dir: Path, database_url: str | None) -> Database:
+    """The daemon's database (its embedded one in ``data_dir`` when there is no URL)."""
+    config = Config.from_env({"DATA_DIR": str(data_dir), "DATABASE_URL": database_url or ""})
+    return open_database(database_url, config.embedded_database_path)
+
+
 def register_sessions(data_dir: Path, database_url: str | None, ids: list[str]) -> None:
     """--create boot: the sessions exist in the database before the daemon boots."""
-    config = Config.from_env({"DATA_DIR": str(data_dir), "DATABASE_URL": database_url or ""})
-    db = open_database(database_url, config.embedded_database_path)
+    db = open_bench_database(data_dir, database_url)
     try:
         for session_id in ids:
             db.register_session(session_id)  # type: ignore[attr-defined]  # (issue 25's storage piece)
@@ -501,6 +530,8 @@ def measure(setup: Setup, count: int) -> Row:
     proxy = HoldingProxy()
     daemons: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
+    closing: list[Callable[[], None]] = []
+    states: SessionStates | None = None
     try:
         ids = session_ids(count)
         if args.baseline:
@@ -532,10 +563,12 @@ def measure(setup: Setup, count: int) -> Row:
             else:
                 ids = ["default", *ids[1:]]  # the first boot creates "default"; the API the others
             logs.append(row_dir / "daemon.log")
+            states = SessionStates(port, data_dir, database_url)
+            closing.append(states.close)
             begun = time.monotonic()
             daemons.append(spawn(daemon_env(data_dir, database_url, port, proxy.port, count), logs[0]))
             if args.create == "api":
-                first = lambda: healthy(port) and hosted_states(port).get("default") in STARTED  # noqa: E731
+                first = lambda: healthy(port) and states().get("default") in STARTED  # noqa: E731
                 wait_for("the daemon's first session started", first, args.boot_timeout, daemons, logs)
                 begun = time.monotonic()
                 for session_id in ids[1:]:
@@ -548,8 +581,8 @@ def measure(setup: Setup, count: int) -> Row:
             def all_started() -> bool:
                 if not healthy(port):
                     return False
-                states = hosted_states(port)
-                return all(states.get(session_id) in STARTED for session_id in ids)
+                now = states()
+                return all(now.get(session_id) in STARTED for session_id in ids)
 
         dialling: list[float] = []
 
@@ -581,8 +614,11 @@ def measure(setup: Setup, count: int) -> Row:
             held,
             accepted,
             accepted - accepted_before,
+            states is not None and states.from_database,
         )
     finally:
+        for close in closing:
+            close()
         stop_all(daemons)
         proxy.close()
         setup.drop_database(database_url)
@@ -617,6 +653,8 @@ def print_tables(rows: list[Row], heading: str) -> None:
             f"{f.descriptors:>5} | {row.idle_cpu:>10.1f} | {row.redials:>7} | {row.to_started:>9.1f} | {dialling:>10} | "
             f"{f'{row.held}/{row.accepted}':>19}"
         )
+    if any(row.states_from_database for row in rows):
+        print("(states read from the database's session overview: this tree's daemon has no GET /api/sessions)")
     kinds = sorted({k for row in rows for k in row.footprint.by_kind}, key=lambda k: (not k.startswith("daemon"), k))
     print("\nwhere the PSS goes: processes x MB in all")
     print(f"{'process':<32} | " + " | ".join(f"{row.sessions:>14}" for row in rows))
