@@ -68,11 +68,11 @@ STOP_GRACE_SECONDS = 30.0
 HTTP_TIMEOUT = 30.0
 # Whatever the shell holds, the daemons get exactly these (a stray one would change what is measured).
 CLEARED = ("SESSION_ID", "PAIR_PHONE", "WEBHOOK_URL", "SESSION_ENCRYPTION_KEY", "SESSION_ENCRYPTION_KEY_OLD")
+CLEARED_PROXIES = ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
 NO_SESSIONS_API = (
     "this tree's daemon has no sessions API (issue 25's multi-session daemon is not in it); "
     "--baseline measures today's architecture"
 )
-CLEARED_PROXIES = ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
 
 
 # --- the proxy ---------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def become_subreaper() -> None:
     children, so the final sweep finds and ends them."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        print("warning: could not become a child subreaper; a killed daemon's children may outlive the bench")
+        print("warning: not a child subreaper; a killed daemon's children may outlive the bench", file=sys.stderr)
 
 
 def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -311,6 +311,15 @@ def stop_all(daemons: list[subprocess.Popen[bytes]]) -> None:
         if daemon.poll() is None:
             daemon.kill()
         daemon.wait(timeout=10)
+    # A daemon killed above left the children it started meanwhile to this process (a subreaper).
+    me = os.getpid()
+    for proc in tree([me]):
+        if proc.pid != me and kind(proc.pid, set()).startswith("bot."):
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    time.sleep(0.2)
     reap_orphans()
 
 
