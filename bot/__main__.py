@@ -32,7 +32,6 @@ import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from dotenv import find_dotenv, load_dotenv
 
@@ -43,9 +42,6 @@ from bot.process.config import SHORT_TOKEN, Config, checked_session_id
 from bot.process.errors import ConfigError, ZapkeepError
 from bot.connection.events import ClientFactory
 from database import Database, DatabaseError, open_database
-
-if TYPE_CHECKING:
-    from bot.host import Host
 
 log = logging.getLogger("bot")
 
@@ -217,7 +213,7 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
     client_factory = client_factory or process_client_factory(config.python_log_level())
     host = Host(config, db, client_factory, rules)
     if config.single_session:
-        logs.bind(config.session_id, lambda: _hosted_state(host, config.session_id))
+        logs.bind(config.session_id)  # also the lines of the process's own threads
     app = create_app(host, db, reply_expiry=rules.reply_expiry)
     host.command_handler = lambda command: execute_command(app, command)
     try:
@@ -243,11 +239,6 @@ def run_daemon(config: Config, client_factory: ClientFactory | None = None) -> i
     log.info("stopped cleanly")
     logging.shutdown()
     return 0
-
-
-def _hosted_state(host: Host, session_id: str) -> str:
-    services = host.services(session_id)
-    return services.runtime.state.value if services is not None else "stopped"
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:

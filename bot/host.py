@@ -26,6 +26,7 @@ from pathlib import Path
 from bot.connection import events
 from bot.messages.rules import Rules, load_rules
 from bot.metrics import Metrics
+from bot.process import logs
 from bot.process.config import Config, is_valid_session_id
 from bot.process.errors import ConfigError, SessionExists, SessionLimit, first_line
 from bot.session.state import SessionStatus
@@ -212,12 +213,15 @@ class Host:
                 **self._session_options,
             )
             services.runtime.state_listeners.append(self._note_state)
+            logs.track(session_id, lambda: services.runtime.state.value)
             self._sessions[session_id] = services
-        services.start()
+        with logs.working_for(session_id):
+            services.start()
 
     def _stop_services(self, session_id: str, services: Services) -> None:
         try:
-            services.stop()
+            with logs.working_for(session_id):
+                services.stop()
         except Exception:
             log.exception("session %s: stopping failed", session_id)
         self._note_state(services.runtime.status())
@@ -236,6 +240,7 @@ class Host:
         self.metrics.unwatch(session_id)
         self.db.delete_session(session_id, keep_history=keep_history)
         self.db.clear_live(session_id)
+        logs.track(session_id, None)
         shutil.rmtree(replace(self.config, session_id=session_id).session_dir, ignore_errors=True)
 
     def _sync(self) -> None:

@@ -44,6 +44,7 @@ from bot.session.restores import RestoreRequest, Restores
 from bot.session.boot import SessionBoot
 from bot.session.live_restore import LiveRestore
 from bot.session.state import HISTORY_STATES, Readiness, SessionStatus, State, now, readiness_of
+from bot.process.logs import session_thread, working_for
 from database import Database, Fence
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
         self._jobs_running = 0  # this session's scheduled jobs under way (see _job)
         self._jobs_done = threading.Condition(self._lock)
         self._supervisor: threading.Thread | None = None
-        self._event_thread = threading.Thread(target=self._consume_events, name="events", daemon=True)
+        self._event_thread = session_thread(config.session_id, self._consume_events, "events")
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -237,7 +238,8 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
                 return
             self._jobs_running += 1
         try:
-            function(*args)
+            with working_for(self.config.session_id):
+                function(*args)
         finally:
             with self._lock:
                 self._jobs_running -= 1
@@ -307,7 +309,7 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
             self._set(state=State.RESTORE_NEEDED if self._needs_restore else State.CONNECTING)
             self._pending = None
             self._supervisor_ending = False
-            self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+            self._supervisor = session_thread(self.config.session_id, self._supervise, "supervisor")
             self._supervisor.start()
 
     def _enter_standby(self) -> None:

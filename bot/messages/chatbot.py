@@ -18,6 +18,7 @@ from bot.process.errors import first_line
 from bot.process.counters import MessageCounts, NotCounted
 from bot.messages.outbox import Outbox
 from bot.process.retry import RetrySchedule
+from bot.process.logs import session_thread
 from database import ChatState, Database, Inbound, InboundOutcome, is_unavailable
 
 log = logging.getLogger("bot.messaging")  # pinned: the name operators see in log lines
@@ -90,7 +91,7 @@ class Chatbot:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="chatbot", daemon=True)
+            self._thread = session_thread(self.session_id, self._work, "chatbot")
             self._thread.start()
 
     def stop(self) -> None:

@@ -22,6 +22,7 @@ from bot.connection import events
 from bot.process.errors import SendOutcomeUnknown, StateConflictError, first_line
 from bot.process.counters import MessageCounts, NotCounted
 from bot.process.retry import RetrySchedule
+from bot.process.logs import session_thread
 from database import Database, OutgoingFile, OutgoingMessage
 
 log = logging.getLogger("bot.outbox")  # pinned: the name operators see in log lines
@@ -75,7 +76,7 @@ class Outbox:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread = session_thread(self.session_id, self._run, "outbox")
         self._thread.start()
 
     def stop(self) -> None:

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from bot.process.errors import first_line
 from bot.process.retry import RetrySchedule
 from bot.session.state import SessionStatus, readiness_of
+from bot.process.logs import session_thread
 from database import BACKUP_FAILED, SESSION_STATE, Database, StoredEvent, is_unavailable
 
 log = logging.getLogger("bot.webhooks")  # pinned: the name operators see in log lines
@@ -244,7 +245,7 @@ class Dispatcher:
         self._timeout = post_timeout
         self._clock = clock
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="webhook", daemon=True)
+        self._thread = session_thread(session_id, self._run, "webhook")
         self._deadline = _Deadline()
         self._retrying: set[int] = set()  # events waiting for a retry, as this pass knows them
         self._opener = urllib.request.build_opener(
@@ -435,7 +436,7 @@ class StateJournal:
         self._previous_state: str | None = None
         self._backup_error: str | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="state-journal", daemon=True)
+        self._thread = session_thread(session_id, self._run, "state-journal")
 
     def on_state(self, status: SessionStatus) -> None:
         """A runtime state listener (called under the runtime's lock: it only takes note)."""

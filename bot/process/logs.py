@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -20,17 +22,22 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class _Context(logging.Filter):
-    """Adds the session id and its current state to every record (the daemon binds them)."""
+    """Adds the session id and its current state to every record: the session the thread works
+    for (a daemon hosting many), else the one the daemon bound (a daemon hosting one)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.session_id: str | None = None
         self.state: Callable[[], str] | None = None
+        self.states: dict[str, Callable[[], str]] = {}  # every hosted session's, by id
+        self.local = threading.local()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.session_id = self.session_id
+        session_id = getattr(self.local, "session_id", None) or self.session_id
+        state = self.states.get(session_id) if session_id is not None else None
+        record.session_id = session_id
         try:
-            record.state = None if self.state is None else self.state()
+            record.state = None if state is None else state()
         except Exception:  # a log line must never fail because the state cannot be read
             record.state = None
         return True
@@ -79,7 +86,36 @@ def configure(level: int, log_format: str = "text") -> None:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
-def bind(session_id: str, state: Callable[[], str] | None = None) -> None:
-    """From now on every line names the session (and its state, read when the line is written)."""
+def bind(session_id: str) -> None:
+    """From now on every line names the session (a daemon hosting one)."""
     _context.session_id = session_id
-    _context.state = state
+
+
+def track(session_id: str, state: Callable[[], str] | None) -> None:
+    """Lines about ``session_id`` carry its state, read when a line is written (None: forget it)."""
+    if state is None:
+        _context.states.pop(session_id, None)
+    else:
+        _context.states[session_id] = state
+
+
+@contextmanager
+def working_for(session_id: str) -> Iterator[None]:
+    """Lines written by this thread meanwhile name ``session_id`` (a shared worker running one
+    session's job)."""
+    previous = getattr(_context.local, "session_id", None)
+    _context.local.session_id = session_id
+    try:
+        yield
+    finally:
+        _context.local.session_id = previous
+
+
+def session_thread(session_id: str, target: Callable[[], object], name: str) -> threading.Thread:
+    """A daemon thread of one session's: every line it writes names the session."""
+
+    def run() -> None:
+        _context.local.session_id = session_id
+        target()
+
+    return threading.Thread(target=run, name=name, daemon=True)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from bot.process.errors import first_line
 from bot.session.state import StandbyCause
+from bot.process.logs import session_thread
 from database import Database, Fence
 
 log = logging.getLogger("bot.lease")  # pinned: the name operators see in log lines
@@ -52,7 +53,7 @@ class LeaseKeeper:
         self._standby_cause: StandbyCause | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+        self._thread = session_thread(session_id, self._run, "lease")
 
     @property
     def fence(self) -> Fence | None:

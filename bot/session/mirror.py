@@ -28,6 +28,7 @@ from bot.process.errors import ZapkeepError, first_line
 from bot.session.persistence import SyncResult, write_scan
 from bot.session.stored import MirroredRows, StoredCheck, StoredHead, build_head, check_stored_rows, row_changes
 from bot.process.retry import RetrySchedule
+from bot.process.logs import session_thread
 from database import SESSION_CORRUPT, Database, Fence, FencedOut, HeadWrite, MirrorBatch, SessionMissing
 
 log = logging.getLogger("bot.mirror")  # pinned: the name operators see in log lines
@@ -153,7 +154,7 @@ class Mirror:
                 return
             self._stopping.clear()
             self._requests.append(_ReconcileRequest("start", threading.Event()))
-            self._thread = threading.Thread(target=self._run, name="mirror", daemon=True)
+            self._thread = session_thread(self.session_id, self._run, "mirror")
             self._set(running=True)
             self._thread.start()
 
