@@ -1,9 +1,9 @@
 """The daemon's side of the row mirror: store changes -> database, batch by batch, fenced.
 
-The long-lived child ``python -m bot.session.capture_process`` reads the store's change log (this process
-never opens the store: neonize's SQLite lives here). One thread asks it for the changes committed
-after the last sequence the database has, writes them in one transaction, and asks again; the child
-trims what the database has. A whole-store comparison (reconciliation) runs when the mirror starts,
+The long-lived capture child (``bot.session.capture_host``: one for every session of the daemon)
+reads the store's change log (this process never opens the store: neonize's SQLite lives here).
+One thread asks it for the changes committed after the last sequence the database has, writes them
+in one transaction, and asks again; the child trims what the database has. A whole-store comparison (reconciliation) runs when the mirror starts,
 when triggers had to be reinstalled, on a timer and on demand.
 
 While the database is away nothing is lost: the change log keeps every change after the last one
@@ -12,9 +12,7 @@ written, and the next batch carries them all.
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +20,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bot.process.children import module_command, start_child
+from bot.session.capture_host import MirrorProcess, MirrorProcessError
 from bot.session.change_capture import Batch
 from bot.process.errors import ZapkeepError, first_line
 from bot.session.persistence import SyncResult, write_scan
@@ -33,10 +31,6 @@ from database import SESSION_CORRUPT, Database, Fence, FencedOut, HeadWrite, Mir
 log = logging.getLogger("bot.mirror")  # pinned: the name operators see in log lines
 
 RETRY = RetrySchedule((1.0, 2.0, 5.0, 10.0))  # then every 10 s
-
-
-class MirrorProcessError(ZapkeepError):
-    """The mirror process died or answered nonsense; it is started again."""
 
 
 @dataclass(frozen=True)
@@ -52,52 +46,6 @@ class MirrorStatus:
     last_reconcile_result: str | None
     unreadable_rows: int = 0  # stored rows found not to open (altered or corrupt) since the mirror began
     last_unreadable_at: datetime | None = None
-
-
-class MirrorProcess:
-    """The child that reads the store; one JSON request and one JSON answer a line."""
-
-    def __init__(self, store_path: Path) -> None:
-        self._process = start_child(module_command("bot.session.capture_process", str(store_path)))
-        self._write_lock = threading.Lock()
-
-    def request(self, payload: dict) -> Batch:
-        assert self._process.stdin is not None and self._process.stdout is not None
-        try:
-            with self._write_lock:
-                self._process.stdin.write(json.dumps(payload).encode() + b"\n")
-                self._process.stdin.flush()
-            line = self._process.stdout.readline()
-        except (BrokenPipeError, ValueError) as exc:
-            raise MirrorProcessError(f"the mirror process is gone ({exc.__class__.__name__})") from exc
-        if not line:
-            raise MirrorProcessError(f"the mirror process exited with code {self._process.wait()}")
-        return Batch.from_json(json.loads(line))
-
-    def nudge(self) -> None:
-        """End a waiting poll now (an empty line)."""
-        try:
-            with self._write_lock:
-                assert self._process.stdin is not None
-                self._process.stdin.write(b"\n")
-                self._process.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            pass
-
-    def close(self) -> None:
-        try:
-            if self._process.stdin is not None:
-                with self._write_lock:
-                    self._process.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
-        try:
-            self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        if self._process.stdout is not None:
-            self._process.stdout.close()
 
 
 @dataclass
@@ -261,7 +209,7 @@ class Mirror:
 
     def _ensure_process(self) -> MirrorProcess:
         if self._process is None:
-            self._process = MirrorProcess(self.store_path)
+            self._process = MirrorProcess(self.store_path, self.session_id)
         return self._process
 
     def _close_process(self) -> None:
