@@ -85,6 +85,8 @@ class Mirror:
         self._process: MirrorProcess | None = None
         self._requests: list[_ReconcileRequest] = []
         self._verified: dict[tuple[str, str], int] = {}  # stored forms found to open (check_stored_rows)
+        self._deleted = False  # the owner deleted the stored copy (stored_deleted): forget it at the next step
+        self._rewriting: tuple[int, str] | None = None  # (log level, why) what was stored is gone, until stored again
         self._rows = MirroredRows()
         self._stored: StoredHead | None = None
         self._tables: list = []
@@ -152,6 +154,18 @@ class Mirror:
         assert request.result is not None
         return request.result
 
+    def stored_deleted(self) -> None:
+        """The owner has just deleted the stored session itself (an operator's delete): forget what
+        was stored. The session is stored again in full at the next change (or the next
+        reconciliation), logged as what it is, never as rows change capture missed."""
+        with self._lock:
+            self._deleted = True
+        log.info(
+            "session %s: the stored copy was deleted by an operator; the session is written again in full at its "
+            "next change or reconciliation",
+            self.session_id,
+        )
+
     def _set(self, **changes: object) -> None:
         with self._lock:
             self._status = replace(self._status, **changes)
@@ -184,7 +198,8 @@ class Mirror:
                     self._close_process()
                     failures += 1
                 except Exception as exc:  # the database is away (or refused the batch): keep the changes
-                    if failures == 0:
+                    expected = isinstance(exc, SessionMissing) and self._deleted  # (a batch just caught by the delete)
+                    if failures == 0 and not expected:
                         log.warning("session %s: mirroring paused: %s", self.session_id, first_line(exc))
                     self._set(last_error=first_line(exc))
                     self._fail_requests(exc, keep_own=True)
@@ -221,6 +236,7 @@ class Mirror:
         fence = self._fence()
         if fence is None:
             raise FencedOut(f"session {self.session_id}: no lease; not mirroring")
+        self._forget_if_deleted()
         with self._lock:
             requests, self._requests = self._requests, []
         if requests:
@@ -249,10 +265,24 @@ class Mirror:
         if not batch.changes:
             self._after = batch.sequence
             return
+        self._forget_if_deleted()  # (a delete while the poll waited: this batch alone is not the session)
         if self._stored is None or self._device is None:
             self._queue_reconcile("first rows")  # nothing stored yet: store it whole (once paired)
             return
         self._write(batch, fence)
+
+    def _forget_if_deleted(self) -> None:
+        with self._lock:
+            deleted, self._deleted = self._deleted, False
+        if deleted:
+            self._forget_stored(logging.INFO, "its stored copy was deleted by an operator")
+
+    def _forget_stored(self, level: int, why: str) -> None:
+        """Nothing is stored any more: the next change (or reconciliation) stores the whole session."""
+        self._stored = None
+        self._rows = MirroredRows()
+        self._verified = {}
+        self._rewriting = (level, why)
 
     def _write(self, batch: Batch, fence: Fence) -> None:
         changes = row_changes(batch)
@@ -292,6 +322,10 @@ class Mirror:
 
     def _reconcile(self, fence: Fence, requests: list[_ReconcileRequest]) -> None:
         process = self._ensure_process()
+        if self._stored is not None and self.db.load_session(self.session_id) is None:  # (not rows missed)
+            self._forget_stored(
+                logging.WARNING, "its stored copy was found gone (deleted without its owner being told)"
+            )
         # What is stored is opened and hashed, not only listed: a row that does not open would be
         # found by the next restore (on another host, after this one is gone) instead of here.
         stored = self._stored is not None
@@ -309,7 +343,11 @@ class Mirror:
             record = self.db.load_session(self.session_id)
             self._stored = StoredHead.of(record)
         reasons = ", ".join(sorted({r.reason for r in requests}))
-        if result.missed and "triggers reinstalled" in reasons:
+        if self._rewriting is not None and result.paired:
+            level, why = self._rewriting
+            log.log(level, "session %s: written again in full (%d rows): %s", self.session_id, result.written_rows, why)
+            self._rewriting = None
+        elif result.missed and "triggers reinstalled" in reasons:
             log.warning(
                 "session %s: stored %d rows written while change capture was not installed",
                 self.session_id,
