@@ -27,6 +27,7 @@ ends the child.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sqlite3
 import sys
@@ -51,6 +52,10 @@ from bot.session.change_capture import (
     table_defs,
 )
 
+# SQLite's page cache per store (its default is 2 MiB, kept for good by a long-lived child that
+# watches many stores). Measured: 10 medium stores in one child 91 -> 73 MB PSS, scans no slower
+# (whatsmeow's writes empty the cache anyway; a scan reads each page once).
+CACHE_KIB = 256
 PUBLISH_WAIT_SECONDS = 1.0  # how long a commit seen being written may take to become visible
 
 
@@ -69,6 +74,7 @@ class CaptureSession:
             if watch is not None:
                 watch.close()
             raise
+        self.conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self._schema_version: int | None = None
         self._tables: dict[str, TableDef] = {}
         self._trimmed_upto = -1
@@ -196,6 +202,29 @@ class CaptureSession:
         self._trimmed_upto = upto
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+MALLOC_ARENAS = 2
+
+
+def share_malloc_arenas() -> None:
+    """glibc gives each thread a heap (arena) of its own, up to 8 a core, and a heap keeps what a
+    thread's peak (a scan) used: with a thread per store, that made the shared child keep every
+    store's last scan (37 MB of PSS per medium store, 10 stores: 369 MB). Two arenas for all the
+    threads: 9 MB per medium store. Call before any thread starts; a no-op where it is not glibc."""
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_memory() -> None:
+    """Give the heap's free pages back to the system (glibc), e.g. after a scan's peak."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Answers:
     """The child's stdout, shared by every store's thread: one whole line at a time."""
 
@@ -234,6 +263,9 @@ class StoreThread:
                 assert isinstance(request, dict)
                 self._answer(request, nudged)
                 nudged = False
+                if request["op"] == "scan":
+                    del request  # (the known hashes: megabytes for a large store)
+                    release_memory()
         except (BrokenPipeError, ValueError):  # the daemon is gone (stdout closed): end of input follows
             pass
         finally:
@@ -306,6 +338,7 @@ def main(argv: list[str]) -> int:
     if argv:
         print("usage: python -m bot.session.capture_process  (requests on stdin)", file=sys.stderr)
         return 2
+    share_malloc_arenas()
     try:
         serve(sys.stdin.buffer, Answers(sys.stdout.buffer))
     except (BrokenPipeError, KeyboardInterrupt):
