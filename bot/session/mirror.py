@@ -232,6 +232,19 @@ class Mirror:
         if process is not None:
             process.close()
 
+    def _forget_if_deleted(self) -> None:
+        with self._lock:
+            deleted, self._deleted = self._deleted, False
+        if deleted:
+            self._forget_stored(logging.INFO, "its stored copy was deleted by an operator")
+
+    def _forget_stored(self, level: int, why: str) -> None:
+        """Nothing is stored any more: the next change (or reconciliation) stores the whole session."""
+        self._stored = None
+        self._rows = MirroredRows()
+        self._verified = {}
+        self._rewriting = (level, why)
+
     def _step(self, final: bool) -> None:
         fence = self._fence()
         if fence is None:
@@ -270,19 +283,6 @@ class Mirror:
             self._queue_reconcile("first rows")  # nothing stored yet: store it whole (once paired)
             return
         self._write(batch, fence)
-
-    def _forget_if_deleted(self) -> None:
-        with self._lock:
-            deleted, self._deleted = self._deleted, False
-        if deleted:
-            self._forget_stored(logging.INFO, "its stored copy was deleted by an operator")
-
-    def _forget_stored(self, level: int, why: str) -> None:
-        """Nothing is stored any more: the next change (or reconciliation) stores the whole session."""
-        self._stored = None
-        self._rows = MirroredRows()
-        self._verified = {}
-        self._rewriting = (level, why)
 
     def _write(self, batch: Batch, fence: Fence) -> None:
         changes = row_changes(batch)
