@@ -27,6 +27,9 @@ from bot.process.errors import ZapkeepError
 from bot.session.change_capture import Batch
 
 
+CLOSE_TIMEOUT = 30.0  # a store's thread finishes the read or trim under way first
+
+
 class MirrorProcessError(ZapkeepError):
     """The capture child died, or failed on this mirror's store; the mirror opens its channel again."""
 
@@ -70,7 +73,7 @@ class CaptureChild:
         except (BrokenPipeError, ValueError, OSError) as exc:
             raise MirrorProcessError(f"the mirror process is gone ({exc.__class__.__name__})") from exc
 
-    def request(self, request_id: int, message: dict) -> bytes:
+    def request(self, request_id: int, message: dict, timeout: float | None = None) -> bytes:
         """Send a request and wait for its answer (the JSON text)."""
         waiting = _Waiting()
         with self._lock:
@@ -83,7 +86,10 @@ class CaptureChild:
             with self._lock:
                 self._waiting.pop(request_id, None)
             raise
-        waiting.done.wait()
+        if not waiting.done.wait(timeout):
+            with self._lock:
+                self._waiting.pop(request_id, None)
+            raise MirrorProcessError(f"the mirror process did not answer within {timeout:.0f} s")
         if waiting.error is not None:
             raise MirrorProcessError(waiting.error)
         assert waiting.answer is not None
@@ -202,13 +208,14 @@ class MirrorProcess:
                 pass
 
     def close(self) -> None:
-        """Let the store go in the child (its connection and watch closed); the child ends with its
-        last channel."""
+        """Let the store go in the child and wait until it has (its connection and watch closed:
+        a restore may replace the store's files next); the child ends with its last channel."""
         child, self._child = self._child, None
         if child is None:
             return
+        request_id = self._host.next_id()
         try:
-            child.send({"channel": self.channel, "op": "close"})
+            child.request(request_id, {"channel": self.channel, "op": "close", "id": request_id}, CLOSE_TIMEOUT)
         except MirrorProcessError:
-            pass
+            pass  # (gone: its connections went with it; stuck: the child is ended below if it was the last)
         self._host.detach(child)

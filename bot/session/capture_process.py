@@ -17,7 +17,8 @@ it opens the channel on its store, then sends one JSON request a line on stdin, 
                                                   every row of the store against what the database
                                                   holds: the difference, as changes
     {"channel": C, "op": "nudge"}                 end that channel's waiting poll early (no answer)
-    {"channel": C, "op": "close"}                 let the store go: its connection and watch closed
+    {"channel": C, "op": "close", "id": N}        let the store go: answered once its connection and
+                                                  watch are closed (a restore may replace the file next)
 
 A store's failure is that request's answer (``{"error": ...}``), never the others'. Both answers
 read the store in one read transaction, so a batch is always the store as of one commit: the
@@ -250,6 +251,7 @@ class StoreThread:
         self._notifier = notifier
         self._answers = answers
         self._session: CaptureSession | None = None
+        self._closed_answer: int | None = None  # the close request to answer once the store is let go
         self.thread = threading.Thread(target=self._run, name=f"capture-{session_id}"[:60], daemon=True)
         self.thread.start()
 
@@ -270,6 +272,11 @@ class StoreThread:
             pass
         finally:
             self._close_session()
+            if self._closed_answer is not None:
+                try:
+                    self._answers.send(self._closed_answer, b'{"closed":true}')
+                except (BrokenPipeError, ValueError):
+                    pass
 
     def _answer(self, request: dict, nudged: bool) -> None:
         try:
@@ -298,7 +305,9 @@ class StoreThread:
             except sqlite3.Error:
                 pass
 
-    def close(self) -> None:
+    def close(self, request_id: int | None = None) -> None:
+        """Let the store go; ``request_id`` is answered once its connection is closed."""
+        self._closed_answer = request_id
         self.inbox.close()
 
 
@@ -307,8 +316,8 @@ def serve(requests: BinaryIO, answers: Answers) -> None:
 
     A line is a JSON object naming its ``channel`` (one mirror's view of one store):
     ``open`` (with ``store`` and ``session``) starts watching, ``close`` lets the store go (its
-    connection and watch closed), ``nudge`` ends a waiting poll, and ``poll``/``scan`` (with an
-    ``id``) are answered on stdout as ``<id> <JSON>``."""
+    connection and watch closed), ``nudge`` ends a waiting poll; ``poll``, ``scan`` and ``close``
+    (with an ``id``) are answered on stdout as ``<id> <JSON>``."""
     notifier = Notifier.open()
     stores: dict[int, StoreThread] = {}
     try:
@@ -322,7 +331,9 @@ def serve(requests: BinaryIO, answers: Answers) -> None:
             elif op == "close":
                 store = stores.pop(channel, None)
                 if store is not None:
-                    store.close()
+                    store.close(request.get("id"))
+                elif "id" in request:
+                    answers.send(int(request["id"]), b'{"closed":true}')
             elif channel in stores:
                 stores[channel].inbox.put(NUDGE if op == "nudge" else request)
             elif "id" in request:
