@@ -639,7 +639,7 @@ class SizeBench:
         process = self.mirror._process
         thread = self.mirror._thread
         assert process is not None and thread is not None and thread.native_id is not None
-        child = f"/proc/{process._process.pid}/stat"
+        child = f"/proc/{process.pid}/stat"
         own = f"/proc/self/task/{thread.native_id}/stat"
         time.sleep(1.0)  # past the last change's trim
         start = self.wal.lsn()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -17,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from bot.session import cells, document as session_document
-from bot.session.capture_process import CaptureSession, Requests
+from bot.session.capture_process import CaptureSession
+from bot.session.capture_watch import Inbox, StoreWatch
 from bot.session.mirror import Mirror, MirrorProcess
 from bot.session.persistence import export_document, sync_session
 from database import Database, Fence, FencedOut
@@ -363,8 +363,7 @@ def test_tables_whatsmeow_creates_while_the_mirror_checks_the_triggers_are_captu
     schema = [sql for (sql,) in template.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid")]
     template.close()
     whatsmeow = sqlite3.connect(store, isolation_level=None)
-    nudges, nudger = os.pipe()
-    session = CaptureSession(store, Requests(nudges))
+    session = CaptureSession(store, StoreWatch(store, Inbox(), None))
     created: list[str] = []
 
     def whatsmeow_upgrade_lands(statement: str) -> None:
@@ -389,8 +388,6 @@ def test_tables_whatsmeow_creates_while_the_mirror_checks_the_triggers_are_captu
     finally:
         session.close()
         whatsmeow.close()
-        os.close(nudges)
-        os.close(nudger)
     assert [(c.table, c.row[1] if c.row else None) for c in batch.changes] == [
         ("whatsmeow_contacts", "5531900000001@s.whatsapp.net")
     ]

@@ -1,9 +1,9 @@
 """The daemon's side of the row mirror: store changes -> database, batch by batch, fenced.
 
-The long-lived child ``python -m bot.session.capture_process`` reads the store's change log (this process
-never opens the store: neonize's SQLite lives here). One thread asks it for the changes committed
-after the last sequence the database has, writes them in one transaction, and asks again; the child
-trims what the database has. A whole-store comparison (reconciliation) runs when the mirror starts,
+The long-lived capture child (``bot.session.capture_host``: one for every session of the daemon)
+reads the store's change log (this process never opens the store: neonize's SQLite lives here).
+One thread asks it for the changes committed after the last sequence the database has, writes them
+in one transaction, and asks again; the child trims what the database has. A whole-store comparison (reconciliation) runs when the mirror starts,
 when triggers had to be reinstalled, on a timer and on demand.
 
 While the database is away nothing is lost: the change log keeps every change after the last one
@@ -12,9 +12,7 @@ written, and the next batch carries them all.
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +20,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bot.process.children import module_command, start_child
+from bot.session.capture_host import MirrorProcess, MirrorProcessError
 from bot.session.change_capture import Batch
 from bot.process.errors import ZapkeepError, first_line
 from bot.session.persistence import SyncResult, write_scan
@@ -34,10 +32,6 @@ from database import SESSION_CORRUPT, Database, Fence, FencedOut, HeadWrite, Mir
 log = logging.getLogger("bot.mirror")  # pinned: the name operators see in log lines
 
 RETRY = RetrySchedule((1.0, 2.0, 5.0, 10.0))  # then every 10 s
-
-
-class MirrorProcessError(ZapkeepError):
-    """The mirror process died or answered nonsense; it is started again."""
 
 
 @dataclass(frozen=True)
@@ -53,52 +47,6 @@ class MirrorStatus:
     last_reconcile_result: str | None
     unreadable_rows: int = 0  # stored rows found not to open (altered or corrupt) since the mirror began
     last_unreadable_at: datetime | None = None
-
-
-class MirrorProcess:
-    """The child that reads the store; one JSON request and one JSON answer a line."""
-
-    def __init__(self, store_path: Path) -> None:
-        self._process = start_child(module_command("bot.session.capture_process", str(store_path)))
-        self._write_lock = threading.Lock()
-
-    def request(self, payload: dict) -> Batch:
-        assert self._process.stdin is not None and self._process.stdout is not None
-        try:
-            with self._write_lock:
-                self._process.stdin.write(json.dumps(payload).encode() + b"\n")
-                self._process.stdin.flush()
-            line = self._process.stdout.readline()
-        except (BrokenPipeError, ValueError) as exc:
-            raise MirrorProcessError(f"the mirror process is gone ({exc.__class__.__name__})") from exc
-        if not line:
-            raise MirrorProcessError(f"the mirror process exited with code {self._process.wait()}")
-        return Batch.from_json(json.loads(line))
-
-    def nudge(self) -> None:
-        """End a waiting poll now (an empty line)."""
-        try:
-            with self._write_lock:
-                assert self._process.stdin is not None
-                self._process.stdin.write(b"\n")
-                self._process.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            pass
-
-    def close(self) -> None:
-        try:
-            if self._process.stdin is not None:
-                with self._write_lock:
-                    self._process.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
-        try:
-            self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        if self._process.stdout is not None:
-            self._process.stdout.close()
 
 
 @dataclass
@@ -138,6 +86,8 @@ class Mirror:
         self._process: MirrorProcess | None = None
         self._requests: list[_ReconcileRequest] = []
         self._verified: dict[tuple[str, str], int] = {}  # stored forms found to open (check_stored_rows)
+        self._deleted = False  # the owner deleted the stored copy (stored_deleted): forget it at the next step
+        self._rewriting: tuple[int, str] | None = None  # (log level, why) what was stored is gone, until stored again
         self._rows = MirroredRows()
         self._stored: StoredHead | None = None
         self._tables: list = []
@@ -205,6 +155,18 @@ class Mirror:
         assert request.result is not None
         return request.result
 
+    def stored_deleted(self) -> None:
+        """The owner has just deleted the stored session itself (an operator's delete): forget what
+        was stored. The session is stored again in full at the next change (or the next
+        reconciliation), logged as what it is, never as rows change capture missed."""
+        with self._lock:
+            self._deleted = True
+        log.info(
+            "session %s: the stored copy was deleted by an operator; the session is written again in full at its "
+            "next change or reconciliation",
+            self.session_id,
+        )
+
     def _set(self, **changes: object) -> None:
         with self._lock:
             self._status = replace(self._status, **changes)
@@ -237,7 +199,8 @@ class Mirror:
                     self._close_process()
                     failures += 1
                 except Exception as exc:  # the database is away (or refused the batch): keep the changes
-                    if failures == 0:
+                    expected = isinstance(exc, SessionMissing) and self._deleted  # (a batch just caught by the delete)
+                    if failures == 0 and not expected:
                         log.warning("session %s: mirroring paused: %s", self.session_id, first_line(exc))
                     self._set(last_error=first_line(exc))
                     self._fail_requests(exc, keep_own=True)
@@ -262,7 +225,7 @@ class Mirror:
 
     def _ensure_process(self) -> MirrorProcess:
         if self._process is None:
-            self._process = MirrorProcess(self.store_path)
+            self._process = MirrorProcess(self.store_path, self.session_id)
         return self._process
 
     def _close_process(self) -> None:
@@ -270,10 +233,24 @@ class Mirror:
         if process is not None:
             process.close()
 
+    def _forget_if_deleted(self) -> None:
+        with self._lock:
+            deleted, self._deleted = self._deleted, False
+        if deleted:
+            self._forget_stored(logging.INFO, "its stored copy was deleted by an operator")
+
+    def _forget_stored(self, level: int, why: str) -> None:
+        """Nothing is stored any more: the next change (or reconciliation) stores the whole session."""
+        self._stored = None
+        self._rows = MirroredRows()
+        self._verified = {}
+        self._rewriting = (level, why)
+
     def _step(self, final: bool) -> None:
         fence = self._fence()
         if fence is None:
             raise FencedOut(f"session {self.session_id}: no lease; not mirroring")
+        self._forget_if_deleted()
         with self._lock:
             requests, self._requests = self._requests, []
         if requests:
@@ -302,6 +279,7 @@ class Mirror:
         if not batch.changes:
             self._after = batch.sequence
             return
+        self._forget_if_deleted()  # (a delete while the poll waited: this batch alone is not the session)
         if self._stored is None or self._device is None:
             self._queue_reconcile("first rows")  # nothing stored yet: store it whole (once paired)
             return
@@ -345,6 +323,10 @@ class Mirror:
 
     def _reconcile(self, fence: Fence, requests: list[_ReconcileRequest]) -> None:
         process = self._ensure_process()
+        if self._stored is not None and self.db.load_session(self.session_id) is None:  # (not rows missed)
+            self._forget_stored(
+                logging.WARNING, "its stored copy was found gone (deleted without its owner being told)"
+            )
         # What is stored is opened and hashed, not only listed: a row that does not open would be
         # found by the next restore (on another host, after this one is gone) instead of here.
         stored = self._stored is not None
@@ -362,7 +344,11 @@ class Mirror:
             record = self.db.load_session(self.session_id)
             self._stored = StoredHead.of(record)
         reasons = ", ".join(sorted({r.reason for r in requests}))
-        if result.missed and "triggers reinstalled" in reasons:
+        if self._rewriting is not None and result.paired:
+            level, why = self._rewriting
+            log.log(level, "session %s: written again in full (%d rows): %s", self.session_id, result.written_rows, why)
+            self._rewriting = None
+        elif result.missed and "triggers reinstalled" in reasons:
             log.warning(
                 "session %s: stored %d rows written while change capture was not installed",
                 self.session_id,
