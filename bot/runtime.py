@@ -458,6 +458,12 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
 
     # --- one-shot jobs ----------------------------------------------------------------------------------
 
+    def stored_copy_deleted(self) -> None:
+        """An operator deleted the stored copy through this owner: the mirror stores the whole
+        session again at its next change, rather than a reconciliation "repairing" rows that change
+        capture never missed."""
+        self._mirror.stored_deleted()
+
     def backup_now(self, reason: str = "api") -> BackupOutcome | None:
         return self.backups.backup_now(reason)
 

@@ -177,21 +177,13 @@ def delete() -> tuple[Response, int]:
     note = None
     if fence is not None:
         live = runtime()
-        _stored_copy_deleted(live)
+        live.stored_copy_deleted()  # its next change stores the whole session again
         if live.status().jid is not None:
             note = (
                 f"session {session_id} runs on this daemon, which will store it again at its next change; "
                 "POST /api/session/logout to unlink it"
             )
     return ok(session_id=session_id, deleted=True, history_purged=purge, note=note)
-
-
-def _stored_copy_deleted(live: Runtime) -> None:
-    """The mirror learns that its rows are gone: the next change stores the whole session again,
-    rather than a reconciliation "repairing" rows that change capture never missed."""
-    told = getattr(live, "stored_copy_deleted", None)  # (the runtime's side lands with issue 25's host)
-    if told is not None:
-        told()
 
 
 @bp.get("/api/session/qr")

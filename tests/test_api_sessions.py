@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from database import Database
 from session_api import create_app, execute_command
 from session_api.commands import REPLAY_HEADER
 from session_api.server import ApiServer
+from tests.synthetic import table_rows
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import FAST, make_config
 from tests.test_api import ANSWERS, TOKEN, Reply, every_answer_seen_is_documented, multipart  # noqa: F401 (a fixture)
@@ -204,8 +206,9 @@ def test_a_send_naming_a_session_goes_out_from_that_sessions_number(
 
 
 def test_writes_for_a_session_another_daemon_owns_go_through_it_and_its_answer_comes_back(
-    daemons: Daemons, network: FakeWhatsApp, db: Database
+    daemons: Daemons, network: FakeWhatsApp, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     a = daemons.start("a")
     assert a.call("POST", "/api/sessions", {"session_id": "vendas"}).status == 201
     pair(a.host, network, "vendas")
@@ -258,6 +261,18 @@ def test_writes_for_a_session_another_daemon_owns_go_through_it_and_its_answer_c
     assert deleted.status == 200, deleted.body
     assert "store it again at its next change" in deleted.json()["note"]
     assert db.command(int(deleted.headers[REPLAY_HEADER.lower()])).claimed_by == "host-a"
+    assert db.load_session("vendas") is None
+    network.current(session_id="vendas").write_store(3)  # its next change: the whole session stored again
+    store = a.host.services("vendas").runtime.config.store_path
+
+    def stored_in_full() -> bool:
+        local = sum(len(rows) for rows in table_rows(store).values())
+        return db.load_session("vendas") is not None and len(db.load_rows("vendas")) == local
+
+    wait_until(stored_in_full, message="vendas stored again in full by its owner")
+    said = [r.getMessage() for r in caplog.records if "vendas" in r.getMessage()]
+    assert any("deleted by an operator" in line for line in said)  # the owner knew: said as what it is
+    assert not [line for line in said if "missed" in line]  # never blamed on change capture
 
     # Deleting the session itself: by its owner, for good.
     gone = b.call("DELETE", "/api/sessions/vendas")
