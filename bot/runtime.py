@@ -168,13 +168,13 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
         jobs: list[tuple[Callable[..., None], float, str, list[str]]] = [
             (self.backups.reconcile, self.config.backup_interval_seconds, "backup-interval", ["interval"]),
             (self.backups.history, self._timing.history_interval_seconds, "history-interval", ["periodic"]),
-            (self._watch_connection, self._timing.qr_check_seconds, "connection-watch", []),
         ]
         for function, seconds, name, args in jobs:
             self._scheduler.add_job(
                 self._job, "interval", seconds=seconds, id=f"{sid}:{name}", args=[function, *args], replace_existing=True
             )
         self._ticker.add(sid, self._tick)
+        self._ticker.add(f"{sid}:connection-watch", self._watch_soon, every=self._timing.qr_check_seconds)
         if self._owns_timers:
             self._scheduler.start()
         self._event_thread.start()
@@ -250,11 +250,16 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
         for job, kind in self._deferred.take_due():
             self._ticker.submit(self._job, job, kind)
 
+    def _watch_soon(self) -> None:
+        """The connection watchdog, on a worker: stopping a stalled round may wait for its client."""
+        self._ticker.submit(self._job, self._watch_connection)
+
     def _stop_jobs(self) -> None:
         """No new jobs of this session (``_stopping`` is set); the running ones finish first."""
         sid = self.config.session_id
         self._ticker.remove(sid)
-        for name in ("backup-interval", "history-interval", "connection-watch"):
+        self._ticker.remove(f"{sid}:connection-watch")
+        for name in ("backup-interval", "history-interval"):
             try:
                 self._scheduler.remove_job(f"{sid}:{name}")
             except Exception:  # JobLookupError: never added (stopped before it started)

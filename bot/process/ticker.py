@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from bot.process.errors import first_line
 
@@ -20,19 +22,27 @@ log = logging.getLogger(__name__)
 Check = Callable[[], None]
 
 
+@dataclass
+class _Entry:
+    check: Check
+    every: float
+    due_at: float  # monotonic
+
+
 class Ticker:
     def __init__(self, interval_seconds: float = 0.25, workers: int = 4) -> None:
         self._interval = interval_seconds
-        self._checks: dict[str, Check] = {}
+        self._checks: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jobs")
 
-    def add(self, name: str, check: Check) -> None:
-        """Runs ``check`` every interval from now on (a name added again replaces its check)."""
+    def add(self, name: str, check: Check, every: float | None = None) -> None:
+        """Runs ``check`` every interval from now on, or every ``every`` seconds (rounded up to
+        intervals); a name added again replaces its check."""
         with self._lock:
-            self._checks[name] = check
+            self._checks[name] = _Entry(check, every or self._interval, time.monotonic() + (every or 0.0))
             if self._thread is None and not self._stopping.is_set():
                 self._thread = threading.Thread(target=self._run, name="ticker", daemon=True)
                 self._thread.start()
@@ -55,10 +65,13 @@ class Ticker:
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval):
+            now = time.monotonic()
             with self._lock:
-                checks = list(self._checks.values())
-            for check in checks:
-                self._guarded(check)
+                due = [entry for entry in self._checks.values() if entry.due_at <= now]
+                for entry in due:
+                    entry.due_at = now + entry.every
+            for entry in due:
+                self._guarded(entry.check)
 
     @staticmethod
     def _guarded(job: Callable[..., None], *args: object) -> None:
