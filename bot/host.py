@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bot.connection import events
@@ -37,6 +39,8 @@ log = logging.getLogger("bot.host")
 
 CommandHandler = Callable[[Command], tuple[int, dict]]
 LIVE_REFRESH_SECONDS = 30.0  # an owner re-publishes its sessions' state this often (a lost race heals)
+COMMANDS_KEPT = timedelta(days=1)  # finished commands (their answers) are kept this long
+COMMANDS_PRUNE_SECONDS = 3600.0
 STOP_WORKERS = 8  # sessions shut down side by side: each waits for its last write and its lease
 START_WORKERS = 8  # ... and boot side by side: each restores its store and starts its client
 
@@ -74,13 +78,13 @@ class Host:
         self._session_options = session_options
         self._timers = Timers.new()
         self._sessions: dict[str, Services] = {}
+        self._deleting: set[str] = set()  # sessions whose traces are being removed
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._started = False
         self._live_changed = threading.Event()
         self._live_lock = threading.Lock()  # taken under runtimes' locks: never holds another
         self._live_pending: dict[str, SessionStatus] = {}
-        self._published_owned: set[str] = set()  # sessions whose live row this instance wrote as owner
         self._threads: list[threading.Thread] = []
         self._command_workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="commands")
 
@@ -141,30 +145,39 @@ class Host:
         if rules is not None:
             self._load_rules(rules)  # refused before anything is written
         with self._lock:
+            if session_id in self._deleting:
+                raise SessionExists(f"session {session_id} is being deleted; create it again in a moment")
             if not self.config.single_session and len(self._sessions) >= self.config.max_sessions:
                 raise SessionLimit(f"this daemon hosts MAX_SESSIONS={self.config.max_sessions} sessions already")
             if not self.db.register_session(session_id, pair_phone=pair_phone, rules=rules):
                 raise SessionExists(f"session {session_id} exists already")
             log.info("session %s created", session_id)
-            if not self.config.single_session:
-                self._host(session_id)
+        if not self.config.single_session:
+            self._host(session_id)  # (outside the lock: a boot takes a while, and the API reads the host meanwhile)
 
     def delete_session(self, session_id: str, logout: bool = False, purge: bool = False) -> bool:
         """Gone for good: its client stopped (unlinked from the phone with ``logout``), its local
         store wiped, its stored rows removed, a tombstone so that no instance brings it back; its
         history stays unless ``purge``. False: no such session."""
-        if not self.db.tombstone_session(session_id):
-            return False
-        with self._lock:
+        with self._lock:  # no create of the same id, and no sync, until its traces are gone
+            if session_id in self._deleting:
+                raise SessionExists(f"session {session_id} is being deleted already")
+            if not self.db.tombstone_session(session_id):
+                return False
+            self._deleting.add(session_id)
             services = self._sessions.pop(session_id, None)
-        if services is not None:
-            if logout:
-                try:
-                    services.runtime.logout()
-                except Exception as exc:  # not paired, not connected: nothing to unlink
-                    log.info("session %s: not unlinked from the phone: %s", session_id, first_line(exc))
-            self._stop_services(session_id, services)
-        self._forget(session_id, keep_history=not purge)
+        try:
+            if services is not None:
+                if logout:
+                    try:
+                        services.runtime.logout()
+                    except Exception as exc:  # not paired, not connected: nothing to unlink
+                        log.info("session %s: not unlinked from the phone: %s", session_id, first_line(exc))
+                self._stop_services(session_id, services)
+            self._forget(session_id, keep_history=not purge)
+        finally:
+            with self._lock:
+                self._deleting.discard(session_id)
         log.info("session %s deleted%s", session_id, " with its history" if purge else "")
         return True
 
@@ -190,7 +203,7 @@ class Host:
     def _host(self, session_id: str) -> None:
         """Build and start one session (a bad rules file of its own leaves it unhosted, logged)."""
         with self._lock:
-            if session_id in self._sessions or self._stopping.is_set():
+            if session_id in self._sessions or session_id in self._deleting or self._stopping.is_set():
                 return
             registered = self.db.registered_session(session_id)
             pair_phone = registered.pair_phone if registered is not None else None
@@ -261,7 +274,7 @@ class Host:
                     self._host(session_id)
             for session_id in sorted(hosted - wanted):
                 with self._lock:
-                    services = self._sessions.pop(session_id, None)
+                    services = None if session_id in self._deleting else self._sessions.pop(session_id, None)
                 if services is not None:
                     log.info("session %s was deleted by another instance; stopping it here", session_id)
                     self._stop_services(session_id, services)
@@ -315,8 +328,13 @@ class Host:
         self._live_changed.set()
 
     def _publish(self) -> None:
-        """The owned sessions' live state into the database, for every instance's API to read."""
+        """The owned sessions' live state into the database, for every instance's API to read (and,
+        now and then, the finished commands pruned)."""
+        pruned = 0.0
         while not self._stopping.is_set():
+            if time.monotonic() - pruned > COMMANDS_PRUNE_SECONDS:
+                pruned = time.monotonic()
+                self._prune_commands()
             if not self._live_changed.wait(LIVE_REFRESH_SECONDS):
                 for session_id in self.hosted():
                     services = self.services(session_id)
@@ -327,17 +345,23 @@ class Host:
             self._live_changed.clear()
             self._publish_pending()
 
+    def _prune_commands(self) -> None:
+        try:
+            self.db.prune_commands(datetime.now(UTC) - COMMANDS_KEPT)
+        except Exception as exc:
+            log.debug("finished commands not pruned: %s", first_line(exc))
+
     def _publish_pending(self) -> None:
         with self._live_lock:
             pending, self._live_pending = self._live_pending, {}
         for status in pending.values():
-            if not status.owns_session and status.session_id not in self._published_owned:
-                continue  # a standby's view would overwrite the owner's
+            if not status.owns_session:
+                continue  # only an owner speaks for a session (a released lease makes its row "not_running")
             try:
                 self.db.publish_live(
                     LiveState(
                         session_id=status.session_id,
-                        owner_id=self.instance_id if status.owns_session else None,
+                        owner_id=self.instance_id,
                         state=status.state,
                         connected=status.connected,
                         phone=status.phone,
@@ -349,8 +373,3 @@ class Host:
                 log.debug("live state of session %s not published: %s", status.session_id, first_line(exc))
                 with self._live_lock:
                     self._live_pending.setdefault(status.session_id, status)
-                continue
-            if status.owns_session:
-                self._published_owned.add(status.session_id)
-            else:
-                self._published_owned.discard(status.session_id)

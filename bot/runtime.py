@@ -246,7 +246,8 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
                 self._jobs_done.notify_all()
 
     def _tick(self) -> None:
-        self._lease.check()
+        if self._lease.overdue():  # giving it up stops the client, which may wait: on a worker
+            self._ticker.submit(self._lease.check)
         for job, kind in self._deferred.take_due():
             self._ticker.submit(self._job, job, kind)
 

@@ -62,6 +62,7 @@ def create_app(
     app.extensions["zapkeep.event_streams"] = live.stream_slots()
     app.extensions["zapkeep.streams_end"] = threading.Event()
     app.extensions["zapkeep.downloads"] = threading.BoundedSemaphore(2)  # of the server's 10 threads
+    app.extensions["zapkeep.forwards"] = threading.BoundedSemaphore(commands.MAX_FORWARDS)  # 4 more
     app.extensions["zapkeep.number_checks"] = threading.BoundedSemaphore(MAX_CONCURRENT_CHECKS)  # 2 more
     app.config["REPLY_EXPIRY"] = reply_expiry
     app.config["COMMAND_WAIT_SECONDS"] = commands.WAIT_SECONDS

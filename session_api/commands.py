@@ -3,8 +3,11 @@ stored as a durable command (``whatsapp_session_commands``), the owner's host re
 its own API (``execute_command``) and stores the answer, and this process answers with it, or
 with 202 and the command's id when it takes longer than a few seconds (``GET /api/commands/<id>``).
 
-A replayed request carries ``REPLAY_HEADER``: it is answered where it lands, never forwarded again
-(a header any client may send, which only ever keeps its request from being forwarded)."""
+A replayed request is marked in its WSGI environ (``REPLAY_ENVIRON``), which no HTTP client can
+set: it is answered where it lands, never forwarded again. (A header would let any client with the
+token skip the owner and write unfenced beside it.) The answer carries ``REPLAY_HEADER`` with the
+command's id. At most ``MAX_FORWARDS`` requests wait for owners at once (429 beyond), so that
+writes through a slow owner never take the server's threads from the probes."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, abort, current_app, request
+from werkzeug.exceptions import TooManyRequests
 
 from database import Command, CommandRequest
 from session_api.hosting import OneRuntime
@@ -26,6 +30,8 @@ bp = Blueprint("commands", __name__)
 bp.before_request(require_token)
 
 REPLAY_HEADER = "X-Zapkeep-Command"
+REPLAY_ENVIRON = "zapkeep.command"
+MAX_FORWARDS = 4  # of the server's 10 threads
 WAIT_SECONDS = 5.0  # for the owner's answer, before answering 202 (app.config["COMMAND_WAIT_SECONDS"])
 POLL_SECONDS = 0.075
 
@@ -49,7 +55,7 @@ def through_owner(view: View) -> View:
 def _owner_elsewhere() -> str | None:
     """The live owner of the requested session when it is another process and this one does not
     own it (not hosted here, or hosted in standby); else None: the request is answered here."""
-    if REPLAY_HEADER in request.headers or isinstance(host(), OneRuntime):
+    if REPLAY_ENVIRON in request.environ or isinstance(host(), OneRuntime):
         return None  # (one bare runtime runs no commands, so it sends none either)
     session_id = requested_session()
     parts = host().services(session_id)
@@ -62,6 +68,16 @@ def _owner_elsewhere() -> str | None:
 
 
 def _forward(owner: str) -> tuple[Response, int]:
+    waiting = current_app.extensions["zapkeep.forwards"]
+    if not waiting.acquire(blocking=False):
+        raise TooManyRequests("too many writes are waiting for their sessions' owners; try again shortly", retry_after=1)
+    try:
+        return _forward_to(owner)
+    finally:
+        waiting.release()
+
+
+def _forward_to(owner: str) -> tuple[Response, int]:
     session_id = requested_session()
     command = CommandRequest(
         method=request.method,
@@ -121,7 +137,7 @@ def execute_command(app: Flask, command: Command) -> tuple[int, dict[str, Any]]:
     """The owner's side: replay the stored request against this process's API (its token, marked
     as a replay) and return the answer to store, (status, JSON object)."""
     stored = command.request
-    headers = {"Authorization": f"Bearer {app.config['API_TOKEN']}", REPLAY_HEADER: str(command.id)}
+    headers = {"Authorization": f"Bearer {app.config['API_TOKEN']}"}
     with app.test_client() as client:
         response = client.open(
             stored.path,
@@ -130,6 +146,7 @@ def execute_command(app: Flask, command: Command) -> tuple[int, dict[str, Any]]:
             data=stored.body,
             content_type=stored.content_type,
             headers=headers,
+            environ_base={REPLAY_ENVIRON: command.id},
         )
         answer = response.get_json(silent=True)
         status = response.status_code

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint, Response, abort, g, request
 
 from bot.process.config import is_valid_session_id
-from bot.process.errors import SessionExists, SessionLimit, StateConflictError, first_line
+from bot.process.errors import ConfigError, SessionExists, SessionLimit, StateConflictError, first_line
 from bot.runtime import Runtime
 from bot.session.state import State
 from database import LeaseInfo, SessionOverview, SessionSummary, is_unavailable
@@ -103,7 +103,7 @@ def create_session() -> tuple[Response, int]:
         host().create_session(session_id, pair_phone=pair_phone, rules=rules)
     except (SessionExists, SessionLimit, StateConflictError) as exc:
         abort(409, first_line(exc))
-    except ValueError as exc:  # the host's own checks (the rules file)
+    except (ValueError, ConfigError) as exc:  # the host's own checks (the rules file: where, and what it says)
         abort(400, first_line(exc))
     created = _entries(session_id)
     return ok(201, session=created[0] if created else {"session_id": session_id})

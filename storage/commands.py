@@ -70,15 +70,16 @@ class CommandQueries(DatabaseCore):
 
     # Only the first answer counts (an owner that lost the session mid-way may answer late).
     FINISH_COMMAND = """
-        UPDATE whatsapp_session_commands SET finished_at = %s, status_code = %s, answer = %s
+        UPDATE whatsapp_session_commands SET finished_at = %s, status_code = %s, answer = %s, body = %s
         WHERE id = %s AND finished_at IS NULL
     """
 
     def finish_command(self, command_id: int, status_code: int, answer: dict) -> None:
-        """Store the command's answer (status and JSON body) for the instance waiting on it."""
+        """Store the command's answer (status and JSON body) for the instance waiting on it; the
+        request's body goes (an import carries a whole session's credentials, a send a file)."""
         text = json.dumps(answer, ensure_ascii=False)
         with self.transaction() as tx:
-            tx.execute(self.FINISH_COMMAND, (_utcnow(), status_code, text, command_id))
+            tx.execute(self.FINISH_COMMAND, (_utcnow(), status_code, text, b"", command_id))
 
     SELECT_COMMAND = f"SELECT {COMMAND_COLUMNS} FROM whatsapp_session_commands WHERE id = %s"
 

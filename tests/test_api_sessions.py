@@ -39,11 +39,18 @@ class Daemon:
     server: ApiServer
 
     def call(
-        self, method: str, path: str, body: Any = None, *, raw: tuple[bytes, str] | None = None, token: str = TOKEN
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: tuple[bytes, str] | None = None,
+        token: str = TOKEN,
+        extra_headers: dict[str, str] | None = None,
     ) -> Reply:
         """``raw``: a body as sent, with its content type."""
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
-        headers = {"Authorization": f"Bearer {token}"}
+        headers = {"Authorization": f"Bearer {token}", **(extra_headers or {})}
         data = None if body is None else json.dumps(body).encode()
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -138,6 +145,7 @@ def test_sessions_are_created_listed_shown_and_deleted_over_the_api(
         {},
         {"session_id": "x", "pair_phone": "12"},
         {"session_id": "x", "rules": "../../etc/passwd"},
+        {"session_id": "x", "rules": "missing.toml"},  # under the rules directory, but no such file
     ):
         refused = a.call("POST", "/api/sessions", bad)
         assert refused.status == (409 if bad.get("session_id") in ("vendas", "third") else 400), (bad, refused.body)
@@ -257,7 +265,8 @@ def test_writes_for_a_session_another_daemon_owns_go_through_it_and_its_answer_c
 
     # The seed's delete of the stored copy goes through the owner, which says it stores it again.
     wait_until(lambda: db.load_session("vendas") is not None, message="vendas stored")
-    deleted = b.call("DELETE", "/api/session/delete?session_id=vendas")
+    # (A client cannot pass for a replay to skip the owner: the header marks answers, never requests.)
+    deleted = b.call("DELETE", "/api/session/delete?session_id=vendas", extra_headers={REPLAY_HEADER: "1"})
     assert deleted.status == 200, deleted.body
     assert "store it again at its next change" in deleted.json()["note"]
     assert db.command(int(deleted.headers[REPLAY_HEADER.lower()])).claimed_by == "host-a"

@@ -237,6 +237,7 @@ def test_a_command_is_claimed_once_by_its_sessions_owner_and_answered(db: Databa
     done = db.command(first)
     assert (done.status_code, done.answer) == (200, {"id": 7, "status": "queued", "texto": "Olá"})
     assert done.finished_at is not None and done.finished_at >= done.claimed_at
+    assert done.request.body == b""  # what it carried (a file, an imported session's credentials) is gone
     assert db.command(10_000) is None
 
 

@@ -125,6 +125,10 @@ class LeaseKeeper:
         self._on_lost(reason)
         self._wake.set()
 
+    def overdue(self) -> bool:
+        """Held here, and not renewed in time: ``check`` gives it up."""
+        return self._fence is not None and not self.fresh()
+
     def check(self) -> None:
         """The watchdog, independent of renewals (which may hang on an unreachable database)."""
         if self._fence is not None and not self.fresh():
