@@ -36,6 +36,7 @@ from bot.session.document import restore_snapshot, validate_document
 from database import Database, PostgresDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.host import Host
 from session_api import create_app
 from session_api.console import SIGN_IN_OVERALL_BUDGET, sign_in_attempts
 from session_api.guard import FailedAttempts, FailureBudget
@@ -73,6 +74,7 @@ class Api:
     bodies: list[bytes]
     failed_attempts: FailedAttempts
     outbox: Outbox
+    host: Host | None = None
 
     def call(
         self,
@@ -136,23 +138,27 @@ def api(db: Database, whatsmeow_template: Path, tmp_path: Path) -> Iterator[Api]
 
 @contextmanager
 def serving(db: Database, whatsmeow_template: Path, tmp_path: Path, **env: str) -> Iterator[Api]:
-    """The daemon's own assembly (runtime, chatbot, outbox) behind a real waitress server."""
+    """The daemon's own assembly (the host, the default session's runtime, chatbot and outbox)
+    behind a real waitress server."""
     config = Config.from_env(
         {"DATA_DIR": str(tmp_path / "data"), "API_TOKEN": TOKEN, "BACKUP_INTERVAL_SECONDS": "3600", **env}
     )
     network = FakeWhatsApp(schema_template=whatsmeow_template)
     rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
-    services = build_services(config, db, network.factory, rules, timing=FAST)
+    # What the daemon runs: a host of every session in the database (a first boot creates "default").
+    host = Host(config, db, network.factory, rules, owner_id="api-test", timing=FAST)
     failed_attempts = FailedAttempts()
-    app = create_app(services.runtime, db, outbox=services.outbox, failed_attempts=failed_attempts)
+    app = create_app(host, db, failed_attempts=failed_attempts)
     server = ApiServer(app, "127.0.0.1", 0, threads=4)
     server.start()
-    services.start()
+    host.start()
+    services = host.services(host.default_session_id)
+    assert services is not None
     try:
-        yield Api(server.port, services.runtime, db, network, [], failed_attempts, services.outbox)
+        yield Api(server.port, services.runtime, db, network, [], failed_attempts, services.outbox, host)
     finally:
         server.stop()
-        services.stop()
+        host.stop()
 
 
 OPEN = {("GET", "/healthz"), ("GET", "/readyz")}  # README: every route but these needs the token
@@ -814,7 +820,8 @@ def test_metrics_parse_and_move_when_a_backup_and_a_message_happen(api: Api) -> 
     assert change["received"] == 1.0 and change["rows"] >= 3 and change["batches"] >= 1, change
     assert api.call("GET", "/metrics", token="wrong").status == 401
 
-    api.runtime.config = replace(api.runtime.config, metrics_token="scraper-token-0123456789")
+    assert api.host is not None
+    api.host.config = replace(api.host.config, metrics_token="scraper-token-0123456789")
     assert scrape(api, token="scraper-token-0123456789")[("zapkeep_lease_owned", DEFAULT)] == 1.0
     assert scrape(api)[("zapkeep_lease_owned", DEFAULT)] == 1.0  # the API token opens it too
 
