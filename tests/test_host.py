@@ -1,7 +1,8 @@
 """Many sessions in one daemon (issue 25): each paired, answering from its own number and logging
-under its own id; one session's poison message, Go crash or refused restore leaves the others
-connected; a deleted session stays gone; a restart on an empty disk brings every session back
-without a QR."""
+under its own id; one session's poison message, failed client round or refused restore leaves the
+others connected; a deleted session stays gone; a restart on an empty disk brings every session
+back without a QR. (A real Go crash ends the whole shared client process: what it does to the
+other sessions of that process is tests/test_client_processes.py's.)"""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def test_twenty_sessions_pair_answer_from_their_own_number_and_survive_one_sessi
     client.emit(incoming("oi\x00tudo\ud800", chat="a\ud800b"))  # a poison message
     with pytest.raises(NotFoundError):
         host.services(victim).runtime.restore(version=999)  # a refused restore
-    client.crash()  # a Go panic ends its round
+    client.crash()  # its round ends as a crashed client's does
     wait_until(lambda: state_of(host, victim) is State.CONNECTED and network.current(session_id=victim) is not client,
                message="the crashed session back (no QR: its store is intact)")
     for n, session_id in enumerate(ids):
