@@ -41,7 +41,7 @@ CommandHandler = Callable[[Command], tuple[int, dict]]
 LIVE_REFRESH_SECONDS = 30.0  # an owner re-publishes its sessions' state this often (a lost race heals)
 COMMANDS_KEPT = timedelta(days=1)  # finished commands (their answers) are kept this long
 COMMANDS_PRUNE_SECONDS = 3600.0
-STOP_WORKERS = 8  # sessions shut down side by side: each waits for its last write and its lease
+STOP_WORKERS = 128  # sessions shut down side by side: each may wait for its client (a hanging dial: 10 s) and its lease
 START_WORKERS = 8  # ... and boot side by side: each restores its store and starts its client
 
 

@@ -58,7 +58,7 @@ class Timing:
     after_connect_seconds: float = 5.0  # then a reconciliation
     after_pair_seconds: float = 1.0  # then a full snapshot into history
     history_interval_seconds: float = 900.0  # at most this often while the store keeps changing
-    mirror_poll_seconds: float = 5.0  # an idle mirror asks the store again this often (commits wake it at once)
+    mirror_poll_seconds: float = 30.0  # an idle mirror asks the store again this often (commits wake it at once)
     qr_round_seconds: float = 90.0  # no new QR for this long: whatsmeow gave up, start a new round
     qr_check_seconds: float = 5.0  # also how often the reconnect watchdog looks
     reconnect_watchdog_seconds: float = 180.0  # whatsmeow's own reconnect after a drop gets this long

@@ -19,7 +19,7 @@ from collections import deque
 from pathlib import Path
 
 POLL_INTERVAL_SECONDS = 0.005  # without inotify: how often a waiting poll looks at the store file (os.stat)
-SAFETY_NET_SECONDS = 1.0  # with inotify, still look at the file this often: a missed wake-up costs a second
+SAFETY_NET_SECONDS = 5.0  # with inotify, still look at the file this often (a missed wake-up costs that long)
 
 _IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
 _IN_Q_OVERFLOW, _IN_IGNORED = 0x4000, 0x8000
