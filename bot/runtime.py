@@ -171,7 +171,12 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
         ]
         for function, seconds, name, args in jobs:
             self._scheduler.add_job(
-                self._job, "interval", seconds=seconds, id=f"{sid}:{name}", args=[function, *args], replace_existing=True
+                self._job,
+                "interval",
+                seconds=seconds,
+                id=f"{sid}:{name}",
+                args=[function, *args],
+                replace_existing=True,
             )
         self._ticker.add(sid, self._tick)
         self._ticker.add(f"{sid}:connection-watch", self._watch_soon, every=self._timing.qr_check_seconds)

@@ -70,7 +70,9 @@ def _owner_elsewhere() -> str | None:
 def _forward(owner: str) -> tuple[Response, int]:
     waiting = current_app.extensions["zapkeep.forwards"]
     if not waiting.acquire(blocking=False):
-        raise TooManyRequests("too many writes are waiting for their sessions' owners; try again shortly", retry_after=1)
+        raise TooManyRequests(
+            "too many writes are waiting for their sessions' owners; try again shortly", retry_after=1
+        )
     try:
         return _forward_to(owner)
     finally:

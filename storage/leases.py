@@ -22,9 +22,7 @@ class LeaseQueries(DatabaseCore):
         RETURNING fencing_token
     """
 
-    SELECT_DELETED = (
-        "SELECT 1 FROM whatsapp_session_registry WHERE session_id = %s AND deleted_at IS NOT NULL"
-    )
+    SELECT_DELETED = "SELECT 1 FROM whatsapp_session_registry WHERE session_id = %s AND deleted_at IS NOT NULL"
 
     def acquire_lease(self, session_id: str, owner_id: str, ttl_seconds: float) -> Fence | None:
         """Take the session if nobody holds it (or the holder let it expire); each take-over gets a

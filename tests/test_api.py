@@ -29,7 +29,7 @@ from bot.messages.rules import load_rules
 from bot.process.config import SHIPPED_REPLIES, Config
 from bot.messages.outbox import Outbox
 from bot.runtime import Runtime
-from bot.wiring import build_runtime, build_services
+from bot.wiring import build_runtime
 from bot.session.state import State
 from bot.session.persistence import export_document, import_document
 from bot.session.document import restore_snapshot, validate_document

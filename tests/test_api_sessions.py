@@ -183,13 +183,19 @@ def test_sessions_are_created_listed_shown_and_deleted_over_the_api(
         assert a.call(method, path).status == 404, (method, path)
 
 
-def test_a_send_naming_a_session_goes_out_from_that_sessions_number(
-    daemons: Daemons, network: FakeWhatsApp, db: Database
-) -> None:
+def two_paired(daemons: Daemons, network: FakeWhatsApp) -> Daemon:
+    """A daemon hosting default and vendas, both paired."""
     a = daemons.start()
     assert a.call("POST", "/api/sessions", {"session_id": "vendas"}).status == 201
     pair(a.host, network, "default")
     pair(a.host, network, "vendas")
+    return a
+
+
+def test_a_send_naming_a_session_goes_out_from_that_sessions_number(
+    daemons: Daemons, network: FakeWhatsApp, db: Database
+) -> None:
+    a = two_paired(daemons, network)
 
     sends = [
         ("/api/messages/send", {"session_id": "vendas", "to": customer(1), "message": "do corpo"}),
@@ -315,10 +321,7 @@ def test_a_write_waits_a_few_seconds_for_the_owner_then_answers_202_with_the_com
 def test_the_event_stream_of_a_session_carries_that_sessions_events_only(
     daemons: Daemons, network: FakeWhatsApp, db: Database
 ) -> None:
-    a = daemons.start()
-    assert a.call("POST", "/api/sessions", {"session_id": "vendas"}).status == 201
-    pair(a.host, network, "default")
-    pair(a.host, network, "vendas")
+    a = two_paired(daemons, network)
     for session_id, n in (("default", 1), ("vendas", 2)):  # default's first: the stream passes it
         network.current(session_id=session_id).emit(incoming("oi", chat=customer(n)))
         wait_until(lambda s=session_id: db.list_messages(s) != [], message=f"{session_id} logged")

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +20,8 @@ from bot.session.capture_host import SHARED
 from bot.session.mirror import Mirror
 from database import Database
 from tests.fake_whatsapp import wait_until
-from tests.synthetic import DEVICE_JID, SMALL, fill_store, table_rows
+from tests.synthetic import SMALL, fill_store, table_rows
+from tests.test_mirror import write_contacts
 
 SESSIONS = ("vendas", "suporte", "loja")
 
@@ -78,16 +78,6 @@ def in_sync(db: Database, session_id: str, store: Path) -> bool:
     return db.load_session(session_id) is not None and stored_rows(db, session_id) == table_rows(store)
 
 
-def write_contacts(store: Path, prefix: str, start: int, count: int) -> None:
-    conn = sqlite3.connect(store)
-    with conn:
-        conn.executemany(
-            "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
-            [(DEVICE_JID, f"{prefix}{n:06d}@s.whatsapp.net", f"Contato {n}") for n in range(start, start + count)],
-        )
-    conn.close()
-
-
 def contacts(db: Database, session_id: str) -> set[str]:
     """The contacts' JIDs (their_jid) stored for the session."""
     rows = [r for r in db.load_rows(session_id) if r.table == "whatsmeow_contacts"]
@@ -135,7 +125,7 @@ def test_the_mirrors_of_several_sessions_share_one_capture_child_and_store_under
         assert len(children) == 1, children  # one process for every session, not one each
         assert {m._process.pid for m in running.values() if m._process is not None} == set(children)
         for n, store in enumerate(stores.values()):
-            write_contacts(store, f"77{n}1", 0, 5 + n)  # each commit wakes its own session's 60 s poll
+            write_contacts(store, 0, 5 + n, prefix=f"77{n}1", width=6)  # each commit wakes its own session's 60 s poll
         for session_id, store in stores.items():
             wait_until(lambda: in_sync(db, session_id, store), message=f"{session_id}: its changes mirrored")
     for n, session_id in enumerate(stores):
@@ -153,7 +143,7 @@ def test_a_stopped_mirror_lets_its_store_go_in_the_shared_child(db: Database, st
         running["suporte"].stop()  # the session removed from this daemon
         wait_until(lambda: open_store_files(child, stores["suporte"]) == [], message="its descriptors closed")
         assert open_store_files(child, stores["vendas"]) and open_store_files(child, stores["loja"])
-        write_contacts(stores["loja"], "7731", 0, 3)  # the others still mirror through the same child
+        write_contacts(stores["loja"], 0, 3, prefix="7731", width=6)  # the others still mirror through the same child
         wait_until(lambda: in_sync(db, "loja", stores["loja"]), message="loja still mirrored")
         assert capture_children() == [child]
 
@@ -173,12 +163,12 @@ def test_one_sessions_corrupt_store_does_not_stop_the_others(
             message="suporte's mirror reports its store",
         )
         for n, session_id in ((0, "vendas"), (2, "loja")):
-            write_contacts(stores[session_id], f"77{n}9", 0, 4)
+            write_contacts(stores[session_id], 0, 4, prefix=f"77{n}9", width=6)
         for session_id in ("vendas", "loja"):
             wait_until(lambda: in_sync(db, session_id, stores[session_id]), message=f"{session_id} still mirrored")
         assert capture_children() == [child]  # the same child serves on: the failure was suporte's alone
         shutil.rmtree(stores["vendas"].parent)  # a store deleted under its mirror
-        write_contacts(stores["loja"], "7729", 4, 3)
+        write_contacts(stores["loja"], 4, 3, prefix="7729", width=6)
         wait_until(lambda: in_sync(db, "loja", stores["loja"]), message="loja still mirrored")
         assert capture_children() == [child]
     assert "file is not a database" in caplog.text
@@ -192,10 +182,10 @@ def test_the_shared_child_killed_9_is_replaced_for_every_session_and_nothing_is_
             wait_until(lambda: in_sync(db, session_id, store), message=f"{session_id}: the first full sync")
         (child,) = capture_children()
         for n, store in enumerate(stores.values()):
-            write_contacts(store, f"77{n}7", 0, 3)
+            write_contacts(store, 0, 3, prefix=f"77{n}7", width=6)
         os.kill(child, signal.SIGKILL)
         for n, store in enumerate(stores.values()):  # written while no child reads the stores
-            write_contacts(store, f"77{n}7", 3, 3)
+            write_contacts(store, 3, 3, prefix=f"77{n}7", width=6)
         for session_id, store in stores.items():
             wait_until(lambda: in_sync(db, session_id, store), message=f"{session_id}: all mirrored after the kill")
         children = capture_children()

@@ -32,7 +32,9 @@ class Daemons:
 
     def start(self, name: str = "a", **env: str) -> Host:
         config = make_config(self.tmp_path / name, **env)
-        host = Host(config, self.db, self.network.factory, RULES, host_timing=QUICK, owner_id=f"host-{name}", timing=FAST)
+        host = Host(
+            config, self.db, self.network.factory, RULES, host_timing=QUICK, owner_id=f"host-{name}", timing=FAST
+        )
         self.running.append(host)
         host.start()
         return host
@@ -108,8 +110,10 @@ def test_twenty_sessions_pair_answer_from_their_own_number_and_survive_one_sessi
     with pytest.raises(NotFoundError):
         host.services(victim).runtime.restore(version=999)  # a refused restore
     client.crash()  # its round ends as a crashed client's does
-    wait_until(lambda: state_of(host, victim) is State.CONNECTED and network.current(session_id=victim) is not client,
-               message="the crashed session back (no QR: its store is intact)")
+    wait_until(
+        lambda: state_of(host, victim) is State.CONNECTED and network.current(session_id=victim) is not client,
+        message="the crashed session back (no QR: its store is intact)",
+    )
     for n, session_id in enumerate(ids):
         assert state_of(host, session_id) is State.CONNECTED
         ask_and_wait(host, network, session_id, n, "menu")
@@ -188,9 +192,7 @@ def test_a_session_may_answer_with_rules_of_its_own_from_the_rules_directory(
     rules_dir.mkdir()
     shipped = SHIPPED_REPLIES.read_text(encoding="utf-8")
     (rules_dir / "padaria.toml").write_text(shipped, encoding="utf-8")
-    (rules_dir / "oficina.toml").write_text(
-        shipped.replace("Cardápio e preços", "Peças e serviços"), encoding="utf-8"
-    )
+    (rules_dir / "oficina.toml").write_text(shipped.replace("Cardápio e preços", "Peças e serviços"), encoding="utf-8")
     (tmp_path / "outside.toml").write_text(shipped, encoding="utf-8")
     host = daemons.start("a", BOT_REPLIES=str(rules_dir / "padaria.toml"))
     for refused in ("../outside.toml", str(tmp_path / "outside.toml"), "missing.toml"):

@@ -72,12 +72,15 @@ def mirroring(db: Database, store: Path, owner: str = "test") -> Iterator[tuple[
         mirror.stop()
 
 
-def write_contacts(store: Path, start: int, count: int, prefix: str = "55319") -> None:
+def write_contacts(store: Path, start: int, count: int, prefix: str = "55319", width: int = 8) -> None:
     conn = sqlite3.connect(store)
     with conn:
         conn.executemany(
             "INSERT INTO whatsmeow_contacts (our_jid, their_jid, full_name) VALUES (?,?,?)",
-            [(DEVICE_JID, f"{prefix}{n:08d}@s.whatsapp.net", f"Contato {n}") for n in range(start, start + count)],
+            [
+                (DEVICE_JID, f"{prefix}{n:0{width}d}@s.whatsapp.net", f"Contato {n}")
+                for n in range(start, start + count)
+            ],
         )
     conn.close()
 

@@ -195,7 +195,9 @@ def test_connect_failures_back_off_exponentially_with_a_cap(runtime_factory, db,
     assert status.reconnect_count >= 10
     assert "proxyconnect" in status.last_error  # the whole text in the status
     # In the log: one short line an operator reads at a glance; the whole Go error at DEBUG.
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "retrying in" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "retrying in" in r.getMessage()
+    ]
     assert warnings and all(
         "failed to dial whatsapp web websocket (connection refused); retrying" in line and "proxyconnect" not in line
         for line in warnings

@@ -17,7 +17,7 @@ import pytest
 
 from bot.connection import events
 from bot.host import Host, HostTiming
-from bot.messages.rules import load_rules
+from bot.messages.rules import Rules, load_rules
 from bot.process.config import SHIPPED_REPLIES, Config
 from bot.runtime import Runtime
 from bot.wiring import build_services
@@ -57,8 +57,10 @@ class Daemon:
     clock: list[float]  # the sign-in limiter's: a test moves time on instead of waiting
 
 
-@pytest.fixture
-def daemon(whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
+def console_daemon_parts(
+    whatsmeow_template: Path, tmp_path: Path
+) -> tuple[Config, SqliteDatabase, FakeWhatsApp, Rules]:
+    """What both kinds of daemon below are built from: the configuration, the database, WhatsApp, the rules."""
     config = Config.from_env(
         {
             "DATA_DIR": str(tmp_path / "data"),
@@ -69,10 +71,18 @@ def daemon(whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
     )
     db = SqliteDatabase(tmp_path / "zapkeep.sqlite3")
     db.open()
-    network = FakeWhatsApp(schema_template=whatsmeow_template)
-    services = build_services(
-        config, db, network.factory, replace(load_rules(SHIPPED_REPLIES), typing_seconds=0), timing=FAST
+    return (
+        config,
+        db,
+        FakeWhatsApp(schema_template=whatsmeow_template),
+        replace(load_rules(SHIPPED_REPLIES), typing_seconds=0),
     )
+
+
+@pytest.fixture
+def daemon(whatsmeow_template: Path, tmp_path: Path) -> Iterator[Daemon]:
+    config, db, network, rules = console_daemon_parts(whatsmeow_template, tmp_path)
+    services = build_services(config, db, network.factory, rules, timing=FAST)
     clock = [0.0]
     attempts = sign_in_attempts(clock=lambda: clock[0])  # the daemon's own budgets, on a clock the test moves
     app = create_app(services.runtime, db, outbox=services.outbox, sign_in_attempts=attempts)
@@ -258,18 +268,7 @@ class HostedDaemon:
 @pytest.fixture
 def hosted(whatsmeow_template: Path, tmp_path: Path) -> Iterator[HostedDaemon]:
     """The daemon's assembly for many sessions: a Host, its API and console behind waitress."""
-    config = Config.from_env(
-        {
-            "DATA_DIR": str(tmp_path / "data"),
-            "API_TOKEN": TOKEN,
-            "CONSOLE_PASSWORD": PASSWORD,
-            "BACKUP_INTERVAL_SECONDS": "3600",
-        }
-    )
-    db = SqliteDatabase(tmp_path / "zapkeep.sqlite3")
-    db.open()
-    network = FakeWhatsApp(schema_template=whatsmeow_template)
-    rules = replace(load_rules(SHIPPED_REPLIES), typing_seconds=0)
+    config, db, network, rules = console_daemon_parts(whatsmeow_template, tmp_path)
     host = Host(
         config,
         db,
