@@ -1,4 +1,4 @@
-"""The admin HTTP API: ``create_app(runtime, db)`` builds the Flask app around the live runtime."""
+"""The admin HTTP API: ``create_app(host, db)`` builds the Flask app around the daemon's sessions."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from bot.messages.webhooks import Dispatcher
 from bot.runtime import Runtime
 from database import Database, is_unavailable
 from session_api.guard import FailedAttempts
+from session_api.hosting import OneRuntime, SessionHost
 from session_api.server import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ PROBES = ("/healthz", "/readyz")
 
 
 def create_app(
-    runtime: Runtime,
+    host: SessionHost | Runtime,
     db: Database,
     *,
     outbox: Outbox | None = None,
@@ -34,24 +35,25 @@ def create_app(
     webhooks: list[Dispatcher] | None = None,
     sign_in_attempts: FailedAttempts | None = None,
 ) -> Flask:
-    """With an outbox, /api/messages/send queues (and the message waits out a disconnection);
-    without one it sends at once or answers 409. ``failed_attempts``: how wrong tokens are slowed
-    down (10 at once from an address, then one every 6 s)."""
-    from session_api import console, conversations, live
+    """``host``: the daemon's sessions (``bot.host.Host``), or one bare runtime served with
+    ``outbox`` and ``webhooks`` (with an outbox, /api/messages/send queues and the message waits out
+    a disconnection; without one it sends at once or answers 409). ``failed_attempts``: how wrong
+    tokens are slowed down (10 at once from an address, then one every 6 s)."""
+    from session_api import commands, console, conversations, live, sessions
     from session_api.console_auth import ConsoleSessions
     from session_api.request_helpers import require_one_of
     from session_api.routes import MAX_CONCURRENT_CHECKS, bp
 
-    token = runtime.config.api_token
+    if isinstance(host, Runtime):
+        host = OneRuntime(host, outbox, webhooks or [])
+    token = host.config.api_token
     if not token:
         raise ValueError("the admin API needs an API token; it is never served open")
     app = Flask(__name__, static_folder=None)  # the console's files are its blueprint's
     app.config.update(API_TOKEN=token, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in their declared order
-    app.extensions["zapkeep.runtime"] = runtime
+    app.extensions["zapkeep.host"] = host
     app.extensions["zapkeep.db"] = db
-    app.extensions["zapkeep.outbox"] = outbox
-    app.extensions["zapkeep.webhooks"] = webhooks or []
     app.extensions["zapkeep.failed_attempts"] = failed_attempts or FailedAttempts()
     app.extensions["zapkeep.console_sessions"] = ConsoleSessions()
     app.extensions["zapkeep.console_attempts"] = sign_in_attempts or console.sign_in_attempts()
@@ -60,7 +62,10 @@ def create_app(
     app.extensions["zapkeep.downloads"] = threading.BoundedSemaphore(2)  # of the server's 10 threads
     app.extensions["zapkeep.number_checks"] = threading.BoundedSemaphore(MAX_CONCURRENT_CHECKS)  # 2 more
     app.config["REPLY_EXPIRY"] = reply_expiry
+    app.config["COMMAND_WAIT_SECONDS"] = commands.WAIT_SECONDS
     app.register_blueprint(bp)
+    app.register_blueprint(sessions.bp)
+    app.register_blueprint(commands.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(live.bp)
     app.register_blueprint(console.bp)
@@ -89,17 +94,28 @@ def create_app(
     @app.get("/metrics")
     def metrics() -> Response:
         """Prometheus's text format; the API token, or METRICS_TOKEN when set, opens it."""
-        require_one_of(token, runtime.config.metrics_token)
-        return Response(runtime.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+        require_one_of(token, host.config.metrics_token)
+        return Response(host.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+
+    def default_runtime() -> Runtime | None:
+        parts = host.services(host.default_session_id)
+        return None if parts is None else parts.runtime
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
-        return jsonify(success=True, status="ok", state=runtime.state.value), 200
+        """The process answers (the default session's state beside it, when hosted here)."""
+        live = default_runtime()
+        return jsonify(success=True, status="ok", state=None if live is None else live.state.value), 200
 
     @app.get("/readyz")
     def readyz() -> tuple[Response, int]:
-        """Serving customers (connected) or not, and why: for monitors, not the platform's restart probe."""
-        readiness = runtime.readiness()
+        """Serving customers (connected) or not, and why: for monitors, not the platform's restart
+        probe. The default session's readiness (``/api/sessions`` lists every session's state)."""
+        live = default_runtime()
+        if live is None:
+            reason = f"session {host.default_session_id} is not hosted here"
+            return jsonify(success=False, ready=False, state="not_running", reason=reason), 503
+        readiness = live.readiness()
         return jsonify(success=readiness.ready, **asdict(readiness)), 200 if readiness.ready else 503
 
     @app.errorhandler(HTTPException)

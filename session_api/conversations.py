@@ -16,11 +16,24 @@ from flask import Blueprint, Response, abort, current_app, request
 from database import LoggedMessage
 from bot.connection.events import MAX_DOWNLOAD_BYTES
 from bot.process.errors import SessionDocumentError, StateConflictError, first_line
-from session_api.request_helpers import db, jsonable, ok, require_token, runtime, session_id_from
+from session_api.request_helpers import (
+    db,
+    jsonable,
+    ok,
+    path_session_exists,
+    require_running,
+    require_token,
+    requested_session,
+    runtime,
+    session_parts,
+    take_path_session,
+)
 from session_api.routes import MIMETYPE
 
 bp = Blueprint("conversations", __name__)
 bp.before_request(require_token)
+bp.before_request(path_session_exists)
+bp.url_value_preprocessor(take_path_session)
 
 MAX_PAGE = 200
 MAX_ID = 2**62
@@ -30,8 +43,9 @@ CHAT = re.compile(r"[0-9A-Za-z.:_-]{1,64}@(s\.whatsapp\.net|g\.us|lid|broadcast|
 
 
 @bp.get("/api/chats")
+@bp.get("/api/sessions/<session_id>/chats")
 def chats() -> tuple[Response, int]:
-    session_id = session_id_from()
+    session_id = requested_session()
     now = datetime.now(UTC)
     found = db().list_chats(session_id, _limit())
     listed = []
@@ -57,8 +71,9 @@ def chats() -> tuple[Response, int]:
 
 
 @bp.get("/api/chats/<chat>/messages")
+@bp.get("/api/sessions/<session_id>/chats/<chat>/messages")
 def chat_messages(chat: str) -> tuple[Response, int]:
-    session_id = session_id_from()
+    session_id = requested_session()
     chat = _chat_arg(chat)
     limit = _limit()
     before = _whole_arg("before", high=MAX_ID)
@@ -68,8 +83,9 @@ def chat_messages(chat: str) -> tuple[Response, int]:
 
 
 @bp.get(f"/api/messages/<int(max={MAX_ID}):row_id>")
+@bp.get(f"/api/sessions/<session_id>/messages/<int(max={MAX_ID}):row_id>")
 def message(row_id: int) -> tuple[Response, int]:
-    session_id = session_id_from()
+    session_id = requested_session()
     found = db().message(session_id, row_id)
     if found is None:
         abort(404, f"no message {row_id} in session {session_id}")
@@ -77,11 +93,11 @@ def message(row_id: int) -> tuple[Response, int]:
 
 
 @bp.get(f"/api/messages/<int(max={MAX_ID}):row_id>/media")
+@bp.get(f"/api/sessions/<session_id>/messages/<int(max={MAX_ID}):row_id>/media")
 def media(row_id: int) -> Response:
     """A received file, downloaded through whatsmeow now (nothing of it is kept by zapkeep)."""
-    session_id = session_id_from()
-    if session_id != runtime().config.session_id:
-        abort(409, f"this daemon runs session {runtime().config.session_id}, not {session_id}")
+    session_id = requested_session()
+    require_running(session_id)
     try:
         found = db().media_ref(session_id, row_id)
     except SessionDocumentError as exc:  # sealed with a key this daemon lacks
@@ -114,8 +130,9 @@ def media(row_id: int) -> Response:
 
 
 @bp.get("/api/outbox")
+@bp.get("/api/sessions/<session_id>/outbox")
 def outbox() -> tuple[Response, int]:
-    session_id = session_id_from()
+    session_id = requested_session()
     status = request.args.get("status") or None
     if status is not None and status not in OUTBOX_STATUSES:
         abort(400, f"status must be one of {', '.join(OUTBOX_STATUSES)}")
@@ -124,17 +141,20 @@ def outbox() -> tuple[Response, int]:
 
 
 @bp.post("/api/chats/<chat>/release")
+@bp.post("/api/sessions/<session_id>/chats/<chat>/release")
 def release(chat: str) -> tuple[Response, int]:
     """The bot answers this chat again (a hand-off or an operator's answer paused it)."""
-    session_id = session_id_from()
+    session_id = requested_session()
     chat = _chat_arg(chat)
     return ok(session_id=session_id, chat=chat, released=db().release_chat(session_id, chat))
 
 
 @bp.get("/api/webhooks")
+@bp.get("/api/sessions/<session_id>/webhooks")
 def webhooks() -> tuple[Response, int]:
     """Each WEBHOOK_URL's deliveries: how far it has settled, failures, the last error (never the URL's secrets)."""
-    dispatchers = current_app.extensions["zapkeep.webhooks"]
+    parts = session_parts()
+    dispatchers = [] if parts is None else parts.webhooks
     last = db().last_event_id(dispatchers[0].session_id) if dispatchers else 0
     endpoints = [
         {**jsonable(asdict(d.status)), "pending": max(0, last - d.status.settled_through)} for d in dispatchers
@@ -143,22 +163,25 @@ def webhooks() -> tuple[Response, int]:
 
 
 @bp.get("/api/bot")
+@bp.get("/api/sessions/<session_id>/bot")
 def bot_settings() -> tuple[Response, int]:
-    session_id = session_id_from()
+    session_id = requested_session()
     return ok(session_id=session_id, replies_paused=db().replies_paused(session_id))
 
 
 @bp.post("/api/bot/pause")
+@bp.post("/api/sessions/<session_id>/bot/pause")
 def pause_bot() -> tuple[Response, int]:
     """No automatic replies in any chat until resumed (messages are logged; people answer)."""
-    session_id = session_id_from()
+    session_id = requested_session()
     db().set_replies_paused(session_id, True)
     return ok(session_id=session_id, replies_paused=True)
 
 
 @bp.post("/api/bot/resume")
+@bp.post("/api/sessions/<session_id>/bot/resume")
 def resume_bot() -> tuple[Response, int]:
-    session_id = session_id_from()
+    session_id = requested_session()
     db().set_replies_paused(session_id, False)
     return ok(session_id=session_id, replies_paused=False)
 

@@ -10,11 +10,12 @@ itself, after the ``retry`` it was told)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -24,10 +25,20 @@ from bot.runtime import Runtime
 from bot.session.state import State
 from bot.messages.webhooks import body_of
 from database import Database, LeaseInfo
-from session_api.request_helpers import db, jsonable, require_token, runtime
+from session_api.request_helpers import (
+    db,
+    jsonable,
+    path_session_exists,
+    require_token,
+    requested_session,
+    session_parts,
+    take_path_session,
+)
 
 bp = Blueprint("live", __name__)
 bp.before_request(require_token)
+bp.before_request(path_session_exists)
+bp.url_value_preprocessor(take_path_session)
 
 MAX_STREAMS = 4  # of the server's 10 threads: the API and the probes keep the rest
 STREAM_SECONDS = 120.0
@@ -50,15 +61,20 @@ def end_streams(app: Flask) -> None:
 
 
 @bp.get("/api/events")
+@bp.get("/api/sessions/<session_id>/events")
 def events() -> Response:
+    """The requested session's events (``?session_id=``, or the path's; the default session's)."""
+    session_id = requested_session()
     after = _last_event_id()
     if after is None:
-        after = db().last_event_id(runtime().config.session_id)  # a new listener: what happens from now on
+        after = db().last_event_id(session_id)  # a new listener: what happens from now on
+    parts = session_parts()
+    status = _published(session_id) if parts is None else functools.partial(snapshot, parts.runtime)
     slots: threading.BoundedSemaphore = current_app.extensions["zapkeep.event_streams"]
     if not slots.acquire(blocking=False):
         abort(503, f"{MAX_STREAMS} event streams are open already; close one")
     response = Response(
-        _stream(runtime(), db(), after, current_app.extensions["zapkeep.streams_end"]),
+        _stream(session_id, status, db(), after, current_app.extensions["zapkeep.streams_end"]),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -84,6 +100,28 @@ def snapshot(live: Runtime, lease: LeaseInfo | None) -> dict[str, Any]:
     return status
 
 
+def _published(session_id: str) -> Callable[[LeaseInfo | None], dict[str, Any]]:
+    """The status of a session this daemon does not run: what its owner publishes, read from the
+    database as often as the lease (and kept while the database is away)."""
+    database = db()
+    read: dict[str, Any] = {"at": -LEASE_SECONDS, "published": {"state": "not_running", "connected": False}}
+
+    def status(lease: LeaseInfo | None) -> dict[str, Any]:
+        if time.monotonic() - read["at"] >= LEASE_SECONDS:
+            read["at"] = time.monotonic()
+            try:
+                found = next((o for o in database.session_overview() if o.session_id == session_id), None)
+            except Exception:  # the database is away: the last published state stands
+                found = None
+            if found is not None:
+                read["published"] = jsonable(asdict(found))
+        held = lease is not None and lease.owner_id is not None and lease.expires_in_seconds > 0
+        lease_view = None if lease is None else {"owner_id": lease.owner_id, "held": held}
+        return {"session_id": session_id, **read["published"], "lease": lease_view}
+
+    return status
+
+
 def _last_event_id() -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.args.get("after")
     if raw is None:
@@ -93,7 +131,13 @@ def _last_event_id() -> int | None:
     return int(raw)
 
 
-def _stream(live: Runtime, database: Database, after: int, ending: threading.Event) -> Iterator[str]:
+def _stream(
+    session_id: str,
+    status: Callable[[LeaseInfo | None], dict[str, Any]],
+    database: Database,
+    after: int,
+    ending: threading.Event,
+) -> Iterator[str]:
     # The id up front: a client that reconnects before any event resumes from here, not from "now".
     yield f"retry: 2000\nid: {after}\n\n"
     ends = time.monotonic() + STREAM_SECONDS
@@ -105,18 +149,18 @@ def _stream(live: Runtime, database: Database, after: int, ending: threading.Eve
         if time.monotonic() - lease_read >= LEASE_SECONDS:
             lease_read = time.monotonic()
             try:
-                lease = database.lease(live.config.session_id)
+                lease = database.lease(session_id)
             except Exception:  # the database is away: the status says so; the stream goes on
                 lease = None
         try:
-            logged = database.events_after(live.config.session_id, after, 100)
+            logged = database.events_after(session_id, after, 100)
         except Exception:  # the database is away: the events wait for it, the stream goes on
             logged = []
         for event in logged:
             after = event.id
             beat = time.monotonic()
             yield f"id: {event.id}\nevent: {event.event_type}\ndata: {body_of(event).decode()}\n\n"
-        current = snapshot(live, lease)
+        current = status(lease)
         steady = {k: v for k, v in current.items() if k not in VOLATILE}
         if sent is None or steady != sent:
             sent = steady

@@ -11,22 +11,74 @@ from datetime import datetime
 from typing import Any
 
 from werkzeug.exceptions import HTTPException, TooManyRequests
-from flask import Response, abort, current_app, jsonify, request
+from flask import Response, abort, current_app, g, jsonify, request
 
-from bot.process.config import is_valid_session_id
+from bot.process.config import Config, is_valid_session_id
 from bot.messages.chatbot import UNSTORABLE
 from bot.process.errors import first_line
 from bot.runtime import Runtime
 from bot.session.state import State
 from database import Database, Fence
 from session_api.console_auth import signed_in_browser
+from session_api.hosting import SessionHost, SessionParts
 
 PHONE = re.compile(r"[0-9]{10,15}")  # ASCII only: \d would take Arabic-Indic or fullwidth digits
 JID = re.compile(r"[0-9A-Za-z.:_-]{1,64}@(s\.whatsapp\.net|g\.us|lid)")
 
 
+def host() -> SessionHost:
+    return current_app.extensions["zapkeep.host"]
+
+
+def config() -> Config:
+    """The daemon's configuration (its token, passwords, keys: the same for every session)."""
+    return host().config
+
+
+def requested_session() -> str:
+    """The request's session, resolved once: the path's ``<session_id>``, else ``session_id`` in a
+    POST's body (JSON or form) or in the query, else the daemon's default session. An empty or
+    malformed one is an error: ``?session_id=`` must never mean "the default session" to a DELETE."""
+    if "session_id" in g:
+        return g.session_id
+    if "path_session" in g:
+        value: Any = g.path_session
+    else:
+        source: dict[str, Any] = {}
+        if request.method == "POST" and request.mimetype == "multipart/form-data":
+            request.get_data(cache=True, parse_form_data=False)  # kept: a command stores the body as sent
+            source = dict(request.form)
+        elif request.method == "POST":
+            source = json_body()
+        if "session_id" in source:
+            value = source["session_id"]
+        else:
+            value = request.args.get("session_id", host().default_session_id)
+    if not isinstance(value, str) or not is_valid_session_id(value):
+        abort(400, "session_id must be 1-100 letters, digits, '-' or '_'")
+    g.session_id = value
+    return value
+
+
+def take_path_session(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """A blueprint's URL value preprocessor: ``/api/sessions/<session_id>/...`` names the session,
+    and the view (the same one as the route without it) finds it in ``requested_session()``."""
+    if values is not None and "session_id" in values:
+        g.path_session = values.pop("session_id")
+
+
+def session_parts() -> SessionParts | None:
+    """The requested session's parts when it is hosted here."""
+    return host().services(requested_session())
+
+
 def runtime() -> Runtime:
-    return current_app.extensions["zapkeep.runtime"]
+    """The requested session's runtime; 409 when this daemon does not host it (views that act on
+    the live client call ``require_running`` first, which says more)."""
+    parts = session_parts()
+    if parts is None:
+        abort(409, f"session {requested_session()} is not running on this daemon")
+    return parts.runtime
 
 
 def db() -> Database:
@@ -116,40 +168,42 @@ def _finite(text: str) -> float:
     return number
 
 
-def session_id_from(source: dict[str, Any] | None = None) -> str:
-    """The session asked for; the daemon's own only when none is named (an empty one is an error:
-    ``?session_id=`` must never mean "this daemon's session" to a DELETE)."""
-    if source and "session_id" in source:
-        value = source["session_id"]
-    elif "session_id" in request.args:
-        value = request.args["session_id"]
-    else:
-        value = runtime().config.session_id
-    if not isinstance(value, str) or not is_valid_session_id(value):
-        abort(400, "session_id must be 1-100 letters, digits, '-' or '_'")
-    return value
-
-
 def fence_for(session_id: str) -> Fence | None:
-    """Writes of this daemon's own session carry its lease; a standby daemon may not write it.
-    Other sessions are written as an admin's (unfenced) operation."""
-    if session_id != runtime().config.session_id:
+    """Writes of a session hosted here carry its lease; a standby daemon may not write it. Other
+    sessions (no live owner: writes for a live owner elsewhere went to it as a command) are
+    written as an admin's (unfenced) operation."""
+    parts = host().services(session_id)
+    if parts is None:
         return None
-    fence = runtime().fence
+    fence = parts.runtime.fence
     if fence is None:
         abort(
             409,
-            f"this daemon does not own session {session_id} right now ({runtime().state.value}); use the owner's API",
+            f"this daemon does not own session {session_id} right now ({parts.runtime.state.value}); "
+            "use the owner's API",
         )
     return fence
 
 
-def require_own_session(session_id: str) -> None:
-    """Operations on the live client: this daemon's session only, and only once it has booted."""
-    if session_id != runtime().config.session_id:
-        abort(409, f"this daemon runs session {runtime().config.session_id}, not {session_id}")
-    if runtime().state is State.STARTING:
+def require_running(session_id: str) -> None:
+    """Operations on the live client: a session hosted here, once it has booted."""
+    parts = host().services(session_id)
+    if parts is None:
+        abort(409, f"session {session_id} is not running on this daemon")
+    if parts.runtime.state is State.STARTING:
         abort(503, "the session is starting; try again in a few seconds")
+
+
+def require_known(session_id: str) -> None:
+    """404 unless the session is hosted here, or registered or stored in the database."""
+    if host().services(session_id) is None and session_id not in db().session_ids():
+        abort(404, f"no session {session_id}")
+
+
+def path_session_exists() -> None:
+    """A blueprint's hook, after the token's: a session named in the path must exist (404)."""
+    if "path_session" in g:
+        require_known(requested_session())
 
 
 def normalise_recipient(value: str) -> str | None:

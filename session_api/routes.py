@@ -9,8 +9,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
 
 import segno
 from werkzeug.exceptions import TooManyRequests
@@ -25,31 +24,37 @@ from bot.process.errors import (
     StateConflictError,
     first_line,
 )
-from bot.messages.outbox import Outbox
 from bot.session.persistence import export_document, import_document
 from bot.runtime import Runtime
 from bot.session.sealing import Sealer
-from database import FencedOut, LeaseInfo, OutgoingFile, SessionSummary, is_unavailable
+from database import FencedOut, OutgoingFile
+from session_api.commands import through_owner
 from session_api.openapi import openapi_document
 from session_api.request_helpers import (
     PHONE,
     InsufficientStorage,
     _iso,
     _version_arg,
+    config,
     db,
     fence_for,
     json_body,
-    jsonable,
     normalise_recipient,
     ok,
-    require_own_session,
+    path_session_exists,
+    require_known,
+    require_running,
     require_token,
+    requested_session,
     runtime,
-    session_id_from,
+    session_parts,
+    take_path_session,
 )
 
 bp = Blueprint("session_api", __name__)
 bp.before_request(require_token)
+bp.before_request(path_session_exists)
+bp.url_value_preprocessor(take_path_session)
 
 MAX_MESSAGE_CHARS = 4096
 # Number checks at once: each holds a server thread for as long as WhatsApp's servers take, and the
@@ -62,16 +67,18 @@ class TooManyChecks(TooManyRequests):
 
 
 @bp.post("/api/session/backup")
+@bp.post("/api/sessions/<session_id>/backup")
+@through_owner
 def backup() -> tuple[Response, int]:
     body = json_body()
-    session_id = session_id_from(body)
+    session_id = requested_session()
     if "session_data" in body:
         data = body["session_data"]
         text = data if isinstance(data, str) else json.dumps(data)
         fence = fence_for(session_id)
         try:
             text = _sealer().open_export(text)  # an export sealed with this daemon's (or an old) key
-            if fence is not None:  # the live session: applied as a restore, never overwritten by the client
+            if fence is not None:  # a live session: applied as a restore, never overwritten by the client
                 version = runtime().import_document(text).version
             else:
                 version = import_document(db(), session_id, text)
@@ -82,7 +89,7 @@ def backup() -> tuple[Response, int]:
         except (FencedOut, StateConflictError) as exc:
             abort(409, first_line(exc))
         return ok(201, session_id=session_id, imported=True, version=version, applied_live=fence is not None)
-    require_own_session(session_id)
+    require_running(session_id)
     result = runtime().backup_now("api")
     if result is None:
         abort(409, f"no paired live session to back up (state {runtime().state.value})")
@@ -100,8 +107,9 @@ def backup() -> tuple[Response, int]:
 
 
 @bp.get("/api/session/restore")
+@bp.get("/api/sessions/<session_id>/restore")
 def export() -> Response:
-    session_id = session_id_from()
+    session_id = requested_session()
     version = _version_arg(request.args.get("version"))
     clear = request.args.get("clear", "").lower() in ("1", "true", "yes")
     try:
@@ -133,10 +141,12 @@ def export() -> Response:
 
 
 @bp.post("/api/session/restore")
+@bp.post("/api/sessions/<session_id>/restore")
+@through_owner
 def restore() -> tuple[Response, int]:
     body = json_body()
-    session_id = session_id_from(body)
-    require_own_session(session_id)
+    session_id = requested_session()
+    require_running(session_id)
     version = _version_arg(body.get("version"))
     try:
         outcome = runtime().restore(version)
@@ -149,82 +159,47 @@ def restore() -> tuple[Response, int]:
     return ok(**asdict(outcome), state=runtime().state.value)
 
 
-@bp.get("/api/session/status")
-def status() -> tuple[Response, int]:
-    wanted = request.args.get("session_id")
-    if wanted is not None:
-        session_id_from()  # validates
-    stored = _stored_view(runtime().config.session_id)
-    live = runtime().status()  # (after: it says what the reads just found of the database)
-    away = live.database_unreachable_since
-    ids = sorted(set(stored.sessions) | {live.session_id}) if stored is not None else [live.session_id]
-    sessions = []
-    for session_id in ids:
-        entry: dict[str, Any] = {"session_id": session_id}
-        if session_id == live.session_id:
-            # What this process knows answers also while the database is away, and says so.
-            entry.update(jsonable(asdict(live)))
-            entry["database"] = "reachable" if away is None else f"unreachable since {_iso(away)}"
-            entry["history"] = None if stored is None else stored.history
-        lease = None if stored is None else stored.leases.get(session_id)
-        held = lease is not None and lease.owner_id is not None and lease.expires_in_seconds > 0
-        if session_id != live.session_id:
-            # Another daemon's session: what the database says of it.
-            entry.update(state="running_elsewhere" if held else "not_running", connected=None)
-        entry["lease"] = None if lease is None else {**asdict(lease), "held": held}
-        summary = None if stored is None else stored.sessions.get(session_id)
-        entry["stored"] = None if summary is None else jsonable(asdict(summary))
-        sessions.append(entry)
-    if wanted is not None:
-        match = [s for s in sessions if s["session_id"] == wanted]
-        if not match:
-            abort(404, f"no session {wanted}")
-        return ok(session=match[0])
-    return ok(sessions=sessions)
-
-
-@dataclass(frozen=True)
-class StoredView:
-    sessions: dict[str, SessionSummary]
-    history: list[dict[str, Any]]  # of this daemon's session
-    leases: dict[str, LeaseInfo | None]
-
-
-def _stored_view(own_session: str) -> StoredView | None:
-    """What the database says of the sessions; None while it is unreachable (never waited for)."""
-    if db().unreachable_since is not None:
-        return None
-    try:
-        sessions = {s.session_id: s for s in db().list_sessions()}
-        history = [jsonable(asdict(h)) for h in db().list_history(own_session)]
-        leases = {session_id: db().lease(session_id) for session_id in sorted(set(sessions) | {own_session})}
-    except Exception as exc:
-        if not is_unavailable(exc):
-            raise
-        return None
-    return StoredView(sessions, history, leases)
-
-
 @bp.delete("/api/session/delete")
+@through_owner
 def delete() -> tuple[Response, int]:
-    session_id = session_id_from()
+    """The stored copy only (``DELETE /api/sessions/<id>`` removes the session); a live owner does
+    it (a request here for a session owned elsewhere went to it as a command) and says it will
+    store the session again at its next change."""
+    session_id = requested_session()
     purge = request.args.get("purge", "").lower() in ("1", "true", "yes")
+    fence = fence_for(session_id)
     try:
-        deleted = db().delete_session(session_id, keep_history=not purge, fence=fence_for(session_id))
+        deleted = db().delete_session(session_id, keep_history=not purge, fence=fence)
     except FencedOut as exc:
         abort(409, str(exc))
     if not deleted:
         abort(404, f"no stored session {session_id}")
     note = None
-    if session_id == runtime().config.session_id and runtime().status().connected:
-        note = "this daemon is still connected and will store the session again; POST /api/session/logout to unlink"
+    if fence is not None:
+        live = runtime()
+        _stored_copy_deleted(live)
+        if live.status().jid is not None:
+            note = (
+                f"session {session_id} runs on this daemon, which will store it again at its next change; "
+                "POST /api/session/logout to unlink it"
+            )
     return ok(session_id=session_id, deleted=True, history_purged=purge, note=note)
 
 
+def _stored_copy_deleted(live: Runtime) -> None:
+    """The mirror learns that its rows are gone: the next change stores the whole session again,
+    rather than a reconciliation "repairing" rows that change capture never missed."""
+    told = getattr(live, "stored_copy_deleted", None)  # (the runtime's side lands with issue 25's host)
+    if told is not None:
+        told()
+
+
 @bp.get("/api/session/qr")
+@bp.get("/api/sessions/<session_id>/qr")
+@through_owner
 def qr() -> Response | tuple[Response, int]:
-    session_id = session_id_from()
-    require_own_session(session_id)
+    session_id = requested_session()
+    require_running(session_id)
     code = runtime().qr_code()
     if code is None:
         abort(404, f"no QR code pending (state {runtime().state.value})")
@@ -237,11 +212,13 @@ def qr() -> Response | tuple[Response, int]:
 
 
 @bp.post("/api/session/pairing-code")
+@bp.post("/api/sessions/<session_id>/pairing-code")
+@through_owner
 def pairing_code() -> tuple[Response, int]:
     """Link by phone number instead of scanning: the code to type in WhatsApp, while a QR is pending."""
     body = json_body(required=True)
-    session_id = session_id_from(body)
-    require_own_session(session_id)
+    session_id = requested_session()
+    require_running(session_id)
     phone = body.get("phone")
     digits = re.sub(r"[\s()+-]", "", phone) if isinstance(phone, str) else ""
     if not PHONE.fullmatch(digits):
@@ -256,9 +233,11 @@ def pairing_code() -> tuple[Response, int]:
 
 
 @bp.post("/api/session/logout")
+@bp.post("/api/sessions/<session_id>/logout")
+@through_owner
 def logout() -> tuple[Response, int]:
-    session_id = session_id_from(json_body())
-    require_own_session(session_id)
+    session_id = requested_session()
+    require_running(session_id)
     try:
         unlinked = runtime().logout()
     except StateConflictError as exc:
@@ -267,19 +246,25 @@ def logout() -> tuple[Response, int]:
 
 
 @bp.post("/api/session/reconnect")
+@bp.post("/api/sessions/<session_id>/reconnect")
+@through_owner
 def reconnect() -> tuple[Response, int]:
     return _connection_action(Runtime.reconnect)
 
 
 @bp.post("/api/session/stop")
+@bp.post("/api/sessions/<session_id>/stop")
+@through_owner
 def stop_connection() -> tuple[Response, int]:
     return _connection_action(Runtime.stop_connection)
 
 
 @bp.post("/api/session/start")
+@bp.post("/api/sessions/<session_id>/start")
+@through_owner
 def start_connection() -> tuple[Response, int]:
-    session_id = session_id_from(json_body())
-    require_own_session(session_id)
+    session_id = requested_session()
+    require_running(session_id)
     try:
         started = runtime().start_connection()
     except StateConflictError as exc:
@@ -291,8 +276,8 @@ def start_connection() -> tuple[Response, int]:
 
 
 def _connection_action(action: Callable[[Runtime], None]) -> tuple[Response, int]:
-    session_id = session_id_from(json_body())
-    require_own_session(session_id)
+    session_id = requested_session()
+    require_running(session_id)
     try:
         action(runtime())
     except StateConflictError as exc:
@@ -301,6 +286,8 @@ def _connection_action(action: Callable[[Runtime], None]) -> tuple[Response, int
 
 
 @bp.post("/api/messages/send")
+@bp.post("/api/sessions/<session_id>/send")
+@through_owner
 def send() -> tuple[Response, int]:
     """JSON ``{"to", "message"}``; or multipart/form-data with ``to``, ``file`` and an optional
     ``caption`` (an image, document, audio or video, sent through the outbox like a text)."""
@@ -317,8 +304,10 @@ def send() -> tuple[Response, int]:
         abort(400, f"message must be a non-empty text of at most {MAX_MESSAGE_CHARS} characters")
     if UNSTORABLE.search(text):
         abort(400, "message must not hold NUL or lone surrogates")
-    require_own_session(runtime().config.session_id)
-    outbox: Outbox | None = current_app.extensions["zapkeep.outbox"]
+    session_id = requested_session()
+    require_known(session_id)
+    require_running(session_id)
+    outbox = session_parts().outbox  # type: ignore[union-attr]  # (hosted: require_running)
     if file is not None and outbox is None:
         abort(409, "files are sent through the outbox, which this daemon does not run")
     if outbox is None:
@@ -328,11 +317,7 @@ def send() -> tuple[Response, int]:
             abort(409, str(exc))
         return ok(to=jid, message_id=message_id, status="sent")
     if runtime().status().jid is None:
-        abort(
-            409,
-            f"session {runtime().config.session_id} is not paired ({runtime().state.value}); "
-            "nothing could deliver the message",
-        )
+        abort(409, f"session {session_id} is not paired ({runtime().state.value}); nothing could deliver the message")
     queued = outbox.enqueue(jid, text, reason="api", expires_in=current_app.config["REPLY_EXPIRY"], file=file)
     return ok(202, to=jid, id=queued, status="queued", connected=runtime().gateway.is_connected())
 
@@ -370,6 +355,8 @@ MAX_NUMBERS = 50
 
 
 @bp.post("/api/contacts/check")
+@bp.post("/api/sessions/<session_id>/contacts/check")
+@through_owner
 def check_contacts() -> tuple[Response, int]:
     """Which phone numbers are on WhatsApp (whatsmeow's IsOnWhatsApp), asked of WhatsApp's servers."""
     numbers = json_body(required=True).get("numbers")
@@ -378,7 +365,7 @@ def check_contacts() -> tuple[Response, int]:
     jids = [normalise_recipient(n) if isinstance(n, str) else None for n in numbers]
     if any(jid is None or not jid.endswith("@s.whatsapp.net") for jid in jids):
         abort(400, "each number must be a phone number with country code (10-15 digits)")
-    require_own_session(runtime().config.session_id)
+    require_running(requested_session())
     digits = [jid.split("@", 1)[0] for jid in jids if jid is not None]
     checks: threading.BoundedSemaphore = current_app.extensions["zapkeep.number_checks"]
     if not checks.acquire(blocking=False):
@@ -403,4 +390,4 @@ def openapi() -> Response:
 
 def _sealer() -> Sealer:
     """Exports are sealed, and sealed exports opened, with the daemon's configured keys."""
-    return Sealer.from_config(runtime().config)
+    return Sealer.from_config(config())

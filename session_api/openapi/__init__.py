@@ -13,11 +13,68 @@ from __future__ import annotations
 
 from typing import Any
 
-from session_api.openapi import messages, monitoring, session
+from session_api.openapi import messages, monitoring, session, sessions
 from session_api.openapi.parts import ERROR_SCHEMA, EVERY_PROTECTED_ROUTE, MESSAGE_SCHEMA, Schema
 
 
 def _paths() -> dict[str, dict[str, Schema]]:
+    seed = _session_routes()
+    one = sessions.per_session(sessions.one(session.status()), forwarded=False)
+    return {
+        **{
+            path: {m: sessions.forwarded(op) if (m, path) in FORWARDED else op for m, op in item.items()}
+            for path, item in seed.items()
+        },
+        "/api/sessions": {"get": sessions.list_sessions(), "post": sessions.create()},
+        "/api/sessions/{session_id}": {"get": one, "delete": sessions.delete()},
+        **{
+            f"/api/sessions/{{session_id}}{tail}": {
+                m: sessions.per_session(op, forwarded=(m, path) in FORWARDED) for m, op in seed[path].items()
+            }
+            for path, tail in PER_SESSION.items()
+        },
+        "/api/commands/{command_id}": {"get": sessions.command()},
+    }
+
+
+# Each session route's form under /api/sessions/{session_id} (the same view, the session from the path).
+PER_SESSION = {
+    "/api/session/backup": "/backup",
+    "/api/session/restore": "/restore",
+    "/api/session/qr": "/qr",
+    "/api/session/pairing-code": "/pairing-code",
+    "/api/session/logout": "/logout",
+    **{f"/api/session/{action}": f"/{action}" for action in session.CONNECTION_ACTIONS},
+    "/api/messages/send": "/send",
+    "/api/contacts/check": "/contacts/check",
+    "/api/chats": "/chats",
+    "/api/chats/{chat}/messages": "/chats/{chat}/messages",
+    "/api/chats/{chat}/release": "/chats/{chat}/release",
+    "/api/messages/{row_id}": "/messages/{row_id}",
+    "/api/messages/{row_id}/media": "/messages/{row_id}/media",
+    "/api/outbox": "/outbox",
+    "/api/bot": "/bot",
+    "/api/bot/pause": "/bot/pause",
+    "/api/bot/resume": "/bot/resume",
+    "/api/events": "/events",
+    "/api/webhooks": "/webhooks",
+}
+# Writes (and the QR) for a session that another process owns go to that owner as a command.
+FORWARDED = {
+    ("post", "/api/session/backup"),
+    ("post", "/api/session/restore"),
+    ("delete", "/api/session/delete"),
+    ("get", "/api/session/qr"),
+    ("post", "/api/session/pairing-code"),
+    ("post", "/api/session/logout"),
+    *(("post", f"/api/session/{action}") for action in session.CONNECTION_ACTIONS),
+    ("post", "/api/messages/send"),
+    ("post", "/api/contacts/check"),
+}
+
+
+def _session_routes() -> dict[str, dict[str, Schema]]:
+    """The seed's routes, each once."""
     return {
         "/metrics": {"get": monitoring.metrics()},
         "/healthz": {"get": monitoring.healthz()},
