@@ -11,13 +11,25 @@ Each session is a ``bot.wiring.Services`` of its own (state machine, lease and f
 mirror, outbox, chatbot, store at ``$DATA_DIR/sessions/<id>/``), so that nothing one session does
 can block another; what can be shared is: the WhatsApp client process, the change-capture process,
 the scheduler and the ticker, the metrics, the database pool.
+
+Several replicas share the sessions (``SESSION_ID`` unset, issue 26): each instance beats in the
+database, and renews every lease it holds in the same single statement (``renew_seconds``). Its fair
+share is the sessions divided by the live instances (heartbeat younger than a lease's life), rounded
+up, capped by ``MAX_SESSIONS``. While it owns fewer, it takes sessions whose lease is free or
+expired, and builds their parts only then (no instance keeps a standby copy of a session it does
+not own); while it owns more and another instance has room, it hands one session a round over
+(stopped: last changes stored, lease released), so that a new replica gets its share within a
+minute without a burst of reconnects. The lease and its fencing token stay the only truth.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -30,13 +42,14 @@ from bot.process.config import Config, is_valid_session_id
 from bot.process.errors import ConfigError, SessionExists, SessionLimit, first_line
 from bot.session.state import SessionStatus
 from bot.wiring import Services, Timers, build_services, default_owner_id
-from database import Command, Database, LiveState
+from database import Command, Database, InstanceInfo, LeaseInfo, LiveState
 
 log = logging.getLogger("bot.host")
 
 CommandHandler = Callable[[Command], tuple[int, dict]]
 LIVE_REFRESH_SECONDS = 30.0  # an owner re-publishes its sessions' state this often (a lost race heals)
 STOP_WORKERS = 8  # sessions shut down side by side: each waits for its last write and its lease
+TAKE_WORKERS = 4  # sessions taken side by side (each restores its store from the database first)
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,16 @@ class Host:
         self._published_owned: set[str] = set()  # sessions whose live row this instance wrote as owner
         self._threads: list[threading.Thread] = []
         self._command_workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="commands")
+        # Sharing sessions with other instances (SESSION_ID unset): the host keeps the leases.
+        self.shares_sessions = not config.single_session
+        self._session_options.setdefault("leases_kept_by_host", self.shares_sessions)
+        self._leaving: dict[str, Services] = {}  # handed over or deleted, still stopping: still renewed
+        self._leases_stopping = threading.Event()
+        self._lease_thread: threading.Thread | None = None
+        self._unowned_since: dict[str, float] = {}  # sessions seen with nobody's lease (monotonic)
+        self._random = random.Random()
+        if self.shares_sessions:
+            self.metrics.watch_owned(lambda: len(self.owned()))
 
     # --- what other parts ask -------------------------------------------------------------------
 
@@ -91,6 +114,11 @@ class Host:
     def hosted(self) -> list[str]:
         with self._lock:
             return sorted(self._sessions)
+
+    def owned(self) -> list[str]:
+        """Sessions hosted here whose lease this instance holds now."""
+        with self._lock:
+            return sorted(sid for sid, s in self._sessions.items() if s.runtime.fence is not None)
 
     def services(self, session_id: str) -> Services | None:
         with self._lock:
@@ -105,8 +133,13 @@ class Host:
                 return
             self._started = True
         self._timers.start()
-        for session_id in self._wanted():
-            self._host(session_id)
+        if self.shares_sessions:
+            self._lease_thread = threading.Thread(target=self._keep_leases, name="leases", daemon=True)
+            self._lease_thread.start()
+            self._balance(self._wanted())
+        else:
+            for session_id in self._wanted():
+                self._host(session_id)
         for target, name in ((self._sync, "host-sync"), (self._serve_commands, "commands"), (self._publish, "live")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -122,6 +155,13 @@ class Host:
             sessions = list(self._sessions.items())
         with ThreadPoolExecutor(max_workers=STOP_WORKERS, thread_name_prefix="stopping") as pool:
             list(pool.map(lambda item: self._stop_services(*item), sessions))
+        self._leases_stopping.set()  # renewed until each session's last write and release
+        if self._lease_thread is not None:
+            self._lease_thread.join(timeout=15)
+            try:
+                self.db.leave(self.instance_id)  # the others count one instance fewer at once
+            except Exception as exc:
+                log.warning("could not sign this instance off (its heartbeat runs out): %s", first_line(exc))
         self._publish_pending()  # the last states ("stopped")
         self._command_workers.shutdown(wait=True)
         try:
@@ -155,6 +195,8 @@ class Host:
             return False
         with self._lock:
             services = self._sessions.pop(session_id, None)
+            if services is not None:
+                self._leaving[session_id] = services
         if services is not None:
             if logout:
                 try:
@@ -162,6 +204,8 @@ class Host:
                 except Exception as exc:  # not paired, not connected: nothing to unlink
                     log.info("session %s: not unlinked from the phone: %s", session_id, first_line(exc))
             self._stop_services(session_id, services)
+            with self._lock:
+                self._leaving.pop(session_id, None)
         self._forget(session_id, keep_history=not purge)
         log.info("session %s deleted%s", session_id, " with its history" if purge else "")
         return True
@@ -238,27 +282,156 @@ class Host:
 
     def _sync(self) -> None:
         """Sessions created elsewhere start here; sessions deleted elsewhere stop (while nobody
-        owned them: beside an owner, a delete goes through that owner)."""
+        owned them: beside an owner, a delete goes through that owner). Sharing sessions with
+        other instances, each round also balances them (``_balance``)."""
         while not self._stopping.wait(self._timing.sync_seconds):
             hosted = set(self.hosted())  # before the database is read: a session created meanwhile is in both
             if self.config.single_session:
                 wanted = set() if self._gone() else {self.config.session_id}
             else:
                 try:
-                    wanted = set(self.db.session_ids()[: self.config.max_sessions])
+                    ids = self.db.session_ids()
                 except Exception as exc:  # the database is away: keep hosting what runs
                     log.debug("session list unavailable: %s", first_line(exc))
                     continue
-            for session_id in sorted(wanted - hosted):
-                if len(self.hosted()) < self.config.max_sessions:
-                    self._host(session_id)
+                wanted = set(ids)
             for session_id in sorted(hosted - wanted):
                 with self._lock:
                     services = self._sessions.pop(session_id, None)
+                    if services is not None:
+                        self._leaving[session_id] = services
                 if services is not None:
                     log.info("session %s was deleted by another instance; stopping it here", session_id)
                     self._stop_services(session_id, services)
+                    with self._lock:
+                        self._leaving.pop(session_id, None)
                     self._forget(session_id, keep_history=True)
+            if self.shares_sessions:
+                try:
+                    self._balance(ids)
+                except Exception as exc:  # the database is away: the leases' watchdog does the rest
+                    log.debug("balancing skipped: %s", first_line(exc))
+                continue
+            for session_id in sorted(wanted - hosted):
+                if len(self.hosted()) < self.config.max_sessions:
+                    self._host(session_id)
+
+    # --- sharing the sessions with other instances ---------------------------------------------------
+
+    def fair_share(self, sessions: int, instances: int) -> int:
+        """Sessions divided by live instances, rounded up, capped by MAX_SESSIONS."""
+        return min(math.ceil(sessions / max(1, instances)), self.config.max_sessions)
+
+    def _balance(self, wanted: list[str]) -> None:
+        """One round: sessions whose lease this instance no longer holds are stopped (never kept
+        standing by); then it takes free sessions while it owns fewer than its fair share, or hands
+        one over while it owns more and another live instance has room."""
+        for session_id, services in self._sessions_without_lease():
+            log.info("session %s: not owned here any more; its parts stopped", session_id)
+            self._set_aside(session_id, services)
+        leases = {lease.session_id: lease for lease in self.db.leases()}
+        instances = {i.instance_id: i for i in self.db.live_instances(self.config.lease_ttl_seconds)}
+        share = self.fair_share(len(wanted), len(instances.keys() | {self.instance_id}))
+        owned = self.hosted()
+        unowned = [sid for sid in wanted if sid not in owned and _free(leases.get(sid))]
+        now = time.monotonic()
+        self._unowned_since = {sid: self._unowned_since.get(sid, now) for sid in unowned}
+        if len(owned) < share:
+            self._random.shuffle(unowned)  # instances taking at once collide less
+            self._take(unowned[: share - len(owned)])
+            return
+        # Over the share everywhere (other instances' MAX_SESSIONS): nobody else takes these.
+        stranded_after = 2.0 * self.config.lease_ttl_seconds
+        stranded = [sid for sid in unowned if now - self._unowned_since[sid] > stranded_after]
+        if stranded and len(owned) < self.config.max_sessions:
+            self._take(stranded[: self.config.max_sessions - len(owned)])
+            return
+        if len(owned) > share and self._someone_has_room(instances, share):
+            self._hand_over(owned[-1], len(owned), share)
+
+    def _someone_has_room(self, instances: dict[str, InstanceInfo], share: int) -> bool:
+        return any(
+            i.sessions_owned < min(share, i.max_sessions) for i in instances.values() if i.instance_id != self.instance_id
+        )
+
+    def _sessions_without_lease(self) -> list[tuple[str, Services]]:
+        with self._lock:
+            return [(sid, s) for sid, s in self._sessions.items() if s.runtime.fence is None]
+
+    def _take(self, session_ids: list[str]) -> None:
+        """Each session built and started here: its lease taken (else its parts are stopped at
+        once), its store restored from the database, its client connected."""
+        if not session_ids:
+            return
+        with ThreadPoolExecutor(max_workers=TAKE_WORKERS, thread_name_prefix="taking") as pool:
+            list(pool.map(self._host, session_ids))
+        for session_id in session_ids:
+            services = self.services(session_id)
+            if services is None:
+                continue
+            if services.runtime.fence is None:  # another instance was quicker, or the take-over failed
+                self._set_aside(session_id, services)
+            else:
+                self.metrics.took_over()
+                log.info("session %s taken (this instance owns %d)", session_id, len(self.hosted()))
+
+    def _hand_over(self, session_id: str, owned: int, share: int) -> None:
+        log.info(
+            "session %s handed over: this instance owns %d sessions, its fair share is %d", session_id, owned, share
+        )
+        with self._lock:
+            services = self._sessions.get(session_id)
+        if services is not None:
+            self._set_aside(session_id, services)
+
+    def _set_aside(self, session_id: str, services: Services) -> None:
+        """Stopped here (its last changes stored, its lease released, renewed until then)."""
+        with self._lock:
+            if self._sessions.get(session_id) is not services:
+                return
+            del self._sessions[session_id]
+            self._leaving[session_id] = services
+        try:
+            self._stop_services(session_id, services)
+        finally:
+            with self._lock:
+                self._leaving.pop(session_id, None)
+
+    def _keep_leases(self) -> None:
+        """The heartbeat and every lease held, renewed in one statement every ``renew_seconds``;
+        after a failure, again in a second (each session's watchdog gives its lease up in time)."""
+        delay = 0.0
+        while not self._leases_stopping.wait(delay):
+            delay = self._renew_all()
+
+    def _renew_all(self) -> float:
+        with self._lock:
+            keepers = [s.runtime.lease for s in (*self._sessions.values(), *self._leaving.values())]
+        held = [(keeper, fence) for keeper in keepers if (fence := keeper.fence) is not None]
+        requested = time.monotonic()  # the database counts the leases' life from its statement
+        try:
+            renewed = self.db.beat_and_renew(
+                self.instance_id,
+                [fence for _, fence in held],
+                self.config.lease_ttl_seconds,
+                self.config.max_sessions,
+            )
+        except Exception as exc:
+            log.warning("cannot renew the leases of %d sessions: %s", len(held), first_line(exc))
+            return 1.0
+        for keeper, fence in held:
+            if fence.session_id in renewed:
+                keeper.renewed(fence, requested)
+            else:
+                keeper.refused(fence)
+        return float(self.config.lease_renew_seconds)
+
+    def _owned_elsewhere(self, session_id: str) -> bool:
+        try:
+            lease = self.db.lease(session_id)
+        except Exception:
+            return False
+        return lease is not None and lease.owner_id not in (None, self.instance_id) and lease.expires_in_seconds > 0
 
     def _gone(self) -> bool:
         try:
@@ -326,6 +499,9 @@ class Host:
         for status in pending.values():
             if not status.owns_session and status.session_id not in self._published_owned:
                 continue  # a standby's view would overwrite the owner's
+            if not status.owns_session and self.shares_sessions and self._owned_elsewhere(status.session_id):
+                self._published_owned.discard(status.session_id)
+                continue  # handed over: the next owner publishes
             try:
                 self.db.publish_live(
                     LiveState(
@@ -347,3 +523,8 @@ class Host:
                 self._published_owned.add(status.session_id)
             else:
                 self._published_owned.discard(status.session_id)
+
+
+def _free(lease: LeaseInfo | None) -> bool:
+    """Nobody holds the session: never owned, released, or run out."""
+    return lease is None or lease.owner_id is None or lease.expires_in_seconds <= 0

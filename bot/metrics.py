@@ -45,6 +45,16 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=self.registry,
         )
+        self._take_overs = Counter(
+            "zapkeep_take_overs", "Sessions this instance took over (lease free, released or run out)", registry=self.registry
+        )
+
+    def took_over(self) -> None:
+        self._take_overs.inc()
+
+    def watch_owned(self, owned: Callable[[], int]) -> None:
+        """The sessions this instance owns now (several replicas share them)."""
+        self.registry.register(OwnedCollector(owned))
 
     def received(self, outcome: str) -> None:
         self._received.labels(outcome=outcome.split(":", 1)[0]).inc()  # "ignored:group" -> "ignored"
@@ -117,6 +127,17 @@ class SessionCollector(Collector):
         yield GaugeMetricFamily("zapkeep_outbox_queued", "Replies and sends waiting in the outbox", queued)
         oldest_age = (now - oldest).total_seconds() if oldest is not None else 0.0
         yield GaugeMetricFamily("zapkeep_outbox_oldest_age_seconds", "Age of the oldest waiting message", oldest_age)
+
+
+class OwnedCollector(Collector):
+    def __init__(self, owned: Callable[[], int]) -> None:
+        self._owned = owned
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("zapkeep_sessions_owned", "Sessions whose lease this instance holds", self._owned())
 
 
 class WebhookCollector(Collector):
