@@ -16,6 +16,7 @@ from bot.messages.outbox import Outbox
 from bot.messages.webhooks import Dispatcher
 from bot.runtime import Runtime
 from database import Database, is_unavailable
+from session_api.commands import execute_command
 from session_api.guard import FailedAttempts
 from session_api.hosting import OneRuntime, SessionHost
 from session_api.server import MAX_BODY_BYTES
@@ -23,6 +24,7 @@ from session_api.server import MAX_BODY_BYTES
 log = logging.getLogger(__name__)
 access = logging.getLogger("session_api.access")
 PROBES = ("/healthz", "/readyz")
+__all__ = ["create_app", "execute_command"]
 
 
 def create_app(
