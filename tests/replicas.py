@@ -10,19 +10,21 @@ of each: the ground truth of "hosted" (a client connected), sampled by ``DoubleH
 from __future__ import annotations
 
 import collections
+import json
 import re
 import shutil
 import signal
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from database import LeaseInfo, PostgresDatabase
 from tests.fake_network import FakeServer
 from tests.fake_whatsapp import wait_until
-from tests.redeploy import Daemon
+from tests.redeploy import TOKEN, Daemon
 from tests.synthetic import create_paired_store
 
 # Every reply names the message it answers ("[m12]"): duplicates are counted at the server.
@@ -191,6 +193,20 @@ class Replicas:
             return False
         hosting = self.server.hosting()
         return all(hosting.get(sid) == {pid_of(owner)} for sid, owner in owners.items())
+
+    def get(self, daemon: Daemon, path: str) -> str:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{daemon.port}{path}", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read().decode()
+
+    def last_connected_by(self, session_id: str) -> str | None:
+        """The instance its newest ``session.state`` event of a connection names."""
+        events = self.db.events_after(session_id, 0, limit=100_000)
+        states = [json.loads(e.payload) for e in events if e.event_type == "session.state"]
+        connected = [p for p in states if p.get("state") == "connected"]
+        return connected[-1].get("owner_id") if connected else None
 
     # --- customers ---------------------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ client connected) by two instances at once, sampled every 0.5 s throughout."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from tests.fake_whatsapp import wait_until
@@ -27,6 +29,18 @@ def test_three_instances_share_twelve_sessions_through_a_crash_a_join_and_a_rede
         b, c = cluster.instance().start(), cluster.instance().start()
         wait_until(lambda: cluster.settled([a, b, c], 3, 5), timeout=90, message="three instances share the 12")
         cluster.everyone_writes()
+        # What operators see, from any instance: the live instances and the sessions each owns.
+        owners = cluster.owners()
+        listed = json.loads(cluster.get(c, "/api/instances"))["instances"]
+        assert {i["instance_id"]: sorted(i["sessions"]) for i in listed} == {
+            owner: sorted(s for s, o in owners.items() if o == owner) for owner in set(owners.values())
+        }
+        assert [i["this_instance"] for i in listed].count(True) == 1
+        assert all(i["heartbeat_age_seconds"] < 6 for i in listed)  # live: younger than the lease TTL
+        # /metrics: the sessions this instance owns; the first took all 12 (and handed 8 over).
+        metrics = cluster.get(a, "/metrics")
+        assert float(re.search(r"^zapkeep_sessions_owned (\S+)$", metrics, re.M).group(1)) == cluster.owned_by()[a.process.pid]
+        assert float(re.search(r"^zapkeep_take_overs_total (\S+)$", metrics, re.M).group(1)) >= 12
 
         # kill -9: its sessions wait for their leases to run out, then the other two take them,
         # restored from the database (the fake server pairs nothing new: a QR would never connect).
@@ -34,6 +48,10 @@ def test_three_instances_share_twelve_sessions_through_a_crash_a_join_and_a_rede
         after_kill = [cluster.message(session) for session in SESSIONS]  # sent while b's wait
         wait_until(lambda: cluster.settled([a, c], 5, 7), timeout=90, message="the survivors host all 12")
         wait_until(lambda: all(cluster.answers()[t] >= 1 for t in after_kill), timeout=60, message="answered")
+        # Their session.state events name the instance that connected them now.
+        wait_until(
+            lambda: {s: cluster.last_connected_by(s) for s in SESSIONS} == cluster.owners(), message="events name them"
+        )
 
         # A fourth instance joins: it gets its share, handed over one at a time.
         d = cluster.instance().start()
