@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.session.state import State
 from database import Database
 from tests.fake_whatsapp import FakeWhatsApp, wait_until
 from tests.runtime_helpers import Calls
@@ -83,3 +84,29 @@ def test_hosts_sharing_sessions_run_only_their_own_and_renew_them_in_one_stateme
     assert renewals.ended == 0  # no lease renewed on its own: the hosts' single statements did it
     assert all(first.services(s).runtime.lease.fresh() for s in first.owned())
     assert all(second.services(s).runtime.lease.fresh() for s in second.owned())
+
+
+def test_a_host_that_cannot_renew_disconnects_before_its_leases_run_out_then_takes_them_again(
+    daemons: Daemons, network: FakeWhatsApp, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long enough margin (the renewal interval) between giving up and the lease's expiry for a
+    # loaded machine's polling to see the first before the second.
+    host = daemons.start("a", LEASE_TTL_SECONDS="12", LEASE_RENEW_SECONDS="5")
+    pair(host, network, "default")
+    runtime = host.services("default").runtime
+    token = runtime.fence.token
+    client = network.current(session_id="default")
+
+    def away(*args: object, **kwargs: object) -> set[str]:
+        raise ConnectionError("the database is unreachable")
+
+    monkeypatch.setattr(db, "beat_and_renew", away)
+    wait_until(lambda: runtime.state is State.STANDBY, timeout=30, message="disconnected: renewals fail")
+    lease = db.lease("default")
+    assert lease is not None and lease.owner_id == host.instance_id and lease.expires_in_seconds > 0
+    assert runtime.status().standby_cause == "not_renewed" and client.stopped.is_set()
+
+    monkeypatch.undo()  # the database answers again: the session is taken again once its lease ran out
+    wait_until(lambda: host.services("default") is not None and host.services("default").runtime.state is State.CONNECTED,
+               timeout=60, message="taken again and connected")
+    assert host.services("default").runtime.fence.token > token
