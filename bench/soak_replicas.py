@@ -86,12 +86,18 @@ class Soak:
         first = self.cluster.instance()
         self.cluster.seed(first)
         first.start()
-        wait_until(lambda: self.cluster.settled([first], len(self.sessions), len(self.sessions)), timeout=600,
-                   message="the first instance stores and hosts every session")
+        wait_until(
+            lambda: self.cluster.settled([first], len(self.sessions), len(self.sessions)),
+            timeout=600,
+            message="the first instance stores and hosts every session",
+        )
         others = [self.cluster.instance().start() for _ in range(self.args.instances - 1)]
         share = -(-len(self.sessions) // self.args.instances)
-        wait_until(lambda: self.cluster.settled([first, *others], share - 2, share + 2), timeout=600,
-                   message="the instances share the sessions")
+        wait_until(
+            lambda: self.cluster.settled([first, *others], share - 2, share + 2),
+            timeout=600,
+            message="the instances share the sessions",
+        )
         self.double.start()
         threading.Thread(target=self._sample, name="gaps", daemon=True).start()
         threading.Thread(target=self._customers, name="customers", daemon=True).start()
@@ -141,7 +147,9 @@ class Soak:
                 continue
             self.unowned.sample(set(owners), now)
             hosting = self.cluster.server.hosting()
-            self.unconnected.sample({s for s, daemons in hosting.items() if pid_of(owners.get(s, "x/x/0")) in daemons}, now)
+            self.unconnected.sample(
+                {s for s, daemons in hosting.items() if pid_of(owners.get(s, "x/x/0")) in daemons}, now
+            )
         now = time.monotonic()
         self.unowned.close(now)
         self.unconnected.close(now)
@@ -164,7 +172,10 @@ class Soak:
         rows = [
             ("instances / sessions", f"{self.args.instances} / {len(self.sessions)}"),
             ("wall time of the soak, s", f"{seconds:.0f}"),
-            ("kill -9 / SIGTERM / restarts", f"{self.events['kill']} / {self.events['sigterm']} / {self.events['restart']}"),
+            (
+                "kill -9 / SIGTERM / restarts",
+                f"{self.events['kill']} / {self.events['sigterm']} / {self.events['restart']}",
+            ),
             ("SIGTERM exits other than 0", self.events["sigterm exit != 0"]),
             ("messages sent by customers", len(self.cluster.sent)),
             ("acknowledged by the (fake) server", len(acknowledged)),
@@ -234,7 +245,9 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument("--sessions", type=int, default=60)
     parser.add_argument("--rate", type=float, default=5.0, help="customers' messages a second, to random sessions")
-    parser.add_argument("--every", type=float, default=40.0, help="seconds between disruptions (drawn in [half, whole])")
+    parser.add_argument(
+        "--every", type=float, default=40.0, help="seconds between disruptions (drawn in [half, whole])"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--lease-ttl", type=int, default=10, help="LEASE_TTL_SECONDS")
     parser.add_argument("--lease-renew", type=int, default=3, help="LEASE_RENEW_SECONDS")

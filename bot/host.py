@@ -351,7 +351,9 @@ class Host:
 
     def _someone_has_room(self, instances: dict[str, InstanceInfo], share: int) -> bool:
         return any(
-            i.sessions_owned < min(share, i.max_sessions) for i in instances.values() if i.instance_id != self.instance_id
+            i.sessions_owned < min(share, i.max_sessions)
+            for i in instances.values()
+            if i.instance_id != self.instance_id
         )
 
     def _sessions_without_lease(self) -> list[tuple[str, Services]]:

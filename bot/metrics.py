@@ -46,7 +46,9 @@ class Metrics:
             registry=self.registry,
         )
         self._take_overs = Counter(
-            "zapkeep_take_overs", "Sessions this instance took over (lease free, released or run out)", registry=self.registry
+            "zapkeep_take_overs",
+            "Sessions this instance took over (lease free, released or run out)",
+            registry=self.registry,
         )
 
     def took_over(self) -> None:

@@ -111,7 +111,9 @@ class DoubleHosting:
 class Replicas:
     """Instances of the daemon sharing ``sessions`` over one database and one fake WhatsApp."""
 
-    def __init__(self, database_url: str, workdir: Path, sessions: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, database_url: str, workdir: Path, sessions: list[str], env: dict[str, str] | None = None
+    ) -> None:
         self.database_url = database_url
         self.workdir = workdir
         self.sessions = sessions
@@ -158,8 +160,11 @@ class Replicas:
         pid = daemon.process.pid
         daemon.process.send_signal(signal.SIGKILL)
         daemon.process.wait(timeout=10)
-        wait_until(lambda: all(pid not in d for d in self.server.hosting().values()), timeout=30,
-                   message="the killed instance's clients gone")
+        wait_until(
+            lambda: all(pid not in d for d in self.server.hosting().values()),
+            timeout=30,
+            message="the killed instance's clients gone",
+        )
 
     def terminate(self, daemon: Daemon) -> int:
         assert daemon.process is not None

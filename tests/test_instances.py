@@ -107,6 +107,9 @@ def test_a_host_that_cannot_renew_disconnects_before_its_leases_run_out_then_tak
     assert runtime.status().standby_cause == "not_renewed" and client.stopped.is_set()
 
     monkeypatch.undo()  # the database answers again: the session is taken again once its lease ran out
-    wait_until(lambda: host.services("default") is not None and host.services("default").runtime.state is State.CONNECTED,
-               timeout=60, message="taken again and connected")
+    wait_until(
+        lambda: host.services("default") is not None and host.services("default").runtime.state is State.CONNECTED,
+        timeout=60,
+        message="taken again and connected",
+    )
     assert host.services("default").runtime.fence.token > token

@@ -39,7 +39,10 @@ def test_three_instances_share_twelve_sessions_through_a_crash_a_join_and_a_rede
         assert all(i["heartbeat_age_seconds"] < 6 for i in listed)  # live: younger than the lease TTL
         # /metrics: the sessions this instance owns; the first took all 12 (and handed 8 over).
         metrics = cluster.get(a, "/metrics")
-        assert float(re.search(r"^zapkeep_sessions_owned (\S+)$", metrics, re.M).group(1)) == cluster.owned_by()[a.process.pid]
+        assert (
+            float(re.search(r"^zapkeep_sessions_owned (\S+)$", metrics, re.M).group(1))
+            == cluster.owned_by()[a.process.pid]
+        )
         assert float(re.search(r"^zapkeep_take_overs_total (\S+)$", metrics, re.M).group(1)) >= 12
 
         # kill -9: its sessions wait for their leases to run out, then the other two take them,
