@@ -79,6 +79,9 @@ class Soak:
         self.unowned = Gaps(self.sessions)
         self.unconnected = Gaps(self.sessions)
         self.events: collections.Counter[str] = collections.Counter()
+        # Per disruption: (kind, when); the sampler notes when every session is connected again.
+        self._open_disruptions: list[tuple[str, float]] = []
+        self.recoveries: dict[str, list[float]] = collections.defaultdict(list)
         self.rng = random.Random(args.seed)
         self._done = threading.Event()
 
@@ -100,7 +103,8 @@ class Soak:
         )
         self.double.start()
         threading.Thread(target=self._sample, name="gaps", daemon=True).start()
-        threading.Thread(target=self._customers, name="customers", daemon=True).start()
+        customers = threading.Thread(target=self._customers, name="customers", daemon=True)
+        customers.start()
         started = time.monotonic()
         end = started + self.args.minutes * 60
         while time.monotonic() < end:
@@ -109,6 +113,7 @@ class Soak:
                 break
             self._disrupt()
         self._done.set()
+        customers.join()
         running = self.cluster.running()
         wait_until(lambda: self.cluster.settled(running, 1, len(self.sessions)), timeout=120, message="all owned")
         wait_until(lambda: self.cluster.server.backlog() == 0, timeout=300, message="every message delivered")
@@ -119,6 +124,7 @@ class Soak:
         running = self.cluster.running()
         victim = self.rng.choice(running)
         how = self.rng.choice(["kill", "sigterm"])
+        self._open_disruptions.append((how, time.monotonic()))
         if how == "kill":
             self.cluster.kill(victim)
         else:
@@ -147,9 +153,12 @@ class Soak:
                 continue
             self.unowned.sample(set(owners), now)
             hosting = self.cluster.server.hosting()
-            self.unconnected.sample(
-                {s for s, daemons in hosting.items() if pid_of(owners.get(s, "x/x/0")) in daemons}, now
-            )
+            connected = {s for s, daemons in hosting.items() if pid_of(owners.get(s, "x/x/0")) in daemons}
+            self.unconnected.sample(connected, now)
+            if len(connected) == len(self.sessions):
+                for how, at in self._open_disruptions:
+                    self.recoveries[how].append(now - at)
+                self._open_disruptions = []
         now = time.monotonic()
         self.unowned.close(now)
         self.unconnected.close(now)
@@ -186,6 +195,8 @@ class Soak:
             ("lease TTL / renewal, s", f"{self.args.lease_ttl} / {self.args.lease_renew}"),
             ("unowned (no live lease): spans, p50/p99/max s", _spans(self.unowned.spans)),
             ("not connected by its owner: spans, p50/p99/max s", _spans(self.unconnected.spans)),
+            ("kill -9 -> every session connected again, s", _each(self.recoveries["kill"])),
+            ("SIGTERM -> every session connected again, s", _each(self.recoveries["sigterm"])),
             ("double hosting (samples every 0.5 s)", f"{len(self.double.seen)} of {self.double.samples}"),
             ("streams replaced (two clients at once)", server.replaced),
             *renewal,
@@ -197,6 +208,10 @@ class Soak:
         if lost:
             print("\nlost:", ", ".join(lost[:20]))
         return not twice and not self.double.seen and server.replaced == 0 and len(lost) <= bound and not never
+
+
+def _each(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values) or "-"
 
 
 def _spans(spans: list[float]) -> str:

@@ -102,6 +102,8 @@ class Host:
         self._lease_thread: threading.Thread | None = None
         self._unowned_since: dict[str, float] = {}  # sessions seen with nobody's lease (monotonic)
         self._random = random.Random()
+        self._signed_off = False  # stopping: leases renewed, no heartbeat
+        self._renewing = threading.Lock()
         if self.shares_sessions:
             self.metrics.watch_owned(lambda: len(self.owned()))
 
@@ -147,7 +149,9 @@ class Host:
 
     def stop(self) -> None:
         """Every session stopped (its last changes stored, its lease released), side by side."""
-        self._stopping.set()
+        self._stopping.set()  # (no session is taken from now on)
+        if self._lease_thread is not None:
+            self._sign_off()  # the others' share grows now: each session is taken as soon as it is released
         self._live_changed.set()
         for thread in self._threads:
             thread.join(timeout=10)
@@ -158,10 +162,6 @@ class Host:
         self._leases_stopping.set()  # renewed until each session's last write and release
         if self._lease_thread is not None:
             self._lease_thread.join(timeout=15)
-            try:
-                self.db.leave(self.instance_id)  # the others count one instance fewer at once
-            except Exception as exc:
-                log.warning("could not sign this instance off (its heartbeat runs out): %s", first_line(exc))
         self._publish_pending()  # the last states ("stopped")
         self._command_workers.shutdown(wait=True)
         try:
@@ -399,6 +399,16 @@ class Host:
             with self._lock:
                 self._leaving.pop(session_id, None)
 
+    def _sign_off(self) -> None:
+        """No more heartbeats (the leases are still renewed until released): the other instances
+        count one fewer at once."""
+        with self._renewing:  # a renewal under way would beat again after the row is gone
+            self._signed_off = True
+            try:
+                self.db.leave(self.instance_id)
+            except Exception as exc:
+                log.warning("could not sign this instance off (its heartbeat runs out): %s", first_line(exc))
+
     def _keep_leases(self) -> None:
         """The heartbeat and every lease held, renewed in one statement every ``renew_seconds``;
         after a failure, again in a second (each session's watchdog gives its lease up in time)."""
@@ -412,12 +422,14 @@ class Host:
         held = [(keeper, fence) for keeper in keepers if (fence := keeper.fence) is not None]
         requested = time.monotonic()  # the database counts the leases' life from its statement
         try:
-            renewed = self.db.beat_and_renew(
-                self.instance_id,
-                [fence for _, fence in held],
-                self.config.lease_ttl_seconds,
-                self.config.max_sessions,
-            )
+            with self._renewing:
+                renewed = self.db.beat_and_renew(
+                    self.instance_id,
+                    [fence for _, fence in held],
+                    self.config.lease_ttl_seconds,
+                    self.config.max_sessions,
+                    beat=not self._signed_off,
+                )
         except Exception as exc:
             log.warning("cannot renew the leases of %d sessions: %s", len(held), first_line(exc))
             return 1.0

@@ -19,7 +19,7 @@ class InstanceQueries(DatabaseCore):
         WITH clock AS (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now, %s::text AS instance),
         beat AS (
             INSERT INTO whatsapp_instances (instance_id, started_at, heartbeat_at, max_sessions)
-            SELECT clock.instance, clock.now, clock.now, %s FROM clock
+            SELECT clock.instance, clock.now, clock.now, %s FROM clock WHERE %s
             ON CONFLICT (instance_id) DO UPDATE SET
                 heartbeat_at = excluded.heartbeat_at, max_sessions = excluded.max_sessions
         ),
@@ -49,19 +49,23 @@ class InstanceQueries(DatabaseCore):
         RETURNING session_id
     """
 
-    def beat_and_renew(self, instance_id: str, held: list[Fence], ttl_seconds: float, max_sessions: int) -> set[str]:
+    def beat_and_renew(
+        self, instance_id: str, held: list[Fence], ttl_seconds: float, max_sessions: int, *, beat: bool = True
+    ) -> set[str]:
         """This instance's heartbeat, and every lease in ``held`` (its own) extended by
         ``ttl_seconds``; returns the sessions renewed (a lease missing from it expired or was taken:
-        never revived)."""
+        never revived). ``beat=False``: the leases alone (an instance that signed off and is still
+        storing and releasing its sessions)."""
         mine = [{"session_id": f.session_id, "fencing_token": f.token} for f in held if f.owner_id == instance_id]
         fences = json.dumps(mine)
         with self.transaction() as tx:
             if self.dialect.name == "postgresql":
-                params: tuple[object, ...] = (instance_id, max_sessions, fences, ttl_seconds)
+                params: tuple[object, ...] = (instance_id, max_sessions, beat, fences, ttl_seconds)
                 rows = tx.execute(self.BEAT_AND_RENEW_POSTGRES, params).fetchall()
             else:
                 now = tx.scalar(self.NOW)
-                tx.execute(self.BEAT, (instance_id, now, now, max_sessions))
+                if beat:
+                    tx.execute(self.BEAT, (instance_id, now, now, max_sessions))
                 params = (now + ttl_seconds, now, instance_id, now, fences)
                 rows = tx.execute(self.RENEW_HELD_SQLITE, params).fetchall()
         return {row["session_id"] for row in rows}

@@ -46,6 +46,10 @@ def test_an_instance_is_live_while_its_heartbeat_is_younger_than_the_ttl(db: Dat
     assert [i.instance_id for i in db.live_instances(10)] == ["a", "c"]
     db.leave("c")  # a graceful stop signs off at once
     assert [i.instance_id for i in db.live_instances(10)] == ["a"]
+    fence = db.acquire_lease("s1", "c", 10)
+    assert fence is not None
+    assert db.beat_and_renew("c", [fence], 10, 100, beat=False) == {"s1"}  # still storing and releasing
+    assert [i.instance_id for i in db.live_instances(10)] == ["a"]  # ... without coming back to life
 
 
 @pytest.fixture
