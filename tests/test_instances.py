@@ -4,6 +4,7 @@ a lease's life; hosts sharing sessions each run only the sessions they own."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +118,25 @@ def test_a_host_that_cannot_renew_disconnects_before_its_leases_run_out_then_tak
         message="taken again and connected",
     )
     assert host.services("default").runtime.fence.token > token
+
+
+def test_a_session_is_handed_over_only_to_an_instance_with_room(
+    daemons: Daemons, network: FakeWhatsApp, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four sessions, two instances, one of them capped at MAX_SESSIONS=1: the fair share is 2, but
+    the big one keeps 3, since a fourth released session would have nobody to take it."""
+    big = daemons.start("big")
+    for session_id in ("s1", "s2", "s3"):
+        big.create_session(session_id)
+    for session_id in ("default", "s1", "s2", "s3"):
+        pair(big, network, session_id)
+        wait_until(lambda s=session_id: db.load_session(s) is not None, message=f"{session_id} stored")
+    small = daemons.start("small", MAX_SESSIONS="1")
+    wait_until(lambda: len(big.owned()) == 3 and len(small.owned()) == 1, message="one session handed over")
+
+    caplog.set_level(logging.INFO, logger="bot.host")
+    rounds = Calls(db.live_instances)
+    db.live_instances = rounds  # type: ignore[method-assign]
+    rounds.wait(20, message="ten balancing rounds of each")  # where a second hand-over would happen
+    assert not [r for r in caplog.records if "handed over" in r.getMessage()]
+    assert len(big.owned()) == 3 and len(small.owned()) == 1
