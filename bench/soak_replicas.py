@@ -79,8 +79,9 @@ class Soak:
         self.unowned = Gaps(self.sessions)
         self.unconnected = Gaps(self.sessions)
         self.events: collections.Counter[str] = collections.Counter()
-        # Per disruption: (kind, when); the sampler notes when every session is connected again.
-        self._open_disruptions: list[tuple[str, float]] = []
+        # Per disruption: (kind, when, the instance's pid); the sampler notes when every session is
+        # connected again, none of them by that instance.
+        self._open_disruptions: list[tuple[str, float, int]] = []
         self.recoveries: dict[str, list[float]] = collections.defaultdict(list)
         self.rng = random.Random(args.seed)
         self._done = threading.Event()
@@ -124,7 +125,8 @@ class Soak:
         running = self.cluster.running()
         victim = self.rng.choice(running)
         how = self.rng.choice(["kill", "sigterm"])
-        self._open_disruptions.append((how, time.monotonic()))
+        assert victim.process is not None
+        self._open_disruptions.append((how, time.monotonic(), victim.process.pid))
         if how == "kill":
             self.cluster.kill(victim)
         else:
@@ -156,9 +158,12 @@ class Soak:
             connected = {s for s, daemons in hosting.items() if pid_of(owners.get(s, "x/x/0")) in daemons}
             self.unconnected.sample(connected, now)
             if len(connected) == len(self.sessions):
-                for how, at in self._open_disruptions:
-                    self.recoveries[how].append(now - at)
-                self._open_disruptions = []
+                hosts = {pid for daemons in hosting.values() for pid in daemons}
+                for disruption in list(self._open_disruptions):
+                    how, at, pid = disruption
+                    if pid not in hosts:
+                        self.recoveries[how].append(now - at)
+                        self._open_disruptions.remove(disruption)
         now = time.monotonic()
         self.unowned.close(now)
         self.unconnected.close(now)

@@ -49,7 +49,8 @@ log = logging.getLogger("bot.host")
 CommandHandler = Callable[[Command], tuple[int, dict]]
 LIVE_REFRESH_SECONDS = 30.0  # an owner re-publishes its sessions' state this often (a lost race heals)
 STOP_WORKERS = 8  # sessions shut down side by side: each waits for its last write and its lease
-TAKE_WORKERS = 4  # sessions taken side by side (each restores its store from the database first)
+TAKE_WORKERS = 8  # sessions taken side by side (each restores its store from the database first)
+EXPIRY_MARGIN_SECONDS = 0.1  # a balancing round this long after a lease that is not renewed runs out
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Host:
         self._lease_thread: threading.Thread | None = None
         self._unowned_since: dict[str, float] = {}  # sessions seen with nobody's lease (monotonic)
         self._random = random.Random()
+        self._next_round = host_timing.sync_seconds  # until the next balancing round
         self._signed_off = False  # stopping: leases renewed, no heartbeat
         self._renewing = threading.Lock()
         if self.shares_sessions:
@@ -284,7 +286,8 @@ class Host:
         """Sessions created elsewhere start here; sessions deleted elsewhere stop (while nobody
         owned them: beside an owner, a delete goes through that owner). Sharing sessions with
         other instances, each round also balances them (``_balance``)."""
-        while not self._stopping.wait(self._timing.sync_seconds):
+        while not self._stopping.wait(self._next_round):
+            self._next_round = self._timing.sync_seconds
             hosted = set(self.hosted())  # before the database is read: a session created meanwhile is in both
             if self.config.single_session:
                 wanted = set() if self._gone() else {self.config.session_id}
@@ -331,6 +334,15 @@ class Host:
             self._set_aside(session_id, services)
         leases = {lease.session_id: lease for lease in self.db.leases()}
         instances = {i.instance_id: i for i in self.db.live_instances(self.config.lease_ttl_seconds)}
+        # A live owner renews long before its leases run out: one about to run out is a crashed
+        # owner's, free at that moment (the next round then, not up to a round later).
+        running_out = [
+            lease.expires_in_seconds
+            for lease in leases.values()
+            if lease.owner_id not in (None, self.instance_id) and 0 < lease.expires_in_seconds < self._next_round
+        ]
+        if running_out:
+            self._next_round = min(running_out) + EXPIRY_MARGIN_SECONDS
         share = self.fair_share(len(wanted), len(instances.keys() | {self.instance_id}))
         owned = self.hosted()
         unowned = [sid for sid in wanted if sid not in owned and _free(leases.get(sid))]
