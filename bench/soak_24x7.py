@@ -109,6 +109,7 @@ ENV = {
     "LEASE_RENEW_SECONDS": "2",
     "BACKUP_INTERVAL_SECONDS": "30",
     "LOG_LEVEL": "INFO",
+    "SESSION_ID": "default",  # one number per service: the second daemon stands by (replicas: soak_replicas)
 }
 
 

@@ -11,11 +11,22 @@ Each session is a ``bot.wiring.Services`` of its own (state machine, lease and f
 mirror, outbox, chatbot, store at ``$DATA_DIR/sessions/<id>/``), so that nothing one session does
 can block another; what can be shared is: the WhatsApp client process, the change-capture process,
 the scheduler and the ticker, the metrics, the database pool.
+
+Several replicas share the sessions (``SESSION_ID`` unset, issue 26): each instance beats in the
+database, and renews every lease it holds in the same single statement (``renew_seconds``). Its fair
+share is the sessions divided by the live instances (heartbeat younger than a lease's life), rounded
+up, capped by ``MAX_SESSIONS``. While it owns fewer, it takes sessions whose lease is free or
+expired, and builds their parts only then (no instance keeps a standby copy of a session it does
+not own); while it owns more and another instance has room, it hands one session a round over
+(stopped: last changes stored, lease released), so that a new replica gets its share within a
+minute without a burst of reconnects. The lease and its fencing token stay the only truth.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import shutil
 import threading
 import time
@@ -33,7 +44,7 @@ from bot.process.config import Config, is_valid_session_id
 from bot.process.errors import ConfigError, SessionExists, SessionLimit, first_line
 from bot.session.state import SessionStatus
 from bot.wiring import Services, Timers, build_services, default_owner_id
-from database import Command, Database, LiveState
+from database import Command, Database, InstanceInfo, LeaseInfo, LiveState
 
 log = logging.getLogger("bot.host")
 
@@ -43,6 +54,8 @@ COMMANDS_KEPT = timedelta(days=1)  # finished commands (their answers) are kept 
 COMMANDS_PRUNE_SECONDS = 3600.0
 STOP_WORKERS = 128  # sessions shut down side by side: each may wait for its client (a hanging dial: 10 s) and its lease
 START_WORKERS = 8  # ... and boot side by side: each restores its store and starts its client
+TAKE_WORKERS = 8  # sessions taken side by side (each restores its store from the database first)
+EXPIRY_MARGIN_SECONDS = 0.1  # a balancing round this long after a lease that is not renewed runs out
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,19 @@ class Host:
         self._live_pending: dict[str, SessionStatus] = {}
         self._threads: list[threading.Thread] = []
         self._command_workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="commands")
+        # Sharing sessions with other instances (SESSION_ID unset): the host keeps the leases.
+        self.shares_sessions = not config.single_session
+        self._session_options.setdefault("leases_kept_by_host", self.shares_sessions)
+        self._leaving: dict[str, Services] = {}  # handed over or deleted, still stopping: still renewed
+        self._leases_stopping = threading.Event()
+        self._lease_thread: threading.Thread | None = None
+        self._unowned_since: dict[str, float] = {}  # sessions seen with nobody's lease (monotonic)
+        self._random = random.Random()
+        self._next_round = host_timing.sync_seconds  # until the next balancing round
+        self._signed_off = False  # stopping: leases renewed, no heartbeat
+        self._renewing = threading.Lock()
+        if self.shares_sessions:
+            self.metrics.watch_owned(lambda: len(self.owned()))
 
     # --- what other parts ask -------------------------------------------------------------------
 
@@ -97,6 +123,11 @@ class Host:
     def hosted(self) -> list[str]:
         with self._lock:
             return sorted(self._sessions)
+
+    def owned(self) -> list[str]:
+        """Sessions hosted here whose lease this instance holds now."""
+        with self._lock:
+            return sorted(sid for sid, s in self._sessions.items() if s.runtime.fence is not None)
 
     def services(self, session_id: str) -> Services | None:
         with self._lock:
@@ -111,8 +142,13 @@ class Host:
                 return
             self._started = True
         self._timers.start()
-        with ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="starting") as pool:
-            list(pool.map(self._host, self._wanted()))  # each boot waits on its database and its store
+        if self.shares_sessions:
+            self._lease_thread = threading.Thread(target=self._keep_leases, name="leases", daemon=True)
+            self._lease_thread.start()
+            self._balance(self._wanted())
+        else:
+            with ThreadPoolExecutor(max_workers=START_WORKERS, thread_name_prefix="starting") as pool:
+                list(pool.map(self._host, self._wanted()))  # each boot waits on its database and its store
         for target, name in ((self._sync, "host-sync"), (self._serve_commands, "commands"), (self._publish, "live")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -120,7 +156,9 @@ class Host:
 
     def stop(self) -> None:
         """Every session stopped (its last changes stored, its lease released), side by side."""
-        self._stopping.set()
+        self._stopping.set()  # (no session is taken from now on)
+        if self._lease_thread is not None:
+            self._sign_off()  # the others' share grows now: each session is taken as soon as it is released
         self._live_changed.set()
         for thread in self._threads:
             thread.join(timeout=10)
@@ -128,6 +166,9 @@ class Host:
             sessions = list(self._sessions.items())
         with ThreadPoolExecutor(max_workers=STOP_WORKERS, thread_name_prefix="stopping") as pool:
             list(pool.map(lambda item: self._stop_services(*item), sessions))
+        self._leases_stopping.set()  # renewed until each session's last write and release
+        if self._lease_thread is not None:
+            self._lease_thread.join(timeout=15)
         self._publish_pending()  # the last states ("stopped")
         self._command_workers.shutdown(wait=True)
         try:
@@ -166,6 +207,8 @@ class Host:
                 return False
             self._deleting.add(session_id)
             services = self._sessions.pop(session_id, None)
+            if services is not None:
+                self._leaving[session_id] = services
         try:
             if services is not None:
                 if logout:
@@ -174,6 +217,8 @@ class Host:
                     except Exception as exc:  # not paired, not connected: nothing to unlink
                         log.info("session %s: not unlinked from the phone: %s", session_id, first_line(exc))
                 self._stop_services(session_id, services)
+                with self._lock:
+                    self._leaving.pop(session_id, None)
             self._forget(session_id, keep_history=not purge)
         finally:
             with self._lock:
@@ -258,27 +303,173 @@ class Host:
 
     def _sync(self) -> None:
         """Sessions created elsewhere start here; sessions deleted elsewhere stop (while nobody
-        owned them: beside an owner, a delete goes through that owner)."""
-        while not self._stopping.wait(self._timing.sync_seconds):
+        owned them: beside an owner, a delete goes through that owner). Sharing sessions with
+        other instances, each round also balances them (``_balance``)."""
+        while not self._stopping.wait(self._next_round):
+            self._next_round = self._timing.sync_seconds
             hosted = set(self.hosted())  # before the database is read: a session created meanwhile is in both
             if self.config.single_session:
                 wanted = set() if self._gone() else {self.config.session_id}
             else:
                 try:
-                    wanted = set(self.db.session_ids()[: self.config.max_sessions])
+                    ids = self.db.session_ids()
                 except Exception as exc:  # the database is away: keep hosting what runs
                     log.debug("session list unavailable: %s", first_line(exc))
                     continue
-            for session_id in sorted(wanted - hosted):
-                if len(self.hosted()) < self.config.max_sessions:
-                    self._host(session_id)
+                wanted = set(ids)
             for session_id in sorted(hosted - wanted):
                 with self._lock:
                     services = None if session_id in self._deleting else self._sessions.pop(session_id, None)
+                    if services is not None:
+                        self._leaving[session_id] = services
                 if services is not None:
                     log.info("session %s was deleted by another instance; stopping it here", session_id)
                     self._stop_services(session_id, services)
+                    with self._lock:
+                        self._leaving.pop(session_id, None)
                     self._forget(session_id, keep_history=True)
+            if self.shares_sessions:
+                try:
+                    self._balance(ids)
+                except Exception as exc:  # the database is away: the leases' watchdog does the rest
+                    log.debug("balancing skipped: %s", first_line(exc))
+                continue
+            for session_id in sorted(wanted - hosted):
+                if len(self.hosted()) < self.config.max_sessions:
+                    self._host(session_id)
+
+    # --- sharing the sessions with other instances ---------------------------------------------------
+
+    def fair_share(self, sessions: int, instances: int) -> int:
+        """Sessions divided by live instances, rounded up, capped by MAX_SESSIONS."""
+        return min(math.ceil(sessions / max(1, instances)), self.config.max_sessions)
+
+    def _balance(self, wanted: list[str]) -> None:
+        """One round: sessions whose lease this instance no longer holds are stopped (never kept
+        standing by); then it takes free sessions while it owns fewer than its fair share, or hands
+        one over while it owns more and another live instance has room."""
+        for session_id, services in self._sessions_without_lease():
+            log.info("session %s: not owned here any more; its parts stopped", session_id)
+            self._set_aside(session_id, services)
+        leases = {lease.session_id: lease for lease in self.db.leases()}
+        instances = {i.instance_id: i for i in self.db.live_instances(self.config.lease_ttl_seconds)}
+        # A live owner renews long before its leases run out: one about to run out is a crashed
+        # owner's, free at that moment (the next round then, not up to a round later).
+        running_out = [
+            lease.expires_in_seconds
+            for lease in leases.values()
+            if lease.owner_id not in (None, self.instance_id) and 0 < lease.expires_in_seconds < self._next_round
+        ]
+        if running_out:
+            self._next_round = min(running_out) + EXPIRY_MARGIN_SECONDS
+        share = self.fair_share(len(wanted), len(instances.keys() | {self.instance_id}))
+        owned = self.hosted()
+        unowned = [sid for sid in wanted if sid not in owned and _free(leases.get(sid))]
+        now = time.monotonic()
+        self._unowned_since = {sid: self._unowned_since.get(sid, now) for sid in unowned}
+        if len(owned) < share:
+            self._random.shuffle(unowned)  # instances taking at once collide less
+            self._take(unowned[: share - len(owned)])
+            return
+        # Over the share everywhere (other instances' MAX_SESSIONS): nobody else takes these.
+        stranded_after = 2.0 * self.config.lease_ttl_seconds
+        stranded = [sid for sid in unowned if now - self._unowned_since[sid] > stranded_after]
+        if stranded and len(owned) < self.config.max_sessions:
+            self._take(stranded[: self.config.max_sessions - len(owned)])
+            return
+        if len(owned) > share and self._someone_has_room(instances, share):
+            self._hand_over(owned[-1], len(owned), share)
+
+    def _someone_has_room(self, instances: dict[str, InstanceInfo], share: int) -> bool:
+        return any(
+            i.sessions_owned < min(share, i.max_sessions)
+            for i in instances.values()
+            if i.instance_id != self.instance_id
+        )
+
+    def _sessions_without_lease(self) -> list[tuple[str, Services]]:
+        with self._lock:
+            return [(sid, s) for sid, s in self._sessions.items() if s.runtime.fence is None]
+
+    def _take(self, session_ids: list[str]) -> None:
+        """Each session built and started here: its lease taken (else its parts are stopped at
+        once), its store restored from the database, its client connected."""
+        if not session_ids:
+            return
+        with ThreadPoolExecutor(max_workers=TAKE_WORKERS, thread_name_prefix="taking") as pool:
+            list(pool.map(self._host, session_ids))
+        for session_id in session_ids:
+            services = self.services(session_id)
+            if services is None:
+                continue
+            if services.runtime.fence is None:  # another instance was quicker, or the take-over failed
+                self._set_aside(session_id, services)
+            else:
+                self.metrics.took_over()
+                log.info("session %s taken (this instance owns %d)", session_id, len(self.hosted()))
+
+    def _hand_over(self, session_id: str, owned: int, share: int) -> None:
+        log.info(
+            "session %s handed over: this instance owns %d sessions, its fair share is %d", session_id, owned, share
+        )
+        with self._lock:
+            services = self._sessions.get(session_id)
+        if services is not None:
+            self._set_aside(session_id, services)
+
+    def _set_aside(self, session_id: str, services: Services) -> None:
+        """Stopped here (its last changes stored, its lease released, renewed until then)."""
+        with self._lock:
+            if self._sessions.get(session_id) is not services:
+                return
+            del self._sessions[session_id]
+            self._leaving[session_id] = services
+        try:
+            self._stop_services(session_id, services)
+        finally:
+            with self._lock:
+                self._leaving.pop(session_id, None)
+
+    def _sign_off(self) -> None:
+        """No more heartbeats (the leases are still renewed until released): the other instances
+        count one fewer at once."""
+        with self._renewing:  # a renewal under way would beat again after the row is gone
+            self._signed_off = True
+            try:
+                self.db.leave(self.instance_id)
+            except Exception as exc:
+                log.warning("could not sign this instance off (its heartbeat runs out): %s", first_line(exc))
+
+    def _keep_leases(self) -> None:
+        """The heartbeat and every lease held, renewed in one statement every ``renew_seconds``;
+        after a failure, again in a second (each session's watchdog gives its lease up in time)."""
+        delay = 0.0
+        while not self._leases_stopping.wait(delay):
+            delay = self._renew_all()
+
+    def _renew_all(self) -> float:
+        with self._lock:
+            keepers = [s.runtime.lease for s in (*self._sessions.values(), *self._leaving.values())]
+        held = [(keeper, fence) for keeper in keepers if (fence := keeper.fence) is not None]
+        requested = time.monotonic()  # the database counts the leases' life from its statement
+        try:
+            with self._renewing:
+                renewed = self.db.beat_and_renew(
+                    self.instance_id,
+                    [fence for _, fence in held],
+                    self.config.lease_ttl_seconds,
+                    self.config.max_sessions,
+                    beat=not self._signed_off,
+                )
+        except Exception as exc:
+            log.warning("cannot renew the leases of %d sessions: %s", len(held), first_line(exc))
+            return 1.0
+        for keeper, fence in held:
+            if fence.session_id in renewed:
+                keeper.renewed(fence, requested)
+            else:
+                keeper.refused(fence)
+        return float(self.config.lease_renew_seconds)
 
     def _gone(self) -> bool:
         try:
@@ -373,3 +564,8 @@ class Host:
                 log.debug("live state of session %s not published: %s", status.session_id, first_line(exc))
                 with self._live_lock:
                     self._live_pending.setdefault(status.session_id, status)
+
+
+def _free(lease: LeaseInfo | None) -> bool:
+    """Nobody holds the session: never owned, released, or run out."""
+    return lease is None or lease.owner_id is None or lease.expires_in_seconds <= 0

@@ -63,6 +63,18 @@ class Metrics:
         self._webhooks = WebhooksCollector()
         self.registry.register(self._sessions)
         self.registry.register(self._webhooks)
+        self._take_overs = Counter(
+            "zapkeep_take_overs",
+            "Sessions this instance took over (lease free, released or run out)",
+            registry=self.registry,
+        )
+
+    def took_over(self) -> None:
+        self._take_overs.inc()
+
+    def watch_owned(self, owned: Callable[[], int]) -> None:
+        """The sessions this instance owns now (several replicas share them)."""
+        self.registry.register(OwnedCollector(owned))
 
     def session(self, session_id: str) -> SessionCounts:
         """What one session's pipeline and mirror count with (``bot.process.counters.MessageCounts``)."""
@@ -195,6 +207,17 @@ class SessionsCollector(Collector):
             oldest_age.add_metric(label, (now - oldest).total_seconds() if oldest is not None else 0.0)
         yield from (state, connected, reconnects, unreadable, owned, token, pending, write_age, database_up)
         yield from (queued, oldest_age)
+
+
+class OwnedCollector(Collector):
+    def __init__(self, owned: Callable[[], int]) -> None:
+        self._owned = owned
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("zapkeep_sessions_owned", "Sessions whose lease this instance holds", self._owned())
 
 
 class WebhooksCollector(Collector):

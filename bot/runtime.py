@@ -285,6 +285,11 @@ class Runtime(ConnectionSupervisor, LiveRestore, SessionBoot):
     def fence(self) -> Fence | None:
         return self._lease.fence
 
+    @property
+    def lease(self) -> LeaseKeeper:
+        """The session's lease keeper (a host renews the leases of all its sessions at once)."""
+        return self._lease
+
     def _take_over(self, fence: Fence, waited: float | None) -> None:
         """The lease is ours: restore the latest snapshot, then connect."""
         if self._stopping.is_set():

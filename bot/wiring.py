@@ -72,13 +72,16 @@ def build_runtime(
     owner_id: str | None = None,
     metrics: Metrics | None = None,
     timers: Timers | None = None,
+    leases_kept_by_host: bool = False,
 ) -> Runtime:
     """One session's runtime with its parts; nothing runs before ``start()``. ``timers``: shared
-    with other sessions (started and stopped by their owner); without, the runtime has its own."""
+    with other sessions (started and stopped by their owner); without, the runtime has its own.
+    ``leases_kept_by_host``: its lease is renewed with the host's others (``bot.host``), and never
+    retried: the host decides which sessions it takes."""
     timing = timing or Timing()
 
     def parts(runtime: Runtime) -> RuntimeParts:
-        return _runtime_parts(runtime, metrics or Metrics(), timing, timers)
+        return _runtime_parts(runtime, metrics or Metrics(), timing, timers, leases_kept_by_host)
 
     return Runtime(
         config,
@@ -93,7 +96,9 @@ def build_runtime(
     )
 
 
-def _runtime_parts(runtime: Runtime, metrics: Metrics, timing: Timing, shared: Timers | None) -> RuntimeParts:
+def _runtime_parts(
+    runtime: Runtime, metrics: Metrics, timing: Timing, shared: Timers | None, leases_kept_by_host: bool
+) -> RuntimeParts:
     """The parts call back into the runtime (its fence, its state, its lease): through functions
     read when called, so that none depends on the order they are built in."""
     config, db = runtime.config, runtime.db
@@ -116,6 +121,7 @@ def _runtime_parts(runtime: Runtime, metrics: Metrics, timing: Timing, shared: T
         on_acquired=runtime._take_over,
         on_lost=runtime._demote,
         on_standby=runtime._enter_standby,
+        own_thread=not leases_kept_by_host,
     )
     timers = shared or Timers.new()
     pairing = Pairing(config.session_id, config.pair_phone, runtime._set)

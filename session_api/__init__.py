@@ -41,7 +41,7 @@ def create_app(
     ``outbox`` and ``webhooks`` (with an outbox, /api/messages/send queues and the message waits out
     a disconnection; without one it sends at once or answers 409). ``failed_attempts``: how wrong
     tokens are slowed down (10 at once from an address, then one every 6 s)."""
-    from session_api import commands, console, conversations, live, sessions
+    from session_api import commands, console, conversations, instances, live, sessions
     from session_api.console_auth import ConsoleSessions
     from session_api.request_helpers import require_one_of
     from session_api.routes import MAX_CONCURRENT_CHECKS, bp
@@ -69,6 +69,7 @@ def create_app(
     app.register_blueprint(bp)
     app.register_blueprint(sessions.bp)
     app.register_blueprint(commands.bp)
+    app.register_blueprint(instances.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(live.bp)
     app.register_blueprint(console.bp)

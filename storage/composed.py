@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from storage.commands import CommandQueries
 from storage.events import EventQueries
+from storage.instances import InstanceQueries
 from storage.leases import LeaseQueries
 from storage.messages import MessageQueries
 from storage.outbox import OutboxQueries
@@ -19,6 +20,7 @@ class Database(
     SessionQueries,
     ResealQueries,
     LeaseQueries,
+    InstanceQueries,
     OutboxQueries,
     MessageQueries,
     EventQueries,

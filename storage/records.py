@@ -443,3 +443,14 @@ class SessionOverview:
     last_error: str | None
     lease_expires_in_seconds: float | None  # by the database's clock; None: never leased
     device_jid: str | None = None  # the stored device's JID (its phone when nothing was published)
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """A live process sharing the sessions (issue 26), by the database's clock."""
+
+    instance_id: str  # host/deployment/pid, also the owner id of its leases
+    started_at: float  # unix seconds
+    heartbeat_age_seconds: float  # since its last heartbeat
+    max_sessions: int  # its MAX_SESSIONS
+    sessions_owned: int  # leases it holds now

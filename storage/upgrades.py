@@ -288,6 +288,22 @@ def _many_sessions(dialect: Dialect) -> list[str]:
     ]
 
 
+
+@upgrade("instances: the processes sharing the sessions, each with a heartbeat")
+def _instances(dialect: Dialect) -> list[str]:
+    """Several replicas share the sessions (issue 26): each registers itself and beats, by the
+    database's clock (unix seconds, as the leases), in the statement that renews its leases."""
+    return [
+        """CREATE TABLE whatsapp_instances (
+            instance_id TEXT PRIMARY KEY,
+            started_at DOUBLE PRECISION NOT NULL,
+            heartbeat_at DOUBLE PRECISION NOT NULL,
+            max_sessions INTEGER NOT NULL
+        )""",
+        # Every renewal finds its instance's leases by owner.
+        "CREATE INDEX whatsapp_session_leases_by_owner ON whatsapp_session_leases (owner_id)",
+    ]
+
 SCHEMA_VERSION = len(STEPS)
 
 CREATE_SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS zapkeep_schema (version INTEGER NOT NULL)"

@@ -12,9 +12,13 @@ one server per session (a client process hosts the rounds of many). Behaviour ke
 - a drop is whatsmeow's own reconnect: Disconnected, a pause, Connected, on the same client;
 - a second connection of the same device replaces the first (StreamReplaced).
 
+Several sessions (numbers) at once: each client names its session (its store's directory) in its
+hello, and the server keeps each session's connection and waiting messages apart; ``hosting()``
+says which daemon processes have a live connection of each session (two at once: double hosting).
+
 Wire, JSON lines. Server -> client: ``{"message": {...}}``, ``{"drop": seconds}``,
 ``{"sent": call, "id": ...}``, ``{"checked": call, "contacts": [...]}``, ``{"replaced": true}``.
-Client -> server: ``{"hello": pid}``, ``{"ack": message_id}``, ``{"send": call, "to": ..., "text": ...}``,
+Client -> server: ``{"hello": pid, "session": id, "daemon": its daemon's pid}``, ``{"ack": message_id}``, ``{"send": call, "to": ..., "text": ...}``,
 ``{"check": call, "numbers": [...]}``, ``{"read": message_id}``, ``{"back": true}`` (reconnected
 after a drop).
 """
@@ -43,13 +47,16 @@ class Sent:
     text: str
     message_id: str
     connection: int
+    session: str = "default"
 
 
-@dataclass
+@dataclass(eq=False)  # one per socket: compared (and hashed) by identity
 class _Connection:
     number: int
     sock: socket.socket
     pid: int | None = None
+    session: str = "default"
+    daemon: int | None = None  # the daemon process whose client this is
     paused: bool = False  # dropped: whatsmeow is reconnecting
     alive: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -69,19 +76,24 @@ class FakeServer:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._lock = threading.Condition()
-        self._waiting: collections.deque[dict[str, object]] = collections.deque()  # not yet acknowledged
+        # Per session: not yet acknowledged.
+        self._waiting: collections.defaultdict[str, collections.deque[dict[str, object]]] = collections.defaultdict(
+            collections.deque
+        )
         self._in_flight: dict[str, dict[str, object]] = {}  # written to the connection, not yet acknowledged
         self.acknowledged: dict[str, dict[str, object]] = {}  # message id -> message: the server forgot them
         self.sent: list[Sent] = []
         self.read: set[str] = set()
         self.connections = 0
         self.replaced = 0  # connections a newer one replaced: two clients of one session at once
+        self.replaced_sessions: collections.Counter[str] = collections.Counter()
+        self._alive: set[_Connection] = set()  # every connection said hello and is not closed yet
         self.registered: set[str] = set()  # phone numbers that are on WhatsApp
         self.check_seconds = 0.0  # how long WhatsApp's servers take to answer a number check
         self.checks_asked = 0
         self._checks_held = False
         self._held_checks: list[tuple[_Connection, object, list[str]]] = []
-        self._current: _Connection | None = None
+        self._current: dict[str, _Connection] = {}  # per session
         self._numbers = itertools.count(1)
         self._ids = itertools.count(1)
         self._closed = False
@@ -90,15 +102,26 @@ class FakeServer:
 
     # --- what the benchmark does ---------------------------------------------------------------
 
-    def customer_sends(self, message: dict[str, object]) -> None:
+    def customer_sends(self, message: dict[str, object], session: str = "default") -> None:
         with self._lock:
-            self._waiting.append(message)
+            message["_session"] = session
+            self._waiting[session].append(message)
             self._lock.notify_all()
 
-    def drop(self, seconds: float) -> bool:
+    def hosting(self) -> dict[str, set[int]]:
+        """Per session, the daemon processes with a live connection of it now (more than one:
+        two instances host the session at once)."""
+        with self._lock:
+            hosts: dict[str, set[int]] = collections.defaultdict(set)
+            for connection in self._alive:
+                if connection.alive and connection.daemon is not None:
+                    hosts[connection.session].add(connection.daemon)
+            return dict(hosts)
+
+    def drop(self, seconds: float, session: str = "default") -> bool:
         """The connection breaks; whatsmeow reconnects after ``seconds``. False: nobody connected."""
         with self._lock:
-            connection = self._current
+            connection = self._current.get(session)
             if connection is None or connection.paused:
                 return False
             connection.paused = True
@@ -120,14 +143,14 @@ class FakeServer:
         with self._lock:
             return len(self._held_checks)
 
-    def connected_pid(self) -> int | None:
+    def connected_pid(self, session: str = "default") -> int | None:
         with self._lock:
-            current = self._current
+            current = self._current.get(session)
             return None if current is None or current.paused else current.pid
 
     def backlog(self) -> int:
         with self._lock:
-            return len(self._waiting) + len(self._in_flight)
+            return sum(len(waiting) for waiting in self._waiting.values()) + len(self._in_flight)
 
     def close(self) -> None:
         self._closed = True
@@ -158,12 +181,17 @@ class FakeServer:
     def _on_line(self, connection: _Connection, message: dict[str, object]) -> None:
         if "hello" in message:
             with self._lock:
-                previous, self._current = self._current, connection
+                connection.session = str(message.get("session", "default"))
+                connection.daemon = message.get("daemon")  # type: ignore[assignment]
+                previous = self._current.get(connection.session)
+                self._current[connection.session] = connection
                 connection.pid = int(message["hello"])  # type: ignore[arg-type]
                 self.connections += 1
+                self._alive.add(connection)
                 self._lock.notify_all()
             if previous is not None and previous.alive:
                 self.replaced += 1
+                self.replaced_sessions[connection.session] += 1
                 previous.send({"replaced": True})
                 self._requeue(previous)
         elif "ack" in message:
@@ -174,7 +202,8 @@ class FakeServer:
         elif "send" in message:
             message_id = f"3EB0SOAK{next(self._ids):012d}"
             with self._lock:
-                self.sent.append(Sent(str(message["to"]), str(message["text"]), message_id, connection.number))
+                sent = Sent(str(message["to"]), str(message["text"]), message_id, connection.number, connection.session)
+                self.sent.append(sent)
             connection.send({"sent": message["send"], "id": message_id})
         elif "check" in message:
             numbers = [str(n) for n in message["numbers"]]  # type: ignore[attr-defined]
@@ -211,34 +240,42 @@ class FakeServer:
     def _closed_connection(self, connection: _Connection) -> None:
         connection.alive = False
         with self._lock:
-            if self._current is connection:
-                self._current = None
+            self._alive.discard(connection)
+            if self._current.get(connection.session) is connection:
+                del self._current[connection.session]
         self._requeue(connection)
         connection.sock.close()
 
     def _requeue(self, connection: _Connection) -> None:
         """What a connection was given but never acknowledged is delivered again, first and in order."""
         with self._lock:
-            if self._current is connection:
+            if self._current.get(connection.session) is connection:
                 return
             pending = [m for m in self._in_flight.values() if m["_connection"] == connection.number]
             for message in reversed(pending):
                 del self._in_flight[str(message["message_id"])]
-                self._waiting.appendleft(message)
+                self._waiting[connection.session].appendleft(message)
             self._lock.notify_all()
+
+    def _ready(self) -> tuple[_Connection, collections.deque[dict[str, object]]] | None:
+        """A session with a message waiting and a connection to take it (not dropped, not flooded)."""
+        for session, waiting in self._waiting.items():
+            connection = self._current.get(session)
+            if waiting and connection is not None and not connection.paused:
+                in_flight = sum(1 for m in self._in_flight.values() if m["_connection"] == connection.number)
+                if in_flight <= 50:
+                    return connection, waiting
+        return None
 
     def _deliver(self) -> None:
         while not self._closed:
             with self._lock:
-                while not self._closed and (
-                    not self._waiting or self._current is None or self._current.paused or len(self._in_flight) > 50
-                ):
+                while not self._closed and (ready := self._ready()) is None:
                     self._lock.wait(0.5)
-                if self._closed:
+                if self._closed or ready is None:
                     return
-                connection = self._current
-                assert connection is not None
-                message = self._waiting.popleft()
+                connection, waiting = ready
+                message = waiting.popleft()
                 message["_connection"] = connection.number
                 self._in_flight[str(message["message_id"])] = message
             wire = {k: v for k, v in message.items() if not k.startswith("_")}
@@ -284,7 +321,8 @@ class NetworkClient:
         if device is None:
             return "the fake server pairs no new device"
         self._device = device[0]
-        self._send({"hello": os.getpid()})
+        # The session is its store's directory ($DATA_DIR/sessions/<id>/); the daemon, this process's parent.
+        self._send({"hello": os.getpid(), "session": self._store_path.parent.name, "daemon": os.getppid()})
         self._sink(events.Connected())
         handler = threading.Thread(target=self._handle_messages, name="python-handler", daemon=True)
         handler.start()

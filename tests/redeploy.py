@@ -3,6 +3,10 @@
 Each daemon is a real `python -m bot` process with its own DATA_DIR (its own container), the
 same PostgreSQL and the real neonize library offline (so it sits in `reconnecting` while it
 owns the session).
+
+The redeploys here run one number per service (``SESSION_ID`` set, ``ONE_NUMBER``): the new
+deployment stands by until the old one lets the session go. Replicas sharing every session
+(``SESSION_ID`` unset) host nothing they do not own: ``tests/replicas.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tests.synthetic import DEVICE_JID, PUSH_NAME, create_paired_store, neonize,
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "redeploy-test-token-0123456789"
 LEASE = {"LEASE_TTL_SECONDS": "6", "LEASE_RENEW_SECONDS": "2"}
+ONE_NUMBER = {"SESSION_ID": "default"}  # one number per service: a second instance stands by
 
 
 @dataclass
@@ -208,7 +213,7 @@ class CrashReport:
 
 def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> HandoverReport:
     """Start A (owner), then B beside it; B must stand by; SIGTERM A; B must take over. Repeat."""
-    first = Daemon(workdir / "deploy-0", database_url)
+    first = Daemon(workdir / "deploy-0", database_url, env=ONE_NUMBER)
     create_paired_store(first.store)
     original = table_rows(first.store)
     started = [first]
@@ -220,7 +225,9 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
         wait_until(lambda: owner.status()["owns_session"], timeout=20, message="the first owner")
         token = owner.status()["fencing_token"]
         for n in range(1, iterations + 1):
-            new = Daemon(workdir / f"deploy-{n}", database_url, env={"PGAPPNAME": f"redeploy-{os.getpid()}-{n}"})
+            new = Daemon(
+            workdir / f"deploy-{n}", database_url, env={**ONE_NUMBER, "PGAPPNAME": f"redeploy-{os.getpid()}-{n}"}
+        )
             started.append(new)
             new.start()
             wait_until(lambda: new.status()["state"] != "starting", timeout=10, message="the new daemon booted")
@@ -263,8 +270,8 @@ def crash_takeover(database_url: str, workdir: Path) -> float:
 
 
 def crash_takeover_report(database_url: str, workdir: Path) -> CrashReport:
-    owner = Daemon(workdir / "crash-a", database_url)
-    standby = Daemon(workdir / "crash-b", database_url)
+    owner = Daemon(workdir / "crash-a", database_url, env=ONE_NUMBER)
+    standby = Daemon(workdir / "crash-b", database_url, env=ONE_NUMBER)
     create_paired_store(owner.store)
     original = table_rows(owner.store)
     db = record_lease_versions(database_url)

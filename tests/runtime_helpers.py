@@ -86,6 +86,11 @@ class Calls:
             self._epoch += 1
             self._ended = 0
 
+    @property
+    def ended(self) -> int:
+        """Calls begun after the mark that have ended."""
+        return self._ended
+
     def wait(self, count: int = 1, *, message: str, timeout: float = 30.0) -> None:
         """Until ``count`` calls begun after the mark have ended."""
         wait_until(lambda: self._ended >= count, timeout=timeout, message=message)

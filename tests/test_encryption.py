@@ -433,7 +433,9 @@ def test_rekey_beside_a_daemon_with_the_old_key_leaves_nothing_under_it(
     else:  # the daemon's embedded database is the test's: DATA_DIR/zapkeep.sqlite3
         url, data_dir = "", db.path.parent
     server = FakeServer()
-    env = {"SESSION_ENCRYPTION_KEY": key_a, "BACKUP_INTERVAL_SECONDS": "3600"}
+    # One number per service: refused for the key, it keeps the session's parts and retries in place
+    # (a replica sharing every session would set them aside between its attempts).
+    env = {"SESSION_ENCRYPTION_KEY": key_a, "BACKUP_INTERVAL_SECONDS": "3600", "SESSION_ID": "default"}
     daemon = Daemon(data_dir, url, command=[sys.executable, "-m", "tests.fake_daemon", server.address], env=env)
     sealed = open_db(Sealer(KEY_B, [KEY_A]), same=db)
     try:

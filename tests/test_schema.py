@@ -36,7 +36,7 @@ def test_schema_creation_is_idempotent_and_keeps_data(db: Database) -> None:
     db.save_history(_write("default", 1))
     db.migrate()
     db.migrate()
-    assert db.schema_version() == SCHEMA_VERSION == 9
+    assert db.schema_version() == SCHEMA_VERSION == 10
     record = db.load_session("default")
     assert _json(record.session_data) == '{"head":1}'
     assert (record.format_version, record.lineage, record.mirror_sequence) == (2, "lineage-1", 1)
@@ -130,6 +130,8 @@ def test_a_version_2_database_gains_message_kinds_and_keeps_its_log(db: Database
         tx.execute("ALTER TABLE whatsapp_chats DROP COLUMN phone_jid")
         for table in ("whatsapp_session_registry", "whatsapp_session_live", "whatsapp_session_commands"):
             tx.execute(f"DROP TABLE {table}")
+        tx.execute("DROP TABLE whatsapp_instances")
+        tx.execute("DROP INDEX whatsapp_session_leases_by_owner")
         tx.execute("UPDATE zapkeep_schema SET version = %s", (2,))
     db.migrate()
     assert db.schema_version() == SCHEMA_VERSION

@@ -52,8 +52,8 @@ class Config:
     pair_phone: str | None
     bot_replies: Path
     log_level: str
-    lease_ttl_seconds: int = 30
-    lease_renew_seconds: int = 10
+    lease_ttl_seconds: int = 10
+    lease_renew_seconds: int = 3
     log_format: str = "text"  # or "json": one object a line
     metrics_token: str | None = field(default=None, repr=False)  # opens GET /metrics to a scraper
     console_password: str | None = field(default=None, repr=False)  # signs in to the web console (else API_TOKEN)
@@ -122,8 +122,8 @@ class Config:
 
         bot_replies = Path(get("BOT_REPLIES") or SHIPPED_REPLIES)
 
-        lease_ttl = _int_in_range(get("LEASE_TTL_SECONDS"), "LEASE_TTL_SECONDS", default=30, low=3, high=3600)
-        lease_renew = _int_in_range(get("LEASE_RENEW_SECONDS"), "LEASE_RENEW_SECONDS", default=10, low=1, high=1200)
+        lease_ttl = _int_in_range(get("LEASE_TTL_SECONDS"), "LEASE_TTL_SECONDS", default=10, low=3, high=3600)
+        lease_renew = _int_in_range(get("LEASE_RENEW_SECONDS"), "LEASE_RENEW_SECONDS", default=3, low=1, high=1200)
         if lease_renew * 2 >= lease_ttl:
             raise ConfigError("LEASE_RENEW_SECONDS must be less than half of LEASE_TTL_SECONDS")
 

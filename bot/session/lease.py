@@ -5,6 +5,10 @@ Only the lease holder talks to WhatsApp and writes the session. The holder renew
 lost once ``ttl - renew`` seconds have passed since the last renewal, before the lease can
 expire in the database and another process take it. A lost lease is never renewed: the
 process must acquire a new one, with a new fencing token.
+
+A host sharing sessions with other instances (``bot.host``) keeps the leases itself: it renews all
+of them in one statement (``renewed``/``refused`` report the outcome here) and decides which
+sessions to take; such a keeper (``own_thread=False``) runs no thread and never retries.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class LeaseKeeper:
         on_acquired: Callable[[Fence, float | None], None],
         on_lost: Callable[[str], None],
         on_standby: Callable[[], None],
+        own_thread: bool = True,
     ) -> None:
         self.db = db
         self.session_id = session_id
@@ -53,6 +58,7 @@ class LeaseKeeper:
         self._standby_cause: StandbyCause | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._own_thread = own_thread
         self._thread = session_thread(session_id, self._run, "lease")
 
     @property
@@ -69,7 +75,8 @@ class LeaseKeeper:
         return self._fence is not None and time.monotonic() - self._renewed_at < self._ttl - self._renew_every
 
     def start(self) -> None:
-        self._thread.start()
+        if self._own_thread:
+            self._thread.start()
 
     def stop(self) -> None:
         """Stop renewing (the lease stays held until released or expired)."""
@@ -175,6 +182,17 @@ class LeaseKeeper:
         if due <= now:
             due = self._attempted_at + 1.0
         return max(0.0, due - now)
+
+    def renewed(self, fence: Fence, requested_at: float) -> None:
+        """The host renewed ``fence`` with a statement sent at ``requested_at`` (monotonic)."""
+        with self._lock:
+            if self._fence == fence:
+                self._renewed_at = max(self._renewed_at, requested_at)
+                self._attempted_at = max(self._attempted_at, requested_at)
+
+    def refused(self, fence: Fence) -> None:
+        """The host's renewal did not find ``fence`` valid: it expired or another instance took it."""
+        self.lose("lease lost: another instance owns the session now", fence, StandbyCause.HELD_ELSEWHERE)
 
     def renew_now(self) -> bool:
         """Renew at once, on the lease thread (a long take-over held renewals up); true if the lease

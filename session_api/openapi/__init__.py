@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from session_api.openapi import messages, monitoring, session, sessions
+from session_api.openapi import instances, messages, monitoring, session, sessions
 from session_api.openapi.parts import ERROR_SCHEMA, EVERY_PROTECTED_ROUTE, MESSAGE_SCHEMA, Schema
 
 
@@ -34,6 +34,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
             for path, tail in PER_SESSION.items()
         },
         "/api/commands/{command_id}": {"get": sessions.command()},
+        "/api/instances": {"get": instances.list_instances()},
     }
 
 
