@@ -92,6 +92,7 @@ class Host:
         self._timers = Timers.new()
         self._sessions: dict[str, Services] = {}
         self._deleting: set[str] = set()  # sessions whose traces are being removed
+        self._starting: set[str] = set()  # sessions whose parts are starting (taking their lease)
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._started = False
@@ -273,8 +274,13 @@ class Host:
             services.runtime.state_listeners.append(self._note_state)
             logs.track(session_id, lambda: services.runtime.state.value)
             self._sessions[session_id] = services
-        with logs.working_for(session_id):
-            services.start()
+            self._starting.add(session_id)  # no lease yet: not one that was lost
+        try:
+            with logs.working_for(session_id):
+                services.start()
+        finally:
+            with self._lock:
+                self._starting.discard(session_id)
 
     def _stop_services(self, session_id: str, services: Services) -> None:
         try:
@@ -389,7 +395,9 @@ class Host:
 
     def _sessions_without_lease(self) -> list[tuple[str, Services]]:
         with self._lock:
-            return [(sid, s) for sid, s in self._sessions.items() if s.runtime.fence is None]
+            return [
+                (sid, s) for sid, s in self._sessions.items() if s.runtime.fence is None and sid not in self._starting
+            ]
 
     def _take(self, session_ids: list[str]) -> None:
         """Each session built and started here: its lease taken (else its parts are stopped at

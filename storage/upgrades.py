@@ -288,7 +288,6 @@ def _many_sessions(dialect: Dialect) -> list[str]:
     ]
 
 
-
 @upgrade("instances: the processes sharing the sessions, each with a heartbeat")
 def _instances(dialect: Dialect) -> list[str]:
     """Several replicas share the sessions (issue 26): each registers itself and beats, by the
@@ -303,6 +302,7 @@ def _instances(dialect: Dialect) -> list[str]:
         # Every renewal finds its instance's leases by owner.
         "CREATE INDEX whatsapp_session_leases_by_owner ON whatsapp_session_leases (owner_id)",
     ]
+
 
 SCHEMA_VERSION = len(STEPS)
 

@@ -226,8 +226,8 @@ def overlapping_redeploys(database_url: str, workdir: Path, iterations: int) -> 
         token = owner.status()["fencing_token"]
         for n in range(1, iterations + 1):
             new = Daemon(
-            workdir / f"deploy-{n}", database_url, env={**ONE_NUMBER, "PGAPPNAME": f"redeploy-{os.getpid()}-{n}"}
-        )
+                workdir / f"deploy-{n}", database_url, env={**ONE_NUMBER, "PGAPPNAME": f"redeploy-{os.getpid()}-{n}"}
+            )
             started.append(new)
             new.start()
             wait_until(lambda: new.status()["state"] != "starting", timeout=10, message="the new daemon booted")
