@@ -338,7 +338,7 @@ def test_a_daemon_standing_by_for_a_session_sends_its_writes_to_the_owner(
 ) -> None:
     a = daemons.start("a")
     pair(a.host, network, "default")
-    b = daemons.start("b")  # hosts every session too: standing by while a owns them
+    b = daemons.start("b", SESSION_ID="default")  # one number's daemon: it stands by while a owns it
     wait_until(lambda: state_of(b.host, "default") is State.STANDBY, message="b stands by")
     wait_until(lambda: listed(b)["default"]["state"] == "connected", message="a's state published")
     assert (listed(b)["default"]["owner"], listed(b)["default"]["hosted_here"]) == ("host-a", True)

@@ -167,6 +167,22 @@ class Mirror:
             self.session_id,
         )
 
+    def _report_installed(self, installed: list[str], known: set[str]) -> None:
+        """Capture installed on tables this mirror never saw (a new store, a whatsmeow upgrade) is
+        the normal course; on tables it watched, something removed it: worth a warning. (A store
+        that lost it while no mirror watched shows in the reconciliation that follows.)"""
+        lost = [name for name in installed if name in known]
+        if lost:
+            log.warning(
+                "session %s: change capture was missing on %s; installed it, reconciling",
+                self.session_id,
+                ", ".join(lost),
+            )
+        if len(lost) < len(installed):
+            log.info(
+                "session %s: change capture installed on %d new tables", self.session_id, len(installed) - len(lost)
+            )
+
     def _set(self, **changes: object) -> None:
         with self._lock:
             self._status = replace(self._status, **changes)
@@ -263,17 +279,13 @@ class Mirror:
             return
         process = self._ensure_process()
         batch = process.request({"op": "poll", "after": self._after, "wait": 0 if final else self._poll_wait})
+        known = {table.name for table in self._tables or []}
         if batch.tables is not None:
             self._tables = batch.tables
         if batch.device is not None:
             self._device = batch.device
         if batch.triggers_installed or batch.tables is not None:
-            if batch.triggers_installed:
-                log.warning(
-                    "session %s: change capture was missing on %s; installed it, reconciling",
-                    self.session_id,
-                    ", ".join(batch.triggers_installed),
-                )
+            self._report_installed(batch.triggers_installed, known)
             self._queue_reconcile("triggers reinstalled" if batch.triggers_installed else "schema changed")
             return  # logged rowids may point into a rebuilt table: the whole-store comparison decides
         if not batch.changes:
