@@ -30,7 +30,7 @@ def instances() -> tuple[Response, int]:
             "heartbeat_age_seconds": round(i.heartbeat_age_seconds, 3),
             "max_sessions": i.max_sessions,
             "sessions_owned": len(owned.get(i.instance_id, [])),
-            "sessions": owned.get(i.instance_id, []),
+            "sessions": sorted(owned.get(i.instance_id, [])),
         }
         for i in db().live_instances(ttl)
     ]

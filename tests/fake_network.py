@@ -77,8 +77,8 @@ class FakeServer:
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._lock = threading.Condition()
         # Per session: not yet acknowledged.
-        self._waiting: collections.defaultdict[str, collections.deque[dict[str, object]]] = collections.defaultdict(
-            collections.deque
+        self._waiting: collections.defaultdict[str | None, collections.deque[dict[str, object]]] = (
+            collections.defaultdict(collections.deque)
         )
         self._in_flight: dict[str, dict[str, object]] = {}  # written to the connection, not yet acknowledged
         self.acknowledged: dict[str, dict[str, object]] = {}  # message id -> message: the server forgot them
@@ -102,7 +102,8 @@ class FakeServer:
 
     # --- what the benchmark does ---------------------------------------------------------------
 
-    def customer_sends(self, message: dict[str, object], session: str = "default") -> None:
+    def customer_sends(self, message: dict[str, object], session: str | None = None) -> None:
+        """``session``: the number written to; None: a server of one number (whichever is connected)."""
         with self._lock:
             message["_session"] = session
             self._waiting[session].append(message)
@@ -118,10 +119,10 @@ class FakeServer:
                     hosts[connection.session].add(connection.daemon)
             return dict(hosts)
 
-    def drop(self, seconds: float, session: str = "default") -> bool:
+    def drop(self, seconds: float, session: str | None = None) -> bool:
         """The connection breaks; whatsmeow reconnects after ``seconds``. False: nobody connected."""
         with self._lock:
-            connection = self._current.get(session)
+            connection = self._connection_of(session)
             if connection is None or connection.paused:
                 return False
             connection.paused = True
@@ -143,9 +144,9 @@ class FakeServer:
         with self._lock:
             return len(self._held_checks)
 
-    def connected_pid(self, session: str = "default") -> int | None:
+    def connected_pid(self, session: str | None = None) -> int | None:
         with self._lock:
-            current = self._current.get(session)
+            current = self._connection_of(session)
             return None if current is None or current.paused else current.pid
 
     def backlog(self) -> int:
@@ -257,10 +258,16 @@ class FakeServer:
                 self._waiting[connection.session].appendleft(message)
             self._lock.notify_all()
 
+    def _connection_of(self, session: str | None) -> _Connection | None:
+        """The session's live connection; for None, the only one (a server of one number)."""
+        if session is not None:
+            return self._current.get(session)
+        return next(iter(self._current.values())) if len(self._current) == 1 else None
+
     def _ready(self) -> tuple[_Connection, collections.deque[dict[str, object]]] | None:
         """A session with a message waiting and a connection to take it (not dropped, not flooded)."""
         for session, waiting in self._waiting.items():
-            connection = self._current.get(session)
+            connection = self._connection_of(session)
             if waiting and connection is not None and not connection.paused:
                 in_flight = sum(1 for m in self._in_flight.values() if m["_connection"] == connection.number)
                 if in_flight <= 50:

@@ -37,6 +37,7 @@ def test_three_instances_share_twelve_sessions_through_a_crash_a_join_and_a_rede
         }
         assert [i["this_instance"] for i in listed].count(True) == 1
         assert all(i["heartbeat_age_seconds"] < 6 for i in listed)  # live: younger than the lease TTL
+
         # /metrics: the sessions this instance owns; the first took all 12 (and handed 8 over).
         def gauge(name: str) -> float:
             return float(re.search(rf"^{name} (\S+)$", cluster.get(a, "/metrics"), re.M).group(1))

@@ -324,6 +324,9 @@ def test_the_sessions_page_lists_creates_and_removes_numbers(hosted: HostedDaemo
     assert "console-host" in page.inner_text("tr[data-session='vendas'] .owner")
     assert page.inner_text("tr[data-session='default'] .saved") == "nunca"  # never stored: not paired yet
     assert page.inner_text("tr[data-session='vendas'] .saved") != "nunca"
+    # The instances that share the sessions: this one, with what it owns.
+    page.wait_for_selector("tr[data-instance='console-host']")
+    assert page.inner_text("tr[data-instance='console-host'] .sessions") == "2: default, vendas"
     page.screenshot(path=hosted.shots / "6-sessions.png", full_page=True)
 
     # "Novo número": created, started, and its own page shows its QR live, then the scan.

@@ -429,6 +429,20 @@ function sessionsPage() {
     }
   }
 
+  async function loadInstances() {
+    const data = await api("GET", "/api/instances");
+    const body = $("instances");
+    body.replaceChildren();
+    for (const i of data.instances) {
+      const row = document.createElement("tr");
+      row.dataset.instance = i.instance_id;
+      cell(row, i.this_instance ? `${i.instance_id} (${W.this_instance})` : i.instance_id);
+      cell(row, fmt("seconds_ago", { seconds: Math.round(i.heartbeat_age_seconds) }));
+      cell(row, `${i.sessions_owned}: ${i.sessions.join(", ") || "—"}`, "sessions");
+      body.appendChild(row);
+    }
+  }
+
   // "Novo número": created and started, then its page, where its QR (or pairing code) shows live.
   $("new-session-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -440,7 +454,8 @@ function sessionsPage() {
     });
   });
 
-  const refresh = () => loadSessions().catch((error) => notify(fmt("failed", { reason: error.message }), false));
+  const refresh = () =>
+    Promise.all([loadSessions(), loadInstances()]).catch((error) => notify(fmt("failed", { reason: error.message }), false));
   refresh();
   setInterval(refresh, 3000);
   $("live").hidden = true; // this page polls: it takes none of the daemon's few event streams
