@@ -178,10 +178,9 @@ class Mirror:
                 self.session_id,
                 ", ".join(lost),
             )
-        if len(lost) < len(installed):
-            log.info(
-                "session %s: change capture installed on %d new tables", self.session_id, len(installed) - len(lost)
-            )
+        new = [name for name in installed if name not in known]
+        if new:
+            log.info("session %s: change capture installed on %s", self.session_id, ", ".join(new))
 
     def _set(self, **changes: object) -> None:
         with self._lock:
