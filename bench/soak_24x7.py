@@ -48,56 +48,16 @@ import psycopg
 from bot.connection.client_process import UNLOGGED_WINDOW
 from tests.fake_network import NEONIZE_BUFFER, FakeServer
 from tests.fake_whatsapp import wait_until
+from tests.replicas import REPLIES as REPLICAS_REPLIES
 from tests.pg_cluster import PostgresCluster
 from tests.redeploy import TOKEN, Daemon
 from tests.synthetic import create_paired_store
 
-# Every reply names the message it answers ("[m123]"): duplicates are counted at the server.
-REPLIES = """
-business = "Soak"
-[greeting]
-after_silence_hours = 12
-text = "Olá [{name}]"
-[hours]
-timezone = "UTC"
-monday = "00:00-23:59"
-tuesday = "00:00-23:59"
-wednesday = "00:00-23:59"
-thursday = "00:00-23:59"
-friday = "00:00-23:59"
-saturday = "00:00-23:59"
-sunday = "00:00-23:59"
-after_hours = "Fechado [{name}]"
-[menu]
-header = "Menu"
-keywords = ["menu"]
-[[menu.items]]
-title = "Horário"
-reply = "Horário [{name}]"
-[handoff]
-keywords = ["xyzzy-nunca"]
-reply = "Atendente [{name}]"
-pause_minutes = 1
-operator_pause_minutes = 1
-[[rules]]
-name = "preco"
-keywords = ["preço"]
-reply = "Preço [{name}]"
-[fallback]
-text = "Não entendi [{name}]"
-[media]
-other = "Recebi [{name}]"
-handoff = []
-ignore = ["sticker"]
-[repeat]
-window_minutes = 30
-after_hours = "Fechado [{name}]"
-fallback = "Não entendi [{name}]"
-[behaviour]
-mark_read = true
-typing_seconds = 0
-reply_expiry_minutes = 60
-"""
+# Every reply names the message it answers ("[m123]"): duplicates are counted at the server. The
+# replicas' rules, and one keyword rule more.
+REPLIES = REPLICAS_REPLIES.replace('business = "Replicas"', 'business = "Soak"') + (
+    '[[rules]]\nname = "preco"\nkeywords = ["preço"]\nreply = "Preço [{name}]"\n'
+)
 TEXTS = ["oi", "bom dia", "qual o preço do pão?", "1", "vocês entregam?", "obrigado", "tem bolo hoje?"]
 NON_TEXT = ["audio", "image", "sticker", "reaction", "document"]
 UNSTORABLE = ["pão\x00francês", "a\ud800b", "\x00"]
