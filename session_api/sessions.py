@@ -139,6 +139,10 @@ def status() -> tuple[Response, int]:
         wanted = requested_session()  # (validates it)
     sessions = _entries(wanted)
     if wanted is not None:
+        if not sessions and wanted == host().default_session_id and not db().is_tombstoned(wanted):
+            # The API answers before the host has booted its sessions (the platform's health check
+            # passes first): the daemon's own session is starting, not missing.
+            sessions = [{"session_id": wanted, "state": "starting", "connected": False, "owns_session": False}]
         if not sessions:
             abort(404, f"no session {wanted}")
         return ok(session=sessions[0])

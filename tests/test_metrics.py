@@ -129,10 +129,19 @@ def test_two_sessions_share_one_metrics_each_family_once_one_sample_per_session(
     def mirrored_rows() -> dict[str, float]:
         return by_session(families(two.metrics)["zapkeep_mirror_rows"], "zapkeep_mirror_rows_total")
 
-    wait_until(
-        lambda: set(mirrored_rows()) == set(SESSIONS) and min(mirrored_rows().values()) >= 3,
-        message="each session's store changes mirrored, counted under it",
-    )
+    def counted(sid: str) -> bool:
+        return mirrored_rows().get(sid, 0.0) >= 3
+
+    for sid in SESSIONS:
+        # A reconciliation that a loaded machine runs late may still store a change itself (the
+        # mirror then counts none of it): the next change is the mirror's.
+        for _ in range(10):
+            try:
+                wait_until(lambda s=sid: counted(s), timeout=5, message=f"{sid}: its changes counted under it")
+                break
+            except AssertionError:
+                two.networks[sid].current().write_store(rows=3)
+        assert counted(sid), mirrored_rows()
     tokens = by_session(shown["zapkeep_fencing_token"], "zapkeep_fencing_token")
     assert tokens == {sid: float(two.services[sid].runtime.fence.token) for sid in SESSIONS}
 
