@@ -143,6 +143,13 @@ class Host:
                 return
             self._started = True
         self._timers.start()
+        self._timers.scheduler.add_job(
+            self._prune_commands,
+            "interval",
+            seconds=COMMANDS_PRUNE_SECONDS,
+            id="prune-commands",
+            next_run_time=datetime.now(UTC),
+        )
         if self.shares_sessions:
             self._lease_thread = threading.Thread(target=self._keep_leases, name="leases", daemon=True)
             self._lease_thread.start()
@@ -527,13 +534,8 @@ class Host:
         self._live_changed.set()
 
     def _publish(self) -> None:
-        """The owned sessions' live state into the database, for every instance's API to read (and,
-        now and then, the finished commands pruned)."""
-        pruned = 0.0
+        """The owned sessions' live state into the database, for every instance's API to read."""
         while not self._stopping.is_set():
-            if time.monotonic() - pruned > COMMANDS_PRUNE_SECONDS:
-                pruned = time.monotonic()
-                self._prune_commands()
             if not self._live_changed.wait(LIVE_REFRESH_SECONDS):
                 for session_id in self.hosted():
                     services = self.services(session_id)

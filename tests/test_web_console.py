@@ -118,7 +118,7 @@ def browser() -> Iterator:
             launched.close()
 
 
-def sign_in(page, daemon: Daemon, password: str = PASSWORD) -> None:
+def sign_in(page, daemon: Daemon | HostedDaemon, password: str = PASSWORD) -> None:
     page.goto(daemon.url + "/")
     page.fill("#password", password)
     page.click("#sign-in")
@@ -310,9 +310,7 @@ def test_the_sessions_page_lists_creates_and_removes_numbers(hosted: HostedDaemo
     page.set_default_timeout(15_000)
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
-    page.goto(hosted.url + "/")
-    page.fill("#password", PASSWORD)
-    page.click("#sign-in")
+    sign_in(page, hosted)
     page.wait_for_selector("#badge")
 
     page.click("nav a[href='/console/sessions']")
@@ -378,9 +376,7 @@ def test_a_session_page_names_its_session_in_the_address_and_refuses_a_bad_one(h
     context = browser.new_context(locale="en-US")
     page = context.new_page()
     page.set_default_timeout(15_000)
-    page.goto(hosted.url + "/")
-    page.fill("#password", PASSWORD)
-    page.click("#sign-in")
+    sign_in(page, hosted)
     page.wait_for_selector("#badge")
     assert page.inner_text("#session-id") == "default"
     refused = page.goto(hosted.url + "/?session=../etc")
@@ -395,9 +391,7 @@ def test_a_session_page_names_its_session_in_the_address_and_refuses_a_bad_one(h
     context = browser.new_context(locale="en-US")
     page = context.new_page()
     page.set_default_timeout(15_000)
-    page.goto(hosted.url + "/")
-    page.fill("#password", PASSWORD)
-    page.click("#sign-in")
+    sign_in(page, hosted)
     page.goto(hosted.url + "/console/sessions")
     page.wait_for_selector("tr[data-session='vendas'] .badge")
     assert page.locator("tr[data-session]").count() == 1
